@@ -1,0 +1,873 @@
+//! Signalling frames between a client and the manager (over TCP).
+//!
+//! Every frame is `len:u16 | version:u8 | type:u8 | body`, big-endian, where `len` counts
+//! the bytes after the length field (version + type + body, so `len >= 2`) and is at most
+//! [`MAX_FRAME_LEN`]. The byte-by-byte layout of every body is in `docs/protocol.md`.
+//!
+//! Decoding is two-step and never panics: [`Frame::decode`] says whether a whole frame is
+//! buffered, rejects an oversized length prefix before the body arrives, and validates the
+//! body into a plain [`Frame`] value, rejecting short bodies, trailing bytes, unknown types,
+//! bad ids, address families and reason codes.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Protocol version carried in every frame.
+pub const VERSION: u8 = 1;
+/// Largest allowed value of the length prefix (bytes after the prefix).
+pub const MAX_FRAME_LEN: usize = 1024;
+/// Longest client id in bytes (UTF-8).
+pub const MAX_ID_LEN: usize = 64;
+/// Longest ERROR message in bytes (UTF-8).
+pub const MAX_MESSAGE_LEN: usize = 255;
+
+/// Errors found while decoding a frame. A connection that sends one is sent an ERROR and
+/// closed, because the byte stream can no longer be trusted to be in sync.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME_LEN`].
+    #[error("frame length {len} exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    Oversized {
+        /// The length prefix that was read.
+        len: usize,
+    },
+    /// The length prefix is below 2 (no room for version and type).
+    #[error("frame length {len} is too short for version and type")]
+    TooShort {
+        /// The length prefix that was read.
+        len: usize,
+    },
+    /// The version byte is not [`VERSION`].
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u8),
+    /// The type byte names no known frame.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// The body ended before a field of the named frame was complete.
+    #[error("{frame} body truncated")]
+    Truncated {
+        /// The frame type being decoded.
+        frame: &'static str,
+    },
+    /// The body had bytes left over after the last field of the named frame.
+    #[error("{frame} body has {extra} trailing bytes")]
+    TrailingBytes {
+        /// The frame type being decoded.
+        frame: &'static str,
+        /// Number of bytes left over.
+        extra: usize,
+    },
+    /// A client id is empty, too long, not UTF-8, or contains control characters or spaces.
+    #[error("invalid client id")]
+    BadId,
+    /// An address family byte is neither 4 nor 6.
+    #[error("invalid address family {0}")]
+    BadAddrFamily(u8),
+    /// A reason, code or source byte has no defined meaning.
+    #[error("invalid {field} value {value}")]
+    BadCode {
+        /// Which field held the value.
+        field: &'static str,
+        /// The value found.
+        value: u16,
+    },
+    /// An ERROR message is not valid UTF-8.
+    #[error("invalid error message text")]
+    BadText,
+}
+
+/// A validated client id: 1 to 64 bytes of UTF-8 with no whitespace or control characters.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(String);
+
+impl ClientId {
+    /// Validate and wrap an id.
+    pub fn new(s: impl Into<String>) -> Result<Self, FrameError> {
+        let s = s.into();
+        if s.is_empty()
+            || s.len() > MAX_ID_LEN
+            || s.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(FrameError::BadId);
+        }
+        Ok(ClientId(s))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An address as carried in frames (IPv4 or IPv6 plus UDP port).
+pub type Addr = SocketAddr;
+
+/// A call id, assigned by the manager; unique per manager run. The top 16 bits name the
+/// manager shard that owns the call's record.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct CallId(pub u64);
+
+impl fmt::Display for CallId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+macro_rules! code_enum {
+    ($(#[$m:meta])* $name:ident : $field:literal { $($(#[$vm:meta])* $v:ident = $n:expr,)+ }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+        pub enum $name { $($(#[$vm])* $v = $n,)+ }
+        impl $name {
+            /// The wire value.
+            pub fn code(self) -> u8 { self as u8 }
+            /// Parse a wire value.
+            pub fn from_code(v: u8) -> Result<Self, FrameError> {
+                match v { $($n => Ok($name::$v),)+ _ => Err(FrameError::BadCode { field: $field, value: v as u16 }) }
+            }
+            /// A short lowercase name, for logs and JSON.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => stringify!($v),)+ }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+code_enum! {
+    /// How the manager learned the public UDP address it hands out.
+    AddrSource: "addr source" {
+        /// From the client's STUN binding request (the address the packet came from).
+        Stun = 1,
+        /// No binding was found: the TCP peer's IP with the client's local UDP port.
+        TcpPeer = 2,
+    }
+}
+
+code_enum! {
+    /// Why a call was rejected.
+    RejectReason: "reject reason" {
+        /// The callee declined.
+        Declined = 0,
+        /// The callee did not answer (PUNCHED) in time.
+        Timeout = 1,
+        /// The callee disconnected before answering.
+        CalleeGone = 2,
+        /// A client called itself.
+        SelfCall = 3,
+        /// The caller is at its concurrent-call limit.
+        CallerLimit = 4,
+        /// The call_ref is already in use by a pending call of this caller.
+        DuplicateRef = 5,
+    }
+}
+
+code_enum! {
+    /// Why a callee is unknown.
+    UnknownReason: "unknown reason" {
+        /// No client with that id has registered since the manager started.
+        NeverRegistered = 0,
+        /// The client registered before but is not connected now.
+        Offline = 1,
+    }
+}
+
+code_enum! {
+    /// Why a call ended.
+    HangupReason: "hangup reason" {
+        /// A party hung up normally.
+        Normal = 0,
+        /// A timer expired (no START, no media).
+        Timeout = 1,
+        /// The other party stopped sending (media timeout) or disconnected.
+        PeerGone = 2,
+        /// The sender is shutting down.
+        Shutdown = 3,
+        /// A protocol error ended the call.
+        Error = 4,
+    }
+}
+
+code_enum! {
+    /// ERROR codes sent by the manager.
+    ErrorCode: "error code" {
+        /// A frame could not be decoded; the connection is closed.
+        Malformed = 1,
+        /// A frame's length prefix exceeds the limit; the connection is closed.
+        Oversized = 2,
+        /// The frame's version is not supported; the connection is closed.
+        UnsupportedVersion = 3,
+        /// The frame needs a registered connection.
+        NotRegistered = 4,
+        /// A newer connection registered the same id; this one is closed.
+        Replaced = 5,
+        /// The frame names a call the manager does not know.
+        UnknownCall = 6,
+        /// The frame names a call this connection is not a party to.
+        NotParty = 7,
+        /// The frame is valid but not allowed now (e.g. REGISTER twice).
+        Unexpected = 8,
+        /// The manager is shutting down.
+        Shutdown = 9,
+    }
+}
+
+/// One signalling frame.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Frame {
+    /// Client -> manager: register `id` with its local UDP port. `binding` is the transaction
+    /// id of the STUN binding request the client sent to the manager's UDP port, if any.
+    Register {
+        /// The client's id.
+        id: ClientId,
+        /// The client's local UDP port.
+        udp_port: u16,
+        /// How many calls this client takes at once (1 for a voice client); BUSY beyond it.
+        max_calls: u16,
+        /// STUN transaction id of the client's binding request.
+        binding: Option<[u8; 12]>,
+    },
+    /// Manager -> client: registration accepted; the public UDP address the manager observed.
+    Registered {
+        /// The public UDP address peers will be told.
+        public: Addr,
+        /// How the manager learned it.
+        source: AddrSource,
+    },
+    /// Client -> manager: call `callee`. `call_ref` is chosen by the caller and echoed in the
+    /// answer (START, REJECT, BUSY, UNKNOWN).
+    Call {
+        /// Caller-chosen reference.
+        call_ref: u32,
+        /// Whom to call.
+        callee: ClientId,
+    },
+    /// Manager -> callee: an incoming call from `caller` at `caller_addr`.
+    Incoming {
+        /// The call's id.
+        call_id: CallId,
+        /// Secret shared by the two parties, carried in null packets; RTP SSRCs derive from it.
+        token: u64,
+        /// Who is calling.
+        caller: ClientId,
+        /// The caller's public UDP address.
+        caller_addr: Addr,
+    },
+    /// Callee -> manager: the null packet was sent from `udp_port`.
+    Punched {
+        /// The call's id.
+        call_id: CallId,
+        /// The callee's local UDP port.
+        udp_port: u16,
+    },
+    /// Manager -> caller: the callee's window is open; stream media to `callee_addr`.
+    Start {
+        /// The caller's reference from CALL.
+        call_ref: u32,
+        /// The call's id.
+        call_id: CallId,
+        /// Shared secret (see INCOMING).
+        token: u64,
+        /// The callee's public UDP address.
+        callee_addr: Addr,
+    },
+    /// Manager -> caller: the call was rejected (or callee -> manager: decline `call_id`).
+    Reject {
+        /// The caller's reference (0 when sent by a callee).
+        call_ref: u32,
+        /// The call's id, or 0 if none was assigned.
+        call_id: CallId,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// Manager -> caller: the callee is at its concurrent-call limit.
+    Busy {
+        /// The caller's reference from CALL.
+        call_ref: u32,
+    },
+    /// Manager -> caller: no such callee online.
+    Unknown {
+        /// The caller's reference from CALL.
+        call_ref: u32,
+        /// Never registered, or offline.
+        reason: UnknownReason,
+    },
+    /// Either way: end a call.
+    Hangup {
+        /// The call's id.
+        call_id: CallId,
+        /// Why.
+        reason: HangupReason,
+    },
+    /// Either way: liveness probe; answered by PONG with the same nonce.
+    Ping {
+        /// Echoed in the PONG.
+        nonce: u64,
+    },
+    /// Answer to PING.
+    Pong {
+        /// The PING's nonce.
+        nonce: u64,
+    },
+    /// Manager -> client: an error; codes marked "closed" are followed by closing the connection.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Frame type bytes.
+pub mod ty {
+    #![allow(missing_docs)]
+    pub const REGISTER: u8 = 0x01;
+    pub const REGISTERED: u8 = 0x02;
+    pub const CALL: u8 = 0x03;
+    pub const INCOMING: u8 = 0x04;
+    pub const PUNCHED: u8 = 0x05;
+    pub const START: u8 = 0x06;
+    pub const REJECT: u8 = 0x07;
+    pub const BUSY: u8 = 0x08;
+    pub const UNKNOWN: u8 = 0x09;
+    pub const HANGUP: u8 = 0x0A;
+    pub const PING: u8 = 0x0B;
+    pub const PONG: u8 = 0x0C;
+    pub const ERROR: u8 = 0x0D;
+}
+
+impl Frame {
+    /// The frame's name, as in `docs/protocol.md`.
+    pub fn name(&self) -> &'static str {
+        type_name(self.type_byte())
+    }
+
+    /// The frame's type byte.
+    pub fn type_byte(&self) -> u8 {
+        match self {
+            Frame::Register { .. } => ty::REGISTER,
+            Frame::Registered { .. } => ty::REGISTERED,
+            Frame::Call { .. } => ty::CALL,
+            Frame::Incoming { .. } => ty::INCOMING,
+            Frame::Punched { .. } => ty::PUNCHED,
+            Frame::Start { .. } => ty::START,
+            Frame::Reject { .. } => ty::REJECT,
+            Frame::Busy { .. } => ty::BUSY,
+            Frame::Unknown { .. } => ty::UNKNOWN,
+            Frame::Hangup { .. } => ty::HANGUP,
+            Frame::Ping { .. } => ty::PING,
+            Frame::Pong { .. } => ty::PONG,
+            Frame::Error { .. } => ty::ERROR,
+        }
+    }
+
+    /// Append the encoded frame (length prefix included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0, 0, VERSION, self.type_byte()]);
+        match self {
+            Frame::Register { id, udp_port, max_calls, binding } => {
+                put_id(out, id);
+                out.extend_from_slice(&udp_port.to_be_bytes());
+                out.extend_from_slice(&max_calls.to_be_bytes());
+                match binding {
+                    Some(tx) => {
+                        out.push(1);
+                        out.extend_from_slice(tx);
+                    }
+                    None => out.push(0),
+                }
+            }
+            Frame::Registered { public, source } => {
+                put_addr(out, public);
+                out.push(source.code());
+            }
+            Frame::Call { call_ref, callee } => {
+                out.extend_from_slice(&call_ref.to_be_bytes());
+                put_id(out, callee);
+            }
+            Frame::Incoming { call_id, token, caller, caller_addr } => {
+                out.extend_from_slice(&call_id.0.to_be_bytes());
+                out.extend_from_slice(&token.to_be_bytes());
+                put_id(out, caller);
+                put_addr(out, caller_addr);
+            }
+            Frame::Punched { call_id, udp_port } => {
+                out.extend_from_slice(&call_id.0.to_be_bytes());
+                out.extend_from_slice(&udp_port.to_be_bytes());
+            }
+            Frame::Start { call_ref, call_id, token, callee_addr } => {
+                out.extend_from_slice(&call_ref.to_be_bytes());
+                out.extend_from_slice(&call_id.0.to_be_bytes());
+                out.extend_from_slice(&token.to_be_bytes());
+                put_addr(out, callee_addr);
+            }
+            Frame::Reject { call_ref, call_id, reason } => {
+                out.extend_from_slice(&call_ref.to_be_bytes());
+                out.extend_from_slice(&call_id.0.to_be_bytes());
+                out.push(reason.code());
+            }
+            Frame::Busy { call_ref } => out.extend_from_slice(&call_ref.to_be_bytes()),
+            Frame::Unknown { call_ref, reason } => {
+                out.extend_from_slice(&call_ref.to_be_bytes());
+                out.push(reason.code());
+            }
+            Frame::Hangup { call_id, reason } => {
+                out.extend_from_slice(&call_id.0.to_be_bytes());
+                out.push(reason.code());
+            }
+            Frame::Ping { nonce } | Frame::Pong { nonce } => {
+                out.extend_from_slice(&nonce.to_be_bytes())
+            }
+            Frame::Error { code, message } => {
+                out.extend_from_slice(&(code.code() as u16).to_be_bytes());
+                // Truncate on a char boundary so the frame always decodes.
+                let mut end = message.len().min(MAX_MESSAGE_LEN);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.push(end as u8);
+                out.extend_from_slice(&message.as_bytes()[..end]);
+            }
+        }
+        let len = out.len() - start - 2;
+        debug_assert!(len <= MAX_FRAME_LEN);
+        out[start..start + 2].copy_from_slice(&(len as u16).to_be_bytes());
+    }
+
+    /// Decode one frame from the front of `buf`.
+    ///
+    /// Returns `Ok(None)` if `buf` does not yet hold a whole frame, or `Ok(Some((frame,
+    /// consumed)))`. An oversized or too-short length prefix is reported as soon as the two
+    /// prefix bytes are present.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+        if buf.len() < 2 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(FrameError::Oversized { len });
+        }
+        if len < 2 {
+            return Err(FrameError::TooShort { len });
+        }
+        if buf.len() < 2 + len {
+            return Ok(None);
+        }
+        let frame = Frame::decode_body(&buf[2..2 + len])?;
+        Ok(Some((frame, 2 + len)))
+    }
+
+    /// Decode `version | type | body` (the bytes counted by the length prefix).
+    pub fn decode_body(b: &[u8]) -> Result<Frame, FrameError> {
+        if b.len() < 2 {
+            return Err(FrameError::TooShort { len: b.len() });
+        }
+        if b[0] != VERSION {
+            return Err(FrameError::UnsupportedVersion(b[0]));
+        }
+        let t = b[1];
+        let name = type_name(t);
+        if name == "?" {
+            return Err(FrameError::UnknownType(t));
+        }
+        let mut r = Reader { b: &b[2..], frame: name };
+        let frame = match t {
+            ty::REGISTER => {
+                let id = r.id()?;
+                let udp_port = r.u16()?;
+                let max_calls = r.u16()?;
+                let binding = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.array::<12>()?),
+                    v => return Err(FrameError::BadCode { field: "binding flag", value: v as u16 }),
+                };
+                Frame::Register { id, udp_port, max_calls, binding }
+            }
+            ty::REGISTERED => Frame::Registered {
+                public: r.addr()?,
+                source: AddrSource::from_code(r.u8()?)?,
+            },
+            ty::CALL => Frame::Call { call_ref: r.u32()?, callee: r.id()? },
+            ty::INCOMING => Frame::Incoming {
+                call_id: CallId(r.u64()?),
+                token: r.u64()?,
+                caller: r.id()?,
+                caller_addr: r.addr()?,
+            },
+            ty::PUNCHED => Frame::Punched { call_id: CallId(r.u64()?), udp_port: r.u16()? },
+            ty::START => Frame::Start {
+                call_ref: r.u32()?,
+                call_id: CallId(r.u64()?),
+                token: r.u64()?,
+                callee_addr: r.addr()?,
+            },
+            ty::REJECT => Frame::Reject {
+                call_ref: r.u32()?,
+                call_id: CallId(r.u64()?),
+                reason: RejectReason::from_code(r.u8()?)?,
+            },
+            ty::BUSY => Frame::Busy { call_ref: r.u32()? },
+            ty::UNKNOWN => Frame::Unknown {
+                call_ref: r.u32()?,
+                reason: UnknownReason::from_code(r.u8()?)?,
+            },
+            ty::HANGUP => Frame::Hangup {
+                call_id: CallId(r.u64()?),
+                reason: HangupReason::from_code(r.u8()?)?,
+            },
+            ty::PING => Frame::Ping { nonce: r.u64()? },
+            ty::PONG => Frame::Pong { nonce: r.u64()? },
+            ty::ERROR => {
+                let code = r.u16()?;
+                let code = u8::try_from(code)
+                    .map_err(|_| FrameError::BadCode { field: "error code", value: code })
+                    .and_then(ErrorCode::from_code)?;
+                let n = r.u8()? as usize;
+                let text = r.take(n)?;
+                let message = std::str::from_utf8(text).map_err(|_| FrameError::BadText)?;
+                Frame::Error { code, message: message.to_owned() }
+            }
+            _ => unreachable!("type_name accepted an unknown type"),
+        };
+        if !r.b.is_empty() {
+            return Err(FrameError::TrailingBytes { frame: name, extra: r.b.len() });
+        }
+        Ok(frame)
+    }
+}
+
+/// The name of a frame type byte, or "?" if unknown.
+pub fn type_name(t: u8) -> &'static str {
+    match t {
+        ty::REGISTER => "REGISTER",
+        ty::REGISTERED => "REGISTERED",
+        ty::CALL => "CALL",
+        ty::INCOMING => "INCOMING",
+        ty::PUNCHED => "PUNCHED",
+        ty::START => "START",
+        ty::REJECT => "REJECT",
+        ty::BUSY => "BUSY",
+        ty::UNKNOWN => "UNKNOWN",
+        ty::HANGUP => "HANGUP",
+        ty::PING => "PING",
+        ty::PONG => "PONG",
+        ty::ERROR => "ERROR",
+        _ => "?",
+    }
+}
+
+fn put_id(out: &mut Vec<u8>, id: &ClientId) {
+    out.push(id.0.len() as u8);
+    out.extend_from_slice(id.0.as_bytes());
+}
+
+fn put_addr(out: &mut Vec<u8>, a: &Addr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&a.port().to_be_bytes());
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&a.port().to_be_bytes());
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    frame: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.b.len() < n {
+            return Err(FrameError::Truncated { frame: self.frame });
+        }
+        let (head, tail) = self.b.split_at(n);
+        self.b = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn id(&mut self) -> Result<ClientId, FrameError> {
+        let n = self.u8()? as usize;
+        let raw = self.take(n)?;
+        let s = std::str::from_utf8(raw).map_err(|_| FrameError::BadId)?;
+        ClientId::new(s)
+    }
+    fn addr(&mut self) -> Result<Addr, FrameError> {
+        let fam = self.u8()?;
+        let port = self.u16()?;
+        let ip = match fam {
+            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>()?)),
+            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>()?)),
+            f => return Err(FrameError::BadAddrFamily(f)),
+        };
+        Ok(SocketAddr::new(ip, port))
+    }
+}
+
+/// A stream decoder: feed it bytes as they arrive from TCP, take whole frames out.
+///
+/// It buffers at most one partial frame (at most `2 + MAX_FRAME_LEN` bytes) beyond what the
+/// caller has not yet drained, so a peer cannot make it grow without bound.
+#[derive(Default, Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append received bytes.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 4096 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed, or the decode error (after
+    /// which the stream is out of sync and should be closed).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        match Frame::decode(&self.buf[self.start..])? {
+            Some((f, n)) => {
+                self.start += n;
+                Ok(Some(f))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn id(s: &str) -> ClientId {
+        ClientId::new(s).unwrap()
+    }
+
+    /// One of every frame, with IPv4 and IPv6 addresses.
+    pub(crate) fn samples() -> Vec<Frame> {
+        let v4: Addr = "203.0.113.7:40000".parse().unwrap();
+        let v6: Addr = "[2001:db8::1]:5004".parse().unwrap();
+        vec![
+            Frame::Register { id: id("alice"), udp_port: 40000, max_calls: 1, binding: Some([7; 12]) },
+            Frame::Register { id: id("b"), udp_port: 1, max_calls: 500, binding: None },
+            Frame::Registered { public: v4, source: AddrSource::Stun },
+            Frame::Registered { public: v6, source: AddrSource::TcpPeer },
+            Frame::Call { call_ref: 9, callee: id("bob") },
+            Frame::Incoming { call_id: CallId(u64::MAX), token: 42, caller: id("alice"), caller_addr: v4 },
+            Frame::Incoming { call_id: CallId(1), token: 0, caller: id("ü-über"), caller_addr: v6 },
+            Frame::Punched { call_id: CallId(3), udp_port: 5004 },
+            Frame::Start { call_ref: 1, call_id: CallId(3), token: 5, callee_addr: v6 },
+            Frame::Reject { call_ref: 0, call_id: CallId(3), reason: RejectReason::Timeout },
+            Frame::Busy { call_ref: u32::MAX },
+            Frame::Unknown { call_ref: 2, reason: UnknownReason::Offline },
+            Frame::Hangup { call_id: CallId(8), reason: HangupReason::PeerGone },
+            Frame::Ping { nonce: 1 },
+            Frame::Pong { nonce: 2 },
+            Frame::Error { code: ErrorCode::Replaced, message: "replaced by a newer registration".into() },
+            Frame::Error { code: ErrorCode::Malformed, message: String::new() },
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in samples() {
+            let mut buf = Vec::new();
+            f.encode(&mut buf);
+            let (g, n) = Frame::decode(&buf).unwrap().unwrap();
+            assert_eq!(g, f);
+            assert_eq!(n, buf.len());
+            assert_eq!(u16::from_be_bytes([buf[0], buf[1]]) as usize, buf.len() - 2);
+            assert_eq!(buf[2], VERSION);
+        }
+    }
+
+    #[test]
+    fn register_bytes_match_the_documented_layout() {
+        let f = Frame::Register { id: id("ab"), udp_port: 0x1234, max_calls: 2, binding: None };
+        let mut buf = Vec::new();
+        f.encode(&mut buf);
+        assert_eq!(buf, [0, 10, 1, 0x01, 2, b'a', b'b', 0x12, 0x34, 0, 2, 0]);
+        let f = Frame::Punched { call_id: CallId(0x0102030405060708), udp_port: 80 };
+        buf.clear();
+        f.encode(&mut buf);
+        assert_eq!(buf, [0, 12, 1, 0x05, 1, 2, 3, 4, 5, 6, 7, 8, 0, 80]);
+    }
+
+    #[test]
+    fn every_truncation_is_incomplete_or_an_error_never_a_panic() {
+        for f in samples() {
+            let mut buf = Vec::new();
+            f.encode(&mut buf);
+            for cut in 0..buf.len() {
+                // A short buffer is simply incomplete.
+                assert_eq!(Frame::decode(&buf[..cut]), Ok(None), "{f:?} cut at {cut}");
+                // A frame whose length prefix claims only the truncated body is malformed.
+                if cut >= 4 {
+                    let mut short = buf[..cut].to_vec();
+                    short[..2].copy_from_slice(&((cut - 2) as u16).to_be_bytes());
+                    let err = Frame::decode(&short).unwrap_err();
+                    assert!(
+                        matches!(err, FrameError::Truncated { .. }),
+                        "{f:?} cut at {cut}: {err:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        for f in samples() {
+            let mut buf = Vec::new();
+            f.encode(&mut buf);
+            buf.push(0xAA);
+            let len = buf.len() - 2;
+            buf[..2].copy_from_slice(&(len as u16).to_be_bytes());
+            assert!(matches!(Frame::decode(&buf), Err(FrameError::TrailingBytes { extra: 1, .. })));
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_rejected_with_their_reason() {
+        assert_eq!(Frame::decode(&[0x04, 0x01]), Err(FrameError::Oversized { len: 1025 }));
+        assert_eq!(Frame::decode(&[0xFF, 0xFF, 1]), Err(FrameError::Oversized { len: 65535 }));
+        assert_eq!(Frame::decode(&[0, 1, 1]), Err(FrameError::TooShort { len: 1 }));
+        assert_eq!(Frame::decode(&[0, 0]), Err(FrameError::TooShort { len: 0 }));
+        assert_eq!(Frame::decode(&[0, 2, 2, ty::PING]), Err(FrameError::UnsupportedVersion(2)));
+        assert_eq!(Frame::decode(&[0, 2, 1, 0x7F]), Err(FrameError::UnknownType(0x7F)));
+        assert_eq!(Frame::decode(&[0, 2, 1, 0]), Err(FrameError::UnknownType(0)));
+    }
+
+    #[test]
+    fn bad_fields_are_rejected() {
+        // Empty id.
+        assert_eq!(Frame::decode(&[0, 7, 1, ty::CALL, 0, 0, 0, 1, 0]), Err(FrameError::BadId));
+        // Id with a space, and with invalid UTF-8.
+        assert_eq!(Frame::decode(&[0, 9, 1, ty::CALL, 0, 0, 0, 1, 2, b'a', b' ']), Err(FrameError::BadId));
+        assert_eq!(Frame::decode(&[0, 8, 1, ty::CALL, 0, 0, 0, 1, 1, 0xFF]), Err(FrameError::BadId));
+        // Address family 5.
+        let mut b = vec![0, 0, 1, ty::REGISTERED, 5, 0, 80, 1, 2, 3, 4, 1];
+        let n = b.len() - 2;
+        b[1] = n as u8;
+        assert_eq!(Frame::decode(&b), Err(FrameError::BadAddrFamily(5)));
+        // Unknown hangup reason.
+        let b = [0, 11, 1, ty::HANGUP, 0, 0, 0, 0, 0, 0, 0, 1, 99];
+        assert!(matches!(Frame::decode(&b), Err(FrameError::BadCode { field: "hangup reason", value: 99 })));
+        // Binding flag 2.
+        let b = [0, 9, 1, ty::REGISTER, 1, b'a', 0, 1, 0, 1, 2];
+        assert!(matches!(Frame::decode(&b), Err(FrameError::BadCode { field: "binding flag", .. })));
+        // Too-long id cannot be built.
+        assert_eq!(ClientId::new("x".repeat(65)), Err(FrameError::BadId));
+        assert!(ClientId::new("x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_on_a_char_boundary() {
+        let f = Frame::Error { code: ErrorCode::Malformed, message: "é".repeat(200) };
+        let mut buf = Vec::new();
+        f.encode(&mut buf);
+        let (g, _) = Frame::decode(&buf).unwrap().unwrap();
+        match g {
+            Frame::Error { message, .. } => assert_eq!(message, "é".repeat(127)),
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn stream_decoder_reassembles_frames_split_anywhere() {
+        let mut all = Vec::new();
+        for f in samples() {
+            f.encode(&mut all);
+        }
+        let mut rng = Rng::new(1);
+        for _ in 0..200 {
+            let mut dec = FrameDecoder::new();
+            let mut got = Vec::new();
+            let mut pos = 0;
+            while pos < all.len() {
+                let n = (1 + rng.below(40) as usize).min(all.len() - pos);
+                dec.push(&all[pos..pos + n]);
+                pos += n;
+                while let Some(f) = dec.next_frame().unwrap() {
+                    got.push(f);
+                }
+            }
+            assert_eq!(got, samples());
+            assert_eq!(dec.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Rng::new(99);
+        let mut buf = [0u8; 64];
+        let mut frames = 0;
+        for _ in 0..200_000 {
+            let n = rng.below(64) as usize;
+            rng.fill(&mut buf[..n]);
+            // Make some of them plausible: right version and a known type.
+            if n > 4 && rng.chance(0.5) {
+                buf[0] = 0;
+                buf[1] = (n - 2) as u8;
+                buf[2] = VERSION;
+                buf[3] = 1 + rng.below(13) as u8;
+            }
+            if let Ok(Some(_)) = Frame::decode(&buf[..n]) {
+                frames += 1;
+            }
+        }
+        assert!(frames > 0, "some random frames should decode");
+    }
+}
