@@ -1,1 +1,1025 @@
-//! client
+//! The client: a sans-IO state machine for one registered endpoint and its calls.
+//!
+//! It owns no socket, thread or clock. The driver feeds it input (`handle_connected`,
+//! `handle_frame`, `handle_datagram`, `handle_timeout`, `handle_disconnected`), issues
+//! commands (`call`, `hangup`, `send_media`), and drains output after each step:
+//! [`Client::poll_frame`] (to the manager over TCP), [`Client::poll_transmit`] (UDP
+//! datagrams), [`Client::poll_event`] (for the application), then sleeps until
+//! [`Client::poll_timeout`].
+//!
+//! ## A call, as caller
+//! `call()` sends CALL and waits for START (`start_timeout`). On START the caller sends one
+//! null packet (opens its own firewall at once) and is ready for media: the application
+//! streams with `send_media`; the first packet from the callee marks the path two-way
+//! (`first_media_timeout` bounds the wait).
+//!
+//! ## A call, as callee
+//! On INCOMING the callee sends a null packet to the caller's public address at once (this
+//! opens the callee's firewall towards the caller; the caller's firewall drops it), replies
+//! PUNCHED, and re-sends the null packet with exponential backoff (`null_retry_initial`,
+//! doubling, at most `null_retries` times) until the first packet from the caller arrives,
+//! which marks the path two-way.
+//!
+//! ## Both
+//! On an established path a keepalive null packet goes out whenever nothing was sent for
+//! `keepalive_interval` (under 25 s, since Linux conntrack forgets an unreplied UDP flow after
+//! 30 s); if nothing arrives for `media_timeout` the call ends with `PeerGone`. Media keeps
+//! flowing if the manager connection drops: the path is direct.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::rng::Rng;
+use crate::stats::RtpReceiverStats;
+use crate::wire::frame::{AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason};
+use crate::wire::null::{NullPacket, NULL_LEN};
+use crate::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN, OPUS_CLOCK_HZ, OPUS_PAYLOAD_TYPE};
+use crate::wire::stun::{self, StunMessage, TransactionId};
+use crate::wire::{classify, DatagramKind};
+
+/// A local handle for a call, unique within one [`Client`]. For calls this client places it
+/// is also the `call_ref` sent in CALL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallHandle(pub u32);
+
+/// Which side of a call this client is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Placed the call.
+    Caller,
+    /// Received the call.
+    Callee,
+}
+
+impl Role {
+    /// "caller" or "callee".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Caller => "caller",
+            Role::Callee => "callee",
+        }
+    }
+}
+
+/// Timers and limits of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// This client's id.
+    pub id: ClientId,
+    /// The local UDP port (sent in REGISTER and PUNCHED).
+    pub local_udp_port: u16,
+    /// Calls this client takes at once; the manager answers BUSY beyond it.
+    pub max_calls: u16,
+    /// Where to send the STUN binding request (the manager's UDP address); `None` skips
+    /// discovery and lets the manager fall back to the TCP peer address.
+    pub stun_server: Option<SocketAddr>,
+    /// STUN attempts before registering without a binding.
+    pub stun_attempts: u32,
+    /// Interval between STUN attempts.
+    pub stun_interval: Duration,
+    /// Send the null packet when answering (false: the negative control `--no-null`).
+    pub send_null: bool,
+    /// Null packet re-sends after the first one, while waiting for the caller's first packet.
+    pub null_retries: u32,
+    /// First null re-send interval; doubles after each re-send.
+    pub null_retry_initial: Duration,
+    /// Caller: CALL to START.
+    pub start_timeout: Duration,
+    /// START (caller) or INCOMING (callee) to the first packet from the peer.
+    pub first_media_timeout: Duration,
+    /// Send a keepalive null packet when nothing was sent to the peer for this long.
+    pub keepalive_interval: Duration,
+    /// End the call when nothing arrived from the peer for this long.
+    pub media_timeout: Duration,
+    /// PING the manager this often.
+    pub ping_interval: Duration,
+    /// RTP clock rate of the media sent and received.
+    pub clock_hz: u32,
+    /// RTP payload type sent.
+    pub payload_type: u8,
+}
+
+impl ClientConfig {
+    /// Defaults for a voice client with the given id and local UDP port.
+    pub fn new(id: ClientId, local_udp_port: u16) -> Self {
+        ClientConfig {
+            id,
+            local_udp_port,
+            max_calls: 1,
+            stun_server: None,
+            stun_attempts: 4,
+            stun_interval: Duration::from_millis(250),
+            send_null: true,
+            null_retries: 6,
+            null_retry_initial: Duration::from_millis(50),
+            start_timeout: Duration::from_secs(5),
+            first_media_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(15),
+            media_timeout: Duration::from_secs(35),
+            ping_interval: Duration::from_secs(10),
+            clock_hz: OPUS_CLOCK_HZ,
+            payload_type: OPUS_PAYLOAD_TYPE,
+        }
+    }
+}
+
+/// Why a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// This side hung up.
+    LocalHangup,
+    /// The other side (or the manager) sent HANGUP.
+    RemoteHangup(HangupReason),
+    /// The manager rejected the call (or the callee declined).
+    Rejected(RejectReason),
+    /// The callee is at its call limit.
+    Busy,
+    /// The callee is not registered.
+    Unknown(UnknownReason),
+    /// Caller: no START within `start_timeout`.
+    NoStart,
+    /// No packet from the peer within `first_media_timeout` after START / INCOMING.
+    NoMedia,
+    /// The path was up, then nothing arrived for `media_timeout`.
+    PeerGone,
+    /// The manager connection was lost before the call was set up.
+    ManagerLost,
+}
+
+impl EndReason {
+    /// True for a call that was set up and then ended normally.
+    pub fn is_success(self) -> bool {
+        matches!(self, EndReason::LocalHangup | EndReason::RemoteHangup(HangupReason::Normal))
+    }
+
+    /// Which phase failed, for humans: "no START", "no media", ...; `None` for success.
+    pub fn failed_phase(self) -> Option<&'static str> {
+        match self {
+            EndReason::LocalHangup | EndReason::RemoteHangup(HangupReason::Normal) => None,
+            EndReason::RemoteHangup(_) => Some("hung up by peer"),
+            EndReason::Rejected(_) => Some("rejected"),
+            EndReason::Busy => Some("busy"),
+            EndReason::Unknown(_) => Some("unknown callee"),
+            EndReason::NoStart => Some("no START"),
+            EndReason::NoMedia => Some("no media"),
+            EndReason::PeerGone => Some("media stopped"),
+            EndReason::ManagerLost => Some("manager lost"),
+        }
+    }
+
+    /// A short lowercase description.
+    pub fn describe(self) -> String {
+        match self {
+            EndReason::LocalHangup => "hung up".into(),
+            EndReason::RemoteHangup(r) => format!("remote hangup ({r})"),
+            EndReason::Rejected(r) => format!("rejected ({r})"),
+            EndReason::Busy => "callee busy".into(),
+            EndReason::Unknown(UnknownReason::NeverRegistered) => "unknown callee (never registered)".into(),
+            EndReason::Unknown(UnknownReason::Offline) => "unknown callee (offline)".into(),
+            EndReason::NoStart => "no START from the manager".into(),
+            EndReason::NoMedia => "no media from the peer".into(),
+            EndReason::PeerGone => "peer stopped sending".into(),
+            EndReason::ManagerLost => "manager connection lost during setup".into(),
+        }
+    }
+}
+
+/// Everything measured about one call, reported when it ends.
+#[derive(Debug, Clone)]
+pub struct CallReport {
+    /// Local handle.
+    pub handle: CallHandle,
+    /// The manager's call id, if one was assigned.
+    pub call_id: Option<CallId>,
+    /// Caller or callee.
+    pub role: Role,
+    /// The peer's client id (callee: the caller; caller: the callee).
+    pub peer_id: ClientId,
+    /// This client's public UDP address as the manager reported it.
+    pub local: Option<SocketAddr>,
+    /// The peer's public UDP address.
+    pub peer: Option<SocketAddr>,
+    /// Caller: CALL sent to START received. Callee: INCOMING to first packet received.
+    pub setup: Option<Duration>,
+    /// CALL sent (caller) or INCOMING received (callee) to the first media packet received.
+    pub first_media: Option<Duration>,
+    /// Time from setup complete to the end.
+    pub duration: Duration,
+    /// RTP packets sent.
+    pub sent: u64,
+    /// RTP packets received.
+    pub received: u64,
+    /// RTP packets lost (RFC 3550).
+    pub lost: u64,
+    /// Interarrival jitter (RFC 3550), milliseconds.
+    pub jitter_ms: f64,
+    /// Null packets sent (punch and keepalive).
+    pub nulls_sent: u64,
+    /// Null packets received from the peer.
+    pub nulls_received: u64,
+    /// Why it ended.
+    pub reason: EndReason,
+}
+
+/// Events for the application.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The manager accepted the registration.
+    Registered {
+        /// The public UDP address the manager hands out for this client.
+        public: SocketAddr,
+        /// How the manager learned it.
+        source: AddrSource,
+    },
+    /// STUN discovery finished (before REGISTER).
+    Discovered {
+        /// The mapped address, or `None` if every attempt went unanswered.
+        mapped: Option<SocketAddr>,
+    },
+    /// An incoming call was answered (null packet sent, PUNCHED replied).
+    Incoming {
+        /// Local handle.
+        handle: CallHandle,
+        /// Who calls.
+        caller: ClientId,
+        /// From where.
+        caller_addr: SocketAddr,
+    },
+    /// Caller: START received; media may be sent now.
+    Started {
+        /// Local handle.
+        handle: CallHandle,
+        /// The callee's public address.
+        peer: SocketAddr,
+    },
+    /// The first packet from the peer arrived: the path works both ways from here.
+    MediaFlowing {
+        /// Local handle.
+        handle: CallHandle,
+    },
+    /// A call ended (successfully or not).
+    Ended(Box<CallReport>),
+    /// The manager sent an ERROR.
+    ManagerError {
+        /// Code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// The manager has not answered PINGs for three intervals.
+    ManagerUnresponsive,
+}
+
+/// A datagram to send: `len` bytes at the start of the caller's buffer, to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes written to the buffer.
+    pub len: usize,
+}
+
+/// A media packet received for a call; borrows the driver's receive buffer.
+#[derive(Debug)]
+pub struct Received<'a> {
+    /// The call it belongs to.
+    pub handle: CallHandle,
+    /// Its RTP header.
+    pub header: RtpHeader,
+    /// Its payload.
+    pub payload: &'a [u8],
+}
+
+/// Errors of client commands.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The client is not registered with the manager.
+    #[error("not registered with the manager")]
+    NotRegistered,
+    /// No such call (ended or never existed).
+    #[error("no call with handle {0:?}")]
+    NoSuchCall(CallHandle),
+    /// The call has no peer address yet (caller before START).
+    #[error("call {0:?} has no path yet")]
+    NoPath(CallHandle),
+    /// The output buffer is too small for the packet.
+    #[error("buffer of {have} bytes too small for a {need}-byte packet")]
+    BufferTooSmall {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes given.
+        have: usize,
+    },
+}
+
+/// Drop and anomaly counters of a client. Every datagram or frame that is not used is
+/// counted in exactly one of these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCounters {
+    /// Datagrams whose first byte matched no known kind.
+    pub dgram_unknown: u64,
+    /// Datagrams of a known kind that failed to parse.
+    pub dgram_malformed: u64,
+    /// Valid datagrams that belong to no current call (or carry a wrong token).
+    pub dgram_unmatched: u64,
+    /// Datagrams for a call that came from an address other than the peer's.
+    pub dgram_wrong_source: u64,
+    /// RTCP packets (accepted, not interpreted yet).
+    pub rtcp: u64,
+    /// STUN messages that were not the expected binding response.
+    pub stun_unexpected: u64,
+    /// Frames that were valid but unexpected (duplicates, unknown calls, late answers).
+    pub frames_unexpected: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    /// Caller: CALL sent, waiting for START.
+    Calling,
+    /// Callee: null sent and PUNCHED replied; waiting for the caller's first packet.
+    Punching,
+    /// Path known; media may flow. `two_way` once a packet from the peer arrived.
+    Media,
+}
+
+#[derive(Debug)]
+struct Call {
+    role: Role,
+    state: CallState,
+    peer_id: ClientId,
+    call_id: Option<CallId>,
+    token: u64,
+    peer_addr: Option<SocketAddr>,
+    created: Instant,
+    setup_done: Option<Instant>,
+    first_rx: Option<Instant>,
+    first_rtp_rx: Option<Instant>,
+    /// Phase deadline (START, first media) while setting up.
+    deadline: Option<Instant>,
+    next_null: Option<Instant>,
+    null_interval: Duration,
+    null_retries_left: u32,
+    last_tx: Instant,
+    last_rx: Instant,
+    ssrc_tx: u32,
+    seq_tx: u16,
+    ts_tx: u32,
+    sent: u64,
+    nulls_sent: u64,
+    nulls_rx: u64,
+    rx: RtpReceiverStats,
+}
+
+impl Call {
+    fn ssrcs(role: Role, token: u64) -> (u32, u32) {
+        // The caller's SSRC is the token's low half, the callee's the high half; both sides
+        // know the token, so each knows which SSRC to expect.
+        let (lo, hi) = (token as u32, (token >> 32) as u32);
+        match role {
+            Role::Caller => (lo, hi),
+            Role::Callee => (hi, lo),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RegState {
+    Disconnected,
+    Discovering { attempts: u32, next: Instant },
+    Registering,
+    Registered,
+}
+
+/// A small control datagram queued for sending (null or STUN): fixed size, no allocation.
+#[derive(Debug, Clone, Copy)]
+struct SmallDatagram {
+    to: SocketAddr,
+    len: u8,
+    data: [u8; 20],
+}
+
+/// The client state machine. See the module docs.
+#[derive(Debug)]
+pub struct Client {
+    cfg: ClientConfig,
+    rng: Rng,
+    reg: RegState,
+    txid: TransactionId,
+    mapped: Option<SocketAddr>,
+    public: Option<SocketAddr>,
+    calls: HashMap<CallHandle, Call>,
+    by_call_id: HashMap<CallId, CallHandle>,
+    by_ssrc: HashMap<u32, CallHandle>,
+    next_handle: u32,
+    frames: VecDeque<Frame>,
+    datagrams: VecDeque<SmallDatagram>,
+    events: VecDeque<Event>,
+    next_ping: Option<Instant>,
+    ping_outstanding: Option<(u64, Instant)>,
+    unresponsive_reported: bool,
+    counters: ClientCounters,
+}
+
+impl Client {
+    /// A new, disconnected client. `seed` seeds call-independent randomness (STUN transaction
+    /// ids, RTP initial sequence numbers and timestamps).
+    pub fn new(cfg: ClientConfig, seed: u64) -> Self {
+        Client {
+            cfg,
+            rng: Rng::new(seed),
+            reg: RegState::Disconnected,
+            txid: [0; 12],
+            mapped: None,
+            public: None,
+            calls: HashMap::new(),
+            by_call_id: HashMap::new(),
+            by_ssrc: HashMap::new(),
+            next_handle: 1,
+            frames: VecDeque::new(),
+            datagrams: VecDeque::new(),
+            events: VecDeque::new(),
+            next_ping: None,
+            ping_outstanding: None,
+            unresponsive_reported: false,
+            counters: ClientCounters::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    /// True once REGISTERED was received on the current connection.
+    pub fn is_registered(&self) -> bool {
+        self.reg == RegState::Registered
+    }
+
+    /// The public UDP address from the last REGISTERED.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public
+    }
+
+    /// Drop and anomaly counters.
+    pub fn counters(&self) -> &ClientCounters {
+        &self.counters
+    }
+
+    /// Number of calls in progress.
+    pub fn active_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The peer address of a call, once known.
+    pub fn peer_addr(&self, handle: CallHandle) -> Option<SocketAddr> {
+        self.calls.get(&handle).and_then(|c| c.peer_addr)
+    }
+
+    /// True if the call's path is known (caller after START, callee after INCOMING), so
+    /// `send_media` can be used.
+    pub fn can_send(&self, handle: CallHandle) -> bool {
+        self.calls.get(&handle).is_some_and(|c| c.state == CallState::Media || (c.role == Role::Callee && c.first_rx.is_some()))
+    }
+
+    // ---------------------------------------------------------------- inputs
+
+    /// The TCP connection to the manager is up: discover the public address, then register.
+    pub fn handle_connected(&mut self, now: Instant) {
+        self.ping_outstanding = None;
+        self.unresponsive_reported = false;
+        self.next_ping = Some(now + self.cfg.ping_interval);
+        match self.cfg.stun_server {
+            Some(_) if self.cfg.stun_attempts > 0 => {
+                self.rng.fill(&mut self.txid);
+                self.reg = RegState::Discovering { attempts: 0, next: now };
+                self.stun_step(now);
+            }
+            _ => self.send_register(false),
+        }
+    }
+
+    /// The TCP connection to the manager was lost. Calls still being set up fail with
+    /// [`EndReason::ManagerLost`]; calls with a path keep going (media is direct).
+    pub fn handle_disconnected(&mut self, now: Instant) {
+        self.reg = RegState::Disconnected;
+        self.next_ping = None;
+        self.ping_outstanding = None;
+        self.frames.clear();
+        let doomed: Vec<CallHandle> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.state == CallState::Calling)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in doomed {
+            self.end_call(now, h, EndReason::ManagerLost, None);
+        }
+    }
+
+    /// A frame arrived from the manager.
+    pub fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        match frame {
+            Frame::Registered { public, source } => {
+                if self.reg != RegState::Registering {
+                    self.counters.frames_unexpected += 1;
+                    return;
+                }
+                self.reg = RegState::Registered;
+                self.public = Some(public);
+                self.events.push_back(Event::Registered { public, source });
+            }
+            Frame::Incoming { call_id, token, caller, caller_addr } => {
+                self.on_incoming(now, call_id, token, caller, caller_addr)
+            }
+            Frame::Start { call_ref, call_id, token, callee_addr } => {
+                self.on_start(now, CallHandle(call_ref), call_id, token, callee_addr)
+            }
+            Frame::Reject { call_ref, call_id, reason } => {
+                let h = self.caller_pending(call_ref).or_else(|| self.by_call_id.get(&call_id).copied());
+                match h {
+                    Some(h) => self.end_call(now, h, EndReason::Rejected(reason), None),
+                    None => self.counters.frames_unexpected += 1,
+                }
+            }
+            Frame::Busy { call_ref } => match self.caller_pending(call_ref) {
+                Some(h) => self.end_call(now, h, EndReason::Busy, None),
+                None => self.counters.frames_unexpected += 1,
+            },
+            Frame::Unknown { call_ref, reason } => match self.caller_pending(call_ref) {
+                Some(h) => self.end_call(now, h, EndReason::Unknown(reason), None),
+                None => self.counters.frames_unexpected += 1,
+            },
+            Frame::Hangup { call_id, reason } => match self.by_call_id.get(&call_id).copied() {
+                Some(h) => self.end_call(now, h, EndReason::RemoteHangup(reason), None),
+                None => self.counters.frames_unexpected += 1,
+            },
+            Frame::Ping { nonce } => self.frames.push_back(Frame::Pong { nonce }),
+            Frame::Pong { nonce } => {
+                if self.ping_outstanding.is_some_and(|(n, _)| n == nonce) {
+                    self.ping_outstanding = None;
+                    self.unresponsive_reported = false;
+                } else {
+                    self.counters.frames_unexpected += 1;
+                }
+            }
+            Frame::Error { code, message } => self.events.push_back(Event::ManagerError { code, message }),
+            Frame::Register { .. } | Frame::Call { .. } | Frame::Punched { .. } => {
+                self.counters.frames_unexpected += 1
+            }
+        }
+    }
+
+    /// A datagram arrived on the client's UDP socket from `from`. Returns the media packet if
+    /// it is RTP for a current call, for the application to play or measure.
+    pub fn handle_datagram<'a>(&mut self, now: Instant, from: SocketAddr, data: &'a [u8]) -> Option<Received<'a>> {
+        match classify(data) {
+            DatagramKind::Rtp => self.on_rtp(now, from, data),
+            DatagramKind::Null => {
+                self.on_null(now, from, data);
+                None
+            }
+            DatagramKind::Stun => {
+                self.on_stun(now, from, data);
+                None
+            }
+            DatagramKind::Rtcp => {
+                self.counters.rtcp += 1;
+                None
+            }
+            DatagramKind::Unknown => {
+                self.counters.dgram_unknown += 1;
+                None
+            }
+        }
+    }
+
+    /// Run the timers that are due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let RegState::Discovering { next, .. } = self.reg {
+            if now >= next {
+                self.stun_step(now);
+            }
+        }
+        if let Some(t) = self.next_ping {
+            if now >= t {
+                if let Some((_, sent)) = self.ping_outstanding {
+                    if now.duration_since(sent) >= self.cfg.ping_interval * 3 && !self.unresponsive_reported {
+                        self.unresponsive_reported = true;
+                        self.events.push_back(Event::ManagerUnresponsive);
+                    }
+                } else {
+                    let nonce = self.rng.next_u64();
+                    self.ping_outstanding = Some((nonce, now));
+                    self.frames.push_back(Frame::Ping { nonce });
+                }
+                self.next_ping = Some(now + self.cfg.ping_interval);
+            }
+        }
+        // Collect first, then act: acting may end calls (mutating the map).
+        let mut due: Vec<(CallHandle, Option<EndReason>)> = Vec::new();
+        for (h, c) in &self.calls {
+            if c.deadline.is_some_and(|d| now >= d) {
+                let why = if c.state == CallState::Calling { EndReason::NoStart } else { EndReason::NoMedia };
+                due.push((*h, Some(why)));
+            } else if c.first_rx.is_some() && now.duration_since(c.last_rx) >= self.cfg.media_timeout {
+                due.push((*h, Some(EndReason::PeerGone)));
+            } else if c.next_null.is_some_and(|t| now >= t)
+                || (c.state == CallState::Media && now.duration_since(c.last_tx) >= self.cfg.keepalive_interval)
+            {
+                due.push((*h, None));
+            }
+        }
+        for (h, why) in due {
+            match why {
+                Some(EndReason::NoStart) => self.end_call(now, h, EndReason::NoStart, None),
+                Some(why) => self.end_call(now, h, why, Some(HangupReason::Timeout)),
+                None => self.call_timers(now, h),
+            }
+        }
+    }
+
+    fn call_timers(&mut self, now: Instant, h: CallHandle) {
+        let Some(c) = self.calls.get_mut(&h) else { return };
+        if let Some(t) = c.next_null {
+            if now >= t {
+                let keepalive = false;
+                queue_null(&mut self.datagrams, c, now, keepalive);
+                c.null_retries_left -= 1;
+                c.null_interval *= 2;
+                c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
+            }
+        }
+        if c.state == CallState::Media && now.duration_since(c.last_tx) >= self.cfg.keepalive_interval {
+            queue_null(&mut self.datagrams, c, now, true);
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    /// Call `callee`. The outcome arrives as [`Event::Started`] or [`Event::Ended`].
+    pub fn call(&mut self, now: Instant, callee: ClientId) -> Result<CallHandle, ClientError> {
+        if self.reg != RegState::Registered {
+            return Err(ClientError::NotRegistered);
+        }
+        let h = self.alloc_handle();
+        self.frames.push_back(Frame::Call { call_ref: h.0, callee: callee.clone() });
+        let call = self.new_call(now, Role::Caller, callee, None, 0, None);
+        self.calls.insert(h, Call { deadline: Some(now + self.cfg.start_timeout), ..call });
+        Ok(h)
+    }
+
+    /// Hang up a call: HANGUP to the manager (if the call has an id) and [`Event::Ended`].
+    pub fn hangup(&mut self, now: Instant, handle: CallHandle) -> Result<(), ClientError> {
+        if !self.calls.contains_key(&handle) {
+            return Err(ClientError::NoSuchCall(handle));
+        }
+        self.end_call(now, handle, EndReason::LocalHangup, Some(HangupReason::Normal));
+        Ok(())
+    }
+
+    /// Hang up every call (e.g. at shutdown) with the given reason sent to the peers.
+    pub fn hangup_all(&mut self, now: Instant) {
+        let all: Vec<CallHandle> = self.calls.keys().copied().collect();
+        for h in all {
+            self.end_call(now, h, EndReason::LocalHangup, Some(HangupReason::Shutdown));
+        }
+    }
+
+    /// Write one RTP packet carrying `payload` for call `handle` into `out`, advancing the
+    /// call's sequence number and its timestamp by `duration_rtp_ts` afterwards. Returns where
+    /// to send it. No allocation.
+    pub fn send_media(
+        &mut self,
+        now: Instant,
+        handle: CallHandle,
+        payload: &[u8],
+        duration_rtp_ts: u32,
+        out: &mut [u8],
+    ) -> Result<Transmit, ClientError> {
+        let pt = self.cfg.payload_type;
+        let c = self.calls.get_mut(&handle).ok_or(ClientError::NoSuchCall(handle))?;
+        let to = match (c.state, c.peer_addr) {
+            (CallState::Media, Some(a)) => a,
+            (CallState::Punching, Some(a)) if c.first_rx.is_some() => a,
+            _ => return Err(ClientError::NoPath(handle)),
+        };
+        let need = RTP_HEADER_LEN + payload.len();
+        if out.len() < need {
+            return Err(ClientError::BufferTooSmall { need, have: out.len() });
+        }
+        let h = RtpHeader { marker: c.sent == 0, payload_type: pt, seq: c.seq_tx, timestamp: c.ts_tx, ssrc: c.ssrc_tx };
+        h.emit(out);
+        out[RTP_HEADER_LEN..need].copy_from_slice(payload);
+        c.seq_tx = c.seq_tx.wrapping_add(1);
+        c.ts_tx = c.ts_tx.wrapping_add(duration_rtp_ts);
+        c.sent += 1;
+        c.last_tx = now;
+        Ok(Transmit { to, len: need })
+    }
+
+    // ---------------------------------------------------------------- outputs
+
+    /// The next frame to send to the manager.
+    pub fn poll_frame(&mut self) -> Option<Frame> {
+        self.frames.pop_front()
+    }
+
+    /// The next control datagram (null packet, STUN request), written into `buf` (at least
+    /// 20 bytes).
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        let d = self.datagrams.pop_front()?;
+        let n = d.len as usize;
+        buf[..n].copy_from_slice(&d.data[..n]);
+        Some(Transmit { to: d.to, len: n })
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Client::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        if let RegState::Discovering { next, .. } = self.reg {
+            consider(Some(next));
+        }
+        consider(self.next_ping);
+        for c in self.calls.values() {
+            consider(c.deadline);
+            consider(c.next_null);
+            if c.state == CallState::Media {
+                consider(Some(c.last_tx + self.cfg.keepalive_interval));
+            }
+            if c.first_rx.is_some() {
+                consider(Some(c.last_rx + self.cfg.media_timeout));
+            }
+        }
+        t
+    }
+
+    // ---------------------------------------------------------------- internals
+
+    fn alloc_handle(&mut self) -> CallHandle {
+        loop {
+            let h = CallHandle(self.next_handle);
+            self.next_handle = self.next_handle.wrapping_add(1).max(1);
+            if !self.calls.contains_key(&h) {
+                return h;
+            }
+        }
+    }
+
+    fn new_call(
+        &mut self,
+        now: Instant,
+        role: Role,
+        peer_id: ClientId,
+        call_id: Option<CallId>,
+        token: u64,
+        peer_addr: Option<SocketAddr>,
+    ) -> Call {
+        Call {
+            role,
+            state: CallState::Calling,
+            peer_id,
+            call_id,
+            token,
+            peer_addr,
+            created: now,
+            setup_done: None,
+            first_rx: None,
+            first_rtp_rx: None,
+            deadline: None,
+            next_null: None,
+            null_interval: self.cfg.null_retry_initial,
+            null_retries_left: 0,
+            last_tx: now,
+            last_rx: now,
+            ssrc_tx: 0,
+            seq_tx: self.rng.next_u64() as u16,
+            ts_tx: self.rng.next_u64() as u32,
+            sent: 0,
+            nulls_sent: 0,
+            nulls_rx: 0,
+            rx: RtpReceiverStats::new(self.cfg.clock_hz),
+        }
+    }
+
+    fn caller_pending(&self, call_ref: u32) -> Option<CallHandle> {
+        let h = CallHandle(call_ref);
+        self.calls.get(&h).filter(|c| c.role == Role::Caller && c.state == CallState::Calling).map(|_| h)
+    }
+
+    fn stun_step(&mut self, now: Instant) {
+        let RegState::Discovering { attempts, .. } = self.reg else { return };
+        let Some(server) = self.cfg.stun_server else { return };
+        if attempts >= self.cfg.stun_attempts {
+            self.events.push_back(Event::Discovered { mapped: None });
+            self.send_register(false);
+            return;
+        }
+        let mut d = SmallDatagram { to: server, len: 0, data: [0; 20] };
+        d.len = stun::emit_binding_request(&self.txid, &mut d.data) as u8;
+        self.datagrams.push_back(d);
+        self.reg = RegState::Discovering { attempts: attempts + 1, next: now + self.cfg.stun_interval };
+    }
+
+    fn send_register(&mut self, with_binding: bool) {
+        self.reg = RegState::Registering;
+        self.frames.push_back(Frame::Register {
+            id: self.cfg.id.clone(),
+            udp_port: self.cfg.local_udp_port,
+            max_calls: self.cfg.max_calls,
+            binding: with_binding.then_some(self.txid),
+        });
+    }
+
+    fn on_stun(&mut self, _now: Instant, from: SocketAddr, data: &[u8]) {
+        match stun::parse(data) {
+            Ok(StunMessage::BindingSuccess { txid, mapped })
+                if txid == self.txid
+                    && Some(from) == self.cfg.stun_server
+                    && matches!(self.reg, RegState::Discovering { .. }) =>
+            {
+                self.mapped = Some(mapped);
+                self.events.push_back(Event::Discovered { mapped: Some(mapped) });
+                self.send_register(true);
+            }
+            Ok(_) => self.counters.stun_unexpected += 1,
+            Err(_) => self.counters.dgram_malformed += 1,
+        }
+    }
+
+    fn on_incoming(&mut self, now: Instant, call_id: CallId, token: u64, caller: ClientId, caller_addr: SocketAddr) {
+        if self.by_call_id.contains_key(&call_id) {
+            // A duplicate INCOMING: the call is already answered.
+            self.counters.frames_unexpected += 1;
+            return;
+        }
+        let h = self.alloc_handle();
+        let mut c = self.new_call(now, Role::Callee, caller.clone(), Some(call_id), token, Some(caller_addr));
+        let (tx, rx) = Call::ssrcs(Role::Callee, token);
+        c.ssrc_tx = tx;
+        c.state = CallState::Punching;
+        c.deadline = Some(now + self.cfg.first_media_timeout);
+        if self.cfg.send_null {
+            queue_null(&mut self.datagrams, &mut c, now, false);
+            c.null_retries_left = self.cfg.null_retries;
+            c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
+        }
+        self.frames.push_back(Frame::Punched { call_id, udp_port: self.cfg.local_udp_port });
+        self.by_call_id.insert(call_id, h);
+        self.by_ssrc.insert(rx, h);
+        self.calls.insert(h, c);
+        self.events.push_back(Event::Incoming { handle: h, caller, caller_addr });
+    }
+
+    fn on_start(&mut self, now: Instant, h: CallHandle, call_id: CallId, token: u64, callee_addr: SocketAddr) {
+        let pending = self.calls.get(&h).is_some_and(|c| c.role == Role::Caller && c.state == CallState::Calling);
+        if !pending {
+            if !self.by_call_id.contains_key(&call_id) {
+                // START for a call we gave up on (or never placed): end it at the manager.
+                self.frames.push_back(Frame::Hangup { call_id, reason: HangupReason::Timeout });
+            }
+            self.counters.frames_unexpected += 1;
+            return;
+        }
+        let c = self.calls.get_mut(&h).expect("checked above");
+        let (tx, rx) = Call::ssrcs(Role::Caller, token);
+        c.call_id = Some(call_id);
+        c.token = token;
+        c.peer_addr = Some(callee_addr);
+        c.ssrc_tx = tx;
+        c.state = CallState::Media;
+        c.setup_done = Some(now);
+        c.deadline = Some(now + self.cfg.first_media_timeout);
+        // One null packet at once: opens this side's firewall before the first media frame.
+        queue_null(&mut self.datagrams, c, now, false);
+        self.by_call_id.insert(call_id, h);
+        self.by_ssrc.insert(rx, h);
+        self.events.push_back(Event::Started { handle: h, peer: callee_addr });
+    }
+
+    /// A packet (null or RTP) from the peer of call `h`: first one completes the setup.
+    fn on_peer_packet(&mut self, now: Instant, h: CallHandle) {
+        let c = self.calls.get_mut(&h).expect("caller checked");
+        c.last_rx = now;
+        if c.first_rx.is_none() {
+            c.first_rx = Some(now);
+            c.deadline = None;
+            c.next_null = None;
+            if c.role == Role::Callee {
+                c.state = CallState::Media;
+                c.setup_done = Some(now);
+            }
+            self.events.push_back(Event::MediaFlowing { handle: h });
+        }
+    }
+
+    fn on_rtp<'a>(&mut self, now: Instant, from: SocketAddr, data: &'a [u8]) -> Option<Received<'a>> {
+        let Ok((header, payload)) = RtpHeader::parse(data) else {
+            self.counters.dgram_malformed += 1;
+            return None;
+        };
+        let Some(&h) = self.by_ssrc.get(&header.ssrc) else {
+            self.counters.dgram_unmatched += 1;
+            return None;
+        };
+        let c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
+        if c.peer_addr != Some(from) {
+            self.counters.dgram_wrong_source += 1;
+            return None;
+        }
+        c.rx.on_packet(header.seq, header.timestamp, micros_since(c.created, now));
+        c.first_rtp_rx.get_or_insert(now);
+        self.on_peer_packet(now, h);
+        Some(Received { handle: h, header, payload })
+    }
+
+    fn on_null(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        let h = if data.is_empty() {
+            // A bare null packet: match by source address.
+            self.calls.iter().find(|(_, c)| c.peer_addr == Some(from)).map(|(h, _)| *h)
+        } else {
+            match NullPacket::parse(data) {
+                Ok(p) => match self.by_call_id.get(&p.call_id) {
+                    Some(&h) if self.calls[&h].token == p.token => Some(h),
+                    _ => None,
+                },
+                Err(_) => {
+                    self.counters.dgram_malformed += 1;
+                    return;
+                }
+            }
+        };
+        let Some(h) = h else {
+            self.counters.dgram_unmatched += 1;
+            return;
+        };
+        let c = self.calls.get_mut(&h).expect("matched above");
+        if c.peer_addr != Some(from) {
+            self.counters.dgram_wrong_source += 1;
+            return;
+        }
+        c.nulls_rx += 1;
+        self.on_peer_packet(now, h);
+    }
+
+    fn end_call(&mut self, now: Instant, h: CallHandle, reason: EndReason, hangup: Option<HangupReason>) {
+        let Some(c) = self.calls.remove(&h) else { return };
+        if let Some(id) = c.call_id {
+            self.by_call_id.remove(&id);
+            if let Some(r) = hangup {
+                if self.reg == RegState::Registered {
+                    self.frames.push_back(Frame::Hangup { call_id: id, reason: r });
+                }
+            }
+        }
+        let (_, rx) = Call::ssrcs(c.role, c.token);
+        if self.by_ssrc.get(&rx) == Some(&h) {
+            self.by_ssrc.remove(&rx);
+        }
+        let report = CallReport {
+            handle: h,
+            call_id: c.call_id,
+            role: c.role,
+            peer_id: c.peer_id,
+            local: self.public,
+            peer: c.peer_addr,
+            setup: match c.role {
+                Role::Caller => c.setup_done.map(|t| t - c.created),
+                Role::Callee => c.first_rtp_rx.map(|t| t - c.created),
+            },
+            first_media: c.first_rtp_rx.map(|t| t - c.created),
+            duration: c.setup_done.map(|t| now.saturating_duration_since(t)).unwrap_or_default(),
+            sent: c.sent,
+            received: c.rx.received(),
+            lost: c.rx.lost(),
+            jitter_ms: c.rx.jitter_ms(),
+            nulls_sent: c.nulls_sent,
+            nulls_received: c.nulls_rx,
+            reason,
+        };
+        self.events.push_back(Event::Ended(Box::new(report)));
+    }
+}
+
+fn queue_null(q: &mut VecDeque<SmallDatagram>, c: &mut Call, now: Instant, keepalive: bool) {
+    let (Some(to), Some(call_id)) = (c.peer_addr, c.call_id) else { return };
+    let mut d = SmallDatagram { to, len: NULL_LEN as u8, data: [0; 20] };
+    NullPacket { call_id, token: c.token, keepalive, from_caller: c.role == Role::Caller }.emit(&mut d.data);
+    q.push_back(d);
+    c.nulls_sent += 1;
+    c.last_tx = now;
+}
+
+fn micros_since(base: Instant, now: Instant) -> u64 {
+    now.saturating_duration_since(base).as_micros() as u64
+}

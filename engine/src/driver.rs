@@ -1,1 +1,288 @@
-//! IO drivers.
+//! A portable tokio driver: runs one [`Client`] over a TCP connection to the manager and a
+//! UDP socket, and hands events and received media to an [`App`].
+//!
+//! One loop turn: read the clock once, drain the client's output (frames to TCP, control
+//! datagrams to UDP, events to the app), then wait for the first of: TCP bytes, a UDP
+//! datagram, the client's next timer, or the app's next wake-up. If the manager connection
+//! drops, calls with a path keep going and the driver reconnects with jittered exponential
+//! backoff (200 ms doubling to 5 s), re-running discovery and registration.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::client::{CallHandle, Client, ClientError, Event, Received, Transmit};
+use crate::rng::Rng;
+use crate::wire::frame::FrameDecoder;
+
+/// Largest datagram the driver receives; longer ones are truncated by the kernel and then
+/// rejected by the parsers.
+pub const MAX_DATAGRAM: usize = 2048;
+
+/// Errors that stop the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The first connection to the manager failed.
+    #[error("manager {addr} unreachable: {source}")]
+    ManagerUnreachable {
+        /// The manager's address.
+        addr: SocketAddr,
+        /// The connect error.
+        source: io::Error,
+    },
+    /// The UDP socket failed.
+    #[error("udp socket error: {0}")]
+    Udp(io::Error),
+}
+
+/// Counters kept by the driver itself.
+#[derive(Debug, Default, Clone)]
+pub struct DriverCounters {
+    /// Datagrams sent.
+    pub udp_sent: u64,
+    /// Datagrams received.
+    pub udp_received: u64,
+    /// Sends that failed (socket buffer full, unreachable).
+    pub udp_send_errors: u64,
+    /// Manager connections made (1 + reconnects).
+    pub connects: u64,
+    /// Manager connections lost.
+    pub disconnects: u64,
+    /// Frames that failed to decode (the connection was then dropped).
+    pub frame_errors: u64,
+}
+
+/// What the application sees of the driver during a callback.
+pub struct Ctx<'a> {
+    /// The client state machine: issue `call`, `hangup`, read state.
+    pub client: &'a mut Client,
+    /// The time of this loop turn.
+    pub now: Instant,
+    udp: &'a UdpSocket,
+    buf: &'a mut [u8],
+    counters: &'a mut DriverCounters,
+}
+
+impl Ctx<'_> {
+    /// Send one RTP packet with `payload` on call `handle`, advancing its RTP clock by
+    /// `duration_rtp_ts`. A full socket buffer drops the packet and counts it.
+    pub fn send_media(&mut self, handle: CallHandle, payload: &[u8], duration_rtp_ts: u32) -> Result<(), ClientError> {
+        let t = self.client.send_media(self.now, handle, payload, duration_rtp_ts, self.buf)?;
+        send(self.udp, &self.buf[..t.len], t.to, self.counters);
+        Ok(())
+    }
+
+    /// Driver counters so far.
+    pub fn counters(&self) -> &DriverCounters {
+        self.counters
+    }
+}
+
+/// The application on top of the driver.
+pub trait App {
+    /// An event from the client.
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event);
+    /// A media packet arrived for a call.
+    fn on_media(&mut self, ctx: &mut Ctx<'_>, packet: Received<'_>);
+    /// When the app next wants [`App::on_wakeup`] (e.g. its media clock).
+    fn next_wakeup(&self) -> Option<Instant>;
+    /// The app's wake-up time has come.
+    fn on_wakeup(&mut self, ctx: &mut Ctx<'_>);
+    /// True when the driver should stop (after flushing what the client queued).
+    fn done(&self) -> bool;
+}
+
+fn send(udp: &UdpSocket, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
+    match udp.try_send_to(data, to) {
+        Ok(_) => c.udp_sent += 1,
+        Err(_) => c.udp_send_errors += 1,
+    }
+}
+
+/// Run `client` and `app` until the app is done or `shutdown` completes (then every call is
+/// hung up and the HANGUPs are flushed). Returns the driver's counters.
+pub async fn run<A: App>(
+    client: &mut Client,
+    udp: &UdpSocket,
+    manager: SocketAddr,
+    app: &mut A,
+    shutdown: impl Future<Output = ()>,
+) -> Result<DriverCounters, DriverError> {
+    let mut counters = DriverCounters::default();
+    let mut rng = Rng::from_entropy();
+    let stream = TcpStream::connect(manager)
+        .await
+        .map_err(|source| DriverError::ManagerUnreachable { addr: manager, source })?;
+    let _ = stream.set_nodelay(true);
+    counters.connects += 1;
+    let (rd, wr) = stream.into_split();
+    let mut tcp: Option<(OwnedReadHalf, OwnedWriteHalf)> = Some((rd, wr));
+    client.handle_connected(Instant::now());
+
+    let mut decoder = FrameDecoder::new();
+    let mut rbuf = vec![0u8; 16 * 1024];
+    let mut wbuf: Vec<u8> = Vec::with_capacity(4096);
+    let mut ubuf = vec![0u8; MAX_DATAGRAM];
+    let mut sbuf = vec![0u8; MAX_DATAGRAM];
+    let mut backoff = Duration::from_millis(200);
+    let mut next_connect: Option<Instant> = None;
+    let mut stopping = false;
+    tokio::pin!(shutdown);
+
+    loop {
+        let now = Instant::now();
+        drain(client, app, udp, &mut sbuf, &mut wbuf, &mut counters, now);
+        if let Some((_, wr)) = tcp.as_mut() {
+            if !wbuf.is_empty() {
+                let res = wr.write_all(&wbuf).await;
+                wbuf.clear();
+                if res.is_err() {
+                    lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng);
+                    continue;
+                }
+            }
+        } else {
+            wbuf.clear();
+        }
+        if stopping || app.done() {
+            if let Some((_, mut wr)) = tcp.take() {
+                let _ = wr.shutdown().await;
+            }
+            return Ok(counters);
+        }
+        let deadline = [client.poll_timeout(), app.next_wakeup(), next_connect].into_iter().flatten().min();
+        let sleep = tokio::time::sleep_until(
+            deadline.map(tokio::time::Instant::from_std).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+        );
+        tokio::select! {
+            _ = &mut shutdown, if !stopping => {
+                stopping = true;
+                client.hangup_all(Instant::now());
+            }
+            r = async { tcp.as_mut().unwrap().0.read(&mut rbuf).await }, if tcp.is_some() => {
+                let now = Instant::now();
+                match r {
+                    Ok(n) if n > 0 => {
+                        decoder.push(&rbuf[..n]);
+                        loop {
+                            match decoder.next_frame() {
+                                Ok(Some(f)) => client.handle_frame(now, f),
+                                Ok(None) => break,
+                                Err(e) => {
+                                    tracing::warn!("bad frame from manager: {e}");
+                                    counters.frame_errors += 1;
+                                    lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    _ => lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng),
+                }
+            }
+            r = udp.recv_from(&mut ubuf) => {
+                let now = Instant::now();
+                match r {
+                    Ok((n, from)) => {
+                        counters.udp_received += 1;
+                        if let Some(pkt) = client.handle_datagram(now, from, &ubuf[..n]) {
+                            let mut ctx = Ctx { client: &mut *client, now, udp, buf: &mut sbuf, counters: &mut counters };
+                            // The packet borrows `ubuf`, not the client, so the app may use both.
+                            app.on_media(&mut ctx, pkt);
+                        }
+                    }
+                    // ICMP errors surface as recv errors on Linux (e.g. port unreachable): count, go on.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused || e.kind() == io::ErrorKind::ConnectionReset => {
+                        counters.udp_send_errors += 1;
+                    }
+                    Err(e) => return Err(DriverError::Udp(e)),
+                }
+            }
+            _ = sleep => {
+                let now = Instant::now();
+                client.handle_timeout(now);
+                if app.next_wakeup().is_some_and(|t| now >= t) {
+                    let mut ctx = Ctx { client: &mut *client, now, udp, buf: &mut sbuf, counters: &mut counters };
+                    app.on_wakeup(&mut ctx);
+                }
+                if next_connect.is_some_and(|t| now >= t) {
+                    next_connect = None;
+                    match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(manager)).await {
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            counters.connects += 1;
+                            backoff = Duration::from_millis(200);
+                            tcp = Some(s.into_split());
+                            client.handle_connected(Instant::now());
+                        }
+                        _ => {
+                            next_connect = Some(Instant::now() + jitter(backoff, &mut rng));
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn jitter(d: Duration, rng: &mut Rng) -> Duration {
+    // Uniform in [d/2, d).
+    let half = d.as_micros() as u64 / 2;
+    Duration::from_micros(half + rng.below(half.max(1)))
+}
+
+fn lost_connection(
+    client: &mut Client,
+    tcp: &mut Option<(OwnedReadHalf, OwnedWriteHalf)>,
+    decoder: &mut FrameDecoder,
+    counters: &mut DriverCounters,
+    next_connect: &mut Option<Instant>,
+    backoff: &mut Duration,
+    rng: &mut Rng,
+) {
+    if tcp.take().is_some() {
+        counters.disconnects += 1;
+    }
+    *decoder = FrameDecoder::new();
+    client.handle_disconnected(Instant::now());
+    *next_connect = Some(Instant::now() + jitter(*backoff, rng));
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+}
+
+/// Drain the client's output until quiescent: frames are encoded into `wbuf`, control
+/// datagrams sent, events handed to the app (which may queue more).
+fn drain<A: App>(
+    client: &mut Client,
+    app: &mut A,
+    udp: &UdpSocket,
+    sbuf: &mut [u8],
+    wbuf: &mut Vec<u8>,
+    counters: &mut DriverCounters,
+    now: Instant,
+) {
+    loop {
+        let mut progressed = false;
+        while let Some(f) = client.poll_frame() {
+            f.encode(wbuf);
+            progressed = true;
+        }
+        while let Some(Transmit { to, len }) = client.poll_transmit(sbuf) {
+            send(udp, &sbuf[..len], to, counters);
+            progressed = true;
+        }
+        while let Some(ev) = client.poll_event() {
+            let mut ctx = Ctx { client: &mut *client, now, udp, buf: &mut *sbuf, counters: &mut *counters };
+            app.on_event(&mut ctx, ev);
+            progressed = true;
+        }
+        if !progressed {
+            break;
+        }
+    }
+}

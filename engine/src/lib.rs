@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod driver;
+pub mod media;
 pub mod rng;
 pub mod stats;
 pub mod wire;

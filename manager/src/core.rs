@@ -1,0 +1,724 @@
+//! The manager's shard logic, sans-IO.
+//!
+//! A manager runs N shards. Each shard owns the connections it accepted and the part of the
+//! directory whose client ids hash to it ("home shard"). Calls are owned by the callee's home
+//! shard, which holds the callee's busy count; the owner's index is in the top 16 bits of
+//! the call id, so any shard can route a call's frames to it. Shards talk only by
+//! [`ShardMsg`]; a shard's state is touched by one thread, so there is no lock on this path.
+//!
+//! Inputs: `conn_opened`, `conn_frame`, `conn_error`, `conn_closed`, `handle_msg`,
+//! `handle_tick`. Output: [`Shard::poll_output`] until `None` after every input.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::rng::Rng;
+use engine::wire::frame::{
+    AddrSource, CallId, ClientId, ErrorCode, Frame, FrameError, HangupReason, RejectReason, UnknownReason,
+};
+
+use crate::bindings::Bindings;
+use crate::stats::Stats;
+
+/// A connection anywhere in the manager: its shard and its id within that shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// The shard that owns the connection.
+    pub shard: u16,
+    /// Connection id within that shard.
+    pub id: u64,
+}
+
+/// Timers and limits of a shard.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// A connection must REGISTER within this time.
+    pub register_timeout: Duration,
+    /// A connection silent for this long is closed (clients PING every 10 s).
+    pub idle_timeout: Duration,
+    /// A call whose callee has not replied PUNCHED within this time is rejected.
+    pub ring_timeout: Duration,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            register_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(45),
+            ring_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a connection's frame changes in a call owned by another shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    /// Nothing.
+    None,
+    /// The connection is now a party to this call.
+    Add(CallId),
+    /// The connection is no longer a party to this call.
+    Remove(CallId),
+}
+
+/// Messages between shards.
+#[derive(Debug, Clone)]
+pub enum ShardMsg {
+    /// To the id's home shard: bind `id` to `conn`.
+    Register {
+        /// Client id.
+        id: ClientId,
+        /// Its connection.
+        conn: ConnRef,
+        /// Public UDP address to hand out.
+        public: SocketAddr,
+        /// How it was learned.
+        source: AddrSource,
+        /// Concurrent call limit.
+        max_calls: u16,
+    },
+    /// To the home shard: `conn` (which had registered `id`) closed.
+    Unregister {
+        /// Client id.
+        id: ClientId,
+        /// The closed connection.
+        conn: ConnRef,
+    },
+    /// To the callee's home shard: a CALL.
+    CallReq {
+        /// Caller id.
+        caller: ClientId,
+        /// Caller connection.
+        caller_conn: ConnRef,
+        /// Caller's public UDP address.
+        caller_addr: SocketAddr,
+        /// Caller's reference.
+        call_ref: u32,
+        /// Callee id.
+        callee: ClientId,
+    },
+    /// To the call's owner: a party sent PUNCHED.
+    Punched {
+        /// Call.
+        call_id: CallId,
+        /// Sender.
+        conn: ConnRef,
+        /// Callee's local UDP port.
+        udp_port: u16,
+    },
+    /// To the call's owner: a party sent HANGUP.
+    Hangup {
+        /// Call.
+        call_id: CallId,
+        /// Sender.
+        conn: ConnRef,
+        /// Why.
+        reason: HangupReason,
+    },
+    /// To the call's owner: the callee sent REJECT.
+    Decline {
+        /// Call.
+        call_id: CallId,
+        /// Sender.
+        conn: ConnRef,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// To the call's owner: a party's connection closed.
+    PartyGone {
+        /// Call.
+        call_id: CallId,
+        /// The closed connection.
+        conn: ConnRef,
+    },
+    /// To a connection's shard: write `frame` (if any) and update its call set.
+    Deliver {
+        /// Connection id within the receiving shard.
+        conn: u64,
+        /// Frame to write.
+        frame: Option<Frame>,
+        /// Call-set change.
+        track: Track,
+    },
+    /// To a connection's shard: registration accepted (write REGISTERED).
+    Registered {
+        /// Connection id within the receiving shard.
+        conn: u64,
+        /// The public address.
+        public: SocketAddr,
+        /// How it was learned.
+        source: AddrSource,
+    },
+    /// To a connection's shard: write ERROR and close the connection.
+    Kick {
+        /// Connection id within the receiving shard.
+        conn: u64,
+        /// Error code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+}
+
+/// Output of a shard.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Write a frame to one of this shard's connections.
+    Frame {
+        /// Connection id.
+        conn: u64,
+        /// Frame.
+        frame: Frame,
+    },
+    /// Close one of this shard's connections (after writing what was queued).
+    Close {
+        /// Connection id.
+        conn: u64,
+    },
+    /// Send a message to another shard.
+    Shard {
+        /// Destination shard.
+        to: u16,
+        /// Message.
+        msg: ShardMsg,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConnState {
+    Open,
+    Registering(ClientId),
+    Registered(ClientId),
+}
+
+#[derive(Debug)]
+struct Conn {
+    peer: SocketAddr,
+    state: ConnState,
+    public: Option<SocketAddr>,
+    opened: Instant,
+    last_rx: Instant,
+    calls: HashSet<CallId>,
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    conn: Option<ConnRef>,
+    public: SocketAddr,
+    source: AddrSource,
+    max_calls: u16,
+    active_calls: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    Ringing { deadline: Instant },
+    Started,
+}
+
+#[derive(Debug)]
+struct CallRec {
+    caller_conn: ConnRef,
+    call_ref: u32,
+    callee: ClientId,
+    callee_conn: ConnRef,
+    callee_addr: SocketAddr,
+    callee_source: AddrSource,
+    token: u64,
+    state: CallState,
+}
+
+/// Which shard is the home of `id` among `n` shards (FNV-1a 64).
+pub fn home_shard(id: &ClientId, n: u16) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_str().bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % n as u64) as u16
+}
+
+/// The shard that owns a call.
+pub fn owner_shard(call_id: CallId) -> u16 {
+    (call_id.0 >> 48) as u16
+}
+
+/// One shard. See the module docs.
+#[derive(Debug)]
+pub struct Shard {
+    index: u16,
+    n: u16,
+    cfg: ShardConfig,
+    bindings: Arc<Bindings>,
+    stats: Arc<Stats>,
+    rng: Rng,
+    next_conn: u64,
+    next_call: u64,
+    conns: HashMap<u64, Conn>,
+    dir: HashMap<ClientId, Entry>,
+    calls: HashMap<CallId, CallRec>,
+    out: VecDeque<Output>,
+}
+
+impl Shard {
+    /// Shard `index` of `n`.
+    pub fn new(index: u16, n: u16, cfg: ShardConfig, bindings: Arc<Bindings>, stats: Arc<Stats>, seed: u64) -> Self {
+        Shard {
+            index,
+            n,
+            cfg,
+            bindings,
+            stats,
+            rng: Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            next_conn: 1,
+            next_call: 1,
+            conns: HashMap::new(),
+            dir: HashMap::new(),
+            calls: HashMap::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// This shard's index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Connections open on this shard.
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Calls owned by this shard.
+    pub fn owned_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// A connection from `peer` was accepted; returns its id.
+    pub fn conn_opened(&mut self, now: Instant, peer: SocketAddr) -> u64 {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn { peer, state: ConnState::Open, public: None, opened: now, last_rx: now, calls: HashSet::new(), closing: false },
+        );
+        self.stats.inc(&self.stats.connections_accepted);
+        id
+    }
+
+    /// The connection's byte stream failed to decode: ERROR, close, count.
+    pub fn conn_error(&mut self, _now: Instant, conn: u64, err: &FrameError) {
+        let code = match err {
+            FrameError::Oversized { .. } => {
+                self.stats.inc(&self.stats.frames_oversized);
+                ErrorCode::Oversized
+            }
+            FrameError::UnsupportedVersion(_) => {
+                self.stats.inc(&self.stats.frames_malformed);
+                ErrorCode::UnsupportedVersion
+            }
+            _ => {
+                self.stats.inc(&self.stats.frames_malformed);
+                ErrorCode::Malformed
+            }
+        };
+        tracing::debug!(conn, "closing connection: {err}");
+        self.kick(conn, code, err.to_string());
+    }
+
+    /// The connection closed (by the peer, an error, or after [`Output::Close`]).
+    pub fn conn_closed(&mut self, _now: Instant, conn: u64) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        self.stats.inc(&self.stats.connections_closed);
+        let me = ConnRef { shard: self.index, id: conn };
+        for call_id in c.calls {
+            self.route(owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
+        }
+        if let ConnState::Registering(id) | ConnState::Registered(id) = c.state {
+            self.route(home_shard(&id, self.n), ShardMsg::Unregister { id, conn: me });
+        }
+    }
+
+    /// A frame from one of this shard's connections.
+    pub fn conn_frame(&mut self, now: Instant, conn: u64, frame: Frame) {
+        self.stats.inc(&self.stats.frames_in);
+        let me = ConnRef { shard: self.index, id: conn };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.last_rx = now;
+        if c.closing {
+            return;
+        }
+        match frame {
+            Frame::Ping { nonce } => self.send(conn, Frame::Pong { nonce }),
+            Frame::Pong { .. } => {}
+            Frame::Register { id, udp_port, max_calls, binding } => {
+                if c.state != ConnState::Open {
+                    self.unexpected(conn, "REGISTER on an already registered connection");
+                    return;
+                }
+                let stun = binding.and_then(|tx| self.bindings.take(&tx));
+                let (public, source) = match stun {
+                    Some(addr) => (addr, AddrSource::Stun),
+                    None => (SocketAddr::new(c.peer.ip(), udp_port), AddrSource::TcpPeer),
+                };
+                c.state = ConnState::Registering(id.clone());
+                c.public = Some(public);
+                let home = home_shard(&id, self.n);
+                self.route(home, ShardMsg::Register { id, conn: me, public, source, max_calls });
+            }
+            Frame::Call { call_ref, callee } => {
+                let ConnState::Registered(caller) = c.state.clone() else {
+                    self.not_registered(conn, "CALL");
+                    return;
+                };
+                self.stats.inc(&self.stats.calls_requested);
+                if caller == callee {
+                    self.stats.inc(&self.stats.calls_rejected);
+                    self.send(
+                        conn,
+                        Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::SelfCall },
+                    );
+                    return;
+                }
+                let caller_addr = c.public.expect("registered connections have a public address");
+                let home = home_shard(&callee, self.n);
+                self.route(home, ShardMsg::CallReq { caller, caller_conn: me, caller_addr, call_ref, callee });
+            }
+            Frame::Punched { call_id, udp_port } => {
+                if !matches!(c.state, ConnState::Registered(_)) {
+                    self.not_registered(conn, "PUNCHED");
+                    return;
+                }
+                self.route(owner_shard(call_id), ShardMsg::Punched { call_id, conn: me, udp_port });
+            }
+            Frame::Hangup { call_id, reason } => {
+                if !matches!(c.state, ConnState::Registered(_)) {
+                    self.not_registered(conn, "HANGUP");
+                    return;
+                }
+                c.calls.remove(&call_id);
+                self.route(owner_shard(call_id), ShardMsg::Hangup { call_id, conn: me, reason });
+            }
+            Frame::Reject { call_id, reason, .. } => {
+                if !matches!(c.state, ConnState::Registered(_)) {
+                    self.not_registered(conn, "REJECT");
+                    return;
+                }
+                c.calls.remove(&call_id);
+                self.route(owner_shard(call_id), ShardMsg::Decline { call_id, conn: me, reason });
+            }
+            other => {
+                let name = other.name();
+                self.unexpected(conn, &format!("{name} is a manager-to-client frame"));
+            }
+        }
+    }
+
+    /// A message from another shard (or this one).
+    pub fn handle_msg(&mut self, now: Instant, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Register { id, conn, public, source, max_calls } => {
+                self.stats.inc(&self.stats.registrations);
+                let entry = self.dir.entry(id.clone()).or_insert(Entry {
+                    conn: None,
+                    public,
+                    source,
+                    max_calls,
+                    active_calls: 0,
+                });
+                let old = entry.conn.replace(conn);
+                entry.public = public;
+                entry.source = source;
+                entry.max_calls = max_calls;
+                if let Some(old) = old.filter(|o| *o != conn) {
+                    self.stats.inc(&self.stats.registrations_replaced);
+                    let message = format!("id {id} registered by a newer connection");
+                    self.route(old.shard, ShardMsg::Kick { conn: old.id, code: ErrorCode::Replaced, message });
+                }
+                self.route(conn.shard, ShardMsg::Registered { conn: conn.id, public, source });
+            }
+            ShardMsg::Unregister { id, conn } => {
+                if let Some(e) = self.dir.get_mut(&id) {
+                    if e.conn == Some(conn) {
+                        // Keep the entry as a tombstone so callers learn "offline" rather than
+                        // "never registered"; bounded by the number of distinct ids.
+                        e.conn = None;
+                    }
+                }
+            }
+            ShardMsg::CallReq { caller, caller_conn, caller_addr, call_ref, callee } => {
+                self.on_call_req(now, caller, caller_conn, caller_addr, call_ref, callee)
+            }
+            ShardMsg::Punched { call_id, conn, udp_port } => self.on_punched(call_id, conn, udp_port),
+            ShardMsg::Hangup { call_id, conn, reason } => {
+                let Some(rec) = self.calls.get(&call_id) else {
+                    // Late or duplicate hangups are normal (both sides may hang up at once).
+                    self.stats.inc(&self.stats.hangups_unknown_call);
+                    return;
+                };
+                let other = if conn == rec.caller_conn {
+                    rec.callee_conn
+                } else if conn == rec.callee_conn {
+                    rec.caller_conn
+                } else {
+                    self.deliver(conn, Some(not_party(call_id)), Track::None);
+                    return;
+                };
+                self.end_call(call_id);
+                self.deliver(other, Some(Frame::Hangup { call_id, reason }), Track::Remove(call_id));
+            }
+            ShardMsg::Decline { call_id, conn, reason } => {
+                let Some(rec) = self.calls.get(&call_id) else {
+                    self.stats.inc(&self.stats.hangups_unknown_call);
+                    return;
+                };
+                if conn != rec.callee_conn {
+                    self.deliver(conn, Some(not_party(call_id)), Track::None);
+                    return;
+                }
+                let (caller_conn, call_ref) = (rec.caller_conn, rec.call_ref);
+                self.stats.inc(&self.stats.calls_rejected);
+                self.end_call(call_id);
+                self.deliver(caller_conn, Some(Frame::Reject { call_ref, call_id, reason }), Track::Remove(call_id));
+            }
+            ShardMsg::PartyGone { call_id, conn } => {
+                let Some(rec) = self.calls.get(&call_id) else { return };
+                let ringing = matches!(rec.state, CallState::Ringing { .. });
+                let (caller_conn, callee_conn, call_ref) = (rec.caller_conn, rec.callee_conn, rec.call_ref);
+                if conn != caller_conn && conn != callee_conn {
+                    return;
+                }
+                self.end_call(call_id);
+                // A call still ringing cannot go on: tell the other side. A started call's media
+                // is direct and may well continue; the peers decide by media timeout.
+                if ringing && conn == callee_conn {
+                    self.stats.inc(&self.stats.calls_rejected);
+                    let f = Frame::Reject { call_ref, call_id, reason: RejectReason::CalleeGone };
+                    self.deliver(caller_conn, Some(f), Track::Remove(call_id));
+                } else if ringing {
+                    let f = Frame::Hangup { call_id, reason: HangupReason::PeerGone };
+                    self.deliver(callee_conn, Some(f), Track::Remove(call_id));
+                } else {
+                    let other = if conn == caller_conn { callee_conn } else { caller_conn };
+                    self.deliver(other, None, Track::Remove(call_id));
+                }
+            }
+            ShardMsg::Deliver { conn, frame, track } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    // The connection is gone: if it was becoming a party, the call must not wait
+                    // for it.
+                    if let Track::Add(call_id) = track {
+                        let me = ConnRef { shard: self.index, id: conn };
+                        self.route(owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
+                    }
+                    return;
+                };
+                match track {
+                    Track::Add(id) => {
+                        c.calls.insert(id);
+                    }
+                    Track::Remove(id) => {
+                        c.calls.remove(&id);
+                    }
+                    Track::None => {}
+                }
+                if let Some(f) = frame {
+                    self.send(conn, f);
+                }
+            }
+            ShardMsg::Registered { conn, public, source } => {
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                if let ConnState::Registering(id) = &c.state {
+                    c.state = ConnState::Registered(id.clone());
+                    self.send(conn, Frame::Registered { public, source });
+                }
+            }
+            ShardMsg::Kick { conn, code, message } => self.kick(conn, code, message),
+        }
+    }
+
+    /// Periodic work: registration and idle deadlines, ringing timeouts. Call about every
+    /// 250 ms.
+    pub fn handle_tick(&mut self, now: Instant) {
+        let mut kicks = Vec::new();
+        for (&id, c) in self.conns.iter().filter(|(_, c)| !c.closing) {
+            match c.state {
+                ConnState::Open if now.duration_since(c.opened) >= self.cfg.register_timeout => {
+                    kicks.push((id, "no REGISTER in time"));
+                }
+                ConnState::Registering(_) | ConnState::Registered(_)
+                    if now.duration_since(c.last_rx) >= self.cfg.idle_timeout =>
+                {
+                    kicks.push((id, "idle timeout"));
+                }
+                _ => {}
+            }
+        }
+        for (id, why) in kicks {
+            self.stats.inc(&self.stats.connections_timed_out);
+            self.kick(id, ErrorCode::Unexpected, why.to_string());
+        }
+        let expired: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, r)| matches!(r.state, CallState::Ringing { deadline } if now >= deadline))
+            .map(|(id, _)| *id)
+            .collect();
+        for call_id in expired {
+            let rec = self.calls.get(&call_id).expect("collected above");
+            let (caller_conn, callee_conn, call_ref) = (rec.caller_conn, rec.callee_conn, rec.call_ref);
+            self.stats.inc(&self.stats.calls_ring_timeout);
+            self.end_call(call_id);
+            let f = Frame::Reject { call_ref, call_id, reason: RejectReason::Timeout };
+            self.deliver(caller_conn, Some(f), Track::Remove(call_id));
+            let f = Frame::Hangup { call_id, reason: HangupReason::Timeout };
+            self.deliver(callee_conn, Some(f), Track::Remove(call_id));
+        }
+    }
+
+    /// Shut down: ERROR(Shutdown) and close every connection.
+    pub fn shutdown(&mut self) {
+        let all: Vec<u64> = self.conns.keys().copied().collect();
+        for id in all {
+            self.kick(id, ErrorCode::Shutdown, "manager shutting down".into());
+        }
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    fn on_call_req(
+        &mut self,
+        now: Instant,
+        caller: ClientId,
+        caller_conn: ConnRef,
+        caller_addr: SocketAddr,
+        call_ref: u32,
+        callee: ClientId,
+    ) {
+        let reply = |f: Frame| (caller_conn, f);
+        let refusal = match self.dir.get(&callee) {
+            None => Some(Frame::Unknown { call_ref, reason: UnknownReason::NeverRegistered }),
+            Some(e) if e.conn.is_none() => Some(Frame::Unknown { call_ref, reason: UnknownReason::Offline }),
+            Some(e) if e.active_calls >= e.max_calls as u32 => Some(Frame::Busy { call_ref }),
+            Some(_) => None,
+        };
+        if let Some(f) = refusal {
+            match f {
+                Frame::Busy { .. } => self.stats.inc(&self.stats.calls_busy),
+                _ => self.stats.inc(&self.stats.calls_unknown),
+            }
+            let (c, f) = reply(f);
+            self.deliver(c, Some(f), Track::None);
+            return;
+        }
+        let e = self.dir.get_mut(&callee).expect("checked above");
+        e.active_calls += 1;
+        let callee_conn = e.conn.expect("checked above");
+        let (callee_addr, callee_source) = (e.public, e.source);
+        let call_id = CallId(((self.index as u64) << 48) | (self.next_call & 0xFFFF_FFFF_FFFF));
+        self.next_call += 1;
+        let token = self.rng.next_u64();
+        self.calls.insert(
+            call_id,
+            CallRec {
+                caller_conn,
+                call_ref,
+                callee: callee.clone(),
+                callee_conn,
+                callee_addr,
+                callee_source,
+                token,
+                state: CallState::Ringing { deadline: now + self.cfg.ring_timeout },
+            },
+        );
+        self.deliver(caller_conn, None, Track::Add(call_id));
+        let f = Frame::Incoming { call_id, token, caller, caller_addr };
+        self.deliver(callee_conn, Some(f), Track::Add(call_id));
+    }
+
+    fn on_punched(&mut self, call_id: CallId, conn: ConnRef, udp_port: u16) {
+        let Some(rec) = self.calls.get_mut(&call_id) else {
+            let f = Frame::Error { code: ErrorCode::UnknownCall, message: format!("no call {call_id}") };
+            self.deliver(conn, Some(f), Track::None);
+            return;
+        };
+        if conn != rec.callee_conn {
+            self.deliver(conn, Some(not_party(call_id)), Track::None);
+            return;
+        }
+        if rec.state == CallState::Started {
+            self.stats.inc(&self.stats.frames_duplicate);
+            return;
+        }
+        rec.state = CallState::Started;
+        let mut callee_addr = rec.callee_addr;
+        if rec.callee_source == AddrSource::TcpPeer {
+            callee_addr.set_port(udp_port);
+        }
+        let f = Frame::Start { call_ref: rec.call_ref, call_id, token: rec.token, callee_addr };
+        let caller_conn = rec.caller_conn;
+        self.stats.inc(&self.stats.calls_started);
+        self.deliver(caller_conn, Some(f), Track::None);
+    }
+
+    fn end_call(&mut self, call_id: CallId) {
+        if let Some(rec) = self.calls.remove(&call_id) {
+            self.stats.inc(&self.stats.calls_ended);
+            if let Some(e) = self.dir.get_mut(&rec.callee) {
+                e.active_calls = e.active_calls.saturating_sub(1);
+            }
+        }
+    }
+
+    fn route(&mut self, to: u16, msg: ShardMsg) {
+        if to == self.index {
+            // Local: handle at once (no queue hop); `now` only matters for new calls.
+            self.handle_msg(Instant::now(), msg);
+        } else {
+            self.out.push_back(Output::Shard { to, msg });
+        }
+    }
+
+    fn deliver(&mut self, conn: ConnRef, frame: Option<Frame>, track: Track) {
+        self.route(conn.shard, ShardMsg::Deliver { conn: conn.id, frame, track });
+    }
+
+    fn send(&mut self, conn: u64, frame: Frame) {
+        self.stats.inc(&self.stats.frames_out);
+        self.out.push_back(Output::Frame { conn, frame });
+    }
+
+    fn kick(&mut self, conn: u64, code: ErrorCode, message: String) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.closing {
+            return;
+        }
+        // Frames after this are ignored; conn_closed (once the IO closed it) cleans up.
+        c.closing = true;
+        self.send(conn, Frame::Error { code, message });
+        self.out.push_back(Output::Close { conn });
+    }
+
+    fn not_registered(&mut self, conn: u64, what: &str) {
+        self.stats.inc(&self.stats.frames_unexpected);
+        let f = Frame::Error { code: ErrorCode::NotRegistered, message: format!("{what} before REGISTERED") };
+        self.send(conn, f);
+    }
+
+    fn unexpected(&mut self, conn: u64, what: &str) {
+        self.stats.inc(&self.stats.frames_unexpected);
+        self.send(conn, Frame::Error { code: ErrorCode::Unexpected, message: what.to_string() });
+    }
+}
+
+fn not_party(call_id: CallId) -> Frame {
+    Frame::Error { code: ErrorCode::NotParty, message: format!("not a party to call {call_id}") }
+}

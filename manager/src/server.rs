@@ -1,0 +1,398 @@
+//! The manager's IO: one thread per shard, each with a single-threaded tokio runtime that
+//! accepts on its own SO_REUSEPORT listener (the kernel spreads connections over shards) and
+//! drives its [`Shard`]; unbounded channels carry [`ShardMsg`]s between shards; one thread
+//! answers STUN binding requests on the UDP port with the same number.
+//!
+//! Each connection's outgoing frames go through a bounded queue; a reader too slow to drain
+//! it is disconnected and counted (`connections_slow`) rather than buffered without bound.
+//! All connections of a shard share one read buffer.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use engine::wire::frame::{Frame, FrameDecoder};
+use engine::wire::stun::{self, StunMessage};
+use engine::wire::{classify, DatagramKind};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::bindings::Bindings;
+use crate::core::{Output, Shard, ShardConfig, ShardMsg};
+use crate::stats::Stats;
+
+/// Manager settings.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// TCP and UDP address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Number of shards (threads); 0 means one per core.
+    pub shards: usize,
+    /// Per-shard timers.
+    pub shard: ShardConfig,
+    /// Frames queued for one connection before it is dropped as too slow.
+    pub conn_queue: usize,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            listen: "127.0.0.1:7480".parse().unwrap(),
+            shards: 0,
+            shard: ShardConfig::default(),
+            conn_queue: 4096,
+        }
+    }
+}
+
+/// A running manager.
+pub struct ManagerHandle {
+    addr: SocketAddr,
+    shards: usize,
+    stats: Arc<Stats>,
+    stop_tx: watch::Sender<bool>,
+    stop_udp: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ManagerHandle {
+    /// The TCP and UDP address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Close every connection (ERROR Shutdown) and join all threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.stop_tx.send(true);
+        self.stop_udp.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ManagerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Start a manager: bind, spawn the shard threads and the STUN responder, return at once.
+pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
+    let n = if cfg.shards == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        cfg.shards
+    };
+    if n > u16::MAX as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many shards"));
+    }
+    let stats = Arc::new(Stats::default());
+    let bindings = Arc::new(Bindings::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_udp = Arc::new(AtomicBool::new(false));
+    let mut txs = Vec::with_capacity(n);
+    let mut rxs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel::<ShardMsg>();
+        txs.push(tx);
+        rxs.push(Some(rx));
+    }
+    let seed = engine::rng::Rng::from_entropy().next_u64();
+    let mut handle = ManagerHandle {
+        addr: cfg.listen,
+        shards: n,
+        stats: stats.clone(),
+        stop_tx,
+        stop_udp: stop_udp.clone(),
+        threads: Vec::new(),
+    };
+    // Shard 0 binds first so that with port 0 the others (and UDP) use the port it got.
+    let mut addr = cfg.listen;
+    for i in 0..n {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let inbox = rxs[i].take().expect("each inbox used once");
+        let peers = txs.clone();
+        let (bindings, stats, stop_rx, shard_cfg, conn_queue) =
+            (bindings.clone(), stats.clone(), stop_rx.clone(), cfg.shard.clone(), cfg.conn_queue);
+        let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
+            shard_thread(i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, stop_rx, ready_tx, seed)
+        })?;
+        handle.threads.push(t);
+        match ready_rx.recv() {
+            Ok(Ok(a)) => addr = a,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("shard thread died during start")),
+        }
+    }
+    handle.addr = addr;
+    let udp = StdUdpSocket::bind(addr)?;
+    udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let t = std::thread::Builder::new()
+        .name("stun".into())
+        .spawn(move || stun_thread(udp, bindings, stats, stop_udp))?;
+    handle.threads.push(t);
+    Ok(handle)
+}
+
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
+}
+
+struct ShardIo {
+    core: RefCell<Shard>,
+    conns: RefCell<HashMap<u64, mpsc::Sender<Frame>>>,
+    peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    rbuf: RefCell<Vec<u8>>,
+    stats: Arc<Stats>,
+}
+
+impl ShardIo {
+    /// Move the core's output to connection queues and other shards.
+    fn flush(&self) {
+        let mut core = self.core.borrow_mut();
+        while let Some(o) = core.poll_output() {
+            match o {
+                Output::Frame { conn, frame } => {
+                    let mut conns = self.conns.borrow_mut();
+                    if let Some(tx) = conns.get(&conn) {
+                        if tx.try_send(frame).is_err() {
+                            // Dropping the sender ends the connection's task, which reports
+                            // conn_closed to the core.
+                            conns.remove(&conn);
+                            self.stats.inc(&self.stats.connections_slow);
+                        }
+                    }
+                }
+                Output::Close { conn } => {
+                    self.conns.borrow_mut().remove(&conn);
+                }
+                Output::Shard { to, msg } => {
+                    let _ = self.peers[to as usize].send(msg);
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shard_thread(
+    index: u16,
+    n: u16,
+    addr: SocketAddr,
+    cfg: ShardConfig,
+    conn_queue: usize,
+    bindings: Arc<Bindings>,
+    stats: Arc<Stats>,
+    mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
+    peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    mut stop: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
+    seed: u64,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = match bind_listener(addr) {
+            Ok(l) => {
+                let _ = ready.send(l.local_addr());
+                l
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let io = Rc::new(ShardIo {
+            core: RefCell::new(Shard::new(index, n, cfg, bindings.clone(), stats.clone(), seed)),
+            conns: RefCell::new(HashMap::new()),
+            peers,
+            rbuf: RefCell::new(vec![0u8; 64 * 1024]),
+            stats,
+        });
+        {
+            let io = io.clone();
+            tokio::task::spawn_local(async move {
+                while let Some(m) = inbox.recv().await {
+                    let now = Instant::now();
+                    {
+                        let mut core = io.core.borrow_mut();
+                        core.handle_msg(now, m);
+                        // Take what else is queued before flushing once.
+                        for _ in 0..256 {
+                            match inbox.try_recv() {
+                                Ok(m) => core.handle_msg(now, m),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    io.flush();
+                }
+            });
+        }
+        {
+            let io = io.clone();
+            tokio::task::spawn_local(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                let mut n: u64 = 0;
+                loop {
+                    tick.tick().await;
+                    let now = Instant::now();
+                    io.core.borrow_mut().handle_tick(now);
+                    io.flush();
+                    n += 1;
+                    if index == 0 && n % 40 == 0 {
+                        bindings.purge(now);
+                    }
+                }
+            });
+        }
+        loop {
+            tokio::select! {
+                r = listener.accept() => {
+                    let Ok((stream, peer)) = r else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let id = io.core.borrow_mut().conn_opened(Instant::now(), peer);
+                    let (tx, rx) = mpsc::channel(conn_queue);
+                    io.conns.borrow_mut().insert(id, tx);
+                    tokio::task::spawn_local(conn_task(io.clone(), id, stream, rx));
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        drop(listener);
+        io.core.borrow_mut().shutdown();
+        io.flush();
+        // Give connection tasks a moment to write their ERROR(Shutdown) and close.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline && io.core.borrow().open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
+
+async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Receiver<Frame>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut dec = FrameDecoder::new();
+    let mut wbuf: Vec<u8> = Vec::new();
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            r = rd.readable(), if reading => {
+                if r.is_err() {
+                    break;
+                }
+                let res = {
+                    let mut buf = io.rbuf.borrow_mut();
+                    match rd.try_read(&mut buf) {
+                        Ok(0) => Err(()),
+                        Ok(n) => {
+                            dec.push(&buf[..n]);
+                            Ok(())
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                        Err(_) => Err(()),
+                    }
+                };
+                if res.is_err() {
+                    break;
+                }
+                let now = Instant::now();
+                {
+                    let mut core = io.core.borrow_mut();
+                    loop {
+                        match dec.next_frame() {
+                            Ok(Some(f)) => core.conn_frame(now, id, f),
+                            Ok(None) => break,
+                            Err(e) => {
+                                core.conn_error(now, id, &e);
+                                reading = false;
+                                break;
+                            }
+                        }
+                    }
+                }
+                io.flush();
+            }
+            m = rx.recv() => match m {
+                Some(f) => {
+                    f.encode(&mut wbuf);
+                    while let Ok(f) = rx.try_recv() {
+                        f.encode(&mut wbuf);
+                    }
+                    if wr.write_all(&wbuf).await.is_err() {
+                        break;
+                    }
+                    wbuf.clear();
+                }
+                // The shard dropped our sender: everything queued was written; close.
+                None => break,
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+    io.conns.borrow_mut().remove(&id);
+    io.core.borrow_mut().conn_closed(Instant::now(), id);
+    io.flush();
+}
+
+fn stun_thread(sock: StdUdpSocket, bindings: Arc<Bindings>, stats: Arc<Stats>, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 2048];
+    let mut out = [0u8; stun::MAX_RESPONSE_LEN];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(_) => continue, // timeout (to check `stop`) or a transient ICMP error
+        };
+        let data = &buf[..n];
+        match classify(data) {
+            DatagramKind::Stun => match stun::parse(data) {
+                Ok(StunMessage::BindingRequest { txid }) => {
+                    if !bindings.insert(txid, from, Instant::now()) {
+                        stats.inc(&stats.stun_table_full);
+                    }
+                    let len = stun::emit_binding_success(&txid, from, &mut out);
+                    let _ = sock.send_to(&out[..len], from);
+                    stats.inc(&stats.stun_requests);
+                }
+                _ => stats.inc(&stats.udp_malformed),
+            },
+            DatagramKind::Rtp | DatagramKind::Rtcp => {
+                stats.inc(&stats.udp_non_stun);
+                stats.inc(&stats.udp_media);
+            }
+            DatagramKind::Null | DatagramKind::Unknown => stats.inc(&stats.udp_non_stun),
+        }
+    }
+}
