@@ -222,6 +222,13 @@ pub struct CallReport {
     pub reason: EndReason,
 }
 
+impl CallReport {
+    /// True if the call was set up, media arrived from the peer, and it ended normally.
+    pub fn succeeded(&self) -> bool {
+        self.reason.is_success() && self.first_media.is_some()
+    }
+}
+
 /// Events for the application.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -633,6 +640,7 @@ impl Client {
         for (h, why) in due {
             match why {
                 Some(EndReason::NoStart) => self.end_call(now, h, EndReason::NoStart, None),
+                Some(EndReason::PeerGone) => self.end_call(now, h, EndReason::PeerGone, Some(HangupReason::PeerGone)),
                 Some(why) => self.end_call(now, h, why, Some(HangupReason::Timeout)),
                 None => self.call_timers(now, h),
             }

@@ -261,6 +261,8 @@ pub struct Shard {
     dir: HashMap<ClientId, Entry>,
     calls: HashMap<CallId, CallRec>,
     out: VecDeque<Output>,
+    /// The time of the input being handled (messages to this same shard reuse it).
+    now: Option<Instant>,
 }
 
 impl Shard {
@@ -279,6 +281,7 @@ impl Shard {
             dir: HashMap::new(),
             calls: HashMap::new(),
             out: VecDeque::new(),
+            now: None,
         }
     }
 
@@ -304,6 +307,7 @@ impl Shard {
 
     /// A connection from `peer` was accepted; returns its id.
     pub fn conn_opened(&mut self, now: Instant, peer: SocketAddr) -> u64 {
+        self.now = Some(now);
         let id = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(
@@ -315,7 +319,8 @@ impl Shard {
     }
 
     /// The connection's byte stream failed to decode: ERROR, close, count.
-    pub fn conn_error(&mut self, _now: Instant, conn: u64, err: &FrameError) {
+    pub fn conn_error(&mut self, now: Instant, conn: u64, err: &FrameError) {
+        self.now = Some(now);
         let code = match err {
             FrameError::Oversized { .. } => {
                 self.stats.inc(&self.stats.frames_oversized);
@@ -335,7 +340,8 @@ impl Shard {
     }
 
     /// The connection closed (by the peer, an error, or after [`Output::Close`]).
-    pub fn conn_closed(&mut self, _now: Instant, conn: u64) {
+    pub fn conn_closed(&mut self, now: Instant, conn: u64) {
+        self.now = Some(now);
         let Some(c) = self.conns.remove(&conn) else { return };
         self.stats.inc(&self.stats.connections_closed);
         let me = ConnRef { shard: self.index, id: conn };
@@ -349,6 +355,7 @@ impl Shard {
 
     /// A frame from one of this shard's connections.
     pub fn conn_frame(&mut self, now: Instant, conn: u64, frame: Frame) {
+        self.now = Some(now);
         self.stats.inc(&self.stats.frames_in);
         let me = ConnRef { shard: self.index, id: conn };
         let Some(c) = self.conns.get_mut(&conn) else { return };
@@ -424,6 +431,7 @@ impl Shard {
 
     /// A message from another shard (or this one).
     pub fn handle_msg(&mut self, now: Instant, msg: ShardMsg) {
+        self.now = Some(now);
         match msg {
             ShardMsg::Register { id, conn, public, source, max_calls } => {
                 self.stats.inc(&self.stats.registrations);
@@ -548,6 +556,7 @@ impl Shard {
     /// Periodic work: registration and idle deadlines, ringing timeouts. Call about every
     /// 250 ms.
     pub fn handle_tick(&mut self, now: Instant) {
+        self.now = Some(now);
         let mut kicks = Vec::new();
         for (&id, c) in self.conns.iter().filter(|(_, c)| !c.closing) {
             match c.state {
@@ -680,8 +689,9 @@ impl Shard {
 
     fn route(&mut self, to: u16, msg: ShardMsg) {
         if to == self.index {
-            // Local: handle at once (no queue hop); `now` only matters for new calls.
-            self.handle_msg(Instant::now(), msg);
+            // Local: handle at once (no queue hop), at the time of the input being handled.
+            let now = self.now.expect("route is only called while handling an input");
+            self.handle_msg(now, msg);
         } else {
             self.out.push_back(Output::Shard { to, msg });
         }

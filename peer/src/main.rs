@@ -95,7 +95,7 @@ impl PeerApp {
     }
 
     fn report(&mut self, r: &CallReport) {
-        let ok = r.reason.is_success();
+        let ok = r.succeeded();
         if !ok {
             self.failed = true;
             eprintln!(

@@ -1,0 +1,799 @@
+//! End-to-end tests of the manager: each test starts a real manager in-process (two shards,
+//! port 0 on 127.0.0.1) and talks to it over real `TcpStream`s and `UdpSocket`s on
+//! 127.0.0.1 only, checking the frames a client sees and the counters an operator sees.
+//!
+//! Layout: helpers (manager start, [`Client`], ids per home shard, bounded waits), then the
+//! tests grouped by topic: STUN and registration, calls, refusals, protocol errors, timers
+//! and disconnects, shutdown, UDP counters. Every wait is bounded in count and in time.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use engine::wire::frame::{
+    AddrSource, CallId, ClientId, ErrorCode, Frame, FrameDecoder, HangupReason, RejectReason, UnknownReason,
+};
+use engine::wire::stun::{self, StunMessage};
+use manager::core::{home_shard, owner_shard, ShardConfig};
+use manager::stats::Stats;
+use manager::{ManagerConfig, ManagerHandle};
+
+// ---------------------------------------------------------------------------------- helpers
+
+/// How long a client waits for a frame it expects (or for the close it expects).
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client listens to show that nothing (more) arrives.
+const QUIET: Duration = Duration::from_millis(150);
+/// Shards of every test manager.
+const SHARDS: u16 = 2;
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn manager() -> ManagerHandle {
+    manager_with(ShardConfig::default())
+}
+
+/// Start a manager with two shards on 127.0.0.1:0. The TCP port is picked by the kernel and
+/// the UDP socket then binds the same number, which can (rarely) be taken by some other UDP
+/// socket; retry a few times in that case.
+fn manager_with(shard: ShardConfig) -> ManagerHandle {
+    let mut last = None;
+    for _ in 0..5 {
+        let cfg = ManagerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shards: SHARDS as usize,
+            shard: shard.clone(),
+            ..Default::default()
+        };
+        match manager::start(cfg) {
+            Ok(m) => {
+                assert_eq!(m.shards(), SHARDS as usize);
+                assert_eq!(m.local_addr().ip(), LOCALHOST);
+                assert_ne!(m.local_addr().port(), 0);
+                return m;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("manager did not start: {last:?}");
+}
+
+fn id(s: &str) -> ClientId {
+    ClientId::new(s).unwrap()
+}
+
+/// The first id `{prefix}-{i}` whose home shard (among [`SHARDS`]) is `shard`.
+fn id_on(prefix: &str, shard: u16) -> ClientId {
+    (0..1000)
+        .map(|i| id(&format!("{prefix}-{i}")))
+        .find(|c| home_shard(c, SHARDS) == shard)
+        .expect("some id hashes to every shard")
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Poll `cond` every 5 ms for at most 5 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+/// Wait until `connections_closed` reaches `n`, then a little longer so that the closing
+/// shard's follow-up messages (unregister, party gone) have reached the other shard.
+fn wait_closed(stats: &Stats, n: u64) {
+    wait_until(&format!("connections_closed == {n}"), || get(&stats.connections_closed) >= n);
+    std::thread::sleep(Duration::from_millis(20));
+}
+
+/// What a client saw next.
+#[derive(Debug)]
+enum Next {
+    Frame(Frame),
+    Closed,
+    Timeout,
+}
+
+/// A test client: a TCP connection to the manager with a frame decoder.
+struct Client {
+    name: String,
+    stream: TcpStream,
+    dec: FrameDecoder,
+    closed: bool,
+}
+
+impl Client {
+    fn connect(m: &ManagerHandle, name: &str) -> Client {
+        let stream = TcpStream::connect(m.local_addr()).expect("connect to manager");
+        stream.set_nodelay(true).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Client { name: name.to_string(), stream, dec: FrameDecoder::new(), closed: false }
+    }
+
+    fn send(&mut self, f: &Frame) {
+        let mut buf = Vec::new();
+        f.encode(&mut buf);
+        self.send_raw(&buf);
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap_or_else(|e| panic!("{}: write failed: {e}", self.name));
+    }
+
+    /// The next frame, the close of the connection, or nothing within `timeout`.
+    fn next(&mut self, timeout: Duration) -> Next {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some(f)) => return Next::Frame(f),
+                Ok(None) => {}
+                Err(e) => panic!("{}: the manager sent an undecodable frame: {e}", self.name),
+            }
+            if self.closed {
+                return Next::Closed;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Next::Timeout;
+            }
+            self.stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            match self.stream.read(&mut buf) {
+                Ok(0) => self.closed = true,
+                Ok(n) => self.dec.push(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                // Reset or aborted: closed too.
+                Err(_) => self.closed = true,
+            }
+        }
+    }
+
+    /// The next frame; panics if the connection closes or nothing arrives in time.
+    #[track_caller]
+    fn recv(&mut self) -> Frame {
+        match self.next(IO_TIMEOUT) {
+            Next::Frame(f) => f,
+            other => panic!("{}: expected a frame, got {other:?}", self.name),
+        }
+    }
+
+    /// The next frame must be ERROR with `code`.
+    #[track_caller]
+    fn expect_error(&mut self, code: ErrorCode) {
+        match self.recv() {
+            Frame::Error { code: c, .. } if c == code => {}
+            other => panic!("{}: expected ERROR {code:?}, got {other:?}", self.name),
+        }
+    }
+
+    /// The manager must close the connection with nothing more sent first.
+    #[track_caller]
+    fn expect_closed(&mut self) {
+        match self.next(IO_TIMEOUT) {
+            Next::Closed => {}
+            other => panic!("{}: expected the connection to be closed, got {other:?}", self.name),
+        }
+    }
+
+    /// Nothing arrives (and the connection stays open) for a short while.
+    #[track_caller]
+    fn expect_quiet(&mut self) {
+        match self.next(QUIET) {
+            Next::Timeout => {}
+            other => panic!("{}: expected nothing, got {other:?}", self.name),
+        }
+    }
+
+    /// PING is answered by PONG with the same nonce: the connection is alive and in sync.
+    #[track_caller]
+    fn ping(&mut self, nonce: u64) {
+        self.send(&Frame::Ping { nonce });
+        match self.recv() {
+            Frame::Pong { nonce: n } if n == nonce => {}
+            other => panic!("{}: expected PONG {nonce}, got {other:?}", self.name),
+        }
+    }
+
+    /// REGISTER (one call at a time, no STUN binding); returns the announced public address.
+    #[track_caller]
+    fn register(&mut self, who: &ClientId, udp_port: u16) -> SocketAddr {
+        let (public, source) = self.register_with(who, udp_port, 1, None);
+        assert_eq!(source, AddrSource::TcpPeer, "{}: no binding was named", self.name);
+        assert_eq!(public, SocketAddr::new(LOCALHOST, udp_port), "{}: TCP peer ip + udp_port", self.name);
+        public
+    }
+
+    #[track_caller]
+    fn register_with(
+        &mut self,
+        who: &ClientId,
+        udp_port: u16,
+        max_calls: u16,
+        binding: Option<[u8; 12]>,
+    ) -> (SocketAddr, AddrSource) {
+        self.send(&Frame::Register { id: who.clone(), udp_port, max_calls, binding });
+        match self.recv() {
+            Frame::Registered { public, source } => (public, source),
+            other => panic!("{}: expected REGISTERED, got {other:?}", self.name),
+        }
+    }
+
+    /// CALL `callee`; returns nothing (the answer comes later).
+    fn call(&mut self, call_ref: u32, callee: &ClientId) {
+        self.send(&Frame::Call { call_ref, callee: callee.clone() });
+    }
+
+    /// The next frame must be INCOMING from `caller` at `caller_addr`; returns (call id, token).
+    #[track_caller]
+    fn expect_incoming(&mut self, caller: &ClientId, caller_addr: SocketAddr) -> (CallId, u64) {
+        match self.recv() {
+            Frame::Incoming { call_id, token, caller: c, caller_addr: a } => {
+                assert_eq!(&c, caller, "{}: INCOMING caller", self.name);
+                assert_eq!(a, caller_addr, "{}: INCOMING caller_addr", self.name);
+                assert_ne!(call_id, CallId(0), "{}: call id 0 means none", self.name);
+                (call_id, token)
+            }
+            other => panic!("{}: expected INCOMING, got {other:?}", self.name),
+        }
+    }
+}
+
+/// A UDP socket on 127.0.0.1 and the manager's answer to its binding request with `txid`.
+fn stun_bind(m: &ManagerHandle, txid: [u8; 12]) -> UdpSocket {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut req = [0u8; stun::HEADER_LEN];
+    let n = stun::emit_binding_request(&txid, &mut req);
+    assert_eq!(n, 20);
+    let mut buf = [0u8; 512];
+    // UDP: a few attempts, each waiting one second.
+    for _ in 0..5 {
+        sock.send_to(&req[..n], m.local_addr()).unwrap();
+        let Ok((len, from)) = sock.recv_from(&mut buf) else { continue };
+        assert_eq!(from, m.local_addr(), "the answer comes from the manager's port");
+        match stun::parse(&buf[..len]) {
+            Ok(StunMessage::BindingSuccess { txid: t, mapped }) => {
+                assert_eq!(t, txid, "same transaction id");
+                assert_eq!(mapped, sock.local_addr().unwrap(), "mapped address is the request's source");
+                return sock;
+            }
+            other => panic!("expected a binding success response, got {other:?}"),
+        }
+    }
+    panic!("no STUN answer");
+}
+
+// ---------------------------------------------------------------- STUN and registration
+
+#[test]
+fn stun_binding_gives_the_public_address_used_by_register() {
+    let m = manager();
+    let txid = *b"nullpunch-tx";
+    let udp = stun_bind(&m, txid);
+    let udp_addr = udp.local_addr().unwrap();
+    assert!(get(&m.stats().stun_requests) >= 1);
+
+    // REGISTER naming the binding: the public address is the UDP socket's, not udp_port.
+    let mut a = Client::connect(&m, "alice");
+    let (public, source) = a.register_with(&id("alice"), 9, 1, Some(txid));
+    assert_eq!(source, AddrSource::Stun);
+    assert_eq!(public, udp_addr);
+
+    // A binding is used once: naming it again falls back to the TCP peer.
+    let mut b = Client::connect(&m, "bob");
+    let (public, source) = b.register_with(&id("bob"), 9, 1, Some(txid));
+    assert_eq!(source, AddrSource::TcpPeer);
+    assert_eq!(public, SocketAddr::new(LOCALHOST, 9));
+
+    // REGISTER without a binding: TCP peer ip and the given udp_port.
+    let mut c = Client::connect(&m, "carol");
+    let (public, source) = c.register_with(&id("carol"), 4242, 1, None);
+    assert_eq!(source, AddrSource::TcpPeer);
+    assert_eq!(public, SocketAddr::new(LOCALHOST, 4242));
+
+    // An unknown binding also falls back.
+    let mut d = Client::connect(&m, "dave");
+    let (public, source) = d.register_with(&id("dave"), 5000, 1, Some([0xEE; 12]));
+    assert_eq!(source, AddrSource::TcpPeer);
+    assert_eq!(public, SocketAddr::new(LOCALHOST, 5000));
+
+    let s = m.stats();
+    assert_eq!(get(&s.registrations), 4);
+    assert_eq!(get(&s.udp_malformed), 0);
+    assert_eq!(get(&s.udp_non_stun), 0);
+}
+
+#[test]
+fn register_twice_on_one_connection_is_unexpected_but_not_fatal() {
+    let m = manager();
+    let mut a = Client::connect(&m, "alice");
+    a.register(&id("alice"), 1000);
+    a.send(&Frame::Register { id: id("alice2"), udp_port: 1001, max_calls: 1, binding: None });
+    a.expect_error(ErrorCode::Unexpected);
+    a.ping(1);
+    // A manager-to-client frame from a client is unexpected too.
+    a.send(&Frame::Busy { call_ref: 3 });
+    a.expect_error(ErrorCode::Unexpected);
+    a.ping(2);
+    assert_eq!(get(&m.stats().frames_unexpected), 2);
+    assert_eq!(get(&m.stats().registrations), 1);
+}
+
+// -------------------------------------------------------------------------------- calls
+
+/// A whole call on a fresh manager: register, CALL, INCOMING, PUNCHED, START, HANGUP.
+fn full_call(alice_id: &ClientId, bob_id: &ClientId, bob_hangs_up: bool) {
+    let m = manager();
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let alice_pub = alice.register(alice_id, 40001);
+    let bob_pub = bob.register(bob_id, 40002);
+
+    alice.call(7, bob_id);
+    let (call_id, token) = bob.expect_incoming(alice_id, alice_pub);
+    assert_eq!(owner_shard(call_id), home_shard(bob_id, SHARDS), "the callee's home shard owns the call");
+
+    bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port() });
+    match alice.recv() {
+        Frame::Start { call_ref, call_id: c, token: t, callee_addr } => {
+            assert_eq!(call_ref, 7);
+            assert_eq!(c, call_id);
+            assert_eq!(t, token, "START and INCOMING carry the same token");
+            assert_eq!(callee_addr, bob_pub);
+        }
+        other => panic!("alice: expected START, got {other:?}"),
+    }
+    assert_eq!(get(&m.stats().calls_started), 1);
+
+    // A duplicate PUNCHED is counted and otherwise ignored.
+    bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port() });
+    alice.expect_quiet();
+    assert_eq!(get(&m.stats().frames_duplicate), 1);
+
+    let (from, to) = if bob_hangs_up { (&mut bob, &mut alice) } else { (&mut alice, &mut bob) };
+    from.send(&Frame::Hangup { call_id, reason: HangupReason::Normal });
+    match to.recv() {
+        Frame::Hangup { call_id: c, reason } => {
+            assert_eq!(c, call_id);
+            assert_eq!(reason, HangupReason::Normal);
+        }
+        other => panic!("{}: expected HANGUP, got {other:?}", to.name),
+    }
+    from.expect_quiet();
+    // Both still connected and registered.
+    alice.ping(1);
+    bob.ping(2);
+
+    let s = m.stats();
+    assert_eq!(get(&s.calls_requested), 1);
+    assert_eq!(get(&s.calls_started), 1);
+    assert_eq!(get(&s.calls_ended), 1);
+    assert_eq!(get(&s.calls_rejected), 0);
+    assert_eq!(get(&s.hangups_unknown_call), 0);
+    assert_eq!(get(&s.frames_malformed), 0);
+    assert_eq!(get(&s.frames_unexpected), 0);
+}
+
+/// Several runs each, because which shard accepts a connection is the kernel's choice.
+#[test]
+fn full_call_between_ids_on_different_home_shards() {
+    for round in 0..4u16 {
+        let alice = id_on(&format!("alice{round}"), round % SHARDS);
+        let bob = id_on(&format!("bob{round}"), (round + 1) % SHARDS);
+        assert_ne!(home_shard(&alice, SHARDS), home_shard(&bob, SHARDS));
+        full_call(&alice, &bob, round % 2 == 1);
+    }
+}
+
+#[test]
+fn full_call_between_ids_on_the_same_home_shard() {
+    for round in 0..4u16 {
+        let alice = id_on(&format!("alice{round}"), round % SHARDS);
+        let bob = id_on(&format!("bob{round}"), round % SHARDS);
+        full_call(&alice, &bob, round % 2 == 1);
+    }
+}
+
+#[test]
+fn start_gives_the_stun_address_of_a_callee_registered_with_a_binding() {
+    let m = manager();
+    let udp = stun_bind(&m, [0x42; 12]);
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let alice_pub = alice.register(&id("alice"), 40001);
+    let (bob_pub, source) = bob.register_with(&id("bob"), 9, 1, Some([0x42; 12]));
+    assert_eq!((bob_pub, source), (udp.local_addr().unwrap(), AddrSource::Stun));
+
+    alice.call(1, &id("bob"));
+    let (call_id, token) = bob.expect_incoming(&id("alice"), alice_pub);
+    // The port in PUNCHED is the local one; the STUN-mapped address wins.
+    bob.send(&Frame::Punched { call_id, udp_port: 9 });
+    assert_eq!(alice.recv(), Frame::Start { call_ref: 1, call_id, token, callee_addr: bob_pub });
+}
+
+#[test]
+fn callee_declines_with_reject() {
+    let m = manager();
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let alice_pub = alice.register(&id("alice"), 1);
+    bob.register(&id("bob"), 2);
+    alice.call(11, &id("bob"));
+    let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    bob.send(&Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined });
+    assert_eq!(alice.recv(), Frame::Reject { call_ref: 11, call_id, reason: RejectReason::Declined });
+    assert_eq!(get(&m.stats().calls_rejected), 1);
+    assert_eq!(get(&m.stats().calls_ended), 1);
+    // The call is gone: PUNCHED now names an unknown call.
+    bob.send(&Frame::Punched { call_id, udp_port: 2 });
+    bob.expect_error(ErrorCode::UnknownCall);
+}
+
+// ---------------------------------------------------------------------------- refusals
+
+#[test]
+fn call_to_unknown_callee_never_registered_then_offline() {
+    let m = manager();
+    let mut alice = Client::connect(&m, "alice");
+    let alice_pub = alice.register(&id("alice"), 1);
+
+    alice.call(21, &id("nobody"));
+    assert_eq!(alice.recv(), Frame::Unknown { call_ref: 21, reason: UnknownReason::NeverRegistered });
+
+    let mut bob = Client::connect(&m, "bob");
+    bob.register(&id("bob"), 2);
+    // Bob is reachable while connected...
+    alice.call(22, &id("bob"));
+    let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    bob.send(&Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined });
+    assert_eq!(alice.recv(), Frame::Reject { call_ref: 22, call_id, reason: RejectReason::Declined });
+    // ...and offline once he disconnects.
+    drop(bob);
+    wait_closed(m.stats(), 1);
+    alice.call(23, &id("bob"));
+    assert_eq!(alice.recv(), Frame::Unknown { call_ref: 23, reason: UnknownReason::Offline });
+
+    let s = m.stats();
+    assert_eq!(get(&s.calls_unknown), 2);
+    assert_eq!(get(&s.calls_requested), 3);
+    assert_eq!(get(&s.calls_started), 0);
+}
+
+#[test]
+fn busy_callee_then_free_again() {
+    let m = manager();
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let mut carol = Client::connect(&m, "carol");
+    let alice_pub = alice.register(&id("alice"), 1);
+    let (_, _) = bob.register_with(&id("bob"), 2, 1, None);
+    let carol_pub = carol.register(&id("carol"), 3);
+
+    alice.call(1, &id("bob"));
+    let (first, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    carol.call(31, &id("bob"));
+    assert_eq!(carol.recv(), Frame::Busy { call_ref: 31 });
+    bob.expect_quiet();
+    assert_eq!(get(&m.stats().calls_busy), 1);
+
+    alice.send(&Frame::Hangup { call_id: first, reason: HangupReason::Normal });
+    assert_eq!(bob.recv(), Frame::Hangup { call_id: first, reason: HangupReason::Normal });
+
+    carol.call(32, &id("bob"));
+    let (second, _) = bob.expect_incoming(&id("carol"), carol_pub);
+    assert_ne!(second, first);
+    let s = m.stats();
+    assert_eq!(get(&s.calls_busy), 1);
+    assert_eq!(get(&s.calls_ended), 1);
+    assert_eq!(get(&s.calls_requested), 3);
+}
+
+#[test]
+fn duplicate_registration_replaces_the_older_connection() {
+    let m = manager();
+    let mut a = Client::connect(&m, "dup-old");
+    a.register(&id("dup"), 1);
+    let mut b = Client::connect(&m, "dup-new");
+    let b_pub = b.register(&id("dup"), 2);
+    assert_eq!(b_pub, SocketAddr::new(LOCALHOST, 2));
+    a.expect_error(ErrorCode::Replaced);
+    a.expect_closed();
+
+    let mut caller = Client::connect(&m, "caller");
+    let caller_pub = caller.register(&id("caller"), 3);
+    caller.call(5, &id("dup"));
+    let (call_id, token) = b.expect_incoming(&id("caller"), caller_pub);
+    b.send(&Frame::Punched { call_id, udp_port: 2 });
+    assert_eq!(caller.recv(), Frame::Start { call_ref: 5, call_id, token, callee_addr: b_pub });
+
+    let s = m.stats();
+    assert_eq!(get(&s.registrations), 3);
+    assert_eq!(get(&s.registrations_replaced), 1);
+    // The old connection's close must not unregister the new one.
+    wait_closed(s, 1);
+    let mut again = Client::connect(&m, "caller2");
+    again.register(&id("caller2"), 4);
+    again.call(6, &id("dup"));
+    // dup is registered (max_calls 1, in a call): BUSY, not UNKNOWN.
+    assert_eq!(again.recv(), Frame::Busy { call_ref: 6 });
+}
+
+// --------------------------------------------------------------------- protocol errors
+
+#[test]
+fn unknown_frame_type_is_malformed_and_closes() {
+    let m = manager();
+    let mut c = Client::connect(&m, "c");
+    c.send_raw(&[0x00, 0x02, 0x01, 0x7f]);
+    c.expect_error(ErrorCode::Malformed);
+    c.expect_closed();
+    let s = m.stats();
+    assert_eq!(get(&s.frames_malformed), 1);
+    assert_eq!(get(&s.frames_oversized), 0);
+    wait_closed(s, 1);
+}
+
+#[test]
+fn unsupported_version_is_reported_and_closes() {
+    let m = manager();
+    let mut c = Client::connect(&m, "c");
+    // A PING with version 2.
+    c.send_raw(&[0x00, 0x0a, 0x02, 0x0b, 0, 0, 0, 0, 0, 0, 0, 1]);
+    c.expect_error(ErrorCode::UnsupportedVersion);
+    c.expect_closed();
+    // Counted with the malformed frames.
+    assert_eq!(get(&m.stats().frames_malformed), 1);
+    assert_eq!(get(&m.stats().frames_oversized), 0);
+}
+
+#[test]
+fn oversized_length_prefix_is_refused_at_once() {
+    let m = manager();
+    let mut c = Client::connect(&m, "c");
+    let t = Instant::now();
+    // Only the prefix: the manager must not wait for 65535 more bytes.
+    c.send_raw(&[0xff, 0xff]);
+    c.expect_error(ErrorCode::Oversized);
+    c.expect_closed();
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert_eq!(get(&m.stats().frames_oversized), 1);
+    assert_eq!(get(&m.stats().frames_malformed), 0);
+}
+
+#[test]
+fn a_frame_split_over_many_writes_is_reassembled() {
+    let m = manager();
+    let mut c = Client::connect(&m, "c");
+    let mut ping = Vec::new();
+    Frame::Ping { nonce: 0x0102_0304_0506_0708 }.encode(&mut ping);
+    for b in &ping {
+        c.send_raw(&[*b]);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.recv(), Frame::Pong { nonce: 0x0102_0304_0506_0708 });
+    // Two frames in one write, the second split in the middle of the next write.
+    let mut two = Vec::new();
+    Frame::Ping { nonce: 1 }.encode(&mut two);
+    Frame::Ping { nonce: 2 }.encode(&mut two);
+    let cut = two.len() - 5;
+    c.send_raw(&two[..cut]);
+    assert_eq!(c.recv(), Frame::Pong { nonce: 1 });
+    std::thread::sleep(Duration::from_millis(20));
+    c.send_raw(&two[cut..]);
+    assert_eq!(c.recv(), Frame::Pong { nonce: 2 });
+    assert_eq!(get(&m.stats().frames_malformed), 0);
+}
+
+#[test]
+fn call_before_register_is_an_error_but_keeps_the_connection() {
+    let m = manager();
+    let mut c = Client::connect(&m, "c");
+    c.call(1, &id("bob"));
+    c.expect_error(ErrorCode::NotRegistered);
+    c.ping(9);
+    c.send(&Frame::Hangup { call_id: CallId(1), reason: HangupReason::Normal });
+    c.expect_error(ErrorCode::NotRegistered);
+    c.ping(10);
+    // It can still register afterwards.
+    c.register(&id("late"), 7);
+    let s = m.stats();
+    assert_eq!(get(&s.frames_unexpected), 2);
+    assert_eq!(get(&s.calls_requested), 0);
+    assert_eq!(get(&s.connections_closed), 0);
+}
+
+#[test]
+fn self_call_unknown_call_and_not_party() {
+    let m = manager();
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let mut carol = Client::connect(&m, "carol");
+    let alice_pub = alice.register(&id("alice"), 1);
+    bob.register(&id("bob"), 2);
+    carol.register(&id("carol"), 3);
+
+    alice.call(41, &id("alice"));
+    assert_eq!(alice.recv(), Frame::Reject { call_ref: 41, call_id: CallId(0), reason: RejectReason::SelfCall });
+    assert_eq!(get(&m.stats().calls_rejected), 1);
+
+    // Unknown call ids owned by either shard.
+    for owner in 0..SHARDS {
+        let call_id = CallId(((owner as u64) << 48) | 0xABCDEF);
+        bob.send(&Frame::Punched { call_id, udp_port: 2 });
+        bob.expect_error(ErrorCode::UnknownCall);
+    }
+
+    alice.call(42, &id("bob"));
+    let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    // Neither a stranger nor the caller may answer for the callee.
+    carol.send(&Frame::Punched { call_id, udp_port: 3 });
+    carol.expect_error(ErrorCode::NotParty);
+    alice.send(&Frame::Punched { call_id, udp_port: 1 });
+    alice.expect_error(ErrorCode::NotParty);
+    // Nor hang it up.
+    carol.send(&Frame::Hangup { call_id, reason: HangupReason::Normal });
+    carol.expect_error(ErrorCode::NotParty);
+    bob.expect_quiet();
+    alice.expect_quiet();
+    assert_eq!(get(&m.stats().calls_started), 0);
+    // The call is still intact.
+    bob.send(&Frame::Punched { call_id, udp_port: 2 });
+    match alice.recv() {
+        Frame::Start { call_ref: 42, call_id: c, .. } => assert_eq!(c, call_id),
+        other => panic!("alice: expected START, got {other:?}"),
+    }
+    assert_eq!(get(&m.stats().calls_started), 1);
+    for c in [&mut alice, &mut bob, &mut carol] {
+        c.ping(0);
+    }
+}
+
+/// A call id's top 16 bits name the owning shard; a client can send any value there. The
+/// manager must answer UNKNOWN_CALL (or ignore a HANGUP) and keep going, not index past its
+/// shard list.
+#[test]
+fn call_ids_naming_a_shard_that_does_not_exist_are_unknown() {
+    let m = manager();
+    let mut bob = Client::connect(&m, "bob");
+    bob.register(&id("bob"), 2);
+    let bogus = CallId(0xFFFF_0000_0000_0001);
+    assert!(owner_shard(bogus) >= SHARDS);
+
+    bob.send(&Frame::Punched { call_id: bogus, udp_port: 2 });
+    bob.expect_error(ErrorCode::UnknownCall);
+    bob.ping(1);
+    bob.send(&Frame::Hangup { call_id: bogus, reason: HangupReason::Normal });
+    bob.ping(2);
+    bob.send(&Frame::Reject { call_ref: 0, call_id: bogus, reason: RejectReason::Declined });
+    bob.ping(3);
+    assert_eq!(get(&m.stats().connections_closed), 0);
+
+    // The shard still works for everyone.
+    let mut alice = Client::connect(&m, "alice");
+    let alice_pub = alice.register(&id("alice"), 1);
+    alice.call(1, &id("bob"));
+    bob.expect_incoming(&id("alice"), alice_pub);
+}
+
+// --------------------------------------------------------------- timers and disconnects
+
+#[test]
+fn unanswered_call_times_out_on_both_sides() {
+    let m = manager_with(ShardConfig { ring_timeout: Duration::from_millis(500), ..ShardConfig::default() });
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let alice_pub = alice.register(&id("alice"), 1);
+    bob.register(&id("bob"), 2);
+
+    let t = Instant::now();
+    alice.call(51, &id("bob"));
+    let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    assert_eq!(alice.recv(), Frame::Reject { call_ref: 51, call_id, reason: RejectReason::Timeout });
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(450), "rejected too early: {took:?}");
+    assert!(took <= Duration::from_secs(2), "rejected too late: {took:?}");
+    assert_eq!(bob.recv(), Frame::Hangup { call_id, reason: HangupReason::Timeout });
+    assert!(t.elapsed() <= Duration::from_secs(2));
+
+    let s = m.stats();
+    assert_eq!(get(&s.calls_ring_timeout), 1);
+    assert_eq!(get(&s.calls_ended), 1);
+    assert_eq!(get(&s.calls_started), 0);
+    // A late PUNCHED names a call that no longer exists.
+    bob.send(&Frame::Punched { call_id, udp_port: 2 });
+    bob.expect_error(ErrorCode::UnknownCall);
+}
+
+#[test]
+fn callee_disconnecting_while_ringing_rejects_the_call() {
+    let m = manager();
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let alice_pub = alice.register(&id("alice"), 1);
+    bob.register(&id("bob"), 2);
+    alice.call(61, &id("bob"));
+    let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    drop(bob);
+    assert_eq!(alice.recv(), Frame::Reject { call_ref: 61, call_id, reason: RejectReason::CalleeGone });
+    let s = m.stats();
+    assert_eq!(get(&s.calls_rejected), 1);
+    assert_eq!(get(&s.calls_ended), 1);
+    alice.ping(1);
+}
+
+#[test]
+fn caller_disconnecting_while_ringing_hangs_up_the_callee() {
+    let m = manager();
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let alice_pub = alice.register(&id("alice"), 1);
+    bob.register(&id("bob"), 2);
+    alice.call(71, &id("bob"));
+    let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    drop(alice);
+    assert_eq!(bob.recv(), Frame::Hangup { call_id, reason: HangupReason::PeerGone });
+    assert_eq!(get(&m.stats().calls_ended), 1);
+    bob.ping(1);
+}
+
+// ---------------------------------------------------------------------------- shutdown
+
+#[test]
+fn shutdown_sends_error_and_closes_every_connection() {
+    let m = manager();
+    let stats = m.stats().clone();
+    let mut clients: Vec<Client> = Vec::new();
+    for (i, shard) in [0u16, 1, 0, 1].into_iter().enumerate() {
+        let mut c = Client::connect(&m, &format!("c{i}"));
+        c.register(&id_on(&format!("c{i}"), shard), 1000 + i as u16);
+        clients.push(c);
+    }
+    // One that never registered.
+    let mut idle = Client::connect(&m, "idle");
+    idle.ping(5);
+    wait_until("all accepted", || get(&stats.connections_accepted) == 5);
+
+    let t = Instant::now();
+    m.shutdown();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+
+    for c in clients.iter_mut().chain(std::iter::once(&mut idle)) {
+        c.expect_error(ErrorCode::Shutdown);
+        c.expect_closed();
+    }
+    assert_eq!(get(&stats.connections_closed), 5);
+}
+
+// ------------------------------------------------------------------------ UDP counters
+
+/// The manager is never on the media path, so end-to-end tests check that `udp_media`
+/// stays 0. This shows that the counter does move when media does arrive.
+#[test]
+fn media_datagram_on_the_manager_port_is_counted() {
+    let m = manager();
+    let s = m.stats();
+    assert_eq!(get(&s.udp_media), 0);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // RTP version 2, payload type 111, seq 1, timestamp 160, ssrc 0x01020304, 4 bytes payload.
+    let rtp = [0x80, 111, 0, 1, 0, 0, 0, 160, 1, 2, 3, 4, 0xde, 0xad, 0xbe, 0xef];
+    sock.send_to(&rtp, m.local_addr()).unwrap();
+    wait_until("udp_media == 1", || get(&s.udp_media) == 1);
+    assert_eq!(get(&s.udp_non_stun), 1);
+    assert_eq!(get(&s.stun_requests), 0);
+    assert_eq!(get(&s.udp_malformed), 0);
+    // No answer to media.
+    sock.set_read_timeout(Some(QUIET)).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(sock.recv_from(&mut buf).is_err(), "the manager answered a media packet");
+}
