@@ -248,6 +248,8 @@ pub enum Event {
     Incoming {
         /// Local handle.
         handle: CallHandle,
+        /// The manager's call id.
+        call_id: CallId,
         /// Who calls.
         caller: ClientId,
         /// From where.
@@ -257,6 +259,8 @@ pub enum Event {
     Started {
         /// Local handle.
         handle: CallHandle,
+        /// The manager's call id.
+        call_id: CallId,
         /// The callee's public address.
         peer: SocketAddr,
     },
@@ -886,7 +890,7 @@ impl Client {
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
         self.calls.insert(h, c);
-        self.events.push_back(Event::Incoming { handle: h, caller, caller_addr });
+        self.events.push_back(Event::Incoming { handle: h, call_id, caller, caller_addr });
     }
 
     fn on_start(&mut self, now: Instant, h: CallHandle, call_id: CallId, token: u64, callee_addr: SocketAddr) {
@@ -912,7 +916,7 @@ impl Client {
         queue_null(&mut self.datagrams, c, now, false);
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
-        self.events.push_back(Event::Started { handle: h, peer: callee_addr });
+        self.events.push_back(Event::Started { handle: h, call_id, peer: callee_addr });
     }
 
     /// A packet (null or RTP) from the peer of call `h`: first one completes the setup.

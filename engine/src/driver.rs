@@ -113,6 +113,20 @@ pub async fn run<A: App>(
     app: &mut A,
     shutdown: impl Future<Output = ()>,
 ) -> Result<DriverCounters, DriverError> {
+    run_with_wake(client, udp, manager, app, shutdown, None).await
+}
+
+/// Like [`run`], and also calls [`App::on_wakeup`] whenever `wake` is notified. tokio's
+/// timers have millisecond granularity; a load generator that needs finer scheduling keeps
+/// its own precise clock thread and wakes the app through this.
+pub async fn run_with_wake<A: App>(
+    client: &mut Client,
+    udp: &UdpSocket,
+    manager: SocketAddr,
+    app: &mut A,
+    shutdown: impl Future<Output = ()>,
+    wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> Result<DriverCounters, DriverError> {
     let mut counters = DriverCounters::default();
     let mut rng = Rng::from_entropy();
     let stream = TcpStream::connect(manager)
@@ -156,10 +170,21 @@ pub async fn run<A: App>(
             return Ok(counters);
         }
         let deadline = [client.poll_timeout(), app.next_wakeup(), next_connect].into_iter().flatten().min();
-        let sleep = tokio::time::sleep_until(
-            deadline.map(tokio::time::Instant::from_std).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
-        );
+        // tokio fires timers on millisecond ticks, so a deadline already passed would still
+        // wait for the next tick: run due work at once instead.
+        let sleep = async move {
+            match deadline {
+                Some(d) if d <= Instant::now() => {}
+                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
+            _ = async { wake.as_ref().unwrap().notified().await }, if wake.is_some() => {
+                let now = Instant::now();
+                let mut ctx = Ctx { client: &mut *client, now, udp, buf: &mut sbuf, counters: &mut counters };
+                app.on_wakeup(&mut ctx);
+            }
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
                 client.hangup_all(Instant::now());
@@ -283,6 +308,98 @@ fn drain<A: App>(
         }
         if !progressed {
             break;
+        }
+    }
+}
+
+/// Paced media streams for an [`App`]: one synthetic 50 packets/s stream per call, each
+/// frame stamped with the send time (microseconds since `epoch`) so a receiver on the same
+/// clock can measure one-way latency. Falls behind by at most three frames after a stall,
+/// then skips ahead (a real-time stream does not burst to catch up).
+pub struct Streams {
+    map: std::collections::HashMap<CallHandle, Stream>,
+    payload: Vec<u8>,
+    epoch: Instant,
+}
+
+struct Stream {
+    source: crate::media::SyntheticSource,
+    next_send: Instant,
+    hangup_at: Option<Instant>,
+    paused_until: Option<Instant>,
+}
+
+impl Streams {
+    /// No streams; send stamps count from `epoch`.
+    pub fn new(epoch: Instant) -> Self {
+        Streams { map: Default::default(), payload: vec![0u8; 1500], epoch }
+    }
+
+    /// Start streaming on `handle` now (no-op if already streaming); hang up at `hangup_at`.
+    pub fn start(&mut self, handle: CallHandle, now: Instant, hangup_at: Option<Instant>) {
+        self.map.entry(handle).or_insert(Stream {
+            source: crate::media::SyntheticSource::opus_like(),
+            next_send: now,
+            hangup_at,
+            paused_until: None,
+        });
+    }
+
+    /// Stop sending on `handle` until `until` (keepalives still flow).
+    pub fn pause(&mut self, handle: CallHandle, until: Instant) {
+        if let Some(s) = self.map.get_mut(&handle) {
+            s.paused_until = Some(until);
+        }
+    }
+
+    /// Forget `handle` (its call ended).
+    pub fn stop(&mut self, handle: CallHandle) {
+        self.map.remove(&handle);
+    }
+
+    /// Number of streams.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True if there are no streams.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// When [`Streams::run`] next has work.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.map.values().map(|s| s.hangup_at.map_or(s.next_send, |h| h.min(s.next_send))).min()
+    }
+
+    /// Send the frames that are due and hang up the calls whose time is up.
+    pub fn run(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now;
+        let mut hang = Vec::new();
+        for (&h, s) in self.map.iter_mut() {
+            if s.hangup_at.is_some_and(|t| now >= t) {
+                hang.push(h);
+                continue;
+            }
+            let frame = Duration::from_millis(crate::media::MediaSource::frame_ms(&s.source) as u64);
+            let paused = s.paused_until.is_some_and(|t| now < t);
+            let mut budget = 3;
+            while s.next_send <= now && budget > 0 {
+                if !paused {
+                    s.source.stamp_us = now.duration_since(self.epoch).as_micros() as u64;
+                    let (len, dur) = crate::media::MediaSource::next_frame(&mut s.source, &mut self.payload);
+                    let _ = ctx.send_media(h, &self.payload[..len], dur);
+                }
+                s.next_send += frame;
+                budget -= 1;
+            }
+            if s.next_send <= now {
+                s.next_send = now + frame;
+            }
+        }
+        for h in hang {
+            self.map.remove(&h);
+            let _ = ctx.client.hangup(now, h);
         }
     }
 }

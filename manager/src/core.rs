@@ -47,7 +47,9 @@ impl Default for ShardConfig {
         ShardConfig {
             register_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(45),
-            ring_timeout: Duration::from_secs(10),
+            // Shorter than the client's START timeout (5 s), so a caller whose callee never
+            // answers learns why (REJECT timeout) rather than only timing out.
+            ring_timeout: Duration::from_secs(4),
         }
     }
 }
@@ -404,11 +406,21 @@ impl Shard {
                     self.not_registered(conn, "PUNCHED");
                     return;
                 }
+                if owner_shard(call_id) >= self.n {
+                    // A made-up call id naming a shard that does not exist.
+                    let f = Frame::Error { code: ErrorCode::UnknownCall, message: format!("no call {call_id}") };
+                    self.send(conn, f);
+                    return;
+                }
                 self.route(owner_shard(call_id), ShardMsg::Punched { call_id, conn: me, udp_port });
             }
             Frame::Hangup { call_id, reason } => {
                 if !matches!(c.state, ConnState::Registered(_)) {
                     self.not_registered(conn, "HANGUP");
+                    return;
+                }
+                if owner_shard(call_id) >= self.n {
+                    self.stats.inc(&self.stats.hangups_unknown_call);
                     return;
                 }
                 c.calls.remove(&call_id);
@@ -419,7 +431,11 @@ impl Shard {
                     self.not_registered(conn, "REJECT");
                     return;
                 }
-                c.calls.remove(&call_id);
+                if owner_shard(call_id) >= self.n {
+                    self.stats.inc(&self.stats.hangups_unknown_call);
+                    return;
+                }
+                // The call stays tracked until the owner confirms the sender is the callee.
                 self.route(owner_shard(call_id), ShardMsg::Decline { call_id, conn: me, reason });
             }
             other => {
@@ -495,6 +511,7 @@ impl Shard {
                 let (caller_conn, call_ref) = (rec.caller_conn, rec.call_ref);
                 self.stats.inc(&self.stats.calls_rejected);
                 self.end_call(call_id);
+                self.deliver(conn, None, Track::Remove(call_id));
                 self.deliver(caller_conn, Some(Frame::Reject { call_ref, call_id, reason }), Track::Remove(call_id));
             }
             ShardMsg::PartyGone { call_id, conn } => {
@@ -573,7 +590,7 @@ impl Shard {
         }
         for (id, why) in kicks {
             self.stats.inc(&self.stats.connections_timed_out);
-            self.kick(id, ErrorCode::Unexpected, why.to_string());
+            self.kick(id, ErrorCode::Timeout, why.to_string());
         }
         let expired: Vec<CallId> = self
             .calls

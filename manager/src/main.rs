@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     shards: usize,
     /// Seconds a callee has to answer (PUNCHED) before the call is rejected.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 4)]
     ring_timeout: u64,
     /// Seconds of silence after which a connection is closed (clients PING every 10 s).
     #[arg(long, default_value_t = 45)]

@@ -193,7 +193,9 @@ impl ShardIo {
                     self.conns.borrow_mut().remove(&conn);
                 }
                 Output::Shard { to, msg } => {
-                    let _ = self.peers[to as usize].send(msg);
+                    if let Some(p) = self.peers.get(to as usize) {
+                        let _ = p.send(msg);
+                    }
                 }
             }
         }

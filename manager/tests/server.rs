@@ -658,31 +658,75 @@ fn self_call_unknown_call_and_not_party() {
     }
 }
 
-/// A call id's top 16 bits name the owning shard; a client can send any value there. The
-/// manager must answer UNKNOWN_CALL (or ignore a HANGUP) and keep going, not index past its
-/// shard list.
-#[test]
-fn call_ids_naming_a_shard_that_does_not_exist_are_unknown() {
+/// A call id's top 16 bits name the owning shard, and a client can put any value there. For
+/// an id naming a shard that does not exist the manager must answer like for any unknown
+/// call and keep the connection, not index past its list of shards.
+fn call_id_naming_a_missing_shard(frame: Frame, answer: Option<ErrorCode>) {
     let m = manager();
     let mut bob = Client::connect(&m, "bob");
     bob.register(&id("bob"), 2);
-    let bogus = CallId(0xFFFF_0000_0000_0001);
-    assert!(owner_shard(bogus) >= SHARDS);
-
-    bob.send(&Frame::Punched { call_id: bogus, udp_port: 2 });
-    bob.expect_error(ErrorCode::UnknownCall);
+    bob.send(&frame);
+    if let Some(code) = answer {
+        bob.expect_error(code);
+    }
     bob.ping(1);
-    bob.send(&Frame::Hangup { call_id: bogus, reason: HangupReason::Normal });
-    bob.ping(2);
-    bob.send(&Frame::Reject { call_ref: 0, call_id: bogus, reason: RejectReason::Declined });
-    bob.ping(3);
     assert_eq!(get(&m.stats().connections_closed), 0);
-
-    // The shard still works for everyone.
+    // Bob is still reachable.
     let mut alice = Client::connect(&m, "alice");
     let alice_pub = alice.register(&id("alice"), 1);
     alice.call(1, &id("bob"));
     bob.expect_incoming(&id("alice"), alice_pub);
+}
+
+const MISSING_SHARD: CallId = CallId(0xFFFF_0000_0000_0001);
+
+#[test]
+fn punched_for_a_call_id_naming_a_missing_shard_is_unknown_call() {
+    assert!(owner_shard(MISSING_SHARD) >= SHARDS);
+    call_id_naming_a_missing_shard(
+        Frame::Punched { call_id: MISSING_SHARD, udp_port: 2 },
+        Some(ErrorCode::UnknownCall),
+    );
+}
+
+#[test]
+fn hangup_for_a_call_id_naming_a_missing_shard_is_ignored() {
+    call_id_naming_a_missing_shard(Frame::Hangup { call_id: MISSING_SHARD, reason: HangupReason::Normal }, None);
+}
+
+#[test]
+fn reject_for_a_call_id_naming_a_missing_shard_is_ignored() {
+    call_id_naming_a_missing_shard(
+        Frame::Reject { call_ref: 0, call_id: MISSING_SHARD, reason: RejectReason::Declined },
+        None,
+    );
+}
+
+/// Only the callee may decline. A caller that sends REJECT for its own call gets NOT_PARTY;
+/// the call goes on, so when the caller then disconnects the callee must learn it at once
+/// (HANGUP PeerGone), not at the ring timeout.
+#[test]
+fn caller_sending_reject_still_ends_the_call_when_it_disconnects() {
+    let m = manager_with(ShardConfig { ring_timeout: Duration::from_secs(3), ..ShardConfig::default() });
+    let mut alice = Client::connect(&m, "alice");
+    let mut bob = Client::connect(&m, "bob");
+    let alice_pub = alice.register(&id("alice"), 1);
+    bob.register(&id("bob"), 2);
+    alice.call(81, &id("bob"));
+    let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
+    // Let the owner's note that alice is a party reach alice's shard first.
+    alice.expect_quiet();
+    alice.send(&Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined });
+    alice.expect_error(ErrorCode::NotParty);
+    bob.expect_quiet();
+    let t = Instant::now();
+    drop(alice);
+    match bob.next(Duration::from_millis(1500)) {
+        Next::Frame(f) => assert_eq!(f, Frame::Hangup { call_id, reason: HangupReason::PeerGone }),
+        other => panic!("bob: expected HANGUP PeerGone soon after the caller left, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_millis(1500));
+    assert_eq!(get(&m.stats().calls_ring_timeout), 0);
 }
 
 // --------------------------------------------------------------- timers and disconnects
@@ -744,6 +788,46 @@ fn caller_disconnecting_while_ringing_hangs_up_the_callee() {
     assert_eq!(bob.recv(), Frame::Hangup { call_id, reason: HangupReason::PeerGone });
     assert_eq!(get(&m.stats().calls_ended), 1);
     bob.ping(1);
+}
+
+#[test]
+fn silent_connections_are_closed_by_the_register_and_idle_timeouts() {
+    let m = manager_with(ShardConfig {
+        register_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(900),
+        ..ShardConfig::default()
+    });
+    let mut never = Client::connect(&m, "never-registers");
+    let mut silent = Client::connect(&m, "silent");
+    let mut chatty = Client::connect(&m, "chatty");
+    silent.register(&id("silent"), 1);
+    chatty.register(&id("chatty"), 2);
+
+    let t = Instant::now();
+    never.expect_error(ErrorCode::Timeout);
+    never.expect_closed();
+    assert!(t.elapsed() < Duration::from_secs(2), "register timeout took {:?}", t.elapsed());
+
+    // Chatty pings every 150 ms (bounded) and outlives silent's idle timeout.
+    let mut silent_gone = false;
+    for nonce in 0..20 {
+        chatty.ping(nonce);
+        if !silent_gone {
+            match silent.next(Duration::from_millis(150)) {
+                Next::Timeout => continue,
+                Next::Frame(Frame::Error { code: ErrorCode::Timeout, .. }) => {
+                    silent.expect_closed();
+                    silent_gone = true;
+                }
+                other => panic!("silent: expected an idle ERROR, got {other:?}"),
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+    assert!(silent_gone, "the silent client was not closed for idleness");
+    chatty.ping(99);
+    assert_eq!(get(&m.stats().connections_timed_out), 2);
 }
 
 // ---------------------------------------------------------------------------- shutdown

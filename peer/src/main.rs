@@ -1,14 +1,12 @@
 //! `peer`: the nullpunch voice client.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use engine::client::{CallHandle, CallReport, Client, ClientConfig, EndReason, Event, Received};
-use engine::driver::{self, App, Ctx};
-use engine::media::{MediaSource, SyntheticSource};
+use engine::client::{CallReport, Client, ClientConfig, EndReason, Event, Received};
+use engine::driver::{self, App, Ctx, Streams};
 use engine::wire::frame::{ClientId, ErrorCode};
 
 /// nullpunch voice client: registers with a manager, then calls or answers, and streams RTP
@@ -70,30 +68,18 @@ enum Cmd {
     },
 }
 
-struct Stream {
-    source: SyntheticSource,
-    next_send: Instant,
-    hangup_at: Option<Instant>,
-}
-
 struct PeerApp {
     json: bool,
     role_caller: Option<(ClientId, Duration)>,
     calls_left: Option<u32>,
     deadline: Option<Instant>,
-    streams: HashMap<CallHandle, Stream>,
-    payload: Vec<u8>,
-    epoch: Instant,
+    streams: Streams,
     done: bool,
     failed: bool,
     fatal: Option<String>,
 }
 
 impl PeerApp {
-    fn start_stream(&mut self, now: Instant, h: CallHandle, hangup_at: Option<Instant>) {
-        self.streams.entry(h).or_insert(Stream { source: SyntheticSource::opus_like(), next_send: now, hangup_at });
-    }
-
     fn report(&mut self, r: &CallReport) {
         let ok = r.succeeded();
         if !ok {
@@ -181,20 +167,20 @@ impl App for PeerApp {
                     }
                 }
             }
-            Event::Started { handle, peer } => {
+            Event::Started { handle, peer, .. } => {
                 tracing::info!(%peer, "START: streaming media to the callee");
                 let dur = self.role_caller.as_ref().map(|(_, d)| *d).unwrap_or_default();
-                self.start_stream(ctx.now, handle, Some(ctx.now + dur));
+                self.streams.start(handle, ctx.now, Some(ctx.now + dur));
             }
             Event::Incoming { caller, caller_addr, .. } => {
                 tracing::info!(%caller, %caller_addr, "incoming call: null packet sent, PUNCHED replied");
             }
             Event::MediaFlowing { handle } => {
                 tracing::info!("first packet from the peer: path is two-way");
-                self.start_stream(ctx.now, handle, None);
+                self.streams.start(handle, ctx.now, None);
             }
             Event::Ended(r) => {
-                self.streams.remove(&r.handle);
+                self.streams.stop(r.handle);
                 self.report(&r);
                 if self.role_caller.is_some() {
                     self.done = true;
@@ -223,8 +209,7 @@ impl App for PeerApp {
     fn on_media(&mut self, _ctx: &mut Ctx<'_>, _packet: Received<'_>) {}
 
     fn next_wakeup(&self) -> Option<Instant> {
-        let streams = self.streams.values().map(|s| s.hangup_at.map_or(s.next_send, |h| h.min(s.next_send)));
-        streams.chain(self.deadline).min()
+        self.streams.next_wakeup().into_iter().chain(self.deadline).min()
     }
 
     fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
@@ -235,30 +220,7 @@ impl App for PeerApp {
             self.done = true;
             return;
         }
-        let mut hang = Vec::new();
-        let epoch = self.epoch;
-        for (&h, s) in self.streams.iter_mut() {
-            if s.hangup_at.is_some_and(|t| now >= t) {
-                hang.push(h);
-                continue;
-            }
-            let frame = Duration::from_millis(s.source.frame_ms() as u64);
-            // Catch up at most a few frames after a stall; skip the rest (a real-time stream).
-            let mut budget = 3;
-            while s.next_send <= now && budget > 0 {
-                s.source.stamp_us = now.duration_since(epoch).as_micros() as u64;
-                let (len, dur) = s.source.next_frame(&mut self.payload);
-                let _ = ctx.send_media(h, &self.payload[..len], dur);
-                s.next_send += frame;
-                budget -= 1;
-            }
-            if s.next_send <= now {
-                s.next_send = now + frame;
-            }
-        }
-        for h in hang {
-            let _ = ctx.client.hangup(now, h);
-        }
+        self.streams.run(ctx);
     }
 
     fn done(&self) -> bool {
@@ -311,9 +273,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
         role_caller: None,
         calls_left: None,
         deadline: None,
-        streams: HashMap::new(),
-        payload: vec![0u8; 1500],
-        epoch: now,
+        streams: Streams::new(now),
         done: false,
         failed: false,
         fatal: None,

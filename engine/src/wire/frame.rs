@@ -221,8 +221,10 @@ code_enum! {
         NotParty = 7,
         /// The frame is valid but not allowed now (e.g. REGISTER twice).
         Unexpected = 8,
-        /// The manager is shutting down.
+        /// The manager is shutting down; the connection is closed.
         Shutdown = 9,
+        /// No REGISTER in time, or the connection was idle too long; it is closed.
+        Timeout = 10,
     }
 }
 

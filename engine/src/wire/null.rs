@@ -50,6 +50,9 @@ pub enum NullError {
     /// Unknown flag bits are set.
     #[error("null packet has unknown flags 0x{0:02x}")]
     BadFlags(u8),
+    /// The reserved byte is not zero.
+    #[error("null packet reserved byte is 0x{0:02x}, not 0")]
+    BadReserved(u8),
 }
 
 /// A parsed null packet.
@@ -90,8 +93,11 @@ impl NullPacket {
             return Err(NullError::BadVersion(buf[1]));
         }
         let flags = buf[2];
-        if flags & !(FLAG_KEEPALIVE | FLAG_FROM_CALLER) != 0 || buf[3] != 0 {
+        if flags & !(FLAG_KEEPALIVE | FLAG_FROM_CALLER) != 0 {
             return Err(NullError::BadFlags(flags));
+        }
+        if buf[3] != 0 {
+            return Err(NullError::BadReserved(buf[3]));
         }
         Ok(NullPacket {
             call_id: CallId(u64::from_be_bytes(buf[4..12].try_into().unwrap())),
@@ -137,6 +143,9 @@ mod tests {
         let mut b = buf;
         b[2] = 0x80;
         assert_eq!(NullPacket::parse(&b), Err(NullError::BadFlags(0x80)));
+        let mut b = buf;
+        b[3] = 1;
+        assert_eq!(NullPacket::parse(&b), Err(NullError::BadReserved(1)));
         let mut b = buf;
         b[0] = 0x80;
         assert_eq!(NullPacket::parse(&b), Err(NullError::NotNull(0x80)));

@@ -1,0 +1,535 @@
+//! The `setup` scenario: open-loop call arrivals at a target rate, each call the full flow
+//! (CALL, INCOMING, null packet, PUNCHED, START, media both ways, HANGUP), measured from
+//! its *planned* start so a stall in the system shows up as latency instead of silently
+//! slowing the generator down (no coordinated omission).
+//!
+//! Simulated clients are tokio tasks, each a real [`Client`] over its own TCP connection and
+//! UDP socket on loopback, driven by the same driver the `peer` binary uses. Call `k` is
+//! planned at `t0 + k / rate` and placed by caller `k % callers` to callee `k % callees`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::client::{CallHandle, Client, ClientConfig, Event, Received};
+use engine::driver::{self, App, Ctx, Streams};
+use engine::media::SyntheticSource;
+use engine::wire::frame::{CallId, ClientId};
+use hdrhistogram::Histogram;
+
+use crate::report::{self, new_histogram, record};
+use crate::sys;
+
+/// Settings of a `setup` run.
+#[derive(Debug, Clone)]
+pub struct SetupConfig {
+    /// External manager; `None` starts one in-process on loopback.
+    pub manager: Option<SocketAddr>,
+    /// Shards of the embedded manager (0: one per core).
+    pub shards: usize,
+    /// Call arrivals per second.
+    pub rate: f64,
+    /// Number of calls.
+    pub calls: u64,
+    /// Media time per call before the caller hangs up.
+    pub talk: Duration,
+    /// Simulated callers.
+    pub callers: usize,
+    /// Simulated callees.
+    pub callees: usize,
+    /// Local IP of the simulated clients.
+    pub bind_ip: IpAddr,
+    /// Worker threads of the generator's runtime (0: one per core).
+    pub threads: usize,
+}
+
+/// What a caller saw of one call.
+#[derive(Debug, Clone)]
+struct CallRecord {
+    planned: Instant,
+    sent: Instant,
+    call_id: Option<CallId>,
+    start: Option<Instant>,
+    flowing: Option<Instant>,
+    outcome: Option<String>,
+}
+
+#[derive(Default)]
+struct MediaTotals {
+    sent: u64,
+    received: u64,
+    lost: u64,
+}
+
+/// Shared between the generator's tasks; touched once per call, never per packet.
+struct Shared {
+    epoch: Instant,
+    registered: AtomicUsize,
+    stop_callees: AtomicBool,
+    incoming: Mutex<HashMap<CallId, Instant>>,
+}
+
+/// Calls the scheduler thread has released to one caller, at their planned time.
+#[derive(Default)]
+struct Inbox {
+    due: Mutex<VecDeque<(Instant, ClientId)>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+struct CallerApp {
+    shared: Arc<Shared>,
+    inbox: Arc<Inbox>,
+    /// Calls not yet released by the scheduler.
+    remaining: usize,
+    inflight: HashMap<CallHandle, CallRecord>,
+    done_records: Vec<CallRecord>,
+    streams: Streams,
+    talk: Duration,
+    latency: Histogram<u64>,
+    media: MediaTotals,
+    counted_registration: bool,
+}
+
+struct CalleeApp {
+    shared: Arc<Shared>,
+    streams: Streams,
+    latency: Histogram<u64>,
+    media: MediaTotals,
+    counted_registration: bool,
+    stopping: bool,
+    /// Next check of the stop flag.
+    next_poll: Instant,
+}
+
+fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, now: Instant, p: &Received<'_>) {
+    if let Some((_, stamp_us)) = SyntheticSource::parse(p.payload) {
+        let now_us = now.duration_since(shared.epoch).as_micros() as u64;
+        record(latency, Duration::from_micros(now_us.saturating_sub(stamp_us)));
+    }
+}
+
+impl App for CallerApp {
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        match event {
+            Event::Registered { .. } if !self.counted_registration => {
+                self.counted_registration = true;
+                self.shared.registered.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Started { handle, call_id, .. } => {
+                if let Some(r) = self.inflight.get_mut(&handle) {
+                    r.start = Some(ctx.now);
+                    r.call_id = Some(call_id);
+                }
+                self.streams.start(handle, ctx.now, Some(ctx.now + self.talk));
+            }
+            Event::MediaFlowing { handle } => {
+                if let Some(r) = self.inflight.get_mut(&handle) {
+                    r.flowing = Some(ctx.now);
+                }
+            }
+            Event::Ended(rep) => {
+                self.streams.stop(rep.handle);
+                self.media.sent += rep.sent;
+                self.media.received += rep.received;
+                self.media.lost += rep.lost;
+                if let Some(mut r) = self.inflight.remove(&rep.handle) {
+                    r.outcome = (!rep.succeeded()).then(|| rep.reason.describe());
+                    if r.outcome.is_none() && r.flowing.is_none() {
+                        r.outcome = Some("no media from the callee".into());
+                    }
+                    self.done_records.push(r);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
+        on_media_common(&self.shared, &mut self.latency, ctx.now, &p);
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.streams.next_wakeup()
+    }
+
+    fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
+        // Calls released by the scheduler; `ctx.now` was read after the wake-up, so a call's
+        // lateness includes the time this task took to run.
+        let due: Vec<(Instant, ClientId)> = self.inbox.due.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        for (planned, callee) in due {
+            self.remaining -= 1;
+            let mut r = CallRecord { planned, sent: ctx.now, call_id: None, start: None, flowing: None, outcome: None };
+            match ctx.client.call(ctx.now, callee) {
+                Ok(h) => {
+                    self.inflight.insert(h, r);
+                }
+                Err(e) => {
+                    r.outcome = Some(format!("not placed: {e}"));
+                    self.done_records.push(r);
+                }
+            }
+        }
+        self.streams.run(ctx);
+    }
+
+    fn done(&self) -> bool {
+        self.remaining == 0 && self.inflight.is_empty()
+    }
+}
+
+impl App for CalleeApp {
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        match event {
+            Event::Registered { .. } if !self.counted_registration => {
+                self.counted_registration = true;
+                self.shared.registered.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Incoming { call_id, .. } => {
+                self.shared.incoming.lock().unwrap_or_else(|e| e.into_inner()).insert(call_id, ctx.now);
+            }
+            Event::MediaFlowing { handle } => self.streams.start(handle, ctx.now, None),
+            Event::Ended(rep) => {
+                self.streams.stop(rep.handle);
+                self.media.sent += rep.sent;
+                self.media.received += rep.received;
+                self.media.lost += rep.lost;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
+        on_media_common(&self.shared, &mut self.latency, ctx.now, &p);
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let poll = (!self.stopping).then_some(self.next_poll);
+        self.streams.next_wakeup().into_iter().chain(poll).min()
+    }
+
+    fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
+        self.next_poll = ctx.now + Duration::from_millis(50);
+        if !self.stopping && self.shared.stop_callees.load(Ordering::Relaxed) {
+            self.stopping = true;
+            ctx.client.hangup_all(ctx.now);
+        }
+        self.streams.run(ctx);
+    }
+
+    fn done(&self) -> bool {
+        self.stopping && self.streams.is_empty()
+    }
+}
+
+/// The outcome of a run, ready to print.
+pub struct SetupOutcome {
+    /// One JSON object with the summary.
+    pub json: serde_json::Value,
+    /// The human-readable report.
+    pub text: String,
+    /// True if every call succeeded.
+    pub all_ok: bool,
+}
+
+/// Run the scenario.
+pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
+    let nofile = sys::raise_nofile();
+    let clients_needed = (cfg.callers + cfg.callees) as u64 * 2 + 64;
+    if nofile > 0 && nofile < clients_needed {
+        return Err(format!(
+            "{} clients need about {clients_needed} file descriptors; RLIMIT_NOFILE is {nofile}",
+            cfg.callers + cfg.callees
+        ));
+    }
+    let embedded = match cfg.manager {
+        Some(_) => None,
+        None => Some(
+            manager::start(manager::ManagerConfig {
+                listen: SocketAddr::new(cfg.bind_ip, 0),
+                shards: cfg.shards,
+                ..Default::default()
+            })
+            .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
+        ),
+    };
+    let manager_addr = cfg.manager.unwrap_or_else(|| embedded.as_ref().expect("embedded").local_addr());
+    let threads = if cfg.threads == 0 { sys::cores() } else { cfg.threads };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+
+    let shared = Arc::new(Shared {
+        epoch: Instant::now(),
+        registered: AtomicUsize::new(0),
+        stop_callees: AtomicBool::new(false),
+        incoming: Mutex::new(HashMap::new()),
+    });
+    let inboxes: Vec<Arc<Inbox>> = (0..cfg.callers).map(|_| Arc::new(Inbox::default())).collect();
+    let cpu0 = sys::cpu_seconds();
+    let wall0 = Instant::now();
+
+    let result = rt.block_on(async {
+        let mut callee_tasks = Vec::new();
+        for i in 0..cfg.callees {
+            let shared = shared.clone();
+            let bind = SocketAddr::new(cfg.bind_ip, 0);
+            callee_tasks.push(tokio::spawn(async move {
+                let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
+                let mut c = ClientConfig::new(ClientId::new(format!("callee-{i}")).unwrap(), udp.local_addr().unwrap().port());
+                c.stun_server = Some(manager_addr);
+                c.max_calls = u16::MAX;
+                let mut client = Client::new(c, i as u64);
+                let mut app = CalleeApp {
+                    streams: Streams::new(shared.epoch),
+                    shared,
+                    latency: new_histogram(),
+                    media: MediaTotals::default(),
+                    counted_registration: false,
+                    stopping: false,
+                    next_poll: Instant::now(),
+                };
+                driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((app.latency, app.media))
+            }));
+        }
+        let mut caller_tasks = Vec::new();
+        for (i, inbox) in inboxes.iter().cloned().enumerate() {
+            let shared = shared.clone();
+            let remaining = (cfg.calls as usize + cfg.callers - 1 - i) / cfg.callers;
+            let bind = SocketAddr::new(cfg.bind_ip, 0);
+            let talk = cfg.talk;
+            caller_tasks.push(tokio::spawn(async move {
+                let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
+                let mut c = ClientConfig::new(ClientId::new(format!("caller-{i}")).unwrap(), udp.local_addr().unwrap().port());
+                c.stun_server = Some(manager_addr);
+                c.max_calls = u16::MAX;
+                let mut client = Client::new(c, 1_000_000 + i as u64);
+                let mut app = CallerApp {
+                    streams: Streams::new(shared.epoch),
+                    shared,
+                    remaining,
+                    inbox: inbox.clone(),
+                    inflight: HashMap::new(),
+                    done_records: Vec::new(),
+                    talk,
+                    latency: new_histogram(),
+                    media: MediaTotals::default(),
+                    counted_registration: false,
+                };
+                let wake = Some(inbox.wake.clone());
+                driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((app.done_records, app.latency, app.media))
+            }));
+        }
+        // Wait for every client to register, then fix t0 a little ahead.
+        let total = cfg.callers + cfg.callees;
+        let reg_deadline = Instant::now() + Duration::from_secs(30);
+        while shared.registered.load(Ordering::Relaxed) < total {
+            if Instant::now() > reg_deadline {
+                return Err(format!(
+                    "only {} of {total} clients registered within 30 s",
+                    shared.registered.load(Ordering::Relaxed)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let registered_in = wall0.elapsed();
+        let t0 = Instant::now() + Duration::from_millis(100);
+        // Open-loop plan on a thread of its own with a fine timer: call k is released at
+        // t0 + k / rate to caller k % callers, for callee k % callees.
+        let (calls, rate, callers, callees) = (cfg.calls, cfg.rate, cfg.callers, cfg.callees);
+        let sched_inboxes = inboxes.clone();
+        let scheduler = std::thread::Builder::new()
+            .name("schedule".into())
+            .spawn(move || {
+                sys::fine_timer_slack();
+                for k in 0..calls {
+                    let at = t0 + Duration::from_secs_f64(k as f64 / rate);
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    let callee = ClientId::new(format!("callee-{}", k as usize % callees)).expect("valid id");
+                    let inbox = &sched_inboxes[k as usize % callers];
+                    inbox.due.lock().unwrap_or_else(|e| e.into_inner()).push_back((at, callee));
+                    inbox.wake.notify_one();
+                }
+            })
+            .map_err(|e| format!("scheduler thread: {e}"))?;
+        let mut records = Vec::new();
+        let mut latency = new_histogram();
+        let mut media = MediaTotals::default();
+        for t in caller_tasks {
+            let (r, h, m) = t.await.map_err(|e| e.to_string())??;
+            records.extend(r);
+            latency.add(&h).map_err(|e| e.to_string())?;
+            media.sent += m.sent;
+            media.received += m.received;
+            media.lost += m.lost;
+        }
+        let calls_done = Instant::now();
+        let _ = scheduler.join();
+        shared.stop_callees.store(true, Ordering::Relaxed);
+        for t in callee_tasks {
+            let (h, m) = t.await.map_err(|e| e.to_string())??;
+            latency.add(&h).map_err(|e| e.to_string())?;
+            media.sent += m.sent;
+            media.received += m.received;
+            media.lost += m.lost;
+        }
+        Ok((records, latency, media, registered_in, t0, calls_done))
+    });
+    let (records, media_latency, media, registered_in, t0, calls_done) = result?;
+    let wall = wall0.elapsed();
+    let cpu = sys::cpu_seconds() - cpu0;
+    let manager_stats = embedded.as_ref().map(|m| m.stats().clone());
+    drop(embedded);
+
+    // Histograms, from each call's planned start.
+    let incoming = shared.incoming.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut setup, mut to_start, mut lateness) = (new_histogram(), new_histogram(), new_histogram());
+    let (mut call_incoming, mut incoming_start, mut start_media) = (new_histogram(), new_histogram(), new_histogram());
+    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut ok, mut late, mut very_late) = (0u64, 0u64, 0u64);
+    for r in &records {
+        let l = r.sent.saturating_duration_since(r.planned);
+        record(&mut lateness, l);
+        if l > Duration::from_millis(1) {
+            late += 1;
+        }
+        if l > Duration::from_millis(5) {
+            very_late += 1;
+        }
+        match (&r.outcome, r.start, r.flowing) {
+            (None, Some(start), Some(flowing)) => {
+                ok += 1;
+                record(&mut to_start, start - r.planned);
+                record(&mut setup, flowing - r.planned);
+                record(&mut start_media, flowing - start);
+                if let Some(inc) = r.call_id.and_then(|id| incoming.get(&id)) {
+                    record(&mut call_incoming, inc.saturating_duration_since(r.sent));
+                    record(&mut incoming_start, start.saturating_duration_since(*inc));
+                }
+            }
+            (outcome, _, _) => {
+                *failures.entry(outcome.clone().unwrap_or_else(|| "incomplete".into())).or_default() += 1;
+            }
+        }
+    }
+    let failed = records.len() as u64 - ok;
+    let span = calls_done.saturating_duration_since(t0).as_secs_f64().max(1e-9);
+    let achieved_rate = records.len() as f64 / (cfg.calls as f64 / cfg.rate).max(1e-9);
+    let cpu_share = cpu / wall.as_secs_f64() / sys::cores() as f64;
+    let loss = if media.received + media.lost > 0 { media.lost as f64 / (media.received + media.lost) as f64 } else { 0.0 };
+    let rss = sys::rss_mb();
+
+    let mut warnings = Vec::new();
+    if very_late as f64 > records.len() as f64 * 0.01 {
+        warnings.push(format!(
+            "the generator fell behind its schedule: {very_late} of {} starts were more than 5 ms late (max {:.1} ms); \
+             its own overload may inflate the setup times",
+            records.len(),
+            report::max_ms(&lateness).unwrap_or(0.0)
+        ));
+    }
+    if cpu_share > 0.9 {
+        warnings.push(format!(
+            "the machine's CPU was saturated ({:.0}% of {} cores, generator and embedded manager together)",
+            cpu_share * 100.0,
+            sys::cores()
+        ));
+    }
+    let manager_media = manager_stats.as_ref().map(|s| s.udp_media.load(Ordering::Relaxed));
+
+    let mut text = String::new();
+    use std::fmt::Write;
+    let where_ = match cfg.manager {
+        Some(a) => format!("manager {a}"),
+        None => format!("embedded manager on {manager_addr}"),
+    };
+    let _ = writeln!(
+        text,
+        "nullpunch loadgen setup: {} calls at {}/s, {where_}, {} callers -> {} callees, {:.1} s of media per call",
+        cfg.calls,
+        cfg.rate,
+        cfg.callers,
+        cfg.callees,
+        cfg.talk.as_secs_f64()
+    );
+    let _ = writeln!(text, "registered {} clients in {:.0} ms", cfg.callers + cfg.callees, registered_in.as_secs_f64() * 1000.0);
+    let _ = writeln!(
+        text,
+        "calls: {ok} ok, {failed} failed ({:.2}% success); late starts (> 1 ms): {late}, start lateness p99 {:.3} ms, max {:.3} ms",
+        if records.is_empty() { 0.0 } else { ok as f64 * 100.0 / records.len() as f64 },
+        report::ms_at(&lateness, 0.99).unwrap_or(0.0),
+        report::max_ms(&lateness).unwrap_or(0.0)
+    );
+    for (why, n) in &failures {
+        let _ = writeln!(text, "  failed: {n} x {why}");
+    }
+    let _ = writeln!(text, "{}", report::header());
+    let _ = writeln!(text, "{}", report::line("setup (plan -> 2-way media)", &setup));
+    let _ = writeln!(text, "{}", report::line("  plan -> START", &to_start));
+    let _ = writeln!(text, "{}", report::line("  CALL -> INCOMING", &call_incoming));
+    let _ = writeln!(text, "{}", report::line("  INCOMING -> START", &incoming_start));
+    let _ = writeln!(text, "{}", report::line("  START -> 2-way media", &start_media));
+    let _ = writeln!(text, "{}", report::line("media one-way latency", &media_latency));
+    let _ = writeln!(
+        text,
+        "media: {} packets sent, {} delivered, {} lost ({:.4}%); manager saw {} media packets",
+        media.sent,
+        media.received,
+        media.lost,
+        loss * 100.0,
+        manager_media.map(|n| n.to_string()).unwrap_or_else(|| "? (external)".into())
+    );
+    let _ = writeln!(
+        text,
+        "generator: {:.2} s wall, {:.2} s CPU ({:.0}% of {} cores), rss {:.1} MB",
+        wall.as_secs_f64(),
+        cpu,
+        cpu_share * 100.0,
+        sys::cores(),
+        rss.unwrap_or(0.0)
+    );
+    for w in &warnings {
+        let _ = writeln!(text, "WARNING: {w}");
+    }
+
+    let json = serde_json::json!({
+        "scenario": "setup",
+        "calls": records.len(),
+        "calls_ok": ok,
+        "calls_failed": failed,
+        "failures": failures,
+        "late_starts": late,
+        "start_lateness_p99_ms": report::num(report::ms_at(&lateness, 0.99)),
+        "target_rate": cfg.rate,
+        "achieved_rate": (achieved_rate * 10.0).round() / 10.0,
+        "setup_p50_ms": report::num(report::ms_at(&setup, 0.5)),
+        "setup_p90_ms": report::num(report::ms_at(&setup, 0.9)),
+        "setup_p99_ms": report::num(report::ms_at(&setup, 0.99)),
+        "setup_p999_ms": report::num(report::ms_at(&setup, 0.999)),
+        "setup_max_ms": report::num(report::max_ms(&setup)),
+        "start_p99_ms": report::num(report::ms_at(&to_start, 0.99)),
+        "pps_delivered": (media.received as f64 / span).round(),
+        "packets_sent": media.sent,
+        "packets_delivered": media.received,
+        "loss_ratio": loss,
+        "latency_p50_ms": report::num(report::ms_at(&media_latency, 0.5)),
+        "latency_p99_ms": report::num(report::ms_at(&media_latency, 0.99)),
+        "manager_media_packets": manager_media,
+        "cpu_share": (cpu_share * 1000.0).round() / 1000.0,
+        "rss_mb": report::num(rss),
+        "warnings": warnings,
+    });
+    Ok(SetupOutcome { json, text, all_ok: failed == 0 && !records.is_empty() })
+}
