@@ -333,6 +333,15 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         let total = cfg.callers + cfg.callees;
         let reg_deadline = Instant::now() + Duration::from_secs(30);
         while shared.registered.load(Ordering::Relaxed) < total {
+            // A client that stopped before the run started failed: report its error now.
+            if let Some(i) = caller_tasks.iter().position(|t| t.is_finished()) {
+                let r = caller_tasks.swap_remove(i).await.map_err(|e| e.to_string())?;
+                return Err(r.err().unwrap_or_else(|| "a caller stopped before the run started".into()));
+            }
+            if let Some(i) = callee_tasks.iter().position(|t| t.is_finished()) {
+                let r = callee_tasks.swap_remove(i).await.map_err(|e| e.to_string())?;
+                return Err(r.err().unwrap_or_else(|| "a callee stopped before the run started".into()));
+            }
             if Instant::now() > reg_deadline {
                 return Err(format!(
                     "only {} of {total} clients registered within 30 s",

@@ -1,0 +1,53 @@
+//! The load generator as a user runs it: the `setup` scenario against its embedded manager,
+//! checked through the JSON summary it prints.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn run(args: &[&str]) -> (i32, Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    let v: Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}\n{stderr}"));
+    (out.status.code().unwrap_or(-1), v, stderr)
+}
+
+#[test]
+fn setup_runs_every_call_through_the_full_flow_and_reports_percentiles() {
+    let (code, v, err) = run(&["setup", "--calls", "120", "--rate", "200", "--talk", "0.5", "--callers", "12", "--callees", "8", "--json"]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["scenario"], "setup");
+    assert_eq!(v["calls"], 120);
+    assert_eq!(v["calls_ok"], 120, "{v}");
+    assert_eq!(v["calls_failed"], 0, "{v}");
+    let (p50, p99, max) =
+        (v["setup_p50_ms"].as_f64().unwrap(), v["setup_p99_ms"].as_f64().unwrap(), v["setup_max_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{v}");
+    assert!(p99 < 1000.0, "setup on loopback takes milliseconds, not seconds: {v}");
+    // Media flowed both ways for every call (0.5 s at 50 packets/s each way).
+    let delivered = v["packets_delivered"].as_u64().unwrap();
+    assert!(delivered >= 120 * 2 * 20, "{v}");
+    assert_eq!(v["loss_ratio"].as_f64().unwrap(), 0.0, "{v}");
+    assert_eq!(v["manager_media_packets"], 0, "the embedded manager never saw media: {v}");
+    assert!(v["latency_p99_ms"].as_f64().is_some(), "{v}");
+    for field in ["late_starts", "pps_delivered", "rss_mb", "setup_p90_ms", "start_p99_ms"] {
+        assert!(!v[field].is_null(), "{field} missing: {v}");
+    }
+}
+
+#[test]
+fn an_unreachable_manager_fails_the_run_at_once_with_its_cause() {
+    // A loopback port with nothing listening: every client fails to connect, which is a
+    // run error reported straight away (not after the 30 s registration wait).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["setup", "--manager", &format!("127.0.0.1:{port}"), "--calls", "5", "--callers", "1", "--callees", "1"])
+        .output()
+        .unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,211 @@
+//! End to end on loopback: the real `manager` binary and two real `peer` processes make a
+//! call; both print their JSON reports, and the manager's counters show it never saw media.
+//!
+//! All processes bind to 127.0.0.1 with port 0 (no fixed ports, so tests can run in
+//! parallel); every wait is bounded, and every child is killed when its guard drops.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin(name: &str) -> PathBuf {
+    // `peer` is this package's binary; `manager` is built next to it by
+    // `cargo test --workspace` (the README's test command).
+    let peer = PathBuf::from(env!("CARGO_BIN_EXE_peer"));
+    let p = peer.with_file_name(name);
+    assert!(p.exists(), "{} not built; run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+/// A child process that is killed when dropped.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Wait for exit (bounded); returns (status code, stdout, stderr).
+    fn finish(mut self, limit: Duration) -> (i32, String, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let mut out = String::new();
+                let mut err = String::new();
+                if let Some(mut o) = self.child.stdout.take() {
+                    o.read_to_string(&mut out).unwrap();
+                }
+                if let Some(mut e) = self.child.stderr.take() {
+                    e.read_to_string(&mut err).unwrap();
+                }
+                return (st.code().unwrap_or(-1), out, err);
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {limit:?}", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The manager, with its `listening ADDR` line read and the rest of stdout collected.
+struct Manager {
+    proc: Proc,
+    addr: String,
+    rest: mpsc::Receiver<String>,
+}
+
+fn start_manager() -> Manager {
+    let mut child = Command::new(bin("manager"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn manager");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc { child, name: "manager" };
+    let first = rx.recv_timeout(Duration::from_secs(10)).expect("manager prints its address");
+    let addr = first.strip_prefix("listening ").expect("first line is `listening ADDR`").to_string();
+    Manager { proc, addr, rest: rx }
+}
+
+impl Manager {
+    /// SIGTERM, then the counters it prints as its last line.
+    fn stop(self) -> Value {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.proc.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM to the manager");
+        let line = self.rest.recv_timeout(Duration::from_secs(10)).expect("manager prints its counters on SIGTERM");
+        let (code, _, _) = self.proc.finish(Duration::from_secs(10));
+        assert_eq!(code, 0, "manager exits cleanly on SIGTERM");
+        serde_json::from_str(&line).expect("counters are JSON")
+    }
+}
+
+fn peer(manager: &str, id: &str, args: &[&str]) -> Proc {
+    let child = Command::new(bin("peer"))
+        .args(["--manager", manager, "--id", id, "--bind", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peer");
+    Proc { child, name: "peer" }
+}
+
+fn json_line(out: &str) -> Value {
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "one JSON line per call, got: {out}");
+    serde_json::from_str(lines[0]).unwrap()
+}
+
+/// Give a just-started listener time to register (STUN plus REGISTER take about a
+/// millisecond on loopback; this leaves a wide margin on a loaded machine).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn a_three_second_call_carries_media_both_ways_and_never_touches_the_manager() {
+    let m = start_manager();
+    let bob = peer(&m.addr, "bob", &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&m.addr, "alice", &["call", "bob", "--duration", "3", "--json"]);
+    let (ca, out_a, err_a) = alice.finish(Duration::from_secs(20));
+    let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
+    assert_eq!(ca, 0, "alice: {err_a}");
+    assert_eq!(cb, 0, "bob: {err_b}");
+    let (a, b) = (json_line(&out_a), json_line(&out_b));
+
+    assert_eq!(a["role"], "caller");
+    assert_eq!(b["role"], "callee");
+    assert_eq!(a["call_id"], b["call_id"]);
+    assert_eq!(a["result"], "ok");
+    assert_eq!(b["result"], "ok");
+    // 3 s at 50 packets/s each way.
+    for (who, r) in [("alice", &a), ("bob", &b)] {
+        let received = r["received"].as_u64().unwrap();
+        assert!((140..=160).contains(&received), "{who} received {received}: {r}");
+        assert_eq!(r["lost"], 0, "{who}: {r}");
+        assert!(r["sent"].as_u64().unwrap() >= 140, "{who}: {r}");
+        assert!(r["setup_ms"].as_f64().unwrap() < 1000.0, "{who}: {r}");
+        assert!(r["jitter_ms"].as_f64().unwrap() < 20.0, "{who}: {r}");
+    }
+    // Each side's view of the other is the other's own public address.
+    assert_eq!(a["peer"], b["local"]);
+    assert_eq!(b["peer"], a["local"]);
+    assert!(b["nulls_sent"].as_u64().unwrap() >= 1, "bob sent the null packet");
+
+    let stats = m.stop();
+    assert_eq!(stats["udp_media"], 0, "the manager never saw a media packet: {stats}");
+    assert_eq!(stats["udp_non_stun"], 0, "{stats}");
+    assert_eq!(stats["stun_requests"], 2, "both peers discovered their address by STUN: {stats}");
+    assert_eq!(stats["calls_started"], 1, "{stats}");
+    assert_eq!(stats["calls_ended"], 1, "{stats}");
+}
+
+#[test]
+fn calling_an_unknown_callee_fails_with_a_clear_message() {
+    let m = start_manager();
+    let carol = peer(&m.addr, "carol", &["call", "nobody", "--duration", "1"]);
+    let (code, _, err) = carol.finish(Duration::from_secs(15));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown callee (never registered)"), "{err}");
+    m.stop();
+}
+
+#[test]
+fn a_callee_that_went_offline_is_reported_as_offline() {
+    let m = start_manager();
+    let bob = peer(&m.addr, "bob", &["listen", "--duration", "0.5"]);
+    let (code, _, err) = bob.finish(Duration::from_secs(10));
+    assert_eq!(code, 0, "{err}");
+    let alice = peer(&m.addr, "alice", &["call", "bob", "--duration", "1", "--json"]);
+    let (code, out, err) = alice.finish(Duration::from_secs(15));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("offline"), "{err}");
+    let r = json_line(&out);
+    assert_eq!(r["result"], "unknown callee (offline)");
+    assert!(r["failed_phase"].as_str().unwrap().contains("no INCOMING"), "{r}");
+    m.stop();
+}
+
+#[test]
+fn an_unreachable_manager_is_an_error_not_a_hang() {
+    // Bind and drop a listener to get a loopback port with nothing behind it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let p = peer(&addr, "alice", &["call", "bob"]);
+    let (code, _, err) = p.finish(Duration::from_secs(10));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+}
+
+#[test]
+fn a_second_peer_with_the_same_id_replaces_the_first() {
+    let m = start_manager();
+    let first = peer(&m.addr, "dup", &["listen", "--duration", "20"]);
+    settle();
+    let second = peer(&m.addr, "dup", &["listen", "--duration", "1"]);
+    let (code, _, err) = first.finish(Duration::from_secs(10));
+    assert_eq!(code, 2, "the replaced peer exits with an error: {err}");
+    assert!(err.contains("registered by a newer connection"), "{err}");
+    let (code, _, err) = second.finish(Duration::from_secs(10));
+    assert_eq!(code, 0, "{err}");
+    let stats = m.stop();
+    assert_eq!(stats["registrations_replaced"], 1, "{stats}");
+}
