@@ -1,5 +1,6 @@
 //! `loadgen`: the nullpunch load generator.
 
+mod output;
 mod report;
 mod setup;
 mod sys;
@@ -67,6 +68,10 @@ struct SetupArgs {
     /// Print only the summary as one JSON object (last line of stdout).
     #[arg(long)]
     json: bool,
+    /// Write command.txt, machine.txt, summary.json, .hgrm percentile tables and a latency
+    /// plot (SVG) into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
 }
 
 impl Default for SetupArgs {
@@ -124,6 +129,7 @@ fn main() -> ExitCode {
         callees: args.callees,
         bind_ip: args.bind_ip,
         threads: args.threads,
+        out: args.out.clone(),
     };
     match setup::run(cfg) {
         Ok(out) => {

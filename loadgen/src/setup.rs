@@ -43,6 +43,8 @@ pub struct SetupConfig {
     pub bind_ip: IpAddr,
     /// Worker threads of the generator's runtime (0: one per core).
     pub threads: usize,
+    /// Write results (summary, histograms, plot) into this directory.
+    pub out: Option<std::path::PathBuf>,
 }
 
 /// What a caller saw of one call.
@@ -540,5 +542,18 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "rss_mb": report::num(rss),
         "warnings": warnings,
     });
+    if let Some(dir) = &cfg.out {
+        let metrics = [
+            ("setup", "setup (plan -> 2-way media)", &setup),
+            ("plan_to_start", "plan -> START", &to_start),
+            ("call_to_incoming", "CALL -> INCOMING", &call_incoming),
+            ("incoming_to_start", "INCOMING -> START", &incoming_start),
+            ("start_to_media", "START -> 2-way media", &start_media),
+            ("media_latency", "media one-way latency", &media_latency),
+        ];
+        let title = format!("call setup, {} calls at {}/s ({} ok)", cfg.calls, cfg.rate, ok);
+        crate::output::write_run(dir, &json, &metrics, &title).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+        let _ = writeln!(text, "results written to {}", dir.display());
+    }
     Ok(SetupOutcome { json, text, all_ok: failed == 0 && !records.is_empty() })
 }

@@ -1,0 +1,128 @@
+//! A run's results on disk: `command.txt`, `machine.txt`, `summary.json`, one `.hgrm`
+//! percentile table per metric (the HdrHistogram text format, values in milliseconds) and
+//! `latency.svg`, the percentile curves of all metrics on one plot.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+
+use crate::sys;
+
+/// Write the run's files into `dir` (created if needed).
+pub fn write_run(
+    dir: &Path,
+    summary: &serde_json::Value,
+    metrics: &[(&str, &str, &Histogram<u64>)],
+    title: &str,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let args: Vec<String> = std::env::args().collect();
+    std::fs::write(dir.join("command.txt"), format!("{}\n", shell_words(&args)))?;
+    std::fs::write(dir.join("machine.txt"), machine())?;
+    std::fs::write(dir.join("summary.json"), format!("{}\n", serde_json::to_string_pretty(summary)?))?;
+    for (file, _, h) in metrics {
+        std::fs::write(dir.join(format!("{file}.hgrm")), hgrm(h))?;
+    }
+    plot(&dir.join("latency.svg"), metrics, title).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(())
+}
+
+fn shell_words(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,".contains(c)) {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Cores, kernel and CPU model of this machine.
+pub fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb as f64 / 1048576.0))
+        .unwrap_or_default();
+    format!("cores: {}\nmemory: {mem}\nkernel: {}\ncpu: {cpu}\n", sys::cores(), kernel.trim())
+}
+
+/// The HdrHistogram percentile distribution text format, values in milliseconds.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    if h.is_empty() {
+        return s;
+    }
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 { format!("{:>14.2}", 1.0 / (1.0 - q)) } else { String::new() };
+        let _ = writeln!(s, "{:>12.3} {:>14.12} {:>10} {inv}", v.value_iterated_to() as f64 / 1000.0, q, total);
+    }
+    let _ = writeln!(s, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean() / 1000.0, h.stdev() / 1000.0);
+    let _ = writeln!(s, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64 / 1000.0, h.len());
+    let _ = writeln!(s, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), h.distinct_values());
+    s
+}
+
+/// Percentile curves: x is 1/(1-percentile) on a log axis (50%, 90%, 99%, 99.9%, 99.99%),
+/// y is milliseconds.
+fn plot(path: &Path, metrics: &[(&str, &str, &Histogram<u64>)], title: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let ymax = metrics.iter().filter(|(_, _, h)| !h.is_empty()).map(|(_, _, h)| h.max() as f64 / 1000.0).fold(0.1, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((1.0f64..100_000.0).log_scale(), 0.0..ymax * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("milliseconds")
+        .x_label_formatter(&|x| {
+            let p = 100.0 * (1.0 - 1.0 / x);
+            // 90% -> 0 decimals, 99.9% -> 1, 99.99% -> 2, ...
+            let digits = (-(100.0 - p).max(1e-9).log10()).round().max(0.0) as usize;
+            format!("{p:.digits$}%")
+        })
+        .x_labels(6)
+        .draw()?;
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (_, label, h)) in metrics.iter().enumerate() {
+        if h.is_empty() {
+            continue;
+        }
+        // The last point (the max) is drawn at 1/(1-q) = 2n, as HdrHistogram's plotter does.
+        let last_x = (2.0 * h.len() as f64).min(100_000.0);
+        let pts: Vec<(f64, f64)> = h
+            .iter_quantiles(5)
+            .map(|v| {
+                let q = v.quantile_iterated_to();
+                let x = if q < 1.0 { (1.0 / (1.0 - q)).min(last_x) } else { last_x };
+                (x, v.value_iterated_to() as f64 / 1000.0)
+            })
+            .collect();
+        let c = colors[i % colors.len()];
+        chart.draw_series(LineSeries::new(pts, c.stroke_width(2)))?.label(*label).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+        });
+    }
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+    root.present()?;
+    Ok(())
+}
