@@ -200,7 +200,8 @@ pub struct CallReport {
     pub local: Option<SocketAddr>,
     /// The peer's public UDP address.
     pub peer: Option<SocketAddr>,
-    /// Caller: CALL sent to START received. Callee: INCOMING to first packet received.
+    /// Caller: CALL sent to START received. Callee: INCOMING to the first media (RTP)
+    /// packet received.
     pub setup: Option<Duration>,
     /// CALL sent (caller) or INCOMING received (callee) to the first media packet received.
     pub first_media: Option<Duration>,
@@ -487,8 +488,8 @@ impl Client {
         self.calls.get(&handle).and_then(|c| c.peer_addr)
     }
 
-    /// True if the call's path is known (caller after START, callee after INCOMING), so
-    /// `send_media` can be used.
+    /// True if media can be sent on the call: the caller after START, the callee once the
+    /// caller's first packet arrived (before that the caller's firewall would drop it).
     pub fn can_send(&self, handle: CallHandle) -> bool {
         self.calls.get(&handle).is_some_and(|c| c.state == CallState::Media || (c.role == Role::Callee && c.first_rx.is_some()))
     }
