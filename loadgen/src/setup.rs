@@ -65,6 +65,14 @@ struct MediaTotals {
     lost: u64,
 }
 
+impl MediaTotals {
+    fn add(&mut self, sent: u64, received: u64, lost: u64) {
+        self.sent += sent;
+        self.received += received;
+        self.lost += lost;
+    }
+}
+
 /// Shared between the generator's tasks; touched once per call, never per packet.
 struct Shared {
     epoch: Instant,
@@ -78,6 +86,15 @@ struct Shared {
 struct Inbox {
     due: Mutex<VecDeque<(Instant, ClientId)>>,
     wake: Arc<tokio::sync::Notify>,
+}
+
+impl Shared {
+    /// Count a client's first registration (re-registrations after a reconnect are not).
+    fn count_registration(&self, counted: &mut bool) {
+        if !std::mem::replace(counted, true) {
+            self.registered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 struct CallerApp {
@@ -115,10 +132,7 @@ fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, now: Instant, 
 impl App for CallerApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         match event {
-            Event::Registered { .. } if !self.counted_registration => {
-                self.counted_registration = true;
-                self.shared.registered.fetch_add(1, Ordering::Relaxed);
-            }
+            Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration),
             Event::Started { handle, call_id, .. } => {
                 if let Some(r) = self.inflight.get_mut(&handle) {
                     r.start = Some(ctx.now);
@@ -133,9 +147,7 @@ impl App for CallerApp {
             }
             Event::Ended(rep) => {
                 self.streams.stop(rep.handle);
-                self.media.sent += rep.sent;
-                self.media.received += rep.received;
-                self.media.lost += rep.lost;
+                self.media.add(rep.sent, rep.received, rep.lost);
                 if let Some(mut r) = self.inflight.remove(&rep.handle) {
                     r.outcome = (!rep.succeeded()).then(|| rep.reason.describe());
                     if r.outcome.is_none() && r.flowing.is_none() {
@@ -184,19 +196,14 @@ impl App for CallerApp {
 impl App for CalleeApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         match event {
-            Event::Registered { .. } if !self.counted_registration => {
-                self.counted_registration = true;
-                self.shared.registered.fetch_add(1, Ordering::Relaxed);
-            }
+            Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration),
             Event::Incoming { call_id, .. } => {
                 self.shared.incoming.lock().unwrap_or_else(|e| e.into_inner()).insert(call_id, ctx.now);
             }
             Event::MediaFlowing { handle } => self.streams.start(handle, ctx.now, None),
             Event::Ended(rep) => {
                 self.streams.stop(rep.handle);
-                self.media.sent += rep.sent;
-                self.media.received += rep.received;
-                self.media.lost += rep.lost;
+                self.media.add(rep.sent, rep.received, rep.lost);
             }
             _ => {}
         }
@@ -382,9 +389,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             let (r, h, m) = t.await.map_err(|e| e.to_string())??;
             records.extend(r);
             latency.add(&h).map_err(|e| e.to_string())?;
-            media.sent += m.sent;
-            media.received += m.received;
-            media.lost += m.lost;
+            media.add(m.sent, m.received, m.lost);
         }
         let calls_done = Instant::now();
         let _ = scheduler.join();
@@ -392,9 +397,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         for t in callee_tasks {
             let (h, m) = t.await.map_err(|e| e.to_string())??;
             latency.add(&h).map_err(|e| e.to_string())?;
-            media.sent += m.sent;
-            media.received += m.received;
-            media.lost += m.lost;
+            media.add(m.sent, m.received, m.lost);
         }
         Ok((records, latency, media, registered_in, t0, calls_done))
     });
