@@ -326,7 +326,8 @@ struct Stream {
     source: crate::media::SyntheticSource,
     next_send: Instant,
     hangup_at: Option<Instant>,
-    paused_until: Option<Instant>,
+    /// No media is sent inside [from, until).
+    pause: Option<(Instant, Instant)>,
 }
 
 impl Streams {
@@ -341,14 +342,15 @@ impl Streams {
             source: crate::media::SyntheticSource::opus_like(),
             next_send: now,
             hangup_at,
-            paused_until: None,
+            pause: None,
         });
     }
 
-    /// Stop sending on `handle` until `until` (keepalives still flow).
-    pub fn pause(&mut self, handle: CallHandle, until: Instant) {
+    /// Send no media on `handle` from `from` until `until` (the client's keepalives still
+    /// flow, so an idle path stays open).
+    pub fn pause(&mut self, handle: CallHandle, from: Instant, until: Instant) {
         if let Some(s) = self.map.get_mut(&handle) {
-            s.paused_until = Some(until);
+            s.pause = Some((from, until));
         }
     }
 
@@ -382,7 +384,7 @@ impl Streams {
                 continue;
             }
             let frame = Duration::from_millis(crate::media::MediaSource::frame_ms(&s.source) as u64);
-            let paused = s.paused_until.is_some_and(|t| now < t);
+            let paused = s.pause.is_some_and(|(from, until)| now >= from && now < until);
             let mut budget = 3;
             while s.next_send <= now && budget > 0 {
                 if !paused {

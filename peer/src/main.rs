@@ -39,6 +39,10 @@ struct Args {
     /// Seconds to wait for START (caller) or for the peer's first packet.
     #[arg(long, default_value_t = 5.0, global = true)]
     setup_timeout_secs: f64,
+    /// Pause sending media AT seconds into each call for FOR seconds (keepalive null packets
+    /// still go out): tests that an idle path stays open through the firewalls.
+    #[arg(long, value_name = "AT,FOR", value_parser = parse_pause, global = true)]
+    pause: Option<(f64, f64)>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -71,6 +75,9 @@ enum Cmd {
 struct PeerApp {
     json: bool,
     role_caller: Option<(ClientId, Duration)>,
+    pause: Option<(Duration, Duration)>,
+    /// How the manager learned our public address (from REGISTERED).
+    local_source: Option<&'static str>,
     calls_left: Option<u32>,
     deadline: Option<Instant>,
     streams: Streams,
@@ -80,6 +87,13 @@ struct PeerApp {
 }
 
 impl PeerApp {
+    fn start_stream(&mut self, now: Instant, handle: engine::client::CallHandle, hangup_at: Option<Instant>) {
+        self.streams.start(handle, now, hangup_at);
+        if let Some((at, dur)) = self.pause {
+            self.streams.pause(handle, now + at, now + at + dur);
+        }
+    }
+
     fn report(&mut self, r: &CallReport) {
         let ok = r.succeeded();
         if !ok {
@@ -101,6 +115,7 @@ impl PeerApp {
                 "role": r.role.as_str(),
                 "peer_id": r.peer_id.as_str(),
                 "local": r.local.map(|a| a.to_string()),
+                "local_source": self.local_source,
                 "peer": r.peer.map(|a| a.to_string()),
                 "setup_ms": ms(r.setup),
                 "first_media_ms": ms(r.first_media),
@@ -134,21 +149,31 @@ impl PeerApp {
     }
 }
 
-/// The phase that failed, in the words a person debugging a firewall needs.
+fn parse_pause(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s.split_once(',').ok_or("expected AT,FOR (seconds)")?;
+    let at: f64 = a.trim().parse().map_err(|_| format!("bad AT {a:?}"))?;
+    let dur: f64 = b.trim().parse().map_err(|_| format!("bad FOR {b:?}"))?;
+    if at < 0.0 || dur < 0.0 {
+        return Err("AT and FOR must not be negative".into());
+    }
+    Ok((at, dur))
+}
+
+/// The phase that failed, in the words a person debugging a firewall needs: judged from
+/// what was sent and received, whichever side's timer ended the call.
 fn failed_phase(r: &CallReport) -> &'static str {
     match r.reason {
         EndReason::NoStart => "no START (the callee never answered, or the manager lost it)",
-        EndReason::NoMedia if r.role == engine::client::Role::Callee && r.nulls_sent == 0 => {
-            "no media (no null packet was sent: --no-null)"
-        }
-        EndReason::NoMedia if r.sent > 0 => "media one way only (sent, nothing came back)",
-        EndReason::NoMedia => "no media",
-        EndReason::PeerGone => "media stopped",
         EndReason::Unknown(_) => "no INCOMING (callee unknown)",
         EndReason::Busy => "no INCOMING (callee busy)",
         EndReason::Rejected(_) => "rejected",
         EndReason::ManagerLost => "manager lost during setup",
-        _ if r.received == 0 => "media one way only (nothing received)",
+        _ if r.received == 0 && r.role == engine::client::Role::Callee && r.nulls_sent == 0 => {
+            "no media (no null packet was sent: --no-null)"
+        }
+        _ if r.received == 0 && r.sent > 0 => "media one way only (sent, nothing came back)",
+        _ if r.received == 0 => "no media",
+        EndReason::PeerGone => "media stopped",
         _ => "hung up",
     }
 }
@@ -158,6 +183,10 @@ impl App for PeerApp {
         match event {
             Event::Registered { public, source } => {
                 tracing::info!(%public, %source, "registered");
+                self.local_source = Some(match source {
+                    engine::wire::frame::AddrSource::Stun => "stun",
+                    engine::wire::frame::AddrSource::TcpPeer => "tcp-peer",
+                });
                 if let Some((callee, _)) = &self.role_caller {
                     if ctx.client.active_calls() == 0 && !self.done {
                         if let Err(e) = ctx.client.call(ctx.now, callee.clone()) {
@@ -170,14 +199,14 @@ impl App for PeerApp {
             Event::Started { handle, peer, .. } => {
                 tracing::info!(%peer, "START: streaming media to the callee");
                 let dur = self.role_caller.as_ref().map(|(_, d)| *d).unwrap_or_default();
-                self.streams.start(handle, ctx.now, Some(ctx.now + dur));
+                self.start_stream(ctx.now, handle, Some(ctx.now + dur));
             }
             Event::Incoming { caller, caller_addr, .. } => {
                 tracing::info!(%caller, %caller_addr, "incoming call: null packet sent, PUNCHED replied");
             }
             Event::MediaFlowing { handle } => {
                 tracing::info!("first packet from the peer: path is two-way");
-                self.streams.start(handle, ctx.now, None);
+                self.start_stream(ctx.now, handle, None);
             }
             Event::Ended(r) => {
                 self.streams.stop(r.handle);
@@ -271,6 +300,8 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     let mut app = PeerApp {
         json: args.json,
         role_caller: None,
+        local_source: None,
+        pause: args.pause.map(|(a, f)| (Duration::from_secs_f64(a), Duration::from_secs_f64(f))),
         calls_left: None,
         deadline: None,
         streams: Streams::new(now),

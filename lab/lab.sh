@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# nullpunch firewall lab: network namespaces with real netfilter/conntrack routers.
+#
+#   lab.sh up PREFIX MODE_A MODE_B   build the topology (modes: fw | nat | nat-random)
+#   lab.sh down PREFIX               remove everything PREFIX created (idempotent)
+#   lab.sh loss PREFIX ROUTER PCT    drop PCT% of UDP forwarded by ROUTER (r1|r2); 0 clears
+#   lab.sh udp-timeout PREFIX SECS   set both routers' conntrack UDP timeouts (unreplied, stream)
+#   lab.sh counters PREFIX ROUTER    print "name packets" for the router's counters
+#   lab.sh shell PREFIX HOST         an interactive shell in HOST (mgr|r1|r2|a|b)
+#
+# Topology (names are PREFIX + name; several labs can run side by side):
+#
+#   a 10.1.0.2 --lan0-- r1 --wan0 198.18.0.11--+
+#                                              +-- br0 (inet) -- mgr 198.18.0.1 (manager on :80)
+#   b 10.2.0.2 --lan0-- r2 --wan0 198.18.0.12--+
+#
+# Each router: forward policy drop; established/related accepted; from the LAN only TCP to
+# port 80 and UDP (and ICMP) go out; everything else is dropped and counted (udp_drop,
+# tcp_drop). Behind NAT, unsolicited packets are addressed to the router itself and are
+# dropped in its input chain, counted the same way. `nat` adds masquerade (which keeps the
+# source port when it can); `nat-random` masquerades fully-random (a new port per flow).
+#
+# Run as root. When used from a shell, `up` installs no trap: pair it with `down` (the Rust
+# driver does so on drop; scripts should `trap "lab.sh down PREFIX" EXIT`).
+set -euo pipefail
+
+cmd=${1:-}
+P=${2:-}
+[ -n "$cmd" ] && [ -n "$P" ] || { sed -n '2,10p' "$0"; exit 2; }
+HOSTS=(inet mgr r1 r2 a b)
+ns() { echo "${P}$1"; }
+nsx() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
+
+router_rules() { # MODE LAN_NET
+    local mode=$1
+    nft -f - <<NFT
+table inet lab {
+    counter udp_drop { }
+    counter tcp_drop { }
+    counter udp_loss { }
+    chain loss { }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        jump loss
+        ct state established,related accept
+        iifname "lan0" tcp dport 80 accept
+        iifname "lan0" meta l4proto { udp, icmp } accept
+        meta l4proto udp counter name udp_drop drop
+        meta l4proto tcp counter name tcp_drop drop
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iifname "wan0" ct state established,related accept
+        iifname "wan0" meta l4proto udp counter name udp_drop drop
+        iifname "wan0" meta l4proto tcp counter name tcp_drop drop
+    }
+}
+NFT
+    case $mode in
+        fw) ;;
+        nat) nft -f - <<NFT
+table ip labnat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat;
+        oifname "wan0" masquerade
+    }
+}
+NFT
+        ;;
+        nat-random) nft -f - <<NFT
+table ip labnat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat;
+        oifname "wan0" masquerade fully-random
+    }
+}
+NFT
+        ;;
+        *) echo "unknown router mode $mode (fw|nat|nat-random)" >&2; return 2 ;;
+    esac
+}
+
+up() {
+    local mode_a=$1 mode_b=$2
+    case $mode_a$mode_b in *[!a-z-]*) echo "bad modes" >&2; exit 2 ;; esac
+    for h in "${HOSTS[@]}"; do
+        ip netns add "$(ns "$h")"
+        nsx "$h" ip link set lo up
+    done
+    nsx inet ip link add br0 type bridge
+    nsx inet ip link set br0 up
+    # Internet segment: mgr, r1, r2 on one bridge.
+    for h in mgr r1 r2; do
+        local dev=eth0
+        [ "$h" != mgr ] && dev=wan0
+        ip link add "$dev" netns "$(ns "$h")" type veth peer name "p-$h" netns "$(ns inet)"
+        nsx inet ip link set "p-$h" master br0 up
+        nsx "$h" ip link set "$dev" up
+    done
+    nsx mgr ip addr add 198.18.0.1/24 dev eth0
+    nsx r1 ip addr add 198.18.0.11/24 dev wan0
+    nsx r2 ip addr add 198.18.0.12/24 dev wan0
+    # LANs.
+    ip link add lan0 netns "$(ns r1)" type veth peer name eth0 netns "$(ns a)"
+    ip link add lan0 netns "$(ns r2)" type veth peer name eth0 netns "$(ns b)"
+    nsx r1 ip addr add 10.1.0.1/24 dev lan0
+    nsx r2 ip addr add 10.2.0.1/24 dev lan0
+    nsx a ip addr add 10.1.0.2/24 dev eth0
+    nsx b ip addr add 10.2.0.2/24 dev eth0
+    nsx a ip link set eth0 up
+    nsx b ip link set eth0 up
+    nsx r1 ip link set lan0 up
+    nsx r2 ip link set lan0 up
+    nsx a ip route add default via 10.1.0.1
+    nsx b ip route add default via 10.2.0.1
+    # Routes for the un-NATed (fw) case: the LANs are reachable through their routers.
+    nsx mgr ip route add 10.1.0.0/24 via 198.18.0.11
+    nsx mgr ip route add 10.2.0.0/24 via 198.18.0.12
+    nsx r1 ip route add 10.2.0.0/24 via 198.18.0.12
+    nsx r2 ip route add 10.1.0.0/24 via 198.18.0.11
+    for r in r1 r2; do
+        nsx "$r" sysctl -qw net.ipv4.ip_forward=1
+    done
+    nsx r1 bash -c "$(declare -f router_rules); router_rules $mode_a"
+    nsx r2 bash -c "$(declare -f router_rules); router_rules $mode_b"
+}
+
+down() {
+    for h in "${HOSTS[@]}"; do
+        local n
+        n=$(ns "$h")
+        if ip netns list | grep -qw "^$n"; then
+            ip netns pids "$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+            ip netns del "$n" 2>/dev/null || true
+        fi
+    done
+}
+
+case $cmd in
+    up)
+        [ $# -eq 4 ] || { echo "usage: lab.sh up PREFIX MODE_A MODE_B" >&2; exit 2; }
+        # Build atomically: on any failure, remove what was made.
+        trap 'down' ERR
+        up "$3" "$4"
+        trap - ERR
+        ;;
+    down) down ;;
+    loss)
+        nsx "$3" nft flush chain inet lab loss
+        if [ "$4" -gt 0 ]; then
+            nsx "$3" nft add rule inet lab loss meta l4proto udp numgen random mod 100 "<" "$4" counter name udp_loss drop
+        fi
+        ;;
+    udp-timeout)
+        for r in r1 r2; do
+            nsx "$r" sysctl -qw net.netfilter.nf_conntrack_udp_timeout="$3"
+            nsx "$r" sysctl -qw net.netfilter.nf_conntrack_udp_timeout_stream="$3"
+        done
+        ;;
+    counters)
+        for c in udp_drop tcp_drop udp_loss; do
+            echo "$c $(nsx "$3" nft list counter inet lab "$c" | awk '/packets/ {for (i=1;i<=NF;i++) if ($i=="packets") print $(i+1)}')"
+        done
+        ;;
+    shell) nsx "$3" bash ;;
+    *) echo "unknown command $cmd" >&2; exit 2 ;;
+esac

@@ -1,0 +1,230 @@
+//! Direct calls through real stateful firewalls and NATs (netfilter/conntrack in network
+//! namespaces), with the real `manager` and `peer` binaries. One test per router pair runs
+//! the six checks; the pairs run side by side in separate labs. Each check uses fresh UDP
+//! ports, so conntrack state left by one check cannot help the next.
+//!
+//! Needs root, iproute2, nftables and conntrack (the README's test command installs them).
+
+use std::time::Duration;
+
+use lab::{Host, Lab, Mode, PeerOutput, R1_WAN, R2_WAN};
+use serde_json::Value;
+
+/// Give a just-started listener time to register (about a millisecond in the lab).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(400));
+}
+
+/// Run `peer` in host `h` with its media socket on `port`.
+fn peer(lab: &Lab, h: Host, id: &str, port: u16, args: &[&str]) -> lab::Proc {
+    lab.peer(h, id, port, args).expect("start peer")
+}
+
+fn one(o: &PeerOutput, who: &str) -> Value {
+    assert_eq!(o.calls.len(), 1, "{who}: one JSON call report expected; stderr: {}", o.stderr);
+    o.calls[0].clone()
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// Fields of a conntrack line (`key=value` tokens, in order; the reply tuple repeats keys).
+fn ct_flow<'a>(table: &'a str, want: &[(&str, &str)]) -> Option<&'a str> {
+    table.lines().find(|l| want.iter().all(|(k, v)| l.split_whitespace().any(|t| t == format!("{k}={v}"))))
+}
+
+fn check_pair(a: Mode, b: Mode) {
+    let lab = Lab::up(a, b).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let pair = format!("{}/{}", a.as_str(), b.as_str());
+
+    // ---- Checks 2, 3, 4: a call succeeds; the null packet's path; the addresses used.
+    let r1_before = lab.counters(Host::R1).unwrap();
+    let bob = peer(&lab, Host::B, "bob", 41001, &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "bob", "--duration", "3", "--json"]);
+    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
+    assert_eq!(oa.code, 0, "{pair} caller: {}", oa.stderr);
+    assert_eq!(ob.code, 0, "{pair} callee: {}", ob.stderr);
+    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    // 2: two-way media with no loss.
+    for (who, c) in [("alice", &ca), ("bob", &cb)] {
+        assert_eq!(s(c, "result"), "ok", "{pair} {who}: {c}");
+        assert!(u(c, "received") >= 140, "{pair} {who} received too little: {c}");
+        assert_eq!(u(c, "lost"), 0, "{pair} {who}: {c}");
+    }
+    // 3: the callee's null packet was dropped by the caller's firewall ...
+    let r1_after = lab.counters(Host::R1).unwrap();
+    let dropped = r1_after.udp_drop - r1_before.udp_drop;
+    assert!(dropped >= 1, "{pair}: the caller's router dropped no UDP: the null packet never arrived");
+    assert!(dropped <= u(&cb, "nulls_sent"), "{pair}: r1 dropped {dropped} UDP packets, more than bob's null packets");
+    // ... and opened the callee's own: its flow towards the caller's public address is in
+    // the callee router's conntrack table.
+    let a_pub = s(&ca, "local").to_string();
+    let (a_ip, a_port) = a_pub.split_once(':').unwrap();
+    let ct_r2 = lab.conntrack_udp(Host::R2).unwrap();
+    assert!(
+        ct_flow(&ct_r2, &[("src", "10.2.0.2"), ("sport", "41001"), ("dst", a_ip), ("dport", a_port)]).is_some(),
+        "{pair}: no conntrack entry for bob's flow to {a_pub} on r2:\n{ct_r2}"
+    );
+    // 4: the public addresses the manager handed out were learned by STUN and are the ones
+    // media used (peers accept media only from the announced address; conntrack on the
+    // caller's router shows the translated port of the media flow).
+    assert_eq!(s(&ca, "local_source"), "stun", "{pair}: {ca}");
+    assert_eq!(s(&cb, "local_source"), "stun", "{pair}: {cb}");
+    let want_a_ip = if a.is_nat() { R1_WAN } else { "10.1.0.2" };
+    let want_b_ip = if b.is_nat() { R2_WAN } else { "10.2.0.2" };
+    assert_eq!(a_ip, want_a_ip, "{pair}: alice's public address");
+    assert!(s(&cb, "local").starts_with(&format!("{want_b_ip}:")), "{pair}: bob's public address {cb}");
+    assert_eq!(s(&cb, "peer"), a_pub, "{pair}: bob sent to where the manager said alice is");
+    assert_eq!(s(&ca, "peer"), s(&cb, "local"), "{pair}: alice sent to where the manager said bob is");
+    let b_pub = s(&cb, "local").to_string();
+    let (b_ip, b_port) = b_pub.split_once(':').unwrap();
+    let ct_r1 = lab.conntrack_udp(Host::R1).unwrap();
+    let flow = ct_flow(&ct_r1, &[("src", "10.1.0.2"), ("sport", "40001"), ("dst", b_ip), ("dport", b_port)])
+        .unwrap_or_else(|| panic!("{pair}: no conntrack entry for alice's media flow on r1:\n{ct_r1}"));
+    // The reply tuple (second half) is addressed to alice's public address.
+    let reply: Vec<&str> = flow.split_whitespace().filter(|t| t.starts_with("dst=") || t.starts_with("dport=")).collect();
+    assert_eq!(reply.get(2), Some(&format!("dst={a_ip}").as_str()), "{pair}: {flow}");
+    assert_eq!(reply.get(3), Some(&format!("dport={a_port}").as_str()), "{pair}: {flow}");
+
+    // ---- Check 1: negative control. Without the null packet the callee's firewall drops
+    // everything the caller sends.
+    let r2_before = lab.counters(Host::R2).unwrap();
+    let bob = peer(&lab, Host::B, "bob", 41002, &["--setup-timeout-secs", "2", "listen", "--calls", "1", "--no-null", "--json"]);
+    settle();
+    let alice = peer(&lab, Host::A, "alice", 40002, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "4", "--json"]);
+    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    assert_ne!(oa.code, 0, "{pair}: the call must fail without the null packet: {ca}");
+    assert_ne!(ob.code, 0, "{pair}: {cb}");
+    assert_eq!(u(&cb, "received"), 0, "{pair}: media reached bob without a window: {cb}");
+    assert_eq!(u(&ca, "received"), 0, "{pair}: {ca}");
+    assert!(u(&ca, "sent") > 0, "{pair}: alice streamed: {ca}");
+    assert!(s(&cb, "failed_phase").contains("no media"), "{pair}: {cb}");
+    let r2_after = lab.counters(Host::R2).unwrap();
+    assert!(
+        r2_after.udp_drop - r2_before.udp_drop >= u(&ca, "sent"),
+        "{pair}: bob's router dropped {} UDP packets, alice sent {} RTP packets",
+        r2_after.udp_drop - r2_before.udp_drop,
+        u(&ca, "sent")
+    );
+
+    // ---- Check 5: an idle call keeps its window. Conntrack forgets UDP flows after 3 s;
+    // both sides pause media for longer (keepalives every second), the callee 2 s longer
+    // than the caller, so without keepalives the caller's first resumed packets would meet a
+    // closed window.
+    let (sent_a, recv_b, recv_a, sent_b) = idle_call(&lab, 40003, 41003, "1");
+    assert!(recv_b + 5 >= sent_a, "{pair}: bob got {recv_b} of alice's {sent_a} packets across the pause");
+    assert!(recv_a + 5 >= sent_b, "{pair}: alice got {recv_a} of bob's {sent_b} packets across the pause");
+    lab.set_udp_timeout(30).unwrap();
+
+    // ---- Check 6: 5% UDP loss on the callee's router during setup: calls still connect
+    // (STUN and null packet retries).
+    lab.set_loss(Host::R2, 5).unwrap();
+    let calls = 20;
+    let bob = peer(&lab, Host::B, "bob", 41100, &["listen", "--calls", &calls.to_string(), "--json"]);
+    settle();
+    let mut ok = 0;
+    for i in 0..calls {
+        // A fresh port each time: every call punches a new window.
+        let o = peer(&lab, Host::A, "alice", 40100 + i, &["call", "bob", "--duration", "0.3", "--json"]).finish(Duration::from_secs(20));
+        if o.code == 0 {
+            ok += 1;
+        } else {
+            eprintln!("{pair}: call {i} under loss failed: {}", o.stderr);
+        }
+    }
+    let ob = bob.finish(Duration::from_secs(20));
+    assert_eq!(ob.calls.len(), calls as usize, "{pair}: {}", ob.stderr);
+    assert_eq!(ok, calls, "{pair}: {ok} of {calls} calls connected under 5% loss");
+    assert!(lab.counters(Host::R2).unwrap().udp_loss > 0, "{pair}: the loss rule dropped nothing");
+    lab.set_loss(Host::R2, 0).unwrap();
+
+    // Check 2, the manager's side: it never saw a media packet.
+    let stats = m.stop().unwrap();
+    assert_eq!(stats["udp_media"], 0, "{pair}: {stats}");
+    assert_eq!(stats["udp_non_stun"], 0, "{pair}: {stats}");
+}
+
+/// A call with conntrack UDP timeouts of 3 s and media paused 2..12 s (caller) and
+/// 2..14 s (callee), with the given keepalive interval. Returns (alice sent, bob received,
+/// alice received, bob sent).
+fn idle_call(lab: &Lab, port_a: u16, port_b: u16, keepalive: &str) -> (u64, u64, u64, u64) {
+    lab.set_udp_timeout(3).unwrap();
+    let bob = peer(
+        lab,
+        Host::B,
+        "bob",
+        port_b,
+        &["--keepalive-secs", keepalive, "--pause", "2,12", "listen", "--calls", "1", "--json"],
+    );
+    settle();
+    let alice = peer(
+        lab,
+        Host::A,
+        "alice",
+        port_a,
+        &["--keepalive-secs", keepalive, "--pause", "2,10", "call", "bob", "--duration", "16", "--json"],
+    );
+    let (oa, ob) = (alice.finish(Duration::from_secs(40)), bob.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    (u(&ca, "sent"), u(&cb, "received"), u(&ca, "received"), u(&cb, "sent"))
+}
+
+#[test]
+fn fw_fw() {
+    check_pair(Mode::Fw, Mode::Fw);
+}
+
+#[test]
+fn fw_nat() {
+    check_pair(Mode::Fw, Mode::Nat);
+}
+
+#[test]
+fn nat_fw() {
+    check_pair(Mode::Nat, Mode::Fw);
+}
+
+#[test]
+fn nat_nat() {
+    check_pair(Mode::Nat, Mode::Nat);
+}
+
+/// The control for check 5: with keepalives effectively off, the same paused call loses
+/// the caller's resumed media until the callee speaks again (about 2 s, 100 packets). This
+/// shows the lab's short conntrack timeouts really close idle windows, so check 5 can fail.
+#[test]
+fn without_keepalives_an_idle_window_closes() {
+    let lab = Lab::up(Mode::Nat, Mode::Nat).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let (sent_a, recv_b, _, _) = idle_call(&lab, 40003, 41003, "1000");
+    assert!(
+        recv_b + 50 <= sent_a,
+        "bob got {recv_b} of alice's {sent_a} packets: the window should have closed during the pause"
+    );
+    m.stop().unwrap();
+}
+
+/// With a fully-random NAT on the callee's side, the port the manager saw is not the port
+/// the callee's router uses towards the caller: the simple punch fails, and says where.
+#[test]
+fn a_fully_random_nat_defeats_the_simple_punch() {
+    let lab = Lab::up(Mode::Fw, Mode::NatRandom).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let bob = peer(&lab, Host::B, "bob", 41001, &["--setup-timeout-secs", "2", "listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&lab, Host::A, "alice", 40001, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "3", "--json"]);
+    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    assert_ne!(oa.code, 0, "{ca}");
+    assert_eq!(u(&cb, "received"), 0, "{cb}");
+    assert!(s(&ca, "failed_phase").contains("no media") || s(&ca, "failed_phase").contains("one way"), "{ca}");
+    m.stop().unwrap();
+}
