@@ -5,7 +5,8 @@
 //!
 //! Simulated clients are tokio tasks, each a real [`Client`] over its own TCP connection and
 //! UDP socket on loopback, driven by the same driver the `peer` binary uses. Call `k` is
-//! planned at `t0 + k / rate` and placed by caller `k % callers` to callee `k % callees`.
+//! planned at `t0 + k / rate` and placed by caller `k % callers` to callee
+//! `(k + k / callers) % callees` (rotating, so pairs mix even when the counts are equal).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -362,7 +363,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         let registered_in = wall0.elapsed();
         let t0 = Instant::now() + Duration::from_millis(100);
         // Open-loop plan on a thread of its own with a fine timer: call k is released at
-        // t0 + k / rate to caller k % callers, for callee k % callees.
+        // t0 + k / rate to caller k % callers, for callee (k + k / callers) % callees.
         let (calls, rate, callers, callees) = (cfg.calls, cfg.rate, cfg.callers, cfg.callees);
         let sched_inboxes = inboxes.clone();
         let scheduler = std::thread::Builder::new()
@@ -375,7 +376,9 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                     if at > now {
                         std::thread::sleep(at - now);
                     }
-                    let callee = ClientId::new(format!("callee-{}", k as usize % callees)).expect("valid id");
+                    // Rotate so every caller meets many callees even when the counts are equal.
+                    let callee_ix = (k as usize + k as usize / callers) % callees;
+                    let callee = ClientId::new(format!("callee-{callee_ix}")).expect("valid id");
                     let inbox = &sched_inboxes[k as usize % callers];
                     inbox.due.lock().unwrap_or_else(|e| e.into_inner()).push_back((at, callee));
                     inbox.wake.notify_one();
@@ -440,7 +443,13 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     }
     let failed = records.len() as u64 - ok;
     let span = calls_done.saturating_duration_since(t0).as_secs_f64().max(1e-9);
-    let achieved_rate = records.len() as f64 / (cfg.calls as f64 / cfg.rate).max(1e-9);
+    // Achieved start rate: calls placed over the span from the first to the last placement.
+    let first_sent = records.iter().map(|r| r.sent).min();
+    let last_sent = records.iter().map(|r| r.sent).max();
+    let achieved_rate = match (first_sent, last_sent) {
+        (Some(a), Some(b)) if b > a => (records.len() - 1) as f64 / (b - a).as_secs_f64(),
+        _ => cfg.rate,
+    };
     let cpu_share = cpu / wall.as_secs_f64() / sys::cores() as f64;
     let loss = if media.received + media.lost > 0 { media.lost as f64 / (media.received + media.lost) as f64 } else { 0.0 };
     let rss = sys::rss_mb();

@@ -48,11 +48,11 @@ impl Bindings {
         true
     }
 
-    /// Take the binding for `tx`, if it is known and fresh.
-    pub fn take(&self, tx: &[u8; 12]) -> Option<SocketAddr> {
+    /// Take the binding for `tx`, if it is known and fresh at `now`.
+    pub fn take(&self, tx: &[u8; 12], now: Instant) -> Option<SocketAddr> {
         let mut m = self.stripe(tx).lock().unwrap_or_else(|e| e.into_inner());
         let (addr, t) = m.remove(tx)?;
-        (t.elapsed() < BINDING_TTL).then_some(addr)
+        (now.saturating_duration_since(t) < BINDING_TTL).then_some(addr)
     }
 
     /// Drop expired bindings.

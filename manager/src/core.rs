@@ -373,7 +373,7 @@ impl Shard {
                     self.unexpected(conn, "REGISTER on an already registered connection");
                     return;
                 }
-                let stun = binding.and_then(|tx| self.bindings.take(&tx));
+                let stun = binding.and_then(|tx| self.bindings.take(&tx, now));
                 let (public, source) = match stun {
                     Some(addr) => (addr, AddrSource::Stun),
                     None => (SocketAddr::new(c.peer.ip(), udp_port), AddrSource::TcpPeer),

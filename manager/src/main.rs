@@ -59,18 +59,21 @@ fn main() {
             std::process::exit(1);
         }
     };
-    println!("listening {}", handle.local_addr());
-    tracing::info!(addr = %handle.local_addr(), shards = handle.shards(), "manager listening on tcp and udp");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let stats = handle.stats().clone();
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
+        // Handlers first, then the announcement: a signal sent as soon as `listening` is
+        // printed is never lost.
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        println!("listening {}", handle.local_addr());
+        tracing::info!(addr = %handle.local_addr(), shards = handle.shards(), "manager listening on tcp and udp");
         let mut every = tokio::time::interval(Duration::from_secs(args.stats_every.max(1)));
         every.tick().await;
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = int.recv() => break,
                 _ = term.recv() => break,
                 _ = every.tick(), if args.stats_every > 0 => eprintln!("{}", stats.to_json()),
             }

@@ -676,7 +676,7 @@ fn a_peer_that_vanishes_is_detected_by_media_timeout() {
 }
 
 #[test]
-fn busy_unknown_and_offline_callees_fail_with_their_reason() {
+fn busy_and_unknown_callees_fail_with_their_reason() {
     let mut sim = Sim::new(11, 2, Net::default());
     let b = sim.add("bob", listen(), |c| c.max_calls = 1);
     let a1 = sim.add("a1", call("bob", 300, 3000), |_| {});
