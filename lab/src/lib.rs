@@ -91,6 +91,15 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!("{} is not built: run `cargo build --workspace` (scripts/test does) first", p.display()))
+    }
+}
+
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab.sh")
 }
@@ -139,7 +148,7 @@ impl Lab {
     /// Start the manager on [`MANAGER`] inside the manager's host.
     pub fn start_manager(&self) -> Result<ManagerProc> {
         let mut child = self
-            .cmd(Host::Mgr, bin_dir().join("manager"))
+            .cmd(Host::Mgr, binary("manager")?)
             .args(["--listen", MANAGER, "--shards", "2"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -168,7 +177,7 @@ impl Lab {
             _ => return Err("peers run on A or B".into()),
         };
         let child = self
-            .cmd(h, bin_dir().join("peer"))
+            .cmd(h, binary("peer")?)
             .args(["--manager", MANAGER, "--id", id, "--bind", &bind])
             .args(args)
             .stdout(Stdio::piped())
