@@ -26,7 +26,8 @@
 //! 30 s); if nothing arrives for `media_timeout` the call ends with `PeerGone`. Media keeps
 //! flowing if the manager connection drops: the path is direct.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -381,9 +382,20 @@ struct Call {
     nulls_sent: u64,
     nulls_rx: u64,
     rx: RtpReceiverStats,
+    /// The time of this call's live entry in the timer heap (None: no live entry).
+    scheduled: Option<Instant>,
+    /// Generation of the live heap entry; older entries are stale.
+    timer_gen: u32,
 }
 
 impl Call {
+    /// The earliest time any of this call's timers is due.
+    fn next_deadline(&self, cfg: &ClientConfig) -> Option<Instant> {
+        let keepalive = (self.state == CallState::Media).then(|| self.last_tx + cfg.keepalive_interval);
+        let silence = self.first_rx.map(|_| self.last_rx + cfg.media_timeout);
+        [self.deadline, self.next_null, keepalive, silence].into_iter().flatten().min()
+    }
+
     fn ssrcs(role: Role, token: u64) -> (u32, u32) {
         // The caller's SSRC is the token's low half, the callee's the high half; both sides
         // know the token, so each knows which SSRC to expect.
@@ -424,6 +436,10 @@ pub struct Client {
     by_call_id: HashMap<CallId, CallHandle>,
     by_ssrc: HashMap<u32, CallHandle>,
     next_handle: u32,
+    /// Call timers: (due, call, generation). Each live call has one live entry no later than
+    /// its true next deadline; sending and receiving only move deadlines later, so the hot
+    /// path never touches the heap. An early entry just re-arms when it fires.
+    timers: BinaryHeap<Reverse<(Instant, CallHandle, u32)>>,
     frames: VecDeque<Frame>,
     datagrams: VecDeque<SmallDatagram>,
     events: VecDeque<Event>,
@@ -448,6 +464,7 @@ impl Client {
             by_call_id: HashMap::new(),
             by_ssrc: HashMap::new(),
             next_handle: 1,
+            timers: BinaryHeap::new(),
             frames: VecDeque::new(),
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
@@ -628,28 +645,47 @@ impl Client {
                 self.next_ping = Some(now + self.cfg.ping_interval);
             }
         }
-        // Collect first, then act: acting may end calls (mutating the map).
-        let mut due: Vec<(CallHandle, Option<EndReason>)> = Vec::new();
-        for (h, c) in &self.calls {
+        // Pop the due heap entries (skipping stale ones), then act: acting may end calls.
+        let mut due: Vec<CallHandle> = Vec::new();
+        while let Some(&Reverse((t, h, gen))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(c) = self.calls.get_mut(&h) {
+                if c.timer_gen == gen {
+                    c.scheduled = None;
+                    due.push(h);
+                }
+            }
+        }
+        for h in due {
+            let Some(c) = self.calls.get(&h) else { continue };
             if c.deadline.is_some_and(|d| now >= d) {
-                let why = if c.state == CallState::Calling { EndReason::NoStart } else { EndReason::NoMedia };
-                due.push((*h, Some(why)));
+                if c.state == CallState::Calling {
+                    self.end_call(now, h, EndReason::NoStart, None);
+                } else {
+                    self.end_call(now, h, EndReason::NoMedia, Some(HangupReason::Timeout));
+                }
             } else if c.first_rx.is_some() && now.duration_since(c.last_rx) >= self.cfg.media_timeout {
-                due.push((*h, Some(EndReason::PeerGone)));
-            } else if c.next_null.is_some_and(|t| now >= t)
-                || (c.state == CallState::Media && now.duration_since(c.last_tx) >= self.cfg.keepalive_interval)
-            {
-                due.push((*h, None));
+                self.end_call(now, h, EndReason::PeerGone, Some(HangupReason::PeerGone));
+            } else {
+                self.call_timers(now, h);
+                self.schedule(h);
             }
         }
-        for (h, why) in due {
-            match why {
-                Some(EndReason::NoStart) => self.end_call(now, h, EndReason::NoStart, None),
-                Some(EndReason::PeerGone) => self.end_call(now, h, EndReason::PeerGone, Some(HangupReason::PeerGone)),
-                Some(why) => self.end_call(now, h, why, Some(HangupReason::Timeout)),
-                None => self.call_timers(now, h),
-            }
+    }
+
+    /// Make sure call `h` has a heap entry no later than its next deadline.
+    fn schedule(&mut self, h: CallHandle) {
+        let Some(c) = self.calls.get_mut(&h) else { return };
+        let Some(next) = c.next_deadline(&self.cfg) else { return };
+        if c.scheduled.is_some_and(|s| s <= next) {
+            return;
         }
+        c.timer_gen = c.timer_gen.wrapping_add(1);
+        c.scheduled = Some(next);
+        self.timers.push(Reverse((next, h, c.timer_gen)));
     }
 
     fn call_timers(&mut self, now: Instant, h: CallHandle) {
@@ -679,6 +715,7 @@ impl Client {
         self.frames.push_back(Frame::Call { call_ref: h.0, callee: callee.clone() });
         let call = self.new_call(now, Role::Caller, callee, None, 0, None);
         self.calls.insert(h, Call { deadline: Some(now + self.cfg.start_timeout), ..call });
+        self.schedule(h);
         Ok(h)
     }
 
@@ -752,29 +789,23 @@ impl Client {
         self.events.pop_front()
     }
 
-    /// When [`Client::handle_timeout`] should next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t: Option<Instant> = None;
-        let mut consider = |x: Option<Instant>| {
-            if let Some(x) = x {
-                t = Some(t.map_or(x, |t| t.min(x)));
+    /// When [`Client::handle_timeout`] should next be called. Takes `&mut self` to drop
+    /// timer entries of calls that ended, so the answer is exact.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((_, h, gen))) = self.timers.peek() {
+            match self.calls.get(&h) {
+                Some(c) if c.timer_gen == gen => break,
+                _ => {
+                    self.timers.pop();
+                }
             }
+        }
+        let call = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let discovery = match self.reg {
+            RegState::Discovering { next, .. } => Some(next),
+            _ => None,
         };
-        if let RegState::Discovering { next, .. } = self.reg {
-            consider(Some(next));
-        }
-        consider(self.next_ping);
-        for c in self.calls.values() {
-            consider(c.deadline);
-            consider(c.next_null);
-            if c.state == CallState::Media {
-                consider(Some(c.last_tx + self.cfg.keepalive_interval));
-            }
-            if c.first_rx.is_some() {
-                consider(Some(c.last_rx + self.cfg.media_timeout));
-            }
-        }
-        t
+        [discovery, self.next_ping, call].into_iter().flatten().min()
     }
 
     // ---------------------------------------------------------------- internals
@@ -822,6 +853,8 @@ impl Client {
             nulls_sent: 0,
             nulls_rx: 0,
             rx: RtpReceiverStats::new(self.cfg.clock_hz),
+            scheduled: None,
+            timer_gen: 0,
         }
     }
 
@@ -891,6 +924,7 @@ impl Client {
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
         self.calls.insert(h, c);
+        self.schedule(h);
         self.events.push_back(Event::Incoming { handle: h, call_id, caller, caller_addr });
     }
 
@@ -917,6 +951,7 @@ impl Client {
         queue_null(&mut self.datagrams, c, now, false);
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
+        self.schedule(h);
         self.events.push_back(Event::Started { handle: h, call_id, peer: callee_addr });
     }
 

@@ -315,9 +315,11 @@ fn drain<A: App>(
 /// Paced media streams for an [`App`]: one synthetic 50 packets/s stream per call, each
 /// frame stamped with the send time (microseconds since `epoch`) so a receiver on the same
 /// clock can measure one-way latency. Falls behind by at most three frames after a stall,
-/// then skips ahead (a real-time stream does not burst to catch up).
+/// then skips ahead (a real-time stream does not burst to catch up). Streams wait in a heap
+/// by next send time, so a wake-up costs O(log n) per due stream, not a scan of all.
 pub struct Streams {
     map: std::collections::HashMap<CallHandle, Stream>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, CallHandle)>>,
     payload: Vec<u8>,
     epoch: Instant,
 }
@@ -330,20 +332,26 @@ struct Stream {
     pause: Option<(Instant, Instant)>,
 }
 
+impl Stream {
+    fn wake_at(&self) -> Instant {
+        self.hangup_at.map_or(self.next_send, |h| h.min(self.next_send))
+    }
+}
+
 impl Streams {
     /// No streams; send stamps count from `epoch`.
     pub fn new(epoch: Instant) -> Self {
-        Streams { map: Default::default(), payload: vec![0u8; 1500], epoch }
+        Streams { map: Default::default(), heap: Default::default(), payload: vec![0u8; 1500], epoch }
     }
 
     /// Start streaming on `handle` now (no-op if already streaming); hang up at `hangup_at`.
     pub fn start(&mut self, handle: CallHandle, now: Instant, hangup_at: Option<Instant>) {
-        self.map.entry(handle).or_insert(Stream {
-            source: crate::media::SyntheticSource::opus_like(),
-            next_send: now,
-            hangup_at,
-            pause: None,
-        });
+        if self.map.contains_key(&handle) {
+            return;
+        }
+        let s = Stream { source: crate::media::SyntheticSource::opus_like(), next_send: now, hangup_at, pause: None };
+        self.heap.push(std::cmp::Reverse((s.wake_at(), handle)));
+        self.map.insert(handle, s);
     }
 
     /// Send no media on `handle` from `from` until `until` (the client's keepalives still
@@ -354,7 +362,7 @@ impl Streams {
         }
     }
 
-    /// Forget `handle` (its call ended).
+    /// Forget `handle` (its call ended). Its heap entry is dropped when it comes up.
     pub fn stop(&mut self, handle: CallHandle) {
         self.map.remove(&handle);
     }
@@ -369,18 +377,26 @@ impl Streams {
         self.map.is_empty()
     }
 
-    /// When [`Streams::run`] next has work.
+    /// When [`Streams::run`] next has work (possibly early, for a stream that stopped).
     pub fn next_wakeup(&self) -> Option<Instant> {
-        self.map.values().map(|s| s.hangup_at.map_or(s.next_send, |h| h.min(s.next_send))).min()
+        self.heap.peek().map(|std::cmp::Reverse((t, _))| *t)
     }
 
     /// Send the frames that are due and hang up the calls whose time is up.
     pub fn run(&mut self, ctx: &mut Ctx<'_>) {
         let now = ctx.now;
-        let mut hang = Vec::new();
-        for (&h, s) in self.map.iter_mut() {
+        while let Some(&std::cmp::Reverse((t, h))) = self.heap.peek() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            let Some(s) = self.map.get_mut(&h) else { continue };
+            if s.wake_at() != t {
+                continue; // a stale entry; the stream has a later one
+            }
             if s.hangup_at.is_some_and(|t| now >= t) {
-                hang.push(h);
+                self.map.remove(&h);
+                let _ = ctx.client.hangup(now, h);
                 continue;
             }
             let frame = Duration::from_millis(crate::media::MediaSource::frame_ms(&s.source) as u64);
@@ -398,10 +414,7 @@ impl Streams {
             if s.next_send <= now {
                 s.next_send = now + frame;
             }
-        }
-        for h in hang {
-            self.map.remove(&h);
-            let _ = ctx.client.hangup(now, h);
+            self.heap.push(std::cmp::Reverse((s.wake_at(), h)));
         }
     }
 }

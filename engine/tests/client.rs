@@ -253,7 +253,7 @@ impl T {
     }
 
     /// When the next timer is due, in ms since t0.
-    fn next_timeout(&self) -> Option<u64> {
+    fn next_timeout(&mut self) -> Option<u64> {
         self.c.poll_timeout().map(|t| (t - self.t0).as_millis() as u64)
     }
 
