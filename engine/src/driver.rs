@@ -24,6 +24,39 @@ use crate::wire::frame::FrameDecoder;
 /// rejected by the parsers.
 pub const MAX_DATAGRAM: usize = 2048;
 
+/// Ask for `bytes` of kernel receive and send buffer on a UDP socket. The default
+/// (about 208 KiB) holds only a few hundred small datagrams, so a socket shared by many
+/// sessions overflows at the first scheduling hiccup. Uses SO_RCVBUFFORCE/SO_SNDBUFFORCE
+/// when permitted (root), else the capped SO_RCVBUF/SO_SNDBUF. Returns the receive size the
+/// kernel granted (it reports twice the request, for bookkeeping).
+pub fn set_socket_buffers(udp: &UdpSocket, bytes: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let fd = udp.as_raw_fd();
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    let set = |force: libc::c_int, plain: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a c_int of the stated size.
+        unsafe {
+            let p = &v as *const libc::c_int as *const libc::c_void;
+            let n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::setsockopt(fd, libc::SOL_SOCKET, force, p, n) != 0 {
+                libc::setsockopt(fd, libc::SOL_SOCKET, plain, p, n);
+            }
+        }
+    };
+    set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    let mut got: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes a c_int into `got`.
+    unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut got as *mut libc::c_int as *mut libc::c_void, &mut len);
+    }
+    got.max(0) as usize
+}
+
+/// Datagrams taken per receive wake-up.
+const RECV_BATCH: usize = 64;
+
 /// Errors that stop the driver.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -214,11 +247,19 @@ pub async fn run_with_wake<A: App>(
                 let now = Instant::now();
                 match r {
                     Ok((n, from)) => {
-                        counters.udp_received += 1;
-                        if let Some(pkt) = client.handle_datagram(now, from, &ubuf[..n]) {
-                            let mut ctx = Ctx { client: &mut *client, now, udp, buf: &mut sbuf, counters: &mut counters };
-                            // The packet borrows `ubuf`, not the client, so the app may use both.
-                            app.on_media(&mut ctx, pkt);
+                        // One wake-up, then up to RECV_BATCH more datagrams without waiting:
+                        // under load most of the cost of a datagram is the wake-up.
+                        let mut next = Some((n, from));
+                        let mut taken = 0;
+                        while let Some((n, from)) = next {
+                            counters.udp_received += 1;
+                            if let Some(pkt) = client.handle_datagram(now, from, &ubuf[..n]) {
+                                let mut ctx = Ctx { client: &mut *client, now, udp, buf: &mut sbuf, counters: &mut counters };
+                                // The packet borrows `ubuf`, not the client, so the app may use both.
+                                app.on_media(&mut ctx, pkt);
+                            }
+                            taken += 1;
+                            next = if taken < RECV_BATCH { udp.try_recv_from(&mut ubuf).ok() } else { None };
                         }
                     }
                     // ICMP errors surface as recv errors on Linux (e.g. port unreachable): count, go on.

@@ -31,6 +31,47 @@ enum Cmd {
     /// Open-loop call setup at a target rate: the full flow per call, latency from the
     /// planned start, failures counted by cause.
     Setup(SetupArgs),
+    /// S concurrent two-way sessions at 50 packets/s each way, held for a measured
+    /// steady-state window: delivered packets/s, loss, one-way latency, CPU and RSS.
+    Sessions(SessionsArgs),
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct SessionsArgs {
+    /// Concurrent sessions (calls), each two-way at 50 packets/s.
+    #[arg(long, default_value_t = 1000)]
+    sessions: u64,
+    /// Seconds of steady state to measure, once every session is up.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Simulated clients on each side; their sessions share each client's one UDP socket
+    /// (0: two per core, so no single task carries too large a share).
+    #[arg(long, default_value_t = 0)]
+    clients: usize,
+    /// Sessions set up per second while ramping up.
+    #[arg(long, default_value_t = 1000.0)]
+    ramp: f64,
+    /// External manager HOST:PORT (default: in-process).
+    #[arg(long)]
+    manager: Option<String>,
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Local IP for the simulated clients (and the embedded manager).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: IpAddr,
+    /// Generator worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Hold the sessions without media, by keepalives alone (measures memory per session).
+    #[arg(long)]
+    idle: bool,
+    /// Print only the summary as one JSON object (last line of stdout).
+    #[arg(long)]
+    json: bool,
+    /// Write the run's files (see `setup --help`) into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -99,21 +140,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.cmd {
         Some(Cmd::Setup(a)) => a,
+        Some(Cmd::Sessions(s)) => return run_sessions(s),
         None => SetupArgs::default(),
     };
     if !(args.rate > 0.0) || args.callers == 0 || args.callees == 0 {
         eprintln!("loadgen: --rate, --callers and --callees must be positive");
         return ExitCode::from(2);
     }
-    let manager: Option<SocketAddr> = match &args.manager {
-        None => None,
-        Some(m) => match m.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-            Some(a) => Some(a),
-            None => {
-                eprintln!("loadgen: cannot resolve manager address {m:?}");
-                return ExitCode::from(2);
-            }
-        },
+    let manager = match resolve(&args.manager) {
+        Ok(m) => m,
+        Err(c) => return c,
     };
     let calls = match args.duration {
         Some(d) => (d * args.rate).round() as u64,
@@ -130,10 +166,29 @@ fn main() -> ExitCode {
         bind_ip: args.bind_ip,
         threads: args.threads,
         out: args.out.clone(),
+        window: None,
+        idle: false,
     };
-    match setup::run(cfg) {
+    finish(setup::run(cfg), args.json)
+}
+
+fn resolve(m: &Option<String>) -> Result<Option<SocketAddr>, ExitCode> {
+    match m {
+        None => Ok(None),
+        Some(m) => match m.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            Some(a) => Ok(Some(a)),
+            None => {
+                eprintln!("loadgen: cannot resolve manager address {m:?}");
+                Err(ExitCode::from(2))
+            }
+        },
+    }
+}
+
+fn finish(out: Result<setup::SetupOutcome, String>, json: bool) -> ExitCode {
+    match out {
         Ok(out) => {
-            if args.json {
+            if json {
                 println!("{}", out.json);
             } else {
                 print!("{}", out.text);
@@ -149,4 +204,35 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run_sessions(a: SessionsArgs) -> ExitCode {
+    let clients = if a.clients == 0 { 2 * sys::cores() } else { a.clients };
+    if a.sessions == 0 || !(a.ramp > 0.0) || !(a.duration > 0.0) {
+        eprintln!("loadgen: --sessions, --ramp and --duration must be positive");
+        return ExitCode::from(2);
+    }
+    let manager = match resolve(&a.manager) {
+        Ok(m) => m,
+        Err(c) => return c,
+    };
+    // Calls ramp up over S / ramp seconds; each lasts that long plus the window plus a
+    // margin, so all S sessions overlap during the window.
+    let ramp_s = a.sessions as f64 / a.ramp;
+    let settle = 1.0;
+    let cfg = setup::SetupConfig {
+        manager,
+        shards: a.shards,
+        rate: a.ramp,
+        calls: a.sessions,
+        talk: Duration::from_secs_f64(ramp_s + settle + a.duration + settle),
+        callers: clients,
+        callees: clients,
+        bind_ip: a.bind_ip,
+        threads: a.threads,
+        out: a.out.clone(),
+        window: Some((Duration::from_secs_f64(ramp_s + settle), Duration::from_secs_f64(a.duration))),
+        idle: a.idle,
+    };
+    finish(setup::run(cfg), a.json)
 }

@@ -46,6 +46,20 @@ pub struct SetupConfig {
     pub threads: usize,
     /// Write results (summary, histograms, plot) into this directory.
     pub out: Option<std::path::PathBuf>,
+    /// A steady-state measurement window (offset from t0, length): delivered packets, CPU
+    /// and one-way latency are measured inside it only (the `sessions` scenario).
+    pub window: Option<(Duration, Duration)>,
+    /// Hold the sessions without media (keepalives only): the idle-session scenario.
+    pub idle: bool,
+}
+
+/// What the measurement window saw.
+#[derive(Debug, Clone, Copy)]
+struct WindowStats {
+    secs: f64,
+    pps: f64,
+    cores: f64,
+    rss_mb: Option<f64>,
 }
 
 /// What a caller saw of one call.
@@ -77,6 +91,12 @@ impl MediaTotals {
 /// Shared between the generator's tasks; touched once per call, never per packet.
 struct Shared {
     epoch: Instant,
+    /// Media packets received by all clients (one relaxed add per packet).
+    rx_packets: std::sync::atomic::AtomicU64,
+    /// Record one-way latency now (always, unless a window limits it).
+    record_latency: AtomicBool,
+    /// No media: sessions are held by keepalives alone.
+    idle: bool,
     registered: AtomicUsize,
     stop_callees: AtomicBool,
     incoming: Mutex<HashMap<CallId, Instant>>,
@@ -124,6 +144,10 @@ struct CalleeApp {
 }
 
 fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, now: Instant, p: &Received<'_>) {
+    shared.rx_packets.fetch_add(1, Ordering::Relaxed);
+    if !shared.record_latency.load(Ordering::Relaxed) {
+        return;
+    }
     if let Some((_, stamp_us)) = SyntheticSource::parse(p.payload) {
         let now_us = now.duration_since(shared.epoch).as_micros() as u64;
         record(latency, Duration::from_micros(now_us.saturating_sub(stamp_us)));
@@ -139,7 +163,11 @@ impl App for CallerApp {
                     r.start = Some(ctx.now);
                     r.call_id = Some(call_id);
                 }
-                self.streams.start(handle, ctx.now, Some(ctx.now + self.talk));
+                let end = ctx.now + self.talk;
+                self.streams.start(handle, ctx.now, Some(end));
+                if self.shared.idle {
+                    self.streams.pause(handle, ctx.now, end);
+                }
             }
             Event::MediaFlowing { handle } => {
                 if let Some(r) = self.inflight.get_mut(&handle) {
@@ -150,9 +178,12 @@ impl App for CallerApp {
                 self.streams.stop(rep.handle);
                 self.media.add(rep.sent, rep.received, rep.lost);
                 if let Some(mut r) = self.inflight.remove(&rep.handle) {
-                    r.outcome = (!rep.succeeded()).then(|| rep.reason.describe());
+                    // Idle sessions carry no media: success is a path that came up (the
+                    // callee's packets arrived) and lasted until the planned hang-up.
+                    let ok = if self.shared.idle { rep.reason.is_success() } else { rep.succeeded() };
+                    r.outcome = (!ok).then(|| rep.reason.describe());
                     if r.outcome.is_none() && r.flowing.is_none() {
-                        r.outcome = Some("no media from the callee".into());
+                        r.outcome = Some("no packet from the callee".into());
                     }
                     self.done_records.push(r);
                 }
@@ -201,7 +232,7 @@ impl App for CalleeApp {
             Event::Incoming { call_id, .. } => {
                 self.shared.incoming.lock().unwrap_or_else(|e| e.into_inner()).insert(call_id, ctx.now);
             }
-            Event::MediaFlowing { handle } => self.streams.start(handle, ctx.now, None),
+            Event::MediaFlowing { handle } if !self.shared.idle => self.streams.start(handle, ctx.now, None),
             Event::Ended(rep) => {
                 self.streams.stop(rep.handle);
                 self.media.add(rep.sent, rep.received, rep.lost);
@@ -274,6 +305,9 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
 
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
+        rx_packets: std::sync::atomic::AtomicU64::new(0),
+        record_latency: AtomicBool::new(cfg.window.is_none()),
+        idle: cfg.idle,
         registered: AtomicUsize::new(0),
         stop_callees: AtomicBool::new(false),
         incoming: Mutex::new(HashMap::new()),
@@ -289,6 +323,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             let bind = SocketAddr::new(cfg.bind_ip, 0);
             callee_tasks.push(tokio::spawn(async move {
                 let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
+                driver::set_socket_buffers(&udp, 8 << 20);
                 let mut c = ClientConfig::new(ClientId::new(format!("callee-{i}")).unwrap(), udp.local_addr().unwrap().port());
                 c.stun_server = Some(manager_addr);
                 c.max_calls = u16::MAX;
@@ -316,6 +351,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             let talk = cfg.talk;
             caller_tasks.push(tokio::spawn(async move {
                 let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
+                driver::set_socket_buffers(&udp, 8 << 20);
                 let mut c = ClientConfig::new(ClientId::new(format!("caller-{i}")).unwrap(), udp.local_addr().unwrap().port());
                 c.stun_server = Some(manager_addr);
                 c.max_calls = u16::MAX;
@@ -361,6 +397,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let registered_in = wall0.elapsed();
+        let rss_base = sys::rss_mb();
         let t0 = Instant::now() + Duration::from_millis(100);
         // Open-loop plan on a thread of its own with a fine timer: call k is released at
         // t0 + k / rate to caller k % callers, for callee (k + k / callers) % callees.
@@ -385,6 +422,19 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                 }
             })
             .map_err(|e| format!("scheduler thread: {e}"))?;
+        let window = cfg.window.map(|(offset, len)| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + offset)).await;
+                let (rx0, cpu0, w0) = (shared.rx_packets.load(Ordering::Relaxed), sys::cpu_seconds(), Instant::now());
+                shared.record_latency.store(true, Ordering::Relaxed);
+                tokio::time::sleep(len).await;
+                shared.record_latency.store(false, Ordering::Relaxed);
+                let (rx1, cpu1) = (shared.rx_packets.load(Ordering::Relaxed), sys::cpu_seconds());
+                let secs = w0.elapsed().as_secs_f64();
+                WindowStats { secs, pps: (rx1 - rx0) as f64 / secs, cores: (cpu1 - cpu0) / secs, rss_mb: sys::rss_mb() }
+            })
+        });
         let mut records = Vec::new();
         let mut latency = new_histogram();
         let mut media = MediaTotals::default();
@@ -396,15 +446,25 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         }
         let calls_done = Instant::now();
         let _ = scheduler.join();
+        let window = match window {
+            Some(w) => Some(w.await.map_err(|e| e.to_string())?),
+            None => None,
+        };
         shared.stop_callees.store(true, Ordering::Relaxed);
         for t in callee_tasks {
             let (h, m) = t.await.map_err(|e| e.to_string())??;
             latency.add(&h).map_err(|e| e.to_string())?;
             media.add(m.sent, m.received, m.lost);
         }
-        Ok((records, latency, media, registered_in, t0, calls_done))
+        Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base))
     });
-    let (records, media_latency, media, registered_in, t0, calls_done) = result?;
+    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base) = result?;
+    // Memory per session: RSS with every session up, over the RSS after registration
+    // (both sides' client state, the manager's call records, the generator's bookkeeping).
+    let per_session_kb = match (window.and_then(|w| w.rss_mb), rss_base) {
+        (Some(up), Some(base)) if !records.is_empty() => Some((up - base) * 1024.0 / records.len() as f64),
+        _ => None,
+    };
     let wall = wall0.elapsed();
     let cpu = sys::cpu_seconds() - cpu0;
     let manager_stats = embedded.as_ref().map(|m| m.stats().clone());
@@ -514,6 +574,19 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         loss * 100.0,
         manager_media.map(|n| n.to_string()).unwrap_or_else(|| "? (external)".into())
     );
+    if let Some(w) = window {
+        let _ = writeln!(
+            text,
+            "steady state ({} {}sessions, {:.1} s window): {:.0} packets/s delivered, {:.2} cores busy, rss {:.1} MB ({:.2} KiB per session)",
+            records.len(),
+            if cfg.idle { "idle " } else { "" },
+            w.secs,
+            w.pps,
+            w.cores,
+            w.rss_mb.unwrap_or(0.0),
+            per_session_kb.unwrap_or(0.0)
+        );
+    }
     let _ = writeln!(
         text,
         "generator: {:.2} s wall, {:.2} s CPU ({:.0}% of {} cores), rss {:.1} MB",
@@ -528,7 +601,12 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     }
 
     let json = serde_json::json!({
-        "scenario": "setup",
+        "scenario": if window.is_some() { "sessions" } else { "setup" },
+        "sessions": window.map(|_| records.len()),
+        "window_s": window.map(|w| (w.secs * 100.0).round() / 100.0),
+        "cpu_cores": window.map(|w| (w.cores * 1000.0).round() / 1000.0),
+        "idle": cfg.idle,
+        "rss_per_session_kb": report::num(per_session_kb),
         "calls": records.len(),
         "calls_ok": ok,
         "calls_failed": failed,
@@ -543,7 +621,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "setup_p999_ms": report::num(report::ms_at(&setup, 0.999)),
         "setup_max_ms": report::num(report::max_ms(&setup)),
         "start_p99_ms": report::num(report::ms_at(&to_start, 0.99)),
-        "pps_delivered": (media.received as f64 / span).round(),
+        "pps_delivered": window.map(|w| w.pps).unwrap_or(media.received as f64 / span).round(),
         "packets_sent": media.sent,
         "packets_delivered": media.received,
         "loss_ratio": loss,
@@ -551,7 +629,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "latency_p99_ms": report::num(report::ms_at(&media_latency, 0.99)),
         "manager_media_packets": manager_media,
         "cpu_share": (cpu_share * 1000.0).round() / 1000.0,
-        "rss_mb": report::num(rss),
+        "rss_mb": report::num(window.and_then(|w| w.rss_mb).or(rss)),
         "warnings": warnings,
     });
     if let Some(dir) = &cfg.out {
