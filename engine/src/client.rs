@@ -18,7 +18,8 @@
 //! opens the callee's firewall towards the caller; the caller's firewall drops it), replies
 //! PUNCHED, and re-sends the null packet with exponential backoff (`null_retry_initial`,
 //! doubling, at most `null_retries` times) until the first packet from the caller arrives,
-//! which marks the path two-way.
+//! which marks the path two-way. It answers that first packet with one more null packet,
+//! so the caller learns the path is two-way even before any media.
 //!
 //! ## Both
 //! On an established path a keepalive null packet goes out whenever nothing was sent for
@@ -451,8 +452,19 @@ pub struct Client {
 
 impl Client {
     /// A new, disconnected client. `seed` seeds call-independent randomness (STUN transaction
-    /// ids, RTP initial sequence numbers and timestamps).
-    pub fn new(cfg: ClientConfig, seed: u64) -> Self {
+    /// ids, RTP initial sequence numbers and timestamps). Intervals below 10 ms are raised to
+    /// 10 ms: a zero keepalive or ping interval would make the timers fire in a loop.
+    pub fn new(mut cfg: ClientConfig, seed: u64) -> Self {
+        const FLOOR: Duration = Duration::from_millis(10);
+        for d in [
+            &mut cfg.keepalive_interval,
+            &mut cfg.media_timeout,
+            &mut cfg.ping_interval,
+            &mut cfg.stun_interval,
+            &mut cfg.null_retry_initial,
+        ] {
+            *d = (*d).max(FLOOR);
+        }
         Client {
             cfg,
             rng: Rng::new(seed),
@@ -508,7 +520,7 @@ impl Client {
     /// True if media can be sent on the call: the caller after START, the callee once the
     /// caller's first packet arrived (before that the caller's firewall would drop it).
     pub fn can_send(&self, handle: CallHandle) -> bool {
-        self.calls.get(&handle).is_some_and(|c| c.state == CallState::Media || (c.role == Role::Callee && c.first_rx.is_some()))
+        self.calls.get(&handle).is_some_and(|c| c.state == CallState::Media)
     }
 
     // ---------------------------------------------------------------- inputs
@@ -751,7 +763,6 @@ impl Client {
         let c = self.calls.get_mut(&handle).ok_or(ClientError::NoSuchCall(handle))?;
         let to = match (c.state, c.peer_addr) {
             (CallState::Media, Some(a)) => a,
-            (CallState::Punching, Some(a)) if c.first_rx.is_some() => a,
             _ => return Err(ClientError::NoPath(handle)),
         };
         let need = RTP_HEADER_LEN + payload.len();
@@ -966,6 +977,12 @@ impl Client {
             if c.role == Role::Callee {
                 c.state = CallState::Media;
                 c.setup_done = Some(now);
+                // Confirm the path at once with one null packet: the caller's firewall is
+                // open now, so it arrives, and the caller learns the path is two-way even
+                // before (or without) any media from this side.
+                if self.cfg.send_null {
+                    queue_null(&mut self.datagrams, c, now, false);
+                }
             }
             self.events.push_back(Event::MediaFlowing { handle: h });
         }

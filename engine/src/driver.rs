@@ -54,6 +54,11 @@ pub fn set_socket_buffers(udp: &UdpSocket, bytes: usize) -> usize {
     got.max(0) as usize
 }
 
+/// Limit on one TCP connect to the manager.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Connecting = std::pin::Pin<Box<dyn Future<Output = Result<io::Result<TcpStream>, tokio::time::error::Elapsed>> + Send>>;
+
 /// Datagrams taken per receive wake-up.
 const RECV_BATCH: usize = 64;
 
@@ -162,9 +167,13 @@ pub async fn run_with_wake<A: App>(
 ) -> Result<DriverCounters, DriverError> {
     let mut counters = DriverCounters::default();
     let mut rng = Rng::from_entropy();
-    let stream = TcpStream::connect(manager)
-        .await
-        .map_err(|source| DriverError::ManagerUnreachable { addr: manager, source })?;
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager)).await {
+        Ok(r) => r.map_err(|source| DriverError::ManagerUnreachable { addr: manager, source })?,
+        Err(_) => {
+            let source = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+            return Err(DriverError::ManagerUnreachable { addr: manager, source });
+        }
+    };
     let _ = stream.set_nodelay(true);
     counters.connects += 1;
     let (rd, wr) = stream.into_split();
@@ -178,6 +187,8 @@ pub async fn run_with_wake<A: App>(
     let mut sbuf = vec![0u8; MAX_DATAGRAM];
     let mut backoff = Duration::from_millis(200);
     let mut next_connect: Option<Instant> = None;
+    // A reconnect in flight: its own select branch, so media and timers go on meanwhile.
+    let mut connecting: Option<Connecting> = None;
     let mut stopping = false;
     tokio::pin!(shutdown);
 
@@ -217,6 +228,22 @@ pub async fn run_with_wake<A: App>(
                 let now = Instant::now();
                 let mut ctx = Ctx { client: &mut *client, now, udp, buf: &mut sbuf, counters: &mut counters };
                 app.on_wakeup(&mut ctx);
+            }
+            r = async { connecting.as_mut().unwrap().await }, if connecting.is_some() => {
+                connecting = None;
+                match r {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        counters.connects += 1;
+                        backoff = Duration::from_millis(200);
+                        tcp = Some(s.into_split());
+                        client.handle_connected(Instant::now());
+                    }
+                    _ => {
+                        next_connect = Some(Instant::now() + jitter(backoff, &mut rng));
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
             }
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
@@ -278,19 +305,7 @@ pub async fn run_with_wake<A: App>(
                 }
                 if next_connect.is_some_and(|t| now >= t) {
                     next_connect = None;
-                    match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(manager)).await {
-                        Ok(Ok(s)) => {
-                            let _ = s.set_nodelay(true);
-                            counters.connects += 1;
-                            backoff = Duration::from_millis(200);
-                            tcp = Some(s.into_split());
-                            client.handle_connected(Instant::now());
-                        }
-                        _ => {
-                            next_connect = Some(Instant::now() + jitter(backoff, &mut rng));
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
+                    connecting = Some(Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager))));
                 }
             }
         }
@@ -363,6 +378,7 @@ pub struct Streams {
     heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, CallHandle)>>,
     payload: Vec<u8>,
     epoch: Instant,
+    skipped: u64,
 }
 
 struct Stream {
@@ -382,7 +398,7 @@ impl Stream {
 impl Streams {
     /// No streams; send stamps count from `epoch`.
     pub fn new(epoch: Instant) -> Self {
-        Streams { map: Default::default(), heap: Default::default(), payload: vec![0u8; 1500], epoch }
+        Streams { map: Default::default(), heap: Default::default(), payload: vec![0u8; 1500], epoch, skipped: 0 }
     }
 
     /// Start streaming on `handle` now (no-op if already streaming); hang up at `hangup_at`.
@@ -418,6 +434,12 @@ impl Streams {
         self.map.is_empty()
     }
 
+    /// Frames this sender skipped because it fell more than three frames behind (its own
+    /// stall, not the network's: they were never sent, so receivers cannot count them lost).
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
     /// When [`Streams::run`] next has work (possibly early, for a stream that stopped).
     pub fn next_wakeup(&self) -> Option<Instant> {
         self.heap.peek().map(|std::cmp::Reverse((t, _))| *t)
@@ -445,7 +467,9 @@ impl Streams {
             let mut budget = 3;
             while s.next_send <= now && budget > 0 {
                 if !paused {
-                    s.source.stamp_us = now.duration_since(self.epoch).as_micros() as u64;
+                    // Stamp the planned send time: a frame sent late carries its lateness
+                    // into the measured one-way latency (no coordinated omission).
+                    s.source.stamp_us = s.next_send.saturating_duration_since(self.epoch).as_micros() as u64;
                     let (len, dur) = crate::media::MediaSource::next_frame(&mut s.source, &mut self.payload);
                     let _ = ctx.send_media(h, &self.payload[..len], dur);
                 }
@@ -453,6 +477,10 @@ impl Streams {
                 budget -= 1;
             }
             if s.next_send <= now {
+                let behind = now.duration_since(s.next_send).as_micros() / frame.as_micros().max(1) + 1;
+                if !paused {
+                    self.skipped += behind as u64;
+                }
                 s.next_send = now + frame;
             }
             self.heap.push(std::cmp::Reverse((s.wake_at(), h)));

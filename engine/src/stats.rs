@@ -61,12 +61,19 @@ impl RtpReceiverStats {
                 }
                 self.max_seq = seq;
             } else if delta <= u16::MAX - 100 {
-                // A very large jump: treat as a restart of the sequence space (A.1 would wait
-                // for a second packet; the streams here come from known peers).
+                // A very large jump: the source restarted its sequence space. Start over,
+                // jitter included (the timestamp base restarts too). RFC 3550 A.1 waits for a
+                // second sequential packet first; the streams here come from the one peer
+                // the call admits, so the first packet is taken.
+                *self = RtpReceiverStats::new(self.clock_hz);
+                self.received = 1;
+                self.started = true;
                 self.base_seq = seq as u32;
                 self.max_seq = seq;
-                self.cycles = 0;
-                self.received = 1;
+                self.prev_transit_rtp_ts = None;
+                let arrival_rtp_ts = (arrival_us as u128 * self.clock_hz as u128 / 1_000_000) as u64;
+                self.prev_transit_rtp_ts = Some(arrival_rtp_ts as i64 - rtp_ts as i64);
+                return;
             } else {
                 // Behind max_seq: reordered (or a duplicate of an older packet).
                 self.late += 1;
@@ -106,7 +113,7 @@ impl RtpReceiverStats {
     /// Repeats of the highest sequence number are not counted as received; older
     /// duplicates are (as in the RFC), which can only under-count loss.
     pub fn lost(&self) -> u64 {
-        self.expected().saturating_sub(self.received - self.duplicates)
+        self.expected().saturating_sub(self.received.saturating_sub(self.duplicates))
     }
 
     /// Packets that repeated the highest sequence number received so far.
@@ -171,6 +178,19 @@ mod tests {
             s.on_packet(i as u16, (i * 960) as u32, i * 20_000 + wobble);
         }
         assert!((s.jitter_ms() - 4.0).abs() < 0.1, "jitter {}", s.jitter_ms());
+    }
+
+    #[test]
+    fn a_sequence_restart_starts_the_statistics_over() {
+        let mut s = RtpReceiverStats::new(48_000);
+        for _ in 0..3 {
+            s.on_packet(0, 0, 0); // two duplicates
+        }
+        s.on_packet(10_000, 5_000_000, 20_000); // restart with a new timestamp base
+        assert_eq!((s.received(), s.lost(), s.duplicates()), (1, 0, 0));
+        s.on_packet(10_001, 5_000_960, 40_000);
+        assert_eq!(s.lost(), 0);
+        assert!(s.jitter_ms() < 0.01, "the restart must not look like jitter: {}", s.jitter_ms());
     }
 
     #[test]

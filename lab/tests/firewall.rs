@@ -12,7 +12,7 @@ use serde_json::Value;
 
 /// Give a just-started listener time to register (about a millisecond in the lab).
 fn settle() {
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1000));
 }
 
 /// Run `peer` in host `h` with its media socket on `port`.

@@ -154,6 +154,15 @@ fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, now: Instant, 
     }
 }
 
+impl CallerApp {
+    fn first_media(&mut self, now: Instant, h: CallHandle) {
+        if let Some(r) = self.inflight.get_mut(&h) {
+            // Two-way media: the caller's media reached the callee, which answered with media.
+            r.flowing.get_or_insert(now);
+        }
+    }
+}
+
 impl App for CallerApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         match event {
@@ -169,9 +178,10 @@ impl App for CallerApp {
                     self.streams.pause(handle, ctx.now, end);
                 }
             }
-            Event::MediaFlowing { handle } => {
+            Event::MediaFlowing { handle } if self.shared.idle => {
+                // Idle sessions carry no media: the path is up at the callee's first packet.
                 if let Some(r) = self.inflight.get_mut(&handle) {
-                    r.flowing = Some(ctx.now);
+                    r.flowing.get_or_insert(ctx.now);
                 }
             }
             Event::Ended(rep) => {
@@ -193,6 +203,7 @@ impl App for CallerApp {
     }
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
+        self.first_media(ctx.now, p.handle);
         on_media_common(&self.shared, &mut self.latency, ctx.now, &p);
     }
 
@@ -340,7 +351,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                 driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending())
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok::<_, String>((app.latency, app.media))
+                let skipped = app.streams.skipped();
+                Ok::<_, String>((app.latency, app.media, skipped))
             }));
         }
         let mut caller_tasks = Vec::new();
@@ -372,7 +384,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                 driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok::<_, String>((app.done_records, app.latency, app.media))
+                let skipped = app.streams.skipped();
+                Ok::<_, String>((app.done_records, app.latency, app.media, skipped))
             }));
         }
         // Wait for every client to register, then fix t0 a little ahead.
@@ -438,8 +451,10 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         let mut records = Vec::new();
         let mut latency = new_histogram();
         let mut media = MediaTotals::default();
+        let mut skipped = 0u64;
         for t in caller_tasks {
-            let (r, h, m) = t.await.map_err(|e| e.to_string())??;
+            let (r, h, m, sk) = t.await.map_err(|e| e.to_string())??;
+            skipped += sk;
             records.extend(r);
             latency.add(&h).map_err(|e| e.to_string())?;
             media.add(m.sent, m.received, m.lost);
@@ -452,13 +467,14 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         };
         shared.stop_callees.store(true, Ordering::Relaxed);
         for t in callee_tasks {
-            let (h, m) = t.await.map_err(|e| e.to_string())??;
+            let (h, m, sk) = t.await.map_err(|e| e.to_string())??;
+            skipped += sk;
             latency.add(&h).map_err(|e| e.to_string())?;
             media.add(m.sent, m.received, m.lost);
         }
-        Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base))
+        Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base, skipped))
     });
-    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base) = result?;
+    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base, skipped) = result?;
     // Memory per session: RSS with every session up, over the RSS after registration
     // (both sides' client state, the manager's call records, the generator's bookkeeping).
     let per_session_kb = match (window.and_then(|w| w.rss_mb), rss_base) {
@@ -507,8 +523,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let first_sent = records.iter().map(|r| r.sent).min();
     let last_sent = records.iter().map(|r| r.sent).max();
     let achieved_rate = match (first_sent, last_sent) {
-        (Some(a), Some(b)) if b > a => (records.len() - 1) as f64 / (b - a).as_secs_f64(),
-        _ => cfg.rate,
+        (Some(a), Some(b)) if b > a => Some((records.len() - 1) as f64 / (b - a).as_secs_f64()),
+        _ => None,
     };
     let cpu_share = cpu / wall.as_secs_f64() / sys::cores() as f64;
     let loss = if media.received + media.lost > 0 { media.lost as f64 / (media.received + media.lost) as f64 } else { 0.0 };
@@ -521,6 +537,12 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
              its own overload may inflate the setup times",
             records.len(),
             report::max_ms(&lateness).unwrap_or(0.0)
+        ));
+    }
+    if skipped > 0 {
+        warnings.push(format!(
+            "the generator skipped {skipped} media frames because it fell behind its own media clock; \
+             they were never sent, so they are not in the loss figure"
         ));
     }
     if cpu_share > 0.9 {
@@ -614,7 +636,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "late_starts": late,
         "start_lateness_p99_ms": report::num(report::ms_at(&lateness, 0.99)),
         "target_rate": cfg.rate,
-        "achieved_rate": (achieved_rate * 10.0).round() / 10.0,
+        "achieved_rate": report::num(achieved_rate),
         "setup_p50_ms": report::num(report::ms_at(&setup, 0.5)),
         "setup_p90_ms": report::num(report::ms_at(&setup, 0.9)),
         "setup_p99_ms": report::num(report::ms_at(&setup, 0.99)),
@@ -623,6 +645,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "start_p99_ms": report::num(report::ms_at(&to_start, 0.99)),
         "pps_delivered": window.map(|w| w.pps).unwrap_or(media.received as f64 / span).round(),
         "packets_sent": media.sent,
+        "frames_skipped": skipped,
         "packets_delivered": media.received,
         "loss_ratio": loss,
         "latency_p50_ms": report::num(report::ms_at(&media_latency, 0.5)),

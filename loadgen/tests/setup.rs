@@ -42,11 +42,11 @@ fn an_unreachable_manager_fails_the_run_at_once_with_its_cause() {
     // A loopback port with nothing listening: every client fails to connect, which is a
     // run error reported straight away (not after the 30 s registration wait).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let t = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["setup", "--manager", &format!("127.0.0.1:{port}"), "--calls", "5", "--callers", "1", "--callees", "1"])
         .output()
         .unwrap();
-    let t = std::time::Instant::now();
     assert_eq!(out.status.code(), Some(2));
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -164,9 +164,19 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     s.listen(4096)
 }
 
+/// How long a closing connection may take to flush what was queued for it (an ERROR) before
+/// its task is aborted. A peer that stops reading would otherwise hold the task in a write
+/// forever, and with it the connection's registration.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+struct ConnHandle {
+    tx: mpsc::Sender<Frame>,
+    task: tokio::task::AbortHandle,
+}
+
 struct ShardIo {
     core: RefCell<Shard>,
-    conns: RefCell<HashMap<u64, mpsc::Sender<Frame>>>,
+    conns: RefCell<HashMap<u64, ConnHandle>>,
     peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     rbuf: RefCell<Vec<u8>>,
     stats: Arc<Stats>,
@@ -174,30 +184,46 @@ struct ShardIo {
 
 impl ShardIo {
     /// Move the core's output to connection queues and other shards.
-    fn flush(&self) {
-        let mut core = self.core.borrow_mut();
-        while let Some(o) = core.poll_output() {
-            match o {
-                Output::Frame { conn, frame } => {
-                    let mut conns = self.conns.borrow_mut();
-                    if let Some(tx) = conns.get(&conn) {
-                        if tx.try_send(frame).is_err() {
-                            // Dropping the sender ends the connection's task, which reports
-                            // conn_closed to the core.
-                            conns.remove(&conn);
-                            self.stats.inc(&self.stats.connections_slow);
+    fn flush(self: &Rc<Self>) {
+        let mut closing = Vec::new();
+        {
+            let mut core = self.core.borrow_mut();
+            while let Some(o) = core.poll_output() {
+                match o {
+                    Output::Frame { conn, frame } => {
+                        let mut conns = self.conns.borrow_mut();
+                        if let Some(h) = conns.get(&conn) {
+                            if h.tx.try_send(frame).is_err() {
+                                // Dropping the sender ends the connection's task, which reports
+                                // conn_closed to the core.
+                                closing.extend(conns.remove(&conn).map(|h| (conn, h.task)));
+                                self.stats.inc(&self.stats.connections_slow);
+                            }
+                        }
+                    }
+                    Output::Close { conn } => {
+                        closing.extend(self.conns.borrow_mut().remove(&conn).map(|h| (conn, h.task)));
+                    }
+                    Output::Shard { to, msg } => {
+                        if let Some(p) = self.peers.get(to as usize) {
+                            let _ = p.send(msg);
                         }
                     }
                 }
-                Output::Close { conn } => {
-                    self.conns.borrow_mut().remove(&conn);
-                }
-                Output::Shard { to, msg } => {
-                    if let Some(p) = self.peers.get(to as usize) {
-                        let _ = p.send(msg);
-                    }
-                }
             }
+        }
+        for (conn, task) in closing {
+            let io = self.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(CLOSE_GRACE).await;
+                if !task.is_finished() {
+                    // Stuck writing to a peer that does not read: abort, and do the clean-up
+                    // the task would have done.
+                    task.abort();
+                    io.core.borrow_mut().conn_closed(Instant::now(), conn);
+                    io.flush();
+                }
+            });
         }
     }
 }
@@ -287,8 +313,8 @@ fn shard_thread(
                     let _ = stream.set_nodelay(true);
                     let id = io.core.borrow_mut().conn_opened(Instant::now(), peer);
                     let (tx, rx) = mpsc::channel(conn_queue);
-                    io.conns.borrow_mut().insert(id, tx);
-                    tokio::task::spawn_local(conn_task(io.clone(), id, stream, rx));
+                    let task = tokio::task::spawn_local(conn_task(io.clone(), id, stream, rx)).abort_handle();
+                    io.conns.borrow_mut().insert(id, ConnHandle { tx, task });
                 }
                 _ = stop.changed() => break,
             }

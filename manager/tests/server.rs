@@ -93,7 +93,7 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 /// shard's follow-up messages (unregister, party gone) have reached the other shard.
 fn wait_closed(stats: &Stats, n: u64) {
     wait_until(&format!("connections_closed == {n}"), || get(&stats.connections_closed) >= n);
-    std::thread::sleep(Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(200));
 }
 
 /// What a client saw next.

@@ -31,13 +31,13 @@ struct Args {
     json: bool,
     /// Send a keepalive null packet after this many seconds without sending (keep under the
     /// routers' conntrack UDP timeout; Linux default 30 s).
-    #[arg(long, default_value_t = 15.0, global = true)]
+    #[arg(long, default_value_t = 15.0, global = true, value_parser = seconds)]
     keepalive_secs: f64,
     /// End a call when nothing arrived from the peer for this many seconds.
-    #[arg(long, default_value_t = 35.0, global = true)]
+    #[arg(long, default_value_t = 35.0, global = true, value_parser = seconds)]
     media_timeout_secs: f64,
     /// Seconds to wait for START (caller) or for the peer's first packet.
-    #[arg(long, default_value_t = 5.0, global = true)]
+    #[arg(long, default_value_t = 5.0, global = true, value_parser = seconds)]
     setup_timeout_secs: f64,
     /// Pause sending media AT seconds into each call for FOR seconds (keepalive null packets
     /// still go out): tests that an idle path stays open through the firewalls.
@@ -149,12 +149,21 @@ impl PeerApp {
     }
 }
 
+/// A duration in seconds: finite, from 10 ms to one day.
+fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.01..=86_400.0).contains(&v) {
+        return Err(format!("{v} s is outside 0.01 ..= 86400"));
+    }
+    Ok(v)
+}
+
 fn parse_pause(s: &str) -> Result<(f64, f64), String> {
     let (a, b) = s.split_once(',').ok_or("expected AT,FOR (seconds)")?;
     let at: f64 = a.trim().parse().map_err(|_| format!("bad AT {a:?}"))?;
     let dur: f64 = b.trim().parse().map_err(|_| format!("bad FOR {b:?}"))?;
-    if at < 0.0 || dur < 0.0 {
-        return Err("AT and FOR must not be negative".into());
+    if !(0.0..=86_400.0).contains(&at) || !(0.0..=86_400.0).contains(&dur) {
+        return Err("AT and FOR must be within 0 ..= 86400 seconds".into());
     }
     Ok((at, dur))
 }
@@ -324,11 +333,14 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
         }
     }
     let mut client = Client::new(cfg, engine::rng::Rng::from_entropy().next_u64());
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    // Handlers are installed now, before connecting, so an early SIGTERM still ends the
+    // calls cleanly.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
     };

@@ -116,7 +116,7 @@ fn json_line(out: &str) -> Value {
 /// Give a just-started listener time to register (STUN plus REGISTER take about a
 /// millisecond on loopback; this leaves a wide margin on a loaded machine).
 fn settle() {
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
 }
 
 #[test]
@@ -153,7 +153,8 @@ fn a_three_second_call_carries_media_both_ways_and_never_touches_the_manager() {
     let stats = m.stop();
     assert_eq!(stats["udp_media"], 0, "the manager never saw a media packet: {stats}");
     assert_eq!(stats["udp_non_stun"], 0, "{stats}");
-    assert_eq!(stats["stun_requests"], 2, "both peers discovered their address by STUN: {stats}");
+    // At least one each; a reply slower than 250 ms makes a peer ask again.
+    assert!(stats["stun_requests"].as_u64().unwrap() >= 2, "both peers discovered their address by STUN: {stats}");
     assert_eq!(stats["calls_started"], 1, "{stats}");
     assert_eq!(stats["calls_ended"], 1, "{stats}");
 }
@@ -171,7 +172,7 @@ fn calling_an_unknown_callee_fails_with_a_clear_message() {
 #[test]
 fn a_callee_that_went_offline_is_reported_as_offline() {
     let m = start_manager();
-    let bob = peer(&m.addr, "bob", &["listen", "--duration", "0.5"]);
+    let bob = peer(&m.addr, "bob", &["listen", "--duration", "2"]);
     let (code, _, err) = bob.finish(Duration::from_secs(10));
     assert_eq!(code, 0, "{err}");
     let alice = peer(&m.addr, "alice", &["call", "bob", "--duration", "1", "--json"]);
