@@ -9,6 +9,9 @@
 //!   argument; it owns no socket, thread or clock.
 //! * [`stats`]: RFC 3550 receiver statistics (loss, interarrival jitter).
 //! * [`driver`]: a tokio driver that runs a [`client::Client`] over a TCP stream and a UDP socket.
+//! * `uring` (Linux): io_uring UDP primitives: multishot receive into a provided buffer
+//!   ring, batched sends and batched completion waits. All of the engine's `unsafe` is there
+//!   and in the socket-buffer helper of the driver.
 //!
 //! The state machines follow one shape: `handle_*` for input, commands that mutate, and
 //! `poll_*` for output. After any input or command, drain `poll_frame`, `poll_transmit`
@@ -20,4 +23,6 @@ pub mod driver;
 pub mod media;
 pub mod rng;
 pub mod stats;
+#[cfg(target_os = "linux")]
+pub mod uring;
 pub mod wire;
