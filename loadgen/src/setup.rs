@@ -648,6 +648,9 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "frames_skipped": skipped,
         "packets_delivered": media.received,
         "loss_ratio": loss,
+        // Delivered over sent: also sees packets lost after the last one received (which
+        // RFC 3550 loss cannot), but counts packets still in flight at hang-up as missing.
+        "delivery_ratio": if media.sent > 0 { Some(media.received as f64 / media.sent as f64) } else { None },
         "latency_p50_ms": report::num(report::ms_at(&media_latency, 0.5)),
         "latency_p99_ms": report::num(report::ms_at(&media_latency, 0.99)),
         "manager_media_packets": manager_media,

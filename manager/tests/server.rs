@@ -358,7 +358,7 @@ fn full_call(alice_id: &ClientId, bob_id: &ClientId, bob_hangs_up: bool) {
     // A duplicate PUNCHED is counted and otherwise ignored.
     bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port() });
     alice.expect_quiet();
-    assert_eq!(get(&m.stats().frames_duplicate), 1);
+    wait_until("frames_duplicate == 1", || get(&m.stats().frames_duplicate) == 1);
 
     let (from, to) = if bob_hangs_up { (&mut bob, &mut alice) } else { (&mut alice, &mut bob) };
     from.send(&Frame::Hangup { call_id, reason: HangupReason::Normal });
