@@ -128,6 +128,10 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         stop_udp: stop_udp.clone(),
         threads: Vec::new(),
     };
+    // The UDP socket (no SO_REUSEPORT) claims a fixed port first: it is what keeps a second
+    // manager from binding the same TCP port through SO_REUSEPORT and silently taking half
+    // the connections. With port 0, shard 0 picks the port and UDP follows it.
+    let mut udp = if cfg.listen.port() != 0 { Some(StdUdpSocket::bind(cfg.listen)?) } else { None };
     // Shard 0 binds first so that with port 0 the others (and UDP) use the port it got.
     let mut addr = cfg.listen;
     for i in 0..n {
@@ -147,7 +151,10 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         }
     }
     handle.addr = addr;
-    let udp = StdUdpSocket::bind(addr)?;
+    let udp = match udp.take() {
+        Some(u) => u,
+        None => StdUdpSocket::bind(addr)?,
+    };
     udp.set_read_timeout(Some(Duration::from_millis(100)))?;
     let t = std::thread::Builder::new()
         .name("stun".into())

@@ -881,3 +881,16 @@ fn media_datagram_on_the_manager_port_is_counted() {
     let mut buf = [0u8; 64];
     assert!(sock.recv_from(&mut buf).is_err(), "the manager answered a media packet");
 }
+
+/// A second manager on the same address fails to start with AddrInUse. (The UDP port is
+/// claimed before any shard listens, so it never briefly shares the TCP port through
+/// SO_REUSEPORT and accepts a client it is about to drop.)
+#[test]
+fn a_second_manager_cannot_bind_the_same_address() {
+    let first = manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, ..Default::default() })
+        .expect("first manager");
+    let addr = first.local_addr();
+    let second = manager::start(ManagerConfig { listen: addr, shards: 2, ..Default::default() });
+    assert!(second.is_err(), "a second manager bound {addr}");
+    assert_eq!(second.err().unwrap().kind(), std::io::ErrorKind::AddrInUse);
+}
