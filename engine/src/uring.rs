@@ -10,7 +10,8 @@
 //!   comes first: on this machine kind, receiver wake-ups are the largest cost per packet,
 //!   so batching them matters more than anything else.
 //!
-//! All `unsafe` of the engine lives here. The invariants: the buffer ring memory and the
+//! Nearly all `unsafe` of the engine lives here (the rest: the socket-buffer and eventfd
+//! calls in the driver). The invariants: the buffer ring memory and the
 //! receive buffers are owned by [`UdpRing`] and outlive the ring registration (they are
 //! freed in `Drop` after the ring is closed); the multishot `msghdr` is boxed so its address
 //! is stable; send buffers must stay valid until their completion is reaped (the caller's
@@ -26,7 +27,22 @@ use io_uring::types::{BufRingEntry, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, types, IoUring};
 
 const RECV_TAG: u64 = u64::MAX;
+/// Sends queued with [`UdpRing::push_send`] (caller-owned buffers).
+const RAW_SEND_TAG: u64 = u64::MAX - 1;
 const BGID: u16 = 0;
+
+/// How a ring is used, which decides its setup flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingMode {
+    /// One thread owns the ring and waits on it with [`UdpRing::submit_and_wait`]: receive
+    /// rings defer completion work to the wait (SINGLE_ISSUER + DEFER_TASKRUN), send rings
+    /// skip the interrupts (COOP_TASKRUN).
+    Dedicated,
+    /// The ring is driven from an event loop that may run on several threads and learns of
+    /// completions through an eventfd ([`UdpRing::register_eventfd`]): default flags, so
+    /// completions are posted (and the eventfd signalled) as datagrams arrive.
+    Shared,
+}
 
 /// Counters of a [`UdpRing`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -62,6 +78,11 @@ pub struct UdpRing {
     msghdr: Box<libc::msghdr>,
     armed: bool,
     in_flight_sends: usize,
+    /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
+    slots: Vec<u8>,
+    slot_addrs: Vec<libc::sockaddr_storage>,
+    free_slots: Vec<u16>,
+    queued: usize,
     /// Counters.
     pub counters: UringCounters,
 }
@@ -76,6 +97,11 @@ impl UdpRing {
     /// (at most 32768). With `receive == false` no multishot receive is armed (a send-only
     /// ring).
     pub fn new(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool) -> io::Result<Self> {
+        Self::with_mode(fd, entries, nbufs, buf_size, receive, RingMode::Dedicated)
+    }
+
+    /// Like [`UdpRing::new`], for the given use (see [`RingMode`]).
+    pub fn with_mode(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool, mode: RingMode) -> io::Result<Self> {
         if !nbufs.is_power_of_two() || nbufs > 32768 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "nbufs must be a power of two up to 32768"));
         }
@@ -84,11 +110,14 @@ impl UdpRing {
         // processed at the wait. A send ring, which reaps without waiting, only avoids the
         // interrupts (COOP_TASKRUN).
         let mut b = IoUring::builder();
-        b.setup_cqsize(entries * 8).setup_single_issuer();
-        if receive {
-            b.setup_defer_taskrun();
-        } else {
-            b.setup_coop_taskrun();
+        b.setup_cqsize(entries * 8);
+        if mode == RingMode::Dedicated {
+            b.setup_single_issuer();
+            if receive {
+                b.setup_defer_taskrun();
+            } else {
+                b.setup_coop_taskrun();
+            }
         }
         let ring = b.build(entries)?;
         let ring_len = nbufs as usize * std::mem::size_of::<BufRingEntry>();
@@ -124,6 +153,10 @@ impl UdpRing {
             msghdr,
             armed: false,
             in_flight_sends: 0,
+            slots: Vec::new(),
+            slot_addrs: Vec::new(),
+            free_slots: Vec::new(),
+            queued: 0,
             counters: UringCounters::default(),
         };
         if receive {
@@ -194,18 +227,82 @@ impl UdpRing {
             };
             op = op.dest_addr(d as *const _ as *const libc::sockaddr).dest_addr_len(len as libc::socklen_t);
         }
-        let e = op.build().user_data(0);
-        if self.ring.submission().push(&e).is_err() {
-            self.submit()?;
-            self.ring.submission().push(&e).map_err(|_| io::Error::other("submission queue full"))?;
-        }
+        let e = op.build().user_data(RAW_SEND_TAG);
+        self.push_entry(&e)?;
         self.in_flight_sends += 1;
         Ok(())
+    }
+
+    fn push_entry(&mut self, e: &io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: the entry's buffers are valid until completion (callers' contracts).
+        unsafe {
+            if self.ring.submission().push(e).is_err() {
+                self.submit()?;
+                self.ring.submission().push(e).map_err(|_| io::Error::other("submission queue full"))?;
+            }
+        }
+        self.queued += 1;
+        Ok(())
+    }
+
+    /// Give this ring `n` owned send slots of `size` bytes for [`UdpRing::send_copy`].
+    pub fn with_send_slots(mut self, n: u16, size: usize) -> Self {
+        self.slots = vec![0u8; n as usize * size];
+        // SAFETY: a zeroed sockaddr_storage is valid.
+        self.slot_addrs = vec![unsafe { std::mem::zeroed() }; n as usize];
+        self.free_slots = (0..n).rev().collect();
+        self
+    }
+
+    /// Copy `data` into an owned slot and queue its send to `to` (submitted by the next
+    /// [`UdpRing::submit`] or wait). Returns false, and counts a send error, if every slot is
+    /// in flight or `data` is too large for a slot. No allocation.
+    pub fn send_copy(&mut self, data: &[u8], to: SocketAddr) -> bool {
+        let size = if self.slot_addrs.is_empty() { 0 } else { self.slots.len() / self.slot_addrs.len() };
+        let slot = match self.free_slots.pop() {
+            Some(s) if data.len() <= size => s,
+            Some(s) => {
+                self.free_slots.push(s);
+                self.counters.send_errors += 1;
+                return false;
+            }
+            None => {
+                self.counters.send_errors += 1;
+                return false;
+            }
+        };
+        let off = slot as usize * size;
+        self.slots[off..off + data.len()].copy_from_slice(data);
+        let (storage, len) = to_sockaddr(to);
+        self.slot_addrs[slot as usize] = storage;
+        let op = opcode::Send::new(types::Fd(self.fd), self.slots[off..].as_ptr(), data.len() as u32)
+            .dest_addr(&self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr)
+            .dest_addr_len(len);
+        let e = op.build().user_data(slot as u64);
+        // The slot's bytes and address stay untouched until its completion frees it.
+        if self.push_entry(&e).is_err() {
+            self.free_slots.push(slot);
+            self.counters.send_errors += 1;
+            return false;
+        }
+        self.in_flight_sends += 1;
+        true
+    }
+
+    /// Entries queued since the last submit.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Signal `efd` (an eventfd) whenever a completion is posted.
+    pub fn register_eventfd(&self, efd: RawFd) -> io::Result<()> {
+        self.ring.submitter().register_eventfd(efd)
     }
 
     /// Hand queued entries to the kernel without waiting.
     pub fn submit(&mut self) -> io::Result<usize> {
         self.counters.enters += 1;
+        self.queued = 0;
         self.ring.submit()
     }
 
@@ -213,6 +310,7 @@ impl UdpRing {
     /// not an error.
     pub fn submit_and_wait(&mut self, want: usize, timeout: Duration) -> io::Result<usize> {
         self.counters.enters += 1;
+        self.queued = 0;
         let ts = Timespec::from(timeout);
         let args = SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(want, &args) {
@@ -250,6 +348,9 @@ impl UdpRing {
             for &(tag, res, flags) in &batch[..n] {
                 if tag != RECV_TAG {
                     self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
+                    if tag != RAW_SEND_TAG {
+                        self.free_slots.push(tag as u16);
+                    }
                     if res < 0 {
                         self.counters.send_errors += 1;
                     } else {
@@ -307,6 +408,37 @@ impl Drop for UdpRing {
         unsafe {
             std::mem::ManuallyDrop::drop(&mut self.ring);
             libc::munmap(self.ring_mem as *mut libc::c_void, self.ring_len);
+        }
+    }
+}
+
+/// A `SocketAddr` as a `sockaddr_storage` and its length.
+fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed storage is valid; we write a sockaddr_in/in6 into its prefix.
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in, sin) };
+            (st, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            (st, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
         }
     }
 }
@@ -371,5 +503,51 @@ mod tests {
         }
         assert_eq!(seen, (0..200).collect::<Vec<_>>());
         assert_eq!(rring.counters.recv_errors, 0);
+    }
+
+    #[test]
+    fn owned_send_slots_are_recycled_and_the_eventfd_fires() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut ring = UdpRing::with_mode(a.as_raw_fd(), 64, 16, 2048, true, RingMode::Shared).unwrap().with_send_slots(4, 256);
+        // SAFETY: creating an eventfd.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        ring.register_eventfd(efd).unwrap();
+        // 4 slots: the fifth send is refused until completions free slots.
+        for i in 0..4u8 {
+            assert!(ring.send_copy(&[i; 100], b.local_addr().unwrap()));
+        }
+        assert!(!ring.send_copy(&[9; 100], b.local_addr().unwrap()));
+        assert!(!ring.send_copy(&[9; 300], b.local_addr().unwrap()), "larger than a slot");
+        ring.submit_and_wait(4, Duration::from_secs(2)).unwrap();
+        ring.drain(|_, _| {}).unwrap();
+        assert_eq!(ring.counters.sent, 4);
+        assert!(ring.send_copy(&[7; 100], b.local_addr().unwrap()), "slots were recycled");
+        ring.submit().unwrap();
+        let mut buf = [0u8; 512];
+        for want in [0u8, 1, 2, 3, 7] {
+            let (n, from) = b.recv_from(&mut buf).unwrap();
+            assert_eq!((n, buf[0], from), (100, want, a.local_addr().unwrap()));
+        }
+        // A datagram to the ring's socket posts a completion, which signals the eventfd.
+        b.send_to(b"ping", a.local_addr().unwrap()).unwrap();
+        let mut v = 0u64;
+        let mut signalled = false;
+        for _ in 0..200 {
+            // SAFETY: reading 8 bytes from our eventfd.
+            if unsafe { libc::read(efd, &mut v as *mut u64 as *mut libc::c_void, 8) } == 8 {
+                signalled = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(signalled, "the eventfd was not signalled");
+        let mut got = Vec::new();
+        ring.drain(|from, p| got.push((from, p.to_vec()))).unwrap();
+        assert_eq!(got, vec![(Some(b.local_addr().unwrap()), b"ping".to_vec())]);
+        // SAFETY: closing our eventfd.
+        unsafe { libc::close(efd) };
     }
 }

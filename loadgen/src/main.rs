@@ -66,6 +66,10 @@ struct SessionsArgs {
     /// Hold the sessions without media, by keepalives alone (measures memory per session).
     #[arg(long)]
     idle: bool,
+    /// UDP IO of the simulated clients: uring, portable, or auto (portable for now; the
+    /// NULLPUNCH_IO environment variable overrides auto).
+    #[arg(long, default_value = "auto")]
+    io: String,
     /// Print only the summary as one JSON object (last line of stdout).
     #[arg(long)]
     json: bool,
@@ -106,6 +110,10 @@ struct SetupArgs {
     /// Generator worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// UDP IO of the simulated clients: uring, portable, or auto (portable for now; the
+    /// NULLPUNCH_IO environment variable overrides auto).
+    #[arg(long, default_value = "auto")]
+    io: String,
     /// Print only the summary as one JSON object (last line of stdout).
     #[arg(long)]
     json: bool,
@@ -168,6 +176,13 @@ fn main() -> ExitCode {
         out: args.out.clone(),
         window: None,
         idle: false,
+        io: match engine::driver::Io::choose(&args.io) {
+            Ok(io) => io,
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
     finish(setup::run(cfg), args.json)
 }
@@ -233,6 +248,13 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         out: a.out.clone(),
         window: Some((Duration::from_secs_f64(ramp_s + settle), Duration::from_secs_f64(a.duration))),
         idle: a.idle,
+        io: match engine::driver::Io::choose(&a.io) {
+            Ok(io) => io,
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
     finish(setup::run(cfg), a.json)
 }

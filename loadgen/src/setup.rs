@@ -51,6 +51,8 @@ pub struct SetupConfig {
     pub window: Option<(Duration, Duration)>,
     /// Hold the sessions without media (keepalives only): the idle-session scenario.
     pub idle: bool,
+    /// UDP IO of the simulated clients.
+    pub io: driver::Io,
 }
 
 /// What the measurement window saw.
@@ -327,6 +329,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let cpu0 = sys::cpu_seconds();
     let wall0 = Instant::now();
 
+    let io = cfg.io;
     let result = rt.block_on(async {
         let mut callee_tasks = Vec::new();
         for i in 0..cfg.callees {
@@ -348,7 +351,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                     stopping: false,
                     next_poll: Instant::now(),
                 };
-                driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending())
+                driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending(), io)
                     .await
                     .map_err(|e| e.to_string())?;
                 let skipped = app.streams.skipped();
@@ -381,7 +384,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                     counted_registration: false,
                 };
                 let wake = Some(inbox.wake.clone());
-                driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake)
+                driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake, io)
                     .await
                     .map_err(|e| e.to_string())?;
                 let skipped = app.streams.skipped();
@@ -562,12 +565,13 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     };
     let _ = writeln!(
         text,
-        "nullpunch loadgen setup: {} calls at {}/s, {where_}, {} callers -> {} callees, {:.1} s of media per call",
+        "nullpunch loadgen setup: {} calls at {}/s, {where_}, {} callers -> {} callees, {:.1} s of media per call, {} io",
         cfg.calls,
         cfg.rate,
         cfg.callers,
         cfg.callees,
-        cfg.talk.as_secs_f64()
+        cfg.talk.as_secs_f64(),
+        cfg.io.as_str()
     );
     let _ = writeln!(text, "registered {} clients in {:.0} ms", cfg.callers + cfg.callees, registered_in.as_secs_f64() * 1000.0);
     let _ = writeln!(
@@ -628,6 +632,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "window_s": window.map(|w| (w.secs * 100.0).round() / 100.0),
         "cpu_cores": window.map(|w| (w.cores * 1000.0).round() / 1000.0),
         "idle": cfg.idle,
+        "io": cfg.io.as_str(),
         "rss_per_session_kb": report::num(per_session_kb),
         "calls": records.len(),
         "calls_ok": ok,

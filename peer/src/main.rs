@@ -39,6 +39,10 @@ struct Args {
     /// Seconds to wait for START (caller) or for the peer's first packet.
     #[arg(long, default_value_t = 5.0, global = true, value_parser = seconds)]
     setup_timeout_secs: f64,
+    /// UDP IO: uring, portable, or auto (portable for now; the NULLPUNCH_IO
+    /// environment variable overrides auto).
+    #[arg(long, default_value = "auto", global = true)]
+    io: String,
     /// Pause sending media AT seconds into each call for FOR seconds (keepalive null packets
     /// still go out): tests that an idle path stays open through the firewalls.
     #[arg(long, value_name = "AT,FOR", value_parser = parse_pause, global = true)]
@@ -55,7 +59,7 @@ enum Cmd {
         #[arg(long)]
         calls: Option<u32>,
         /// Exit after this many seconds (open calls are hung up).
-        #[arg(long)]
+        #[arg(long, value_parser = seconds)]
         duration: Option<f64>,
         /// Do not send the null packet (negative control: the caller's media should then be
         /// dropped by this side's firewall).
@@ -67,7 +71,7 @@ enum Cmd {
         /// The callee's id.
         callee: String,
         /// Seconds of media before hanging up.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 10.0, value_parser = seconds)]
         duration: f64,
     },
 }
@@ -291,6 +295,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
+    let io = match engine::driver::Io::choose(&args.io) {
+        Ok(io) => io,
+        Err(e) => {
+            eprintln!("peer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(io = io.as_str(), "udp io");
     let udp = match tokio::net::UdpSocket::bind(args.bind).await {
         Ok(s) => s,
         Err(e) => {
@@ -344,7 +356,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             _ = term.recv() => {}
         }
     };
-    match driver::run(&mut client, &udp, manager, &mut app, shutdown).await {
+    match driver::run(&mut client, &udp, manager, &mut app, shutdown, io).await {
         Ok(_) => {}
         Err(e) => {
             eprintln!("peer: {e}");
