@@ -894,3 +894,45 @@ fn a_second_manager_cannot_bind_the_same_address() {
     assert!(second.is_err(), "a second manager bound {addr}");
     assert_eq!(second.err().unwrap().kind(), std::io::ErrorKind::AddrInUse);
 }
+
+/// A client that sends but never reads: its PONGs fill the socket buffers and the manager's
+/// write to it blocks. When the manager then closes the connection (its queue overflows, or
+/// it goes idle), it must abort the stuck task after its 2 s close grace and clean up
+/// (registration released, `connections_closed` counted). Before the fix the connection
+/// stayed open, and registered, forever.
+#[test]
+fn a_client_that_stops_reading_is_dropped_and_cleaned_up() {
+    let m = manager_with(ShardConfig { idle_timeout: Duration::from_secs(1), ..ShardConfig::default() });
+    let mut c = Client::connect(&m, "flood");
+    let flood = id("flood");
+    c.register(&flood, 7);
+    c.stream.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+    // Small batches with a pause, far below the manager's queue bound: the manager keeps up
+    // and writes every PONG, until the socket buffers towards us are full and its write
+    // blocks. Only then does it stop reading, and our writes time out.
+    let mut pings = Vec::new();
+    for nonce in 0..100u64 {
+        Frame::Ping { nonce }.encode(&mut pings);
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut blocked = false;
+    while Instant::now() < deadline {
+        if c.stream.write_all(&pings).is_err() {
+            blocked = true; // the manager stopped reading: its write to us is stuck
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    assert!(blocked, "the manager kept reading; the test never filled the sockets");
+    // The manager's write to us is stuck. It decides to close the connection either when
+    // its queue for us overflows (slow reader) or when it has read nothing for 1 s (idle);
+    // either way the close needs the stuck task aborted, after the 2 s grace.
+    wait_until("connections_closed == 1", || get(&m.stats().connections_closed) == 1);
+    let why = get(&m.stats().connections_slow) + get(&m.stats().connections_timed_out);
+    assert!(why >= 1, "closed, but neither as slow nor as idle: {}", m.stats().to_json());
+    // The id is free again: a new connection registers it without replacing anyone.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut d = Client::connect(&m, "again");
+    d.register(&flood, 8);
+    assert_eq!(get(&m.stats().registrations_replaced), 0);
+}
