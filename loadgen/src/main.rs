@@ -176,15 +176,19 @@ fn main() -> ExitCode {
         out: args.out.clone(),
         window: None,
         idle: false,
-        io: match engine::driver::Io::choose(&args.io) {
+        io: match choose_io(&args.io) {
             Ok(io) => io,
-            Err(e) => {
-                eprintln!("loadgen: {e}");
-                return ExitCode::from(2);
-            }
+            Err(c) => return c,
         },
     };
     finish(setup::run(cfg), args.json)
+}
+
+fn choose_io(s: &str) -> Result<engine::driver::Io, ExitCode> {
+    engine::driver::Io::choose(s).map_err(|e| {
+        eprintln!("loadgen: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn resolve(m: &Option<String>) -> Result<Option<SocketAddr>, ExitCode> {
@@ -248,12 +252,9 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         out: a.out.clone(),
         window: Some((Duration::from_secs_f64(ramp_s + settle), Duration::from_secs_f64(a.duration))),
         idle: a.idle,
-        io: match engine::driver::Io::choose(&a.io) {
+        io: match choose_io(&a.io) {
             Ok(io) => io,
-            Err(e) => {
-                eprintln!("loadgen: {e}");
-                return ExitCode::from(2);
-            }
+            Err(c) => return c,
         },
     };
     finish(setup::run(cfg), a.json)

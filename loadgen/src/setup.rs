@@ -277,6 +277,24 @@ impl App for CalleeApp {
     }
 }
 
+/// A simulated client: its UDP socket (with large buffers, since many sessions share it)
+/// and a client state machine that discovers its address at the manager and takes any
+/// number of calls.
+async fn new_client(
+    bind: SocketAddr,
+    id: String,
+    manager: SocketAddr,
+    seed: u64,
+) -> Result<(tokio::net::UdpSocket, Client), String> {
+    let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
+    driver::set_socket_buffers(&udp, 8 << 20);
+    let port = udp.local_addr().map_err(|e| e.to_string())?.port();
+    let mut c = ClientConfig::new(ClientId::new(id).map_err(|e| e.to_string())?, port);
+    c.stun_server = Some(manager);
+    c.max_calls = u16::MAX;
+    Ok((udp, Client::new(c, seed)))
+}
+
 /// The outcome of a run, ready to print.
 pub struct SetupOutcome {
     /// One JSON object with the summary.
@@ -336,12 +354,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             let shared = shared.clone();
             let bind = SocketAddr::new(cfg.bind_ip, 0);
             callee_tasks.push(tokio::spawn(async move {
-                let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
-                driver::set_socket_buffers(&udp, 8 << 20);
-                let mut c = ClientConfig::new(ClientId::new(format!("callee-{i}")).unwrap(), udp.local_addr().unwrap().port());
-                c.stun_server = Some(manager_addr);
-                c.max_calls = u16::MAX;
-                let mut client = Client::new(c, i as u64);
+                let (udp, mut client) = new_client(bind, format!("callee-{i}"), manager_addr, i as u64).await?;
                 let mut app = CalleeApp {
                     streams: Streams::new(shared.epoch),
                     shared,
@@ -365,12 +378,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             let bind = SocketAddr::new(cfg.bind_ip, 0);
             let talk = cfg.talk;
             caller_tasks.push(tokio::spawn(async move {
-                let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
-                driver::set_socket_buffers(&udp, 8 << 20);
-                let mut c = ClientConfig::new(ClientId::new(format!("caller-{i}")).unwrap(), udp.local_addr().unwrap().port());
-                c.stun_server = Some(manager_addr);
-                c.max_calls = u16::MAX;
-                let mut client = Client::new(c, 1_000_000 + i as u64);
+                let (udp, mut client) = new_client(bind, format!("caller-{i}"), manager_addr, 1_000_000 + i as u64).await?;
                 let mut app = CallerApp {
                     streams: Streams::new(shared.epoch),
                     shared,
