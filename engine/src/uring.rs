@@ -26,10 +26,77 @@ use std::time::Duration;
 use io_uring::types::{BufRingEntry, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, types, IoUring};
 
-const RECV_TAG: u64 = u64::MAX;
-/// Sends queued with [`UdpRing::push_send`] (caller-owned buffers).
-const RAW_SEND_TAG: u64 = u64::MAX - 1;
+// A completion's user data: a kind in the top byte, an index below.
+const KIND_SHIFT: u32 = 56;
+const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
+/// A send from an owned slot (index: the slot).
+const K_SLOT: u64 = 0;
+/// A send queued with [`UdpRing::push_send`] (caller-owned buffer).
+const K_RAW: u64 = 1;
+/// The multishot receive of a socket (index: the socket).
+const K_RECV: u64 = 2;
+/// A readiness poll (index: the caller's token).
+const K_POLL: u64 = 3;
+/// A cancellation request (its own completion is ignored).
+const K_CANCEL: u64 = 4;
 const BGID: u16 = 0;
+
+const fn tag(kind: u64, index: u64) -> u64 {
+    (kind << KIND_SHIFT) | (index & INDEX_MASK)
+}
+
+/// `SOL_UDP` socket options (not in the libc crate for every target).
+const SOL_UDP: libc::c_int = 17;
+const UDP_GRO: libc::c_int = 104;
+/// Room for the control messages a receive may carry (one `UDP_GRO` int).
+const CONTROL_LEN: usize = 32;
+
+/// Ask the kernel to coalesce a burst of same-size datagrams from one sender into one
+/// receive (UDP GRO; on loopback and veth this keeps a sender's GSO burst whole). The ring
+/// splits such a receive back into datagrams, so callers see no difference. Returns false if
+/// the kernel refused.
+pub fn enable_gro(fd: RawFd) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a c_int of the stated size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_UDP,
+            UDP_GRO,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// One completion reaped by [`UdpRing::drain_with`].
+#[derive(Debug)]
+pub enum Completion<'a> {
+    /// A datagram arrived on socket `socket` (0 for the socket given at construction,
+    /// else the index [`UdpRing::add_socket`] returned).
+    Recv {
+        /// The receiving socket's index.
+        socket: u32,
+        /// The sender (None if the kernel reported no usable address).
+        from: Option<SocketAddr>,
+        /// The datagram.
+        data: &'a [u8],
+    },
+    /// A poll queued with [`UdpRing::poll`] fired: `result` is the ready event mask, or a
+    /// negative errno (`-ECANCELED` after [`UdpRing::cancel_poll`]).
+    Poll {
+        /// The caller's token.
+        token: u32,
+        /// Events or negative errno.
+        result: i32,
+    },
+}
+
+struct RecvSocket {
+    fd: RawFd,
+    armed: bool,
+    active: bool,
+}
 
 /// How a ring is used, which decides its setup flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +126,8 @@ pub struct UringCounters {
     pub no_buffers: u64,
     /// Times the multishot receive had to be re-armed.
     pub rearms: u64,
+    /// Receives that carried several coalesced datagrams (UDP GRO).
+    pub gro_batches: u64,
     /// `io_uring_enter` calls made.
     pub enters: u64,
 }
@@ -76,7 +145,7 @@ pub struct UdpRing {
     ring_len: usize,
     tail: u16,
     msghdr: Box<libc::msghdr>,
-    armed: bool,
+    sockets: Vec<RecvSocket>,
     in_flight_sends: usize,
     /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
     slots: Vec<u8>,
@@ -102,6 +171,21 @@ impl UdpRing {
 
     /// Like [`UdpRing::new`], for the given use (see [`RingMode`]).
     pub fn with_mode(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool, mode: RingMode) -> io::Result<Self> {
+        let mut me = Self::build(fd, entries, nbufs, buf_size, receive, mode)?;
+        if receive {
+            me.add_socket(fd)?;
+        }
+        Ok(me)
+    }
+
+    /// A receive ring for one thread that serves many sockets ([`UdpRing::add_socket`]),
+    /// sends from any of them ([`UdpRing::send_copy_from`]) and polls other descriptors
+    /// ([`UdpRing::poll`]): the ring of the thread-per-core driver.
+    pub fn multi(entries: u32, nbufs: u16, buf_size: usize) -> io::Result<Self> {
+        Self::build(-1, entries, nbufs, buf_size, true, RingMode::Dedicated)
+    }
+
+    fn build(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool, mode: RingMode) -> io::Result<Self> {
         if !nbufs.is_power_of_two() || nbufs > 32768 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "nbufs must be a power of two up to 32768"));
         }
@@ -140,6 +224,7 @@ impl UdpRing {
         // that much room for the source address in each buffer).
         let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         msghdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msghdr.msg_controllen = CONTROL_LEN as _;
         let mut me = UdpRing {
             ring: std::mem::ManuallyDrop::new(ring),
             receive,
@@ -151,7 +236,7 @@ impl UdpRing {
             ring_len,
             tail: 0,
             msghdr,
-            armed: false,
+            sockets: Vec::new(),
             in_flight_sends: 0,
             slots: Vec::new(),
             slot_addrs: Vec::new(),
@@ -167,9 +252,48 @@ impl UdpRing {
                 me.provide(bid);
             }
             me.publish_tail();
-            me.arm()?;
         }
         Ok(me)
+    }
+
+    /// Start receiving on `fd` (which must outlive its registration: until
+    /// [`UdpRing::remove_socket`] has completed or the ring is dropped). Its datagrams come
+    /// out of [`UdpRing::drain_with`] with the returned index.
+    pub fn add_socket(&mut self, fd: RawFd) -> io::Result<u32> {
+        if !self.receive {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a send-only ring has no receive buffers"));
+        }
+        let ix = self.sockets.len() as u32;
+        self.sockets.push(RecvSocket { fd, armed: false, active: true });
+        self.arm(ix)?;
+        Ok(ix)
+    }
+
+    /// Stop receiving on socket `ix` (its pending receive is cancelled; datagrams already
+    /// reaped are still delivered).
+    pub fn remove_socket(&mut self, ix: u32) -> io::Result<()> {
+        let Some(s) = self.sockets.get_mut(ix as usize) else { return Ok(()) };
+        s.active = false;
+        if s.armed {
+            s.armed = false;
+            let e = opcode::AsyncCancel::new(tag(K_RECV, ix as u64)).build().user_data(tag(K_CANCEL, 0));
+            self.push_entry(&e)?;
+        }
+        Ok(())
+    }
+
+    /// Queue a one-shot readiness poll of `fd` for `events` (`libc::POLLIN` etc.); its
+    /// completion comes out of [`UdpRing::drain_with`] as [`Completion::Poll`] with `token`.
+    /// The ring holds a reference to the file until then: cancel before closing `fd`.
+    pub fn poll(&mut self, fd: RawFd, events: u32, token: u32) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd), events).build().user_data(tag(K_POLL, token as u64));
+        self.push_entry(&e)
+    }
+
+    /// Cancel the poll with `token` (it completes with `-ECANCELED` if it was still armed).
+    pub fn cancel_poll(&mut self, token: u32) -> io::Result<()> {
+        let e = opcode::AsyncCancel::new(tag(K_POLL, token as u64)).build().user_data(tag(K_CANCEL, 0));
+        self.push_entry(&e)
     }
 
     /// True if io_uring can be set up here (kernel support, not blocked by seccomp).
@@ -198,8 +322,9 @@ impl UdpRing {
         }
     }
 
-    fn arm(&mut self) -> io::Result<()> {
-        let e = opcode::RecvMsgMulti::new(types::Fd(self.fd), &*self.msghdr as *const _, BGID).build().user_data(RECV_TAG);
+    fn arm(&mut self, ix: u32) -> io::Result<()> {
+        let fd = self.sockets[ix as usize].fd;
+        let e = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.msghdr as *const _, BGID).build().user_data(tag(K_RECV, ix as u64));
         // SAFETY: the msghdr is boxed and lives as long as self.
         unsafe {
             if self.ring.submission().push(&e).is_err() {
@@ -207,7 +332,7 @@ impl UdpRing {
                 self.ring.submission().push(&e).map_err(|_| io::Error::other("submission queue full"))?;
             }
         }
-        self.armed = true;
+        self.sockets[ix as usize].armed = true;
         Ok(())
     }
 
@@ -227,7 +352,7 @@ impl UdpRing {
             };
             op = op.dest_addr(d as *const _ as *const libc::sockaddr).dest_addr_len(len as libc::socklen_t);
         }
-        let e = op.build().user_data(RAW_SEND_TAG);
+        let e = op.build().user_data(tag(K_RAW, 0));
         self.push_entry(&e)?;
         self.in_flight_sends += 1;
         Ok(())
@@ -258,6 +383,12 @@ impl UdpRing {
     /// [`UdpRing::submit`] or wait). Returns false, and counts a send error, if every slot is
     /// in flight or `data` is too large for a slot. No allocation.
     pub fn send_copy(&mut self, data: &[u8], to: SocketAddr) -> bool {
+        self.send_copy_from(self.fd, data, to)
+    }
+
+    /// Like [`UdpRing::send_copy`], from socket `fd` (which must stay open until the send
+    /// completes).
+    pub fn send_copy_from(&mut self, fd: RawFd, data: &[u8], to: SocketAddr) -> bool {
         let size = if self.slot_addrs.is_empty() { 0 } else { self.slots.len() / self.slot_addrs.len() };
         let slot = match self.free_slots.pop() {
             Some(s) if data.len() <= size => s,
@@ -275,10 +406,10 @@ impl UdpRing {
         self.slots[off..off + data.len()].copy_from_slice(data);
         let (storage, len) = to_sockaddr(to);
         self.slot_addrs[slot as usize] = storage;
-        let op = opcode::Send::new(types::Fd(self.fd), self.slots[off..].as_ptr(), data.len() as u32)
+        let op = opcode::Send::new(types::Fd(fd), self.slots[off..].as_ptr(), data.len() as u32)
             .dest_addr(&self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr)
             .dest_addr_len(len);
-        let e = op.build().user_data(slot as u64);
+        let e = op.build().user_data(tag(K_SLOT, slot as u64));
         // The slot's bytes and address stay untouched until its completion frees it.
         if self.push_entry(&e).is_err() {
             self.free_slots.push(slot);
@@ -329,6 +460,18 @@ impl UdpRing {
     /// payload) and its buffer recycled; send completions are counted. Re-arms the multishot
     /// receive if the kernel ended it. Returns the number of datagrams received.
     pub fn drain(&mut self, mut on_recv: impl FnMut(Option<SocketAddr>, &[u8])) -> io::Result<usize> {
+        self.drain_with(|c| {
+            if let Completion::Recv { from, data, .. } = c {
+                on_recv(from, data)
+            }
+        })
+    }
+
+    /// Reap every ready completion, handing received datagrams (split back apart if the
+    /// kernel coalesced them) and fired polls to `on`. Send completions free their slots and
+    /// are counted. Re-arms any multishot receive the kernel ended (out of buffers, error).
+    /// Returns the number of datagrams received.
+    pub fn drain_with(&mut self, mut on: impl FnMut(Completion<'_>)) -> io::Result<usize> {
         let mut got = 0;
         let mut recycled = false;
         loop {
@@ -345,26 +488,38 @@ impl UdpRing {
             if n == 0 {
                 break;
             }
-            for &(tag, res, flags) in &batch[..n] {
-                if tag != RECV_TAG {
-                    self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
-                    if tag != RAW_SEND_TAG {
-                        self.free_slots.push(tag as u16);
+            for &(ud, res, flags) in &batch[..n] {
+                let (kind, ix) = (ud >> KIND_SHIFT, ud & INDEX_MASK);
+                match kind {
+                    K_SLOT | K_RAW => {
+                        self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
+                        if kind == K_SLOT {
+                            self.free_slots.push(ix as u16);
+                        }
+                        if res < 0 {
+                            self.counters.send_errors += 1;
+                        } else {
+                            self.counters.sent += 1;
+                        }
+                        continue;
                     }
-                    if res < 0 {
-                        self.counters.send_errors += 1;
-                    } else {
-                        self.counters.sent += 1;
+                    K_POLL => {
+                        on(Completion::Poll { token: ix as u32, result: res });
+                        continue;
                     }
-                    continue;
+                    K_RECV => {}
+                    _ => continue,
                 }
+                let sock = ix as u32;
                 if !cqueue::more(flags) {
-                    self.armed = false;
+                    if let Some(s) = self.sockets.get_mut(ix as usize) {
+                        s.armed = false;
+                    }
                 }
                 if res < 0 {
                     if res == -libc::ENOBUFS {
                         self.counters.no_buffers += 1;
-                    } else {
+                    } else if res != -libc::ECANCELED {
                         self.counters.recv_errors += 1;
                     }
                     continue;
@@ -375,14 +530,29 @@ impl UdpRing {
                 };
                 let start = bid as usize * self.buf_size;
                 let data = &self.bufs[start..start + (res as usize).min(self.buf_size)];
-                if let Ok(out) = RecvMsgOut::parse(data, &self.msghdr) {
-                    if !out.is_payload_truncated() {
-                        got += 1;
-                        self.counters.received += 1;
-                        on_recv(sockaddr(out.name_data()), out.payload_data());
-                    } else {
-                        self.counters.recv_errors += 1;
+                let active = self.sockets.get(ix as usize).is_some_and(|s| s.active);
+                match RecvMsgOut::parse(data, &self.msghdr) {
+                    Ok(out) if !out.is_payload_truncated() && active => {
+                        let from = sockaddr(out.name_data());
+                        let payload = out.payload_data();
+                        match gro_segment(out.control_data()) {
+                            Some(seg) if seg > 0 && payload.len() > seg => {
+                                self.counters.gro_batches += 1;
+                                for d in payload.chunks(seg) {
+                                    got += 1;
+                                    self.counters.received += 1;
+                                    on(Completion::Recv { socket: sock, from, data: d });
+                                }
+                            }
+                            _ => {
+                                got += 1;
+                                self.counters.received += 1;
+                                on(Completion::Recv { socket: sock, from, data: payload });
+                            }
+                        }
                     }
+                    Ok(_) if !active => {}
+                    _ => self.counters.recv_errors += 1,
                 }
                 self.provide(bid);
                 recycled = true;
@@ -391,12 +561,39 @@ impl UdpRing {
         if recycled {
             self.publish_tail();
         }
-        if self.receive && !self.armed {
-            self.counters.rearms += 1;
-            self.arm()?;
+        if self.receive {
+            for ix in 0..self.sockets.len() {
+                let s = &self.sockets[ix];
+                if s.active && !s.armed {
+                    self.counters.rearms += 1;
+                    self.arm(ix as u32)?;
+                }
+            }
         }
         Ok(got)
     }
+}
+
+/// The segment size of a GRO-coalesced receive, from its control messages.
+fn gro_segment(control: &[u8]) -> Option<usize> {
+    // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; } then data, each
+    // message padded to the alignment of size_t.
+    const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
+    const ALIGN: usize = std::mem::size_of::<usize>();
+    let mut o = 0;
+    while o + HDR <= control.len() {
+        let len = usize::from_ne_bytes(control[o..o + ALIGN].try_into().ok()?);
+        let level = i32::from_ne_bytes(control[o + ALIGN..o + ALIGN + 4].try_into().ok()?);
+        let kind = i32::from_ne_bytes(control[o + ALIGN + 4..o + ALIGN + 8].try_into().ok()?);
+        if len < HDR || o + len > control.len() {
+            return None;
+        }
+        if level == SOL_UDP && kind == UDP_GRO && len >= HDR + 4 {
+            return Some(i32::from_ne_bytes(control[o + HDR..o + HDR + 4].try_into().ok()?).max(0) as usize);
+        }
+        o += (len + ALIGN - 1) & !(ALIGN - 1);
+    }
+    None
 }
 
 impl Drop for UdpRing {
@@ -549,5 +746,124 @@ mod tests {
         assert_eq!(got, vec![(Some(b.local_addr().unwrap()), b"ping".to_vec())]);
         // SAFETY: closing our eventfd.
         unsafe { libc::close(efd) };
+    }
+
+    /// Send `segments` datagrams of `seg` bytes to `to` as one GSO write (UDP_SEGMENT).
+    fn send_gso(fd: RawFd, payload: &[u8], seg: u16, to: SocketAddr) -> isize {
+        let (mut addr, alen) = to_sockaddr(to);
+        let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: payload.len() };
+        let mut control = [0u64; 4];
+        // SAFETY: a msghdr pointing at live locals; one cmsg of a u16 fits the 32-byte buffer.
+        unsafe {
+            let mut m: libc::msghdr = std::mem::zeroed();
+            m.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+            m.msg_namelen = alen;
+            m.msg_iov = &mut iov;
+            m.msg_iovlen = 1;
+            m.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            m.msg_controllen = libc::CMSG_SPACE(2) as _;
+            let c = libc::CMSG_FIRSTHDR(&m);
+            (*c).cmsg_level = SOL_UDP;
+            (*c).cmsg_type = 103; // UDP_SEGMENT
+            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+            libc::sendmsg(fd, &m, 0)
+        }
+    }
+
+    #[test]
+    fn gro_coalesced_receives_are_split_back_into_datagrams() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(enable_gro(rx.as_raw_fd()), "UDP_GRO refused");
+        let mut ring = UdpRing::multi(64, 16, 8192).unwrap();
+        let ix = ring.add_socket(rx.as_raw_fd()).unwrap();
+        // 5 segments of 172 bytes and a short last one, in one GSO write: the receive keeps
+        // them whole (GRO on), and the ring must hand out 6 datagrams.
+        let mut burst = Vec::new();
+        for i in 0..5u8 {
+            burst.extend_from_slice(&[i; 172]);
+        }
+        burst.extend_from_slice(&[9u8; 40]);
+        let sent = send_gso(tx.as_raw_fd(), &burst, 172, rx.local_addr().unwrap());
+        assert_eq!(sent, burst.len() as isize, "GSO send failed: {}", io::Error::last_os_error());
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
+            ring.drain_with(|c| {
+                if let Completion::Recv { socket, from, data } = c {
+                    assert_eq!((socket, from), (ix, Some(tx.local_addr().unwrap())));
+                    got.push((data.len(), data[0]));
+                }
+            })
+            .unwrap();
+            if got.len() >= 6 {
+                break;
+            }
+        }
+        assert_eq!(got, vec![(172, 0), (172, 1), (172, 2), (172, 3), (172, 4), (40, 9)]);
+        assert_eq!(ring.counters.gro_batches, 1, "the burst arrived coalesced");
+    }
+
+    #[test]
+    fn one_ring_serves_many_sockets_and_polls() {
+        let socks: Vec<_> = (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ring = UdpRing::multi(64, 16, 2048).unwrap().with_send_slots(8, 256);
+        let ixs: Vec<u32> = socks.iter().map(|s| ring.add_socket(s.as_raw_fd()).unwrap()).collect();
+        // Each socket sends from its own port through the shared ring.
+        for (i, s) in socks.iter().enumerate() {
+            assert!(ring.send_copy_from(s.as_raw_fd(), &[i as u8; 10], peer.local_addr().unwrap()));
+        }
+        ring.submit().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (n, from) = peer.recv_from(&mut buf).unwrap();
+            let i = buf[0] as usize;
+            assert_eq!((n, from), (10, socks[i].local_addr().unwrap()));
+            seen.push(i);
+            // Reply to whichever socket sent it.
+            peer.send_to(&[100 + i as u8], from).unwrap();
+        }
+        seen.sort();
+        assert_eq!(seen, vec![0, 1, 2]);
+        // A poll on a TCP listener fires when a connection waits.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ring.poll(l.as_raw_fd(), libc::POLLIN as u32, 77).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut replies, mut polls) = (Vec::new(), Vec::new());
+        for _ in 0..50 {
+            ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
+            ring.drain_with(|c| match c {
+                Completion::Recv { socket, data, .. } => replies.push((socket, data[0])),
+                Completion::Poll { token, result } => polls.push((token, result & libc::POLLIN as i32 != 0)),
+            })
+            .unwrap();
+            if replies.len() == 3 && !polls.is_empty() {
+                break;
+            }
+        }
+        replies.sort();
+        assert_eq!(replies, vec![(ixs[0], 100), (ixs[1], 101), (ixs[2], 102)]);
+        assert_eq!(polls, vec![(77, true)]);
+        // A removed socket delivers nothing more; the others go on.
+        ring.remove_socket(ixs[1]).unwrap();
+        ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
+        ring.drain_with(|_| {}).unwrap();
+        peer.send_to(b"x", socks[1].local_addr().unwrap()).unwrap();
+        peer.send_to(b"y", socks[2].local_addr().unwrap()).unwrap();
+        let mut after = Vec::new();
+        for _ in 0..10 {
+            ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
+            ring.drain_with(|c| {
+                if let Completion::Recv { socket, data, .. } = c {
+                    after.push((socket, data[0]))
+                }
+            })
+            .unwrap();
+        }
+        assert_eq!(after, vec![(ixs[2], b'y')]);
     }
 }
