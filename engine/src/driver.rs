@@ -29,8 +29,7 @@ pub const MAX_DATAGRAM: usize = 2048;
 /// sessions overflows at the first scheduling hiccup. Uses SO_RCVBUFFORCE/SO_SNDBUFFORCE
 /// when permitted (root), else the capped SO_RCVBUF/SO_SNDBUF. Returns the receive size the
 /// kernel granted (it reports twice the request, for bookkeeping).
-pub fn set_socket_buffers(udp: &UdpSocket, bytes: usize) -> usize {
-    use std::os::fd::AsRawFd;
+pub fn set_socket_buffers(udp: &impl std::os::fd::AsRawFd, bytes: usize) -> usize {
     let fd = udp.as_raw_fd();
     let v = bytes.min(i32::MAX as usize) as libc::c_int;
     let set = |force: libc::c_int, plain: libc::c_int| {
@@ -65,19 +64,18 @@ const RECV_BATCH: usize = 64;
 /// Which UDP IO a driver uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Io {
-    /// tokio's `UdpSocket`: one syscall per datagram (with batched receives per wake-up).
+    /// The tokio driver ([`run`]): readiness from tokio, datagrams through `quinn-udp`
+    /// (`recvmmsg` batches with GRO, `sendmsg`).
     Portable,
-    /// io_uring: multishot receive into a buffer ring, sends submitted once per loop turn.
+    /// The thread-per-core io_uring driver ([`crate::reactor`]).
     #[cfg(target_os = "linux")]
     Uring,
 }
 
 impl Io {
     /// Parse `uring`, `portable` or `auto`. `auto` takes the environment variable
-    /// `NULLPUNCH_IO` if set (so a test suite can force a driver), else portable: io_uring
-    /// driven from this tokio loop (an eventfd wakes the loop per completion, without
-    /// DEFER_TASKRUN) measured slower than portable at 2,000 sessions (1.89 against 1.71
-    /// cores), so it is not the default until the thread-per-core ring driver lands.
+    /// `NULLPUNCH_IO` if set (so a test suite can force a driver), else io_uring where a
+    /// ring can be set up (kernel support, not blocked by seccomp), else portable.
     pub fn choose(s: &str) -> Result<Io, String> {
         match s {
             "portable" => Ok(Io::Portable),
@@ -91,10 +89,19 @@ impl Io {
             }
             "auto" => match std::env::var("NULLPUNCH_IO") {
                 Ok(v) if v != "auto" && !v.is_empty() => Io::choose(&v),
-                _ => Ok(Io::Portable),
+                _ => Ok(Io::auto()),
             },
             other => Err(format!("unknown io {other:?} (uring, portable or auto)")),
         }
+    }
+
+    /// io_uring if it can be set up here, else portable.
+    pub fn auto() -> Io {
+        #[cfg(target_os = "linux")]
+        if crate::uring::UdpRing::available() {
+            return Io::Uring;
+        }
+        Io::Portable
     }
 
     /// "uring" or "portable".
@@ -108,17 +115,22 @@ impl Io {
 }
 
 /// Where the app's and the client's datagrams go.
-enum Out<'a> {
+pub(crate) enum Out<'a> {
     Tokio(&'a UdpSocket),
+    /// The thread's ring, sending from the unit's socket `fd`.
     #[cfg(target_os = "linux")]
-    Uring(&'a mut crate::uring::UdpRing),
+    Ring(&'a mut crate::uring::UdpRing, std::os::fd::RawFd),
 }
 
-/// Receive buffers and send slots of a client's io_uring.
-#[cfg(target_os = "linux")]
-const URING_BUFS: u16 = 1024;
-#[cfg(target_os = "linux")]
-const URING_SEND_SLOTS: u16 = 2048;
+impl Out<'_> {
+    pub(crate) fn reborrow(&mut self) -> Out<'_> {
+        match self {
+            Out::Tokio(u) => Out::Tokio(u),
+            #[cfg(target_os = "linux")]
+            Out::Ring(r, fd) => Out::Ring(r, *fd),
+        }
+    }
+}
 
 /// Errors that stop the driver.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +163,8 @@ pub struct DriverCounters {
     pub disconnects: u64,
     /// Frames that failed to decode (the connection was then dropped).
     pub frame_errors: u64,
+    /// Connections dropped because the manager stopped reading while frames piled up.
+    pub write_stalls: u64,
 }
 
 /// What the application sees of the driver during a callback.
@@ -159,9 +173,9 @@ pub struct Ctx<'a> {
     pub client: &'a mut Client,
     /// The time of this loop turn.
     pub now: Instant,
-    out: Out<'a>,
-    buf: &'a mut [u8],
-    counters: &'a mut DriverCounters,
+    pub(crate) out: Out<'a>,
+    pub(crate) buf: &'a mut [u8],
+    pub(crate) counters: &'a mut DriverCounters,
 }
 
 impl Ctx<'_> {
@@ -193,34 +207,16 @@ pub trait App {
     fn done(&self) -> bool;
 }
 
-fn send(out: &mut Out<'_>, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
+pub(crate) fn send(out: &mut Out<'_>, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
     let ok = match out {
         Out::Tokio(udp) => udp.try_send_to(data, to).is_ok(),
         #[cfg(target_os = "linux")]
-        Out::Uring(ring) => ring.send_copy(data, to),
+        Out::Ring(ring, fd) => ring.send_copy_from(*fd, data, to),
     };
     if ok {
         c.udp_sent += 1;
     } else {
         c.udp_send_errors += 1;
-    }
-}
-
-/// The driver's UDP side: the tokio socket, plus the ring and its eventfd when io_uring is
-/// in use.
-struct UdpSide<'a> {
-    udp: &'a UdpSocket,
-    #[cfg(target_os = "linux")]
-    ring: Option<crate::uring::UdpRing>,
-}
-
-impl UdpSide<'_> {
-    fn out(&mut self) -> Out<'_> {
-        #[cfg(target_os = "linux")]
-        if let Some(r) = self.ring.as_mut() {
-            return Out::Uring(r);
-        }
-        Out::Tokio(self.udp)
     }
 }
 
@@ -232,9 +228,8 @@ pub async fn run<A: App>(
     manager: SocketAddr,
     app: &mut A,
     shutdown: impl Future<Output = ()>,
-    io: Io,
 ) -> Result<DriverCounters, DriverError> {
-    run_with_wake(client, udp, manager, app, shutdown, None, io).await
+    run_with_wake(client, udp, manager, app, shutdown, None).await
 }
 
 /// Like [`run`], and also calls [`App::on_wakeup`] whenever `wake` is notified. tokio's
@@ -247,51 +242,7 @@ pub async fn run_with_wake<A: App>(
     app: &mut A,
     shutdown: impl Future<Output = ()>,
     wake: Option<std::sync::Arc<tokio::sync::Notify>>,
-    io: Io,
 ) -> Result<DriverCounters, DriverError> {
-    let mut side = UdpSide {
-        udp,
-        #[cfg(target_os = "linux")]
-        ring: None,
-    };
-    // With io_uring: a ring on the same socket, and an eventfd the ring signals on every
-    // completion, watched by tokio like any socket.
-    #[cfg(target_os = "linux")]
-    let efd = match io {
-        Io::Uring => {
-            use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-            let ring = crate::uring::UdpRing::with_mode(
-                udp.as_raw_fd(),
-                1024,
-                URING_BUFS,
-                2048,
-                true,
-                crate::uring::RingMode::Shared,
-            )
-            .map_err(DriverError::Udp)?
-            .with_send_slots(URING_SEND_SLOTS, MAX_DATAGRAM);
-            // SAFETY: creating an eventfd; ownership passes to OwnedFd at once.
-            let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if raw < 0 {
-                return Err(DriverError::Udp(io::Error::last_os_error()));
-            }
-            // SAFETY: `raw` is a fresh, valid descriptor owned by nobody else.
-            let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-            ring.register_eventfd(owned.as_raw_fd()).map_err(DriverError::Udp)?;
-            side.ring = Some(ring);
-            // SAFETY: `owned` is a valid open eventfd, owned by the AsyncFd for its lifetime.
-            let afd = unsafe { tokio::io::unix::AsyncFd::register(owned) }.map_err(|e| DriverError::Udp(e.into()))?;
-            Some(afd)
-        }
-        Io::Portable => None,
-    };
-    #[cfg(not(target_os = "linux"))]
-    let efd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> = None;
-    let _ = io;
-    // Datagrams taken from the ring in one wake-up, copied out so the app may send (into
-    // the same ring) while handling them.
-    let mut rx_batch: Vec<(SocketAddr, usize, usize)> = Vec::new();
-    let mut rx_bytes: Vec<u8> = Vec::new();
     let mut counters = DriverCounters::default();
     let mut rng = Rng::from_entropy();
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager)).await {
@@ -321,14 +272,7 @@ pub async fn run_with_wake<A: App>(
 
     loop {
         let now = Instant::now();
-        drain(client, app, &mut side, &mut sbuf, &mut wbuf, &mut counters, now);
-        #[cfg(target_os = "linux")]
-        if let Some(r) = side.ring.as_mut() {
-            // Everything sent this loop turn goes to the kernel in one call.
-            if r.queued() > 0 {
-                let _ = r.submit();
-            }
-        }
+        drain(client, app, Out::Tokio(udp), &mut sbuf, &mut wbuf, &mut counters, now);
         if let Some((_, wr)) = tcp.as_mut() {
             if !wbuf.is_empty() {
                 let res = wr.write_all(&wbuf).await;
@@ -360,7 +304,7 @@ pub async fn run_with_wake<A: App>(
         tokio::select! {
             _ = async { wake.as_ref().unwrap().notified().await }, if wake.is_some() => {
                 let now = Instant::now();
-                let mut ctx = Ctx { client: &mut *client, now, out: side.out(), buf: &mut sbuf, counters: &mut counters };
+                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp), buf: &mut sbuf, counters: &mut counters };
                 app.on_wakeup(&mut ctx);
             }
             r = async { connecting.as_mut().unwrap().await }, if connecting.is_some() => {
@@ -404,40 +348,7 @@ pub async fn run_with_wake<A: App>(
                     _ => lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng),
                 }
             }
-            g = async { efd.as_ref().unwrap().readable().await }, if efd.is_some() => {
-                let now = Instant::now();
-                if let Ok(mut g) = g {
-                    // Reset the eventfd before draining: a completion posted after the drain
-                    // signals it again, so none is missed.
-                    let mut v = 0u64;
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: reading 8 bytes from our non-blocking eventfd.
-                    let _ = unsafe { libc::read(g.get_inner().as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
-                    g.clear_ready();
-                }
-                #[cfg(target_os = "linux")]
-                if let Some(r) = side.ring.as_mut() {
-                    rx_batch.clear();
-                    rx_bytes.clear();
-                    let res = r.drain(|from, p| {
-                        if let Some(from) = from {
-                            rx_batch.push((from, rx_bytes.len(), p.len()));
-                            rx_bytes.extend_from_slice(p);
-                        }
-                    });
-                    if let Err(e) = res {
-                        return Err(DriverError::Udp(e));
-                    }
-                }
-                for &(from, off, len) in &rx_batch {
-                    counters.udp_received += 1;
-                    if let Some(pkt) = client.handle_datagram(now, from, &rx_bytes[off..off + len]) {
-                        let mut ctx = Ctx { client: &mut *client, now, out: side.out(), buf: &mut sbuf, counters: &mut counters };
-                        app.on_media(&mut ctx, pkt);
-                    }
-                }
-            }
-            r = udp.recv_from(&mut ubuf), if efd.is_none() => {
+            r = udp.recv_from(&mut ubuf) => {
                 let now = Instant::now();
                 match r {
                     Ok((n, from)) => {
@@ -448,7 +359,7 @@ pub async fn run_with_wake<A: App>(
                         while let Some((n, from)) = next {
                             counters.udp_received += 1;
                             if let Some(pkt) = client.handle_datagram(now, from, &ubuf[..n]) {
-                                let mut ctx = Ctx { client: &mut *client, now, out: side.out(), buf: &mut sbuf, counters: &mut counters };
+                                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp), buf: &mut sbuf, counters: &mut counters };
                                 // The packet borrows `ubuf`, not the client, so the app may use both.
                                 app.on_media(&mut ctx, pkt);
                             }
@@ -467,7 +378,7 @@ pub async fn run_with_wake<A: App>(
                 let now = Instant::now();
                 client.handle_timeout(now);
                 if app.next_wakeup().is_some_and(|t| now >= t) {
-                    let mut ctx = Ctx { client: &mut *client, now, out: side.out(), buf: &mut sbuf, counters: &mut counters };
+                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp), buf: &mut sbuf, counters: &mut counters };
                     app.on_wakeup(&mut ctx);
                 }
                 if next_connect.is_some_and(|t| now >= t) {
@@ -479,7 +390,7 @@ pub async fn run_with_wake<A: App>(
     }
 }
 
-fn jitter(d: Duration, rng: &mut Rng) -> Duration {
+pub(crate) fn jitter(d: Duration, rng: &mut Rng) -> Duration {
     // Uniform in [d/2, d).
     let half = d.as_micros() as u64 / 2;
     Duration::from_micros(half + rng.below(half.max(1)))
@@ -505,10 +416,10 @@ fn lost_connection(
 
 /// Drain the client's output until quiescent: frames are encoded into `wbuf`, control
 /// datagrams sent, events handed to the app (which may queue more).
-fn drain<A: App>(
+pub(crate) fn drain<A: App>(
     client: &mut Client,
     app: &mut A,
-    side: &mut UdpSide<'_>,
+    mut out: Out<'_>,
     sbuf: &mut [u8],
     wbuf: &mut Vec<u8>,
     counters: &mut DriverCounters,
@@ -521,11 +432,11 @@ fn drain<A: App>(
             progressed = true;
         }
         while let Some(Transmit { to, len }) = client.poll_transmit(sbuf) {
-            send(&mut side.out(), &sbuf[..len], to, counters);
+            send(&mut out, &sbuf[..len], to, counters);
             progressed = true;
         }
         while let Some(ev) = client.poll_event() {
-            let mut ctx = Ctx { client: &mut *client, now, out: side.out(), buf: &mut *sbuf, counters: &mut *counters };
+            let mut ctx = Ctx { client: &mut *client, now, out: out.reborrow(), buf: &mut *sbuf, counters: &mut *counters };
             app.on_event(&mut ctx, ev);
             progressed = true;
         }

@@ -21,6 +21,8 @@
 pub mod client;
 pub mod driver;
 pub mod media;
+#[cfg(target_os = "linux")]
+pub mod reactor;
 pub mod rng;
 pub mod stats;
 #[cfg(target_os = "linux")]

@@ -152,6 +152,7 @@ pub struct UdpRing {
     slot_addrs: Vec<libc::sockaddr_storage>,
     free_slots: Vec<u16>,
     queued: usize,
+    queued_sends: usize,
     /// Counters.
     pub counters: UringCounters,
 }
@@ -242,6 +243,7 @@ impl UdpRing {
             slot_addrs: Vec::new(),
             free_slots: Vec::new(),
             queued: 0,
+            queued_sends: 0,
             counters: UringCounters::default(),
         };
         if receive {
@@ -355,6 +357,7 @@ impl UdpRing {
         let e = op.build().user_data(tag(K_RAW, 0));
         self.push_entry(&e)?;
         self.in_flight_sends += 1;
+        self.queued_sends += 1;
         Ok(())
     }
 
@@ -417,12 +420,20 @@ impl UdpRing {
             return false;
         }
         self.in_flight_sends += 1;
+        self.queued_sends += 1;
         true
     }
 
     /// Entries queued since the last submit.
     pub fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// Sends queued since the last submit. On loopback and uncongested sockets a send
+    /// completes during the submit itself, so a wait for `queued_sends() + n` completions
+    /// waits for about `n` others.
+    pub fn queued_sends(&self) -> usize {
+        self.queued_sends
     }
 
     /// Signal `efd` (an eventfd) whenever a completion is posted.
@@ -434,6 +445,7 @@ impl UdpRing {
     pub fn submit(&mut self) -> io::Result<usize> {
         self.counters.enters += 1;
         self.queued = 0;
+        self.queued_sends = 0;
         self.ring.submit()
     }
 
@@ -442,6 +454,7 @@ impl UdpRing {
     pub fn submit_and_wait(&mut self, want: usize, timeout: Duration) -> io::Result<usize> {
         self.counters.enters += 1;
         self.queued = 0;
+        self.queued_sends = 0;
         let ts = Timespec::from(timeout);
         let args = SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(want, &args) {
@@ -610,7 +623,7 @@ impl Drop for UdpRing {
 }
 
 /// A `SocketAddr` as a `sockaddr_storage` and its length.
-fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: zeroed storage is valid; we write a sockaddr_in/in6 into its prefix.
     let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     match a {

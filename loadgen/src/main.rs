@@ -48,6 +48,11 @@ struct SessionsArgs {
     /// (0: two per core, so no single task carries too large a share).
     #[arg(long, default_value_t = 0)]
     clients: usize,
+    /// One socket (and one client, with its own TCP connection) per session on each side,
+    /// instead of sessions sharing their client's socket: for tests that need a distinct
+    /// port per session. Same as --clients equal to --sessions.
+    #[arg(long, conflicts_with = "clients")]
+    socket_per_session: bool,
     /// Sessions set up per second while ramping up.
     #[arg(long, default_value_t = 1000.0)]
     ramp: f64,
@@ -66,10 +71,16 @@ struct SessionsArgs {
     /// Hold the sessions without media, by keepalives alone (measures memory per session).
     #[arg(long)]
     idle: bool,
-    /// UDP IO of the simulated clients: uring, portable, or auto (portable for now; the
+    /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
+    /// portable (tokio + quinn-udp), or auto (uring where io_uring can be set up; the
     /// NULLPUNCH_IO environment variable overrides auto).
     #[arg(long, default_value = "auto")]
     io: String,
+    /// Timer tick of the io_uring driver in microseconds: media frames due within a tick
+    /// leave in one submission (each up to a tick late), and a batched receive wait lasts
+    /// at most a tick.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
+    tick_us: u64,
     /// Print only the summary as one JSON object (last line of stdout).
     #[arg(long)]
     json: bool,
@@ -110,10 +121,16 @@ struct SetupArgs {
     /// Generator worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// UDP IO of the simulated clients: uring, portable, or auto (portable for now; the
+    /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
+    /// portable (tokio + quinn-udp), or auto (uring where io_uring can be set up; the
     /// NULLPUNCH_IO environment variable overrides auto).
     #[arg(long, default_value = "auto")]
     io: String,
+    /// Timer tick of the io_uring driver in microseconds: media frames due within a tick
+    /// leave in one submission (each up to a tick late), and a batched receive wait lasts
+    /// at most a tick.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
+    tick_us: u64,
     /// Print only the summary as one JSON object (last line of stdout).
     #[arg(long)]
     json: bool,
@@ -180,6 +197,7 @@ fn main() -> ExitCode {
             Ok(io) => io,
             Err(c) => return c,
         },
+        tick: Duration::from_micros(args.tick_us),
     };
     finish(setup::run(cfg), args.json)
 }
@@ -226,7 +244,11 @@ fn finish(out: Result<setup::SetupOutcome, String>, json: bool) -> ExitCode {
 }
 
 fn run_sessions(a: SessionsArgs) -> ExitCode {
-    let clients = if a.clients == 0 { 2 * sys::cores() } else { a.clients };
+    let clients = match (a.socket_per_session, a.clients) {
+        (true, _) => a.sessions as usize,
+        (false, 0) => 2 * sys::cores(),
+        (false, n) => n,
+    };
     if a.sessions == 0 || !(a.ramp > 0.0) || !(a.duration > 0.0) {
         eprintln!("loadgen: --sessions, --ramp and --duration must be positive");
         return ExitCode::from(2);
@@ -256,6 +278,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
             Ok(io) => io,
             Err(c) => return c,
         },
+        tick: Duration::from_micros(a.tick_us),
     };
     finish(setup::run(cfg), a.json)
 }

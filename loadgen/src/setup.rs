@@ -53,6 +53,8 @@ pub struct SetupConfig {
     pub idle: bool,
     /// UDP IO of the simulated clients.
     pub io: driver::Io,
+    /// Timer tick of the io_uring driver.
+    pub tick: Duration,
 }
 
 /// What the measurement window saw.
@@ -100,6 +102,8 @@ struct Shared {
     /// No media: sessions are held by keepalives alone.
     idle: bool,
     registered: AtomicUsize,
+    /// Callers whose calls have all ended.
+    callers_done: AtomicUsize,
     stop_callees: AtomicBool,
     incoming: Mutex<HashMap<CallId, Instant>>,
 }
@@ -108,7 +112,21 @@ struct Shared {
 #[derive(Default)]
 struct Inbox {
     due: Mutex<VecDeque<(Instant, ClientId)>>,
+    /// Wakes the caller's task (tokio driver).
     wake: Arc<tokio::sync::Notify>,
+    /// Wakes the caller's unit (io_uring driver).
+    #[cfg(target_os = "linux")]
+    ring_wake: Option<Arc<engine::reactor::Wake>>,
+}
+
+impl Inbox {
+    fn notify(&self) {
+        self.wake.notify_one();
+        #[cfg(target_os = "linux")]
+        if let Some(w) = &self.ring_wake {
+            w.notify();
+        }
+    }
 }
 
 impl Shared {
@@ -132,6 +150,7 @@ struct CallerApp {
     latency: Histogram<u64>,
     media: MediaTotals,
     counted_registration: bool,
+    counted_done: bool,
 }
 
 struct CalleeApp {
@@ -157,6 +176,13 @@ fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, now: Instant, 
 }
 
 impl CallerApp {
+    /// Count this caller as finished once (the io_uring fleet waits on the count).
+    fn check_done(&mut self) {
+        if self.done() && !std::mem::replace(&mut self.counted_done, true) {
+            self.shared.callers_done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn first_media(&mut self, now: Instant, h: CallHandle) {
         if let Some(r) = self.inflight.get_mut(&h) {
             // Two-way media: the caller's media reached the callee, which answered with media.
@@ -202,6 +228,7 @@ impl App for CallerApp {
             }
             _ => {}
         }
+        self.check_done();
     }
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
@@ -231,6 +258,7 @@ impl App for CallerApp {
             }
         }
         self.streams.run(ctx);
+        self.check_done();
     }
 
     fn done(&self) -> bool {
@@ -277,6 +305,249 @@ impl App for CalleeApp {
     }
 }
 
+/// Either kind of simulated client, so one io_uring thread can run both.
+enum SimApp {
+    Caller(CallerApp),
+    Callee(CalleeApp),
+}
+
+impl App for SimApp {
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        match self {
+            SimApp::Caller(a) => a.on_event(ctx, event),
+            SimApp::Callee(a) => a.on_event(ctx, event),
+        }
+    }
+    fn on_media(&mut self, ctx: &mut Ctx<'_>, packet: Received<'_>) {
+        match self {
+            SimApp::Caller(a) => a.on_media(ctx, packet),
+            SimApp::Callee(a) => a.on_media(ctx, packet),
+        }
+    }
+    fn next_wakeup(&self) -> Option<Instant> {
+        match self {
+            SimApp::Caller(a) => a.next_wakeup(),
+            SimApp::Callee(a) => a.next_wakeup(),
+        }
+    }
+    fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
+        match self {
+            SimApp::Caller(a) => a.on_wakeup(ctx),
+            SimApp::Callee(a) => a.on_wakeup(ctx),
+        }
+    }
+    fn done(&self) -> bool {
+        match self {
+            SimApp::Caller(a) => a.done(),
+            SimApp::Callee(a) => a.done(),
+        }
+    }
+}
+
+type CallerOut = (Vec<CallRecord>, Histogram<u64>, MediaTotals, u64);
+type CalleeOut = (Histogram<u64>, MediaTotals, u64);
+
+fn caller_app(shared: Arc<Shared>, inbox: Arc<Inbox>, remaining: usize, talk: Duration) -> CallerApp {
+    CallerApp {
+        streams: Streams::new(shared.epoch),
+        shared,
+        remaining,
+        inbox,
+        inflight: HashMap::new(),
+        done_records: Vec::new(),
+        talk,
+        latency: new_histogram(),
+        media: MediaTotals::default(),
+        counted_registration: false,
+        counted_done: false,
+    }
+}
+
+fn callee_app(shared: Arc<Shared>) -> CalleeApp {
+    CalleeApp {
+        streams: Streams::new(shared.epoch),
+        shared,
+        latency: new_histogram(),
+        media: MediaTotals::default(),
+        counted_registration: false,
+        stopping: false,
+        next_poll: Instant::now(),
+    }
+}
+
+/// The simulated clients, running.
+enum Fleet {
+    Tokio {
+        callers: Vec<tokio::task::JoinHandle<Result<CallerOut, String>>>,
+        callees: Vec<tokio::task::JoinHandle<Result<CalleeOut, String>>>,
+    },
+    #[cfg(target_os = "linux")]
+    Ring {
+        threads: Vec<std::thread::JoinHandle<Result<Vec<engine::reactor::Finished<SimApp>>, driver::DriverError>>>,
+        callers: usize,
+    },
+}
+
+impl Fleet {
+    /// The error of a client that stopped before the run started, if any.
+    async fn early_failure(&mut self) -> Option<String> {
+        match self {
+            Fleet::Tokio { callers, callees } => {
+                if let Some(i) = callers.iter().position(|t| t.is_finished()) {
+                    let r = callers.swap_remove(i).await;
+                    return Some(match r {
+                        Ok(Err(e)) => e,
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => "a caller stopped before the run started".into(),
+                    });
+                }
+                if let Some(i) = callees.iter().position(|t| t.is_finished()) {
+                    let r = callees.swap_remove(i).await;
+                    return Some(match r {
+                        Ok(Err(e)) => e,
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => "a callee stopped before the run started".into(),
+                    });
+                }
+                None
+            }
+            #[cfg(target_os = "linux")]
+            Fleet::Ring { threads, .. } => {
+                let i = threads.iter().position(|t| t.is_finished())?;
+                Some(match threads.swap_remove(i).join() {
+                    Ok(Ok(units)) => units
+                        .into_iter()
+                        .find_map(|u| u.result.err().map(|e| e.to_string()))
+                        .unwrap_or_else(|| "a generator thread stopped before the run started".into()),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "a generator thread panicked".into(),
+                })
+            }
+        }
+    }
+
+    /// Wait for every caller to finish its calls, tell the callees to stop, and collect both.
+    async fn finish(self, shared: &Shared) -> Result<(Vec<CallerOut>, Vec<CalleeOut>, Instant), String> {
+        let mut outs = Vec::new();
+        let mut ins = Vec::new();
+        match self {
+            Fleet::Tokio { callers, callees } => {
+                for t in callers {
+                    outs.push(t.await.map_err(|e| e.to_string())??);
+                }
+                let calls_done = Instant::now();
+                shared.stop_callees.store(true, Ordering::Relaxed);
+                for t in callees {
+                    ins.push(t.await.map_err(|e| e.to_string())??);
+                }
+                Ok((outs, ins, calls_done))
+            }
+            #[cfg(target_os = "linux")]
+            Fleet::Ring { threads, callers } => {
+                while shared.callers_done.load(Ordering::Relaxed) < callers && threads.iter().any(|t| !t.is_finished()) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let calls_done = Instant::now();
+                shared.stop_callees.store(true, Ordering::Relaxed);
+                for t in threads {
+                    let units = t.join().map_err(|_| "a generator thread panicked".to_string())?.map_err(|e| e.to_string())?;
+                    for u in units {
+                        u.result.map_err(|e| e.to_string())?;
+                        match u.app {
+                            SimApp::Caller(a) => {
+                                let sk = a.streams.skipped();
+                                outs.push((a.done_records, a.latency, a.media, sk));
+                            }
+                            SimApp::Callee(a) => {
+                                let sk = a.streams.skipped();
+                                ins.push((a.latency, a.media, sk));
+                            }
+                        }
+                    }
+                }
+                Ok((outs, ins, calls_done))
+            }
+        }
+    }
+}
+
+/// Start the simulated clients: tasks on the tokio runtime, or units spread over one
+/// io_uring thread per generator thread.
+async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inbox>], manager_addr: SocketAddr, threads: usize) -> Result<Fleet, String> {
+    let bind = SocketAddr::new(cfg.bind_ip, 0);
+    let remaining = |i: usize| (cfg.calls as usize + cfg.callers - 1 - i) / cfg.callers;
+    match cfg.io {
+        driver::Io::Portable => {
+            let mut callees = Vec::new();
+            for i in 0..cfg.callees {
+                let shared = shared.clone();
+                callees.push(tokio::spawn(async move {
+                    let (udp, mut client) = new_client(bind, format!("callee-{i}"), manager_addr, i as u64).await?;
+                    let mut app = callee_app(shared);
+                    driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending()).await.map_err(|e| e.to_string())?;
+                    let skipped = app.streams.skipped();
+                    Ok::<_, String>((app.latency, app.media, skipped))
+                }));
+            }
+            let mut callers = Vec::new();
+            for (i, inbox) in inboxes.iter().cloned().enumerate() {
+                let mut app = caller_app(shared.clone(), inbox.clone(), remaining(i), cfg.talk);
+                callers.push(tokio::spawn(async move {
+                    let (udp, mut client) = new_client(bind, format!("caller-{i}"), manager_addr, 1_000_000 + i as u64).await?;
+                    let wake = Some(inbox.wake.clone());
+                    driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let skipped = app.streams.skipped();
+                    Ok::<_, String>((app.done_records, app.latency, app.media, skipped))
+                }));
+            }
+            Ok(Fleet::Tokio { callers, callees })
+        }
+        #[cfg(target_os = "linux")]
+        driver::Io::Uring => {
+            use engine::reactor::{ReactorConfig, Unit};
+            let mut per_thread: Vec<Vec<Unit<SimApp>>> = (0..threads).map(|_| Vec::new()).collect();
+            let mut n = 0usize;
+            // Callers and callees interleaved, so every thread carries both kinds.
+            let kinds = (0..cfg.callers.max(cfg.callees)).flat_map(|i| {
+                let c = (i < cfg.callers).then_some((true, i));
+                let e = (i < cfg.callees).then_some((false, i));
+                c.into_iter().chain(e)
+            });
+            for (caller, i) in kinds {
+                let (udp, client) = if caller {
+                    new_std_client(bind, format!("caller-{i}"), manager_addr, 1_000_000 + i as u64)?
+                } else {
+                    new_std_client(bind, format!("callee-{i}"), manager_addr, i as u64)?
+                };
+                let (app, wake) = if caller {
+                    let w = inboxes[i].ring_wake.clone();
+                    (SimApp::Caller(caller_app(shared.clone(), inboxes[i].clone(), remaining(i), cfg.talk)), w)
+                } else {
+                    (SimApp::Callee(callee_app(shared.clone())), None)
+                };
+                per_thread[n % threads].push(Unit { client, udp, app, wake });
+                n += 1;
+            }
+            let mut handles = Vec::new();
+            for (t, units) in per_thread.into_iter().enumerate() {
+                if units.is_empty() {
+                    continue;
+                }
+                let rc = ReactorConfig { tick: cfg.tick, ..Default::default() };
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("ring-{t}"))
+                        .spawn(move || engine::reactor::run(units, manager_addr, None, &rc))
+                        .map_err(|e| format!("thread: {e}"))?,
+                );
+            }
+            Ok(Fleet::Ring { threads: handles, callers: cfg.callers })
+        }
+    }
+}
+
 /// A simulated client: its UDP socket (with large buffers, since many sessions share it)
 /// and a client state machine that discovers its address at the manager and takes any
 /// number of calls.
@@ -287,6 +558,18 @@ async fn new_client(
     seed: u64,
 ) -> Result<(tokio::net::UdpSocket, Client), String> {
     let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
+    driver::set_socket_buffers(&udp, 8 << 20);
+    let port = udp.local_addr().map_err(|e| e.to_string())?.port();
+    let mut c = ClientConfig::new(ClientId::new(id).map_err(|e| e.to_string())?, port);
+    c.stun_server = Some(manager);
+    c.max_calls = u16::MAX;
+    Ok((udp, Client::new(c, seed)))
+}
+
+/// As [`new_client`], with a std socket for the io_uring driver.
+#[cfg(target_os = "linux")]
+fn new_std_client(bind: SocketAddr, id: String, manager: SocketAddr, seed: u64) -> Result<(std::net::UdpSocket, Client), String> {
+    let udp = std::net::UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
     driver::set_socket_buffers(&udp, 8 << 20);
     let port = udp.local_addr().map_err(|e| e.to_string())?.port();
     let mut c = ClientConfig::new(ClientId::new(id).map_err(|e| e.to_string())?, port);
@@ -340,6 +623,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         record_latency: AtomicBool::new(cfg.window.is_none()),
         idle: cfg.idle,
         registered: AtomicUsize::new(0),
+        callers_done: AtomicUsize::new(0),
         stop_callees: AtomicBool::new(false),
         incoming: Mutex::new(HashMap::new()),
     });
@@ -347,70 +631,26 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let cpu0 = sys::cpu_seconds();
     let wall0 = Instant::now();
 
-    let io = cfg.io;
     let result = rt.block_on(async {
-        let mut callee_tasks = Vec::new();
-        for i in 0..cfg.callees {
-            let shared = shared.clone();
-            let bind = SocketAddr::new(cfg.bind_ip, 0);
-            callee_tasks.push(tokio::spawn(async move {
-                let (udp, mut client) = new_client(bind, format!("callee-{i}"), manager_addr, i as u64).await?;
-                let mut app = CalleeApp {
-                    streams: Streams::new(shared.epoch),
-                    shared,
-                    latency: new_histogram(),
-                    media: MediaTotals::default(),
-                    counted_registration: false,
-                    stopping: false,
-                    next_poll: Instant::now(),
-                };
-                driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending(), io)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let skipped = app.streams.skipped();
-                Ok::<_, String>((app.latency, app.media, skipped))
-            }));
-        }
-        let mut caller_tasks = Vec::new();
-        for (i, inbox) in inboxes.iter().cloned().enumerate() {
-            let shared = shared.clone();
-            let remaining = (cfg.calls as usize + cfg.callers - 1 - i) / cfg.callers;
-            let bind = SocketAddr::new(cfg.bind_ip, 0);
-            let talk = cfg.talk;
-            caller_tasks.push(tokio::spawn(async move {
-                let (udp, mut client) = new_client(bind, format!("caller-{i}"), manager_addr, 1_000_000 + i as u64).await?;
-                let mut app = CallerApp {
-                    streams: Streams::new(shared.epoch),
-                    shared,
-                    remaining,
-                    inbox: inbox.clone(),
-                    inflight: HashMap::new(),
-                    done_records: Vec::new(),
-                    talk,
-                    latency: new_histogram(),
-                    media: MediaTotals::default(),
-                    counted_registration: false,
-                };
-                let wake = Some(inbox.wake.clone());
-                driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake, io)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let skipped = app.streams.skipped();
-                Ok::<_, String>((app.done_records, app.latency, app.media, skipped))
-            }));
-        }
+        // Inboxes of io_uring callers get an eventfd to wake their thread.
+        #[cfg(target_os = "linux")]
+        let inboxes: Vec<Arc<Inbox>> = if cfg.io == driver::Io::Uring {
+            let mut v = Vec::new();
+            for _ in 0..cfg.callers {
+                v.push(Arc::new(Inbox { ring_wake: Some(engine::reactor::Wake::new().map_err(|e| format!("eventfd: {e}"))?), ..Default::default() }));
+            }
+            v
+        } else {
+            inboxes
+        };
+        let mut fleet = start_fleet(&cfg, &shared, &inboxes, manager_addr, threads).await?;
         // Wait for every client to register, then fix t0 a little ahead.
         let total = cfg.callers + cfg.callees;
         let reg_deadline = Instant::now() + Duration::from_secs(30);
         while shared.registered.load(Ordering::Relaxed) < total {
             // A client that stopped before the run started failed: report its error now.
-            if let Some(i) = caller_tasks.iter().position(|t| t.is_finished()) {
-                let r = caller_tasks.swap_remove(i).await.map_err(|e| e.to_string())?;
-                return Err(r.err().unwrap_or_else(|| "a caller stopped before the run started".into()));
-            }
-            if let Some(i) = callee_tasks.iter().position(|t| t.is_finished()) {
-                let r = callee_tasks.swap_remove(i).await.map_err(|e| e.to_string())?;
-                return Err(r.err().unwrap_or_else(|| "a callee stopped before the run started".into()));
+            if let Some(e) = fleet.early_failure().await {
+                return Err(e);
             }
             if Instant::now() > reg_deadline {
                 return Err(format!(
@@ -442,7 +682,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                     let callee = ClientId::new(format!("callee-{callee_ix}")).expect("valid id");
                     let inbox = &sched_inboxes[k as usize % callers];
                     inbox.due.lock().unwrap_or_else(|e| e.into_inner()).push_back((at, callee));
-                    inbox.wake.notify_one();
+                    inbox.notify();
                 }
             })
             .map_err(|e| format!("scheduler thread: {e}"))?;
@@ -463,22 +703,19 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         let mut latency = new_histogram();
         let mut media = MediaTotals::default();
         let mut skipped = 0u64;
-        for t in caller_tasks {
-            let (r, h, m, sk) = t.await.map_err(|e| e.to_string())??;
-            skipped += sk;
-            records.extend(r);
-            latency.add(&h).map_err(|e| e.to_string())?;
-            media.add(m.sent, m.received, m.lost);
-        }
-        let calls_done = Instant::now();
+        let (outs, ins, calls_done) = fleet.finish(&shared).await?;
         let _ = scheduler.join();
         let window = match window {
             Some(w) => Some(w.await.map_err(|e| e.to_string())?),
             None => None,
         };
-        shared.stop_callees.store(true, Ordering::Relaxed);
-        for t in callee_tasks {
-            let (h, m, sk) = t.await.map_err(|e| e.to_string())??;
+        for (r, h, m, sk) in outs {
+            skipped += sk;
+            records.extend(r);
+            latency.add(&h).map_err(|e| e.to_string())?;
+            media.add(m.sent, m.received, m.lost);
+        }
+        for (h, m, sk) in ins {
             skipped += sk;
             latency.add(&h).map_err(|e| e.to_string())?;
             media.add(m.sent, m.received, m.lost);

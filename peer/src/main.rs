@@ -356,12 +356,51 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             _ = term.recv() => {}
         }
     };
-    match driver::run(&mut client, &udp, manager, &mut app, shutdown, io).await {
-        Ok(_) => {}
-        Err(e) => {
-            eprintln!("peer: {e}");
-            return ExitCode::from(2);
+    let (app, result) = match io {
+        driver::Io::Portable => {
+            let r = driver::run(&mut client, &udp, manager, &mut app, shutdown).await.map(|_| ());
+            (app, r)
         }
+        #[cfg(target_os = "linux")]
+        driver::Io::Uring => {
+            // The ring driver runs on a thread of its own; this runtime only waits for the
+            // signals and relays them.
+            let udp = match udp.into_std() {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("peer: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let stop = engine::reactor::Stop::new();
+            let relay = stop.clone();
+            let unit = engine::reactor::Unit { client, udp, app, wake: None };
+            let worker = tokio::task::spawn_blocking(move || {
+                engine::reactor::run(vec![unit], manager, Some(&relay), &engine::reactor::ReactorConfig::default())
+            });
+            tokio::pin!(worker);
+            let joined = tokio::select! {
+                j = &mut worker => j,
+                _ = shutdown => {
+                    stop.stop();
+                    worker.await
+                }
+            };
+            match joined.expect("reactor thread") {
+                Ok(mut done) => {
+                    let f = done.pop().expect("one unit");
+                    (f.app, f.result.map(|_| ()))
+                }
+                Err(e) => {
+                    eprintln!("peer: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("peer: {e}");
+        return ExitCode::from(2);
     }
     if let Some(msg) = app.fatal {
         eprintln!("peer: {msg}");
