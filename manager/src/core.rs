@@ -270,15 +270,20 @@ pub struct Shard {
 impl Shard {
     /// Shard `index` of `n`.
     pub fn new(index: u16, n: u16, cfg: ShardConfig, bindings: Arc<Bindings>, stats: Arc<Stats>, seed: u64) -> Self {
+        let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        // Call ids start at a random point, so a restarted manager does not hand out the ids
+        // of calls that are still running between clients (they would take a new INCOMING
+        // for a duplicate of the old call). 2^40 starting points, 2^48 ids before a wrap.
+        let next_call = 1 + rng.below(1 << 40);
         Shard {
             index,
             n,
             cfg,
             bindings,
             stats,
-            rng: Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            rng,
             next_conn: 1,
-            next_call: 1,
+            next_call,
             conns: HashMap::new(),
             dir: HashMap::new(),
             calls: HashMap::new(),

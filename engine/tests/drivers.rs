@@ -1,0 +1,281 @@
+//! Both IO drivers against a real manager on loopback: the tokio driver
+//! ([`engine::driver::run`], portable) and the thread-per-core io_uring driver
+//! ([`engine::reactor::run`]). Each test runs once per driver with the same assertions.
+//! Every wait is bounded in time.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::client::{CallReport, Client, ClientConfig, Event, Received};
+use engine::driver::{self, App, Ctx, DriverCounters, Io, Streams};
+use engine::wire::frame::ClientId;
+
+/// What a test sees of a running client, from its own thread.
+#[derive(Default)]
+struct Progress {
+    registrations: AtomicU64,
+    call_requests: AtomicU64,
+    media_rx: AtomicU64,
+    started: AtomicU64,
+    reports: Mutex<Vec<CallReport>>,
+}
+
+/// Places a call to `callee` whenever the test raises `Progress::call_requests` (checked
+/// every 10 ms), and at once on registration if `call_on_register`; streams media on every
+/// call until stopped.
+struct TestApp {
+    callee: Option<ClientId>,
+    call_on_register: bool,
+    placed: u64,
+    next_check: Instant,
+    streams: Streams,
+    p: Arc<Progress>,
+}
+
+impl TestApp {
+    fn new(callee: Option<&str>, call_on_register: bool, p: Arc<Progress>) -> Self {
+        TestApp {
+            callee: callee.map(|c| ClientId::new(c).unwrap()),
+            call_on_register,
+            placed: 0,
+            next_check: Instant::now(),
+            streams: Streams::new(Instant::now()),
+            p,
+        }
+    }
+}
+
+impl App for TestApp {
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        match event {
+            Event::Registered { .. } => {
+                self.p.registrations.fetch_add(1, Ordering::SeqCst);
+                if self.call_on_register && self.placed == 0 {
+                    self.p.call_requests.store(1, Ordering::SeqCst);
+                    self.on_wakeup(ctx);
+                }
+            }
+            Event::Started { handle, .. } => {
+                self.p.started.fetch_add(1, Ordering::SeqCst);
+                self.streams.start(handle, ctx.now, None);
+            }
+            Event::MediaFlowing { handle } => self.streams.start(handle, ctx.now, None),
+            Event::Ended(r) => {
+                self.streams.stop(r.handle);
+                self.p.reports.lock().unwrap().push(*r);
+            }
+            _ => {}
+        }
+    }
+    fn on_media(&mut self, _ctx: &mut Ctx<'_>, _p: Received<'_>) {
+        self.p.media_rx.fetch_add(1, Ordering::SeqCst);
+    }
+    fn next_wakeup(&self) -> Option<Instant> {
+        let check = self.callee.is_some().then_some(self.next_check);
+        self.streams.next_wakeup().into_iter().chain(check).min()
+    }
+    fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(c) = &self.callee {
+            self.next_check = ctx.now + Duration::from_millis(10);
+            while self.placed < self.p.call_requests.load(Ordering::SeqCst) && ctx.client.is_registered() {
+                self.placed += 1;
+                ctx.client.call(ctx.now, c.clone()).expect("call placed");
+            }
+        }
+        self.streams.run(ctx);
+    }
+    fn done(&self) -> bool {
+        false
+    }
+}
+
+/// A client running on its own thread with the chosen driver.
+struct Running {
+    p: Arc<Progress>,
+    stop_flag: Arc<AtomicBool>,
+    stop: Arc<engine::reactor::Stop>,
+    thread: std::thread::JoinHandle<Result<DriverCounters, String>>,
+}
+
+impl Running {
+    fn stop(self) -> (Result<DriverCounters, String>, Arc<Progress>) {
+        self.stop_flag.store(true, Ordering::SeqCst);
+        self.stop.stop();
+        (self.thread.join().expect("driver thread"), self.p)
+    }
+}
+
+fn spawn(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>) -> Running {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cfg = ClientConfig::new(ClientId::new(id).unwrap(), udp.local_addr().unwrap().port());
+    cfg.stun_server = Some(manager);
+    cfg.max_calls = 4;
+    let client = Client::new(cfg, 7);
+    let p = Arc::new(Progress::default());
+    let app = TestApp::new(callee, callee.is_some(), p.clone());
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let stop = engine::reactor::Stop::new();
+    let (flag, st) = (stop_flag.clone(), stop.clone());
+    let thread = std::thread::spawn(move || match io {
+        Io::Portable => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let udp = tokio::net::UdpSocket::from_std({
+                    udp.set_nonblocking(true).unwrap();
+                    udp
+                })
+                .unwrap();
+                let (mut client, mut app) = (client, app);
+                let shutdown = async move {
+                    while !flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                driver::run(&mut client, &udp, manager, &mut app, shutdown).await.map_err(|e| e.to_string())
+            })
+        }
+        Io::Uring => {
+            let unit = engine::reactor::Unit { client, udp, app, wake: None };
+            let mut done = engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
+            done.pop().unwrap().result.map_err(|e| e.to_string())
+        }
+    });
+    Running { p, stop_flag, stop, thread }
+}
+
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+fn wait_until(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+    assert!(wait_for(limit, cond), "timed out waiting for {what}");
+}
+
+fn manager_on(addr: SocketAddr) -> manager::ManagerHandle {
+    manager::start(manager::ManagerConfig { listen: addr, shards: 2, ..Default::default() }).expect("manager starts")
+}
+
+fn both(test: fn(Io)) {
+    test(Io::Portable);
+    test(Io::Uring);
+}
+
+/// The manager dies mid-call: media keeps flowing (the path is direct), both clients
+/// reconnect and re-register when it comes back, and a new call then works.
+fn survives_a_manager_restart(io: Io) {
+    let m1 = manager_on("127.0.0.1:0".parse().unwrap());
+    let addr = m1.local_addr();
+    let bob = spawn(io, "bob", addr, None);
+    wait_until("bob registered", Duration::from_secs(5), || bob.p.registrations.load(Ordering::SeqCst) == 1);
+    let alice = spawn(io, "alice", addr, Some("bob"));
+    wait_until("media both ways", Duration::from_secs(5), || {
+        alice.p.media_rx.load(Ordering::SeqCst) > 20 && bob.p.media_rx.load(Ordering::SeqCst) > 20
+    });
+    m1.shutdown();
+    let (a0, b0) = (alice.p.media_rx.load(Ordering::SeqCst), bob.p.media_rx.load(Ordering::SeqCst));
+    std::thread::sleep(Duration::from_millis(600));
+    let (a1, b1) = (alice.p.media_rx.load(Ordering::SeqCst), bob.p.media_rx.load(Ordering::SeqCst));
+    // 600 ms at 50 packets/s: about 30 each way, without a manager.
+    assert!(a1 - a0 >= 20 && b1 - b0 >= 20, "{io:?}: media stopped with the manager: alice {a0}->{a1}, bob {b0}->{b1}");
+    let _m2 = manager_on(addr);
+    wait_until("both re-registered", Duration::from_secs(15), || {
+        alice.p.registrations.load(Ordering::SeqCst) == 2 && bob.p.registrations.load(Ordering::SeqCst) == 2
+    });
+    // A new call is set up through the new manager.
+    alice.p.call_requests.store(2, Ordering::SeqCst);
+    let ok = wait_for(Duration::from_secs(5), || alice.p.started.load(Ordering::SeqCst) == 2);
+    assert!(ok, "{io:?}: the second call did not start: {:?}", alice.p.reports.lock().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let (ra, pa) = alice.stop();
+    let (rb, pb) = bob.stop();
+    let (ca, cb) = (ra.expect("alice's driver"), rb.expect("bob's driver"));
+    assert_eq!((ca.connects, ca.disconnects), (2, 1), "{io:?}: alice {ca:?}");
+    assert_eq!((cb.connects, cb.disconnects), (2, 1), "{io:?}: bob {cb:?}");
+    let reports = pa.reports.lock().unwrap();
+    assert_eq!(reports.len(), 2, "{io:?}: {reports:?}");
+    for r in reports.iter() {
+        assert!(r.succeeded() && r.received > 5 && r.sent > 5, "{io:?}: {r:?}");
+    }
+    // The first call lived through the outage: it carried media from before to after.
+    let first = reports.iter().max_by_key(|r| r.received).unwrap();
+    assert!(first.received >= b1, "{io:?}: {first:?}");
+    assert_eq!(pb.reports.lock().unwrap().len(), 2, "{io:?}");
+}
+
+#[test]
+fn a_call_survives_a_manager_restart_and_clients_re_register() {
+    both(survives_a_manager_restart);
+}
+
+fn unreachable_manager_is_an_error(io: Io) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let t = Instant::now();
+    let r = spawn(io, "lonely", SocketAddr::from(([127, 0, 0, 1], port)), None);
+    let res = r.thread.join().unwrap();
+    let e = res.expect_err("no manager");
+    assert!(e.contains("unreachable"), "{io:?}: {e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{io:?}");
+}
+
+#[test]
+fn an_unreachable_manager_is_an_error_at_once() {
+    both(unreachable_manager_is_an_error);
+}
+
+/// The io_uring driver's reason to be: many clients on one thread and one ring. 24 callers
+/// call 24 callees; every call carries media both ways; a stop ends every call with HANGUP.
+#[test]
+fn one_ring_thread_runs_many_clients() {
+    let m = manager_on("127.0.0.1:0".parse().unwrap());
+    let addr = m.local_addr();
+    let n = 24;
+    let mut units = Vec::new();
+    let mut progress = Vec::new();
+    for i in 0..2 * n {
+        let (id, callee) = if i < n { (format!("callee-{i}"), None) } else { (format!("caller-{i}"), Some(format!("callee-{}", i - n))) };
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut cfg = ClientConfig::new(ClientId::new(id).unwrap(), udp.local_addr().unwrap().port());
+        cfg.stun_server = Some(addr);
+        let p = Arc::new(Progress::default());
+        progress.push(p.clone());
+        // Callers call when the test says, once every callee is registered.
+        let app = TestApp::new(callee.as_deref(), false, p);
+        units.push(engine::reactor::Unit { client: Client::new(cfg, i as u64), udp, app, wake: None });
+    }
+    let stop = engine::reactor::Stop::new();
+    let st = stop.clone();
+    let t = std::thread::spawn(move || engine::reactor::run(units, addr, Some(&st), &Default::default()));
+    wait_until("every client registered", Duration::from_secs(10), || {
+        progress.iter().all(|p| p.registrations.load(Ordering::SeqCst) == 1)
+    });
+    for p in &progress[n..] {
+        p.call_requests.store(1, Ordering::SeqCst);
+    }
+    let ok = wait_for(Duration::from_secs(10), || progress.iter().all(|p| p.media_rx.load(Ordering::SeqCst) >= 10));
+    let status: Vec<_> = progress.iter().map(|p| (p.media_rx.load(Ordering::SeqCst), p.reports.lock().unwrap().iter().map(|r| r.reason).collect::<Vec<_>>())).collect();
+    assert!(ok, "media did not flow on every call, both ways: {status:?}");
+    stop.stop();
+    let done = t.join().unwrap().expect("ring set up");
+    assert_eq!(done.len(), 2 * n);
+    for (i, f) in done.iter().enumerate() {
+        let c = f.result.as_ref().expect("no driver error");
+        assert_eq!((c.connects, c.disconnects), (1, 0), "unit {i}");
+    }
+    // Every call ended once on each side; the side that stopped first hung up, the other
+    // got its HANGUP (or hung up itself in the same stop).
+    for p in &progress {
+        let r = p.reports.lock().unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(r[0].succeeded(), "{:?}", r[0]);
+    }
+    assert_eq!(m.stats().udp_media.load(Ordering::Relaxed), 0, "the manager never sees media");
+}
