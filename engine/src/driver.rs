@@ -58,8 +58,26 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Connecting = std::pin::Pin<Box<dyn Future<Output = Result<io::Result<TcpStream>, tokio::time::error::Elapsed>> + Send>>;
 
-/// Datagrams taken per receive wake-up.
-const RECV_BATCH: usize = 64;
+/// Buffers per batched receive (one `recvmmsg`).
+const RX_BATCH: usize = if quinn_udp::BATCH_SIZE < 32 { quinn_udp::BATCH_SIZE } else { 32 };
+/// Bytes per receive buffer: room for a GRO batch of 64 KiB.
+const RX_BUF: usize = 64 * 1024;
+/// Batched receives per wake-up at most.
+const RECV_ROUNDS: usize = 4;
+
+/// Receive buffers of the portable driver, one set per thread (they are used only within a
+/// synchronous stretch of a loop turn), so memory does not grow with the number of clients.
+struct RxBufs {
+    bufs: Vec<u8>,
+    meta: [quinn_udp::RecvMeta; RX_BATCH],
+}
+
+thread_local! {
+    static RX: std::cell::RefCell<RxBufs> = std::cell::RefCell::new(RxBufs {
+        bufs: vec![0u8; RX_BATCH * RX_BUF],
+        meta: [quinn_udp::RecvMeta::default(); RX_BATCH],
+    });
+}
 
 /// Which UDP IO a driver uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +134,7 @@ impl Io {
 
 /// Where the app's and the client's datagrams go.
 pub(crate) enum Out<'a> {
-    Tokio(&'a UdpSocket),
+    Tokio(&'a UdpSocket, &'a quinn_udp::UdpSocketState),
     /// The thread's ring, sending from the unit's socket `fd`.
     #[cfg(target_os = "linux")]
     Ring(&'a mut crate::uring::UdpRing, std::os::fd::RawFd),
@@ -125,7 +143,7 @@ pub(crate) enum Out<'a> {
 impl Out<'_> {
     pub(crate) fn reborrow(&mut self) -> Out<'_> {
         match self {
-            Out::Tokio(u) => Out::Tokio(u),
+            Out::Tokio(u, st) => Out::Tokio(u, st),
             #[cfg(target_os = "linux")]
             Out::Ring(r, fd) => Out::Ring(r, *fd),
         }
@@ -209,7 +227,10 @@ pub trait App {
 
 pub(crate) fn send(out: &mut Out<'_>, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
     let ok = match out {
-        Out::Tokio(udp) => udp.try_send_to(data, to).is_ok(),
+        Out::Tokio(udp, state) => {
+            let t = quinn_udp::Transmit { destination: to, ecn: None, contents: data, segment_size: None, src_ip: None };
+            state.try_send((*udp).into(), &t).is_ok()
+        }
         #[cfg(target_os = "linux")]
         Out::Ring(ring, fd) => ring.send_copy_from(*fd, data, to),
     };
@@ -261,7 +282,7 @@ pub async fn run_with_wake<A: App>(
     let mut decoder = FrameDecoder::new();
     let mut rbuf = vec![0u8; 16 * 1024];
     let mut wbuf: Vec<u8> = Vec::with_capacity(4096);
-    let mut ubuf = vec![0u8; MAX_DATAGRAM];
+    let state = quinn_udp::UdpSocketState::new(udp.into()).map_err(DriverError::Udp)?;
     let mut sbuf = vec![0u8; MAX_DATAGRAM];
     let mut backoff = Duration::from_millis(200);
     let mut next_connect: Option<Instant> = None;
@@ -272,7 +293,7 @@ pub async fn run_with_wake<A: App>(
 
     loop {
         let now = Instant::now();
-        drain(client, app, Out::Tokio(udp), &mut sbuf, &mut wbuf, &mut counters, now);
+        drain(client, app, Out::Tokio(udp, &state), &mut sbuf, &mut wbuf, &mut counters, now);
         if let Some((_, wr)) = tcp.as_mut() {
             if !wbuf.is_empty() {
                 let res = wr.write_all(&wbuf).await;
@@ -304,7 +325,7 @@ pub async fn run_with_wake<A: App>(
         tokio::select! {
             _ = async { wake.as_ref().unwrap().notified().await }, if wake.is_some() => {
                 let now = Instant::now();
-                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp), buf: &mut sbuf, counters: &mut counters };
+                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state), buf: &mut sbuf, counters: &mut counters };
                 app.on_wakeup(&mut ctx);
             }
             r = async { connecting.as_mut().unwrap().await }, if connecting.is_some() => {
@@ -348,37 +369,52 @@ pub async fn run_with_wake<A: App>(
                     _ => lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng),
                 }
             }
-            r = udp.recv_from(&mut ubuf) => {
+            r = udp.readable() => {
                 let now = Instant::now();
-                match r {
-                    Ok((n, from)) => {
-                        // One wake-up, then up to RECV_BATCH more datagrams without waiting:
-                        // under load most of the cost of a datagram is the wake-up.
-                        let mut next = Some((n, from));
-                        let mut taken = 0;
-                        while let Some((n, from)) = next {
-                            counters.udp_received += 1;
-                            if let Some(pkt) = client.handle_datagram(now, from, &ubuf[..n]) {
-                                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp), buf: &mut sbuf, counters: &mut counters };
-                                // The packet borrows `ubuf`, not the client, so the app may use both.
-                                app.on_media(&mut ctx, pkt);
+                if let Err(e) = r {
+                    return Err(DriverError::Udp(e));
+                }
+                // One wake-up, then up to RECV_ROUNDS batched receives without waiting:
+                // under load most of the cost of a datagram is the wake-up.
+                for _ in 0..RECV_ROUNDS {
+                    let got = RX.with(|cell| {
+                        let mut rx = cell.borrow_mut();
+                        let rx = &mut *rx;
+                        let mut chunks = rx.bufs.chunks_mut(RX_BUF);
+                        let mut slices: [io::IoSliceMut<'_>; RX_BATCH] =
+                            std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().expect("RX_BATCH chunks")));
+                        let n = udp.try_io(tokio::io::Interest::READABLE, || state.recv(udp.into(), &mut slices, &mut rx.meta))?;
+                        for (m, buf) in rx.meta[..n].iter().zip(slices.iter()) {
+                            let data = &buf[..m.len.min(buf.len())];
+                            // GRO: several datagrams of `stride` bytes in one buffer.
+                            for d in data.chunks(m.stride.max(1)) {
+                                counters.udp_received += 1;
+                                if let Some(pkt) = client.handle_datagram(now, m.addr, d) {
+                                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state), buf: &mut sbuf, counters: &mut counters };
+                                    app.on_media(&mut ctx, pkt);
+                                }
                             }
-                            taken += 1;
-                            next = if taken < RECV_BATCH { udp.try_recv_from(&mut ubuf).ok() } else { None };
                         }
+                        Ok::<usize, io::Error>(n)
+                    });
+                    match got {
+                        Ok(n) if n == RX_BATCH => continue,
+                        Ok(_) => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => break,
+                        // ICMP errors surface as receive errors on Linux (port unreachable): count, go on.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused || e.kind() == io::ErrorKind::ConnectionReset => {
+                            counters.udp_send_errors += 1;
+                            break;
+                        }
+                        Err(e) => return Err(DriverError::Udp(e)),
                     }
-                    // ICMP errors surface as recv errors on Linux (e.g. port unreachable): count, go on.
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused || e.kind() == io::ErrorKind::ConnectionReset => {
-                        counters.udp_send_errors += 1;
-                    }
-                    Err(e) => return Err(DriverError::Udp(e)),
                 }
             }
             _ = sleep => {
                 let now = Instant::now();
                 client.handle_timeout(now);
                 if app.next_wakeup().is_some_and(|t| now >= t) {
-                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp), buf: &mut sbuf, counters: &mut counters };
+                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state), buf: &mut sbuf, counters: &mut counters };
                     app.on_wakeup(&mut ctx);
                 }
                 if next_connect.is_some_and(|t| now >= t) {
