@@ -578,6 +578,12 @@ impl Streams {
             }
             let frame = Duration::from_millis(crate::media::MediaSource::frame_ms(&s.source) as u64);
             let paused = s.pause.is_some_and(|(from, until)| now >= from && now < until);
+            if let (true, Some((_, until))) = (paused, s.pause) {
+                // Sleep through the pause instead of waking for every frame not sent.
+                s.next_send = s.next_send.max(until);
+                self.heap.push(std::cmp::Reverse((s.wake_at(), h)));
+                continue;
+            }
             let mut budget = 3;
             while s.next_send <= now && budget > 0 {
                 if !paused {

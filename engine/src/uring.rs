@@ -195,7 +195,10 @@ impl UdpRing {
         // processed at the wait. A send ring, which reaps without waiting, only avoids the
         // interrupts (COOP_TASKRUN).
         let mut b = IoUring::builder();
-        b.setup_cqsize(entries * 8);
+        // Room for a whole turn's completions: every receive buffer and every send slot
+        // can complete in one turn. A full completion queue ends multishot receives.
+        let cq = (entries * 8).max(2 * nbufs as u32 + 16384).next_power_of_two().min(65536);
+        b.setup_cqsize(cq);
         if mode == RingMode::Dedicated {
             b.setup_single_issuer();
             if receive {
@@ -411,7 +414,10 @@ impl UdpRing {
         self.slot_addrs[slot as usize] = storage;
         let op = opcode::Send::new(types::Fd(fd), self.slots[off..].as_ptr(), data.len() as u32)
             .dest_addr(&self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr)
-            .dest_addr_len(len);
+            .dest_addr_len(len)
+            // A full socket buffer fails the send at once (counted), as a non-blocking
+            // sendto would, instead of parking it on a poll: media is never queued.
+            .flags(libc::MSG_DONTWAIT);
         let e = op.build().user_data(tag(K_SLOT, slot as u64));
         // The slot's bytes and address stay untouched until its completion frees it.
         if self.push_entry(&e).is_err() {
