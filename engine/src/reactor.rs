@@ -370,7 +370,10 @@ pub fn run<A: App>(
             r.process_dirty(now, true);
             break;
         }
-        if now >= last_timers + cfg.tick {
+        // The tick holds timers back only under load (the last wait asked for a batch):
+        // when nearly idle, a timer fires at its deadline.
+        let gate = if want > 1 { cfg.tick } else { Duration::ZERO };
+        if now >= last_timers + gate {
             last_timers = now;
             while let Some(&Reverse((t, u))) = r.heap.peek() {
                 if t > now {
@@ -390,8 +393,9 @@ pub fn run<A: App>(
         }
         // 3. Submit and wait.
         let next = r.heap.peek().map(|Reverse((t, _))| *t);
+        let gate = if want > 1 { cfg.tick } else { Duration::ZERO };
         let wake_at = match next {
-            Some(t) => t.max(last_timers + cfg.tick),
+            Some(t) => t.max(last_timers + gate),
             None => now + IDLE_WAIT,
         };
         // Waiting for more than one completion never holds the first one longer than a tick.

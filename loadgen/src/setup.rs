@@ -527,7 +527,9 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
                 } else {
                     (SimApp::Callee(callee_app(shared.clone())), None)
                 };
-                per_thread[n % threads].push(Unit { client, udp, app, wake });
+                // Pairs (caller i, callee i) go to one thread, pairs round-robin: every
+                // thread carries callers and callees.
+                per_thread[(n / 2) % threads].push(Unit { client, udp, app, wake });
                 n += 1;
             }
             let mut handles = Vec::new();
