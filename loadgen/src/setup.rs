@@ -664,6 +664,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         }
         let registered_in = wall0.elapsed();
         let rss_base = sys::rss_mb();
+        // The whole run's host noise for `setup`; `sessions` measures inside its window.
+        let run_sleeper = cfg.window.is_none().then(sys::Sleeper::start);
         let t0 = Instant::now() + Duration::from_millis(100);
         // Open-loop plan on a thread of its own with a fine timer: call k is released at
         // t0 + k / rate to caller k % callers, for callee (k + k / callers) % callees.
@@ -694,11 +696,13 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + offset)).await;
                 let (rx0, cpu0, w0) = (shared.rx_packets.load(Ordering::Relaxed), sys::cpu_seconds(), Instant::now());
                 shared.record_latency.store(true, Ordering::Relaxed);
+                let sleeper = sys::Sleeper::start();
                 tokio::time::sleep(len).await;
                 shared.record_latency.store(false, Ordering::Relaxed);
                 let (rx1, cpu1) = (shared.rx_packets.load(Ordering::Relaxed), sys::cpu_seconds());
                 let secs = w0.elapsed().as_secs_f64();
-                WindowStats { secs, pps: (rx1 - rx0) as f64 / secs, cores: (cpu1 - cpu0) / secs, rss_mb: sys::rss_mb() }
+                let sleeper = sleeper.finish();
+                (WindowStats { secs, pps: (rx1 - rx0) as f64 / secs, cores: (cpu1 - cpu0) / secs, rss_mb: sys::rss_mb() }, sleeper)
             })
         });
         let mut records = Vec::new();
@@ -722,9 +726,14 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             latency.add(&h).map_err(|e| e.to_string())?;
             media.add(m.sent, m.received, m.lost);
         }
-        Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base, skipped))
+        let (window, sleeper) = match (window, run_sleeper) {
+            (Some((w, s)), _) => (Some(w), s),
+            (None, Some(s)) => (None, s.finish()),
+            (None, None) => (None, None),
+        };
+        Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper))
     });
-    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base, skipped) = result?;
+    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper) = result?;
     // Memory per session: RSS with every session up, over the RSS after registration
     // (both sides' client state, the manager's call records, the generator's bookkeeping).
     let per_session_kb = match (window.and_then(|w| w.rss_mb), rss_base) {
@@ -802,6 +811,15 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             sys::cores()
         ));
     }
+    // Host noise seen by a 1 ms sleeper thread: stalls over 5 ms, and the time they took.
+    let stalls_5ms = sleeper.as_ref().map(|h| h.count_between(5_000, h.max().max(5_000))).unwrap_or(0);
+    if let Some(h) = sleeper.as_ref().filter(|_| stalls_5ms > 0) {
+        warnings.push(format!(
+            "this process's threads waited more than 5 ms for a CPU {stalls_5ms} times (max {:.1} ms, seen by a 1 ms sleeper thread): \
+             latency tails of that size are the host's (or this process saturating the cores), not the system under test",
+            report::max_ms(h).unwrap_or(0.0)
+        ));
+    }
     let manager_media = manager_stats.as_ref().map(|s| s.udp_media.load(Ordering::Relaxed));
 
     let mut text = String::new();
@@ -869,6 +887,17 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         sys::cores(),
         rss.unwrap_or(0.0)
     );
+    if let Some(h) = &sleeper {
+        let _ = writeln!(
+            text,
+            "host noise ({}): a 1 ms sleeper overslept p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} stalls over 5 ms",
+            if window.is_some() { "window" } else { "run" },
+            report::ms_at(h, 0.5).unwrap_or(0.0),
+            report::ms_at(h, 0.99).unwrap_or(0.0),
+            report::max_ms(h).unwrap_or(0.0),
+            stalls_5ms
+        );
+    }
     for w in &warnings {
         let _ = writeln!(text, "WARNING: {w}");
     }
@@ -907,6 +936,9 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "latency_p99_ms": report::num(report::ms_at(&media_latency, 0.99)),
         "manager_media_packets": manager_media,
         "cpu_share": (cpu_share * 1000.0).round() / 1000.0,
+        "sleeper_oversleep_p99_ms": report::num(sleeper.as_ref().and_then(|h| report::ms_at(h, 0.99))),
+        "sleeper_oversleep_max_ms": report::num(sleeper.as_ref().and_then(report::max_ms)),
+        "sleeper_stalls_over_5ms": stalls_5ms,
         "rss_mb": report::num(window.and_then(|w| w.rss_mb).or(rss)),
         "warnings": warnings,
     });

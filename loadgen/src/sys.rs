@@ -49,3 +49,40 @@ pub fn fine_timer_slack() {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
     }
 }
+
+/// A thread that sleeps 1 ms at a time and records by how much each sleep overran, in
+/// microseconds: how long a runnable thread of this process waited for a CPU (host
+/// preemption, other tenants, or this process saturating the cores). Stops at `stop`.
+pub struct Sleeper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<hdrhistogram::Histogram<u64>>>,
+}
+
+impl Sleeper {
+    /// Start measuring.
+    pub fn start() -> Sleeper {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("sleeper".into())
+            .spawn(move || {
+                fine_timer_slack();
+                let mut h = crate::report::new_histogram();
+                let tick = std::time::Duration::from_millis(1);
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = std::time::Instant::now();
+                    std::thread::sleep(tick);
+                    crate::report::record(&mut h, t.elapsed().saturating_sub(tick));
+                }
+                h
+            })
+            .ok();
+        Sleeper { stop, thread }
+    }
+
+    /// Stop and return the oversleep histogram (None if the thread could not start).
+    pub fn finish(mut self) -> Option<hdrhistogram::Histogram<u64>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take()?.join().ok()
+    }
+}
