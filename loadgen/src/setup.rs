@@ -392,25 +392,10 @@ impl Fleet {
     /// The error of a client that stopped before the run started, if any.
     async fn early_failure(&mut self) -> Option<String> {
         match self {
-            Fleet::Tokio { callers, callees } => {
-                if let Some(i) = callers.iter().position(|t| t.is_finished()) {
-                    let r = callers.swap_remove(i).await;
-                    return Some(match r {
-                        Ok(Err(e)) => e,
-                        Err(e) => e.to_string(),
-                        Ok(Ok(_)) => "a caller stopped before the run started".into(),
-                    });
-                }
-                if let Some(i) = callees.iter().position(|t| t.is_finished()) {
-                    let r = callees.swap_remove(i).await;
-                    return Some(match r {
-                        Ok(Err(e)) => e,
-                        Err(e) => e.to_string(),
-                        Ok(Ok(_)) => "a callee stopped before the run started".into(),
-                    });
-                }
-                None
-            }
+            Fleet::Tokio { callers, callees } => match first_finished(callers, "caller").await {
+                Some(e) => Some(e),
+                None => first_finished(callees, "callee").await,
+            },
             #[cfg(target_os = "linux")]
             Fleet::Ring { threads, .. } => {
                 let i = threads.iter().position(|t| t.is_finished())?;
@@ -469,6 +454,16 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The error of the first finished task, taken out of `tasks`, if one has finished.
+async fn first_finished<T>(tasks: &mut Vec<tokio::task::JoinHandle<Result<T, String>>>, who: &str) -> Option<String> {
+    let i = tasks.iter().position(|t| t.is_finished())?;
+    Some(match tasks.swap_remove(i).await {
+        Ok(Err(e)) => e,
+        Err(e) => e.to_string(),
+        Ok(Ok(_)) => format!("a {who} stopped before the run started"),
+    })
 }
 
 /// Start the simulated clients: tasks on the tokio runtime, or units spread over one
@@ -559,17 +554,13 @@ async fn new_client(
     manager: SocketAddr,
     seed: u64,
 ) -> Result<(tokio::net::UdpSocket, Client), String> {
-    let udp = tokio::net::UdpSocket::bind(bind).await.map_err(|e| format!("bind: {e}"))?;
-    driver::set_socket_buffers(&udp, 8 << 20);
-    let port = udp.local_addr().map_err(|e| e.to_string())?.port();
-    let mut c = ClientConfig::new(ClientId::new(id).map_err(|e| e.to_string())?, port);
-    c.stun_server = Some(manager);
-    c.max_calls = u16::MAX;
-    Ok((udp, Client::new(c, seed)))
+    let (udp, client) = new_std_client(bind, id, manager, seed)?;
+    udp.set_nonblocking(true).map_err(|e| format!("socket: {e}"))?;
+    let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| format!("socket: {e}"))?;
+    Ok((udp, client))
 }
 
-/// As [`new_client`], with a std socket for the io_uring driver.
-#[cfg(target_os = "linux")]
+/// As [`new_client`], with a std socket (the io_uring driver takes these).
 fn new_std_client(bind: SocketAddr, id: String, manager: SocketAddr, seed: u64) -> Result<(std::net::UdpSocket, Client), String> {
     let udp = std::net::UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
     driver::set_socket_buffers(&udp, 8 << 20);
