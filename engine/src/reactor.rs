@@ -167,6 +167,8 @@ pub struct Unit<A> {
     pub app: A,
     /// Wakes [`App::on_wakeup`] from another thread.
     pub wake: Option<Arc<Wake>>,
+    /// Connect to the manager at this time, not at once (to ramp up many clients).
+    pub connect_at: Option<Instant>,
 }
 
 /// A unit after its app is done (or the reactor stopped).
@@ -288,7 +290,7 @@ pub fn run<A: App>(
             fd,
             sock,
             wake: u.wake,
-            tcp: Tcp::Down { retry_at: now },
+            tcp: Tcp::Down { retry_at: u.connect_at.unwrap_or(now) },
             gen: 0,
             decoder: FrameDecoder::new(),
             wbuf: Vec::new(),
@@ -300,9 +302,14 @@ pub fn run<A: App>(
             done: None,
         });
         r.live += 1;
-        r.connect(ix, now);
+        if u.connect_at.is_some_and(|t| t > now) {
+            r.mark(ix); // its timer (the connect time) is armed with the others below
+        } else {
+            r.connect(ix, now);
+        }
     }
 
+    r.process_dirty(now, false);
     let mut rx: Vec<(u32, SocketAddr, u32, u32)> = Vec::new();
     let mut rx_bytes: Vec<u8> = Vec::new();
     let mut polls: Vec<(u32, i32)> = Vec::new();

@@ -137,7 +137,7 @@ fn spawn(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>) -> Running
             })
         }
         Io::Uring => {
-            let unit = engine::reactor::Unit { client, udp, app, wake: None };
+            let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None };
             let mut done = engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
             done.pop().unwrap().result.map_err(|e| e.to_string())
         }
@@ -249,7 +249,7 @@ fn one_ring_thread_runs_many_clients() {
         progress.push(p.clone());
         // Callers call when the test says, once every callee is registered.
         let app = TestApp::new(callee.as_deref(), false, p);
-        units.push(engine::reactor::Unit { client: Client::new(cfg, i as u64), udp, app, wake: None });
+        units.push(engine::reactor::Unit { client: Client::new(cfg, i as u64), udp, app, wake: None, connect_at: None });
     }
     let stop = engine::reactor::Stop::new();
     let st = stop.clone();

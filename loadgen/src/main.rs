@@ -1,6 +1,7 @@
 //! `loadgen`: the nullpunch load generator.
 
 mod output;
+mod register;
 mod report;
 mod setup;
 mod sys;
@@ -34,6 +35,48 @@ enum Cmd {
     /// S concurrent two-way sessions at 50 packets/s each way, held for a measured
     /// steady-state window: delivered packets/s, loss, one-way latency, CPU and RSS.
     Sessions(SessionsArgs),
+    /// C clients connect (ramped), discover their address, register, and hold their
+    /// connections: registration rate and latency, whether they all hold, memory and file
+    /// descriptors per client.
+    Register(RegisterArgs),
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct RegisterArgs {
+    /// Clients to register.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Connects started per second (ramp).
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Seconds to hold every registration once all are in.
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+    /// External manager HOST:PORT (default: in-process).
+    #[arg(long)]
+    manager: Option<String>,
+    /// With an external manager: its process id, to report its memory per registration
+    /// (RSS before and after, from /proc).
+    #[arg(long, requires = "manager")]
+    manager_pid: Option<u32>,
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Local IP for the clients (and the embedded manager).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: IpAddr,
+    /// Generator threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// UDP IO: uring, portable or auto (as for setup).
+    #[arg(long, default_value = "auto")]
+    io: String,
+    /// Print only the summary as one JSON object (last line of stdout).
+    #[arg(long)]
+    json: bool,
+    /// Write the run's files into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -166,6 +209,7 @@ fn main() -> ExitCode {
     let args = match cli.cmd {
         Some(Cmd::Setup(a)) => a,
         Some(Cmd::Sessions(s)) => return run_sessions(s),
+        Some(Cmd::Register(r)) => return run_register(r),
         None => SetupArgs::default(),
     };
     if !(args.rate > 0.0) || args.callers == 0 || args.callees == 0 {
@@ -281,4 +325,31 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         tick: Duration::from_micros(a.tick_us),
     };
     finish(setup::run(cfg), a.json)
+}
+
+fn run_register(a: RegisterArgs) -> ExitCode {
+    if a.clients == 0 || !(a.rate > 0.0) || !(a.hold >= 0.0) || a.hold > 86_400.0 {
+        eprintln!("loadgen: --clients and --rate must be positive, --hold 0 to 86400");
+        return ExitCode::from(2);
+    }
+    let manager = match resolve(&a.manager) {
+        Ok(m) => m,
+        Err(c) => return c,
+    };
+    let cfg = register::RegisterConfig {
+        manager,
+        manager_pid: a.manager_pid,
+        shards: a.shards,
+        clients: a.clients,
+        rate: a.rate,
+        hold: Duration::from_secs_f64(a.hold),
+        bind_ip: a.bind_ip,
+        threads: a.threads,
+        io: match choose_io(&a.io) {
+            Ok(io) => io,
+            Err(c) => return c,
+        },
+        out: a.out.clone(),
+    };
+    finish(register::run(cfg), a.json)
 }

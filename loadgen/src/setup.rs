@@ -524,7 +524,7 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
                 };
                 // Pairs (caller i, callee i) go to one thread, pairs round-robin: every
                 // thread carries callers and callees.
-                per_thread[(n / 2) % threads].push(Unit { client, udp, app, wake });
+                per_thread[(n / 2) % threads].push(Unit { client, udp, app, wake, connect_at: None });
                 n += 1;
             }
             let mut handles = Vec::new();

@@ -36,6 +36,27 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// Raise RLIMIT_NOFILE to at least `want` if allowed (root may raise the hard limit too),
+/// else as far as the hard limit. Returns the new soft limit.
+pub fn raise_nofile_to(want: u64) -> u64 {
+    // SAFETY: getrlimit/setrlimit write/read the struct we pass.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if (r.rlim_max as u64) < want {
+            let mut up = r;
+            up.rlim_max = want as libc::rlim_t;
+            up.rlim_cur = want as libc::rlim_t;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
+                return want;
+            }
+        }
+    }
+    raise_nofile()
+}
+
 /// Logical cores available.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)

@@ -51,3 +51,19 @@ fn an_unreachable_manager_fails_the_run_at_once_with_its_cause() {
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn register_holds_every_client_and_reports_rate_latency_and_memory() {
+    let (code, v, err) = run(&["register", "--clients", "300", "--rate", "1000", "--hold", "1", "--json"]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["scenario"], "register");
+    assert_eq!(v["registered"], 300, "{v}");
+    assert_eq!(v["held"], 300, "every registration still open after the hold: {v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["manager_connections"], 300, "{v}");
+    let (p50, p99) = (v["register_p50_ms"].as_f64().unwrap(), v["register_p99_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 1000.0, "{v}");
+    // Each client: a UDP socket and a TCP connection, plus the manager's end of it.
+    assert!(v["open_fds"].as_u64().unwrap() >= 900, "{v}");
+    assert!(v["rss_per_client_kb"].as_f64().is_some(), "{v}");
+}

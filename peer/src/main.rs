@@ -375,7 +375,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             };
             let stop = engine::reactor::Stop::new();
             let relay = stop.clone();
-            let unit = engine::reactor::Unit { client, udp, app, wake: None };
+            let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None };
             let worker = tokio::task::spawn_blocking(move || {
                 engine::reactor::run(vec![unit], manager, Some(&relay), &engine::reactor::ReactorConfig::default())
             });

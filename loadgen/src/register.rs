@@ -1,0 +1,330 @@
+//! The `register` scenario: C clients connect, discover their address (STUN), register, and
+//! hold their connections for a while. It measures how fast the manager takes
+//! registrations (each timed from its planned connect time), whether they all hold, and
+//! what they cost in memory and file descriptors.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::client::{Client, ClientConfig, Event, Received};
+use engine::driver::{self, App, Ctx};
+use engine::wire::frame::ClientId;
+use hdrhistogram::Histogram;
+
+use crate::report::{self, new_histogram, record};
+use crate::setup::SetupOutcome;
+use crate::sys;
+
+/// Settings of a `register` run.
+#[derive(Debug, Clone)]
+pub struct RegisterConfig {
+    /// External manager; `None` starts one in-process on loopback.
+    pub manager: Option<SocketAddr>,
+    /// Read this process's RSS before and after (an external manager's pid).
+    pub manager_pid: Option<u32>,
+    /// Shards of the embedded manager (0: one per core).
+    pub shards: usize,
+    /// Clients.
+    pub clients: usize,
+    /// Connects started per second.
+    pub rate: f64,
+    /// Seconds to hold every registration once all are in.
+    pub hold: Duration,
+    /// Local IP of the clients.
+    pub bind_ip: IpAddr,
+    /// Generator threads (0: one per core).
+    pub threads: usize,
+    /// UDP IO of the clients.
+    pub io: driver::Io,
+    /// Write the run here.
+    pub out: Option<std::path::PathBuf>,
+}
+
+struct Counts {
+    registered: AtomicU64,
+    reregistered: AtomicU64,
+    /// Plan to first REGISTERED, all clients (one lock per registration; a histogram per
+    /// client would cost more memory than the client).
+    latency: std::sync::Mutex<Histogram<u64>>,
+}
+
+/// A client that only registers: it records when its first registration came.
+struct RegApp {
+    planned: Instant,
+    counts: Arc<Counts>,
+    first: bool,
+}
+
+impl App for RegApp {
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        if let Event::Registered { .. } = event {
+            if std::mem::replace(&mut self.first, false) {
+                let mut h = self.counts.latency.lock().unwrap_or_else(|e| e.into_inner());
+                record(&mut h, ctx.now.saturating_duration_since(self.planned));
+                self.counts.registered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counts.reregistered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    fn on_media(&mut self, _ctx: &mut Ctx<'_>, _p: Received<'_>) {}
+    fn next_wakeup(&self) -> Option<Instant> {
+        None
+    }
+    fn on_wakeup(&mut self, _ctx: &mut Ctx<'_>) {}
+    fn done(&self) -> bool {
+        false
+    }
+}
+
+fn client(bind: IpAddr, i: usize, manager: SocketAddr) -> Result<(std::net::UdpSocket, Client), String> {
+    let udp = std::net::UdpSocket::bind(SocketAddr::new(bind, 0)).map_err(|e| format!("bind: {e}"))?;
+    let port = udp.local_addr().map_err(|e| e.to_string())?.port();
+    let mut c = ClientConfig::new(ClientId::new(format!("reg-{i}")).map_err(|e| e.to_string())?, port);
+    c.stun_server = Some(manager);
+    Ok((udp, Client::new(c, i as u64)))
+}
+
+/// Resident set size of process `pid` in MiB.
+fn rss_of(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Open file descriptors of this process.
+fn open_fds() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}
+
+/// Run the scenario.
+pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
+    let need = cfg.clients as u64 * if cfg.manager.is_some() { 2 } else { 3 } + 64;
+    let nofile = sys::raise_nofile_to(need);
+    if nofile > 0 && nofile < need {
+        return Err(format!("{} clients need about {need} file descriptors; RLIMIT_NOFILE is {nofile}", cfg.clients));
+    }
+    let rss_before = sys::rss_mb();
+    let ext_before = cfg.manager_pid.and_then(rss_of);
+    let embedded = match cfg.manager {
+        Some(_) => None,
+        None => Some(
+            manager::start(manager::ManagerConfig { listen: SocketAddr::new(cfg.bind_ip, 0), shards: cfg.shards, ..Default::default() })
+                .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
+        ),
+    };
+    let manager_addr = cfg.manager.unwrap_or_else(|| embedded.as_ref().expect("embedded").local_addr());
+    let threads = if cfg.threads == 0 { sys::cores() } else { cfg.threads };
+    let counts = Arc::new(Counts {
+        registered: AtomicU64::new(0),
+        reregistered: AtomicU64::new(0),
+        latency: std::sync::Mutex::new(new_histogram()),
+    });
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let plan = |i: usize| t0 + Duration::from_secs_f64(i as f64 / cfg.rate);
+    let cpu0 = sys::cpu_seconds();
+
+    // Per client: (final app, driver counters or error). Started per driver below.
+    let stop_all: Box<dyn FnOnce() -> Result<Vec<(RegApp, Result<driver::DriverCounters, String>)>, String>>;
+    match cfg.io {
+        #[cfg(target_os = "linux")]
+        driver::Io::Uring => {
+            use engine::reactor::{ReactorConfig, Stop, Unit};
+            let stop = Stop::new();
+            let mut per_thread: Vec<Vec<Unit<RegApp>>> = (0..threads).map(|_| Vec::new()).collect();
+            for i in 0..cfg.clients {
+                let (udp, client) = client(cfg.bind_ip, i, manager_addr)?;
+                let app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
+                per_thread[i % threads].push(Unit { client, udp, app, wake: None, connect_at: Some(plan(i)) });
+            }
+            let mut handles = Vec::new();
+            for (t, units) in per_thread.into_iter().enumerate() {
+                let st = stop.clone();
+                // Small rings: a registered client has nothing to receive but keepalives.
+                let rc = ReactorConfig { recv_buffers: 1024, send_slots: 1024, ..Default::default() };
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("ring-{t}"))
+                        .spawn(move || engine::reactor::run(units, manager_addr, Some(&st), &rc))
+                        .map_err(|e| format!("thread: {e}"))?,
+                );
+            }
+            stop_all = Box::new(move || {
+                stop.stop();
+                let mut out = Vec::new();
+                for h in handles {
+                    let done = h.join().map_err(|_| "a generator thread panicked".to_string())?.map_err(|e| e.to_string())?;
+                    out.extend(done.into_iter().map(|f| (f.app, f.result.map_err(|e| e.to_string()))));
+                }
+                Ok(out)
+            });
+        }
+        driver::Io::Portable => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("runtime: {e}"))?;
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let mut tasks = Vec::new();
+            for i in 0..cfg.clients {
+                let (udp, mut client) = client(cfg.bind_ip, i, manager_addr)?;
+                let mut app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
+                let mut rx = rx.clone();
+                let at = plan(i);
+                tasks.push(rt.spawn(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                    let r = async {
+                        udp.set_nonblocking(true).map_err(|e| e.to_string())?;
+                        let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| e.to_string())?;
+                        let shutdown = async move {
+                            let _ = rx.wait_for(|v| *v).await;
+                        };
+                        driver::run(&mut client, &udp, manager_addr, &mut app, shutdown).await.map_err(|e| e.to_string())
+                    }
+                    .await;
+                    (app, r)
+                }));
+            }
+            stop_all = Box::new(move || {
+                let _ = tx.send(true);
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(rt.block_on(t).map_err(|e| e.to_string())?);
+                }
+                Ok(out)
+            });
+        }
+    }
+
+    // Wait for every registration (or a bound), then hold.
+    let ramp = Duration::from_secs_f64(cfg.clients as f64 / cfg.rate);
+    let deadline = t0 + ramp + Duration::from_secs(30);
+    while (counts.registered.load(Ordering::Relaxed) as usize) < cfg.clients && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let all_in = Instant::now();
+    let registered = counts.registered.load(Ordering::Relaxed) as usize;
+    let rss_up = sys::rss_mb();
+    let ext_up = cfg.manager_pid.and_then(rss_of);
+    let fds_up = open_fds();
+    let manager_conns = embedded.as_ref().map(|m| {
+        let s = m.stats();
+        s.connections_accepted.load(Ordering::Relaxed) - s.connections_closed.load(Ordering::Relaxed)
+    });
+    let rereg0 = counts.reregistered.load(Ordering::Relaxed);
+    let sleeper = sys::Sleeper::start();
+    std::thread::sleep(cfg.hold);
+    let sleeper = sleeper.finish();
+    let rereg_during_hold = counts.reregistered.load(Ordering::Relaxed) - rereg0;
+    // Held: connections the embedded manager still has open, else registrations not redone.
+    let held = match embedded.as_ref() {
+        Some(m) => {
+            let s = m.stats();
+            (s.connections_accepted.load(Ordering::Relaxed) - s.connections_closed.load(Ordering::Relaxed)) as usize
+        }
+        None => registered.saturating_sub(rereg_during_hold as usize),
+    }
+    .min(registered);
+    let cpu = sys::cpu_seconds() - cpu0;
+    let results = stop_all()?;
+    let embedded_used = embedded.is_some();
+    drop(embedded);
+
+    let latency = counts.latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut failed: Vec<String> = Vec::new();
+    let mut disconnects = 0u64;
+    for (_, r) in &results {
+        match r {
+            Ok(c) => disconnects += c.disconnects,
+            Err(e) => failed.push(e.clone()),
+        }
+    }
+    let span = all_in.saturating_duration_since(t0).as_secs_f64().max(1e-9);
+    let per_client_kb = match (rss_up, rss_before) {
+        (Some(up), Some(b)) if registered > 0 => Some((up - b) * 1024.0 / registered as f64),
+        _ => None,
+    };
+    let manager_per_reg_kb = match (ext_up, ext_before) {
+        (Some(up), Some(b)) if registered > 0 => Some((up - b) * 1024.0 / registered as f64),
+        _ => None,
+    };
+    let mut warnings = Vec::new();
+    if registered < cfg.clients {
+        warnings.push(format!("only {registered} of {} clients registered within 30 s of the ramp's end", cfg.clients));
+    }
+    let stalls = sleeper.as_ref().map(|h| h.count_between(5_000, h.max().max(5_000))).unwrap_or(0);
+    if stalls > 0 {
+        warnings.push(format!("this process's threads waited more than 5 ms for a CPU {stalls} times during the hold"));
+    }
+
+    let mut text = String::new();
+    use std::fmt::Write;
+    let where_ = match cfg.manager {
+        Some(a) => format!("manager {a}"),
+        None => format!("embedded manager on {manager_addr}"),
+    };
+    let _ = writeln!(text, "nullpunch loadgen register: {} clients at {}/s, {where_}, {} io", cfg.clients, cfg.rate, cfg.io.as_str());
+    let _ = writeln!(
+        text,
+        "registered {registered} of {} in {:.2} s ({:.0}/s); {} still registered after {:.0} s held, {} re-registrations, {} disconnects",
+        cfg.clients,
+        span,
+        registered as f64 / span,
+        held,
+        cfg.hold.as_secs_f64(),
+        rereg_during_hold,
+        disconnects
+    );
+    let _ = writeln!(text, "{}", report::header());
+    let _ = writeln!(text, "{}", report::line("register (plan -> REGISTERED)", &latency));
+    let _ = writeln!(
+        text,
+        "memory: rss {:.1} MB with all registered ({:.2} KiB per client, {}){}; {} open fds",
+        rss_up.unwrap_or(0.0),
+        per_client_kb.unwrap_or(0.0),
+        if embedded_used { "both ends in this process" } else { "the clients' side" },
+        manager_per_reg_kb.map(|k| format!("; manager {k:.2} KiB per registration")).unwrap_or_default(),
+        fds_up.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+    );
+    for f in failed.iter().take(3) {
+        let _ = writeln!(text, "  failed: {f}");
+    }
+    for w in &warnings {
+        let _ = writeln!(text, "WARNING: {w}");
+    }
+    let json = serde_json::json!({
+        "scenario": "register",
+        "io": cfg.io.as_str(),
+        "clients": cfg.clients,
+        "calls_ok": serde_json::Value::Null,
+        "calls_failed": serde_json::Value::Null,
+        "registered": registered,
+        "held": held,
+        "failed": failed.len(),
+        "reregistrations": rereg_during_hold,
+        "disconnects": disconnects,
+        "register_rate": (registered as f64 / span).round(),
+        "register_p50_ms": report::num(report::ms_at(&latency, 0.5)),
+        "register_p99_ms": report::num(report::ms_at(&latency, 0.99)),
+        "register_max_ms": report::num(report::max_ms(&latency)),
+        "rss_mb": report::num(rss_up),
+        "rss_per_client_kb": report::num(per_client_kb),
+        "manager_rss_per_registration_kb": report::num(manager_per_reg_kb),
+        "manager_connections": manager_conns,
+        "open_fds": fds_up,
+        "cpu_seconds": (cpu * 100.0).round() / 100.0,
+        "sleeper_stalls_over_5ms": stalls,
+        "warnings": warnings,
+    });
+    if let Some(dir) = &cfg.out {
+        let metrics = [("register", "register (plan -> REGISTERED)", &latency)];
+        let title = format!("registration, {} clients at {}/s", cfg.clients, cfg.rate);
+        crate::output::write_run(dir, &json, &metrics, &title).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+        let _ = writeln!(text, "results written to {}", dir.display());
+    }
+    let all_ok = registered == cfg.clients && held == cfg.clients && failed.is_empty();
+    Ok(SetupOutcome { json, text, all_ok })
+}
