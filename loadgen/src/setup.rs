@@ -183,10 +183,15 @@ impl CallerApp {
         }
     }
 
-    fn first_media(&mut self, now: Instant, h: CallHandle) {
-        if let Some(r) = self.inflight.get_mut(&h) {
-            // Two-way media: the caller's media reached the callee, which answered with media.
-            r.flowing.get_or_insert(now);
+    /// Returns true the first time: two-way media, the caller's media reached the callee,
+    /// which answered with media.
+    fn first_media(&mut self, now: Instant, h: CallHandle) -> bool {
+        match self.inflight.get_mut(&h) {
+            Some(r) if r.flowing.is_none() => {
+                r.flowing = Some(now);
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -201,7 +206,8 @@ impl App for CallerApp {
                     r.call_id = Some(call_id);
                 }
                 let end = ctx.now + self.talk;
-                self.streams.start(handle, ctx.now, Some(end));
+                // No talk time: hang up at the first two-way media (in on_media).
+                self.streams.start(handle, ctx.now, (!self.talk.is_zero()).then_some(end));
                 if self.shared.idle {
                     self.streams.pause(handle, ctx.now, end);
                 }
@@ -232,8 +238,12 @@ impl App for CallerApp {
     }
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
-        self.first_media(ctx.now, p.handle);
+        let first = self.first_media(ctx.now, p.handle);
         on_media_common(&self.shared, &mut self.latency, ctx.now, &p);
+        if first && self.talk.is_zero() {
+            self.streams.stop(p.handle);
+            let _ = ctx.client.hangup(ctx.now, p.handle);
+        }
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
