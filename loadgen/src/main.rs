@@ -3,6 +3,7 @@
 mod output;
 mod register;
 mod report;
+mod runs;
 mod setup;
 mod sys;
 
@@ -39,6 +40,28 @@ enum Cmd {
     /// connections: registration rate and latency, whether they all hold, memory and file
     /// descriptors per client.
     Register(RegisterArgs),
+    /// Re-print a recorded run (a directory written with --out) from its files.
+    Report {
+        /// The run's directory.
+        dir: std::path::PathBuf,
+        /// Print its summary JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge recorded runs of one scenario (for example from several generator machines
+    /// driving one system at the same time): counts and rates are added, histograms are
+    /// added, and percentiles are computed from the merged histograms, never averaged.
+    Merge {
+        /// Where to write the merged run.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// The runs' directories (two or more).
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<std::path::PathBuf>,
+        /// Print only the merged summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -210,6 +233,8 @@ fn main() -> ExitCode {
         Some(Cmd::Setup(a)) => a,
         Some(Cmd::Sessions(s)) => return run_sessions(s),
         Some(Cmd::Register(r)) => return run_register(r),
+        Some(Cmd::Report { dir, json }) => return print_run(runs::report(&dir), json),
+        Some(Cmd::Merge { out, runs: dirs, json }) => return print_run(runs::merge(&dirs, &out), json),
         None => SetupArgs::default(),
     };
     if !(args.rate > 0.0) || args.callers == 0 || args.callees == 0 {
@@ -352,4 +377,21 @@ fn run_register(a: RegisterArgs) -> ExitCode {
         out: a.out.clone(),
     };
     finish(register::run(cfg), a.json)
+}
+
+fn print_run(r: Result<(serde_json::Value, String), String>, json: bool) -> ExitCode {
+    match r {
+        Ok((v, text)) => {
+            if json {
+                println!("{v}");
+            } else {
+                print!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

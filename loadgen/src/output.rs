@@ -1,6 +1,8 @@
-//! A run's results on disk: `command.txt`, `machine.txt`, `summary.json`, one `.hgrm`
-//! percentile table per metric (the HdrHistogram text format, values in milliseconds) and
-//! `latency.svg`, the percentile curves of all metrics on one plot.
+//! A run's results on disk: `command.txt`, `machine.txt`, `summary.json`, per metric an
+//! `.hgrm` percentile table (the HdrHistogram text format, values in milliseconds) and an
+//! `.hlog` interval log (the HdrHistogram log format: the full histogram, values in
+//! microseconds, which `loadgen report` and `loadgen merge` read back), and `latency.svg`,
+//! the percentile curves of all metrics on one plot.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,8 +24,10 @@ pub fn write_run(
     std::fs::write(dir.join("command.txt"), format!("{}\n", shell_words(&args)))?;
     std::fs::write(dir.join("machine.txt"), machine())?;
     std::fs::write(dir.join("summary.json"), format!("{}\n", serde_json::to_string_pretty(summary)?))?;
-    for (file, _, h) in metrics {
+    let start = std::time::SystemTime::now();
+    for (file, label, h) in metrics {
         std::fs::write(dir.join(format!("{file}.hgrm")), hgrm(h))?;
+        write_hlog(&dir.join(format!("{file}.hlog")), label, h, start)?;
     }
     plot(&dir.join("latency.svg"), metrics, title).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(())
@@ -125,4 +129,44 @@ fn plot(path: &Path, metrics: &[(&str, &str, &Histogram<u64>)], title: &str) -> 
     chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Write `h` as a one-interval HdrHistogram log (tag: the metric's label, without spaces).
+pub fn write_hlog(path: &Path, label: &str, h: &Histogram<u64>, start: std::time::SystemTime) -> std::io::Result<()> {
+    use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+    let mut out = Vec::new();
+    let mut ser = hdrhistogram::serialization::V2DeflateSerializer::new();
+    let mut b = IntervalLogWriterBuilder::new();
+    b.add_comment(&format!("nullpunch loadgen: {label} (values in microseconds)")).with_start_time(start).with_max_value_divisor(1000.0);
+    let mut w = b.begin_log_with(&mut out, &mut ser)?;
+    let tag: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    w.write_histogram(h, std::time::Duration::ZERO, std::time::Duration::ZERO, Tag::new(&tag))
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    drop(w);
+    std::fs::write(path, out)
+}
+
+/// Every histogram in an HdrHistogram log, added together (a log written by
+/// [`write_hlog`] has one).
+pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, String> {
+    use base64::Engine as _;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut total = crate::report::new_histogram();
+    let mut de = hdrhistogram::serialization::Deserializer::new();
+    for entry in IntervalLogIterator::new(&bytes) {
+        match entry {
+            Ok(LogEntry::Interval(ilh)) => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(ilh.encoded_histogram())
+                    .map_err(|e| format!("{}: bad base64: {e}", path.display()))?;
+                let h: Histogram<u64> =
+                    de.deserialize(&mut std::io::Cursor::new(raw)).map_err(|e| format!("{}: bad histogram: {e:?}", path.display()))?;
+                total.add(&h).map_err(|e| format!("{}: {e:?}", path.display()))?;
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("{}: bad log line: {e:?}", path.display())),
+        }
+    }
+    Ok(total)
 }

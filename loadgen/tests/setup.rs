@@ -78,3 +78,39 @@ fn talk_zero_hangs_up_at_the_first_two_way_media() {
     let sent = v["packets_sent"].as_u64().unwrap();
     assert!((200..1000).contains(&sent), "{v}");
 }
+
+#[test]
+fn recorded_runs_are_re_read_and_merged_by_adding_histograms() {
+    let base = std::env::temp_dir().join(format!("nullpunch-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (a, b, m) = (base.join("a"), base.join("b"), base.join("merged"));
+    for (dir, calls) in [(&a, "60"), (&b, "40")] {
+        let (code, v, err) = run(&["setup", "--calls", calls, "--rate", "200", "--talk", "0", "--callers", "4", "--callees", "4", "--json", "--out", dir.to_str().unwrap()]);
+        assert_eq!(code, 0, "{v}\n{err}");
+        assert!(dir.join("setup.hlog").exists() && dir.join("setup.hgrm").exists());
+    }
+    let report = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(["report", a.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success() && text.contains("setup (plan -> 2-way media)") && text.contains("calls_ok 60"), "{text}");
+    let (code, v, err) = run(&["merge", "--json", "--out", m.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!((v["calls"].as_u64(), v["calls_ok"].as_u64()), (Some(100), Some(100)), "{v}");
+    // Percentiles come from the merged histogram: within the runs' own range.
+    let p99 = |d: &std::path::Path| -> f64 {
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap();
+        s["setup_p99_ms"].as_f64().unwrap()
+    };
+    let (pa, pb, pm) = (p99(&a), p99(&b), v["setup_p99_ms"].as_f64().unwrap());
+    assert!(pm >= pa.min(pb) - 0.01 && pm <= pa.max(pb) + 0.01, "merged p99 {pm} outside [{pa}, {pb}]");
+    let merged_hgrm = std::fs::read_to_string(m.join("setup.hgrm")).unwrap();
+    assert!(merged_hgrm.contains("Total count    =          100"), "{merged_hgrm}");
+    // A directory that is not a recorded run is refused.
+    let (code, _, _) = run_status(&["merge", "--out", base.join("bad").to_str().unwrap(), a.to_str().unwrap(), base.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+fn run_status(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
