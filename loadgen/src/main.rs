@@ -267,6 +267,7 @@ fn main() -> ExitCode {
             Err(c) => return c,
         },
         tick: Duration::from_micros(args.tick_us),
+        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     finish(setup::run(cfg), args.json)
 }
@@ -348,6 +349,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
             Err(c) => return c,
         },
         tick: Duration::from_micros(a.tick_us),
+        progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     finish(setup::run(cfg), a.json)
 }

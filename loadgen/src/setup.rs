@@ -55,6 +55,8 @@ pub struct SetupConfig {
     pub io: driver::Io,
     /// Timer tick of the io_uring driver.
     pub tick: Duration,
+    /// Show a live progress line on stderr.
+    pub progress: bool,
 }
 
 /// What the measurement window saw.
@@ -104,6 +106,10 @@ struct Shared {
     registered: AtomicUsize,
     /// Callers whose calls have all ended.
     callers_done: AtomicUsize,
+    /// Calls placed, and calls ended well or not (for the progress line).
+    placed: std::sync::atomic::AtomicU64,
+    ended_ok: std::sync::atomic::AtomicU64,
+    ended_failed: std::sync::atomic::AtomicU64,
     stop_callees: AtomicBool,
     incoming: Mutex<HashMap<CallId, Instant>>,
 }
@@ -226,6 +232,8 @@ impl App for CallerApp {
                     // callee's packets arrived) and lasted until the planned hang-up.
                     let ok = if self.shared.idle { rep.reason.is_success() } else { rep.succeeded() };
                     r.outcome = (!ok).then(|| rep.reason.describe());
+                    let counter = if ok { &self.shared.ended_ok } else { &self.shared.ended_failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     if r.outcome.is_none() && r.flowing.is_none() {
                         r.outcome = Some("no packet from the callee".into());
                     }
@@ -256,12 +264,14 @@ impl App for CallerApp {
         let due: Vec<(Instant, ClientId)> = self.inbox.due.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
         for (planned, callee) in due {
             self.remaining -= 1;
+            self.shared.placed.fetch_add(1, Ordering::Relaxed);
             let mut r = CallRecord { planned, sent: ctx.now, call_id: None, start: None, flowing: None, outcome: None };
             match ctx.client.call(ctx.now, callee) {
                 Ok(h) => {
                     self.inflight.insert(h, r);
                 }
                 Err(e) => {
+                    self.shared.ended_failed.fetch_add(1, Ordering::Relaxed);
                     r.outcome = Some(format!("not placed: {e}"));
                     self.done_records.push(r);
                 }
@@ -555,6 +565,30 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
     }
 }
 
+/// Live progress on stderr until every call has ended: elapsed time, calls placed against
+/// the plan, the achieved start rate, calls ended well and not.
+fn progress_line(shared: &Shared, done: &AtomicBool, t0: Instant, calls: u64, rate: f64) {
+    let bar = indicatif::ProgressBar::new(calls);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} calls placed  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    loop {
+        let placed = shared.placed.load(Ordering::Relaxed);
+        let (ok, failed) = (shared.ended_ok.load(Ordering::Relaxed), shared.ended_failed.load(Ordering::Relaxed));
+        let secs = Instant::now().saturating_duration_since(t0).as_secs_f64();
+        let achieved = if secs > 0.0 { placed as f64 / secs } else { 0.0 };
+        bar.set_position(placed);
+        bar.set_message(format!("{achieved:.0}/s of {rate}/s, ended ok {ok}, failed {failed}"));
+        if ok + failed >= calls || done.load(Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bar.finish_and_clear();
+}
+
 /// A simulated client: its UDP socket (with large buffers, since many sessions share it)
 /// and a client state machine that discovers its address at the manager and takes any
 /// number of calls.
@@ -627,6 +661,9 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         idle: cfg.idle,
         registered: AtomicUsize::new(0),
         callers_done: AtomicUsize::new(0),
+        placed: Default::default(),
+        ended_ok: Default::default(),
+        ended_failed: Default::default(),
         stop_callees: AtomicBool::new(false),
         incoming: Mutex::new(HashMap::new()),
     });
@@ -691,6 +728,12 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                 }
             })
             .map_err(|e| format!("scheduler thread: {e}"))?;
+        let progress_done = Arc::new(AtomicBool::new(false));
+        let progress = cfg.progress.then(|| {
+            let (shared, done) = (shared.clone(), progress_done.clone());
+            let (calls, rate) = (cfg.calls, cfg.rate);
+            std::thread::spawn(move || progress_line(&shared, &done, t0, calls, rate))
+        });
         let window = cfg.window.map(|(offset, len)| {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -710,7 +753,12 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         let mut latency = new_histogram();
         let mut media = MediaTotals::default();
         let mut skipped = 0u64;
-        let (outs, ins, calls_done) = fleet.finish(&shared).await?;
+        let finished = fleet.finish(&shared).await;
+        progress_done.store(true, Ordering::Relaxed);
+        let (outs, ins, calls_done) = finished?;
+        if let Some(p) = progress {
+            let _ = p.join();
+        }
         let _ = scheduler.join();
         let window = match window {
             Some(w) => Some(w.await.map_err(|e| e.to_string())?),
