@@ -493,6 +493,7 @@ pub struct Streams {
     payload: Vec<u8>,
     epoch: Instant,
     skipped: u64,
+    sent: u64,
 }
 
 struct Stream {
@@ -512,7 +513,7 @@ impl Stream {
 impl Streams {
     /// No streams; send stamps count from `epoch`.
     pub fn new(epoch: Instant) -> Self {
-        Streams { map: Default::default(), heap: Default::default(), payload: vec![0u8; 1500], epoch, skipped: 0 }
+        Streams { map: Default::default(), heap: Default::default(), payload: vec![0u8; 1500], epoch, skipped: 0, sent: 0 }
     }
 
     /// Start streaming on `handle` now (no-op if already streaming); hang up at `hangup_at`.
@@ -559,8 +560,15 @@ impl Streams {
         self.heap.peek().map(|std::cmp::Reverse((t, _))| *t)
     }
 
-    /// Send the frames that are due and hang up the calls whose time is up.
-    pub fn run(&mut self, ctx: &mut Ctx<'_>) {
+    /// Frames sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Send the frames that are due and hang up the calls whose time is up. Returns the
+    /// number of frames sent.
+    pub fn run(&mut self, ctx: &mut Ctx<'_>) -> u64 {
+        let sent0 = self.sent;
         let now = ctx.now;
         while let Some(&std::cmp::Reverse((t, h))) = self.heap.peek() {
             if t > now {
@@ -591,7 +599,9 @@ impl Streams {
                     // into the measured one-way latency (no coordinated omission).
                     s.source.stamp_us = s.next_send.saturating_duration_since(self.epoch).as_micros() as u64;
                     let (len, dur) = crate::media::MediaSource::next_frame(&mut s.source, &mut self.payload);
-                    let _ = ctx.send_media(h, &self.payload[..len], dur);
+                    if ctx.send_media(h, &self.payload[..len], dur).is_ok() {
+                        self.sent += 1;
+                    }
                 }
                 s.next_send += frame;
                 budget -= 1;
@@ -605,5 +615,6 @@ impl Streams {
             }
             self.heap.push(std::cmp::Reverse((s.wake_at(), h)));
         }
+        self.sent - sent0
     }
 }

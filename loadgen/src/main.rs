@@ -40,6 +40,10 @@ enum Cmd {
     /// connections: registration rate and latency, whether they all hold, memory and file
     /// descriptors per client.
     Register(RegisterArgs),
+    /// S concurrent two-way sessions held for a long time (optionally churned), sampled at
+    /// intervals: delivered packets/s, loss, jitter, one-way latency, RSS, descriptors, CPU.
+    /// Fails if RSS or descriptors grow after the warm-up.
+    Soak(SoakArgs),
     /// Re-print a recorded run (a directory written with --out) from its files.
     Report {
         /// The run's directory.
@@ -62,6 +66,58 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct SoakArgs {
+    /// Concurrent sessions, each two-way at 50 packets/s.
+    #[arg(long, default_value_t = 1000)]
+    sessions: u64,
+    /// Seconds of steady state (after the ramp).
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// Seconds per sample.
+    #[arg(long, default_value_t = 10.0)]
+    interval: f64,
+    /// Calls ended and replaced per second (0: the same sessions throughout). Each call then
+    /// lasts sessions / churn seconds, so `sessions` stay up.
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
+    /// Sessions set up per second while ramping up (without churn).
+    #[arg(long, default_value_t = 1000.0)]
+    ramp: f64,
+    /// Seconds from the start not used for the growth check (default: the ramp plus one
+    /// interval).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Simulated clients on each side (0: two per core).
+    #[arg(long, default_value_t = 0)]
+    clients: usize,
+    /// External manager HOST:PORT (default: in-process).
+    #[arg(long)]
+    manager: Option<String>,
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Local IP for the simulated clients (and the embedded manager).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: IpAddr,
+    /// Generator threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// UDP IO: uring, portable or auto (as for setup).
+    #[arg(long, default_value = "auto")]
+    io: String,
+    /// Timer tick of the io_uring driver in microseconds.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
+    tick_us: u64,
+    /// Print only the summary as one JSON object (last line of stdout).
+    #[arg(long)]
+    json: bool,
+    /// Write the run's files (with intervals.csv, intervals.svg and
+    /// media_latency_intervals.hlog) into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -233,6 +289,7 @@ fn main() -> ExitCode {
         Some(Cmd::Setup(a)) => a,
         Some(Cmd::Sessions(s)) => return run_sessions(s),
         Some(Cmd::Register(r)) => return run_register(r),
+        Some(Cmd::Soak(a)) => return run_soak(a),
         Some(Cmd::Report { dir, json }) => return print_run(runs::report(&dir), json),
         Some(Cmd::Merge { out, runs: dirs, json }) => return print_run(runs::merge(&dirs, &out), json),
         None => SetupArgs::default(),
@@ -268,6 +325,8 @@ fn main() -> ExitCode {
         },
         tick: Duration::from_micros(args.tick_us),
         progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        interval: None,
+        warmup: Duration::ZERO,
     };
     finish(setup::run(cfg), args.json)
 }
@@ -350,6 +409,8 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         },
         tick: Duration::from_micros(a.tick_us),
         progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        interval: None,
+        warmup: Duration::ZERO,
     };
     finish(setup::run(cfg), a.json)
 }
@@ -396,4 +457,54 @@ fn print_run(r: Result<(serde_json::Value, String), String>, json: bool) -> Exit
             ExitCode::from(2)
         }
     }
+}
+
+fn run_soak(a: SoakArgs) -> ExitCode {
+    if a.sessions == 0 || !(a.ramp > 0.0) || !(a.duration > 0.0) || a.duration > 86_400.0 || !(a.interval >= 1.0) || !(a.churn >= 0.0) {
+        eprintln!("loadgen: --sessions, --ramp and --duration (up to 86400) must be positive, --interval at least 1, --churn not negative");
+        return ExitCode::from(2);
+    }
+    let manager = match resolve(&a.manager) {
+        Ok(m) => m,
+        Err(c) => return c,
+    };
+    let clients = if a.clients == 0 { 2 * sys::cores() } else { a.clients };
+    // Without churn: S sessions ramped in, held through the steady state. With churn R:
+    // arrivals at R/s, each call lasting S / R s, so S are up once the first have ended.
+    let (rate, calls, talk, ramp_s) = if a.churn > 0.0 {
+        let life = a.sessions as f64 / a.churn;
+        (a.churn, (a.churn * (life + a.duration)).round() as u64, life, life)
+    } else {
+        let ramp_s = a.sessions as f64 / a.ramp;
+        (a.ramp, a.sessions, ramp_s + 1.0 + a.duration + 1.0, ramp_s + 1.0)
+    };
+    let warmup = a.warmup.unwrap_or(ramp_s + a.interval);
+    let cfg = setup::SetupConfig {
+        manager,
+        shards: a.shards,
+        rate,
+        calls,
+        talk: Duration::from_secs_f64(talk),
+        callers: clients,
+        callees: clients,
+        bind_ip: a.bind_ip,
+        threads: a.threads,
+        out: a.out.clone(),
+        window: Some((Duration::from_secs_f64(ramp_s), Duration::from_secs_f64(a.duration))),
+        idle: false,
+        io: match choose_io(&a.io) {
+            Ok(io) => io,
+            Err(c) => return c,
+        },
+        tick: Duration::from_micros(a.tick_us),
+        progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        interval: Some(Duration::from_secs_f64(a.interval)),
+        warmup: Duration::from_secs_f64(warmup),
+    };
+    let mut out = setup::run(cfg);
+    if let Ok(o) = out.as_mut() {
+        o.json["scenario"] = serde_json::json!("soak");
+        o.json["churn"] = serde_json::json!(a.churn);
+    }
+    finish(out, a.json)
 }

@@ -170,3 +170,95 @@ pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, String> {
     }
     Ok(total)
 }
+
+/// One interval of a soak run, for the interval files.
+pub struct IntervalRow<'a> {
+    /// End of the interval, seconds from t0.
+    pub t_s: f64,
+    /// Its length, seconds.
+    pub secs: f64,
+    /// Packets delivered per second.
+    pub pps: f64,
+    /// Frames sent and not delivered, over frames sent.
+    pub loss: f64,
+    /// Mean RFC 3550 transit difference, ms.
+    pub jitter_ms: Option<f64>,
+    /// One-way latency of the packets delivered in the interval.
+    pub latency: &'a Histogram<u64>,
+    /// RSS at its end, MiB.
+    pub rss_mb: Option<f64>,
+    /// Open descriptors at its end.
+    pub fds: Option<usize>,
+    /// CPU cores busy.
+    pub cores: f64,
+}
+
+/// `intervals.csv`, `intervals.svg` (delivered packets/s, latency p99 and RSS over time) and
+/// `media_latency_intervals.hlog` (one histogram per interval, HdrHistogram log format).
+pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<()> {
+    let mut csv = String::from("t_s,secs,pps,loss,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
+    for r in rows {
+        let q = |p: f64| crate::report::ms_at(r.latency, p).map(|v| format!("{v:.3}")).unwrap_or_default();
+        let _ = writeln!(
+            csv,
+            "{:.1},{:.2},{:.0},{:.6},{},{},{},{},{},{},{:.3}",
+            r.t_s,
+            r.secs,
+            r.pps,
+            r.loss,
+            r.jitter_ms.map(|j| format!("{j:.3}")).unwrap_or_default(),
+            q(0.5),
+            q(0.99),
+            crate::report::max_ms(r.latency).map(|v| format!("{v:.3}")).unwrap_or_default(),
+            r.rss_mb.map(|m| format!("{m:.1}")).unwrap_or_default(),
+            r.fds.map(|f| f.to_string()).unwrap_or_default(),
+            r.cores
+        );
+    }
+    std::fs::write(dir.join("intervals.csv"), csv)?;
+    // The interval log: each interval's histogram at its start offset.
+    {
+        use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+        let mut out = Vec::new();
+        let mut ser = hdrhistogram::serialization::V2DeflateSerializer::new();
+        let mut b = IntervalLogWriterBuilder::new();
+        b.add_comment("nullpunch loadgen: media one-way latency per interval (values in microseconds)")
+            .with_start_time(std::time::SystemTime::now())
+            .with_max_value_divisor(1000.0);
+        let mut w = b.begin_log_with(&mut out, &mut ser)?;
+        for r in rows {
+            let start = std::time::Duration::from_secs_f64((r.t_s - r.secs).max(0.0));
+            w.write_histogram(r.latency, start, std::time::Duration::from_secs_f64(r.secs), Tag::new("media_latency"))
+                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        }
+        drop(w);
+        std::fs::write(dir.join("media_latency_intervals.hlog"), out)?;
+    }
+    plot_intervals(&dir.join("intervals.svg"), rows).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+fn plot_intervals(path: &Path, rows: &[IntervalRow<'_>]) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (900, 780)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((3, 1));
+    let tmax = rows.iter().map(|r| r.t_s).fold(1.0, f64::max);
+    let series: [(&str, Box<dyn Fn(&IntervalRow<'_>) -> Option<f64>>, RGBColor); 3] = [
+        ("packets/s delivered", Box::new(|r| Some(r.pps)), BLUE),
+        ("one-way latency p99, ms", Box::new(|r| crate::report::ms_at(r.latency, 0.99)), RED),
+        ("RSS, MiB", Box::new(|r| r.rss_mb), BLACK),
+    ];
+    for (area, (label, f, color)) in panels.iter().zip(series.iter()) {
+        let pts: Vec<(f64, f64)> = rows.iter().filter_map(|r| f(r).map(|v| (r.t_s, v))).collect();
+        let ymax = pts.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(*label, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..tmax, 0.0..ymax)?;
+        chart.configure_mesh().x_desc("seconds").draw()?;
+        chart.draw_series(LineSeries::new(pts, color.stroke_width(2)))?;
+    }
+    root.present()?;
+    Ok(())
+}

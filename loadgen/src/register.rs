@@ -94,10 +94,6 @@ fn rss_of(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Open file descriptors of this process.
-fn open_fds() -> Option<usize> {
-    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
-}
 
 /// Run the scenario.
 pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
@@ -209,7 +205,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     let registered = counts.registered.load(Ordering::Relaxed) as usize;
     let rss_up = sys::rss_mb();
     let ext_up = cfg.manager_pid.and_then(rss_of);
-    let fds_up = open_fds();
+    let fds_up = sys::open_fds();
     let manager_conns = embedded.as_ref().map(|m| {
         let s = m.stats();
         s.connections_accepted.load(Ordering::Relaxed) - s.connections_closed.load(Ordering::Relaxed)

@@ -57,6 +57,11 @@ pub struct SetupConfig {
     pub tick: Duration,
     /// Show a live progress line on stderr.
     pub progress: bool,
+    /// Soak: sample loss, jitter, latency, packets/s, RSS and descriptors at this interval,
+    /// and fail if RSS or descriptors grow after `warmup`.
+    pub interval: Option<Duration>,
+    /// Soak: time from t0 excluded from the growth check.
+    pub warmup: Duration,
 }
 
 /// What the measurement window saw.
@@ -106,12 +111,31 @@ struct Shared {
     registered: AtomicUsize,
     /// Callers whose calls have all ended.
     callers_done: AtomicUsize,
+    /// Media frames sent by all clients.
+    tx_packets: std::sync::atomic::AtomicU64,
+    /// Per-interval measurements (soak runs).
+    intervals: Option<IntervalRec>,
     /// Calls placed, and calls ended well or not (for the progress line).
     placed: std::sync::atomic::AtomicU64,
     ended_ok: std::sync::atomic::AtomicU64,
     ended_failed: std::sync::atomic::AtomicU64,
     stop_callees: AtomicBool,
     incoming: Mutex<HashMap<CallId, Instant>>,
+}
+
+/// What an interval of a soak run collects, swapped out by the sampler at each interval's end.
+struct IntervalRec {
+    latency: Mutex<Histogram<u64>>,
+    /// Sum and count of |D|, the RFC 3550 transit-time difference of consecutive packets of
+    /// a stream, in microseconds: their mean is what the RFC's jitter J estimates.
+    jitter_sum_us: std::sync::atomic::AtomicU64,
+    jitter_n: std::sync::atomic::AtomicU64,
+}
+
+impl Default for IntervalRec {
+    fn default() -> Self {
+        IntervalRec { latency: Mutex::new(new_histogram()), jitter_sum_us: Default::default(), jitter_n: Default::default() }
+    }
 }
 
 /// Calls the scheduler thread has released to one caller, at their planned time.
@@ -157,6 +181,8 @@ struct CallerApp {
     media: MediaTotals,
     counted_registration: bool,
     counted_done: bool,
+    /// Last one-way transit per call (soak jitter).
+    transit: HashMap<CallHandle, u64>,
 }
 
 struct CalleeApp {
@@ -165,19 +191,26 @@ struct CalleeApp {
     latency: Histogram<u64>,
     media: MediaTotals,
     counted_registration: bool,
+    transit: HashMap<CallHandle, u64>,
     stopping: bool,
     /// Next check of the stop flag.
     next_poll: Instant,
 }
 
-fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, now: Instant, p: &Received<'_>) {
+fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, transit: &mut HashMap<CallHandle, u64>, now: Instant, p: &Received<'_>) {
     shared.rx_packets.fetch_add(1, Ordering::Relaxed);
-    if !shared.record_latency.load(Ordering::Relaxed) {
-        return;
+    let Some((_, stamp_us)) = SyntheticSource::parse(p.payload) else { return };
+    let now_us = now.duration_since(shared.epoch).as_micros() as u64;
+    let one_way = now_us.saturating_sub(stamp_us);
+    if let Some(iv) = &shared.intervals {
+        record(&mut iv.latency.lock().unwrap_or_else(|e| e.into_inner()), Duration::from_micros(one_way));
+        if let Some(last) = transit.insert(p.handle, one_way) {
+            iv.jitter_sum_us.fetch_add(one_way.abs_diff(last), Ordering::Relaxed);
+            iv.jitter_n.fetch_add(1, Ordering::Relaxed);
+        }
     }
-    if let Some((_, stamp_us)) = SyntheticSource::parse(p.payload) {
-        let now_us = now.duration_since(shared.epoch).as_micros() as u64;
-        record(latency, Duration::from_micros(now_us.saturating_sub(stamp_us)));
+    if shared.record_latency.load(Ordering::Relaxed) {
+        record(latency, Duration::from_micros(one_way));
     }
 }
 
@@ -225,6 +258,7 @@ impl App for CallerApp {
                 }
             }
             Event::Ended(rep) => {
+                self.transit.remove(&rep.handle);
                 self.streams.stop(rep.handle);
                 self.media.add(rep.sent, rep.received, rep.lost);
                 if let Some(mut r) = self.inflight.remove(&rep.handle) {
@@ -247,7 +281,7 @@ impl App for CallerApp {
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
         let first = self.first_media(ctx.now, p.handle);
-        on_media_common(&self.shared, &mut self.latency, ctx.now, &p);
+        on_media_common(&self.shared, &mut self.latency, &mut self.transit, ctx.now, &p);
         if first && self.talk.is_zero() {
             self.streams.stop(p.handle);
             let _ = ctx.client.hangup(ctx.now, p.handle);
@@ -277,7 +311,8 @@ impl App for CallerApp {
                 }
             }
         }
-        self.streams.run(ctx);
+        let sent = self.streams.run(ctx);
+        self.shared.tx_packets.fetch_add(sent, Ordering::Relaxed);
         self.check_done();
     }
 
@@ -295,6 +330,7 @@ impl App for CalleeApp {
             }
             Event::MediaFlowing { handle } if !self.shared.idle => self.streams.start(handle, ctx.now, None),
             Event::Ended(rep) => {
+                self.transit.remove(&rep.handle);
                 self.streams.stop(rep.handle);
                 self.media.add(rep.sent, rep.received, rep.lost);
             }
@@ -303,7 +339,7 @@ impl App for CalleeApp {
     }
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
-        on_media_common(&self.shared, &mut self.latency, ctx.now, &p);
+        on_media_common(&self.shared, &mut self.latency, &mut self.transit, ctx.now, &p);
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
@@ -317,7 +353,8 @@ impl App for CalleeApp {
             self.stopping = true;
             ctx.client.hangup_all(ctx.now);
         }
-        self.streams.run(ctx);
+        let sent = self.streams.run(ctx);
+        self.shared.tx_packets.fetch_add(sent, Ordering::Relaxed);
     }
 
     fn done(&self) -> bool {
@@ -380,6 +417,7 @@ fn caller_app(shared: Arc<Shared>, inbox: Arc<Inbox>, remaining: usize, talk: Du
         media: MediaTotals::default(),
         counted_registration: false,
         counted_done: false,
+        transit: HashMap::new(),
     }
 }
 
@@ -390,6 +428,7 @@ fn callee_app(shared: Arc<Shared>) -> CalleeApp {
         latency: new_histogram(),
         media: MediaTotals::default(),
         counted_registration: false,
+        transit: HashMap::new(),
         stopping: false,
         next_poll: Instant::now(),
     }
@@ -565,6 +604,99 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
     }
 }
 
+/// One interval of a soak run.
+#[derive(Debug, Clone)]
+struct IntervalSample {
+    /// End of the interval, seconds from t0.
+    t_s: f64,
+    secs: f64,
+    pps: f64,
+    loss: f64,
+    jitter_ms: Option<f64>,
+    latency: Histogram<u64>,
+    rss_mb: Option<f64>,
+    fds: Option<usize>,
+    cores: f64,
+}
+
+impl IntervalSample {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "t_s": (self.t_s * 10.0).round() / 10.0,
+            "pps": self.pps.round(),
+            "loss": self.loss,
+            "jitter_ms": report::num(self.jitter_ms),
+            "latency_p50_ms": report::num(report::ms_at(&self.latency, 0.5)),
+            "latency_p99_ms": report::num(report::ms_at(&self.latency, 0.99)),
+            "latency_max_ms": report::num(report::max_ms(&self.latency)),
+            "rss_mb": report::num(self.rss_mb),
+            "fds": self.fds,
+            "cores": (self.cores * 1000.0).round() / 1000.0,
+        })
+    }
+}
+
+/// Sample every `every` from t0 until `until` (or `done`): packets/s delivered, loss (frames sent but not
+/// delivered in the interval), jitter (mean RFC 3550 transit difference), one-way latency,
+/// RSS, open descriptors and CPU.
+fn sampler(shared: &Shared, done: &AtomicBool, t0: Instant, every: Duration, until: Option<Instant>) -> Vec<IntervalSample> {
+    let Some(iv) = &shared.intervals else { return Vec::new() };
+    if let Some(d) = t0.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+    let mut out = Vec::new();
+    let (mut rx0, mut tx0, mut cpu0, mut start) =
+        (shared.rx_packets.load(Ordering::Relaxed), shared.tx_packets.load(Ordering::Relaxed), sys::cpu_seconds(), Instant::now());
+    // Whatever was recorded before t0 (registration) is not an interval's.
+    iv.latency.lock().unwrap_or_else(|e| e.into_inner()).reset();
+    loop {
+        let end = until.map_or(start + every, |u| u.min(start + every));
+        while Instant::now() < end && !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50).min(end.saturating_duration_since(Instant::now())));
+        }
+        let now = Instant::now();
+        let secs = now.duration_since(start).as_secs_f64();
+        let stopping = done.load(Ordering::Relaxed) || until.is_some_and(|u| now >= u);
+        if stopping && secs < every.as_secs_f64() / 2.0 {
+            break; // a short last piece says little
+        }
+        let (rx, tx, cpu) = (shared.rx_packets.load(Ordering::Relaxed), shared.tx_packets.load(Ordering::Relaxed), sys::cpu_seconds());
+        let latency = std::mem::replace(&mut *iv.latency.lock().unwrap_or_else(|e| e.into_inner()), new_histogram());
+        let (jsum, jn) = (iv.jitter_sum_us.swap(0, Ordering::Relaxed), iv.jitter_n.swap(0, Ordering::Relaxed));
+        let (sent, got) = (tx - tx0, rx - rx0);
+        out.push(IntervalSample {
+            t_s: now.duration_since(t0).as_secs_f64(),
+            secs,
+            pps: got as f64 / secs,
+            loss: if sent > 0 { sent.saturating_sub(got) as f64 / sent as f64 } else { 0.0 },
+            jitter_ms: (jn > 0).then(|| jsum as f64 / jn as f64 / 1000.0),
+            latency,
+            rss_mb: sys::rss_mb(),
+            fds: sys::open_fds(),
+            cores: (cpu - cpu0) / secs,
+        });
+        (rx0, tx0, cpu0, start) = (rx, tx, cpu, now);
+        if stopping {
+            break;
+        }
+    }
+    out
+}
+
+/// Growth of RSS (MB) and descriptors from the first interval after `warmup` to the last,
+/// and whether it is within bounds (RSS: 8 MB or 10%, whichever is larger; descriptors: 16).
+fn growth(samples: &[IntervalSample], warmup: Duration) -> Option<(f64, i64, bool)> {
+    let after: Vec<&IntervalSample> = samples.iter().filter(|s| s.t_s - s.secs >= warmup.as_secs_f64()).collect();
+    let (first, last) = (after.first()?, after.last()?);
+    if after.len() < 2 {
+        return None;
+    }
+    let rss = last.rss_mb? - first.rss_mb?;
+    let fds = last.fds? as i64 - first.fds? as i64;
+    let ok = rss <= (first.rss_mb? * 0.10).max(8.0) && fds <= 16;
+    Some((rss, fds, ok))
+}
+
 /// Live progress on stderr until every call has ended: elapsed time, calls placed against
 /// the plan, the achieved start rate, calls ended well and not.
 fn progress_line(shared: &Shared, done: &AtomicBool, t0: Instant, calls: u64, rate: f64) {
@@ -661,6 +793,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         idle: cfg.idle,
         registered: AtomicUsize::new(0),
         callers_done: AtomicUsize::new(0),
+        tx_packets: Default::default(),
+        intervals: cfg.interval.map(|_| IntervalRec::default()),
         placed: Default::default(),
         ended_ok: Default::default(),
         ended_failed: Default::default(),
@@ -729,6 +863,12 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             })
             .map_err(|e| format!("scheduler thread: {e}"))?;
         let progress_done = Arc::new(AtomicBool::new(false));
+        let sampler = cfg.interval.map(|every| {
+            let (shared, done) = (shared.clone(), progress_done.clone());
+            // Sample until the steady state ends, not through the teardown.
+            let until = cfg.window.map(|(offset, len)| t0 + offset + len);
+            std::thread::spawn(move || sampler(&shared, &done, t0, every, until))
+        });
         let progress = cfg.progress.then(|| {
             let (shared, done) = (shared.clone(), progress_done.clone());
             let (calls, rate) = (cfg.calls, cfg.rate);
@@ -759,6 +899,10 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         if let Some(p) = progress {
             let _ = p.join();
         }
+        let samples = match sampler {
+            Some(t) => t.join().map_err(|_| "the sampler thread panicked".to_string())?,
+            None => Vec::new(),
+        };
         let _ = scheduler.join();
         let window = match window {
             Some(w) => Some(w.await.map_err(|e| e.to_string())?),
@@ -780,9 +924,10 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             (None, Some(s)) => (None, s.finish()),
             (None, None) => (None, None),
         };
-        Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper))
+        Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper, samples))
     });
-    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper) = result?;
+    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper, samples) = result?;
+    let grown = cfg.interval.and_then(|_| growth(&samples, cfg.warmup));
     // Memory per session: RSS with every session up, over the RSS after registration
     // (both sides' client state, the manager's call records, the generator's bookkeeping).
     let per_session_kb = match (window.and_then(|w| w.rss_mb), rss_base) {
@@ -860,6 +1005,14 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             sys::cores()
         ));
     }
+    if let Some((rss, fds, false)) = grown {
+        warnings.push(format!(
+            "memory or descriptors grew after the warm-up: RSS {rss:+.1} MB, descriptors {fds:+} (first to last interval); a leak fails the soak"
+        ));
+    }
+    if cfg.interval.is_some() && grown.is_none() {
+        warnings.push("too few intervals after the warm-up to check memory and descriptor growth".into());
+    }
     // Host noise seen by a 1 ms sleeper thread: stalls over 5 ms, and the time they took.
     let stalls_5ms = sleeper.as_ref().map(|h| h.count_between(5_000, h.max().max(5_000))).unwrap_or(0);
     if let Some(h) = sleeper.as_ref().filter(|_| stalls_5ms > 0) {
@@ -905,6 +1058,33 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let _ = writeln!(text, "{}", report::line("  INCOMING -> START", &incoming_start));
     let _ = writeln!(text, "{}", report::line("  START -> 2-way media", &start_media));
     let _ = writeln!(text, "{}", report::line("media one-way latency", &media_latency));
+    if !samples.is_empty() {
+        let _ = writeln!(text, "intervals:     t s   delivered/s      loss  jitter ms   p50 ms   p99 ms   max ms   rss MB    fds  cores");
+        for x in &samples {
+            let _ = writeln!(
+                text,
+                "           {:>7.1}  {:>12.0}  {:>8.5}  {:>9.3}  {:>7.3}  {:>7.3}  {:>7.3}  {:>7.1}  {:>5}  {:>5.2}",
+                x.t_s,
+                x.pps,
+                x.loss,
+                x.jitter_ms.unwrap_or(0.0),
+                report::ms_at(&x.latency, 0.5).unwrap_or(0.0),
+                report::ms_at(&x.latency, 0.99).unwrap_or(0.0),
+                report::max_ms(&x.latency).unwrap_or(0.0),
+                x.rss_mb.unwrap_or(0.0),
+                x.fds.unwrap_or(0),
+                x.cores
+            );
+        }
+        if let Some((rss, fds, ok)) = grown {
+            let _ = writeln!(
+                text,
+                "growth after {:.0} s warm-up: RSS {rss:+.1} MB, descriptors {fds:+}: {}",
+                cfg.warmup.as_secs_f64(),
+                if ok { "bounded" } else { "GROWING" }
+            );
+        }
+    }
     let _ = writeln!(
         text,
         "media: {} packets sent, {} delivered, {} lost ({:.4}%); manager saw {} media packets",
@@ -990,6 +1170,10 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "sleeper_stalls_over_5ms": stalls_5ms,
         "rss_mb": report::num(window.and_then(|w| w.rss_mb).or(rss)),
         "warnings": warnings,
+        "intervals": (!samples.is_empty()).then(|| samples.iter().map(IntervalSample::json).collect::<Vec<_>>()),
+        "rss_growth_mb": report::num(grown.map(|g| g.0)),
+        "fd_growth": grown.map(|g| g.1),
+        "growth_ok": grown.map(|g| g.2),
     });
     if let Some(dir) = &cfg.out {
         let metrics = [
@@ -1002,7 +1186,25 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         ];
         let title = format!("call setup, {} calls at {}/s ({} ok)", cfg.calls, cfg.rate, ok);
         crate::output::write_run(dir, &json, &metrics, &title).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+        if !samples.is_empty() {
+            let rows: Vec<crate::output::IntervalRow> = samples
+                .iter()
+                .map(|x| crate::output::IntervalRow {
+                    t_s: x.t_s,
+                    secs: x.secs,
+                    pps: x.pps,
+                    loss: x.loss,
+                    jitter_ms: x.jitter_ms,
+                    latency: &x.latency,
+                    rss_mb: x.rss_mb,
+                    fds: x.fds,
+                    cores: x.cores,
+                })
+                .collect();
+            crate::output::write_intervals(dir, &rows).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+        }
         let _ = writeln!(text, "results written to {}", dir.display());
     }
-    Ok(SetupOutcome { json, text, all_ok: failed == 0 && !records.is_empty() })
+    let growth_ok = cfg.interval.is_none() || grown.is_some_and(|g| g.2);
+    Ok(SetupOutcome { json, text, all_ok: failed == 0 && !records.is_empty() && growth_ok })
 }

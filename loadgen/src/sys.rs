@@ -9,6 +9,11 @@ pub fn rss_mb() -> Option<f64> {
     Some(pages * page / (1024.0 * 1024.0))
 }
 
+/// Open file descriptors of this process.
+pub fn open_fds() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}
+
 /// CPU time (user + system) used by this process so far, in seconds.
 pub fn cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the struct we pass.

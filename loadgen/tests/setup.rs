@@ -114,3 +114,33 @@ fn run_status(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+#[test]
+fn soak_samples_intervals_and_checks_growth() {
+    let (code, v, err) = run(&["soak", "--sessions", "100", "--duration", "4", "--interval", "1", "--json"]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["scenario"], "soak");
+    assert_eq!(v["calls_ok"], 100, "{v}");
+    assert_eq!(v["growth_ok"], true, "{v}");
+    let iv = v["intervals"].as_array().expect("intervals");
+    assert!(iv.len() >= 4, "{v}");
+    // After the ramp every interval carries all 100 sessions: 10,000 packets/s delivered.
+    for x in &iv[2..] {
+        let pps = x["pps"].as_f64().unwrap();
+        assert!((9_000.0..11_000.0).contains(&pps), "interval {x}");
+        for k in ["loss", "jitter_ms", "latency_p99_ms", "rss_mb", "fds", "cores"] {
+            assert!(!x[k].is_null(), "{k} missing in {x}");
+        }
+    }
+}
+
+#[test]
+fn soak_with_churn_replaces_calls_and_keeps_the_load() {
+    // 50 sessions churned at 25/s: each call lasts 2 s, 150 calls in 2 + 4 s.
+    let (code, v, err) = run(&["soak", "--sessions", "50", "--churn", "25", "--duration", "4", "--interval", "1", "--json"]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["calls_ok"], 150, "{v}");
+    let iv = v["intervals"].as_array().expect("intervals");
+    let last = iv.last().unwrap()["pps"].as_f64().unwrap();
+    assert!((4_000.0..6_000.0).contains(&last), "about 50 sessions x 100 packets/s: {v}");
+}
