@@ -68,6 +68,42 @@ enum Cmd {
     },
 }
 
+/// Options every scenario takes.
+#[derive(ClapArgs, Debug, Clone)]
+struct Common {
+    /// External manager HOST:PORT (default: start one in-process on loopback).
+    #[arg(long)]
+    manager: Option<String>,
+    /// Local IP for the simulated clients (and the embedded manager).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: IpAddr,
+    /// Generator threads (0: one per core): io_uring ring threads, or tokio workers.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
+    /// portable (tokio + quinn-udp), or auto (uring where io_uring can be set up; the
+    /// NULLPUNCH_IO environment variable overrides auto).
+    #[arg(long, default_value = "auto")]
+    io: String,
+    /// Print only the summary as one JSON object (last line of stdout).
+    #[arg(long)]
+    json: bool,
+    /// Write command.txt, machine.txt, summary.json, per metric an .hgrm percentile table
+    /// and an .hlog histogram log, and plots (SVG) into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
+}
+
+/// The io_uring driver's timer tick.
+#[derive(ClapArgs, Debug, Clone)]
+struct Tick {
+    /// Timer tick of the io_uring driver in microseconds: media frames due within a tick
+    /// leave in one submission (each up to a tick late), and a batched receive wait lasts
+    /// at most a tick.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
+    tick_us: u64,
+}
+
 #[derive(ClapArgs, Debug, Clone)]
 struct SoakArgs {
     /// Concurrent sessions, each two-way at 50 packets/s.
@@ -93,31 +129,13 @@ struct SoakArgs {
     /// Simulated clients on each side (0: two per core).
     #[arg(long, default_value_t = 0)]
     clients: usize,
-    /// External manager HOST:PORT (default: in-process).
-    #[arg(long)]
-    manager: Option<String>,
     /// Shards of the embedded manager (0: one per core).
     #[arg(long, default_value_t = 1)]
     shards: usize,
-    /// Local IP for the simulated clients (and the embedded manager).
-    #[arg(long, default_value = "127.0.0.1")]
-    bind_ip: IpAddr,
-    /// Generator threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// UDP IO: uring, portable or auto (as for setup).
-    #[arg(long, default_value = "auto")]
-    io: String,
-    /// Timer tick of the io_uring driver in microseconds.
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
-    tick_us: u64,
-    /// Print only the summary as one JSON object (last line of stdout).
-    #[arg(long)]
-    json: bool,
-    /// Write the run's files (with intervals.csv, intervals.svg and
-    /// media_latency_intervals.hlog) into this directory.
-    #[arg(long, value_name = "DIR")]
-    out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    tick: Tick,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -131,9 +149,6 @@ struct RegisterArgs {
     /// Seconds to hold every registration once all are in.
     #[arg(long, default_value_t = 5.0)]
     hold: f64,
-    /// External manager HOST:PORT (default: in-process).
-    #[arg(long)]
-    manager: Option<String>,
     /// With an external manager: its process id, to report its memory per registration
     /// (RSS before and after, from /proc).
     #[arg(long, requires = "manager")]
@@ -141,21 +156,8 @@ struct RegisterArgs {
     /// Shards of the embedded manager (0: one per core).
     #[arg(long, default_value_t = 0)]
     shards: usize,
-    /// Local IP for the clients (and the embedded manager).
-    #[arg(long, default_value = "127.0.0.1")]
-    bind_ip: IpAddr,
-    /// Generator threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// UDP IO: uring, portable or auto (as for setup).
-    #[arg(long, default_value = "auto")]
-    io: String,
-    /// Print only the summary as one JSON object (last line of stdout).
-    #[arg(long)]
-    json: bool,
-    /// Write the run's files into this directory.
-    #[arg(long, value_name = "DIR")]
-    out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -178,44 +180,20 @@ struct SessionsArgs {
     /// Sessions set up per second while ramping up.
     #[arg(long, default_value_t = 1000.0)]
     ramp: f64,
-    /// External manager HOST:PORT (default: in-process).
-    #[arg(long)]
-    manager: Option<String>,
     /// Shards of the embedded manager (0: one per core).
     #[arg(long, default_value_t = 1)]
     shards: usize,
-    /// Local IP for the simulated clients (and the embedded manager).
-    #[arg(long, default_value = "127.0.0.1")]
-    bind_ip: IpAddr,
-    /// Generator worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
     /// Hold the sessions without media, by keepalives alone (measures memory per session).
     #[arg(long)]
     idle: bool,
-    /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
-    /// portable (tokio + quinn-udp), or auto (uring where io_uring can be set up; the
-    /// NULLPUNCH_IO environment variable overrides auto).
-    #[arg(long, default_value = "auto")]
-    io: String,
-    /// Timer tick of the io_uring driver in microseconds: media frames due within a tick
-    /// leave in one submission (each up to a tick late), and a batched receive wait lasts
-    /// at most a tick.
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
-    tick_us: u64,
-    /// Print only the summary as one JSON object (last line of stdout).
-    #[arg(long)]
-    json: bool,
-    /// Write the run's files (see `setup --help`) into this directory.
-    #[arg(long, value_name = "DIR")]
-    out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    tick: Tick,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
 struct SetupArgs {
-    /// External manager HOST:PORT (default: start one in-process on loopback).
-    #[arg(long)]
-    manager: Option<String>,
     /// Shards of the embedded manager (0: one per core).
     #[arg(long, default_value_t = 0)]
     shards: usize,
@@ -237,29 +215,10 @@ struct SetupArgs {
     /// Simulated callees (each answers any number of calls at once).
     #[arg(long, default_value_t = 50)]
     callees: usize,
-    /// Local IP for the simulated clients (and the embedded manager).
-    #[arg(long, default_value = "127.0.0.1")]
-    bind_ip: IpAddr,
-    /// Generator worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
-    /// portable (tokio + quinn-udp), or auto (uring where io_uring can be set up; the
-    /// NULLPUNCH_IO environment variable overrides auto).
-    #[arg(long, default_value = "auto")]
-    io: String,
-    /// Timer tick of the io_uring driver in microseconds: media frames due within a tick
-    /// leave in one submission (each up to a tick late), and a batched receive wait lasts
-    /// at most a tick.
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
-    tick_us: u64,
-    /// Print only the summary as one JSON object (last line of stdout).
-    #[arg(long)]
-    json: bool,
-    /// Write command.txt, machine.txt, summary.json, .hgrm percentile tables and a latency
-    /// plot (SVG) into this directory.
-    #[arg(long, value_name = "DIR")]
-    out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    tick: Tick,
 }
 
 impl Default for SetupArgs {
@@ -298,7 +257,7 @@ fn main() -> ExitCode {
         eprintln!("loadgen: --rate, --callers and --callees must be positive");
         return ExitCode::from(2);
     }
-    let manager = match resolve(&args.manager) {
+    let manager = match resolve(&args.common.manager) {
         Ok(m) => m,
         Err(c) => return c,
     };
@@ -314,21 +273,21 @@ fn main() -> ExitCode {
         talk: Duration::from_secs_f64(args.talk),
         callers: args.callers,
         callees: args.callees,
-        bind_ip: args.bind_ip,
-        threads: args.threads,
-        out: args.out.clone(),
+        bind_ip: args.common.bind_ip,
+        threads: args.common.threads,
+        out: args.common.out.clone(),
         window: None,
         idle: false,
-        io: match choose_io(&args.io) {
+        io: match choose_io(&args.common.io) {
             Ok(io) => io,
             Err(c) => return c,
         },
-        tick: Duration::from_micros(args.tick_us),
-        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        tick: Duration::from_micros(args.tick.tick_us),
+        progress: !args.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         interval: None,
         warmup: Duration::ZERO,
     };
-    finish(setup::run(cfg), args.json)
+    finish(setup::run(cfg), args.common.json)
 }
 
 fn choose_io(s: &str) -> Result<engine::driver::Io, ExitCode> {
@@ -382,7 +341,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         eprintln!("loadgen: --sessions, --ramp and --duration must be positive");
         return ExitCode::from(2);
     }
-    let manager = match resolve(&a.manager) {
+    let manager = match resolve(&a.common.manager) {
         Ok(m) => m,
         Err(c) => return c,
     };
@@ -398,21 +357,21 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         talk: Duration::from_secs_f64(ramp_s + settle + a.duration + settle),
         callers: clients,
         callees: clients,
-        bind_ip: a.bind_ip,
-        threads: a.threads,
-        out: a.out.clone(),
+        bind_ip: a.common.bind_ip,
+        threads: a.common.threads,
+        out: a.common.out.clone(),
         window: Some((Duration::from_secs_f64(ramp_s + settle), Duration::from_secs_f64(a.duration))),
         idle: a.idle,
-        io: match choose_io(&a.io) {
+        io: match choose_io(&a.common.io) {
             Ok(io) => io,
             Err(c) => return c,
         },
-        tick: Duration::from_micros(a.tick_us),
-        progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        tick: Duration::from_micros(a.tick.tick_us),
+        progress: !a.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         interval: None,
         warmup: Duration::ZERO,
     };
-    finish(setup::run(cfg), a.json)
+    finish(setup::run(cfg), a.common.json)
 }
 
 fn run_register(a: RegisterArgs) -> ExitCode {
@@ -420,7 +379,7 @@ fn run_register(a: RegisterArgs) -> ExitCode {
         eprintln!("loadgen: --clients and --rate must be positive, --hold 0 to 86400");
         return ExitCode::from(2);
     }
-    let manager = match resolve(&a.manager) {
+    let manager = match resolve(&a.common.manager) {
         Ok(m) => m,
         Err(c) => return c,
     };
@@ -431,15 +390,15 @@ fn run_register(a: RegisterArgs) -> ExitCode {
         clients: a.clients,
         rate: a.rate,
         hold: Duration::from_secs_f64(a.hold),
-        bind_ip: a.bind_ip,
-        threads: a.threads,
-        io: match choose_io(&a.io) {
+        bind_ip: a.common.bind_ip,
+        threads: a.common.threads,
+        io: match choose_io(&a.common.io) {
             Ok(io) => io,
             Err(c) => return c,
         },
-        out: a.out.clone(),
+        out: a.common.out.clone(),
     };
-    finish(register::run(cfg), a.json)
+    finish(register::run(cfg), a.common.json)
 }
 
 fn print_run(r: Result<(serde_json::Value, String), String>, json: bool) -> ExitCode {
@@ -464,7 +423,7 @@ fn run_soak(a: SoakArgs) -> ExitCode {
         eprintln!("loadgen: --sessions, --ramp and --duration (up to 86400) must be positive, --interval at least 1, --churn not negative");
         return ExitCode::from(2);
     }
-    let manager = match resolve(&a.manager) {
+    let manager = match resolve(&a.common.manager) {
         Ok(m) => m,
         Err(c) => return c,
     };
@@ -487,17 +446,17 @@ fn run_soak(a: SoakArgs) -> ExitCode {
         talk: Duration::from_secs_f64(talk),
         callers: clients,
         callees: clients,
-        bind_ip: a.bind_ip,
-        threads: a.threads,
-        out: a.out.clone(),
+        bind_ip: a.common.bind_ip,
+        threads: a.common.threads,
+        out: a.common.out.clone(),
         window: Some((Duration::from_secs_f64(ramp_s), Duration::from_secs_f64(a.duration))),
         idle: false,
-        io: match choose_io(&a.io) {
+        io: match choose_io(&a.common.io) {
             Ok(io) => io,
             Err(c) => return c,
         },
-        tick: Duration::from_micros(a.tick_us),
-        progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        tick: Duration::from_micros(a.tick.tick_us),
+        progress: !a.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         interval: Some(Duration::from_secs_f64(a.interval)),
         warmup: Duration::from_secs_f64(warmup),
     };
@@ -506,5 +465,5 @@ fn run_soak(a: SoakArgs) -> ExitCode {
         o.json["scenario"] = serde_json::json!("soak");
         o.json["churn"] = serde_json::json!(a.churn);
     }
-    finish(out, a.json)
+    finish(out, a.common.json)
 }

@@ -73,10 +73,11 @@ fn talk_zero_hangs_up_at_the_first_two_way_media() {
     let (code, v, err) = run(&["setup", "--calls", "100", "--rate", "500", "--talk", "0", "--callers", "5", "--callees", "5", "--json"]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["calls_ok"], 100, "every call reached two-way media and ended normally: {v}");
-    // Each call carries a few packets, not a stream: at least one each way, far fewer than
-    // the 50 a second of talk would send.
+    // Each call carries a few packets, not a stream: at least the callee's one that the
+    // caller hung up on (the caller's own first frame may not have left yet: the callee's
+    // media starts on the caller's null), far fewer than the 100 a second of talk would send.
     let sent = v["packets_sent"].as_u64().unwrap();
-    assert!((200..1000).contains(&sent), "{v}");
+    assert!((100..1000).contains(&sent), "{v}");
 }
 
 #[test]
