@@ -81,7 +81,7 @@ struct Common {
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
-    /// portable (tokio + quinn-udp), or auto (uring where io_uring can be set up; the
+    /// portable (tokio + quinn-udp), or auto (portable for now, see docs/architecture.md; the
     /// NULLPUNCH_IO environment variable overrides auto).
     #[arg(long, default_value = "auto")]
     io: String,

@@ -183,8 +183,10 @@ pub struct IntervalRow<'a> {
     pub loss: f64,
     /// Mean RFC 3550 transit difference, ms.
     pub jitter_ms: Option<f64>,
-    /// One-way latency of the packets delivered in the interval.
-    pub latency: &'a Histogram<u64>,
+    /// One-way latency p50, p99, max of the packets delivered in the interval, ms.
+    pub latency_ms: [Option<f64>; 3],
+    /// Their histogram, V2 deflate serialized.
+    pub latency_hist: &'a [u8],
     /// RSS at its end, MiB.
     pub rss_mb: Option<f64>,
     /// Open descriptors at its end.
@@ -197,8 +199,8 @@ pub struct IntervalRow<'a> {
 /// `media_latency_intervals.hlog` (one histogram per interval, HdrHistogram log format).
 pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<()> {
     let mut csv = String::from("t_s,secs,pps,loss,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
     for r in rows {
-        let q = |p: f64| crate::report::ms_at(r.latency, p).map(|v| format!("{v:.3}")).unwrap_or_default();
         let _ = writeln!(
             csv,
             "{:.1},{:.2},{:.0},{:.6},{},{},{},{},{},{},{:.3}",
@@ -207,9 +209,9 @@ pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<
             r.pps,
             r.loss,
             r.jitter_ms.map(|j| format!("{j:.3}")).unwrap_or_default(),
-            q(0.5),
-            q(0.99),
-            crate::report::max_ms(r.latency).map(|v| format!("{v:.3}")).unwrap_or_default(),
+            ms(r.latency_ms[0]),
+            ms(r.latency_ms[1]),
+            ms(r.latency_ms[2]),
             r.rss_mb.map(|m| format!("{m:.1}")).unwrap_or_default(),
             r.fds.map(|f| f.to_string()).unwrap_or_default(),
             r.cores
@@ -226,9 +228,13 @@ pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<
             .with_start_time(std::time::SystemTime::now())
             .with_max_value_divisor(1000.0);
         let mut w = b.begin_log_with(&mut out, &mut ser)?;
+        let mut de = hdrhistogram::serialization::Deserializer::new();
         for r in rows {
+            let h: Histogram<u64> = de
+                .deserialize(&mut std::io::Cursor::new(r.latency_hist))
+                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
             let start = std::time::Duration::from_secs_f64((r.t_s - r.secs).max(0.0));
-            w.write_histogram(r.latency, start, std::time::Duration::from_secs_f64(r.secs), Tag::new("media_latency"))
+            w.write_histogram(&h, start, std::time::Duration::from_secs_f64(r.secs), Tag::new("media_latency"))
                 .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         }
         drop(w);
@@ -244,7 +250,7 @@ fn plot_intervals(path: &Path, rows: &[IntervalRow<'_>]) -> Result<(), Box<dyn s
     let tmax = rows.iter().map(|r| r.t_s).fold(1.0, f64::max);
     let series: [(&str, Box<dyn Fn(&IntervalRow<'_>) -> Option<f64>>, RGBColor); 3] = [
         ("packets/s delivered", Box::new(|r| Some(r.pps)), BLUE),
-        ("one-way latency p99, ms", Box::new(|r| crate::report::ms_at(r.latency, 0.99)), RED),
+        ("one-way latency p99, ms", Box::new(|r| r.latency_ms[1]), RED),
         ("RSS, MiB", Box::new(|r| r.rss_mb), BLACK),
     ];
     for (area, (label, f, color)) in panels.iter().zip(series.iter()) {

@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 5.0, global = true, value_parser = seconds)]
     setup_timeout_secs: f64,
     /// UDP IO: uring (the io_uring driver), portable (tokio + quinn-udp), or auto
-    /// (uring where io_uring can be set up, else portable; the NULLPUNCH_IO environment
+    /// (portable for now, see docs/architecture.md; the NULLPUNCH_IO environment
     /// variable overrides auto).
     #[arg(long, default_value = "auto", global = true)]
     io: String,
