@@ -118,7 +118,8 @@ fn run_status(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn soak_samples_intervals_and_checks_growth() {
-    let (code, v, err) = run(&["soak", "--sessions", "100", "--duration", "4", "--interval", "1", "--json"]);
+    // 6 s: the growth check needs three intervals after the warm-up (ramp + 1 s + 1 s).
+    let (code, v, err) = run(&["soak", "--sessions", "100", "--duration", "6", "--interval", "1", "--json"]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["scenario"], "soak");
     assert_eq!(v["calls_ok"], 100, "{v}");
