@@ -417,9 +417,10 @@ fn stun_thread(sock: StdUdpSocket, bindings: Arc<Bindings>, stats: Arc<Stats>, s
                     if !bindings.insert(txid, from, Instant::now()) {
                         stats.inc(&stats.stun_table_full);
                     }
+                    // Counted before the answer leaves, so whoever holds the answer sees the count.
+                    stats.inc(&stats.stun_requests);
                     let len = stun::emit_binding_success(&txid, from, &mut out);
                     let _ = sock.send_to(&out[..len], from);
-                    stats.inc(&stats.stun_requests);
                 }
                 _ => stats.inc(&stats.udp_malformed),
             },
