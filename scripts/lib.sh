@@ -7,10 +7,18 @@ need_rust() {
     fi
 }
 
-# System packages the test suite needs (none yet; the firewall lab and the audio tests will
-# add theirs). Installed with apt-get when missing (as root, or
-# with sudo); nothing is installed when everything is present.
-SYSTEM_PACKAGES=()
+# System packages, installed with apt-get when missing (as root, or with sudo); nothing is
+# installed when everything is present.
+# To build: cmake and a C compiler build libopus (the opus crate's bundled copy); cpal's
+# ALSA binding needs pkg-config and the ALSA headers.
+BUILD_PACKAGES=(cmake pkg-config libasound2-dev)
+# To test: the firewall lab (namespaces, nftables routers, conntrack), speech synthesis and
+# resampling, RTP tools no one here wrote (ffmpeg, GStreamer, tshark), and a private
+# PulseAudio server with null sinks for the sound-device test.
+TEST_PACKAGES=(iproute2 nftables iptables conntrack espeak-ng sox ffmpeg tshark
+    gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+    pulseaudio pulseaudio-utils)
+SYSTEM_PACKAGES=("${BUILD_PACKAGES[@]}")
 
 install_system_packages() {
     local missing=()
