@@ -294,6 +294,17 @@ pub struct Transmit {
     pub len: usize,
 }
 
+/// RTP fields of an outgoing media packet (see [`Client::send_rtp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaFields {
+    /// Marker bit; `None`: set on the call's first packet only.
+    pub marker: Option<bool>,
+    /// Payload type (7 bits).
+    pub payload_type: u8,
+    /// RTP timestamp; `None`: the call's own clock.
+    pub timestamp: Option<u32>,
+}
+
 /// A media packet received for a call; borrows the driver's receive buffer.
 #[derive(Debug)]
 pub struct Received<'a> {
@@ -759,7 +770,23 @@ impl Client {
         duration_rtp_ts: u32,
         out: &mut [u8],
     ) -> Result<Transmit, ClientError> {
-        let pt = self.cfg.payload_type;
+        let fields = MediaFields { marker: None, payload_type: self.cfg.payload_type, timestamp: None };
+        self.send_rtp(now, handle, fields, payload, duration_rtp_ts, out)
+    }
+
+    /// Like [`Client::send_media`], with the RTP fields of a packet being forwarded: its
+    /// payload type, marker bit and timestamp (where given) are kept; the SSRC and sequence
+    /// number are the call's, so the peer accepts it and counts loss on one sequence.
+    pub fn send_rtp(
+        &mut self,
+        now: Instant,
+        handle: CallHandle,
+        fields: MediaFields,
+        payload: &[u8],
+        duration_rtp_ts: u32,
+        out: &mut [u8],
+    ) -> Result<Transmit, ClientError> {
+        let pt = fields.payload_type;
         let c = self.calls.get_mut(&handle).ok_or(ClientError::NoSuchCall(handle))?;
         let to = match (c.state, c.peer_addr) {
             (CallState::Media, Some(a)) => a,
@@ -769,11 +796,13 @@ impl Client {
         if out.len() < need {
             return Err(ClientError::BufferTooSmall { need, have: out.len() });
         }
-        let h = RtpHeader { marker: c.sent == 0, payload_type: pt, seq: c.seq_tx, timestamp: c.ts_tx, ssrc: c.ssrc_tx };
+        let timestamp = fields.timestamp.unwrap_or(c.ts_tx);
+        let marker = fields.marker.unwrap_or(c.sent == 0);
+        let h = RtpHeader { marker, payload_type: pt & 0x7F, seq: c.seq_tx, timestamp, ssrc: c.ssrc_tx };
         h.emit(out);
         out[RTP_HEADER_LEN..need].copy_from_slice(payload);
         c.seq_tx = c.seq_tx.wrapping_add(1);
-        c.ts_tx = c.ts_tx.wrapping_add(duration_rtp_ts);
+        c.ts_tx = timestamp.wrapping_add(duration_rtp_ts);
         c.sent += 1;
         c.last_tx = now;
         Ok(Transmit { to, len: need })

@@ -204,6 +204,20 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Send one RTP packet on call `handle` with forwarded RTP fields (see
+    /// [`Client::send_rtp`]).
+    pub fn send_rtp(
+        &mut self,
+        handle: CallHandle,
+        fields: crate::client::MediaFields,
+        payload: &[u8],
+        duration_rtp_ts: u32,
+    ) -> Result<(), ClientError> {
+        let t = self.client.send_rtp(self.now, handle, fields, payload, duration_rtp_ts, self.buf)?;
+        send(&mut self.out, &self.buf[..t.len], t.to, self.counters);
+        Ok(())
+    }
+
     /// Driver counters so far.
     pub fn counters(&self) -> &DriverCounters {
         self.counters

@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use engine::client::{CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, Role};
+use engine::client::{CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, MediaFields, Role};
 use engine::rng::Rng;
 use engine::wire::frame::{AddrSource, CallId, ClientId, Frame, HangupReason, RejectReason, UnknownReason};
 use engine::wire::null::NullPacket;
@@ -522,6 +522,20 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
         assert_eq!(hdr.timestamp, f.timestamp.wrapping_add(960 * k as u32));
     }
 
+    // A forwarded packet (video from a local program) keeps its payload type, marker and
+    // timestamp, and takes the call's SSRC and next sequence number.
+    let mut buf = [0u8; 1500];
+    let fields = MediaFields { marker: Some(true), payload_type: 96, timestamp: Some(90_000) };
+    let tx = t.c.send_rtp(t.at(140), h, fields, b"vp8", 0, &mut buf).unwrap();
+    let (hdr, p) = RtpHeader::parse(&buf[..tx.len]).unwrap();
+    let f = first.unwrap();
+    assert_eq!((hdr.payload_type, hdr.marker, hdr.timestamp, hdr.ssrc, hdr.seq), (96, true, 90_000, CALLEE_SSRC, f.seq.wrapping_add(3)));
+    assert_eq!(p, b"vp8");
+    let fields = MediaFields { marker: Some(false), payload_type: 96, timestamp: Some(90_000) };
+    let tx = t.c.send_rtp(t.at(140), h, fields, b"more", 0, &mut buf).unwrap();
+    let (hdr, _) = RtpHeader::parse(&buf[..tx.len]).unwrap();
+    assert_eq!((hdr.marker, hdr.timestamp, hdr.seq), (false, 90_000, f.seq.wrapping_add(4)), "same frame, next packet");
+
     // No more null re-sends; the next datagram is the keepalive, 15 s after the last send.
     let log = t.run_until(15_139);
     assert!(log.dgrams.is_empty(), "re-sends must stop once the caller's packet arrived: {:?}", log.dgram_times());
@@ -534,7 +548,7 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
 
     t.c.hangup(t.at(16_000), h).unwrap();
     let r = reports(&t.drain().events).remove(0);
-    assert_eq!((r.sent, r.received, r.lost, r.nulls_sent), (3, 1, 0, 4), "punch, one re-send, the confirmation, one keepalive");
+    assert_eq!((r.sent, r.received, r.lost, r.nulls_sent), (5, 1, 0, 4), "punch, one re-send, the confirmation, one keepalive");
     assert_eq!(r.first_media, Some(ms(100)));
 }
 

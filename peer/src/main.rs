@@ -6,8 +6,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use engine::client::{CallReport, Client, ClientConfig, EndReason, Event, Received};
-use engine::driver::{self, App, Ctx, Streams};
+use engine::driver::{self, App, Ctx};
 use engine::wire::frame::{ClientId, ErrorCode};
+
+mod device;
+mod media;
+
+use media::{AudioIn, AudioOut, Media, MediaConfig, Waker};
 
 /// nullpunch voice client: registers with a manager, then calls or answers, and streams RTP
 /// media straight to the other peer through the window its null packet opened.
@@ -48,8 +53,52 @@ struct Args {
     /// still go out): tests that an idle path stays open through the firewalls.
     #[arg(long, value_name = "AT,FOR", value_parser = parse_pause, global = true)]
     pause: Option<(f64, f64)>,
+    /// Audio to send: wav:PATH (48 kHz WAV, then silence), tone (440 Hz), chirp (a 30 ms
+    /// chirp every 500 ms), silence, or device[:NAME] (the PulseAudio microphone). Without
+    /// it (and without --rtp-in), calls carry synthetic frames.
+    #[arg(long, value_name = "SPEC", value_parser = media::parse_audio_in, global = true)]
+    audio_in: Option<AudioIn>,
+    /// Where received Opus audio is played: wav:PATH (48 kHz mono WAV) or device[:NAME] (the
+    /// PulseAudio speaker).
+    #[arg(long, value_name = "SPEC", value_parser = media::parse_audio_out, global = true)]
+    audio_out: Option<AudioOut>,
+    /// `device`: the sound device both ways (same as --audio-in device --audio-out device).
+    #[arg(long, value_name = "device", value_parser = ["device"], global = true)]
+    audio: Option<String>,
+    /// Opus frame duration, ms: 10, 20, 40 or 60.
+    #[arg(long, default_value_t = 20, global = true)]
+    frame_ms: u32,
+    /// Smallest jitter buffer delay, ms (the buffer adds what the measured jitter needs).
+    #[arg(long, default_value_t = 5.0, global = true)]
+    jitter_min_ms: f64,
+    /// Forward RTP that a local program (ffmpeg, GStreamer) sends to this UDP address (or
+    /// port on 127.0.0.1) to the peer through the punched path, instead of our own audio.
+    #[arg(long, value_name = "[IP:]PORT", value_parser = parse_local_addr, global = true)]
+    rtp_in: Option<SocketAddr>,
+    /// Hand every RTP packet received from the peer on to this address (a local player).
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    rtp_out: Option<SocketAddr>,
+    /// Write an SDP file describing the stream this peer receives (at --rtp-out if given,
+    /// else at its media socket), for ffmpeg or GStreamer.
+    #[arg(long, value_name = "PATH", global = true)]
+    sdp: Option<std::path::PathBuf>,
+    /// The received stream's rtpmap in the SDP (encoding/clock[/channels]); `video` media
+    /// for video encodings.
+    #[arg(long, default_value = "opus/48000/2", global = true)]
+    rtp_map: String,
+    /// The received stream's payload type in the SDP, and the payload type of our Opus.
+    #[arg(long, default_value_t = 111, value_parser = clap::value_parser!(u8).range(0..=127), global = true)]
+    rtp_pt: u8,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `PORT` (on 127.0.0.1) or `IP:PORT`.
+fn parse_local_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| format!("{s:?}: expected PORT or IP:PORT"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,26 +129,18 @@ enum Cmd {
 struct PeerApp {
     json: bool,
     role_caller: Option<(ClientId, Duration)>,
-    pause: Option<(Duration, Duration)>,
     /// How the manager learned our public address (from REGISTERED).
     local_source: Option<&'static str>,
     calls_left: Option<u32>,
     deadline: Option<Instant>,
-    streams: Streams,
+    media: Media,
     done: bool,
     failed: bool,
     fatal: Option<String>,
 }
 
 impl PeerApp {
-    fn start_stream(&mut self, now: Instant, handle: engine::client::CallHandle, hangup_at: Option<Instant>) {
-        self.streams.start(handle, now, hangup_at);
-        if let Some((at, dur)) = self.pause {
-            self.streams.pause(handle, now + at, now + at + dur);
-        }
-    }
-
-    fn report(&mut self, r: &CallReport) {
+    fn report(&mut self, r: &CallReport, m: Option<media::MediaReport>) {
         let ok = r.succeeded();
         if !ok {
             self.failed = true;
@@ -133,6 +174,8 @@ impl PeerApp {
                 "nulls_received": r.nulls_received,
                 "result": if ok { "ok".to_string() } else { r.reason.describe() },
                 "failed_phase": if ok { None } else { Some(failed_phase(r)) },
+                "media": m.as_ref().map(|m| serde_json::to_value(m).unwrap_or_default()),
+                "forwarding": serde_json::to_value(self.media.forward_counters()).unwrap_or_default(),
             });
             println!("{v}");
         } else {
@@ -150,6 +193,12 @@ impl PeerApp {
                 r.lost,
                 r.jitter_ms
             );
+            if let Some(m) = m.filter(|m| m.played + m.concealed > 0 || m.sent_kind != "synthetic") {
+                println!(
+                    "  media: sent {} ({} opus frames); played {}, concealed {}, lost {}, late {}, buffer {:.1} ms (target {:.1}), expands {}, accelerates {}",
+                    m.sent_kind, m.audio_frames_sent, m.played, m.concealed, m.lost, m.late, m.buffer_delay_ms, m.buffer_target_ms, m.expands, m.accelerates
+                );
+            }
         }
     }
 }
@@ -213,18 +262,18 @@ impl App for PeerApp {
             Event::Started { handle, peer, .. } => {
                 tracing::info!(%peer, "START: streaming media to the callee");
                 let dur = self.role_caller.as_ref().map(|(_, d)| *d).unwrap_or_default();
-                self.start_stream(ctx.now, handle, Some(ctx.now + dur));
+                self.media.start(handle, ctx.now, Some(ctx.now + dur));
             }
             Event::Incoming { caller, caller_addr, .. } => {
                 tracing::info!(%caller, %caller_addr, "incoming call: null packet sent, PUNCHED replied");
             }
             Event::MediaFlowing { handle } => {
                 tracing::info!("first packet from the peer: path is two-way");
-                self.start_stream(ctx.now, handle, None);
+                self.media.start(handle, ctx.now, None);
             }
             Event::Ended(r) => {
-                self.streams.stop(r.handle);
-                self.report(&r);
+                let m = self.media.end(r.handle);
+                self.report(&r, m);
                 if self.role_caller.is_some() {
                     self.done = true;
                 } else if let Some(n) = self.calls_left.as_mut() {
@@ -249,10 +298,12 @@ impl App for PeerApp {
         }
     }
 
-    fn on_media(&mut self, _ctx: &mut Ctx<'_>, _packet: Received<'_>) {}
+    fn on_media(&mut self, ctx: &mut Ctx<'_>, packet: Received<'_>) {
+        self.media.on_media(ctx.now, &packet);
+    }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        self.streams.next_wakeup().into_iter().chain(self.deadline).min()
+        self.media.next_wakeup().into_iter().chain(self.deadline).min()
     }
 
     fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
@@ -263,7 +314,12 @@ impl App for PeerApp {
             self.done = true;
             return;
         }
-        self.streams.run(ctx);
+        self.media.on_wakeup(ctx);
+        if let Some(e) = self.media.fatal.take() {
+            self.fatal = Some(e);
+            ctx.client.hangup_all(now);
+            self.done = true;
+        }
     }
 
     fn done(&self) -> bool {
@@ -319,14 +375,91 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     cfg.start_timeout = Duration::from_secs_f64(args.setup_timeout_secs);
     cfg.first_media_timeout = Duration::from_secs_f64(args.setup_timeout_secs);
     let now = Instant::now();
+    // The sound device, if asked for; it stays on this thread (cpal streams are not Send).
+    let (audio_in, audio_out) = match args.audio.as_deref() {
+        Some(_) => (
+            Some(args.audio_in.clone().unwrap_or(AudioIn::Device(None))),
+            Some(args.audio_out.clone().unwrap_or(AudioOut::Device(None))),
+        ),
+        None => (args.audio_in.clone(), args.audio_out.clone()),
+    };
+    let dev_in = match &audio_in {
+        Some(AudioIn::Device(n)) => Some(n.as_deref()),
+        _ => None,
+    };
+    let dev_out = match &audio_out {
+        Some(AudioOut::Device(n)) => Some(n.as_deref()),
+        _ => None,
+    };
+    let device = if dev_in.is_some() || dev_out.is_some() {
+        match device::open(dev_in, dev_out) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("peer: sound device: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    #[cfg(target_os = "linux")]
+    let ring_wake = match io {
+        driver::Io::Uring => Some(engine::reactor::Wake::new().expect("eventfd")),
+        _ => None,
+    };
+    let tokio_wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let waker = match io {
+        driver::Io::Portable => Waker::Tokio(tokio_wake.clone()),
+        #[cfg(target_os = "linux")]
+        driver::Io::Uring => Waker::Ring(ring_wake.clone().expect("created above")),
+    };
+    let media_cfg = MediaConfig {
+        audio_in,
+        audio_out,
+        frame_ms: args.frame_ms,
+        rtp_in: args.rtp_in,
+        rtp_out: args.rtp_out,
+        payload_type: args.rtp_pt,
+        jitter_min_ms: args.jitter_min_ms,
+        pause: args.pause.map(|(a, f)| (Duration::from_secs_f64(a), Duration::from_secs_f64(f))),
+    };
+    let media = match Media::new(
+        media_cfg,
+        now,
+        Some(waker),
+        device.as_ref().and_then(|d| d.capture.clone()),
+        device.as_ref().and_then(|d| d.playback.clone()),
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("peer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(path) = &args.sdp {
+        let (addr, port) = match args.rtp_out {
+            Some(a) => (a.ip(), a.port()),
+            None => (if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() }, local.port()),
+        };
+        let mut st = voice::sdp::SdpStream::opus(addr, port, args.rtp_pt, args.frame_ms);
+        if args.rtp_map != "opus/48000/2" {
+            st.media = voice::sdp::SdpStream::media_for(&args.rtp_map);
+            st.rtpmap = args.rtp_map.clone();
+            st.fmtp = None;
+            st.ptime = None;
+        }
+        if let Err(e) = std::fs::write(path, st.to_sdp(engine::rng::Rng::from_entropy().next_u64() >> 1)) {
+            eprintln!("peer: --sdp {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
     let mut app = PeerApp {
         json: args.json,
         role_caller: None,
         local_source: None,
-        pause: args.pause.map(|(a, f)| (Duration::from_secs_f64(a), Duration::from_secs_f64(f))),
         calls_left: None,
         deadline: None,
-        streams: Streams::new(now),
+        media,
         done: false,
         failed: false,
         fatal: None,
@@ -359,7 +492,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     };
     let (app, result) = match io {
         driver::Io::Portable => {
-            let r = driver::run(&mut client, &udp, manager, &mut app, shutdown).await.map(|_| ());
+            let r = driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, Some(tokio_wake)).await.map(|_| ());
             (app, r)
         }
         #[cfg(target_os = "linux")]
@@ -375,7 +508,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             };
             let stop = engine::reactor::Stop::new();
             let relay = stop.clone();
-            let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None };
+            let unit = engine::reactor::Unit { client, udp, app, wake: ring_wake, connect_at: None };
             let worker = tokio::task::spawn_blocking(move || {
                 engine::reactor::run(vec![unit], manager, Some(&relay), &engine::reactor::ReactorConfig::default())
             });
@@ -399,7 +532,17 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             }
         }
     };
+    let mut app = app;
+    let finished = app.media.finish();
+    if let Some(d) = &device {
+        tracing::info!(underruns = d.underruns.load(std::sync::atomic::Ordering::Relaxed), "sound device closed");
+    }
+    drop(device);
     if let Err(e) = result {
+        eprintln!("peer: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = finished {
         eprintln!("peer: {e}");
         return ExitCode::from(2);
     }

@@ -1,0 +1,118 @@
+//! The sound device through cpal's PulseAudio host: microphone samples into a queue the
+//! call's sender reads, the call's played samples from a queue into the speaker. 48 kHz
+//! mono 16-bit both ways (PulseAudio converts from whatever the device runs at).
+//!
+//! cpal streams are not `Send`: a [`Device`] stays on the thread that opened it (peer's main
+//! thread), and only the queues travel to the driver.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
+
+use crate::media::Pcm;
+
+/// Open streams and their queues.
+pub struct Device {
+    _input: Option<cpal::Stream>,
+    _output: Option<cpal::Stream>,
+    /// Microphone samples, oldest first.
+    pub capture: Option<Pcm>,
+    /// Samples for the speaker, oldest first.
+    pub playback: Option<Pcm>,
+    /// Output callbacks that found the queue short (silence was played).
+    pub underruns: Arc<AtomicU64>,
+}
+
+fn pick(devices: Vec<cpal::Device>, want: Option<&str>, what: &str, default: Option<cpal::Device>) -> Result<cpal::Device, String> {
+    let label = |d: &cpal::Device| {
+        let id = d.id().map(|i| i.to_string()).unwrap_or_default();
+        let name = d.description().map(|x| x.name().to_string()).unwrap_or_default();
+        (id, name)
+    };
+    match want {
+        None => default.ok_or_else(|| format!("no default {what} device")),
+        Some(w) => {
+            let wl = w.to_ascii_lowercase();
+            let mut names = Vec::new();
+            for d in devices {
+                let (id, name) = label(&d);
+                if id == w || name == w || id.to_ascii_lowercase().contains(&wl) || name.to_ascii_lowercase().contains(&wl) {
+                    return Ok(d);
+                }
+                names.push(format!("{id} ({name})"));
+            }
+            Err(format!("no {what} device matches {w:?}; there are: {}", names.join(", ")))
+        }
+    }
+}
+
+/// Open the PulseAudio microphone and/or speaker. `input`/`output`: `None` = not wanted,
+/// `Some(None)` = the default device, `Some(Some(name))` = the device whose id or name
+/// contains `name`.
+pub fn open(input: Option<Option<&str>>, output: Option<Option<&str>>) -> Result<Device, String> {
+    let host = cpal::host_from_id(cpal::HostId::PulseAudio)
+        .map_err(|e| format!("PulseAudio is not reachable ({e}); --audio device needs a running PulseAudio server"))?;
+    let config = cpal::StreamConfig { channels: 1, sample_rate: voice::SAMPLE_RATE, buffer_size: cpal::BufferSize::Default };
+    let underruns = Arc::new(AtomicU64::new(0));
+    let mut dev = Device { _input: None, _output: None, capture: None, playback: None, underruns: underruns.clone() };
+    if let Some(want) = input {
+        let all = host.input_devices().map_err(|e| e.to_string())?.collect();
+        let d = pick(all, want, "input", host.default_input_device())?;
+        let q: Pcm = Arc::new(Mutex::new(VecDeque::new()));
+        let qc = q.clone();
+        let stream = d
+            .build_input_stream::<i16, _, _>(
+                config,
+                move |data: &[i16], _| {
+                    let mut q = qc.lock().expect("pcm lock");
+                    q.extend(data.iter().copied());
+                    // A second at most, if nobody reads.
+                    while q.len() > voice::SAMPLE_RATE as usize {
+                        q.pop_front();
+                    }
+                },
+                |e| tracing::warn!("microphone: {e}"),
+                Some(Duration::from_secs(5)),
+            )
+            .map_err(|e| format!("microphone: {e}"))?;
+        stream.play().map_err(|e| format!("microphone: {e}"))?;
+        dev._input = Some(stream);
+        dev.capture = Some(q);
+    }
+    if let Some(want) = output {
+        let all = host.output_devices().map_err(|e| e.to_string())?.collect();
+        let d = pick(all, want, "output", host.default_output_device())?;
+        let q: Pcm = Arc::new(Mutex::new(VecDeque::new()));
+        let qc = q.clone();
+        let stream = d
+            .build_output_stream::<i16, _, _>(
+                config,
+                move |data: &mut [i16], _| {
+                    let mut q = qc.lock().expect("pcm lock");
+                    let mut short = false;
+                    for s in data.iter_mut() {
+                        match q.pop_front() {
+                            Some(v) => *s = v,
+                            None => {
+                                *s = 0;
+                                short = true;
+                            }
+                        }
+                    }
+                    if short {
+                        underruns.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+                |e| tracing::warn!("speaker: {e}"),
+                Some(Duration::from_secs(5)),
+            )
+            .map_err(|e| format!("speaker: {e}"))?;
+        stream.play().map_err(|e| format!("speaker: {e}"))?;
+        dev._output = Some(stream);
+        dev.playback = Some(q);
+    }
+    Ok(dev)
+}
