@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
-use crate::media::Pcm;
+use crate::media::{Pcm, Waker};
+
+/// Samples queued before the speaker starts (30 ms).
+const PLAYBACK_CUSHION: usize = 1_440;
 
 /// Open streams and their queues.
 pub struct Device {
@@ -24,6 +27,10 @@ pub struct Device {
     pub playback: Option<Pcm>,
     /// Output callbacks that found the queue short (silence was played).
     pub underruns: Arc<AtomicU64>,
+    /// Samples the microphone delivered.
+    pub captured: Arc<AtomicU64>,
+    /// Microphone samples dropped because nobody read them for a second.
+    pub capture_dropped: Arc<AtomicU64>,
 }
 
 fn pick(devices: Vec<cpal::Device>, want: Option<&str>, what: &str, default: Option<cpal::Device>) -> Result<cpal::Device, String> {
@@ -32,7 +39,11 @@ fn pick(devices: Vec<cpal::Device>, want: Option<&str>, what: &str, default: Opt
         let name = d.description().map(|x| x.name().to_string()).unwrap_or_default();
         (id, name)
     };
-    match want {
+    for d in &devices {
+        let (id, name) = label(d);
+        tracing::debug!(%id, %name, "{what} device available");
+    }
+    let chosen = match want {
         None => default.ok_or_else(|| format!("no default {what} device")),
         Some(w) => {
             let wl = w.to_ascii_lowercase();
@@ -46,18 +57,36 @@ fn pick(devices: Vec<cpal::Device>, want: Option<&str>, what: &str, default: Opt
             }
             Err(format!("no {what} device matches {w:?}; there are: {}", names.join(", ")))
         }
-    }
+    }?;
+    let (id, name) = label(&chosen);
+    tracing::info!(%id, %name, "{what} device");
+    Ok(chosen)
 }
 
 /// Open the PulseAudio microphone and/or speaker. `input`/`output`: `None` = not wanted,
 /// `Some(None)` = the default device, `Some(Some(name))` = the device whose id or name
 /// contains `name`.
-pub fn open(input: Option<Option<&str>>, output: Option<Option<&str>>) -> Result<Device, String> {
+pub fn open(input: Option<Option<&str>>, output: Option<Option<&str>>, waker: Waker) -> Result<Device, String> {
     let host = cpal::host_from_id(cpal::HostId::PulseAudio)
         .map_err(|e| format!("PulseAudio is not reachable ({e}); --audio device needs a running PulseAudio server"))?;
-    let config = cpal::StreamConfig { channels: 1, sample_rate: voice::SAMPLE_RATE, buffer_size: cpal::BufferSize::Default };
+    // 10 ms fragments: PulseAudio's default record fragment can be as large as 2 s, which
+    // would deliver the microphone in bursts.
+    let config = cpal::StreamConfig { channels: 1, sample_rate: voice::SAMPLE_RATE, buffer_size: cpal::BufferSize::Fixed(480) };
+    // The speaker gets 30 ms requests (a 60 ms server buffer): with 10 ms the server ran dry
+    // on a busy machine, paused the stream, and the call's audio piled up behind it.
+    let out_config = cpal::StreamConfig { buffer_size: cpal::BufferSize::Fixed(1_440), ..config };
     let underruns = Arc::new(AtomicU64::new(0));
-    let mut dev = Device { _input: None, _output: None, capture: None, playback: None, underruns: underruns.clone() };
+    let captured = Arc::new(AtomicU64::new(0));
+    let capture_dropped = Arc::new(AtomicU64::new(0));
+    let mut dev = Device {
+        _input: None,
+        _output: None,
+        capture: None,
+        playback: None,
+        underruns: underruns.clone(),
+        captured: captured.clone(),
+        capture_dropped: capture_dropped.clone(),
+    };
     if let Some(want) = input {
         let all = host.input_devices().map_err(|e| e.to_string())?.collect();
         let d = pick(all, want, "input", host.default_input_device())?;
@@ -67,12 +96,16 @@ pub fn open(input: Option<Option<&str>>, output: Option<Option<&str>>) -> Result
             .build_input_stream::<i16, _, _>(
                 config,
                 move |data: &[i16], _| {
+                    captured.fetch_add(data.len() as u64, Ordering::Relaxed);
                     let mut q = qc.lock().expect("pcm lock");
                     q.extend(data.iter().copied());
                     // A second at most, if nobody reads.
                     while q.len() > voice::SAMPLE_RATE as usize {
                         q.pop_front();
+                        capture_dropped.fetch_add(1, Ordering::Relaxed);
                     }
+                    drop(q);
+                    waker.notify();
                 },
                 |e| tracing::warn!("microphone: {e}"),
                 Some(Duration::from_secs(5)),
@@ -87,22 +120,29 @@ pub fn open(input: Option<Option<&str>>, output: Option<Option<&str>>) -> Result
         let d = pick(all, want, "output", host.default_output_device())?;
         let q: Pcm = Arc::new(Mutex::new(VecDeque::new()));
         let qc = q.clone();
+        let mut primed = false;
         let stream = d
             .build_output_stream::<i16, _, _>(
-                config,
+                out_config,
                 move |data: &mut [i16], _| {
+                    // Play only from a cushion of 30 ms, so the call's timer and the device's
+                    // clock can wander against each other without a gap at every beat;
+                    // after an underrun, build the cushion again.
                     let mut q = qc.lock().expect("pcm lock");
-                    let mut short = false;
-                    for s in data.iter_mut() {
-                        match q.pop_front() {
-                            Some(v) => *s = v,
-                            None => {
-                                *s = 0;
-                                short = true;
-                            }
-                        }
+                    if !primed && q.len() >= PLAYBACK_CUSHION {
+                        primed = true;
                     }
-                    if short {
+                    if !primed {
+                        data.fill(0);
+                        return;
+                    }
+                    let n = data.len().min(q.len());
+                    for (d, s) in data.iter_mut().zip(q.drain(..n)) {
+                        *d = s;
+                    }
+                    if n < data.len() {
+                        data[n..].fill(0);
+                        primed = false;
                         underruns.fetch_add(1, Ordering::Relaxed);
                     }
                 },

@@ -391,17 +391,6 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
         Some(AudioOut::Device(n)) => Some(n.as_deref()),
         _ => None,
     };
-    let device = if dev_in.is_some() || dev_out.is_some() {
-        match device::open(dev_in, dev_out) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("peer: sound device: {e}");
-                return ExitCode::from(2);
-            }
-        }
-    } else {
-        None
-    };
     #[cfg(target_os = "linux")]
     let ring_wake = match io {
         driver::Io::Uring => Some(engine::reactor::Wake::new().expect("eventfd")),
@@ -412,6 +401,17 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
         driver::Io::Portable => Waker::Tokio(tokio_wake.clone()),
         #[cfg(target_os = "linux")]
         driver::Io::Uring => Waker::Ring(ring_wake.clone().expect("created above")),
+    };
+    let device = if dev_in.is_some() || dev_out.is_some() {
+        match device::open(dev_in, dev_out, waker.clone()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("peer: sound device: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
     };
     let media_cfg = MediaConfig {
         audio_in,
@@ -535,7 +535,14 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     let mut app = app;
     let finished = app.media.finish();
     if let Some(d) = &device {
-        tracing::info!(underruns = d.underruns.load(std::sync::atomic::Ordering::Relaxed), "sound device closed");
+        use std::sync::atomic::Ordering::Relaxed;
+        tracing::info!(
+            underruns = d.underruns.load(Relaxed),
+            captured = d.captured.load(Relaxed),
+            capture_dropped = d.capture_dropped.load(Relaxed),
+            playback_dropped = app.media.playback_dropped,
+            "sound device closed"
+        );
     }
     drop(device);
     if let Err(e) = result {

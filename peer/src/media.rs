@@ -84,7 +84,7 @@ pub enum Waker {
 }
 
 impl Waker {
-    fn notify(&self) {
+    pub fn notify(&self) {
         match self {
             Waker::Tokio(n) => n.notify_one(),
             #[cfg(target_os = "linux")]
@@ -96,9 +96,9 @@ impl Waker {
 /// Shared sample queue between the sound device's callbacks and the call.
 pub type Pcm = Arc<Mutex<VecDeque<i16>>>;
 
-/// Captured samples from the device, taken a frame at a time. If more than three frames
-/// pile up (the device's clock runs fast against ours), the oldest are dropped so the delay
-/// stays bounded; if fewer than a frame are there, the rest is silence.
+/// Captured samples from the device, taken a frame at a time. If more than 100 ms pile up
+/// (the device's clock runs fast against ours, or it delivered late), the oldest are
+/// dropped so the delay stays bounded; if less than a frame is there, the rest is silence.
 pub struct DeviceCapture {
     pcm: Pcm,
 }
@@ -113,7 +113,7 @@ impl DeviceCapture {
 impl Capture for DeviceCapture {
     fn fill(&mut self, out: &mut [i16]) {
         let mut q = self.pcm.lock().expect("pcm lock");
-        while q.len() > 4 * out.len() {
+        while q.len() > out.len() + 4_800 {
             q.pop_front();
         }
         for s in out.iter_mut() {
@@ -229,6 +229,8 @@ enum Sink {
 struct CallMedia {
     /// The voice sender and when its next frame is due.
     sender: Option<(Sender, Instant)>,
+    /// The sender follows the microphone's clock instead of its own timer.
+    device_clocked: bool,
     /// Forwarding: packets go out as they come.
     forwarding: bool,
     hangup_at: Option<Instant>,
@@ -284,6 +286,8 @@ pub struct Media {
     pcm: Vec<i16>,
     payload: Vec<u8>,
     last_flush: Instant,
+    /// Samples dropped because the speaker fell 200 ms behind.
+    pub playback_dropped: u64,
     /// The first error that should end the program (a sink that cannot be written).
     pub fatal: Option<String>,
 }
@@ -341,6 +345,7 @@ impl Media {
             pcm: Vec::new(),
             payload: vec![0u8; 1500],
             last_flush: now,
+            playback_dropped: 0,
             fatal: None,
         })
     }
@@ -395,7 +400,8 @@ impl Media {
             }
         }
         let receiver = self.new_receiver();
-        self.calls.insert(handle, CallMedia { sender, forwarding, hangup_at, receiver, frames_sent: 0, frames_skipped: 0 });
+        let device_clocked = matches!(self.cfg.audio_in, Some(AudioIn::Device(_)));
+        self.calls.insert(handle, CallMedia { sender, device_clocked, forwarding, hangup_at, receiver, frames_sent: 0, frames_skipped: 0 });
     }
 
     /// The call ended: its media summary.
@@ -489,7 +495,25 @@ impl Media {
                 let _ = ctx.client.hangup(now, h);
                 continue;
             }
-            if let Some((sender, next)) = c.sender.as_mut() {
+            if let (Some((sender, next)), Some(q), true) = (c.sender.as_mut(), &self.capture, c.device_clocked) {
+                // The microphone's clock drives the sender: a frame goes out as soon as it
+                // has been captured (the capture callback wakes the driver).
+                let mut budget = 10;
+                while budget > 0 && q.lock().expect("pcm lock").len() >= sender.frame_samples() {
+                    match sender.next_payload(&mut self.payload) {
+                        Ok(n) => {
+                            let dur = sender.frame_samples() as u32;
+                            if ctx.send_media(h, &self.payload[..n], dur).is_ok() {
+                                c.frames_sent += 1;
+                            }
+                        }
+                        Err(e) => tracing::warn!("opus encode: {e}"),
+                    }
+                    budget -= 1;
+                }
+                // A fallback poll, should a wake-up be missed.
+                *next = now + frame;
+            } else if let Some((sender, next)) = c.sender.as_mut() {
                 // One frame per frame time, each sent when its capture is complete. After a
                 // stall, up to ten late frames go out at once; beyond that they are skipped
                 // (a real-time stream does not replay the past).
@@ -532,6 +556,7 @@ impl Media {
                             // Keep at most 200 ms queued for the speaker.
                             while q.len() > 9_600 {
                                 q.pop_front();
+                                self.playback_dropped += 1;
                             }
                             q.extend(self.pcm.iter().copied());
                         }

@@ -8,6 +8,6 @@ fn main() {
     }
     let x = voice::wav::read(a[0].as_ref()).unwrap_or_else(|e| panic!("{e}"));
     let y = voice::wav::read(a[1].as_ref()).unwrap_or_else(|e| panic!("{e}"));
-    let (s, lag) = voice::signal::envelope_similarity(&x.samples, &y.samples, 2_000);
+    let (s, lag) = voice::signal::envelope_similarity(&x.samples, &y.samples, 8_000);
     println!("similarity {s:.4} at lag {lag} ms");
 }
