@@ -1,5 +1,6 @@
 //! `loadgen`: the nullpunch load generator.
 
+mod audio;
 mod output;
 mod register;
 mod report;
@@ -44,6 +45,11 @@ enum Cmd {
     /// intervals: delivered packets/s, loss, jitter, one-way latency, RSS, descriptors, CPU.
     /// Fails if RSS or descriptors grow after the warm-up.
     Soak(SoakArgs),
+    /// Mouth-to-ear latency of a voice call, both ends in this process on one clock: a
+    /// chirp injected into the caller's captured audio at known times is found by
+    /// cross-correlation in the callee's played-out audio (capture frame + encode + network
+    /// + jitter buffer + decode), with optional seeded loss and jitter.
+    AudioLatency(AudioArgs),
     /// Re-print a recorded run (a directory written with --out) from its files.
     Report {
         /// The run's directory.
@@ -92,6 +98,33 @@ struct Common {
     /// and an .hlog histogram log, and plots (SVG) into this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<std::path::PathBuf>,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct AudioArgs {
+    /// Opus frame duration, ms: 10, 20, 40 or 60.
+    #[arg(long, default_value_t = 20)]
+    frame_ms: u32,
+    /// Packets lost, percent (seeded Bernoulli model applied on receipt).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Extra arrival delay, uniform 0..this many ms per packet (seeded; packets may reorder).
+    #[arg(long, default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Seconds of talk.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// One chirp every this many ms (latencies up to this less 40 ms can be told apart).
+    #[arg(long, default_value_t = 500)]
+    period_ms: u32,
+    /// Seed of the loss and jitter model.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The jitter buffer's minimum delay, ms.
+    #[arg(long, default_value_t = 5.0)]
+    jitter_min_ms: f64,
+    #[command(flatten)]
+    common: Common,
 }
 
 /// The io_uring driver's timer tick.
@@ -249,6 +282,7 @@ fn main() -> ExitCode {
         Some(Cmd::Sessions(s)) => return run_sessions(s),
         Some(Cmd::Register(r)) => return run_register(r),
         Some(Cmd::Soak(a)) => return run_soak(a),
+        Some(Cmd::AudioLatency(a)) => return run_audio(a),
         Some(Cmd::Report { dir, json }) => return print_run(runs::report(&dir), json),
         Some(Cmd::Merge { out, runs: dirs, json }) => return print_run(runs::merge(&dirs, &out), json),
         None => SetupArgs::default(),
@@ -399,6 +433,34 @@ fn run_register(a: RegisterArgs) -> ExitCode {
         out: a.common.out.clone(),
     };
     finish(register::run(cfg), a.common.json)
+}
+
+fn run_audio(a: AudioArgs) -> ExitCode {
+    if !(a.duration > 0.0 && a.duration <= 86_400.0) {
+        eprintln!("loadgen: --duration must be within 0..86400 s");
+        return ExitCode::from(2);
+    }
+    let manager = match resolve(&a.common.manager) {
+        Ok(m) => m,
+        Err(c) => return c,
+    };
+    let cfg = audio::AudioConfig {
+        frame_ms: a.frame_ms,
+        loss_pct: a.loss,
+        jitter_ms: a.jitter_ms,
+        duration: Duration::from_secs_f64(a.duration),
+        period_ms: a.period_ms,
+        seed: a.seed,
+        min_delay_ms: a.jitter_min_ms,
+        bind_ip: a.common.bind_ip,
+        manager,
+        io: match choose_io(&a.common.io) {
+            Ok(io) => io,
+            Err(c) => return c,
+        },
+        out: a.common.out.clone(),
+    };
+    finish(audio::run(cfg), a.common.json)
 }
 
 fn print_run(r: Result<(serde_json::Value, String), String>, json: bool) -> ExitCode {

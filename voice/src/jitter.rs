@@ -117,7 +117,7 @@ pub struct JitterStats {
     pub overflow: u64,
     /// Times the stream restarted (sequence or timestamp jump, or after idle).
     pub restarts: u64,
-    /// Current delay above base arrival, µs.
+    /// Current delay above base arrival, µs (while idle: when the playout stopped).
     pub delay_us: u64,
     /// Target delay, µs.
     pub target_us: u64,
@@ -162,6 +162,8 @@ pub struct JitterBuffer {
     /// did (so they were lost, not just after the end of the stream).
     lost_committed: u64,
     target_us: u64,
+    /// The delay when the playout last stopped (reported while idle).
+    last_delay_us: u64,
     stats: JitterStats,
 }
 
@@ -187,6 +189,7 @@ impl JitterBuffer {
             run: (0, 0),
             lost_committed: 0,
             target_us,
+            last_delay_us: 0,
             stats: JitterStats::default(),
         }
     }
@@ -205,7 +208,7 @@ impl JitterBuffer {
     pub fn stats(&self) -> JitterStats {
         let mut s = self.stats.clone();
         s.target_us = self.target_us;
-        s.delay_us = self.current_delay().max(0) as u64;
+        s.delay_us = if self.next_tick_us.is_some() { self.current_delay().max(0) as u64 } else { self.last_delay_us };
         s.buffered = self.slots.len();
         s.lost = self.lost_committed + self.pending_lost();
         s
@@ -372,6 +375,7 @@ impl JitterBuffer {
                 self.stats.expands -= self.run.1;
                 self.run = (0, 0);
                 self.lost_committed += self.pending_lost();
+                self.last_delay_us = self.current_delay().max(0) as u64;
                 self.next = None;
                 self.next_tick_us = None;
                 self.transits.clear();
