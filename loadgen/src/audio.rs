@@ -81,7 +81,7 @@ fn hist() -> Histogram<u64> {
 }
 
 enum Side {
-    Talker(Talker),
+    Talker(Box<Talker>),
     Listener(Listener),
 }
 
@@ -299,7 +299,7 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
     let client_t = mk_client(caller_id, &udp_t);
     let client_l = mk_client(callee_id.clone(), &udp_l);
     let sender = Sender::new(cfg.frame_ms, Box::new(voice::signal::Bursts::new(burst.clone(), period, 30))).map_err(|e| e.to_string())?;
-    let talker = Side::Talker(Talker {
+    let talker = Side::Talker(Box::new(Talker {
         callee: callee_id,
         placed: false,
         sender: Some(sender),
@@ -311,7 +311,7 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
         shared: shared.clone(),
         done: false,
         received: 0,
-    });
+    }));
     let listener = Side::Listener(Listener {
         rx: None,
         rng: Rng::new(cfg.seed),

@@ -359,9 +359,7 @@ impl Media {
     }
 
     fn new_receiver(&self) -> Option<Receiver> {
-        if self.cfg.audio_out.is_none() {
-            return None;
-        }
+        self.cfg.audio_out.as_ref()?;
         let mut j = JitterConfig::new(self.cfg.frame_ms);
         j.min_delay_us = (self.cfg.jitter_min_ms * 1000.0) as u64;
         Receiver::new(self.cfg.payload_type, j).ok()
@@ -500,15 +498,7 @@ impl Media {
                 // has been captured (the capture callback wakes the driver).
                 let mut budget = 10;
                 while budget > 0 && q.lock().expect("pcm lock").len() >= sender.frame_samples() {
-                    match sender.next_payload(&mut self.payload) {
-                        Ok(n) => {
-                            let dur = sender.frame_samples() as u32;
-                            if ctx.send_media(h, &self.payload[..n], dur).is_ok() {
-                                c.frames_sent += 1;
-                            }
-                        }
-                        Err(e) => tracing::warn!("opus encode: {e}"),
-                    }
+                    c.frames_sent += send_frame(sender, ctx, h, &mut self.payload);
                     budget -= 1;
                 }
                 // A fallback poll, should a wake-up be missed.
@@ -519,15 +509,7 @@ impl Media {
                 // (a real-time stream does not replay the past).
                 let mut budget = 10;
                 while *next <= now && budget > 0 {
-                    match sender.next_payload(&mut self.payload) {
-                        Ok(n) => {
-                            let dur = sender.frame_samples() as u32;
-                            if ctx.send_media(h, &self.payload[..n], dur).is_ok() {
-                                c.frames_sent += 1;
-                            }
-                        }
-                        Err(e) => tracing::warn!("opus encode: {e}"),
-                    }
+                    c.frames_sent += send_frame(sender, ctx, h, &mut self.payload);
                     *next += frame;
                     budget -= 1;
                 }
@@ -622,5 +604,19 @@ impl Media {
             w.finish().map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// Capture, encode and send one frame on call `h`; 1 if it was sent.
+fn send_frame(sender: &mut Sender, ctx: &mut Ctx<'_>, h: CallHandle, payload: &mut [u8]) -> u64 {
+    match sender.next_payload(payload) {
+        Ok(n) => {
+            let dur = sender.frame_samples() as u32;
+            ctx.send_media(h, &payload[..n], dur).is_ok() as u64
+        }
+        Err(e) => {
+            tracing::warn!("opus encode: {e}");
+            0
+        }
     }
 }

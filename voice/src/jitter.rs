@@ -234,9 +234,15 @@ impl JitterBuffer {
     fn restart(&mut self) {
         self.lost_committed += self.pending_lost();
         self.played_slots.clear();
-        self.slots.clear();
         self.highest = None;
         self.ts_origin = None;
+        self.stop_playout();
+    }
+
+    /// Stop playing until the next packet: ticks stop, what is buffered is dropped.
+    fn stop_playout(&mut self) {
+        self.last_delay_us = self.current_delay().max(0) as u64;
+        self.slots.clear();
         self.next = None;
         self.next_tick_us = None;
         self.transits.clear();
@@ -375,13 +381,7 @@ impl JitterBuffer {
                 self.stats.expands -= self.run.1;
                 self.run = (0, 0);
                 self.lost_committed += self.pending_lost();
-                self.last_delay_us = self.current_delay().max(0) as u64;
-                self.next = None;
-                self.next_tick_us = None;
-                self.transits.clear();
-                self.concealed_slots.clear();
-                self.empty_ticks = 0;
-                self.stats.restarts += 1;
+                self.stop_playout();
                 return Playout::Silence;
             }
         } else {

@@ -187,7 +187,7 @@ pub fn free_udp_port(pair: bool) -> u16 {
         if !pair {
             return p;
         }
-        if p % 2 == 0 && p < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", p + 1)).is_ok() {
+        if p.is_multiple_of(2) && p < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", p + 1)).is_ok() {
             return p;
         }
     }
