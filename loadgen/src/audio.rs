@@ -82,7 +82,7 @@ fn hist() -> Histogram<u64> {
 
 enum Side {
     Talker(Box<Talker>),
-    Listener(Listener),
+    Listener(Box<Listener>),
 }
 
 struct Talker {
@@ -312,7 +312,7 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
         done: false,
         received: 0,
     }));
-    let listener = Side::Listener(Listener {
+    let listener = Side::Listener(Box::new(Listener {
         rx: None,
         rng: Rng::new(cfg.seed),
         streams: Streams::new(Instant::now()),
@@ -321,7 +321,7 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
         shared: shared.clone(),
         cfg: cfg.clone(),
         done: false,
-    });
+    }));
     let limit = cfg.duration + Duration::from_secs(20);
     match cfg.io {
         Io::Portable => {
