@@ -132,16 +132,25 @@ fn check_pair(a: Mode, b: Mode) {
     let bob = peer(&lab, Host::B, "bob", 41100, &["listen", "--calls", &calls.to_string(), "--json"]);
     settle();
     let mut ok = 0;
+    let mut failed = Vec::new();
     for i in 0..calls {
-        // A fresh port each time: every call punches a new window.
-        let o = peer(&lab, Host::A, "alice", 40100 + i, &["call", "bob", "--duration", "0.3", "--json"]).finish(Duration::from_secs(20));
+        // A fresh port each time: every call punches a new window. One second of media
+        // leaves room for the callee's null re-sends (50, 150, 350, 750 ms after INCOMING):
+        // with 0.3 s, three punches lost in a row (0.1% of calls) failed a call.
+        let o = peer(&lab, Host::A, "alice", 40100 + i, &["call", "bob", "--duration", "1", "--json"]).finish(Duration::from_secs(20));
         if o.code == 0 {
             ok += 1;
         } else {
             eprintln!("{pair}: call {i} under loss failed: {}", o.stderr);
+            failed.push(o.calls.first().map(|c| c["call_id"].clone()));
         }
     }
     let ob = bob.finish(Duration::from_secs(20));
+    for id in failed.iter().flatten() {
+        // Bob's side of each failed call, to tell a lost punch from a lost answer.
+        let theirs: Vec<_> = ob.calls.iter().filter(|c| &c["call_id"] == id).collect();
+        eprintln!("{pair}: bob's report of call {id}: {theirs:?}");
+    }
     assert_eq!(ob.calls.len(), calls as usize, "{pair}: {}", ob.stderr);
     assert_eq!(ok, calls, "{pair}: {ok} of {calls} calls connected under 10% loss");
     assert!(lab.counters(Host::R2).unwrap().udp_loss > 0, "{pair}: the loss rule dropped nothing");

@@ -165,6 +165,8 @@ pub struct ForwardCounters {
     pub rtp_in_rtcp: u64,
     /// ... dropped because no call had a path yet.
     pub rtp_in_no_call: u64,
+    /// ... dropped because they exceed the largest datagram the engine sends.
+    pub rtp_in_too_large: u64,
     /// ... sent to the peer.
     pub rtp_in_forwarded: u64,
     /// RTP packets handed on to `--rtp-out`.
@@ -438,7 +440,8 @@ impl Media {
     /// A media packet arrived.
     pub fn on_media(&mut self, now: Instant, p: &Received<'_>) {
         if let Some(out) = &self.rtp_out {
-            let mut pkt = [0u8; 65_536];
+            // The engine receives at most MAX_DATAGRAM bytes, so header + payload fit.
+            let mut pkt = [0u8; engine::driver::MAX_DATAGRAM];
             let n = p.header.emit(&mut pkt);
             let len = (n + p.payload.len()).min(pkt.len());
             pkt[n..len].copy_from_slice(&p.payload[..len - n]);
@@ -581,6 +584,7 @@ impl Media {
             let fields = MediaFields { marker: Some(h.marker), payload_type: h.payload_type, timestamp: Some(h.timestamp) };
             match ctx.send_rtp(handle, fields, payload, 0) {
                 Ok(()) => forwarded += 1,
+                Err(engine::client::ClientError::BufferTooSmall { .. }) => self.plain.rtp_in_too_large += 1,
                 Err(_) => no_call += 1,
             }
         }

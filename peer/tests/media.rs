@@ -256,3 +256,44 @@ fn vp8_video_from_ffmpeg_crosses_the_punched_path_and_ffmpeg_decodes_it() {
     assert_eq!(b["lost"], 0, "{b}");
     m.stop();
 }
+
+#[test]
+fn bad_input_on_rtp_in_is_counted_and_good_packets_still_cross() {
+    let port = free_udp_port(false);
+    let m = start_manager();
+    let bob = peer(&m.addr, "bob", &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&m.addr, "alice", &["--rtp-in", &port.to_string(), "call", "bob", "--duration", "3", "--json"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = ("127.0.0.1", port);
+    s.send_to(b"not rtp at all", to).unwrap(); // first byte 'n': not version 2
+    s.send_to(&[0x80, 200, 0, 6, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], to).unwrap(); // RTCP SR
+    let mut big = vec![0u8; 3000];
+    big[0] = 0x80;
+    big[1] = 96;
+    s.send_to(&big, to).unwrap(); // RTP, larger than the engine sends
+    for seq in 0..20u16 {
+        let mut p = vec![0x80, 96];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&(seq as u32 * 3000).to_be_bytes());
+        p.extend_from_slice(&[0xAB; 4]);
+        p.extend_from_slice(b"payload");
+        s.send_to(&p, to).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (ca, out_a, err_a) = alice.finish(Duration::from_secs(20));
+    let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
+    assert_eq!(ca, 0, "alice: {err_a}");
+    assert_eq!(cb, 0, "bob: {err_b}");
+    let (a, b) = (json_line(&out_a), json_line(&out_b));
+    let f = &a["forwarding"];
+    assert_eq!(f["rtp_in"], 23, "{a}");
+    assert_eq!(f["rtp_in_malformed"], 1, "{a}");
+    assert_eq!(f["rtp_in_rtcp"], 1, "{a}");
+    assert_eq!(f["rtp_in_too_large"], 1, "{a}");
+    assert_eq!(f["rtp_in_forwarded"], 20, "{a}");
+    assert_eq!(b["received"], 20, "bob got exactly the good packets: {b}");
+    assert_eq!(b["lost"], 0, "{b}");
+    m.stop();
+}
