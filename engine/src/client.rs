@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::rng::Rng;
 use crate::stats::RtpReceiverStats;
-use crate::wire::frame::{AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason};
+use crate::wire::frame::{AddrSource, AuthToken, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason};
 use crate::wire::null::{NullPacket, NULL_LEN};
 use crate::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN, OPUS_CLOCK_HZ, OPUS_PAYLOAD_TYPE};
 use crate::wire::stun::{self, StunMessage, TransactionId};
@@ -100,6 +100,8 @@ pub struct ClientConfig {
     pub clock_hz: u32,
     /// RTP payload type sent.
     pub payload_type: u8,
+    /// Registration token for a manager that requires one (`manager token`).
+    pub auth: Option<AuthToken>,
 }
 
 impl ClientConfig {
@@ -122,6 +124,7 @@ impl ClientConfig {
             ping_interval: Duration::from_secs(10),
             clock_hz: OPUS_CLOCK_HZ,
             payload_type: OPUS_PAYLOAD_TYPE,
+            auth: None,
         }
     }
 }
@@ -432,8 +435,11 @@ enum RegState {
 struct SmallDatagram {
     to: SocketAddr,
     len: u8,
-    data: [u8; 20],
+    data: [u8; SMALL_DATAGRAM],
 }
+
+/// Room for the largest control datagram (a STUN request; a null packet is 20 bytes).
+const SMALL_DATAGRAM: usize = if stun::REQUEST_LEN > NULL_LEN { stun::REQUEST_LEN } else { NULL_LEN };
 
 /// The client state machine. See the module docs.
 #[derive(Debug)]
@@ -816,7 +822,7 @@ impl Client {
     }
 
     /// The next control datagram (null packet, STUN request), written into `buf` (at least
-    /// 20 bytes).
+    /// 36 bytes, [`stun::REQUEST_LEN`]).
     pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
         let d = self.datagrams.pop_front()?;
         let n = d.len as usize;
@@ -911,7 +917,7 @@ impl Client {
             self.send_register(false);
             return;
         }
-        let mut d = SmallDatagram { to: server, len: 0, data: [0; 20] };
+        let mut d = SmallDatagram { to: server, len: 0, data: [0; SMALL_DATAGRAM] };
         d.len = stun::emit_binding_request(&self.txid, &mut d.data) as u8;
         self.datagrams.push_back(d);
         self.reg = RegState::Discovering { attempts: attempts + 1, next: now + self.cfg.stun_interval };
@@ -924,6 +930,7 @@ impl Client {
             udp_port: self.cfg.local_udp_port,
             max_calls: self.cfg.max_calls,
             binding: with_binding.then_some(self.txid),
+            auth: self.cfg.auth,
         });
     }
 
@@ -1107,7 +1114,7 @@ impl Client {
 
 fn queue_null(q: &mut VecDeque<SmallDatagram>, c: &mut Call, now: Instant, keepalive: bool) {
     let (Some(to), Some(call_id)) = (c.peer_addr, c.call_id) else { return };
-    let mut d = SmallDatagram { to, len: NULL_LEN as u8, data: [0; 20] };
+    let mut d = SmallDatagram { to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
     NullPacket { call_id, token: c.token, keepalive, from_caller: c.role == Role::Caller }.emit(&mut d.data);
     q.push_back(d);
     c.nulls_sent += 1;

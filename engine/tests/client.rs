@@ -289,7 +289,7 @@ fn stun_client() -> T {
 /// The one STUN binding request in `out`, checked for size and destination.
 fn binding_request(to: SocketAddr, d: &[u8]) -> [u8; 12] {
     assert_eq!(to, stun_server());
-    assert_eq!(d.len(), 20, "a binding request is a bare 20-byte header");
+    assert_eq!(d.len(), stun::REQUEST_LEN, "a binding request: header and SOFTWARE");
     match stun::parse(d) {
         Ok(StunMessage::BindingRequest { txid }) => txid,
         other => panic!("not a binding request: {other:?}"),
@@ -321,7 +321,7 @@ fn unanswered_discovery_retries_four_times_then_registers_without_binding() {
     // At 1000 ms: give up, report it, register without a binding.
     assert_eq!(
         log.frames,
-        vec![(1_000, Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None })]
+        vec![(1_000, Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None, auth: None })]
     );
     assert!(matches!(log.events[..], [(1_000, Event::Discovered { mapped: None })]), "{:?}", log.events);
     // Only the ping timer is left.
@@ -351,7 +351,7 @@ fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
     assert!(t.dgram(300, addr("198.51.100.1:3479"), &binding_success(&txid, mapped)).is_none());
     assert!(t.dgram(300, addr("198.51.100.2:3478"), &binding_success(&txid, mapped)).is_none());
     // A request, not a response.
-    let mut req = [0u8; 20];
+    let mut req = [0u8; stun::REQUEST_LEN];
     stun::emit_binding_request(&txid, &mut req);
     assert!(t.dgram(300, stun_server(), &req).is_none());
     assert!(t.drain().is_empty(), "stray STUN must not trigger REGISTER");
@@ -365,7 +365,7 @@ fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
     // The real answer.
     assert!(t.dgram(310, stun_server(), &good).is_none());
     let out = t.drain();
-    assert_eq!(out.frames, vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: Some(txid) }]);
+    assert_eq!(out.frames, vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: Some(txid), auth: None }]);
     assert!(matches!(out.events[..], [Event::Discovered { mapped: Some(m) }] if m == mapped), "{out:?}");
     assert!(out.dgrams.is_empty());
 
@@ -390,7 +390,7 @@ fn without_a_stun_server_register_goes_out_at_once() {
     let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
     t.c.handle_connected(t.at(0));
     let out = t.drain();
-    assert_eq!(out.frames, vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None }]);
+    assert_eq!(out.frames, vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None, auth: None }]);
     assert!(out.dgrams.is_empty(), "no STUN without a server");
     assert!(out.events.is_empty(), "no Discovered event without discovery: {out:?}");
     assert_eq!(t.next_timeout(), Some(10_000), "only the ping timer");

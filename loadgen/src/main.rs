@@ -98,6 +98,11 @@ struct Common {
     /// and an .hlog histogram log, and plots (SVG) into this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<std::path::PathBuf>,
+    /// Serve live Prometheus metrics on http://ADDR/metrics while the run lasts (setup,
+    /// sessions and soak): the generator's calls, setup times and packets, and the embedded
+    /// manager's metrics. The address is printed on stderr.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -320,6 +325,7 @@ fn main() -> ExitCode {
         progress: !args.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         interval: None,
         warmup: Duration::ZERO,
+        metrics: args.common.metrics,
     };
     finish(setup::run(cfg), args.common.json)
 }
@@ -404,6 +410,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         progress: !a.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         interval: None,
         warmup: Duration::ZERO,
+        metrics: a.common.metrics,
     };
     finish(setup::run(cfg), a.common.json)
 }
@@ -521,6 +528,7 @@ fn run_soak(a: SoakArgs) -> ExitCode {
         progress: !a.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         interval: Some(Duration::from_secs_f64(a.interval)),
         warmup: Duration::from_secs_f64(warmup),
+        metrics: a.common.metrics,
     };
     let mut out = setup::run(cfg);
     if let Ok(o) = out.as_mut() {

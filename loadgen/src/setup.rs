@@ -62,6 +62,8 @@ pub struct SetupConfig {
     pub interval: Option<Duration>,
     /// Soak: time from t0 excluded from the growth check.
     pub warmup: Duration,
+    /// Serve live Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What the measurement window saw.
@@ -121,6 +123,9 @@ struct Shared {
     ended_failed: std::sync::atomic::AtomicU64,
     stop_callees: AtomicBool,
     incoming: Mutex<HashMap<CallId, Instant>>,
+    /// Setup times of successful calls (planned start to two-way media), for the metrics
+    /// endpoint.
+    setup_time: manager::stats::LatencyHistogram,
 }
 
 /// What an interval of a soak run collects, swapped out by the sampler at each interval's end.
@@ -268,6 +273,9 @@ impl App for CallerApp {
                     r.outcome = (!ok).then(|| rep.reason.describe());
                     let counter = if ok { &self.shared.ended_ok } else { &self.shared.ended_failed };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    if let (true, Some(f)) = (ok, r.flowing) {
+                        self.shared.setup_time.record(f.saturating_duration_since(r.planned));
+                    }
                     if r.outcome.is_none() && r.flowing.is_none() {
                         r.outcome = Some("no packet from the callee".into());
                     }
@@ -791,6 +799,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             manager::start(manager::ManagerConfig {
                 listen: SocketAddr::new(cfg.bind_ip, 0),
                 shards: cfg.shards,
+                // Every simulated client shares one source IP: no per-source STUN limit.
+                stun_rate: 0.0,
                 ..Default::default()
             })
             .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
@@ -818,7 +828,18 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         ended_failed: Default::default(),
         stop_callees: AtomicBool::new(false),
         incoming: Mutex::new(HashMap::new()),
+        setup_time: Default::default(),
     });
+    let _metrics = match cfg.metrics {
+        Some(addr) => {
+            let (sh, mgr) = (shared.clone(), embedded.as_ref().map(|m| m.stats().clone()));
+            let render = move || render_metrics(&sh, mgr.as_deref());
+            let m = manager::metrics::serve(addr, Arc::new(render)).map_err(|e| format!("--metrics {addr}: {e}"))?;
+            eprintln!("metrics http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        None => None,
+    };
     let inboxes: Vec<Arc<Inbox>> = (0..cfg.callers).map(|_| Arc::new(Inbox::default())).collect();
     let cpu0 = sys::cpu_seconds();
     let wall0 = Instant::now();
@@ -1226,4 +1247,30 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     }
     let growth_ok = cfg.interval.is_none() || grown.is_some_and(|g| g.2);
     Ok(SetupOutcome { json, text, all_ok: failed == 0 && !records.is_empty() && growth_ok })
+}
+
+/// The generator's live metrics, and the embedded manager's after them.
+fn render_metrics(sh: &Shared, manager: Option<&manager::stats::Stats>) -> String {
+    let mut e = manager::metrics::Exposition::default();
+    e.counter("nullpunch_loadgen_calls_placed_total", "Calls placed by the simulated callers.", sh.placed.load(Ordering::Relaxed));
+    e.family("nullpunch_loadgen_calls_total", "counter", "Calls ended, by outcome.");
+    e.sample("nullpunch_loadgen_calls_total", &[("outcome", "ok")], sh.ended_ok.load(Ordering::Relaxed) as f64);
+    e.sample("nullpunch_loadgen_calls_total", &[("outcome", "failed")], sh.ended_failed.load(Ordering::Relaxed) as f64);
+    e.gauge("nullpunch_loadgen_clients_registered", "Simulated clients registered.", sh.registered.load(Ordering::Relaxed) as f64);
+    e.counter("nullpunch_loadgen_media_packets_sent_total", "Media frames sent.", sh.tx_packets.load(Ordering::Relaxed));
+    e.counter("nullpunch_loadgen_media_packets_received_total", "Media packets received.", sh.rx_packets.load(Ordering::Relaxed));
+    let (cum, count, sum_us) = sh.setup_time.read();
+    let buckets: Vec<(f64, u64)> = cum.iter().map(|&(b, c)| (b as f64 / 1e6, c)).collect();
+    e.histogram(
+        "nullpunch_loadgen_setup_seconds",
+        "Setup time of successful calls: planned start to two-way media.",
+        &buckets,
+        count,
+        sum_us as f64 / 1e6,
+    );
+    let mut text = e.finish();
+    if let Some(m) = manager {
+        text.push_str(&manager::metrics::render_manager(m));
+    }
+    text
 }

@@ -146,3 +146,39 @@ fn soak_with_churn_replaces_calls_and_keeps_the_load() {
     let last = iv.last().unwrap()["pps"].as_f64().unwrap();
     assert!((4_000.0..6_000.0).contains(&last), "about 50 sessions x 100 packets/s: {v}");
 }
+
+#[test]
+fn metrics_are_served_live_while_a_run_lasts() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["setup", "--rate", "50", "--calls", "150", "--talk", "0.5", "--metrics", "127.0.0.1:0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let url = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "loadgen ended without printing the metrics address");
+        if let Some(u) = line.trim().strip_prefix("metrics ") {
+            break u.to_string();
+        }
+    };
+    // Half-way through the 3 s run.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = Command::new("curl").args(["-sf", "--max-time", "10", &url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = child.wait().unwrap();
+    assert!(out.status.success(), "curl failed");
+    assert!(status.success());
+    manager::metrics::check_exposition(&text).unwrap_or_else(|e| panic!("invalid exposition: {e:?}\n{text}"));
+    let value = |name: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok())).unwrap_or_else(|| panic!("{name} missing\n{text}"))
+    };
+    let placed = value("nullpunch_loadgen_calls_placed_total ");
+    assert!(placed > 10.0 && placed < 150.0, "a live figure mid-run: {placed}");
+    assert!(value("nullpunch_loadgen_setup_seconds_count ") >= 1.0);
+    // The embedded manager's metrics come with it.
+    assert!(value("nullpunch_manager_registrations_total ") >= 100.0, "every client registered");
+}

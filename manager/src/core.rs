@@ -40,6 +40,9 @@ pub struct ShardConfig {
     pub idle_timeout: Duration,
     /// A call whose callee has not replied PUNCHED within this time is rejected.
     pub ring_timeout: Duration,
+    /// With a secret, REGISTER needs a valid token for its id ([`crate::auth`]); without,
+    /// any id may register.
+    pub secret: Option<Arc<crate::auth::Secret>>,
 }
 
 impl Default for ShardConfig {
@@ -50,6 +53,7 @@ impl Default for ShardConfig {
             // Shorter than the client's START timeout (5 s), so a caller whose callee never
             // answers learns why (REJECT timeout) rather than only timing out.
             ring_timeout: Duration::from_secs(4),
+            secret: None,
         }
     }
 }
@@ -231,6 +235,8 @@ struct CallRec {
     callee_source: AddrSource,
     token: u64,
     state: CallState,
+    /// When the owner shard took the CALL.
+    requested: Instant,
 }
 
 /// Which shard is the home of `id` among `n` shards (FNV-1a 64).
@@ -373,10 +379,23 @@ impl Shard {
         match frame {
             Frame::Ping { nonce } => self.send(conn, Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
-            Frame::Register { id, udp_port, max_calls, binding } => {
+            Frame::Register { id, udp_port, max_calls, binding, auth } => {
                 if c.state != ConnState::Open {
                     self.unexpected(conn, "REGISTER on an already registered connection");
                     return;
+                }
+                if let Some(secret) = &self.cfg.secret {
+                    if let Err(e) = secret.verify(&id, auth.as_ref(), crate::auth::unix_now()) {
+                        let counter = match e {
+                            crate::auth::AuthError::Missing => &self.stats.auth_missing,
+                            crate::auth::AuthError::Invalid => &self.stats.auth_invalid,
+                            crate::auth::AuthError::Expired => &self.stats.auth_expired,
+                        };
+                        self.stats.inc(counter);
+                        tracing::debug!(%id, reason = e.message(), "registration refused");
+                        self.kick(conn, ErrorCode::Unauthorized, e.message().to_string());
+                        return;
+                    }
                 }
                 let stun = binding.and_then(|tx| self.bindings.take(&tx, now));
                 let (public, source) = match stun {
@@ -668,6 +687,7 @@ impl Shard {
                 callee_source,
                 token,
                 state: CallState::Ringing { deadline: now + self.cfg.ring_timeout },
+                requested: now,
             },
         );
         self.deliver(caller_conn, None, Track::Add(call_id));
@@ -697,6 +717,9 @@ impl Shard {
         let f = Frame::Start { call_ref: rec.call_ref, call_id, token: rec.token, callee_addr };
         let caller_conn = rec.caller_conn;
         self.stats.inc(&self.stats.calls_started);
+        if let Some(now) = self.now {
+            self.stats.setup_time.record(now.saturating_duration_since(rec.requested));
+        }
         self.deliver(caller_conn, Some(f), Track::None);
     }
 

@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use manager::auth::Secret;
 use manager::core::ShardConfig;
 use manager::{start, ManagerConfig};
 
@@ -34,6 +35,33 @@ struct Args {
     /// Print the counters as JSON on stderr every SECS seconds (0: only at exit).
     #[arg(long, default_value_t = 0)]
     stats_every: u64,
+    /// Serve Prometheus metrics on http://ADDR/metrics (port 0: any free port; the address
+    /// is printed on stdout as `metrics http://ADDR/metrics` after the `listening` line).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// STUN answers per second per source IP (bursts of twice that); 0: no limit. Keep it
+    /// high when many clients share one address (a load generator, a large NAT).
+    #[arg(long, default_value_t = 1000.0)]
+    stun_rate: f64,
+    /// Require a token in every REGISTER, minted with the secret in this file (at least 16
+    /// bytes; one trailing newline is ignored). Without it, any client may register any id.
+    #[arg(long, value_name = "PATH", global = true)]
+    secret_file: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print a registration token for ID (needs --secret-file), for `peer --token`.
+    Token {
+        /// The client id the token is for.
+        #[arg(long)]
+        id: String,
+        /// Seconds it stays valid.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
 }
 
 fn main() {
@@ -42,14 +70,44 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let secret = match &args.secret_file {
+        Some(p) => match Secret::from_file(p) {
+            Ok(s) => Some(std::sync::Arc::new(s)),
+            Err(e) => {
+                eprintln!("manager: --secret-file {e}");
+                std::process::exit(2);
+            }
+        },
+        None => None,
+    };
+    if let Some(Cmd::Token { id, ttl }) = &args.cmd {
+        let Some(secret) = &secret else {
+            eprintln!("manager token: --secret-file is required");
+            std::process::exit(2);
+        };
+        let Ok(id) = engine::wire::frame::ClientId::new(id.clone()) else {
+            eprintln!("manager token: invalid id {id:?} (1-64 bytes, no spaces or control characters)");
+            std::process::exit(2);
+        };
+        println!("{}", secret.mint(&id, manager::auth::unix_now().saturating_add(*ttl)));
+        return;
+    }
+    if secret.is_none() {
+        eprintln!(
+            "manager: WARNING: running OPEN: no --secret-file, so any client may register as any id \
+             (and so receive its calls). Use --secret-file on any network you do not fully trust."
+        );
+    }
     let cfg = ManagerConfig {
         listen: args.listen,
         shards: args.shards,
         shard: ShardConfig {
             ring_timeout: Duration::from_secs(args.ring_timeout),
             idle_timeout: Duration::from_secs(args.idle_timeout),
+            secret,
             ..ShardConfig::default()
         },
+        stun_rate: args.stun_rate.max(0.0),
         ..ManagerConfig::default()
     };
     let handle = match start(cfg) {
@@ -68,6 +126,22 @@ fn main() {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         println!("listening {}", handle.local_addr());
+        let _metrics = match args.metrics {
+            Some(addr) => {
+                let st = stats.clone();
+                match manager::metrics::serve(addr, std::sync::Arc::new(move || manager::metrics::render_manager(&st))) {
+                    Ok(m) => {
+                        println!("metrics http://{}/metrics", m.local_addr());
+                        Some(m)
+                    }
+                    Err(e) => {
+                        eprintln!("manager: cannot serve metrics on {addr}: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
+            None => None,
+        };
         tracing::info!(addr = %handle.local_addr(), shards = handle.shards(), "manager listening on tcp and udp");
         let mut every = tokio::time::interval(Duration::from_secs(args.stats_every.max(1)));
         every.tick().await;

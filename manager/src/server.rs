@@ -39,6 +39,8 @@ pub struct ManagerConfig {
     pub shard: ShardConfig,
     /// Frames queued for one connection before it is dropped as too slow.
     pub conn_queue: usize,
+    /// STUN answers per second per source IP (0: no limit), with bursts of twice that.
+    pub stun_rate: f64,
 }
 
 impl Default for ManagerConfig {
@@ -48,6 +50,7 @@ impl Default for ManagerConfig {
             shards: 0,
             shard: ShardConfig::default(),
             conn_queue: 4096,
+            stun_rate: 1000.0,
         }
     }
 }
@@ -156,9 +159,10 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         None => StdUdpSocket::bind(addr)?,
     };
     udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let rate = cfg.stun_rate;
     let t = std::thread::Builder::new()
         .name("stun".into())
-        .spawn(move || stun_thread(udp, bindings, stats, stop_udp))?;
+        .spawn(move || stun_thread(udp, bindings, stats, stop_udp, rate))?;
     handle.threads.push(t);
     Ok(handle)
 }
@@ -402,7 +406,8 @@ async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Re
     io.flush();
 }
 
-fn stun_thread(sock: StdUdpSocket, bindings: Arc<Bindings>, stats: Arc<Stats>, stop: Arc<AtomicBool>) {
+fn stun_thread(sock: StdUdpSocket, bindings: Arc<Bindings>, stats: Arc<Stats>, stop: Arc<AtomicBool>, rate: f64) {
+    let mut limiter = crate::stun_limit::StunLimiter::new(rate, 2.0 * rate);
     let mut buf = [0u8; 2048];
     let mut out = [0u8; stun::MAX_RESPONSE_LEN];
     while !stop.load(Ordering::Relaxed) {
@@ -414,12 +419,23 @@ fn stun_thread(sock: StdUdpSocket, bindings: Arc<Bindings>, stats: Arc<Stats>, s
         match classify(data) {
             DatagramKind::Stun => match stun::parse(data) {
                 Ok(StunMessage::BindingRequest { txid }) => {
-                    if !bindings.insert(txid, from, Instant::now()) {
+                    let now = Instant::now();
+                    let len = stun::emit_binding_success(&txid, from, &mut out);
+                    // No amplifier: an answer is at most twice its request (32 bytes for
+                    // IPv4, 44 for IPv6; nullpunch's own requests are 36).
+                    if len > 2 * n {
+                        stats.inc(&stats.stun_too_small);
+                        continue;
+                    }
+                    if !limiter.allow(from.ip(), now) {
+                        stats.inc(&stats.stun_rate_limited);
+                        continue;
+                    }
+                    if !bindings.insert(txid, from, now) {
                         stats.inc(&stats.stun_table_full);
                     }
                     // Counted before the answer leaves, so whoever holds the answer sees the count.
                     stats.inc(&stats.stun_requests);
-                    let len = stun::emit_binding_success(&txid, from, &mut out);
                     let _ = sock.send_to(&out[..len], from);
                 }
                 _ => stats.inc(&stats.udp_malformed),

@@ -3,18 +3,65 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! stats {
-    ($($(#[$m:meta])* $f:ident,)+) => {
+    ($($(#[doc = $d:literal])* $f:ident,)+) => {
         /// Manager counters. All are monotonic except where noted.
         #[derive(Debug, Default)]
-        pub struct Stats { $($(#[$m])* pub $f: AtomicU64,)+ }
+        pub struct Stats {
+            $($(#[doc = $d])* pub $f: AtomicU64,)+
+            /// CALL to START at the call's owner shard (the manager's share of call setup).
+            pub setup_time: LatencyHistogram,
+        }
 
         impl Stats {
             /// All counters as (name, value), in declaration order.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($f), self.$f.load(Ordering::Relaxed)),)+]
             }
+
+            /// All counters as (name, help text, value).
+            pub fn described(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($f), concat!($($d),*), self.$f.load(Ordering::Relaxed)),)+]
+            }
         }
     };
+}
+
+/// Upper bounds of the setup-time buckets, microseconds.
+pub const SETUP_BUCKETS_US: [u64; 12] = [250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 4_000_000];
+
+/// A fixed-bucket latency histogram of relaxed atomics (Prometheus style: each bucket
+/// counts observations at or below its bound; the last counts everything).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; SETUP_BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Record one observation.
+    pub fn record(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        if let Some(i) = SETUP_BUCKETS_US.iter().position(|&b| us <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// (cumulative count per bucket bound in µs, total count, sum in µs).
+    pub fn read(&self) -> (Vec<(u64, u64)>, u64, u64) {
+        let mut acc = 0;
+        let cum = SETUP_BUCKETS_US
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&b, c)| {
+                acc += c.load(Ordering::Relaxed);
+                (b, acc)
+            })
+            .collect();
+        (cum, self.count.load(Ordering::Relaxed), self.sum_us.load(Ordering::Relaxed))
+    }
 }
 
 stats! {
@@ -30,6 +77,12 @@ stats! {
     registrations,
     /// Registrations that replaced an older connection with the same id.
     registrations_replaced,
+    /// REGISTERs refused: no token while the manager requires one (connection closed).
+    auth_missing,
+    /// REGISTERs refused: token not valid for the id (another id, another secret, altered).
+    auth_invalid,
+    /// REGISTERs refused: token expired.
+    auth_expired,
     /// Frames received.
     frames_in,
     /// Frames sent.
@@ -62,6 +115,10 @@ stats! {
     stun_requests,
     /// STUN bindings not remembered because the table was full.
     stun_table_full,
+    /// STUN binding requests not answered: their source IP was over its rate.
+    stun_rate_limited,
+    /// STUN binding requests not answered: the answer would be more than twice their size.
+    stun_too_small,
     /// Datagrams on the UDP port that failed to parse as STUN.
     udp_malformed,
     /// Datagrams on the UDP port that were not STUN at all (null, RTP, RTCP, unknown).

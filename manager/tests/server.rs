@@ -221,7 +221,7 @@ impl Client {
         max_calls: u16,
         binding: Option<[u8; 12]>,
     ) -> (SocketAddr, AddrSource) {
-        self.send(&Frame::Register { id: who.clone(), udp_port, max_calls, binding });
+        self.send(&Frame::Register { id: who.clone(), udp_port, max_calls, binding, auth: None });
         match self.recv() {
             Frame::Registered { public, source } => (public, source),
             other => panic!("{}: expected REGISTERED, got {other:?}", self.name),
@@ -252,9 +252,9 @@ impl Client {
 fn stun_bind(m: &ManagerHandle, txid: [u8; 12]) -> UdpSocket {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    let mut req = [0u8; stun::HEADER_LEN];
+    let mut req = [0u8; stun::REQUEST_LEN];
     let n = stun::emit_binding_request(&txid, &mut req);
-    assert_eq!(n, 20);
+    assert_eq!(n, stun::REQUEST_LEN);
     let mut buf = [0u8; 512];
     // UDP: a few attempts, each waiting one second.
     for _ in 0..5 {
@@ -318,7 +318,7 @@ fn register_twice_on_one_connection_is_unexpected_but_not_fatal() {
     let m = manager();
     let mut a = Client::connect(&m, "alice");
     a.register(&id("alice"), 1000);
-    a.send(&Frame::Register { id: id("alice2"), udp_port: 1001, max_calls: 1, binding: None });
+    a.send(&Frame::Register { id: id("alice2"), udp_port: 1001, max_calls: 1, binding: None, auth: None });
     a.expect_error(ErrorCode::Unexpected);
     a.ping(1);
     // A manager-to-client frame from a client is unexpected too.
@@ -935,4 +935,130 @@ fn a_client_that_stops_reading_is_dropped_and_cleaned_up() {
     let mut d = Client::connect(&m, "again");
     d.register(&flood, 8);
     assert_eq!(get(&m.stats().registrations_replaced), 0);
+}
+
+// ------------------------------------------------------------------------ authentication
+
+/// A manager that requires tokens, and its secret.
+fn secured() -> (ManagerHandle, std::sync::Arc<manager::auth::Secret>) {
+    let secret = std::sync::Arc::new(manager::auth::Secret::new(b"test-secret-0123456789".to_vec()).unwrap());
+    let m = manager_with(ShardConfig { secret: Some(secret.clone()), ..ShardConfig::default() });
+    (m, secret)
+}
+
+fn register_frame(who: &str, auth: Option<engine::wire::frame::AuthToken>) -> Frame {
+    Frame::Register { id: id(who), udp_port: 5000, max_calls: 1, binding: None, auth }
+}
+
+#[test]
+fn with_a_secret_only_a_valid_token_for_the_id_registers() {
+    let (m, secret) = secured();
+    let later = manager::auth::unix_now() + 600;
+
+    // No token: refused and closed.
+    let mut a = Client::connect(&m, "no token");
+    a.send(&register_frame("alice", None));
+    a.expect_error(ErrorCode::Unauthorized);
+    a.expect_closed();
+    // Bob's token does not make anyone alice.
+    let mut b = Client::connect(&m, "bob's token");
+    b.send(&register_frame("alice", Some(secret.mint(&id("bob"), later))));
+    b.expect_error(ErrorCode::Unauthorized);
+    b.expect_closed();
+    // Expired.
+    let mut c = Client::connect(&m, "expired");
+    c.send(&register_frame("alice", Some(secret.mint(&id("alice"), manager::auth::unix_now() - 1))));
+    c.expect_error(ErrorCode::Unauthorized);
+    c.expect_closed();
+    // Minted with another secret, or with the expiry stretched after minting.
+    let other = manager::auth::Secret::new(b"some-other-secret-000".to_vec()).unwrap();
+    let mut d = Client::connect(&m, "other secret");
+    d.send(&register_frame("alice", Some(other.mint(&id("alice"), later))));
+    d.expect_error(ErrorCode::Unauthorized);
+    d.expect_closed();
+    let mut t = secret.mint(&id("alice"), later);
+    t.expires_unix += 1_000_000;
+    let mut e = Client::connect(&m, "stretched");
+    e.send(&register_frame("alice", Some(t)));
+    e.expect_error(ErrorCode::Unauthorized);
+    e.expect_closed();
+    let s = m.stats();
+    assert_eq!((get(&s.auth_missing), get(&s.auth_invalid), get(&s.auth_expired)), (1, 3, 1));
+    assert_eq!(get(&s.registrations), 0, "nobody registered");
+
+    // The right token registers, and alice can then be called by a registered bob.
+    let mut alice = Client::connect(&m, "alice");
+    alice.send(&register_frame("alice", Some(secret.mint(&id("alice"), later))));
+    assert!(matches!(alice.recv(), Frame::Registered { .. }));
+    let mut bob = Client::connect(&m, "bob");
+    bob.send(&register_frame("bob", Some(secret.mint(&id("bob"), later))));
+    assert!(matches!(bob.recv(), Frame::Registered { .. }));
+    bob.call(1, &id("alice"));
+    assert!(matches!(alice.recv(), Frame::Incoming { .. }), "alice receives her call");
+    assert_eq!(get(&m.stats().registrations), 2);
+}
+
+#[test]
+fn without_a_secret_any_id_registers() {
+    let m = manager();
+    let mut a = Client::connect(&m, "open");
+    a.send(&register_frame("alice", None));
+    assert!(matches!(a.recv(), Frame::Registered { .. }));
+    assert_eq!(get(&m.stats().auth_missing), 0);
+}
+
+// ------------------------------------------------------------------------- STUN abuse
+
+/// Send `req` from `sock` to the manager `count` times, waiting up to 300 ms after the last
+/// for answers; returns how many answers came.
+fn stun_burst(sock: &UdpSocket, to: SocketAddr, req: &[u8], count: usize) -> usize {
+    for _ in 0..count {
+        sock.send_to(req, to).unwrap();
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 128];
+    let mut answers = 0;
+    while sock.recv_from(&mut buf).is_ok() {
+        answers += 1;
+    }
+    answers
+}
+
+#[test]
+fn the_stun_responder_answers_at_most_twice_the_request_size() {
+    // An IPv6 answer is 44 bytes: a bare 20-byte request would be amplified 2.2 times, so
+    // it gets no answer; nullpunch's own 36-byte request does.
+    let m = manager::start(ManagerConfig { listen: "[::1]:0".parse().unwrap(), shards: 1, ..Default::default() })
+        .expect("manager on ::1");
+    let sock = UdpSocket::bind("[::1]:0").unwrap();
+    let txid = [3u8; 12];
+    let mut req = [0u8; stun::REQUEST_LEN];
+    let n = stun::emit_binding_request(&txid, &mut req);
+    let mut bare = req[..stun::HEADER_LEN].to_vec();
+    bare[2..4].copy_from_slice(&0u16.to_be_bytes()); // no attributes
+    assert_eq!(stun_burst(&sock, m.local_addr(), &bare, 1), 0, "a 20-byte request gets no 44-byte answer");
+    assert_eq!(get(&m.stats().stun_too_small), 1);
+    assert_eq!(stun_burst(&sock, m.local_addr(), &req[..n], 1), 1, "a 36-byte request is answered");
+    assert_eq!(get(&m.stats().stun_requests), 1);
+    // Over IPv4 even a bare request is answered (32 bytes for 20).
+    let m4 = manager();
+    let s4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(stun_burst(&s4, m4.local_addr(), &bare, 1), 1);
+}
+
+#[test]
+fn the_stun_responder_limits_answers_per_source_address() {
+    let m = manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 1, stun_rate: 5.0, ..Default::default() })
+        .expect("manager");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut req = [0u8; stun::REQUEST_LEN];
+    let n = stun::emit_binding_request(&[4u8; 12], &mut req);
+    // A burst of 10 (twice the rate) and then 5 per second: 40 requests at once get about 10.
+    let answered = stun_burst(&sock, m.local_addr(), &req[..n], 40);
+    assert!((10..=12).contains(&answered), "{answered} answers");
+    let limited = get(&m.stats().stun_rate_limited) as usize;
+    assert_eq!(answered + limited, 40, "every request answered or counted");
+    // The same source address, another port: the same bucket (it is the IP that counts).
+    let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert!(stun_burst(&other, m.local_addr(), &req[..n], 5) <= 2);
 }

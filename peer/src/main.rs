@@ -31,6 +31,9 @@ struct Args {
     /// Local UDP address for media.
     #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:0")]
     bind: SocketAddr,
+    /// Registration token for a manager that requires one (`manager token --id ID`).
+    #[arg(long, value_name = "TOKEN", value_parser = engine::wire::frame::AuthToken::parse)]
+    token: Option<engine::wire::frame::AuthToken>,
     /// Print one JSON object per finished call on stdout (instead of a human line).
     #[arg(long, global = true)]
     json: bool,
@@ -285,7 +288,12 @@ impl App for PeerApp {
             }
             Event::ManagerError { code, message } => {
                 eprintln!("peer: manager error {code}: {message}");
-                if matches!(code, ErrorCode::Replaced | ErrorCode::Shutdown) && ctx.client.active_calls() == 0 {
+                if code == ErrorCode::Unauthorized {
+                    // Retrying with the same token cannot succeed.
+                    self.fatal = Some(format!("the manager refused our registration: {message}"));
+                    ctx.client.hangup_all(ctx.now);
+                    self.done = true;
+                } else if matches!(code, ErrorCode::Replaced | ErrorCode::Shutdown) && ctx.client.active_calls() == 0 {
                     self.fatal = Some(format!("manager closed the connection: {message}"));
                     self.done = true;
                 }
@@ -370,6 +378,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     let local = udp.local_addr().expect("bound socket has an address");
     let mut cfg = ClientConfig::new(id, local.port());
     cfg.stun_server = Some(manager);
+    cfg.auth = args.token;
     cfg.keepalive_interval = Duration::from_secs_f64(args.keepalive_secs);
     cfg.media_timeout = Duration::from_secs_f64(args.media_timeout_secs);
     cfg.start_timeout = Duration::from_secs_f64(args.setup_timeout_secs);

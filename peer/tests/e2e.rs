@@ -99,3 +99,67 @@ fn a_second_peer_with_the_same_id_replaces_the_first() {
     let stats = m.stop();
     assert_eq!(stats["registrations_replaced"], 1, "{stats}");
 }
+
+#[test]
+fn a_manager_with_a_secret_admits_only_peers_with_a_token_for_their_id() {
+    let dir = Scratch::new("auth");
+    let secret = dir.path("manager.secret");
+    std::fs::write(&secret, "a-test-secret-of-more-than-16-bytes\n").unwrap();
+    let token = |who: &str| {
+        let out = run(bin("manager").to_str().unwrap(), &["--secret-file", &secret, "token", "--id", who, "--ttl", "600"]);
+        out.trim().to_string()
+    };
+    let (bob_token, alice_token) = (token("bob"), token("alice"));
+    assert!(bob_token.split_once('.').is_some_and(|(e, m)| e.parse::<u64>().is_ok() && m.len() == 64), "{bob_token}");
+    let m = start_manager_with(&["--secret-file", &secret]);
+
+    // Without a token, and with bob's token as mallory: refused, exit 2, a clear message.
+    for (who, args) in [("mallory", vec![]), ("mallory", vec!["--token", bob_token.as_str()])] {
+        let mut a = vec!["call", "bob", "--duration", "1"];
+        a.splice(0..0, args.iter().copied());
+        let (code, _, err) = peer(&m.addr, who, &a).finish(Duration::from_secs(15));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("refused our registration"), "{err}");
+    }
+
+    // With their own tokens, bob and alice talk.
+    let bob = peer(&m.addr, "bob", &["--token", &bob_token, "listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&m.addr, "alice", &["--token", &alice_token, "call", "bob", "--duration", "1", "--json"]);
+    let (ca, out_a, err_a) = alice.finish(Duration::from_secs(20));
+    let (cb, _, err_b) = bob.finish(Duration::from_secs(10));
+    assert_eq!(ca, 0, "alice: {err_a}");
+    assert_eq!(cb, 0, "bob: {err_b}");
+    assert_eq!(json_line(&out_a)["result"], "ok");
+    let stats = m.stop();
+    assert_eq!(stats["auth_missing"], 1, "{stats}");
+    assert_eq!(stats["auth_invalid"], 1, "{stats}");
+    assert_eq!(stats["registrations"], 2, "{stats}");
+}
+
+#[test]
+fn the_managers_metrics_endpoint_serves_valid_prometheus_text() {
+    let m = start_manager_with(&["--metrics", "127.0.0.1:0"]);
+    let line = m.rest.recv_timeout(Duration::from_secs(10)).expect("the metrics address line");
+    let url = line.strip_prefix("metrics ").unwrap_or_else(|| panic!("expected `metrics URL`, got {line:?}")).to_string();
+    let bob = peer(&m.addr, "bob", &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&m.addr, "alice", &["call", "bob", "--duration", "1", "--json"]);
+    assert_eq!(alice.finish(Duration::from_secs(20)).0, 0);
+    assert_eq!(bob.finish(Duration::from_secs(10)).0, 0);
+    // curl, as an operator would; -f fails on an HTTP error status.
+    let text = run("curl", &["-sf", "--max-time", "10", &url]);
+    manager::metrics::check_exposition(&text).unwrap_or_else(|e| panic!("invalid exposition: {e:?}\n{text}"));
+    for want in [
+        "nullpunch_manager_registrations_total 2\n",
+        "nullpunch_manager_calls_by_outcome_total{outcome=\"started\"} 1\n",
+        "nullpunch_manager_setup_seconds_count 1\n",
+        "nullpunch_manager_udp_media_total 0\n",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    // Anything but GET /metrics is a 404.
+    let out = std::process::Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url.replace("/metrics", "/")]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    m.stop();
+}

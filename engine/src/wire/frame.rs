@@ -111,6 +111,50 @@ impl fmt::Display for ClientId {
     }
 }
 
+/// A registration token: an expiry (Unix seconds) and an HMAC-SHA256 over the client id and
+/// that expiry with the manager's secret. The manager mints and checks it; a client only
+/// carries it. Its text form is `EXPIRY.MAC` (decimal, then 64 lowercase hex digits).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AuthToken {
+    /// Not valid after this time, seconds since the Unix epoch.
+    pub expires_unix: u64,
+    /// HMAC-SHA256(secret, "nullpunch-register-v1" 0x00 len(id) id expiry-u64-BE).
+    pub mac: [u8; 32],
+}
+
+impl AuthToken {
+    /// Parse the text form `EXPIRY.MAC`.
+    pub fn parse(s: &str) -> Result<AuthToken, String> {
+        let (e, m) = s.trim().split_once('.').ok_or("a token is EXPIRY.MAC (from `manager token`)")?;
+        let expires_unix: u64 = e.parse().map_err(|_| format!("token expiry {e:?} is not a number"))?;
+        if m.len() != 64 || !m.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("token MAC must be 64 hex digits".into());
+        }
+        let mut mac = [0u8; 32];
+        for (i, b) in mac.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&m[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        Ok(AuthToken { expires_unix, mac })
+    }
+}
+
+impl fmt::Display for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.", self.expires_unix)?;
+        for b in self.mac {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never log the MAC: it is a bearer credential until it expires.
+        write!(f, "AuthToken {{ expires_unix: {}, mac: .. }}", self.expires_unix)
+    }
+}
+
 /// An address as carried in frames (IPv4 or IPv6 plus UDP port).
 pub type Addr = SocketAddr;
 
@@ -225,6 +269,9 @@ code_enum! {
         Shutdown = 9,
         /// No REGISTER in time, or the connection was idle too long; it is closed.
         Timeout = 10,
+        /// REGISTER without a valid token while the manager requires one (missing, made
+        /// for another id, expired, or not signed with the manager's secret).
+        Unauthorized = 11,
     }
 }
 
@@ -242,6 +289,8 @@ pub enum Frame {
         max_calls: u16,
         /// STUN transaction id of the client's binding request.
         binding: Option<[u8; 12]>,
+        /// Proof that the client may use `id` (required by a manager with a secret).
+        auth: Option<AuthToken>,
     },
     /// Manager -> client: registration accepted; the public UDP address the manager observed.
     Registered {
@@ -382,7 +431,7 @@ impl Frame {
         let start = out.len();
         out.extend_from_slice(&[0, 0, VERSION, self.type_byte()]);
         match self {
-            Frame::Register { id, udp_port, max_calls, binding } => {
+            Frame::Register { id, udp_port, max_calls, binding, auth } => {
                 put_id(out, id);
                 out.extend_from_slice(&udp_port.to_be_bytes());
                 out.extend_from_slice(&max_calls.to_be_bytes());
@@ -392,6 +441,13 @@ impl Frame {
                         out.extend_from_slice(tx);
                     }
                     None => out.push(0),
+                }
+                // Optional and last: absent means no token (a REGISTER without one has the
+                // same bytes as before tokens existed).
+                if let Some(a) = auth {
+                    out.push(1);
+                    out.extend_from_slice(&a.expires_unix.to_be_bytes());
+                    out.extend_from_slice(&a.mac);
                 }
             }
             Frame::Registered { public, source } => {
@@ -498,7 +554,15 @@ impl Frame {
                     1 => Some(r.array::<12>()?),
                     v => return Err(FrameError::BadCode { field: "binding flag", value: v as u16 }),
                 };
-                Frame::Register { id, udp_port, max_calls, binding }
+                let auth = if r.b.is_empty() {
+                    None
+                } else {
+                    match r.u8()? {
+                        1 => Some(AuthToken { expires_unix: r.u64()?, mac: r.array::<32>()? }),
+                        v => return Err(FrameError::BadCode { field: "auth flag", value: v as u16 }),
+                    }
+                };
+                Frame::Register { id, udp_port, max_calls, binding, auth }
             }
             ty::REGISTERED => Frame::Registered {
                 public: r.addr()?,
@@ -702,8 +766,15 @@ mod tests {
         let v4: Addr = "203.0.113.7:40000".parse().unwrap();
         let v6: Addr = "[2001:db8::1]:5004".parse().unwrap();
         vec![
-            Frame::Register { id: id("alice"), udp_port: 40000, max_calls: 1, binding: Some([7; 12]) },
-            Frame::Register { id: id("b"), udp_port: 1, max_calls: 500, binding: None },
+            Frame::Register { id: id("alice"), udp_port: 40000, max_calls: 1, binding: Some([7; 12]), auth: None },
+            Frame::Register { id: id("b"), udp_port: 1, max_calls: 500, binding: None, auth: None },
+            Frame::Register {
+                id: id("c"),
+                udp_port: 2,
+                max_calls: 1,
+                binding: None,
+                auth: Some(AuthToken { expires_unix: 1_800_000_000, mac: [0xA5; 32] }),
+            },
             Frame::Registered { public: v4, source: AddrSource::Stun },
             Frame::Registered { public: v6, source: AddrSource::TcpPeer },
             Frame::Call { call_ref: 9, callee: id("bob") },
@@ -737,7 +808,7 @@ mod tests {
 
     #[test]
     fn register_bytes_match_the_documented_layout() {
-        let f = Frame::Register { id: id("ab"), udp_port: 0x1234, max_calls: 2, binding: None };
+        let f = Frame::Register { id: id("ab"), udp_port: 0x1234, max_calls: 2, binding: None, auth: None };
         let mut buf = Vec::new();
         f.encode(&mut buf);
         assert_eq!(buf, [0, 10, 1, 0x01, 2, b'a', b'b', 0x12, 0x34, 0, 2, 0]);
@@ -745,6 +816,31 @@ mod tests {
         buf.clear();
         f.encode(&mut buf);
         assert_eq!(buf, [0, 12, 1, 0x05, 1, 2, 3, 4, 5, 6, 7, 8, 0, 80]);
+    }
+
+    #[test]
+    fn register_with_a_token_appends_flag_expiry_and_mac() {
+        let auth = AuthToken { expires_unix: 0x0102030405060708, mac: [9; 32] };
+        let f = Frame::Register { id: id("ab"), udp_port: 0x1234, max_calls: 2, binding: None, auth: Some(auth) };
+        let mut buf = Vec::new();
+        f.encode(&mut buf);
+        let mut want = vec![0, 51, 1, 0x01, 2, b'a', b'b', 0x12, 0x34, 0, 2, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8];
+        want.extend_from_slice(&[9; 32]);
+        assert_eq!(buf, want);
+        assert_eq!(Frame::decode_body(&buf[2..]).unwrap(), f);
+        // Any flag but 1 is malformed; a flag without the token is truncated.
+        let mut bad = buf.clone();
+        bad[12] = 2;
+        assert!(matches!(Frame::decode_body(&bad[2..]), Err(FrameError::BadCode { field: "auth flag", value: 2 })));
+        assert!(matches!(Frame::decode_body(&buf[2..14]), Err(FrameError::Truncated { .. })));
+        // The text form round-trips; the MAC never shows in Debug.
+        let text = auth.to_string();
+        assert_eq!(text, format!("72623859790382856.{}", "09".repeat(32)));
+        assert_eq!(AuthToken::parse(&text).unwrap(), auth);
+        assert!(!format!("{auth:?}").contains("0909"));
+        assert!(AuthToken::parse("123").is_err());
+        assert!(AuthToken::parse("x.00").is_err());
+        assert!(AuthToken::parse(&format!("1.{}", "zz".repeat(32))).is_err());
     }
 
     #[test]
@@ -759,6 +855,14 @@ mod tests {
                 if cut >= 4 {
                     let mut short = buf[..cut].to_vec();
                     short[..2].copy_from_slice(&((cut - 2) as u16).to_be_bytes());
+                    // REGISTER's token is optional and last: cut just before it, the frame
+                    // is a valid REGISTER without a token.
+                    if let Frame::Register { auth: Some(_), .. } = &f {
+                        if let Ok(Some((Frame::Register { auth: None, .. }, n))) = Frame::decode(&short) {
+                            assert_eq!(n + 41, buf.len(), "{f:?} cut at {cut}");
+                            continue;
+                        }
+                    }
                     let err = Frame::decode(&short).unwrap_err();
                     assert!(
                         matches!(err, FrameError::Truncated { .. }),
@@ -777,7 +881,14 @@ mod tests {
             buf.push(0xAA);
             let len = buf.len() - 2;
             buf[..2].copy_from_slice(&(len as u16).to_be_bytes());
-            assert!(matches!(Frame::decode(&buf), Err(FrameError::TrailingBytes { extra: 1, .. })));
+            let err = Frame::decode(&buf).unwrap_err();
+            match f {
+                // After a REGISTER without a token, the next byte is read as the token flag.
+                Frame::Register { auth: None, .. } => {
+                    assert!(matches!(err, FrameError::BadCode { field: "auth flag", value: 0xAA }), "{err:?}")
+                }
+                _ => assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}"),
+            }
         }
     }
 

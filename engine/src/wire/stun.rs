@@ -64,10 +64,24 @@ pub enum StunMessage {
     },
 }
 
-/// Write a Binding Request (20 bytes) into `buf`; returns its length.
+/// SOFTWARE attribute type (comprehension-optional, RFC 8489 section 14.14).
+pub const ATTR_SOFTWARE: u16 = 0x8022;
+
+/// Length of the Binding Request nullpunch sends: the header plus a SOFTWARE attribute
+/// ("nullpunch", padded to 12). The attribute is there for the responder's amplification
+/// rule: an answer may be at most twice its request, and an IPv6 answer is 44 bytes.
+pub const REQUEST_LEN: usize = HEADER_LEN + 4 + 12;
+
+/// Write a Binding Request ([`REQUEST_LEN`] bytes: header and SOFTWARE "nullpunch") into
+/// `buf`; returns its length.
 pub fn emit_binding_request(txid: &TransactionId, buf: &mut [u8]) -> usize {
-    emit_header(BINDING_REQUEST, 0, txid, buf);
-    HEADER_LEN
+    emit_header(BINDING_REQUEST, (REQUEST_LEN - HEADER_LEN) as u16, txid, buf);
+    let a = &mut buf[HEADER_LEN..REQUEST_LEN];
+    a[..2].copy_from_slice(&ATTR_SOFTWARE.to_be_bytes());
+    a[2..4].copy_from_slice(&9u16.to_be_bytes());
+    a[4..13].copy_from_slice(b"nullpunch");
+    a[13..16].fill(0);
+    REQUEST_LEN
 }
 
 /// Write a Binding Success Response carrying `mapped` into `buf` (at least
@@ -233,11 +247,16 @@ mod tests {
         let txid = [9u8; 12];
         let mut buf = [0u8; 64];
         let n = emit_binding_request(&txid, &mut buf);
-        assert_eq!(n, 20);
+        assert_eq!(n, 36);
+        assert_eq!(&buf[20..36], b"\x80\x22\x00\x09nullpunch\x00\x00\x00");
         assert_eq!(parse(&buf[..n]), Ok(StunMessage::BindingRequest { txid }));
         for cut in 0..n {
             assert_eq!(parse(&buf[..cut]), Err(StunError::BadLength));
         }
+        // From here on, a bare request (header only, as other clients send).
+        buf[2..4].copy_from_slice(&0u16.to_be_bytes());
+        let n = HEADER_LEN;
+        assert_eq!(parse(&buf[..n]), Ok(StunMessage::BindingRequest { txid }));
         let mut b = buf;
         b[4] = 0;
         assert_eq!(parse(&b[..n]), Err(StunError::NotStun));

@@ -62,8 +62,14 @@ pub struct Manager {
 }
 
 pub fn start_manager() -> Manager {
+    start_manager_with(&[])
+}
+
+/// The manager with extra arguments.
+pub fn start_manager_with(extra: &[&str]) -> Manager {
     let mut child = Command::new(bin("manager"))
         .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -1,0 +1,216 @@
+//! Writes the seed corpus, `fuzz/corpus/<target>/<name>`: a few small valid inputs per target,
+//! built with the project's own emitters (and, for REGISTER, by hand from docs/protocol.md
+//! section 2.3), so the fuzzers start from inputs that reach deep states.
+//!
+//! Run: `cargo run --manifest-path fuzz/Cargo.toml --example make_seeds` (stable toolchain).
+//! The files are committed; re-run after a wire format change and commit the difference.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use engine::wire::frame::{
+    AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason, VERSION,
+};
+use engine::wire::null::NullPacket;
+use engine::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
+use engine::wire::stun;
+use nullpunch_fuzz::datagram::{self, Harness, CALLEE_CALL_ID, CALLEE_TOKEN, CALLER_CALL_ID, CALLER_TOKEN};
+use nullpunch_fuzz::manager_conn::{Script, Sim};
+
+fn id(s: &str) -> ClientId {
+    ClientId::new(s).unwrap()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn enc(f: &Frame) -> Vec<u8> {
+    let mut b = Vec::new();
+    f.encode(&mut b);
+    b
+}
+
+/// REGISTER by hand (docs/protocol.md 2.3): len | version | 0x01 | id_len id | udp_port |
+/// max_calls | binding flag [txid] [| auth flag 1 | expiry u64 | mac 32].
+fn register(id: &str, udp_port: u16, max_calls: u16, binding: Option<[u8; 12]>, auth: Option<(u64, [u8; 32])>) -> Vec<u8> {
+    let mut b = vec![0, 0, VERSION, 0x01, id.len() as u8];
+    b.extend_from_slice(id.as_bytes());
+    b.extend_from_slice(&udp_port.to_be_bytes());
+    b.extend_from_slice(&max_calls.to_be_bytes());
+    match binding {
+        Some(tx) => {
+            b.push(1);
+            b.extend_from_slice(&tx);
+        }
+        None => b.push(0),
+    }
+    if let Some((exp, mac)) = auth {
+        b.push(1);
+        b.extend_from_slice(&exp.to_be_bytes());
+        b.extend_from_slice(&mac);
+    }
+    let len = (b.len() - 2) as u16;
+    b[..2].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+fn write(dir: &Path, name: &str, data: &[u8]) {
+    fs::write(dir.join(name), data).unwrap();
+    println!("{} ({} bytes)", dir.join(name).display(), data.len());
+}
+
+fn frame_decode(dir: &Path) {
+    let v4 = addr("203.0.113.7:40000");
+    let v6 = addr("[2001:db8::1]:5004");
+    let every = [
+        Frame::Registered { public: v4, source: AddrSource::Stun },
+        Frame::Registered { public: v6, source: AddrSource::TcpPeer },
+        Frame::Call { call_ref: 9, callee: id("bob") },
+        Frame::Incoming { call_id: CallId(1 << 48 | 5), token: 42, caller: id("alice"), caller_addr: v4 },
+        Frame::Punched { call_id: CallId(3), udp_port: 5004 },
+        Frame::Start { call_ref: 1, call_id: CallId(3), token: 5, callee_addr: v6 },
+        Frame::Reject { call_ref: 0, call_id: CallId(3), reason: RejectReason::Timeout },
+        Frame::Busy { call_ref: 7 },
+        Frame::Unknown { call_ref: 2, reason: UnknownReason::Offline },
+        Frame::Hangup { call_id: CallId(8), reason: HangupReason::PeerGone },
+        Frame::Ping { nonce: 1 },
+        Frame::Pong { nonce: 2 },
+        Frame::Error { code: ErrorCode::Replaced, message: "replaced by a newer registration".into() },
+    ];
+    let reg = register("alice", 40000, 1, None, None);
+    write(dir, "register", &[&[0][..], &reg].concat());
+    let reg_bound = register("ü-bob", 5004, 500, Some([7; 12]), Some((1_800_000_000, [0xA5; 32])));
+    write(dir, "register-binding-token", &[&[0][..], &reg_bound].concat());
+    let mut all = reg.clone();
+    for f in &every {
+        all.extend(enc(f));
+    }
+    write(dir, "every-frame", &[&[0][..], &all].concat());
+    // Chunk sizes 5, 1, 0 (an empty push, then one byte), cycling.
+    write(dir, "every-frame-chunked", &[&[3, 5, 1, 0][..], &all].concat());
+    write(dir, "call-then-oversized", &[&[0][..], &enc(&every[2]), &[0x04, 0x01, 1]].concat());
+    write(dir, "ping-then-truncated-pong", &[&[1, 3][..], &enc(&every[10]), &enc(&every[11])[..7]].concat());
+}
+
+fn datagram(dir: &Path) {
+    let h = Harness::new();
+    let mut b = [0u8; 64];
+    // The callee call's peer (the caller) punches / sends media with the caller SSRC.
+    let n = NullPacket { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, keepalive: false, from_caller: true }.emit(&mut b);
+    let null_from_caller = b[..n].to_vec();
+    write(dir, "null-punch", &null_from_caller);
+    let n = NullPacket { call_id: CALLER_CALL_ID, token: CALLER_TOKEN, keepalive: true, from_caller: false }.emit(&mut b);
+    let null_from_callee = b[..n].to_vec();
+    let rtp = |ssrc: u32, seq: u16, ts: u32, payload: &[u8]| {
+        let mut p = vec![0u8; 12 + payload.len()];
+        RtpHeader { marker: seq == 0, payload_type: OPUS_PAYLOAD_TYPE, seq, timestamp: ts, ssrc }.emit(&mut p);
+        p[12..].copy_from_slice(payload);
+        p
+    };
+    let caller_ssrc = CALLEE_TOKEN as u32;
+    let callee_ssrc = (CALLER_TOKEN >> 32) as u32;
+    write(dir, "rtp", &rtp(caller_ssrc, 0, 960, b"opus"));
+    let mut ext = vec![0x80 | 0x20 | 0x10 | 2, 96, 0, 1, 0, 0, 0, 2];
+    ext.extend_from_slice(&callee_ssrc.to_be_bytes());
+    ext.extend_from_slice(&[1, 1, 1, 1, 2, 2, 2, 2]); // two CSRCs
+    ext.extend_from_slice(&[0xBE, 0xDE, 0, 1, 9, 9, 9, 9]); // one-word extension
+    ext.extend_from_slice(b"hello");
+    ext.extend_from_slice(&[0, 0, 3]); // 3 bytes of padding
+    write(dir, "rtp-csrc-extension-padding", &ext);
+    let n = stun::emit_binding_request(&[9; 12], &mut b);
+    write(dir, "stun-binding-request", &b[..n]);
+    // The discovering client's own transaction id, from its first request.
+    let txid: [u8; 12] = h
+        .sent
+        .iter()
+        .find(|(to, _)| *to == datagram::stun_server())
+        .map(|(_, d)| d[8..20].try_into().unwrap())
+        .expect("the discovering client sent a binding request");
+    let n = stun::emit_binding_success(&txid, addr("192.0.2.10:40010"), &mut b);
+    write(dir, "stun-binding-success", &b[..n]);
+    let n = stun::emit_binding_success(&txid, addr("[2001:db8::10]:40010"), &mut b);
+    write(dir, "stun-binding-success-v6", &b[..n]);
+    // A conversation: punches, media both ways, a sequence wrap, a duplicate, RTCP, a bare null.
+    let mut seq: Vec<Vec<u8>> = vec![null_from_caller.clone(), null_from_callee.clone()];
+    for i in 0..4u16 {
+        seq.push(rtp(caller_ssrc, 65534u16.wrapping_add(i), 1000 + 960 * i as u32, b"abc"));
+        seq.push(rtp(callee_ssrc, 100 + i, 5000 + 960 * i as u32, b"xyz"));
+    }
+    seq.push(rtp(caller_ssrc, 1, 1000 + 960 * 3, b"dup"));
+    seq.push(vec![0x80, 200, 0, 6, 0, 0, 0, 1]);
+    seq.push(Vec::new());
+    let parts: Vec<&[u8]> = seq.iter().map(|v| v.as_slice()).collect();
+    write(dir, "conversation", &datagram::join(&parts));
+}
+
+fn manager_conn(dir: &Path) {
+    let (a, b) = (0usize, 1usize);
+    let alice = register("alice", 40000, 1, None, None);
+    let bob = register("bob", 40001, 1, None, None);
+    let call = |callee: &str| enc(&Frame::Call { call_ref: 1, callee: id(callee) });
+
+    let mut s = Script::default();
+    s.raw(a, &alice).raw(b, &bob).deliver().deliver().deliver();
+    s.frame(a, &Frame::Ping { nonce: 7 });
+    write(dir, "register-two", &s.0);
+
+    // A full call: the call id comes from running the script so far.
+    let mut s = Script::default();
+    s.raw(a, &alice).raw(b, &bob).deliver().deliver().deliver();
+    s.raw(a, &call("bob")).deliver().deliver().deliver();
+    let mut sim = Sim::new();
+    sim.record = true;
+    nullpunch_fuzz::manager_conn::apply(&mut sim, &s.0);
+    let call_id = sim
+        .written
+        .iter()
+        .find_map(|(k, f)| match f {
+            Frame::Incoming { call_id, .. } if *k == b => Some(*call_id),
+            _ => None,
+        })
+        .expect("bob got INCOMING");
+    let base = s.0.clone();
+    s.frame(b, &Frame::Punched { call_id, udp_port: 40001 }).deliver().deliver().deliver();
+    s.frame(a, &Frame::Hangup { call_id, reason: HangupReason::Normal }).deliver().deliver().deliver();
+    write(dir, "call-hangup", &s.0);
+
+    let mut s = Script(base.clone());
+    s.frame(b, &Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined }).deliver().deliver().deliver();
+    write(dir, "call-declined", &s.0);
+
+    let mut s = Script(base.clone());
+    s.tick(100).deliver().deliver().deliver();
+    write(dir, "call-ring-timeout", &s.0);
+
+    let mut s = Script(base);
+    s.frame(b, &Frame::Punched { call_id, udp_port: 40001 }).deliver().deliver().deliver();
+    s.close(b).deliver().deliver().deliver();
+    write(dir, "call-callee-gone", &s.0);
+
+    // A STUN binding named by REGISTER; a second connection replaces the registration.
+    let mut s = Script::default();
+    s.stun(a, [3; 12]).raw(a, &register("carol", 40002, 2, Some([3; 12]), None)).deliver().deliver().deliver();
+    s.open(1).raw(2, &register("carol", 40003, 2, None, None)).deliver().deliver().deliver();
+    s.raw(b, &bob).deliver().deliver().deliver();
+    s.raw(b, &call("carol")).deliver().deliver().deliver();
+    write(dir, "stun-replace-call", &s.0);
+
+    // Errors: a frame before REGISTER, a manager-to-client frame, an oversized prefix.
+    let mut s = Script::default();
+    s.raw(a, &call("bob")).frame(a, &Frame::Busy { call_ref: 1 }).raw(b, &[0xFF, 0xFF, 1]).deliver().deliver();
+    s.tick(250).tick(250);
+    write(dir, "errors-and-timeouts", &s.0);
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    for (target, make) in
+        [("frame_decode", frame_decode as fn(&Path)), ("datagram", datagram), ("manager_conn", manager_conn)]
+    {
+        let dir = root.join(target);
+        fs::create_dir_all(&dir).unwrap();
+        make(&dir);
+    }
+}

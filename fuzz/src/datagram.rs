@@ -1,0 +1,296 @@
+//! Target `datagram`: UDP datagrams, from the demultiplexer and parsers
+//! (`engine/src/wire/{demux,null,rtp,stun}.rs`) up to a client in a call
+//! (`engine/src/client.rs`, `Client::handle_datagram`).
+//!
+//! Input layout: one or more datagrams separated by [`SEP`] (a single datagram needs no
+//! separator, so a raw packet is a valid input). Every datagram goes through:
+//! 1. the parsers, with these properties: `classify` agrees with every parser that accepts
+//!    the datagram; a null packet re-emits to exactly its 20 bytes; an RTP header re-emits
+//!    to a fixed header that parses to the same fields, and the payload lies inside the
+//!    datagram after the header; a STUN message re-emits to bytes that parse to the same
+//!    message (the manager's responder answers a Binding Request with such bytes).
+//! 2. two clients, at `t0 + 20 ms * (index + 1)` (due timers run first):
+//!    * `calls`: registered, with two calls up: as callee of [`CALLEE_CALL_ID`] (INCOMING
+//!      from [`caller_addr`], waiting for the caller's first packet) and as caller of
+//!      [`CALLER_CALL_ID`] (START received, peer [`callee_addr`]). Each datagram arrives from
+//!      the caller's address, the callee's address, the STUN server and a stranger, in turn.
+//!    * `discovering`: connected to a manager with a STUN server configured, waiting for a
+//!      Binding Success Response to its transaction id; each datagram arrives from the STUN
+//!      server and from a stranger.
+//!
+//! Client properties: a returned media packet is RTP that parses to the same header and
+//! payload; every queued datagram is a valid null packet or STUN Binding Request; every
+//! queued frame round-trips; after `handle_timeout(now)`, `poll_timeout()` is later than
+//! `now` (no timer livelock). After the last datagram the timers run for two more minutes
+//! of virtual time (first-media, keepalive and media timeouts, hangups).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use engine::client::{Client, ClientConfig, Event};
+use engine::wire::frame::{AddrSource, CallId, ClientId, Frame};
+use engine::wire::null::{NullPacket, NULL_LEN};
+use engine::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN};
+use engine::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
+use engine::wire::{classify, DatagramKind};
+
+use crate::assert_frame_round_trips;
+
+/// Separates datagrams in one input. 0xFF is no known datagram kind's first byte.
+pub const SEP: &[u8] = b"\xffDG\xff";
+/// Virtual time between two datagrams.
+pub const STEP: Duration = Duration::from_millis(20);
+/// Call id of the call in which the `calls` client is the callee.
+pub const CALLEE_CALL_ID: CallId = CallId(0x0001_0000_0000_0007);
+/// Its token (caller SSRC = low half, callee SSRC = high half).
+pub const CALLEE_TOKEN: u64 = 0x1122_3344_5566_7788;
+/// Call id of the call the `calls` client placed.
+pub const CALLER_CALL_ID: CallId = CallId(0x0000_0000_0000_0009);
+/// Its token.
+pub const CALLER_TOKEN: u64 = 0xA1A2_A3A4_B1B2_B3B4;
+/// Seed of the `calls` client.
+pub const CALLS_SEED: u64 = 11;
+/// Seed of the `discovering` client (fixes its STUN transaction id).
+pub const DISCOVERING_SEED: u64 = 12;
+
+/// Bound on timer steps in one run (the final two minutes need a few hundred).
+const MAX_TIMER_STEPS: usize = 10_000;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("fixed address")
+}
+
+/// The remote caller (peer of the callee call). Documentation ranges only: nothing is sent.
+pub fn caller_addr() -> SocketAddr {
+    addr("203.0.113.7:40000")
+}
+/// The remote callee (peer of the caller call).
+pub fn callee_addr() -> SocketAddr {
+    addr("[2001:db8::20]:5004")
+}
+/// The manager's STUN address.
+pub fn stun_server() -> SocketAddr {
+    addr("198.51.100.1:3478")
+}
+/// Someone else.
+pub fn stranger() -> SocketAddr {
+    addr("192.0.2.99:9999")
+}
+
+fn id(s: &str) -> ClientId {
+    ClientId::new(s).expect("fixed id")
+}
+
+/// The two clients and the virtual clock.
+pub struct Harness {
+    /// Base of virtual time.
+    pub t0: Instant,
+    /// Registered, two calls up.
+    pub calls: Client,
+    /// Waiting for its STUN answer.
+    pub discovering: Client,
+    /// Datagrams the clients queued, with their destination (for seed generation).
+    pub sent: Vec<(SocketAddr, Vec<u8>)>,
+    /// Events seen: calls whose path became two-way, calls ended, STUN discoveries.
+    pub media_flowing: usize,
+    /// See `media_flowing`.
+    pub ended: usize,
+    /// See `media_flowing`.
+    pub discovered: usize,
+}
+
+impl Harness {
+    /// Build both clients in their starting states.
+    pub fn new() -> Harness {
+        let t0 = Instant::now();
+        let mut h = Harness {
+            t0,
+            calls: Client::new(ClientConfig { max_calls: 4, ..ClientConfig::new(id("fuzz-calls"), 5004) }, CALLS_SEED),
+            discovering: Client::new(
+                ClientConfig { stun_server: Some(stun_server()), ..ClientConfig::new(id("fuzz-stun"), 5005) },
+                DISCOVERING_SEED,
+            ),
+            sent: Vec::new(),
+            media_flowing: 0,
+            ended: 0,
+            discovered: 0,
+        };
+        let c = &mut h.calls;
+        c.handle_connected(t0);
+        c.handle_frame(t0, Frame::Registered { public: addr("192.0.2.10:40010"), source: AddrSource::Stun });
+        assert!(c.is_registered(), "REGISTERED did not register the client");
+        c.handle_frame(
+            t0,
+            Frame::Incoming { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, caller: id("alice"), caller_addr: caller_addr() },
+        );
+        let handle = c.call(t0, id("bob")).expect("registered client can call");
+        c.handle_frame(
+            t0,
+            Frame::Start { call_ref: handle.0, call_id: CALLER_CALL_ID, token: CALLER_TOKEN, callee_addr: callee_addr() },
+        );
+        assert_eq!(c.active_calls(), 2, "both calls should be up");
+        h.discovering.handle_connected(t0);
+        h.drain();
+        h
+    }
+
+    /// Drain every client's outputs, checking each.
+    pub fn drain(&mut self) {
+        let mut buf = [0u8; 1500];
+        for c in [&mut self.calls, &mut self.discovering] {
+            while let Some(f) = c.poll_frame() {
+                assert_frame_round_trips(&f);
+            }
+            while let Some(t) = c.poll_transmit(&mut buf) {
+                let d = &buf[..t.len];
+                match classify(d) {
+                    DatagramKind::Null => {
+                        assert_eq!(d.len(), NULL_LEN, "client sent a bare null packet");
+                        NullPacket::parse(d).expect("client sent a malformed null packet");
+                    }
+                    DatagramKind::Stun => {
+                        let m = stun::parse(d).expect("client sent malformed STUN");
+                        assert!(matches!(m, StunMessage::BindingRequest { .. }), "client sent {m:?}");
+                        assert_eq!(t.to, stun_server(), "STUN request to the wrong address");
+                    }
+                    k => panic!("client queued a {k:?} datagram: {d:02x?}"),
+                }
+                self.sent.push((t.to, d.to_vec()));
+            }
+            while let Some(e) = c.poll_event() {
+                match e {
+                    Event::Ended(r) => {
+                        assert!(r.jitter_ms.is_finite() && r.jitter_ms >= 0.0, "jitter {}", r.jitter_ms);
+                        self.ended += 1;
+                    }
+                    Event::MediaFlowing { .. } => self.media_flowing += 1,
+                    Event::Discovered { mapped: Some(_) } => self.discovered += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Run every timer due at or before `now`.
+    pub fn run_timers(&mut self, now: Instant) {
+        for c in [&mut self.calls, &mut self.discovering] {
+            let mut steps = 0;
+            while let Some(t) = c.poll_timeout() {
+                if t > now {
+                    break;
+                }
+                c.handle_timeout(t);
+                let next = c.poll_timeout();
+                assert!(next.is_none_or(|n| n > t), "timer livelock: due at {t:?} again after handle_timeout");
+                steps += 1;
+                assert!(steps < MAX_TIMER_STEPS, "more than {MAX_TIMER_STEPS} timer steps");
+            }
+        }
+        self.drain();
+    }
+
+    /// Deliver one datagram at `now` from each source.
+    pub fn deliver(&mut self, now: Instant, d: &[u8]) {
+        for from in [caller_addr(), callee_addr(), stun_server(), stranger()] {
+            if let Some(r) = self.calls.handle_datagram(now, from, d) {
+                assert_eq!(classify(d), DatagramKind::Rtp, "media returned for a non-RTP datagram");
+                let (h, payload) = RtpHeader::parse(d).expect("media returned for unparsable RTP");
+                assert_eq!(r.header, h, "returned header differs from the parsed one");
+                assert_eq!(r.payload, payload, "returned payload differs from the parsed one");
+            }
+        }
+        for from in [stun_server(), stranger()] {
+            let r = self.discovering.handle_datagram(now, from, d);
+            assert!(r.is_none(), "a client with no calls returned media");
+        }
+        self.drain();
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Split an input into datagrams at [`SEP`].
+pub fn split(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let Some(i) = rest.windows(SEP.len()).position(|w| w == SEP) {
+        out.push(&rest[..i]);
+        rest = &rest[i + SEP.len()..];
+    }
+    out.push(rest);
+    out
+}
+
+/// Join datagrams into one input (for seeds).
+pub fn join(datagrams: &[&[u8]]) -> Vec<u8> {
+    datagrams.join(SEP)
+}
+
+/// Check the stateless parsers on one datagram.
+pub fn check_parsers(d: &[u8]) {
+    let kind = classify(d);
+    if d.is_empty() {
+        assert_eq!(kind, DatagramKind::Null, "empty datagram");
+    }
+
+    if let Ok(p) = NullPacket::parse(d) {
+        assert_eq!(kind, DatagramKind::Null, "null packet classified as {kind:?}");
+        let mut b = [0u8; NULL_LEN];
+        let n = p.emit(&mut b);
+        assert_eq!(&b[..n], d, "null packet re-emits differently");
+    }
+
+    if let Ok((h, payload)) = RtpHeader::parse(d) {
+        assert!(matches!(kind, DatagramKind::Rtp | DatagramKind::Rtcp), "RTP classified as {kind:?}");
+        let start = payload.as_ptr() as usize - d.as_ptr() as usize;
+        assert!(start >= RTP_HEADER_LEN && start + payload.len() <= d.len(), "RTP payload outside the packet");
+        let mut b = [0u8; RTP_HEADER_LEN];
+        h.emit(&mut b);
+        assert_eq!(&b[1..], &d[1..RTP_HEADER_LEN], "RTP header fields re-emit differently");
+        let (g, rest) = RtpHeader::parse(&b).expect("emitted RTP header does not parse");
+        assert_eq!(g, h, "emitted RTP header parses differently");
+        assert!(rest.is_empty());
+    }
+
+    if let Ok(m) = stun::parse(d) {
+        assert_eq!(kind, DatagramKind::Stun, "STUN classified as {kind:?}");
+        let mut b = [0u8; MAX_RESPONSE_LEN];
+        let n = match m {
+            StunMessage::BindingRequest { txid } => {
+                // What the manager's responder does with a request: answer with the source.
+                let n = stun::emit_binding_success(&txid, stranger(), &mut b);
+                let answer = stun::parse(&b[..n]).expect("emitted binding success does not parse");
+                assert_eq!(answer, StunMessage::BindingSuccess { txid, mapped: stranger() });
+                stun::emit_binding_request(&txid, &mut b)
+            }
+            StunMessage::BindingSuccess { txid, mapped } => stun::emit_binding_success(&txid, mapped, &mut b),
+        };
+        assert_eq!(stun::parse(&b[..n]), Ok(m), "STUN message re-emits differently");
+    }
+}
+
+/// Run the target on one input.
+pub fn run(data: &[u8]) {
+    run_harness(data);
+}
+
+/// Run the target on one input and return the harness at the end (for tests).
+pub fn run_harness(data: &[u8]) -> Harness {
+    let datagrams = split(data);
+    for d in &datagrams {
+        check_parsers(d);
+    }
+    let mut h = Harness::new();
+    let mut now = h.t0;
+    for d in &datagrams {
+        now += STEP;
+        h.run_timers(now);
+        h.deliver(now, d);
+    }
+    h.run_timers(now + Duration::from_secs(120));
+    h
+}
