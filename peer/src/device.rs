@@ -69,9 +69,12 @@ fn pick(devices: Vec<cpal::Device>, want: Option<&str>, what: &str, default: Opt
 pub fn open(input: Option<Option<&str>>, output: Option<Option<&str>>, waker: Waker) -> Result<Device, String> {
     let host = cpal::host_from_id(cpal::HostId::PulseAudio)
         .map_err(|e| format!("PulseAudio is not reachable ({e}); --audio device needs a running PulseAudio server"))?;
-    // 10 ms fragments: PulseAudio's default record fragment can be as large as 2 s, which
-    // would deliver the microphone in bursts.
-    let config = cpal::StreamConfig { channels: 1, sample_rate: voice::SAMPLE_RATE, buffer_size: cpal::BufferSize::Fixed(480) };
+    // 50 ms capture fragments. PulseAudio's default record fragment can be 2 s (the
+    // microphone would arrive in bursts), and cpal's PulseAudio host makes the server's
+    // record buffer one fragment long, so a fragment must outlast the longest time this
+    // process may go unscheduled: with 10 ms fragments a loaded machine lost a tenth of the
+    // microphone's samples, with 50 ms none (peer/tests/device.rs under 3 busy loops).
+    let config = cpal::StreamConfig { channels: 1, sample_rate: voice::SAMPLE_RATE, buffer_size: cpal::BufferSize::Fixed(2_400) };
     // The speaker gets 30 ms requests (a 60 ms server buffer): with 10 ms the server ran dry
     // on a busy machine, paused the stream, and the call's audio piled up behind it.
     let out_config = cpal::StreamConfig { buffer_size: cpal::BufferSize::Fixed(1_440), ..config };
