@@ -1,10 +1,14 @@
-//! A small seeded pseudo-random generator (SplitMix64).
+//! A small seeded pseudo-random generator (SplitMix64), and unpredictable 64-bit values
+//! from the kernel for what must not be guessed.
 //!
-//! Used for call tokens, RTP initial sequence numbers and timestamps, STUN transaction ids,
+//! [`Rng`] serves RTP initial sequence numbers and timestamps, STUN transaction ids,
 //! jittered backoff and the seeded lossy network of the simulation tests. It is not a
-//! cryptographic generator; nothing here relies on unpredictability for security yet
-//! (authentication arrives with its own HMAC-based design). Written here rather than taken
+//! cryptographic generator: one output reveals its state. Written here rather than taken
 //! from a crate because it is eight lines and must be reproducible from a seed.
+//!
+//! [`secure_u64`] reads the kernel's CSPRNG (`getrandom(2)`); the manager draws call tokens
+//! from it, since a client that sees its own calls' tokens must not be able to work out
+//! anyone else's.
 
 /// SplitMix64 generator (Steele, Lea, Flood 2014).
 #[derive(Debug, Clone)]
@@ -65,6 +69,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secure_values_differ() {
+        let v: std::collections::HashSet<u64> = (0..2000).map(|_| secure_u64()).collect();
+        assert_eq!(v.len(), 2000, "64-bit values from the kernel do not repeat");
+    }
+
+    #[test]
     fn same_seed_same_sequence_and_bounds_hold() {
         let (mut a, mut b) = (Rng::new(7), Rng::new(7));
         for _ in 0..100 {
@@ -78,4 +88,39 @@ mod tests {
         assert!((2_200..2_800).contains(&hits), "chance(0.25) gave {hits}/10000");
         assert!(!a.chance(0.0));
     }
+}
+
+/// 64 unpredictable bits from the kernel's CSPRNG (`getrandom(2)`, buffered per thread).
+#[cfg(target_os = "linux")]
+pub fn secure_u64() -> u64 {
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<(Vec<u8>, usize)> = RefCell::new((vec![0u8; 4096], 4096));
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.1 + 8 > p.0.len() {
+            let mut filled = 0;
+            while filled < p.0.len() {
+                let rest = &mut p.0[filled..];
+                // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+                let n = unsafe { libc::getrandom(rest.as_mut_ptr() as *mut libc::c_void, rest.len(), 0) };
+                if n > 0 {
+                    filled += n as usize;
+                } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                    panic!("getrandom failed: {}", std::io::Error::last_os_error());
+                }
+            }
+            p.1 = 0;
+        }
+        let i = p.1;
+        p.1 += 8;
+        u64::from_le_bytes(p.0[i..i + 8].try_into().expect("8 bytes"))
+    })
+}
+
+/// 64 unpredictable bits (non-Linux: a freshly seeded [`Rng`], which is not a CSPRNG).
+#[cfg(not(target_os = "linux"))]
+pub fn secure_u64() -> u64 {
+    Rng::from_entropy().next_u64()
 }

@@ -43,6 +43,19 @@ pub struct ShardConfig {
     /// With a secret, REGISTER needs a valid token for its id ([`crate::auth`]); without,
     /// any id may register.
     pub secret: Option<Arc<crate::auth::Secret>>,
+    /// Connections this shard holds at most; more are refused with ERROR
+    /// `TooManyConnections` (0: no limit).
+    pub max_connections: usize,
+    /// Frames per second a connection may send on average, in bursts of twice that; a
+    /// connection over it is closed with ERROR `RateLimited` (0: no limit).
+    pub frames_per_sec: f64,
+    /// Calls a connection may be party to at once; a CALL beyond is rejected with
+    /// `CallerLimit` (0: no limit).
+    pub max_calls_per_conn: usize,
+    /// Draw call tokens from the kernel's CSPRNG ([`engine::rng::secure_u64`]) instead of
+    /// the shard's seeded generator. The server sets it; the deterministic simulation
+    /// leaves it off.
+    pub secure_tokens: bool,
 }
 
 impl Default for ShardConfig {
@@ -54,6 +67,10 @@ impl Default for ShardConfig {
             // answers learns why (REJECT timeout) rather than only timing out.
             ring_timeout: Duration::from_secs(4),
             secret: None,
+            max_connections: 0,
+            frames_per_sec: 0.0,
+            max_calls_per_conn: 0,
+            secure_tokens: false,
         }
     }
 }
@@ -208,6 +225,8 @@ struct Conn {
     last_rx: Instant,
     calls: HashSet<CallId>,
     closing: bool,
+    /// Frame allowance left (token bucket, refilled at `frames_per_sec`).
+    allowance: f64,
 }
 
 #[derive(Debug)]
@@ -323,11 +342,26 @@ impl Shard {
         self.now = Some(now);
         let id = self.next_conn;
         self.next_conn += 1;
+        let full = self.cfg.max_connections > 0 && self.conns.len() >= self.cfg.max_connections;
+        let allowance = 2.0 * self.cfg.frames_per_sec;
         self.conns.insert(
             id,
-            Conn { peer, state: ConnState::Open, public: None, opened: now, last_rx: now, calls: HashSet::new(), closing: false },
+            Conn {
+                peer,
+                state: ConnState::Open,
+                public: None,
+                opened: now,
+                last_rx: now,
+                calls: HashSet::new(),
+                closing: false,
+                allowance,
+            },
         );
         self.stats.inc(&self.stats.connections_accepted);
+        if full {
+            self.stats.inc(&self.stats.connections_refused);
+            self.kick(id, ErrorCode::TooManyConnections, "the manager is full; try later".into());
+        }
         id
     }
 
@@ -372,9 +406,19 @@ impl Shard {
         self.stats.inc(&self.stats.frames_in);
         let me = ConnRef { shard: self.index, id: conn };
         let Some(c) = self.conns.get_mut(&conn) else { return };
+        let since = now.saturating_duration_since(c.last_rx).as_secs_f64();
         c.last_rx = now;
         if c.closing {
             return;
+        }
+        if self.cfg.frames_per_sec > 0.0 {
+            let rate = self.cfg.frames_per_sec;
+            c.allowance = (c.allowance + since * rate).min(2.0 * rate) - 1.0;
+            if c.allowance < 0.0 {
+                self.stats.inc(&self.stats.connections_flooding);
+                self.kick(conn, ErrorCode::RateLimited, format!("more than {rate} frames/s"));
+                return;
+            }
         }
         match frame {
             Frame::Ping { nonce } => self.send(conn, Frame::Pong { nonce }),
@@ -413,6 +457,12 @@ impl Shard {
                     return;
                 };
                 self.stats.inc(&self.stats.calls_requested);
+                if self.cfg.max_calls_per_conn > 0 && c.calls.len() >= self.cfg.max_calls_per_conn {
+                    self.stats.inc(&self.stats.calls_rejected);
+                    self.stats.inc(&self.stats.calls_caller_limit);
+                    self.send(conn, Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::CallerLimit });
+                    return;
+                }
                 if caller == callee {
                     self.stats.inc(&self.stats.calls_rejected);
                     self.send(
@@ -675,7 +725,7 @@ impl Shard {
         let (callee_addr, callee_source) = (e.public, e.source);
         let call_id = CallId(((self.index as u64) << 48) | (self.next_call & 0xFFFF_FFFF_FFFF));
         self.next_call += 1;
-        let token = self.rng.next_u64();
+        let token = if self.cfg.secure_tokens { engine::rng::secure_u64() } else { self.rng.next_u64() };
         self.calls.insert(
             call_id,
             CallRec {

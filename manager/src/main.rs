@@ -35,6 +35,19 @@ struct Args {
     /// Print the counters as JSON on stderr every SECS seconds (0: only at exit).
     #[arg(long, default_value_t = 0)]
     stats_every: u64,
+    /// Connections the manager holds at most; more are refused with ERROR TooManyConnections
+    /// (0: no limit; the process's descriptor limit applies anyway).
+    #[arg(long, default_value_t = 100_000)]
+    max_connections: usize,
+    /// Frames per second one connection may send on average (bursts of twice that); a
+    /// connection over it is closed with ERROR RateLimited (0: no limit).
+    #[arg(long, default_value_t = 500.0)]
+    frames_per_sec: f64,
+    /// Calls one connection may be party to at once; a CALL beyond is rejected with
+    /// CallerLimit (0: no limit). A load generator multiplexing many calls per client may
+    /// need 0.
+    #[arg(long, default_value_t = 1000)]
+    max_calls_per_conn: usize,
     /// Serve Prometheus metrics on http://ADDR/metrics (port 0: any free port; the address
     /// is printed on stdout as `metrics http://ADDR/metrics` after the `listening` line).
     #[arg(long, value_name = "ADDR")]
@@ -105,9 +118,12 @@ fn main() {
             ring_timeout: Duration::from_secs(args.ring_timeout),
             idle_timeout: Duration::from_secs(args.idle_timeout),
             secret,
+            frames_per_sec: args.frames_per_sec.max(0.0),
+            max_calls_per_conn: args.max_calls_per_conn,
             ..ShardConfig::default()
         },
         stun_rate: args.stun_rate.max(0.0),
+        max_connections: args.max_connections,
         ..ManagerConfig::default()
     };
     let handle = match start(cfg) {

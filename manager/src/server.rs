@@ -41,6 +41,9 @@ pub struct ManagerConfig {
     pub conn_queue: usize,
     /// STUN answers per second per source IP (0: no limit), with bursts of twice that.
     pub stun_rate: f64,
+    /// Connections the whole manager holds at most (0: no limit), split evenly over the
+    /// shards (the kernel spreads new connections over them).
+    pub max_connections: usize,
 }
 
 impl Default for ManagerConfig {
@@ -51,6 +54,7 @@ impl Default for ManagerConfig {
             shard: ShardConfig::default(),
             conn_queue: 4096,
             stun_rate: 1000.0,
+            max_connections: 0,
         }
     }
 }
@@ -141,8 +145,12 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let inbox = rxs[i].take().expect("each inbox used once");
         let peers = txs.clone();
-        let (bindings, stats, stop_rx, shard_cfg, conn_queue) =
+        let (bindings, stats, stop_rx, mut shard_cfg, conn_queue) =
             (bindings.clone(), stats.clone(), stop_rx.clone(), cfg.shard.clone(), cfg.conn_queue);
+        if cfg.max_connections > 0 {
+            shard_cfg.max_connections = cfg.max_connections.div_ceil(n);
+        }
+        shard_cfg.secure_tokens = true;
         let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             shard_thread(i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, stop_rx, ready_tx, seed)
         })?;

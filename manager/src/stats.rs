@@ -73,6 +73,10 @@ stats! {
     connections_timed_out,
     /// Connections closed because their outgoing queue overflowed (slow reader).
     connections_slow,
+    /// Connections refused at once: the shard held its maximum (ERROR TooManyConnections).
+    connections_refused,
+    /// Connections closed for sending frames faster than allowed (ERROR RateLimited).
+    connections_flooding,
     /// REGISTER frames accepted.
     registrations,
     /// Registrations that replaced an older connection with the same id.
@@ -105,8 +109,10 @@ stats! {
     calls_unknown,
     /// Calls answered BUSY.
     calls_busy,
-    /// Calls rejected (self-call, declined, callee gone).
+    /// Calls rejected (self-call, declined, callee gone, caller limit).
     calls_rejected,
+    /// Of those, because the caller was at its concurrent-call limit (REJECT CallerLimit).
+    calls_caller_limit,
     /// Calls whose callee did not reply PUNCHED in time.
     calls_ring_timeout,
     /// HANGUP/REJECT for calls no longer known (late or duplicate).

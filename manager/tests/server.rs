@@ -1062,3 +1062,73 @@ fn the_stun_responder_limits_answers_per_source_address() {
     let other = UdpSocket::bind("127.0.0.1:0").unwrap();
     assert!(stun_burst(&other, m.local_addr(), &req[..n], 5) <= 2);
 }
+
+// ------------------------------------------------------------------------------ limits
+
+#[test]
+fn connections_beyond_the_limit_are_refused_with_a_clear_error() {
+    let m = manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 1, max_connections: 3, ..Default::default() })
+        .expect("manager");
+    let mut held: Vec<Client> = (0..3).map(|i| Client::connect(&m, &format!("c{i}"))).collect();
+    for (i, c) in held.iter_mut().enumerate() {
+        c.ping(i as u64);
+    }
+    let mut extra = Client::connect(&m, "extra");
+    extra.expect_error(ErrorCode::TooManyConnections);
+    extra.expect_closed();
+    assert_eq!(get(&m.stats().connections_refused), 1);
+    // One leaves: there is room again.
+    drop(held.pop());
+    wait_until("the closed connection counted", || get(&m.stats().connections_closed) >= 2);
+    let mut again = Client::connect(&m, "again");
+    again.ping(9);
+    for (i, c) in held.iter_mut().enumerate() {
+        c.ping(10 + i as u64);
+    }
+}
+
+#[test]
+fn a_connection_flooding_frames_is_closed_and_a_calm_one_is_not() {
+    let m = manager_with(ShardConfig { frames_per_sec: 10.0, ..ShardConfig::default() });
+    // Calm: 5 frames a second for 2 s.
+    let mut calm = Client::connect(&m, "calm");
+    for i in 0..10 {
+        calm.ping(i);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Flood: 100 PINGs at once. The burst allowance (20) is answered, then ERROR and close.
+    let mut flood = Client::connect(&m, "flood");
+    for i in 0..100 {
+        flood.send(&Frame::Ping { nonce: i });
+    }
+    let mut pongs = 0;
+    loop {
+        match flood.recv() {
+            Frame::Pong { .. } => pongs += 1,
+            Frame::Error { code: ErrorCode::RateLimited, .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((19..=21).contains(&pongs), "{pongs} PONGs before the limit");
+    flood.expect_closed();
+    assert_eq!(get(&m.stats().connections_flooding), 1);
+    calm.ping(99);
+}
+
+#[test]
+fn a_caller_at_its_call_limit_gets_caller_limit() {
+    let m = manager_with(ShardConfig { max_calls_per_conn: 1, ..ShardConfig::default() });
+    let mut alice = Client::connect(&m, "alice");
+    alice.register(&id("alice"), 1000);
+    let mut bob = Client::connect(&m, "bob");
+    bob.register(&id("bob"), 1001);
+    let mut carol = Client::connect(&m, "carol");
+    carol.register(&id("carol"), 1002);
+    alice.call(1, &id("bob"));
+    assert!(matches!(bob.recv(), Frame::Incoming { .. }));
+    alice.call(2, &id("carol"));
+    assert_eq!(alice.recv(), Frame::Reject { call_ref: 2, call_id: CallId(0), reason: RejectReason::CallerLimit });
+    carol.expect_quiet();
+    let s = m.stats();
+    assert_eq!((get(&s.calls_caller_limit), get(&s.calls_rejected)), (1, 1));
+}

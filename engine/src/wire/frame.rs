@@ -272,6 +272,10 @@ code_enum! {
         /// REGISTER without a valid token while the manager requires one (missing, made
         /// for another id, expired, or not signed with the manager's secret).
         Unauthorized = 11,
+        /// The manager holds as many connections as it is allowed; this one is closed.
+        TooManyConnections = 12,
+        /// The connection sent frames faster than its allowance; it is closed.
+        RateLimited = 13,
     }
 }
 
