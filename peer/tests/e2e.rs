@@ -163,3 +163,147 @@ fn the_managers_metrics_endpoint_serves_valid_prometheus_text() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
     m.stop();
 }
+
+/// Send a UDP datagram with a forged source address (raw socket, IP_HDRINCL; needs root).
+fn send_spoofed(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4, payload: &[u8]) {
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45; // IPv4, 5-word header
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64; // TTL
+    p[9] = 17; // UDP
+    p[12..16].copy_from_slice(&from.ip().octets());
+    p[16..20].copy_from_slice(&to.ip().octets());
+    p[20..22].copy_from_slice(&from.port().to_be_bytes());
+    p[22..24].copy_from_slice(&to.port().to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    // UDP checksum 0: none (allowed over IPv4); the kernel fills the IP checksum.
+    p[28..].copy_from_slice(payload);
+    // SAFETY: a raw socket, one sendto of our buffer with a sockaddr_in, then close.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket (needs root): {}", std::io::Error::last_os_error());
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = to.port().to_be();
+        sa.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) };
+        let n = libc::sendto(
+            fd,
+            p.as_ptr() as *const libc::c_void,
+            p.len(),
+            0,
+            &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(n as usize, p.len(), "spoofed send: {}", std::io::Error::last_os_error());
+        libc::close(fd);
+    }
+}
+
+/// Watch loopback UDP (raw socket; needs root) for an RTP packet from `from` to `to`;
+/// returns its SSRC and sequence number: what an on-path observer learns.
+fn sniff_rtp(from: u16, to: u16) -> (u32, u16) {
+    // SAFETY: a raw UDP socket read with a timeout into our buffer, then closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP);
+        assert!(fd >= 0, "raw socket (needs root): {}", std::io::Error::last_os_error());
+        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
+            if n <= 0 {
+                continue;
+            }
+            let p = &buf[..n as usize];
+            let ihl = (p[0] & 0x0F) as usize * 4;
+            if p.len() < ihl + 8 + 12 {
+                continue;
+            }
+            let (sp, dp) = (u16::from_be_bytes([p[ihl], p[ihl + 1]]), u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]));
+            let rtp = &p[ihl + 8..];
+            if sp == from && dp == to && rtp[0] >> 6 == 2 {
+                libc::close(fd);
+                return (u32::from_be_bytes([rtp[8], rtp[9], rtp[10], rtp[11]]), u16::from_be_bytes([rtp[2], rtp[3]]));
+            }
+        }
+        libc::close(fd);
+        panic!("saw no RTP from {from} to {to}");
+    }
+}
+
+fn v4(a: &str) -> std::net::SocketAddrV4 {
+    match a.parse::<std::net::SocketAddr>().unwrap() {
+        std::net::SocketAddr::V4(v) => v,
+        other => panic!("not IPv4: {other}"),
+    }
+}
+
+#[test]
+fn a_third_host_cannot_inject_into_an_established_call() {
+    // Bob and alice on fixed ports, so mallory knows where the call is.
+    let (pa, pb) = (free_udp_port(false), free_udp_port(false));
+    let (alice_addr, bob_addr) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let m = start_manager();
+    let bob = spawn(
+        bin("peer").to_str().unwrap(),
+        &["--manager", &m.addr, "--id", "bob", "--bind", &bob_addr, "listen", "--calls", "1", "--json"],
+        "peer",
+    );
+    settle();
+    let alice = spawn(
+        bin("peer").to_str().unwrap(),
+        &["--manager", &m.addr, "--id", "alice", "--bind", &alice_addr, "call", "bob", "--duration", "3", "--json"],
+        "peer",
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    // Mallory knows both addresses. Off the path she must guess the call's token and SSRCs;
+    // on it she has seen one of alice's packets, so she knows alice's SSRC and sequence.
+    let (ssrc_seen, seq_seen) = sniff_rtp(pa, pb);
+    let mallory = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut rng = engine::rng::Rng::new(42);
+    let mut injected = 0;
+    for i in 0..300u32 {
+        let ssrc = rng.next_u64() as u32;
+        let mut rtp = vec![0x80, 111];
+        rtp.extend_from_slice(&(i as u16).to_be_bytes());
+        rtp.extend_from_slice(&(i * 960).to_be_bytes());
+        rtp.extend_from_slice(&ssrc.to_be_bytes());
+        rtp.extend_from_slice(&[0x55; 160]);
+        // From her own address, and with alice's address forged as the source.
+        mallory.send_to(&rtp, &bob_addr).unwrap();
+        send_spoofed(v4(&alice_addr), v4(&bob_addr), &rtp);
+        // Null packets with guessed call ids and tokens, forged from alice too.
+        let mut null = vec![0x0E, 0x01, 0x00, 0x00];
+        null.extend_from_slice(&rng.next_u64().to_be_bytes());
+        null.extend_from_slice(&rng.next_u64().to_be_bytes());
+        send_spoofed(v4(&alice_addr), v4(&bob_addr), &null);
+        // With the SSRC she saw, just ahead in sequence, from her own address.
+        let mut known = rtp.clone();
+        known[2..4].copy_from_slice(&seq_seen.wrapping_add(5 + i as u16).to_be_bytes());
+        known[8..12].copy_from_slice(&ssrc_seen.to_be_bytes());
+        mallory.send_to(&known, &bob_addr).unwrap();
+        injected += 4;
+        // Paced (750 packets/s): this is about getting in, not about flooding bob out.
+        std::thread::sleep(Duration::from_millis(4));
+    }
+    let (ca, out_a, err_a) = alice.finish(Duration::from_secs(20));
+    let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
+    assert_eq!(ca, 0, "alice: {err_a}");
+    assert_eq!(cb, 0, "bob: {err_b}");
+    let (a, b) = (json_line(&out_a), json_line(&out_b));
+    // Bob counted exactly alice's packets: none of mallory's got in. (One that forges alice's
+    // address *and* carries the SSRC she saw would: that needs an on-path attacker who can
+    // also spoof, which only media encryption stops; docs/architecture.md, Known limits.)
+    assert_eq!(b["received"], a["sent"], "{injected} forged packets; alice: {a}\nbob: {b}");
+    assert_eq!(b["lost"], 0, "{b}");
+    assert_eq!(b["nulls_received"].as_u64().unwrap(), a["nulls_sent"].as_u64().unwrap(), "no forged null accepted: {b}");
+    m.stop();
+}
