@@ -18,6 +18,8 @@ struct Progress {
     registrations: AtomicU64,
     call_requests: AtomicU64,
     media_rx: AtomicU64,
+    /// Media packets received per call (by local handle).
+    per_call: Mutex<std::collections::HashMap<u32, u64>>,
     started: AtomicU64,
     reports: Mutex<Vec<CallReport>>,
 }
@@ -69,8 +71,9 @@ impl App for TestApp {
             _ => {}
         }
     }
-    fn on_media(&mut self, _ctx: &mut Ctx<'_>, _p: Received<'_>) {
+    fn on_media(&mut self, _ctx: &mut Ctx<'_>, p: Received<'_>) {
         self.p.media_rx.fetch_add(1, Ordering::SeqCst);
+        *self.p.per_call.lock().unwrap().entry(p.handle.0).or_default() += 1;
     }
     fn next_wakeup(&self) -> Option<Instant> {
         let check = self.callee.is_some().then_some(self.next_check);
@@ -108,11 +111,17 @@ impl Running {
 }
 
 fn spawn(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>) -> Running {
+    spawn_with(io, id, manager, callee, 4)
+}
+
+fn spawn_with(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>, max_calls: u16) -> Running {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut cfg = ClientConfig::new(ClientId::new(id).unwrap(), udp.local_addr().unwrap().port());
     cfg.stun_server = Some(manager);
-    cfg.max_calls = 4;
-    let client = Client::new(cfg, 7);
+    cfg.max_calls = max_calls;
+    // Each client its own seed: equal seeds give equal STUN transaction ids, and clients
+    // registering at the same moment would then take each other's bindings.
+    let client = Client::new(cfg, engine::rng::Rng::from_entropy().next_u64());
     let p = Arc::new(Progress::default());
     let app = TestApp::new(callee, callee.is_some(), p.clone());
     let stop_flag = Arc::new(AtomicBool::new(false));
@@ -214,6 +223,82 @@ fn survives_a_manager_restart(io: Io) {
 #[test]
 fn a_call_survives_a_manager_restart_and_clients_re_register() {
     both(survives_a_manager_restart);
+}
+
+/// The manager is killed in the middle of 100 calls (10 callers with 10 calls each, to 10
+/// callees): media keeps flowing in every one of them, all 20 clients re-register within
+/// seconds of the manager coming back, and new calls then succeed.
+fn survives_a_manager_kill_during_100_calls(io: Io) {
+    let m1 = manager_on("127.0.0.1:0".parse().unwrap());
+    let addr = m1.local_addr();
+    let callees: Vec<Running> = (0..10).map(|i| spawn_with(io, &format!("callee-{i}"), addr, None, 16)).collect();
+    wait_until("callees registered", Duration::from_secs(10), || {
+        callees.iter().all(|c| c.p.registrations.load(Ordering::SeqCst) == 1)
+    });
+    let callers: Vec<Running> =
+        (0..10).map(|i| spawn_with(io, &format!("caller-{i}"), addr, Some(&format!("callee-{i}")), 16)).collect();
+    // Each caller places its first call on registering; then nine more.
+    wait_until("callers registered", Duration::from_secs(10), || {
+        callers.iter().all(|c| c.p.registrations.load(Ordering::SeqCst) == 1)
+    });
+    for c in &callers {
+        c.p.call_requests.store(10, Ordering::SeqCst);
+    }
+    let all_flowing = |rs: &[Running]| rs.iter().all(|c| c.p.per_call.lock().unwrap().values().filter(|&&n| n > 5).count() == 10);
+    let ok = wait_for(Duration::from_secs(15), || all_flowing(&callers) && all_flowing(&callees));
+    assert!(
+        ok,
+        "{io:?}: 100 calls with media both ways: callers started {:?}, per call {:?}; callees {:?}",
+        callers.iter().map(|c| c.p.started.load(Ordering::SeqCst)).collect::<Vec<_>>(),
+        callers.iter().map(|c| c.p.per_call.lock().unwrap().len()).collect::<Vec<_>>(),
+        callees.iter().map(|c| c.p.per_call.lock().unwrap().len()).collect::<Vec<_>>()
+    );
+    let snapshot = |rs: &[Running]| -> Vec<std::collections::HashMap<u32, u64>> { rs.iter().map(|c| c.p.per_call.lock().unwrap().clone()).collect() };
+    let before = (snapshot(&callers), snapshot(&callees));
+
+    m1.shutdown();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = (snapshot(&callers), snapshot(&callees));
+    // One second without a manager, 50 packets/s: every call kept going, both ways.
+    for (side, b, a) in [("caller", &before.0, &after.0), ("callee", &before.1, &after.1)] {
+        for (i, (b, a)) in b.iter().zip(a.iter()).enumerate() {
+            for (h, n0) in b {
+                let n1 = a.get(h).copied().unwrap_or(0);
+                assert!(n1 >= n0 + 25, "{io:?}: {side} {i} call {h}: {n0} -> {n1} packets while the manager was down");
+            }
+        }
+    }
+    let restarted = Instant::now();
+    let _m2 = manager_on(addr);
+    wait_until("all 20 clients re-registered", Duration::from_secs(15), || {
+        callers.iter().chain(&callees).all(|c| c.p.registrations.load(Ordering::SeqCst) == 2)
+    });
+    let took = restarted.elapsed();
+    // Backoff doubles from 200 ms to 5 s; the outage was about a second.
+    assert!(took < Duration::from_secs(8), "{io:?}: re-registration took {took:?}");
+    for c in &callers {
+        c.p.call_requests.store(11, Ordering::SeqCst);
+    }
+    let ok = wait_for(Duration::from_secs(10), || callers.iter().all(|c| c.p.started.load(Ordering::SeqCst) == 11));
+    assert!(ok, "{io:?}: not every new call started");
+    std::thread::sleep(Duration::from_millis(300));
+    for c in callers {
+        let (r, p) = c.stop();
+        let counters = r.expect("caller's driver");
+        assert_eq!((counters.connects, counters.disconnects), (2, 1), "{io:?}: {counters:?}");
+        let reports = p.reports.lock().unwrap();
+        assert_eq!(reports.len(), 11, "{io:?}");
+        assert!(reports.iter().all(|r| r.succeeded()), "{io:?}: {reports:?}");
+    }
+    for c in callees {
+        let _ = c.stop();
+    }
+    eprintln!("{io:?}: all clients re-registered {took:?} after the manager came back");
+}
+
+#[test]
+fn the_manager_killed_during_100_calls_breaks_none_of_them() {
+    both(survives_a_manager_kill_during_100_calls);
 }
 
 fn unreachable_manager_is_an_error(io: Io) {

@@ -35,9 +35,16 @@ impl Bindings {
     }
 
     /// Remember that a binding request with `tx` came from `addr`. Returns false if the table
-    /// is full.
+    /// is full. The first source of a transaction id keeps it while it is fresh: a request
+    /// from elsewhere with the same id (someone who saw it go by) cannot move the client's
+    /// public address; a retransmission from the same source refreshes it.
     pub fn insert(&self, tx: [u8; 12], addr: SocketAddr, now: Instant) -> bool {
         let mut m = self.stripe(&tx).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((first, t)) = m.get(&tx) {
+            if *first != addr && now.saturating_duration_since(*t) < BINDING_TTL {
+                return true;
+            }
+        }
         if m.len() >= MAX_BINDINGS / STRIPES {
             m.retain(|_, (_, t)| now.duration_since(*t) < BINDING_TTL);
             if m.len() >= MAX_BINDINGS / STRIPES {
@@ -60,5 +67,26 @@ impl Bindings {
         for s in &self.stripes {
             s.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, (_, t)| now.duration_since(*t) < BINDING_TTL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_source_of_a_transaction_id_keeps_it() {
+        let b = Bindings::default();
+        let t0 = Instant::now();
+        let (client, thief): (SocketAddr, SocketAddr) = ("192.0.2.1:4000".parse().unwrap(), "198.51.100.9:5000".parse().unwrap());
+        assert!(b.insert([1; 12], client, t0));
+        assert!(b.insert([1; 12], thief, t0 + Duration::from_millis(5)));
+        assert_eq!(b.take(&[1; 12], t0 + Duration::from_millis(10)), Some(client));
+        // Used once.
+        assert_eq!(b.take(&[1; 12], t0 + Duration::from_millis(10)), None);
+        // After the first one expired, a new source may take the id.
+        assert!(b.insert([2; 12], client, t0));
+        assert!(b.insert([2; 12], thief, t0 + BINDING_TTL));
+        assert_eq!(b.take(&[2; 12], t0 + BINDING_TTL), Some(thief));
     }
 }
