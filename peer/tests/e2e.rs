@@ -307,3 +307,45 @@ fn a_third_host_cannot_inject_into_an_established_call() {
     assert_eq!(b["nulls_received"].as_u64().unwrap(), a["nulls_sent"].as_u64().unwrap(), "no forged null accepted: {b}");
     m.stop();
 }
+
+#[test]
+fn a_peer_that_vanishes_mid_call_is_detected_by_media_timeout() {
+    let m = start_manager();
+    let bob = peer(&m.addr, "bob", &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&m.addr, "alice", &["--media-timeout-secs", "1", "call", "bob", "--duration", "30", "--json"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Bob dies without a word (SIGKILL: no HANGUP).
+    let mut bob = bob;
+    bob.child.kill().unwrap();
+    let t = Instant::now();
+    let (code, out, err) = alice.finish(Duration::from_secs(15));
+    assert_eq!(code, 1, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "detected in {:?}", t.elapsed());
+    let a = json_line(&out);
+    assert_eq!(a["result"], "peer stopped sending", "{a}");
+    assert_eq!(a["failed_phase"], "media stopped", "{a}");
+    assert!(a["received"].as_u64().unwrap() > 50, "{a}");
+    m.stop();
+}
+
+#[test]
+fn sigterm_ends_a_peers_open_call_with_hangup_shutdown() {
+    let m = start_manager();
+    let bob = peer(&m.addr, "bob", &["listen", "--json"]);
+    settle();
+    let alice = peer(&m.addr, "alice", &["call", "bob", "--duration", "30", "--json"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(bob.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
+    let (ca, out_a, err_a) = alice.finish(Duration::from_secs(10));
+    assert!(t.elapsed() < Duration::from_secs(3), "nothing hangs: {:?}", t.elapsed());
+    assert_eq!(cb, 0, "bob hung up himself: {err_b}");
+    assert_eq!(ca, 1, "{err_a}");
+    let (a, b) = (json_line(&out_a), json_line(&out_b));
+    assert_eq!(b["result"], "ok", "{b}");
+    assert_eq!(a["result"], "remote hangup (Shutdown)", "{a}");
+    m.stop();
+}
