@@ -1,6 +1,7 @@
 //! `loadgen`: the nullpunch load generator.
 
 mod audio;
+mod hostile;
 mod output;
 mod register;
 mod report;
@@ -50,6 +51,12 @@ enum Cmd {
     /// cross-correlation in the callee's played-out audio (capture frame + encode + network
     /// + jitter buffer + decode), with optional seeded loss and jitter.
     AudioLatency(AudioArgs),
+    /// The same `setup` run twice against one in-process manager with production limits:
+    /// clean, then while other connections attack it (random bytes, oversized length
+    /// prefixes, half frames held open, thousands of idle connections, REGISTER floods).
+    /// Reports both runs, the p99 ratio, the attack and the manager's answers, and memory.
+    /// Fails if a legitimate call fails or p99 more than doubles.
+    Hostile(HostileArgs),
     /// Re-print a recorded run (a directory written with --out) from its files.
     Report {
         /// The run's directory.
@@ -103,6 +110,23 @@ struct Common {
     /// manager's metrics. The address is printed on stderr.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct HostileArgs {
+    /// The legitimate load (`setup` options; defaults: 500 calls/s for 10 s, talk 0).
+    #[command(flatten)]
+    setup: SetupArgs,
+    /// Idle connections held during the attack.
+    #[arg(long, default_value_t = 2000)]
+    idle: usize,
+    /// Half-frame connections held during the attack.
+    #[arg(long, default_value_t = 500)]
+    half: usize,
+    /// New attacking connections per second of each kind (random bytes, oversized prefix,
+    /// REGISTER flood).
+    #[arg(long, default_value_t = 50.0)]
+    churn_rate: f64,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -288,23 +312,28 @@ fn main() -> ExitCode {
         Some(Cmd::Register(r)) => return run_register(r),
         Some(Cmd::Soak(a)) => return run_soak(a),
         Some(Cmd::AudioLatency(a)) => return run_audio(a),
+        Some(Cmd::Hostile(h)) => return run_hostile(h),
         Some(Cmd::Report { dir, json }) => return print_run(runs::report(&dir), json),
         Some(Cmd::Merge { out, runs: dirs, json }) => return print_run(runs::merge(&dirs, &out), json),
         None => SetupArgs::default(),
     };
+    match setup_config(&args) {
+        Ok(cfg) => finish(setup::run(cfg), args.common.json),
+        Err(c) => c,
+    }
+}
+
+fn setup_config(args: &SetupArgs) -> Result<setup::SetupConfig, ExitCode> {
     if !(args.rate > 0.0) || args.callers == 0 || args.callees == 0 {
         eprintln!("loadgen: --rate, --callers and --callees must be positive");
-        return ExitCode::from(2);
+        return Err(ExitCode::from(2));
     }
-    let manager = match resolve(&args.common.manager) {
-        Ok(m) => m,
-        Err(c) => return c,
-    };
+    let manager = resolve(&args.common.manager)?;
     let calls = match args.duration {
         Some(d) => (d * args.rate).round() as u64,
         None => args.calls,
     };
-    let cfg = setup::SetupConfig {
+    Ok(setup::SetupConfig {
         manager,
         shards: args.shards,
         rate: args.rate,
@@ -317,17 +346,39 @@ fn main() -> ExitCode {
         out: args.common.out.clone(),
         window: None,
         idle: false,
-        io: match choose_io(&args.common.io) {
-            Ok(io) => io,
-            Err(c) => return c,
-        },
+        io: choose_io(&args.common.io)?,
         tick: Duration::from_micros(args.tick.tick_us),
         progress: !args.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         interval: None,
         warmup: Duration::ZERO,
         metrics: args.common.metrics,
+    })
+}
+
+fn run_hostile(h: HostileArgs) -> ExitCode {
+    let mut args = h.setup;
+    // Defaults of this scenario where the user left setup's.
+    let given = |flag: &str| std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if !given("--rate") {
+        args.rate = 500.0;
+    }
+    if !given("--duration") && !given("--calls") {
+        args.duration = Some(10.0);
+    }
+    if !given("--talk") {
+        args.talk = 0.0;
+    }
+    if args.common.manager.is_some() {
+        eprintln!("loadgen hostile: runs its own in-process manager; --manager is not taken");
+        return ExitCode::from(2);
+    }
+    let mut setup = match setup_config(&args) {
+        Ok(c) => c,
+        Err(c) => return c,
     };
-    finish(setup::run(cfg), args.common.json)
+    setup.out = None;
+    let cfg = hostile::HostileConfig { setup, idle: h.idle, half: h.half, churn_rate: h.churn_rate, out: args.common.out.clone() };
+    finish(hostile::run(cfg), args.common.json)
 }
 
 fn choose_io(s: &str) -> Result<engine::driver::Io, ExitCode> {

@@ -22,6 +22,13 @@ use engine::wire::frame::{
 use crate::bindings::Bindings;
 use crate::stats::Stats;
 
+/// Frames a connection may have refused (ERROR NotRegistered or Unexpected) before it is
+/// closed: a client that keeps sending what it may not send is broken or hostile.
+pub const MAX_CONN_ERRORS: u32 = 16;
+
+/// Timed-out connections one shard closes per tick at most (the rest wait for the next).
+pub const MAX_KICKS_PER_TICK: usize = 128;
+
 /// A connection anywhere in the manager: its shard and its id within that shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnRef {
@@ -227,6 +234,8 @@ struct Conn {
     closing: bool,
     /// Frame allowance left (token bucket, refilled at `frames_per_sec`).
     allowance: f64,
+    /// Frames refused with an ERROR so far.
+    errors: u32,
 }
 
 #[derive(Debug)]
@@ -355,6 +364,7 @@ impl Shard {
                 calls: HashSet::new(),
                 closing: false,
                 allowance,
+                errors: 0,
             },
         );
         self.stats.inc(&self.stats.connections_accepted);
@@ -662,7 +672,10 @@ impl Shard {
                 _ => {}
             }
         }
-        for (id, why) in kicks {
+        // At most MAX_KICKS_PER_TICK closes per tick: thousands of connections that reached
+        // their deadline together (an idle-connection attack) are closed over a few ticks
+        // instead of stalling this shard's live calls in one burst.
+        for (id, why) in kicks.into_iter().take(MAX_KICKS_PER_TICK) {
             self.stats.inc(&self.stats.connections_timed_out);
             self.kick(id, ErrorCode::Timeout, why.to_string());
         }
@@ -814,13 +827,32 @@ impl Shard {
 
     fn not_registered(&mut self, conn: u64, what: &str) {
         self.stats.inc(&self.stats.frames_unexpected);
+        if self.too_many_errors(conn) {
+            return;
+        }
         let f = Frame::Error { code: ErrorCode::NotRegistered, message: format!("{what} before REGISTERED") };
         self.send(conn, f);
     }
 
     fn unexpected(&mut self, conn: u64, what: &str) {
         self.stats.inc(&self.stats.frames_unexpected);
+        if self.too_many_errors(conn) {
+            return;
+        }
         self.send(conn, Frame::Error { code: ErrorCode::Unexpected, message: what.to_string() });
+    }
+
+    /// Count a refused frame on `conn`; past [`MAX_CONN_ERRORS`] the connection is closed
+    /// (ERROR `RateLimited`) rather than answered again and again.
+    fn too_many_errors(&mut self, conn: u64) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else { return true };
+        c.errors += 1;
+        if c.errors > MAX_CONN_ERRORS {
+            self.stats.inc(&self.stats.connections_flooding);
+            self.kick(conn, ErrorCode::RateLimited, format!("more than {MAX_CONN_ERRORS} refused frames"));
+            return true;
+        }
+        false
     }
 }
 
