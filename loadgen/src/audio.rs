@@ -275,7 +275,12 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
     let (_mgr, manager) = match cfg.manager {
         Some(m) => (None, m),
         None => {
-            let m = manager::start(manager::ManagerConfig { listen: SocketAddr::new(cfg.bind_ip, 0), shards: 1, ..Default::default() })
+            let m = manager::start(manager::ManagerConfig {
+                listen: SocketAddr::new(cfg.bind_ip, 0),
+                shards: 1,
+                shard: crate::sys::embedded_shard(),
+                ..Default::default()
+            })
                 .map_err(|e| format!("manager: {e}"))?;
             let a = m.local_addr();
             (Some(m), a)
@@ -292,6 +297,7 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
     let mk_client = |id: ClientId, udp: &std::net::UdpSocket| {
         let mut c = ClientConfig::new(id, udp.local_addr().unwrap().port());
         c.stun_server = Some(manager);
+        c.auth = crate::sys::token_for(&c.id);
         Client::new(c, Rng::from_entropy().next_u64())
     };
     let udp_t = std::net::UdpSocket::bind((cfg.bind_ip, 0)).map_err(|e| e.to_string())?;

@@ -156,7 +156,7 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
     let mgr = manager::start(manager::ManagerConfig {
         listen: SocketAddr::new(cfg.setup.bind_ip, 0),
         shards: cfg.setup.shards,
-        shard: manager::core::ShardConfig { frames_per_sec: 500.0, ..Default::default() },
+        shard: manager::core::ShardConfig { frames_per_sec: 500.0, ..sys::embedded_shard() },
         stun_rate: 0.0,
         max_connections: 100_000,
         ..Default::default()

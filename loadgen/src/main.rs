@@ -105,6 +105,11 @@ struct Common {
     /// and an .hlog histogram log, and plots (SVG) into this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<std::path::PathBuf>,
+    /// The manager's secret file: every simulated client registers with a token minted
+    /// from it (an external manager started with the same --secret-file), and an embedded
+    /// manager requires tokens.
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<std::path::PathBuf>,
     /// Serve live Prometheus metrics on http://ADDR/metrics while the run lasts (setup,
     /// sessions and soak): the generator's calls, setup times and packets, and the embedded
     /// manager's metrics. The address is printed on stderr.
@@ -306,6 +311,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(p) = common_secret(&cli) {
+        match manager::auth::Secret::from_file(&p) {
+            Ok(s) => {
+                let _ = sys::SECRET.set(std::sync::Arc::new(s));
+            }
+            Err(e) => {
+                eprintln!("loadgen: --secret-file {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let args = match cli.cmd {
         Some(Cmd::Setup(a)) => a,
         Some(Cmd::Sessions(s)) => return run_sessions(s),
@@ -379,6 +395,19 @@ fn run_hostile(h: HostileArgs) -> ExitCode {
     setup.out = None;
     let cfg = hostile::HostileConfig { setup, idle: h.idle, half: h.half, churn_rate: h.churn_rate, out: args.common.out.clone() };
     finish(hostile::run(cfg), args.common.json)
+}
+
+/// The --secret-file of whichever scenario was chosen.
+fn common_secret(cli: &Cli) -> Option<std::path::PathBuf> {
+    match &cli.cmd {
+        Some(Cmd::Setup(a)) => a.common.secret_file.clone(),
+        Some(Cmd::Sessions(a)) => a.common.secret_file.clone(),
+        Some(Cmd::Register(a)) => a.common.secret_file.clone(),
+        Some(Cmd::Soak(a)) => a.common.secret_file.clone(),
+        Some(Cmd::AudioLatency(a)) => a.common.secret_file.clone(),
+        Some(Cmd::Hostile(a)) => a.setup.common.secret_file.clone(),
+        _ => None,
+    }
 }
 
 fn choose_io(s: &str) -> Result<engine::driver::Io, ExitCode> {

@@ -84,7 +84,8 @@ fn client(bind: IpAddr, i: usize, manager: SocketAddr) -> Result<(std::net::UdpS
     let port = udp.local_addr().map_err(|e| e.to_string())?.port();
     let mut c = ClientConfig::new(ClientId::new(format!("reg-{i}")).map_err(|e| e.to_string())?, port);
     c.stun_server = Some(manager);
-    Ok((udp, Client::new(c, i as u64)))
+    c.auth = crate::sys::token_for(&c.id);
+    Ok((udp, Client::new(c, engine::rng::Rng::from_entropy().next_u64() ^ i as u64)))
 }
 
 /// Resident set size of process `pid` in MiB.
@@ -112,6 +113,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
                 shards: cfg.shards,
                 // Every simulated client shares one source IP: no per-source STUN limit.
                 stun_rate: 0.0,
+                shard: crate::sys::embedded_shard(),
                 ..Default::default()
             })
                 .map_err(|e| format!("cannot start the embedded manager: {e}"))?,

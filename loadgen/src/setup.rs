@@ -126,6 +126,8 @@ struct Shared {
     /// Setup times of successful calls (planned start to two-way media), for the metrics
     /// endpoint.
     setup_time: manager::stats::LatencyHistogram,
+    /// The manager refused a registration (ERROR Unauthorized): its message.
+    refused: Mutex<Option<String>>,
 }
 
 /// What an interval of a soak run collects, swapped out by the sampler at each interval's end.
@@ -165,6 +167,13 @@ impl Inbox {
 }
 
 impl Shared {
+    /// Remember the first registration the manager refused (ERROR Unauthorized).
+    fn note_refusal(&self, event: &Event) {
+        if let Event::ManagerError { code: engine::wire::frame::ErrorCode::Unauthorized, message } = event {
+            self.refused.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| message.clone());
+        }
+    }
+
     /// Count a client's first registration (re-registrations after a reconnect are not).
     fn count_registration(&self, counted: &mut bool) {
         if !std::mem::replace(counted, true) {
@@ -242,6 +251,7 @@ impl CallerApp {
 
 impl App for CallerApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        self.shared.note_refusal(&event);
         match event {
             Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration),
             Event::Started { handle, call_id, .. } => {
@@ -331,6 +341,7 @@ impl App for CallerApp {
 
 impl App for CalleeApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        self.shared.note_refusal(&event);
         match event {
             Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration),
             Event::Incoming { call_id, .. } => {
@@ -537,6 +548,9 @@ async fn first_finished<T>(tasks: &mut Vec<tokio::task::JoinHandle<Result<T, Str
 /// io_uring thread per generator thread.
 async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inbox>], manager_addr: SocketAddr, threads: usize) -> Result<Fleet, String> {
     let bind = SocketAddr::new(cfg.bind_ip, 0);
+    // Seeds differ per run: equal seeds give equal STUN transaction ids, and a second run
+    // against the same manager within the bindings' 30 s would find its ids taken.
+    let salt = engine::rng::Rng::from_entropy().next_u64();
     let remaining = |i: usize| (cfg.calls as usize + cfg.callers - 1 - i) / cfg.callers;
     match cfg.io {
         driver::Io::Portable => {
@@ -544,7 +558,7 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
             for i in 0..cfg.callees {
                 let shared = shared.clone();
                 callees.push(tokio::spawn(async move {
-                    let (udp, mut client) = new_client(bind, format!("callee-{i}"), manager_addr, i as u64).await?;
+                    let (udp, mut client) = new_client(bind, format!("callee-{i}"), manager_addr, salt ^ i as u64).await?;
                     let mut app = callee_app(shared);
                     driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending()).await.map_err(|e| e.to_string())?;
                     let skipped = app.streams.skipped();
@@ -555,7 +569,7 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
             for (i, inbox) in inboxes.iter().cloned().enumerate() {
                 let mut app = caller_app(shared.clone(), inbox.clone(), remaining(i), cfg.talk);
                 callers.push(tokio::spawn(async move {
-                    let (udp, mut client) = new_client(bind, format!("caller-{i}"), manager_addr, 1_000_000 + i as u64).await?;
+                    let (udp, mut client) = new_client(bind, format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64)).await?;
                     let wake = Some(inbox.wake.clone());
                     driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake)
                         .await
@@ -579,9 +593,9 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
             });
             for (caller, i) in kinds {
                 let (udp, client) = if caller {
-                    new_std_client(bind, format!("caller-{i}"), manager_addr, 1_000_000 + i as u64)?
+                    new_std_client(bind, format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64))?
                 } else {
-                    new_std_client(bind, format!("callee-{i}"), manager_addr, i as u64)?
+                    new_std_client(bind, format!("callee-{i}"), manager_addr, salt ^ i as u64)?
                 };
                 let (app, wake) = if caller {
                     let w = inboxes[i].ring_wake.clone();
@@ -770,6 +784,7 @@ fn new_std_client(bind: SocketAddr, id: String, manager: SocketAddr, seed: u64) 
     let mut c = ClientConfig::new(ClientId::new(id).map_err(|e| e.to_string())?, port);
     c.stun_server = Some(manager);
     c.max_calls = u16::MAX;
+    c.auth = sys::token_for(&c.id);
     Ok((udp, Client::new(c, seed)))
 }
 
@@ -801,6 +816,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                 shards: cfg.shards,
                 // Every simulated client shares one source IP: no per-source STUN limit.
                 stun_rate: 0.0,
+                shard: sys::embedded_shard(),
                 ..Default::default()
             })
             .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
@@ -829,6 +845,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         stop_callees: AtomicBool::new(false),
         incoming: Mutex::new(HashMap::new()),
         setup_time: Default::default(),
+        refused: Mutex::new(None),
     });
     let _metrics = match cfg.metrics {
         Some(addr) => {
@@ -864,6 +881,11 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             // A client that stopped before the run started failed: report its error now.
             if let Some(e) = fleet.early_failure().await {
                 return Err(e);
+            }
+            if let Some(m) = shared.refused.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                return Err(format!(
+                    "the manager refused registration ({m}); a manager with --secret-file needs loadgen --secret-file with the same secret"
+                ));
             }
             if Instant::now() > reg_deadline {
                 return Err(format!(

@@ -112,3 +112,18 @@ impl Sleeper {
         self.thread.take()?.join().ok()
     }
 }
+
+/// The manager's secret, when `--secret-file` was given: every simulated client then carries
+/// a token for its id, and an embedded manager requires them.
+pub static SECRET: std::sync::OnceLock<std::sync::Arc<manager::auth::Secret>> = std::sync::OnceLock::new();
+
+/// A day-long token for `id`, if a secret was given.
+pub fn token_for(id: &engine::wire::frame::ClientId) -> Option<engine::wire::frame::AuthToken> {
+    SECRET.get().map(|s| s.mint(id, manager::auth::unix_now() + 86_400))
+}
+
+/// The shard configuration for an embedded manager: no limits, tokens required if a secret
+/// was given.
+pub fn embedded_shard() -> manager::core::ShardConfig {
+    manager::core::ShardConfig { secret: SECRET.get().cloned(), ..Default::default() }
+}

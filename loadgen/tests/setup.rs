@@ -206,3 +206,37 @@ fn hostile_connections_do_not_cost_legitimate_calls() {
     assert!(a["idle_connections"].as_u64().unwrap() >= 300 && a["half_frame_connections"].as_u64().unwrap() >= 100, "{v}");
     assert!(v["rss_max_during_attack_mb"].as_f64().unwrap() < 200.0, "{v}");
 }
+
+#[test]
+fn against_a_manager_with_a_secret_only_a_run_with_the_secret_file_gets_through() {
+    let dir = std::env::temp_dir().join(format!("loadgen-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("secret");
+    std::fs::write(&path, "loadgen-test-secret-0123456789").unwrap();
+    let secret = std::sync::Arc::new(manager::auth::Secret::from_file(&path).unwrap());
+    let m = manager::start(manager::ManagerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        stun_rate: 0.0,
+        shard: manager::core::ShardConfig { secret: Some(secret), ..Default::default() },
+        ..Default::default()
+    })
+    .unwrap();
+    let addr = m.local_addr().to_string();
+    let args = ["setup", "--manager", &addr, "--rate", "50", "--calls", "20", "--callers", "5", "--callees", "5", "--talk", "0", "--json"];
+    // Without tokens: refused at once, with a clear message.
+    let t = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("refused registration") && err.contains("--secret-file"), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(m.stats().auth_missing.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    let mut with = args.to_vec();
+    let p = path.to_str().unwrap();
+    with.extend_from_slice(&["--secret-file", p]);
+    let (code, v, err) = run(&with);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["calls_ok"], 20, "{v}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
