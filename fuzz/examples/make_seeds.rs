@@ -16,7 +16,7 @@ use engine::wire::null::NullPacket;
 use engine::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
 use engine::wire::stun;
 use nullpunch_fuzz::datagram::{self, Harness, CALLEE_CALL_ID, CALLEE_TOKEN, CALLER_CALL_ID, CALLER_TOKEN};
-use nullpunch_fuzz::manager_conn::{Script, Sim};
+use nullpunch_fuzz::manager_conn::{self as mc, Script, Sim, MODE_LIMITS, MODE_SECRET};
 
 fn id(s: &str) -> ClientId {
     ClientId::new(s).unwrap()
@@ -151,18 +151,18 @@ fn manager_conn(dir: &Path) {
     let bob = register("bob", 40001, 1, None, None);
     let call = |callee: &str| enc(&Frame::Call { call_ref: 1, callee: id(callee) });
 
-    let mut s = Script::default();
+    let mut s = Script::new(0);
     s.raw(a, &alice).raw(b, &bob).deliver().deliver().deliver();
     s.frame(a, &Frame::Ping { nonce: 7 });
     write(dir, "register-two", &s.0);
 
     // A full call: the call id comes from running the script so far.
-    let mut s = Script::default();
+    let mut s = Script::new(0);
     s.raw(a, &alice).raw(b, &bob).deliver().deliver().deliver();
     s.raw(a, &call("bob")).deliver().deliver().deliver();
-    let mut sim = Sim::new();
+    let mut sim = Sim::new(s.0[0]);
     sim.record = true;
-    nullpunch_fuzz::manager_conn::apply(&mut sim, &s.0);
+    mc::apply(&mut sim, &s.0[1..]);
     let call_id = sim
         .written
         .iter()
@@ -190,7 +190,7 @@ fn manager_conn(dir: &Path) {
     write(dir, "call-callee-gone", &s.0);
 
     // A STUN binding named by REGISTER; a second connection replaces the registration.
-    let mut s = Script::default();
+    let mut s = Script::new(0);
     s.stun(a, [3; 12]).raw(a, &register("carol", 40002, 2, Some([3; 12]), None)).deliver().deliver().deliver();
     s.open(1).raw(2, &register("carol", 40003, 2, None, None)).deliver().deliver().deliver();
     s.raw(b, &bob).deliver().deliver().deliver();
@@ -198,10 +198,33 @@ fn manager_conn(dir: &Path) {
     write(dir, "stun-replace-call", &s.0);
 
     // Errors: a frame before REGISTER, a manager-to-client frame, an oversized prefix.
-    let mut s = Script::default();
+    let mut s = Script::new(0);
     s.raw(a, &call("bob")).frame(a, &Frame::Busy { call_ref: 1 }).raw(b, &[0xFF, 0xFF, 1]).deliver().deliver();
     s.tick(250).tick(250);
     write(dir, "errors-and-timeouts", &s.0);
+
+    // Limits: a third and fourth connection on shard 0 (the fourth is refused), a flood of
+    // PINGs (over the burst of 40), and a caller at its limit of 2 calls.
+    let mut s = Script::new(MODE_LIMITS);
+    s.raw(a, &alice).raw(b, &bob).deliver().deliver().deliver();
+    s.open(0).open(0).open(0).deliver();
+    s.raw(2, &register("carol", 40002, 1, None, None)).deliver().deliver().deliver();
+    for callee in ["bob", "carol", "bob"] {
+        s.raw(a, &call(callee)).deliver().deliver().deliver();
+    }
+    let ping = enc(&Frame::Ping { nonce: 1 });
+    s.raw(b, &ping.repeat(45)).deliver().deliver();
+    write(dir, "limits", &s.0);
+
+    // A secret: an unsigned REGISTER is refused, a signed one (valid token) is accepted, a
+    // signed one with an expired token (expiry 1) is refused.
+    let mut s = Script::new(MODE_SECRET);
+    s.raw(a, &alice).deliver().deliver();
+    s.open(0).open(1);
+    s.signed(2, &alice).signed(3, &bob).deliver().deliver().deliver();
+    s.raw(2, &call("bob")).deliver().deliver().deliver();
+    s.open(0).signed(4, &register("dave", 1, 1, None, Some((1, [0; 32])))).deliver().deliver();
+    write(dir, "secret", &s.0);
 }
 
 fn main() {

@@ -7,17 +7,21 @@
 //! `FrameDecoder` as in `server::conn_task`. Two connections are open at the start, one on
 //! each shard.
 //!
-//! Input: a script of operations; each starts with an op byte `b`, whose low 3 bits pick
-//! the operation and whose high 5 bits (`x = b >> 3`) pick a connection or shard:
+//! Input: a mode byte, then a script of operations. Mode bit 0 turns on the shard limits
+//! ([`LIMITS`]: connections per shard, frames per second, calls per connection), bit 1 a
+//! registration secret ([`SECRET`]: REGISTER needs a token). Each operation starts with an
+//! op byte `b`, whose low 3 bits pick the operation and whose high 5 bits (`x = b >> 3`) pick
+//! a connection (index `x % open so far`) or a shard (`x % SHARDS`):
 //!
 //! | `b & 7` | operation |
 //! |---|---|
-//! | 0, 1, 2 | bytes for connection `x`: a length byte `n`, then `n` bytes, pushed into its decoder; every whole frame goes to `conn_frame`, a decode error to `conn_error` (then the connection reads no more), as `conn_task` does |
+//! | 0, 1, 2 | bytes from connection `x`: a length byte `n`, then `n` bytes, pushed into its decoder; every whole frame goes to `conn_frame`, a decode error to `conn_error` (then the connection reads no more), as `conn_task` does |
 //! | 3 | the clock advances by `next byte * 50 ms` and every shard runs `handle_tick` |
-//! | 4 | shard `x % SHARDS` takes the messages queued for it so far (`handle_msg`), and every connection the core asked to close is closed (`conn_closed`) |
+//! | 4 | shard `x` takes the messages queued for it so far (`handle_msg`), and every connection the core asked to close is closed (`conn_closed`) |
 //! | 5 | the peer closes connection `x` (`conn_closed`) |
-//! | 6 | a new connection is accepted on shard `x % SHARDS` (`conn_opened`) |
-//! | 7 | a STUN binding arrives on the UDP port: 12 bytes of transaction id follow; the source is connection `x`'s peer with port 40000 + x (`Bindings::insert`) |
+//! | 6 | a new connection is accepted on shard `x` (`conn_opened`) |
+//! | 7, `x < 16` | a STUN binding arrives on the UDP port: 12 bytes of transaction id follow; the source is connection `x`'s peer with port 40000 + x (`Bindings::insert`) |
+//! | 7, `x >= 16` | signed bytes from connection `x - 16`: as op 0, but every REGISTER decoded carries a token minted with [`SECRET`] for its id (expiring when the frame's own token does, or never), as a client given `manager token` output sends |
 //!
 //! A connection op for a closed connection, or a truncated op, does nothing. At the end every
 //! connection closes and all messages are delivered.
@@ -33,6 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::wire::frame::{Frame, FrameDecoder};
+use manager::auth::Secret;
 use manager::bindings::Bindings;
 use manager::core::{Output, Shard, ShardConfig, ShardMsg};
 use manager::stats::Stats;
@@ -45,6 +50,15 @@ pub const SHARDS: u16 = 2;
 pub const MAX_CONNS: usize = 8;
 /// Seed of the shards' generators (fixes call ids and tokens).
 pub const SEED: u64 = 0x5EED;
+/// The registration secret of mode bit 1.
+pub const SECRET: &[u8] = b"nullpunch-fuzz-secret-0123456789";
+/// Mode bit 0: the limits, per shard as `server::start` divides them (connections, frames
+/// per second, calls per connection). Small, so an input can reach each.
+pub const LIMITS: (usize, f64, usize) = (3, 20.0, 2);
+/// Mode bit: limits on.
+pub const MODE_LIMITS: u8 = 1;
+/// Mode bit: registration secret on.
+pub const MODE_SECRET: u8 = 2;
 /// Bound on message deliveries when settling.
 const MAX_SETTLE: usize = 100_000;
 
@@ -57,6 +71,8 @@ pub mod op {
     pub const CLOSE: u8 = 5;
     pub const OPEN: u8 = 6;
     pub const STUN: u8 = 7;
+    /// `x` at or above this in op 7: signed bytes.
+    pub const SIGNED_X: u8 = 16;
 }
 
 /// Peer address of connection `k`: documentation ranges only (nothing is ever sent).
@@ -88,6 +104,7 @@ pub struct Sim {
     inbox: Vec<VecDeque<ShardMsg>>,
     conns: Vec<Conn>,
     bindings: Arc<Bindings>,
+    secret: Secret,
     /// Every frame written to a connection: (connection index, frame). Used for seeds.
     pub written: Vec<(usize, Frame)>,
     /// Keep `written` (seed generation); off while fuzzing.
@@ -95,19 +112,27 @@ pub struct Sim {
 }
 
 impl Sim {
-    /// A manager with two connections open, one per shard.
-    pub fn new() -> Sim {
+    /// A manager in `mode` (see the module docs) with two connections open, one per shard.
+    pub fn new(mode: u8) -> Sim {
         let stats = Arc::new(Stats::default());
         let bindings = Arc::new(Bindings::default());
-        let shards = (0..SHARDS)
-            .map(|i| Shard::new(i, SHARDS, ShardConfig::default(), bindings.clone(), stats.clone(), SEED))
-            .collect();
+        let secret = Secret::new(SECRET.to_vec()).expect("long enough");
+        let mut cfg = ShardConfig::default();
+        if mode & MODE_LIMITS != 0 {
+            (cfg.max_connections, cfg.frames_per_sec, cfg.max_calls_per_conn) = LIMITS;
+        }
+        if mode & MODE_SECRET != 0 {
+            cfg.secret = Some(Arc::new(secret.clone()));
+        }
+        let shards =
+            (0..SHARDS).map(|i| Shard::new(i, SHARDS, cfg.clone(), bindings.clone(), stats.clone(), SEED)).collect();
         let mut sim = Sim {
             now: Instant::now(),
             shards,
             inbox: (0..SHARDS).map(|_| VecDeque::new()).collect(),
             conns: Vec::new(),
             bindings,
+            secret,
             written: Vec::new(),
             record: false,
         };
@@ -129,8 +154,8 @@ impl Sim {
         Some(k)
     }
 
-    /// Bytes from connection `k`'s peer.
-    pub fn bytes(&mut self, k: usize, data: &[u8]) {
+    /// Bytes from connection `k`'s peer; with `sign`, REGISTER frames get a valid token.
+    pub fn bytes(&mut self, k: usize, data: &[u8], sign: bool) {
         let c = &mut self.conns[k];
         if c.closed || !c.reading {
             return;
@@ -140,6 +165,11 @@ impl Sim {
         let core = &mut self.shards[s as usize];
         loop {
             match c.dec.next_frame() {
+                Ok(Some(Frame::Register { id: cid, udp_port, max_calls, binding, auth })) if sign => {
+                    let expiry = auth.map_or(u64::MAX, |t| t.expires_unix);
+                    let auth = Some(self.secret.mint(&cid, expiry));
+                    core.conn_frame(self.now, id, Frame::Register { id: cid, udp_port, max_calls, binding, auth })
+                }
                 Ok(Some(f)) => core.conn_frame(self.now, id, f),
                 Ok(None) => break,
                 Err(e) => {
@@ -258,26 +288,22 @@ impl Sim {
     }
 }
 
-impl Default for Sim {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Run a script (see the module docs) on `sim`.
+/// Run a script (see the module docs; without the mode byte) on `sim`.
 pub fn apply(sim: &mut Sim, data: &[u8]) {
     let mut r = data;
     while let Some((&b, rest)) = r.split_first() {
         r = rest;
         let x = (b >> 3) as usize;
-        match b & 7 {
-            0..=2 => {
+        let op = b & 7;
+        let signed = op == op::STUN && x >= op::SIGNED_X as usize;
+        match op {
+            0..=2 | op::STUN if op != op::STUN || signed => {
                 let Some((&n, rest)) = r.split_first() else { return };
                 let n = (n as usize).min(rest.len());
                 let (bytes, rest) = rest.split_at(n);
                 r = rest;
-                let k = x % sim.conns();
-                sim.bytes(k, bytes);
+                let k = (x % op::SIGNED_X as usize) % sim.conns();
+                sim.bytes(k, bytes, signed);
             }
             op::TICK => {
                 let Some((&n, rest)) = r.split_first() else { return };
@@ -306,16 +332,29 @@ pub fn apply(sim: &mut Sim, data: &[u8]) {
 
 /// Run the target on one input.
 pub fn run(data: &[u8]) {
-    let mut sim = Sim::new();
-    apply(&mut sim, data);
+    let Some((&mode, script)) = data.split_first() else { return };
+    let mut sim = Sim::new(mode);
+    apply(&mut sim, script);
     sim.finish();
 }
 
-/// Script builder (for seeds): encodes the operations of the module docs.
-#[derive(Default)]
+/// Script builder (for seeds): encodes the mode byte and the operations of the module docs.
 pub struct Script(pub Vec<u8>);
 
 impl Script {
+    /// A script for a manager in `mode`.
+    pub fn new(mode: u8) -> Script {
+        Script(vec![mode])
+    }
+    /// Signed bytes from connection `k` (REGISTER frames get a valid token).
+    pub fn signed(&mut self, k: usize, bytes: &[u8]) -> &mut Self {
+        for piece in bytes.chunks(255) {
+            self.0.push(op::STUN | ((op::SIGNED_X + k as u8) << 3));
+            self.0.push(piece.len() as u8);
+            self.0.extend_from_slice(piece);
+        }
+        self
+    }
     /// Frame `f` from connection `k`, encoded.
     pub fn frame(&mut self, k: usize, f: &Frame) -> &mut Self {
         let mut b = Vec::new();

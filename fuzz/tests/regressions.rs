@@ -59,7 +59,6 @@ fn seed(target: &str, name: &str) -> Vec<u8> {
 /// door). If a wire change breaks this, re-run `examples/make_seeds.rs`.
 #[test]
 fn seeds_reach_deep_states() {
-    use engine::wire::frame::Frame;
     use nullpunch_fuzz::{datagram, manager_conn};
 
     let h = datagram::Harness::new();
@@ -71,12 +70,25 @@ fn seeds_reach_deep_states() {
     let h = datagram::run_harness(&seed("datagram", "stun-binding-success"));
     assert_eq!(h.discovered, 1);
 
-    let mut sim = manager_conn::Sim::new();
-    sim.record = true;
-    manager_conn::apply(&mut sim, &seed("manager_conn", "call-hangup"));
-    let to = |k: usize, name: &str| sim.written.iter().any(|(c, f)| *c == k && f.name() == name);
-    assert!(to(0, "REGISTERED") && to(1, "REGISTERED"));
-    assert!(to(1, "INCOMING") && to(0, "START") && to(1, "HANGUP"));
-    assert!(!sim.written.iter().any(|(_, f)| matches!(f, Frame::Error { .. })));
-    sim.finish();
+    let replay = |name: &str| {
+        let data = seed("manager_conn", name);
+        let mut sim = manager_conn::Sim::new(data[0]);
+        sim.record = true;
+        manager_conn::apply(&mut sim, &data[1..]);
+        let written = std::mem::take(&mut sim.written);
+        sim.finish();
+        move |k: usize, want: &str| written.iter().any(|(c, f)| *c == k && format!("{f:?}").starts_with(want))
+    };
+    let to = replay("call-hangup");
+    assert!(to(0, "Registered") && to(1, "Registered"));
+    assert!(to(1, "Incoming") && to(0, "Start") && to(1, "Hangup"));
+    assert!(!to(0, "Error") && !to(1, "Error"));
+    let to = replay("limits");
+    assert!(to(0, "Reject { call_ref: 1, call_id: CallId(0), reason: CallerLimit }"));
+    assert!(to(1, "Error { code: RateLimited"));
+    assert!(to(4, "Error { code: TooManyConnections"));
+    let to = replay("secret");
+    assert!(to(0, "Error { code: Unauthorized"));
+    assert!(to(2, "Registered") && to(3, "Registered") && to(3, "Incoming"));
+    assert!(to(4, "Error { code: Unauthorized"));
 }
