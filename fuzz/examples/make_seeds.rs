@@ -34,7 +34,13 @@ fn enc(f: &Frame) -> Vec<u8> {
 
 /// REGISTER by hand (docs/protocol.md 2.3): len | version | 0x01 | id_len id | udp_port |
 /// max_calls | binding flag [txid] [| auth flag 1 | expiry u64 | mac 32].
-fn register(id: &str, udp_port: u16, max_calls: u16, binding: Option<[u8; 12]>, auth: Option<(u64, [u8; 32])>) -> Vec<u8> {
+fn register(
+    id: &str,
+    udp_port: u16,
+    max_calls: u16,
+    binding: Option<[u8; 12]>,
+    auth: Option<(u64, [u8; 32])>,
+) -> Vec<u8> {
     let mut b = vec![0, 0, VERSION, 0x01, id.len() as u8];
     b.extend_from_slice(id.as_bytes());
     b.extend_from_slice(&udp_port.to_be_bytes());
@@ -98,10 +104,12 @@ fn datagram(dir: &Path) {
     let h = Harness::new();
     let mut b = [0u8; 64];
     // The callee call's peer (the caller) punches / sends media with the caller SSRC.
-    let n = NullPacket { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, keepalive: false, from_caller: true }.emit(&mut b);
+    let n =
+        NullPacket { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, keepalive: false, from_caller: true }.emit(&mut b);
     let null_from_caller = b[..n].to_vec();
     write(dir, "null-punch", &null_from_caller);
-    let n = NullPacket { call_id: CALLER_CALL_ID, token: CALLER_TOKEN, keepalive: true, from_caller: false }.emit(&mut b);
+    let n =
+        NullPacket { call_id: CALLER_CALL_ID, token: CALLER_TOKEN, keepalive: true, from_caller: false }.emit(&mut b);
     let null_from_callee = b[..n].to_vec();
     let rtp = |ssrc: u32, seq: u16, ts: u32, payload: &[u8]| {
         let mut p = vec![0u8; 12 + payload.len()];

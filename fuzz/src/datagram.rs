@@ -7,8 +7,8 @@
 //! 1. the parsers, with these properties: `classify` agrees with every parser that accepts
 //!    the datagram; a null packet re-emits to exactly its 20 bytes; an RTP header re-emits
 //!    to a fixed header that parses to the same fields, and the payload lies inside the
-//!    datagram after the header; a STUN message re-emits to bytes that parse to the same
-//!    message (the manager's responder answers a Binding Request with such bytes).
+//!    datagram after the header and CSRCs; a STUN message re-emits to bytes that parse to
+//!    the same message (the manager's responder answers a Binding Request with such bytes).
 //! 2. two clients, at `t0 + 20 ms * (index + 1)` (due timers run first):
 //!    * `calls`: registered, with two calls up: as callee of [`CALLEE_CALL_ID`] (INCOMING
 //!      from [`caller_addr`], waiting for the caller's first packet) and as caller of
@@ -121,12 +121,22 @@ impl Harness {
         assert!(c.is_registered(), "REGISTERED did not register the client");
         c.handle_frame(
             t0,
-            Frame::Incoming { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, caller: id("alice"), caller_addr: caller_addr() },
+            Frame::Incoming {
+                call_id: CALLEE_CALL_ID,
+                token: CALLEE_TOKEN,
+                caller: id("alice"),
+                caller_addr: caller_addr(),
+            },
         );
         let handle = c.call(t0, id("bob")).expect("registered client can call");
         c.handle_frame(
             t0,
-            Frame::Start { call_ref: handle.0, call_id: CALLER_CALL_ID, token: CALLER_TOKEN, callee_addr: callee_addr() },
+            Frame::Start {
+                call_ref: handle.0,
+                call_id: CALLER_CALL_ID,
+                token: CALLER_TOKEN,
+                callee_addr: callee_addr(),
+            },
         );
         assert_eq!(c.active_calls(), 2, "both calls should be up");
         h.discovering.handle_connected(t0);
@@ -247,7 +257,8 @@ pub fn check_parsers(d: &[u8]) {
     if let Ok((h, payload)) = RtpHeader::parse(d) {
         assert!(matches!(kind, DatagramKind::Rtp | DatagramKind::Rtcp), "RTP classified as {kind:?}");
         let start = payload.as_ptr() as usize - d.as_ptr() as usize;
-        assert!(start >= RTP_HEADER_LEN && start + payload.len() <= d.len(), "RTP payload outside the packet");
+        let csrcs = 4 * usize::from(d[0] & 0x0F);
+        assert!(start >= RTP_HEADER_LEN + csrcs && start + payload.len() <= d.len(), "RTP payload outside the packet");
         let mut b = [0u8; RTP_HEADER_LEN];
         h.emit(&mut b);
         assert_eq!(&b[1..], &d[1..RTP_HEADER_LEN], "RTP header fields re-emit differently");

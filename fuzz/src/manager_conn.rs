@@ -259,7 +259,9 @@ impl Sim {
         while let Some(o) = self.shards[s as usize].poll_output() {
             match o {
                 Output::Frame { conn, frame } => {
-                    let k = self.index(s, conn).unwrap_or_else(|| panic!("shard {s} wrote {frame:?} to unknown conn {conn}"));
+                    let k = self
+                        .index(s, conn)
+                        .unwrap_or_else(|| panic!("shard {s} wrote {frame:?} to unknown conn {conn}"));
                     assert!(!self.conns[k].closed, "shard {s} wrote {frame:?} to closed conn {conn}");
                     assert_frame_round_trips(&frame);
                     if self.record {
