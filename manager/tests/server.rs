@@ -1098,9 +1098,12 @@ fn a_connection_flooding_frames_is_closed_and_a_calm_one_is_not() {
     }
     // Flood: 100 PINGs at once. The burst allowance (20) is answered, then ERROR and close.
     let mut flood = Client::connect(&m, "flood");
+    // One write: written frame by frame, the later writes could meet the closed connection.
+    let mut burst = Vec::new();
     for i in 0..100 {
-        flood.send(&Frame::Ping { nonce: i });
+        Frame::Ping { nonce: i }.encode(&mut burst);
     }
+    flood.send_raw(&burst);
     let mut pongs = 0;
     loop {
         match flood.recv() {
