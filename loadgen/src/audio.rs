@@ -275,12 +275,7 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
     let (_mgr, manager) = match cfg.manager {
         Some(m) => (None, m),
         None => {
-            let m = manager::start(manager::ManagerConfig {
-                listen: SocketAddr::new(cfg.bind_ip, 0),
-                shards: 1,
-                shard: crate::sys::embedded_shard(),
-                ..Default::default()
-            })
+            let m = manager::start(crate::sys::embedded_manager(cfg.bind_ip, 1))
                 .map_err(|e| format!("manager: {e}"))?;
             let a = m.local_addr();
             (Some(m), a)

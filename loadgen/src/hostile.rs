@@ -153,14 +153,10 @@ fn register_bytes(id: &str) -> Vec<u8> {
 /// Run the clean and the attacked setup runs.
 pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
     sys::raise_nofile();
-    let mgr = manager::start(manager::ManagerConfig {
-        listen: SocketAddr::new(cfg.setup.bind_ip, 0),
-        shards: cfg.setup.shards,
-        shard: manager::core::ShardConfig { frames_per_sec: 500.0, ..sys::embedded_shard() },
-        stun_rate: 0.0,
-        max_connections: 100_000,
-        ..Default::default()
-    })
+    let mut mc = sys::embedded_manager(cfg.setup.bind_ip, cfg.setup.shards);
+    mc.shard.frames_per_sec = 500.0;
+    mc.max_connections = 100_000;
+    let mgr = manager::start(mc)
     .map_err(|e| format!("manager: {e}"))?;
     let addr = mgr.local_addr();
     let stats = mgr.stats().clone();

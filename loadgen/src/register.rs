@@ -108,14 +108,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     let embedded = match cfg.manager {
         Some(_) => None,
         None => Some(
-            manager::start(manager::ManagerConfig {
-                listen: SocketAddr::new(cfg.bind_ip, 0),
-                shards: cfg.shards,
-                // Every simulated client shares one source IP: no per-source STUN limit.
-                stun_rate: 0.0,
-                shard: crate::sys::embedded_shard(),
-                ..Default::default()
-            })
+            manager::start(crate::sys::embedded_manager(cfg.bind_ip, cfg.shards))
                 .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
         ),
     };

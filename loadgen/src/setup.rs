@@ -811,14 +811,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let embedded = match cfg.manager {
         Some(_) => None,
         None => Some(
-            manager::start(manager::ManagerConfig {
-                listen: SocketAddr::new(cfg.bind_ip, 0),
-                shards: cfg.shards,
-                // Every simulated client shares one source IP: no per-source STUN limit.
-                stun_rate: 0.0,
-                shard: sys::embedded_shard(),
-                ..Default::default()
-            })
+            manager::start(sys::embedded_manager(cfg.bind_ip, cfg.shards))
             .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
         ),
     };

@@ -122,8 +122,15 @@ pub fn token_for(id: &engine::wire::frame::ClientId) -> Option<engine::wire::fra
     SECRET.get().map(|s| s.mint(id, manager::auth::unix_now() + 86_400))
 }
 
-/// The shard configuration for an embedded manager: no limits, tokens required if a secret
-/// was given.
-pub fn embedded_shard() -> manager::core::ShardConfig {
-    manager::core::ShardConfig { secret: SECRET.get().cloned(), ..Default::default() }
+/// The configuration of an embedded manager on `ip` (port 0): no limits (every simulated
+/// client shares one source address, so no per-source STUN limit either), tokens required
+/// if a secret was given.
+pub fn embedded_manager(ip: std::net::IpAddr, shards: usize) -> manager::ManagerConfig {
+    manager::ManagerConfig {
+        listen: std::net::SocketAddr::new(ip, 0),
+        shards,
+        stun_rate: 0.0,
+        shard: manager::core::ShardConfig { secret: SECRET.get().cloned(), ..Default::default() },
+        ..Default::default()
+    }
 }
