@@ -1,7 +1,8 @@
 //! `loadgen hostile`: legitimate call setup, first alone and then under attack, against
 //! one manager with its production limits.
 //!
-//! The manager runs in-process with the limits of the `manager` binary's defaults (frames
+//! The manager runs in-process (or is an external `manager` process, whose own memory and
+//! counters are then reported: `--manager`, `--manager-pid`, `--manager-metrics`) with the limits of the `manager` binary's defaults (frames
 //! per second per connection, REGISTER deadline, idle timeout; the STUN rate limit and the
 //! per-connection call limit are off because the simulated clients share one address and
 //! many calls). The clean run is a normal `setup` run. The attacked run is the same run
@@ -43,6 +44,9 @@ pub struct HostileConfig {
     pub churn_rate: f64,
     /// Record the run here.
     pub out: Option<std::path::PathBuf>,
+    /// An external manager (instead of one in this process), its pid (for its memory) and
+    /// its metrics URL (for its counters).
+    pub external: Option<(SocketAddr, u32, String)>,
 }
 
 #[derive(Default)]
@@ -153,13 +157,29 @@ fn register_bytes(id: &str) -> Vec<u8> {
 /// Run the clean and the attacked setup runs.
 pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
     sys::raise_nofile();
-    let mut mc = sys::embedded_manager(cfg.setup.bind_ip, cfg.setup.shards);
-    mc.shard.frames_per_sec = 500.0;
-    mc.max_connections = 100_000;
-    let mgr = manager::start(mc)
-    .map_err(|e| format!("manager: {e}"))?;
-    let addr = mgr.local_addr();
-    let stats = mgr.stats().clone();
+    let (mgr, addr) = match &cfg.external {
+        Some((addr, _, _)) => (None, *addr),
+        None => {
+            let mut mc = sys::embedded_manager(cfg.setup.bind_ip, cfg.setup.shards);
+            mc.shard.frames_per_sec = 500.0;
+            mc.max_connections = 100_000;
+            let m = manager::start(mc).map_err(|e| format!("manager: {e}"))?;
+            let a = m.local_addr();
+            (Some(m), a)
+        }
+    };
+    // The manager's counters and memory: from this process, or from the external one.
+    let counters = || -> Result<std::collections::HashMap<String, u64>, String> {
+        match (&mgr, &cfg.external) {
+            (Some(m), _) => Ok(m.stats().snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
+            (None, Some((_, _, url))) => sys::manager_counters(url),
+            (None, None) => unreachable!("one or the other"),
+        }
+    };
+    let manager_rss = || match &cfg.external {
+        Some((_, pid, _)) => sys::rss_of(*pid),
+        None => sys::rss_mb(),
+    };
     let mut setup = cfg.setup.clone();
     setup.manager = Some(addr);
     setup.progress = false;
@@ -167,8 +187,8 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
 
     setup.out = sub("clean");
     let clean = crate::setup::run(setup.clone())?;
-    let rss_before = sys::rss_mb().unwrap_or(0.0);
-    let before: std::collections::HashMap<&str, u64> = stats.snapshot().into_iter().collect();
+    let rss_before = manager_rss().unwrap_or(0.0);
+    let before = counters()?;
 
     // The attack.
     let stop = Arc::new(AtomicBool::new(false));
@@ -286,9 +306,12 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
     }
     let attacked = attacked?;
     std::thread::sleep(Duration::from_millis(500));
-    let rss_after = sys::rss_mb().unwrap_or(0.0);
-    let after: std::collections::HashMap<&str, u64> = stats.snapshot().into_iter().collect();
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let rss_after = manager_rss().unwrap_or(0.0);
+    let after = counters()?;
+    let get = |m: &std::collections::HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    let delta = |k: &str| get(&after, k).saturating_sub(get(&before, k));
+    let open_after = get(&after, "connections_accepted").saturating_sub(get(&after, "connections_closed"));
+    let memory_of = if cfg.external.is_some() { "the manager process" } else { "whole process: manager, generator and attackers" };
 
     let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let (p99_clean, p99_attacked) = (num(&clean.json, "setup_p99_ms"), num(&attacked.json, "setup_p99_ms"));
@@ -313,6 +336,7 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
         "loss_ratio": attacked.json["loss_ratio"],
         "latency_p99_ms": attacked.json["latency_p99_ms"],
         "rss_mb": rss_after,
+        "rss_of": memory_of,
         "rss_before_attack_mb": rss_before,
         "rss_max_during_attack_mb": rss_max,
         "attack": {
@@ -332,7 +356,7 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
             "connections_timed_out": delta("connections_timed_out"),
             "connections_flooding": delta("connections_flooding"),
             "registrations": delta("registrations"),
-            "connections_open_after": after["connections_accepted"] - after["connections_closed"],
+            "connections_open_after": open_after,
         },
     });
     let text = format!(
@@ -341,7 +365,7 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
          attacked: {} ok, {} failed; setup p50 {:.3} ms, p99 {:.3} ms  (p99 ratio {:.2}, limit 2.00)\n\
          attack: {} random-byte, {} oversized-prefix, {} register-flood, {} repeated-register connections; {} half-frame and {} idle connections held\n\
          manager: {} connections, {} malformed, {} oversized, {} timed out, {} closed for flooding, {} registrations; {} open after\n\
-         memory (whole process): {:.1} MB before, {:.1} MB at most during, {:.1} MB after the attack\n",
+         memory ({}): {:.1} MB before, {:.1} MB at most during, {:.1} MB after the attack\n",
         clean.json["calls_ok"],
         clean.json["calls_failed"],
         num(&clean.json, "setup_p50_ms"),
@@ -363,7 +387,8 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
         delta("connections_timed_out"),
         delta("connections_flooding"),
         delta("registrations"),
-        after["connections_accepted"] - after["connections_closed"],
+        open_after,
+        memory_of,
         rss_before,
         rss_max,
         rss_after,
@@ -377,7 +402,9 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
         w("summary.json", format!("{}\n", serde_json::to_string_pretty(&json).unwrap_or_default()))?;
         w("report.txt", text.clone())?;
     }
-    mgr.shutdown();
+    if let Some(m) = mgr {
+        m.shutdown();
+    }
     let all_ok = failed == 0.0 && ratio <= 2.0;
     Ok(SetupOutcome { json, text, all_ok })
 }

@@ -132,6 +132,12 @@ struct HostileArgs {
     /// REGISTER flood).
     #[arg(long, default_value_t = 50.0)]
     churn_rate: f64,
+    /// With --manager: the external manager's pid, for its memory.
+    #[arg(long, requires = "manager_metrics")]
+    manager_pid: Option<u32>,
+    /// With --manager: its metrics URL (`manager --metrics`), for its counters.
+    #[arg(long, value_name = "URL", requires = "manager_pid")]
+    manager_metrics: Option<String>,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -384,16 +390,27 @@ fn run_hostile(h: HostileArgs) -> ExitCode {
     if !given("--talk") {
         args.talk = 0.0;
     }
-    if args.common.manager.is_some() {
-        eprintln!("loadgen hostile: runs its own in-process manager; --manager is not taken");
-        return ExitCode::from(2);
-    }
     let mut setup = match setup_config(&args) {
         Ok(c) => c,
         Err(c) => return c,
     };
+    let external = match (setup.manager, h.manager_pid, h.manager_metrics) {
+        (None, None, None) => None,
+        (Some(addr), Some(pid), Some(url)) => Some((addr, pid, url)),
+        _ => {
+            eprintln!("loadgen hostile: an external manager needs all of --manager, --manager-pid and --manager-metrics");
+            return ExitCode::from(2);
+        }
+    };
     setup.out = None;
-    let cfg = hostile::HostileConfig { setup, idle: h.idle, half: h.half, churn_rate: h.churn_rate, out: args.common.out.clone() };
+    let cfg = hostile::HostileConfig {
+        setup,
+        idle: h.idle,
+        half: h.half,
+        churn_rate: h.churn_rate,
+        out: args.common.out.clone(),
+        external,
+    };
     finish(hostile::run(cfg), args.common.json)
 }
 

@@ -89,11 +89,7 @@ fn client(bind: IpAddr, i: usize, manager: SocketAddr) -> Result<(std::net::UdpS
 }
 
 /// Resident set size of process `pid` in MiB.
-fn rss_of(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+use crate::sys::rss_of;
 
 
 /// Run the scenario.

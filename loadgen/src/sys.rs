@@ -134,3 +134,30 @@ pub fn embedded_manager(ip: std::net::IpAddr, shards: usize) -> manager::Manager
         ..Default::default()
     }
 }
+
+/// Resident set size of process `pid` in MiB.
+pub fn rss_of(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A manager's counters read from its metrics endpoint (`manager --metrics`): every
+/// `nullpunch_manager_<name>_total V` line, by name.
+pub fn manager_counters(url: &str) -> Result<std::collections::HashMap<String, u64>, String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: expected http://HOST:PORT/metrics"))?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/metrics".into()));
+    let mut s = std::net::TcpStream::connect(host).map_err(|e| format!("{url}: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").map_err(|e| format!("{url}: {e}"))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| format!("{url}: {e}"))?;
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let (name, v) = l.strip_prefix("nullpunch_manager_")?.split_once(' ')?;
+            Some((name.strip_suffix("_total")?.to_string(), v.trim().parse().ok()?))
+        })
+        .collect())
+}
