@@ -1130,6 +1130,10 @@ fn a_caller_at_its_call_limit_gets_caller_limit() {
     carol.register(&id("carol"), 1002);
     alice.call(1, &id("bob"));
     assert!(matches!(bob.recv(), Frame::Incoming { .. }));
+    // The call is owned by bob's home shard, which tells alice's connection's shard about it
+    // by message: give that a moment (CI once placed the second call first).
+    std::thread::sleep(Duration::from_millis(200));
+    alice.ping(5);
     alice.call(2, &id("carol"));
     assert_eq!(alice.recv(), Frame::Reject { call_ref: 2, call_id: CallId(0), reason: RejectReason::CallerLimit });
     carol.expect_quiet();
