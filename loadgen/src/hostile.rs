@@ -148,6 +148,26 @@ fn lowest_priority() {
     }
 }
 
+/// An attacker thread (lowest priority): at `rate` per second, open a connection and hand
+/// it to `f` with the counters and the attempt's number.
+fn churn(
+    addr: SocketAddr,
+    stop: &Arc<AtomicBool>,
+    counts: &Arc<AttackCounts>,
+    rate: f64,
+    mut f: impl FnMut(TcpStream, &AttackCounts, u64) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let (stop, counts) = (stop.clone(), counts.clone());
+    std::thread::spawn(move || {
+        lowest_priority();
+        paced(&stop, rate, |i| {
+            if let Some(s) = connect(addr, &counts) {
+                f(s, &counts, i);
+            }
+        });
+    })
+}
+
 fn register_bytes(id: &str) -> Vec<u8> {
     let mut b = Vec::new();
     Frame::Register { id: ClientId::new(id).expect("valid id"), udp_port: 9, max_calls: 1, binding: None, auth: None }.encode(&mut b);
@@ -195,73 +215,39 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
     let counts = Arc::new(AttackCounts::default());
     let mut threads = Vec::new();
     let rss_max = Arc::new(AtomicU64::new(rss_before.to_bits()));
-    {
-        let (stop, counts) = (stop.clone(), counts.clone());
-        let rate = cfg.churn_rate;
-        threads.push(std::thread::spawn(move || {
-            lowest_priority();
-            let mut rng = Rng::new(7);
-            let mut junk = vec![0u8; 4096];
-            paced(&stop, rate, |_| {
-                rng.fill(&mut junk);
-                // Keep the first byte's length prefix small: a malformed frame, not an
-                // oversized one (that case has its own attacker).
-                junk[0] = 0;
-                if let Some(mut s) = connect(addr, &counts) {
-                    let _ = s.write_all(&junk);
-                    counts.random.fetch_add(1, Ordering::Relaxed);
-                    drain(s);
-                }
-            });
-        }));
-    }
-    {
-        let (stop, counts) = (stop.clone(), counts.clone());
-        let rate = cfg.churn_rate;
-        threads.push(std::thread::spawn(move || {
-            lowest_priority();
-            paced(&stop, rate, |_| {
-                if let Some(mut s) = connect(addr, &counts) {
-                    let _ = s.write_all(&[0xFF, 0xFF, 1, 1, 0, 0, 0]);
-                    counts.oversized.fetch_add(1, Ordering::Relaxed);
-                    drain(s);
-                }
-            });
-        }));
-    }
-    {
-        let (stop, counts) = (stop.clone(), counts.clone());
-        let rate = cfg.churn_rate;
-        threads.push(std::thread::spawn(move || {
-            lowest_priority();
-            let tag = Rng::from_entropy().next_u64() % 1_000_000;
-            paced(&stop, rate, |i| {
-                if let Some(mut s) = connect(addr, &counts) {
-                    let _ = s.write_all(&register_bytes(&format!("flood-{tag}-{i}")));
-                    counts.register.fetch_add(1, Ordering::Relaxed);
-                    // Wait for REGISTERED (or anything), then hang up: the next one.
-                    let mut buf = [0u8; 64];
-                    let _ = s.read(&mut buf);
-                }
-            });
-        }));
-    }
-    {
-        // REGISTER again and again on one connection, until the frame limit closes it.
-        let (stop, counts) = (stop.clone(), counts.clone());
-        threads.push(std::thread::spawn(move || {
-            lowest_priority();
-            let frame = register_bytes("repeat");
-            let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 2000).collect();
-            paced(&stop, 5.0, |_| {
-                if let Some(mut s) = connect(addr, &counts) {
-                    let _ = s.write_all(&burst);
-                    counts.repeat_register.fetch_add(1, Ordering::Relaxed);
-                    drain(s);
-                }
-            });
-        }));
-    }
+    let rate = cfg.churn_rate;
+    let mut rng = Rng::new(7);
+    let mut junk = vec![0u8; 4096];
+    threads.push(churn(addr, &stop, &counts, rate, move |mut s, c, _| {
+        rng.fill(&mut junk);
+        // Keep the first byte's length prefix small: a malformed frame, not an oversized one
+        // (that case has its own attacker).
+        junk[0] = 0;
+        let _ = s.write_all(&junk);
+        c.random.fetch_add(1, Ordering::Relaxed);
+        drain(s);
+    }));
+    threads.push(churn(addr, &stop, &counts, rate, |mut s, c, _| {
+        let _ = s.write_all(&[0xFF, 0xFF, 1, 1, 0, 0, 0]);
+        c.oversized.fetch_add(1, Ordering::Relaxed);
+        drain(s);
+    }));
+    let tag = Rng::from_entropy().next_u64() % 1_000_000;
+    threads.push(churn(addr, &stop, &counts, rate, move |mut s, c, i| {
+        let _ = s.write_all(&register_bytes(&format!("flood-{tag}-{i}")));
+        c.register.fetch_add(1, Ordering::Relaxed);
+        // Wait for REGISTERED (or anything), then hang up: the next one.
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+    }));
+    // REGISTER again and again on one connection, until the frame limit closes it.
+    let frame = register_bytes("repeat");
+    let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 2000).collect();
+    threads.push(churn(addr, &stop, &counts, 5.0, move |mut s, c, _| {
+        let _ = s.write_all(&burst);
+        c.repeat_register.fetch_add(1, Ordering::Relaxed);
+        drain(s);
+    }));
     {
         let (stop, counts) = (stop.clone(), counts.clone());
         let n = cfg.half;

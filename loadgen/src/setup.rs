@@ -1274,14 +1274,10 @@ fn render_metrics(sh: &Shared, manager: Option<&manager::stats::Stats>) -> Strin
     e.gauge("nullpunch_loadgen_clients_registered", "Simulated clients registered.", sh.registered.load(Ordering::Relaxed) as f64);
     e.counter("nullpunch_loadgen_media_packets_sent_total", "Media frames sent.", sh.tx_packets.load(Ordering::Relaxed));
     e.counter("nullpunch_loadgen_media_packets_received_total", "Media packets received.", sh.rx_packets.load(Ordering::Relaxed));
-    let (cum, count, sum_us) = sh.setup_time.read();
-    let buckets: Vec<(f64, u64)> = cum.iter().map(|&(b, c)| (b as f64 / 1e6, c)).collect();
-    e.histogram(
+    e.latency_histogram(
         "nullpunch_loadgen_setup_seconds",
         "Setup time of successful calls: planned start to two-way media.",
-        &buckets,
-        count,
-        sum_us as f64 / 1e6,
+        &sh.setup_time,
     );
     let mut text = e.finish();
     if let Some(m) = manager {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::stats::Stats;
+use crate::stats::{LatencyHistogram, Stats};
 
 /// Builds exposition text: `# HELP` and `# TYPE` once per family, then its samples.
 #[derive(Default)]
@@ -79,6 +79,13 @@ impl Exposition {
         self.sample(&format!("{name}_count"), &[], count as f64)
     }
 
+    /// A histogram family from a [`LatencyHistogram`] (its microseconds as seconds).
+    pub fn latency_histogram(&mut self, name: &str, help: &str, h: &LatencyHistogram) -> &mut Self {
+        let (cum, count, sum_us) = h.read();
+        let buckets: Vec<(f64, u64)> = cum.iter().map(|&(b, c)| (b as f64 / 1e6, c)).collect();
+        self.histogram(name, help, &buckets, count, sum_us as f64 / 1e6)
+    }
+
     /// The text.
     pub fn finish(self) -> String {
         self.out
@@ -117,14 +124,10 @@ pub fn render_manager(stats: &Stats) -> String {
     }
     let open = v["connections_accepted"].saturating_sub(v["connections_closed"]);
     e.gauge("nullpunch_manager_connections_open", "TCP connections open now.", open as f64);
-    let (cum, count, sum_us) = stats.setup_time.read();
-    let buckets: Vec<(f64, u64)> = cum.iter().map(|&(b, c)| (b as f64 / 1e6, c)).collect();
-    e.histogram(
+    e.latency_histogram(
         "nullpunch_manager_setup_seconds",
         "CALL to START at the call's owner shard (the manager's part of call setup).",
-        &buckets,
-        count,
-        sum_us as f64 / 1e6,
+        &stats.setup_time,
     );
     e.finish()
 }
