@@ -122,7 +122,7 @@ fn hold(addr: SocketAddr, n: usize, hello: &[u8], stop: &AtomicBool, count: &Ato
             conns.push(s);
             // Re-opened at up to 1,000 connections/s: the attackers share this machine's
             // two cores with the manager and the legitimate load.
-            if conns.len() % 10 == 0 {
+            if conns.len().is_multiple_of(10) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

@@ -224,8 +224,15 @@ pub fn check_exposition(text: &str) -> Result<(), Vec<String>> {
     let mut seen_series = HashSet::new();
     let mut finished_families: HashSet<String> = HashSet::new();
     let mut current: Option<String> = None;
-    // Histogram state: family -> (last le, last count, inf count, count, has sum)
-    let mut hist: HashMap<String, (f64, f64, Option<f64>, Option<f64>, bool)> = HashMap::new();
+    /// What a histogram family has shown so far.
+    struct Hist {
+        last_le: f64,
+        last_count: f64,
+        inf: Option<f64>,
+        count: Option<f64>,
+        sum: bool,
+    }
+    let mut hist: HashMap<String, Hist> = HashMap::new();
     let name_ok = |n: &str| {
         let mut c = n.chars();
         c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
@@ -364,31 +371,37 @@ pub fn check_exposition(text: &str) -> Result<(), Vec<String>> {
             errs.push(format!("line {ln}: repeated series {name}"));
         }
         if types.get(&family).is_some_and(|t| t == "histogram") {
-            let h = hist.entry(family.clone()).or_insert((f64::NEG_INFINITY, 0.0, None, None, false));
+            let h = hist.entry(family.clone()).or_insert(Hist {
+                last_le: f64::NEG_INFINITY,
+                last_count: 0.0,
+                inf: None,
+                count: None,
+                sum: false,
+            });
             if name.ends_with("_bucket") {
                 let Some(le) = label_pairs.iter().find(|(k, _)| k == "le").and_then(|(_, v)| parse_value(v)) else {
                     errs.push(format!("line {ln}: bucket without a numeric le"));
                     continue;
                 };
-                if le <= h.0 {
+                if le <= h.last_le {
                     errs.push(format!("line {ln}: le not increasing"));
                 }
-                if value < h.1 {
+                if value < h.last_count {
                     errs.push(format!("line {ln}: bucket counts not cumulative"));
                 }
-                h.0 = le;
-                h.1 = value;
+                h.last_le = le;
+                h.last_count = value;
                 if le.is_infinite() {
-                    h.2 = Some(value);
+                    h.inf = Some(value);
                 }
             } else if name.ends_with("_count") {
-                h.3 = Some(value);
+                h.count = Some(value);
             } else if name.ends_with("_sum") {
-                h.4 = true;
+                h.sum = true;
             }
         }
     }
-    for (f, (_, _, inf, count, sum)) in hist {
+    for (f, Hist { inf, count, sum, .. }) in hist {
         match (inf, count) {
             (Some(a), Some(b)) if a == b => {}
             _ => errs.push(format!("histogram {f}: +Inf bucket missing or not equal to _count")),
