@@ -96,8 +96,6 @@ struct Talker {
     frames_total: u64,
     shared: Arc<Mutex<Shared>>,
     done: bool,
-    /// The callee's media (synthetic) keeps the call two-way; this side only counts it.
-    received: u64,
 }
 
 struct Listener {
@@ -154,7 +152,8 @@ impl App for Side {
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
         match self {
-            Side::Talker(t) => t.received += 1,
+            // The callee's media keeps the call two-way; nothing is measured from it.
+            Side::Talker(_) => {}
             Side::Listener(l) => {
                 let mut s = l.shared.lock().unwrap();
                 let Some(cap) = s.capture_start else { return };
@@ -311,7 +310,6 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
         frames_total,
         shared: shared.clone(),
         done: false,
-        received: 0,
     }));
     let listener = Side::Listener(Box::new(Listener {
         rx: None,
