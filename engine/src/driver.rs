@@ -266,6 +266,42 @@ pub async fn run<A: App>(
     run_with_wake(client, udp, manager, app, shutdown, None).await
 }
 
+/// The source address of a client's manager connection: the IP its UDP socket is bound to,
+/// when that is a specific address on the same side of loopback as the manager (a client
+/// lives at one address, so many simulated clients spread over 127.0.0.x get their TCP
+/// ports from their own addresses, not all from 127.0.0.1). Otherwise the kernel chooses.
+pub fn tcp_source(udp: Option<SocketAddr>, manager: SocketAddr) -> Option<SocketAddr> {
+    let ip = udp?.ip();
+    let same_side = ip.is_loopback() == manager.ip().is_loopback() && ip.is_ipv4() == manager.is_ipv4();
+    (!ip.is_unspecified() && same_side).then(|| SocketAddr::new(ip, 0))
+}
+
+/// Connect to `manager`, from `source` if given.
+async fn connect_from(source: Option<SocketAddr>, manager: SocketAddr) -> io::Result<TcpStream> {
+    let Some(src) = source else { return TcpStream::connect(manager).await };
+    let sock = if manager.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // Let connect() pick the port, so ports are shared across destinations.
+    set_bind_no_port(&sock);
+    sock.bind(src)?;
+    sock.connect(manager).await
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: a bind to an address with port 0 leaves the port to connect(),
+/// which can then reuse a port that is busy towards other destinations.
+pub(crate) fn set_bind_no_port(fd: &impl std::os::fd::AsRawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `one` for its size; a failure only loses the optimisation.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Like [`run`], and also calls [`App::on_wakeup`] whenever `wake` is notified. tokio's
 /// timers have millisecond granularity; a load generator that needs finer scheduling keeps
 /// its own precise clock thread and wakes the app through this.
@@ -279,7 +315,8 @@ pub async fn run_with_wake<A: App>(
 ) -> Result<DriverCounters, DriverError> {
     let mut counters = DriverCounters::default();
     let mut rng = Rng::from_entropy();
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager)).await {
+    let source = tcp_source(udp.local_addr().ok(), manager);
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, manager)).await {
         Ok(r) => r.map_err(|source| DriverError::ManagerUnreachable { addr: manager, source })?,
         Err(_) => {
             let source = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
@@ -432,7 +469,7 @@ pub async fn run_with_wake<A: App>(
                 }
                 if next_connect.is_some_and(|t| now >= t) {
                     next_connect = None;
-                    connecting = Some(Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(manager))));
+                    connecting = Some(Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, manager))));
                 }
             }
         }
@@ -495,11 +532,30 @@ pub(crate) fn drain<A: App>(
     }
 }
 
+/// Frames a stream sends at once when it finds several due (after a stall of its thread).
+const MAX_LATE_FRAMES: u32 = 3;
+
+/// What a stream whose next frame was planned at `next` does at `now` with frames of
+/// `frame`: (frames to skip, frames to send now). Frames more than [`MAX_LATE_FRAMES`]
+/// behind are skipped (a real-time sender does not burst old audio), the rest are sent, and
+/// the stream's next send stays on its own grid (`next` plus whole frames). Re-planning from
+/// `now` instead would give every stream that stalled together the same phase, and turn an
+/// even spread of sends into one burst per frame for the rest of the run.
+pub(crate) fn catch_up(next: Instant, now: Instant, frame: Duration) -> (u32, u32) {
+    if next > now || frame.is_zero() {
+        return (0, 0);
+    }
+    let due = (now.duration_since(next).as_nanos() / frame.as_nanos()) as u64 + 1;
+    let due = due.min(u32::MAX as u64) as u32;
+    let send = due.min(MAX_LATE_FRAMES);
+    (due - send, send)
+}
+
 /// Paced media streams for an [`App`]: one synthetic 50 packets/s stream per call, each
-/// frame stamped with the send time (microseconds since `epoch`) so a receiver on the same
-/// clock can measure one-way latency. Falls behind by at most three frames after a stall,
-/// then skips ahead (a real-time stream does not burst to catch up). Streams wait in a heap
-/// by next send time, so a wake-up costs O(log n) per due stream, not a scan of all.
+/// frame stamped with its planned send time (microseconds since `epoch`) so a receiver on
+/// the same clock can measure one-way latency. After a stall a stream sends at most three
+/// late frames and skips older ones, keeping its phase ([`catch_up`]). Streams wait in a
+/// heap by next send time, so a wake-up costs O(log n) per due stream, not a scan of all.
 pub struct Streams {
     map: std::collections::HashMap<CallHandle, Stream>,
     heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, CallHandle)>>,
@@ -605,8 +661,12 @@ impl Streams {
                 self.heap.push(std::cmp::Reverse((s.wake_at(), h)));
                 continue;
             }
-            let mut budget = 3;
-            while s.next_send <= now && budget > 0 {
+            let (skip, due) = catch_up(s.next_send, now, frame);
+            if !paused {
+                self.skipped += skip as u64;
+            }
+            s.next_send += frame * skip;
+            for _ in 0..due {
                 if !paused {
                     // Stamp the planned send time: a frame sent late carries its lateness
                     // into the measured one-way latency (no coordinated omission).
@@ -617,17 +677,57 @@ impl Streams {
                     }
                 }
                 s.next_send += frame;
-                budget -= 1;
-            }
-            if s.next_send <= now {
-                let behind = now.duration_since(s.next_send).as_micros() / frame.as_micros().max(1) + 1;
-                if !paused {
-                    self.skipped += behind as u64;
-                }
-                s.next_send = now + frame;
             }
             self.heap.push(std::cmp::Reverse((s.wake_at(), h)));
         }
         self.sent - sent0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRAME: Duration = Duration::from_millis(20);
+
+    #[test]
+    fn a_stream_on_time_sends_its_frame_and_nothing_early() {
+        let t0 = Instant::now();
+        assert_eq!(catch_up(t0 + FRAME, t0, FRAME), (0, 0));
+        assert_eq!(catch_up(t0, t0, FRAME), (0, 1));
+        assert_eq!(catch_up(t0, t0 + Duration::from_millis(19), FRAME), (0, 1));
+        assert_eq!(catch_up(t0, t0 + FRAME, FRAME), (0, 2));
+    }
+
+    #[test]
+    fn after_a_stall_old_frames_are_skipped_and_the_last_three_sent() {
+        let t0 = Instant::now();
+        // 150 ms late: frames planned at 0, 20, ..., 140 are due (8); 5 are skipped.
+        assert_eq!(catch_up(t0, t0 + Duration::from_millis(150), FRAME), (5, 3));
+        assert_eq!(catch_up(t0, t0 + Duration::from_millis(50), FRAME), (0, 3));
+    }
+
+    /// Streams started at different times keep their phases through a stall that hits all
+    /// of them at once: 1000 streams spread over a 20 ms frame stay spread, rather than all
+    /// being re-planned from the moment the stall ended (one burst per frame afterwards).
+    #[test]
+    fn streams_that_stall_together_keep_their_spread() {
+        let t0 = Instant::now();
+        let mut next: Vec<Instant> = (0..1000u64).map(|i| t0 + Duration::from_micros(i * 20)).collect();
+        let phase = |t: Instant| t.duration_since(t0).as_micros() % FRAME.as_micros();
+        let before: Vec<u128> = next.iter().map(|&t| phase(t)).collect();
+        let resume = t0 + Duration::from_millis(153);
+        for n in next.iter_mut() {
+            let (skip, send) = catch_up(*n, resume, FRAME);
+            assert!(skip + send >= 7, "every stream was at least 7 frames behind");
+            *n += FRAME * (skip + send);
+            assert!(*n > resume && *n <= resume + FRAME);
+        }
+        let after: Vec<u128> = next.iter().map(|&t| phase(t)).collect();
+        assert_eq!(before, after);
+        // So the next frame's sends are still spread over a whole frame.
+        let first = *next.iter().min().unwrap();
+        let last = *next.iter().max().unwrap();
+        assert!(last.duration_since(first) >= Duration::from_millis(19));
     }
 }

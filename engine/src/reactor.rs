@@ -634,7 +634,8 @@ impl<A: App> Reactor<A> {
     }
 
     fn connect(&mut self, u: u32, now: Instant) {
-        match start_connect(self.manager) {
+        let source = crate::driver::tcp_source(self.slots[u as usize].udp.local_addr().ok(), self.manager);
+        match start_connect(source, self.manager) {
             Ok(stream) => {
                 let fd = stream.as_raw_fd();
                 let s = &mut self.slots[u as usize];
@@ -730,7 +731,7 @@ impl<A: App> Reactor<A> {
 }
 
 /// Start a non-blocking TCP connect to `addr`.
-fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+fn start_connect(source: Option<SocketAddr>, addr: SocketAddr) -> io::Result<TcpStream> {
     let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: creating a socket; ownership passes to TcpStream at once.
     let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
@@ -739,6 +740,14 @@ fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
     }
     // SAFETY: `raw` is a fresh socket owned by nobody else.
     let stream = unsafe { TcpStream::from_raw_fd(raw) };
+    if let Some(src) = source {
+        crate::driver::set_bind_no_port(&stream);
+        let (sa, len) = crate::uring::to_sockaddr(src);
+        // SAFETY: `sa` holds a sockaddr of `len` bytes.
+        if unsafe { libc::bind(raw, &sa as *const _ as *const libc::sockaddr, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     let (sa, len) = crate::uring::to_sockaddr(addr);
     // SAFETY: `sa` holds a sockaddr of `len` bytes.
     let r = unsafe { libc::connect(raw, &sa as *const _ as *const libc::sockaddr, len) };

@@ -96,7 +96,19 @@ struct RecvSocket {
     fd: RawFd,
     armed: bool,
     active: bool,
+    /// Datagrams taken from it in the current drain round.
+    burst: u32,
 }
+
+/// Datagrams one run of a multishot receive takes from a socket before the kernel requeues
+/// it behind other task work (`MULTISHOT_MAX_RETRY` + 1 on Linux 6.x). With DEFER_TASKRUN a
+/// requeued receive runs only at the next `io_uring_enter`, so a socket that yields this
+/// many in one drain round probably has more waiting.
+const MULTISHOT_RUN: u32 = 32;
+
+/// Extra enters one drain makes to empty sockets that hit [`MULTISHOT_RUN`] (bounding the
+/// time a drain keeps the thread from its timers: about 500 datagrams per socket).
+const MAX_BACKLOG_ROUNDS: u32 = 16;
 
 /// How a ring is used, which decides its setup flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +142,8 @@ pub struct UringCounters {
     pub gro_batches: u64,
     /// `io_uring_enter` calls made.
     pub enters: u64,
+    /// Extra enters a drain made because a socket had a backlog (see `drain_with`).
+    pub backlog_rounds: u64,
 }
 
 /// A UDP socket driven through io_uring. See the module docs.
@@ -138,6 +152,8 @@ pub struct UdpRing {
     ring: std::mem::ManuallyDrop<IoUring>,
     receive: bool,
     fd: RawFd,
+    /// Sockets that delivered datagrams in the current drain round.
+    touched: Vec<u32>,
     bufs: Vec<u8>,
     buf_size: usize,
     nbufs: u16,
@@ -241,6 +257,7 @@ impl UdpRing {
             tail: 0,
             msghdr,
             sockets: Vec::new(),
+            touched: Vec::new(),
             in_flight_sends: 0,
             slots: Vec::new(),
             slot_addrs: Vec::new(),
@@ -269,7 +286,7 @@ impl UdpRing {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a send-only ring has no receive buffers"));
         }
         let ix = self.sockets.len() as u32;
-        self.sockets.push(RecvSocket { fd, armed: false, active: true });
+        self.sockets.push(RecvSocket { fd, armed: false, active: true, burst: 0 });
         self.arm(ix)?;
         Ok(ix)
     }
@@ -492,6 +509,31 @@ impl UdpRing {
     /// Returns the number of datagrams received.
     pub fn drain_with(&mut self, mut on: impl FnMut(Completion<'_>)) -> io::Result<usize> {
         let mut got = 0;
+        let mut round = 0;
+        loop {
+            got += self.drain_round(&mut on)?;
+            // A socket that gave a whole multishot run has probably more waiting, and the
+            // kernel requeued its receive for the next enter. Enter now (without waiting) and
+            // take the rest: left for the next turn, a backlog built during a stall would be
+            // drained only as fast as new datagrams arrive, and stand as latency.
+            let mut backlog = false;
+            for ix in self.touched.drain(..) {
+                let s = &mut self.sockets[ix as usize];
+                backlog |= s.burst >= MULTISHOT_RUN;
+                s.burst = 0;
+            }
+            if !backlog || round == MAX_BACKLOG_ROUNDS {
+                return Ok(got);
+            }
+            round += 1;
+            self.counters.backlog_rounds += 1;
+            self.submit_and_wait(1, Duration::ZERO)?;
+        }
+    }
+
+    /// Reap the completions that are ready (see [`UdpRing::drain_with`]), then re-arm.
+    fn drain_round(&mut self, on: &mut impl FnMut(Completion<'_>)) -> io::Result<usize> {
+        let mut got = 0;
         let mut recycled = false;
         loop {
             // Take completions in batches so the ring can be touched between them.
@@ -530,6 +572,12 @@ impl UdpRing {
                     _ => continue,
                 }
                 let sock = ix as u32;
+                if let Some(s) = self.sockets.get_mut(ix as usize) {
+                    if s.burst == 0 {
+                        self.touched.push(sock);
+                    }
+                    s.burst += 1;
+                }
                 if !cqueue::more(flags) {
                     if let Some(s) = self.sockets.get_mut(ix as usize) {
                         s.armed = false;
@@ -884,5 +932,47 @@ mod tests {
             .unwrap();
         }
         assert_eq!(after, vec![(ixs[2], b'y')]);
+    }
+
+    /// A thread that is descheduled while datagrams arrive finds a backlog in its socket.
+    /// Every datagram of it must come out of the next few waits, without any new arrival to
+    /// wake the receive: a backlog that drained only as new datagrams arrived would stand
+    /// for the rest of the run as extra latency.
+    #[test]
+    fn a_backlog_built_up_during_a_stall_drains_without_new_arrivals() {
+        for (nbufs, nsock) in [(4096u16, 1usize), (64, 1), (4096, 4), (256, 4)] {
+            let rxs: Vec<_> = (0..nsock).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut ring = UdpRing::multi(256, nbufs, 2048).unwrap();
+            for rx in &rxs {
+                crate::driver::set_socket_buffers(rx, 8 << 20);
+                ring.add_socket(rx.as_raw_fd()).unwrap();
+            }
+            // The receive is armed and parked on an empty socket.
+            for _ in 0..3 {
+                ring.submit_and_wait(1, Duration::from_millis(5)).unwrap();
+                ring.drain(|_, _| {}).unwrap();
+            }
+            // The "stall": 1000 datagrams per socket arrive while the thread is not in the ring.
+            const N: usize = 1000;
+            for i in 0..N as u32 {
+                for rx in &rxs {
+                    tx.send_to(&i.to_be_bytes().repeat(43), rx.local_addr().unwrap()).unwrap();
+                }
+            }
+            let mut got = 0;
+            let mut turns = Vec::new();
+            // 1000 per socket is 31 multishot runs; a drain makes up to 17.
+            for _ in 0..3 {
+                ring.submit_and_wait(1, Duration::from_millis(5)).unwrap();
+                let n = ring.drain(|_, _| {}).unwrap();
+                turns.push(n);
+                got += n;
+                if got == N * nsock {
+                    break;
+                }
+            }
+            assert_eq!(got, N * nsock, "nbufs {nbufs} sockets {nsock}: datagrams per turn: {turns:?}; counters {:?}", ring.counters);
+        }
     }
 }
