@@ -90,6 +90,11 @@ struct Common {
     /// Local IP for the simulated clients (and the embedded manager).
     #[arg(long, default_value = "127.0.0.1")]
     bind_ip: IpAddr,
+    /// Spread the simulated clients over this many consecutive loopback addresses from
+    /// --bind-ip (0: one, or as many as needed when one address runs out of ephemeral
+    /// ports; see docs/running.md).
+    #[arg(long, default_value_t = 0)]
+    source_ips: usize,
     /// Generator threads (0: one per core): io_uring ring threads, or tokio workers.
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -364,6 +369,7 @@ fn setup_config(args: &SetupArgs) -> Result<setup::SetupConfig, ExitCode> {
         callers: args.callers,
         callees: args.callees,
         bind_ip: args.common.bind_ip,
+        source_ips: args.common.source_ips,
         threads: args.common.threads,
         out: args.common.out.clone(),
         window: None,
@@ -495,6 +501,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         callers: clients,
         callees: clients,
         bind_ip: a.common.bind_ip,
+        source_ips: a.common.source_ips,
         threads: a.common.threads,
         out: a.common.out.clone(),
         window: Some((Duration::from_secs_f64(ramp_s + settle), Duration::from_secs_f64(a.duration))),
@@ -529,6 +536,7 @@ fn run_register(a: RegisterArgs) -> ExitCode {
         rate: a.rate,
         hold: Duration::from_secs_f64(a.hold),
         bind_ip: a.common.bind_ip,
+        source_ips: a.common.source_ips,
         threads: a.common.threads,
         io: match choose_io(&a.common.io) {
             Ok(io) => io,
@@ -613,6 +621,7 @@ fn run_soak(a: SoakArgs) -> ExitCode {
         callers: clients,
         callees: clients,
         bind_ip: a.common.bind_ip,
+        source_ips: a.common.source_ips,
         threads: a.common.threads,
         out: a.common.out.clone(),
         window: Some((Duration::from_secs_f64(ramp_s), Duration::from_secs_f64(a.duration))),

@@ -32,8 +32,10 @@ pub struct RegisterConfig {
     pub rate: f64,
     /// Seconds to hold every registration once all are in.
     pub hold: Duration,
-    /// Local IP of the clients.
+    /// Local IP of the clients (the first, if they are spread over several).
     pub bind_ip: IpAddr,
+    /// Source addresses to spread the clients over (0: as many as the ports need).
+    pub source_ips: usize,
     /// Generator threads (0: one per core).
     pub threads: usize,
     /// UDP IO of the clients.
@@ -48,6 +50,8 @@ struct Counts {
     /// Plan to first REGISTERED, all clients (one lock per registration; a histogram per
     /// client would cost more memory than the client).
     latency: std::sync::Mutex<Histogram<u64>>,
+    /// The distinct public IPs the manager handed out (the clients' source addresses).
+    public_ips: std::sync::Mutex<std::collections::HashSet<IpAddr>>,
 }
 
 /// A client that only registers: it records when its first registration came.
@@ -59,8 +63,9 @@ struct RegApp {
 
 impl App for RegApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
-        if let Event::Registered { .. } = event {
+        if let Event::Registered { public, .. } = event {
             if std::mem::replace(&mut self.first, false) {
+                self.counts.public_ips.lock().unwrap_or_else(|e| e.into_inner()).insert(public.ip());
                 let mut h = self.counts.latency.lock().unwrap_or_else(|e| e.into_inner());
                 record(&mut h, ctx.now.saturating_duration_since(self.planned));
                 self.counts.registered.fetch_add(1, Ordering::Relaxed);
@@ -79,8 +84,8 @@ impl App for RegApp {
     }
 }
 
-fn client(bind: IpAddr, i: usize, manager: SocketAddr) -> Result<(std::net::UdpSocket, Client), String> {
-    let udp = std::net::UdpSocket::bind(SocketAddr::new(bind, 0)).map_err(|e| format!("bind: {e}"))?;
+fn client(sources: &sys::Sources, i: usize, manager: SocketAddr) -> Result<(std::net::UdpSocket, Client), String> {
+    let udp = sources.bind_udp(i)?;
     let port = udp.local_addr().map_err(|e| e.to_string())?.port();
     let mut c = ClientConfig::new(ClientId::new(format!("reg-{i}")).map_err(|e| e.to_string())?, port);
     c.stun_server = Some(manager);
@@ -99,6 +104,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     if nofile > 0 && nofile < need {
         return Err(format!("{} clients need about {need} file descriptors; RLIMIT_NOFILE is {nofile}", cfg.clients));
     }
+    let sources = sys::Sources::plan(cfg.bind_ip, cfg.clients, cfg.source_ips)?;
     let rss_before = sys::rss_mb();
     let ext_before = cfg.manager_pid.and_then(rss_of);
     let embedded = match cfg.manager {
@@ -114,6 +120,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         registered: AtomicU64::new(0),
         reregistered: AtomicU64::new(0),
         latency: std::sync::Mutex::new(new_histogram()),
+        public_ips: Default::default(),
     });
     let t0 = Instant::now() + Duration::from_millis(50);
     let plan = |i: usize| t0 + Duration::from_secs_f64(i as f64 / cfg.rate);
@@ -128,7 +135,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
             let stop = Stop::new();
             let mut per_thread: Vec<Vec<Unit<RegApp>>> = (0..threads).map(|_| Vec::new()).collect();
             for i in 0..cfg.clients {
-                let (udp, client) = client(cfg.bind_ip, i, manager_addr)?;
+                let (udp, client) = client(&sources, i, manager_addr)?;
                 let app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
                 per_thread[i % threads].push(Unit { client, udp, app, wake: None, connect_at: Some(plan(i)) });
             }
@@ -163,7 +170,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let mut tasks = Vec::new();
             for i in 0..cfg.clients {
-                let (udp, mut client) = client(cfg.bind_ip, i, manager_addr)?;
+                let (udp, mut client) = client(&sources, i, manager_addr)?;
                 let mut app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
                 let mut rx = rx.clone();
                 let at = plan(i);
@@ -259,7 +266,17 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         Some(a) => format!("manager {a}"),
         None => format!("embedded manager on {manager_addr}"),
     };
-    let _ = writeln!(text, "nullpunch loadgen register: {} clients at {}/s, {where_}, {} io", cfg.clients, cfg.rate, cfg.io.as_str());
+    let public_ips = counts.public_ips.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let _ = writeln!(
+        text,
+        "nullpunch loadgen register: {} clients at {}/s from {} source address{} ({}), {where_}, {} io",
+        cfg.clients,
+        cfg.rate,
+        sources.len(),
+        if sources.len() == 1 { "" } else { "es" },
+        sources.describe(),
+        cfg.io.as_str()
+    );
     let _ = writeln!(
         text,
         "registered {registered} of {} in {:.2} s ({:.0}/s); {} still registered after {:.0} s held, {} re-registrations, {} disconnects",
@@ -292,6 +309,8 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         "scenario": "register",
         "io": cfg.io.as_str(),
         "clients": cfg.clients,
+        "source_ips": sources.len(),
+        "public_ips_seen": public_ips,
         "calls_ok": serde_json::Value::Null,
         "calls_failed": serde_json::Value::Null,
         "registered": registered,

@@ -42,6 +42,8 @@ pub struct SetupConfig {
     pub callees: usize,
     /// Local IP of the simulated clients.
     pub bind_ip: IpAddr,
+    /// Source addresses to spread the clients over (0: as many as the ports need).
+    pub source_ips: usize,
     /// Worker threads of the generator's runtime (0: one per core).
     pub threads: usize,
     /// Write results (summary, histograms, plot) into this directory.
@@ -547,7 +549,9 @@ async fn first_finished<T>(tasks: &mut Vec<tokio::task::JoinHandle<Result<T, Str
 /// Start the simulated clients: tasks on the tokio runtime, or units spread over one
 /// io_uring thread per generator thread.
 async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inbox>], manager_addr: SocketAddr, threads: usize) -> Result<Fleet, String> {
-    let bind = SocketAddr::new(cfg.bind_ip, 0);
+    let sources = sys::Sources::plan(cfg.bind_ip, cfg.callers + cfg.callees, cfg.source_ips)?;
+    // Caller i and callee i are clients 2i and 2i + 1 of the spread.
+    let bind = |caller: bool, i: usize| SocketAddr::new(sources.ip(2 * i + usize::from(!caller)), 0);
     // Seeds differ per run: equal seeds give equal STUN transaction ids, and a second run
     // against the same manager within the bindings' 30 s would find its ids taken.
     let salt = engine::rng::Rng::from_entropy().next_u64();
@@ -557,8 +561,9 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
             let mut callees = Vec::new();
             for i in 0..cfg.callees {
                 let shared = shared.clone();
+                let addr = bind(false, i);
                 callees.push(tokio::spawn(async move {
-                    let (udp, mut client) = new_client(bind, format!("callee-{i}"), manager_addr, salt ^ i as u64).await?;
+                    let (udp, mut client) = new_client(addr, format!("callee-{i}"), manager_addr, salt ^ i as u64).await?;
                     let mut app = callee_app(shared);
                     driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending()).await.map_err(|e| e.to_string())?;
                     let skipped = app.streams.skipped();
@@ -568,8 +573,9 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
             let mut callers = Vec::new();
             for (i, inbox) in inboxes.iter().cloned().enumerate() {
                 let mut app = caller_app(shared.clone(), inbox.clone(), remaining(i), cfg.talk);
+                let addr = bind(true, i);
                 callers.push(tokio::spawn(async move {
-                    let (udp, mut client) = new_client(bind, format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64)).await?;
+                    let (udp, mut client) = new_client(addr, format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64)).await?;
                     let wake = Some(inbox.wake.clone());
                     driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake)
                         .await
@@ -593,9 +599,9 @@ async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inb
             });
             for (caller, i) in kinds {
                 let (udp, client) = if caller {
-                    new_std_client(bind, format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64))?
+                    new_std_client(bind(true, i), format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64))?
                 } else {
-                    new_std_client(bind, format!("callee-{i}"), manager_addr, salt ^ i as u64)?
+                    new_std_client(bind(false, i), format!("callee-{i}"), manager_addr, salt ^ i as u64)?
                 };
                 let (app, wake) = if caller {
                     let w = inboxes[i].ring_wake.clone();
@@ -778,7 +784,7 @@ async fn new_client(
 
 /// As [`new_client`], with a std socket (the io_uring driver takes these).
 fn new_std_client(bind: SocketAddr, id: String, manager: SocketAddr, seed: u64) -> Result<(std::net::UdpSocket, Client), String> {
-    let udp = std::net::UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+    let udp = sys::bind_udp(bind)?;
     driver::set_socket_buffers(&udp, 8 << 20);
     let port = udp.local_addr().map_err(|e| e.to_string())?.port();
     let mut c = ClientConfig::new(ClientId::new(id).map_err(|e| e.to_string())?, port);

@@ -161,3 +161,102 @@ pub fn manager_counters(url: &str) -> Result<std::collections::HashMap<String, u
         })
         .collect())
 }
+
+/// Bind a simulated client's UDP socket, explaining a port shortage.
+pub fn bind_udp(addr: std::net::SocketAddr) -> Result<std::net::UdpSocket, String> {
+    std::net::UdpSocket::bind(addr).map_err(|e| {
+        let ip = addr.ip();
+        if e.kind() == std::io::ErrorKind::AddrInUse || e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            format!(
+                "bind {ip}: {e}: no ephemeral port left on {ip} (ip_local_port_range gives {}); spread the clients over \
+                 more addresses with --source-ips N",
+                ephemeral_ports()
+            )
+        } else {
+            format!("bind {ip}: {e}")
+        }
+    })
+}
+
+/// Ephemeral ports one local address offers (`net.ipv4.ip_local_port_range`, per network
+/// namespace), for UDP and for TCP each.
+pub fn ephemeral_ports() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<usize>());
+            match (it.next()?, it.next()?) {
+                (Ok(lo), Ok(hi)) if hi >= lo => Some(hi - lo + 1),
+                _ => None,
+            }
+        })
+        .unwrap_or(28_232)
+}
+
+/// The source addresses of the simulated clients. Every client takes one ephemeral UDP port
+/// (its media socket) and one ephemeral TCP port (its manager connection) from its address,
+/// so one address holds at most as many clients as `ip_local_port_range` has ports. Past
+/// that (with a 10% margin), clients are spread round-robin over consecutive loopback
+/// addresses from the given one (127.0.0.1, 127.0.0.2, ...); Linux answers on all of
+/// 127.0.0.0/8 without configuration.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    ips: Vec<std::net::IpAddr>,
+    per_ip: usize,
+}
+
+impl Sources {
+    /// Addresses for `clients` clients from `base`: `want` of them, or as many as the
+    /// ports need when `want` is 0.
+    pub fn plan(base: std::net::IpAddr, clients: usize, want: usize) -> Result<Sources, String> {
+        let per_ip = (ephemeral_ports() * 9 / 10).max(1);
+        let n = if want > 0 { want } else { clients.div_ceil(per_ip).max(1) };
+        if n == 1 {
+            return Ok(Sources { ips: vec![base], per_ip });
+        }
+        let std::net::IpAddr::V4(v4) = base else {
+            return Err(format!(
+                "{clients} clients need {n} source addresses ({per_ip} ephemeral ports each), and only 127.0.0.0/8 has \
+                 more than one; use --bind-ip 127.0.0.1"
+            ));
+        };
+        let first = u32::from(v4);
+        let last = first.checked_add(n as u32 - 1).filter(|&l| v4.is_loopback() && l <= u32::from(std::net::Ipv4Addr::new(127, 255, 255, 254)));
+        if last.is_none() {
+            return Err(format!(
+                "{clients} clients need {n} source addresses ({per_ip} ephemeral ports each) from {base}; spreading works \
+                 over 127.0.0.0/8 only"
+            ));
+        }
+        Ok(Sources { ips: (0..n as u32).map(|k| std::net::IpAddr::V4((first + k).into())).collect(), per_ip })
+    }
+
+    /// The address of client `i`.
+    pub fn ip(&self, i: usize) -> std::net::IpAddr {
+        self.ips[i % self.ips.len()]
+    }
+
+    /// How many addresses.
+    pub fn len(&self) -> usize {
+        self.ips.len()
+    }
+
+    /// "127.0.0.1" or "127.0.0.1-127.0.0.4".
+    pub fn describe(&self) -> String {
+        match (self.ips.first(), self.ips.last()) {
+            (Some(a), Some(b)) if a != b => format!("{a}-{b}"),
+            (Some(a), _) => a.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// Clients one address holds.
+    pub fn per_ip(&self) -> usize {
+        self.per_ip
+    }
+
+    /// Bind client `i`'s UDP socket.
+    pub fn bind_udp(&self, i: usize) -> Result<std::net::UdpSocket, String> {
+        bind_udp(std::net::SocketAddr::new(self.ip(i), 0))
+    }
+}
