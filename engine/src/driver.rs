@@ -92,11 +92,7 @@ pub enum Io {
 
 impl Io {
     /// Parse `uring`, `portable` or `auto`. `auto` takes the environment variable
-    /// `NULLPUNCH_IO` if set (so a test suite can force a driver), else portable: the
-    /// io_uring driver uses less CPU, but in 5- and 10-minute soak runs its median one-way
-    /// latency shifted from 0.4 ms to 2.5-6 ms after the first long host stall and stayed
-    /// there, where the portable driver's stayed at 0.7 ms; until that is understood, the
-    /// default is the driver whose numbers hold.
+    /// `NULLPUNCH_IO` if set (so a test suite can force a driver), else [`Io::auto`].
     pub fn choose(s: &str) -> Result<Io, String> {
         match s {
             "portable" => Ok(Io::Portable),
@@ -116,8 +112,14 @@ impl Io {
         }
     }
 
-    /// The default driver (see [`Io::choose`]): portable.
+    /// The default driver: io_uring where a ring with the driver's features can be set up
+    /// (Linux with DEFER_TASKRUN and provided buffer rings, not blocked by seccomp), else
+    /// portable.
     pub fn auto() -> Io {
+        #[cfg(target_os = "linux")]
+        if crate::uring::UdpRing::available() {
+            return Io::Uring;
+        }
         Io::Portable
     }
 

@@ -318,9 +318,12 @@ impl UdpRing {
         self.push_entry(&e)
     }
 
-    /// True if io_uring can be set up here (kernel support, not blocked by seccomp).
+    /// True if a ring of the io_uring driver can be set up here: io_uring not blocked by
+    /// seccomp, and a kernel with what the driver uses (SINGLE_ISSUER + DEFER_TASKRUN,
+    /// provided buffer rings; Linux 6.1 or later).
     pub fn available() -> bool {
-        IoUring::new(8).is_ok()
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| UdpRing::multi(8, 2, 64).is_ok())
     }
 
     fn provide(&mut self, bid: u16) {

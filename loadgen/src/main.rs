@@ -99,8 +99,8 @@ struct Common {
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
-    /// portable (tokio + quinn-udp), or auto (portable for now, see docs/architecture.md; the
-    /// NULLPUNCH_IO environment variable overrides auto).
+    /// portable (tokio + quinn-udp), or auto (uring where it can be set up, else portable;
+    /// the NULLPUNCH_IO environment variable overrides auto).
     #[arg(long, default_value = "auto")]
     io: String,
     /// Print only the summary as one JSON object (last line of stdout).
@@ -231,6 +231,10 @@ struct RegisterArgs {
     /// (RSS before and after, from /proc).
     #[arg(long, requires = "manager")]
     manager_pid: Option<u32>,
+    /// Client ids are PREFIX0, PREFIX1, ...: several generator processes against one
+    /// manager (each with its own descriptor limit) need distinct prefixes.
+    #[arg(long, default_value = "reg-")]
+    id_prefix: String,
     /// Shards of the embedded manager (0: one per core).
     #[arg(long, default_value_t = 0)]
     shards: usize,
@@ -531,6 +535,7 @@ fn run_register(a: RegisterArgs) -> ExitCode {
     let cfg = register::RegisterConfig {
         manager,
         manager_pid: a.manager_pid,
+        id_prefix: a.id_prefix.clone(),
         shards: a.shards,
         clients: a.clients,
         rate: a.rate,

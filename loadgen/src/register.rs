@@ -24,6 +24,8 @@ pub struct RegisterConfig {
     pub manager: Option<SocketAddr>,
     /// Read this process's RSS before and after (an external manager's pid).
     pub manager_pid: Option<u32>,
+    /// Client ids are this followed by the client's index.
+    pub id_prefix: String,
     /// Shards of the embedded manager (0: one per core).
     pub shards: usize,
     /// Clients.
@@ -84,10 +86,11 @@ impl App for RegApp {
     }
 }
 
-fn client(sources: &sys::Sources, i: usize, manager: SocketAddr) -> Result<(std::net::UdpSocket, Client), String> {
+fn client(sources: &sys::Sources, prefix: &str, i: usize, manager: SocketAddr) -> Result<(std::net::UdpSocket, Client), String> {
     let udp = sources.bind_udp(i)?;
     let port = udp.local_addr().map_err(|e| e.to_string())?.port();
-    let mut c = ClientConfig::new(ClientId::new(format!("reg-{i}")).map_err(|e| e.to_string())?, port);
+    let id = format!("{prefix}{i}");
+    let mut c = ClientConfig::new(ClientId::new(id.clone()).map_err(|e| format!("client id {id:?}: {e}"))?, port);
     c.stun_server = Some(manager);
     c.auth = crate::sys::token_for(&c.id);
     Ok((udp, Client::new(c, engine::rng::Rng::from_entropy().next_u64() ^ i as u64)))
@@ -135,7 +138,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
             let stop = Stop::new();
             let mut per_thread: Vec<Vec<Unit<RegApp>>> = (0..threads).map(|_| Vec::new()).collect();
             for i in 0..cfg.clients {
-                let (udp, client) = client(&sources, i, manager_addr)?;
+                let (udp, client) = client(&sources, &cfg.id_prefix, i, manager_addr)?;
                 let app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
                 per_thread[i % threads].push(Unit { client, udp, app, wake: None, connect_at: Some(plan(i)) });
             }
@@ -170,7 +173,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let mut tasks = Vec::new();
             for i in 0..cfg.clients {
-                let (udp, mut client) = client(&sources, i, manager_addr)?;
+                let (udp, mut client) = client(&sources, &cfg.id_prefix, i, manager_addr)?;
                 let mut app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
                 let mut rx = rx.clone();
                 let at = plan(i);

@@ -202,7 +202,6 @@ pub fn ephemeral_ports() -> usize {
 #[derive(Debug, Clone)]
 pub struct Sources {
     ips: Vec<std::net::IpAddr>,
-    per_ip: usize,
 }
 
 impl Sources {
@@ -212,7 +211,7 @@ impl Sources {
         let per_ip = (ephemeral_ports() * 9 / 10).max(1);
         let n = if want > 0 { want } else { clients.div_ceil(per_ip).max(1) };
         if n == 1 {
-            return Ok(Sources { ips: vec![base], per_ip });
+            return Ok(Sources { ips: vec![base] });
         }
         let std::net::IpAddr::V4(v4) = base else {
             return Err(format!(
@@ -228,7 +227,7 @@ impl Sources {
                  over 127.0.0.0/8 only"
             ));
         }
-        Ok(Sources { ips: (0..n as u32).map(|k| std::net::IpAddr::V4((first + k).into())).collect(), per_ip })
+        Ok(Sources { ips: (0..n as u32).map(|k| std::net::IpAddr::V4((first + k).into())).collect() })
     }
 
     /// The address of client `i`.
@@ -248,11 +247,6 @@ impl Sources {
             (Some(a), _) => a.to_string(),
             _ => String::new(),
         }
-    }
-
-    /// Clients one address holds.
-    pub fn per_ip(&self) -> usize {
-        self.per_ip
     }
 
     /// Bind client `i`'s UDP socket.

@@ -77,6 +77,39 @@ enum Cmd {
     },
 }
 
+/// Descriptors kept for everything but client connections: listeners, the STUN socket,
+/// runtimes, the metrics endpoint and its clients, log output.
+const FD_RESERVE: u64 = 32;
+
+/// `--max-connections`, lowered to what RLIMIT_NOFILE allows (after raising the soft limit
+/// to the hard one) less a reserve, so the manager answers connections past its capacity
+/// with ERROR TooManyConnections and keeps serving metrics, instead of running out of
+/// descriptors (where new connections would wait unanswered in the listen backlog).
+fn connection_cap(configured: usize) -> usize {
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    let nofile = unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return configured;
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        }
+        r.rlim_cur as u64
+    };
+    let cap = nofile.saturating_sub(FD_RESERVE).max(1) as usize;
+    if configured == 0 || configured > cap {
+        eprintln!(
+            "manager: at most {cap} connections: RLIMIT_NOFILE is {nofile} (less {FD_RESERVE} kept for the manager \
+             itself); further connections get ERROR TooManyConnections"
+        );
+        return cap;
+    }
+    configured
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -123,7 +156,7 @@ fn main() {
             ..ShardConfig::default()
         },
         stun_rate: args.stun_rate.max(0.0),
-        max_connections: args.max_connections,
+        max_connections: connection_cap(args.max_connections),
         ..ManagerConfig::default()
     };
     let handle = match start(cfg) {

@@ -325,10 +325,17 @@ fn shard_thread(
                 }
             });
         }
+        let mut last_accept_warning: Option<Instant> = None;
         loop {
             tokio::select! {
                 r = listener.accept() => {
-                    let Ok((stream, peer)) = r else { continue };
+                    let (stream, peer) = match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            accept_failed(&io.stats, &e, &mut last_accept_warning).await;
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     let id = io.core.borrow_mut().conn_opened(Instant::now(), peer);
                     let (tx, rx) = mpsc::channel(conn_queue);
@@ -348,6 +355,28 @@ fn shard_thread(
         }
     });
 }
+
+/// A failed accept: counted, logged at most once a second, and, when the process is out of
+/// descriptors or memory, followed by a pause. The pending connection stays in the
+/// listener's backlog, so retrying at once would spin on the same error.
+async fn accept_failed(stats: &Stats, e: &io::Error, last_warning: &mut Option<Instant>) {
+    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+    let resource = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        *last_warning = Some(Instant::now());
+        if resource {
+            tracing::warn!("accept failed: {e}; new connections wait (RLIMIT_NOFILE or memory exhausted)");
+        } else {
+            tracing::warn!("accept failed: {e}");
+        }
+    }
+    if resource {
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+    }
+}
+
+/// Pause after an accept failed for lack of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
 async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Receiver<Frame>) {
     let (rd, mut wr) = stream.into_split();

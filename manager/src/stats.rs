@@ -77,6 +77,8 @@ stats! {
     connections_refused,
     /// Connections closed for sending frames faster than allowed (ERROR RateLimited).
     connections_flooding,
+    /// accept() failures (out of descriptors: RLIMIT_NOFILE; then the shard pauses 20 ms).
+    accept_errors,
     /// REGISTER frames accepted.
     registrations,
     /// Registrations that replaced an older connection with the same id.

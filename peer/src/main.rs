@@ -47,9 +47,9 @@ struct Args {
     /// Seconds to wait for START (caller) or for the peer's first packet.
     #[arg(long, default_value_t = 5.0, global = true, value_parser = seconds)]
     setup_timeout_secs: f64,
-    /// UDP IO: uring (the io_uring driver), portable (tokio + quinn-udp), or auto
-    /// (portable for now, see docs/architecture.md; the NULLPUNCH_IO environment
-    /// variable overrides auto).
+    /// UDP IO: uring (the io_uring driver), portable (tokio + quinn-udp), or auto (uring
+    /// where it can be set up, else portable; the NULLPUNCH_IO environment variable
+    /// overrides auto).
     #[arg(long, default_value = "auto", global = true)]
     io: String,
     /// Pause sending media AT seconds into each call for FOR seconds (keepalive null packets
