@@ -8,7 +8,7 @@
 //! each shard.
 //!
 //! Input: a mode byte, then a script of operations. Mode bit 0 turns on the shard limits
-//! ([`LIMITS`]: connections per shard, frames per second, calls per connection), bit 1 a
+//! ([`LIMITS`]: connections in all, frames per second, calls per connection), bit 1 a
 //! registration secret ([`SECRET`]: REGISTER needs a token). Each operation starts with an
 //! op byte `b`, whose low 3 bits pick the operation and whose high 5 bits (`x = b >> 3`) pick
 //! a connection (index `x % open so far`) or a shard (`x % SHARDS`):

@@ -125,7 +125,15 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         latency: std::sync::Mutex::new(new_histogram()),
         public_ips: Default::default(),
     });
-    let t0 = Instant::now() + Duration::from_millis(50);
+    // Every client's socket and state first: binding thousands of sockets takes a while
+    // (longer with other processes on the cores), and a plan that started before it would
+    // count that time as registration latency.
+    let mut built = Vec::with_capacity(cfg.clients);
+    for i in 0..cfg.clients {
+        built.push(client(&sources, &cfg.id_prefix, i, manager_addr)?);
+    }
+    // The plan starts once the generator threads have had time to start as well.
+    let t0 = Instant::now() + Duration::from_millis(200);
     let plan = |i: usize| t0 + Duration::from_secs_f64(i as f64 / cfg.rate);
     let cpu0 = sys::cpu_seconds();
 
@@ -137,8 +145,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
             use engine::reactor::{ReactorConfig, Stop, Unit};
             let stop = Stop::new();
             let mut per_thread: Vec<Vec<Unit<RegApp>>> = (0..threads).map(|_| Vec::new()).collect();
-            for i in 0..cfg.clients {
-                let (udp, client) = client(&sources, &cfg.id_prefix, i, manager_addr)?;
+            for (i, (udp, client)) in built.into_iter().enumerate() {
                 let app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
                 per_thread[i % threads].push(Unit { client, udp, app, wake: None, connect_at: Some(plan(i)) });
             }
@@ -172,8 +179,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
                 .map_err(|e| format!("runtime: {e}"))?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             let mut tasks = Vec::new();
-            for i in 0..cfg.clients {
-                let (udp, mut client) = client(&sources, &cfg.id_prefix, i, manager_addr)?;
+            for (i, (udp, mut client)) in built.into_iter().enumerate() {
                 let mut app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
                 let mut rx = rx.clone();
                 let at = plan(i);

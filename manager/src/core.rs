@@ -9,6 +9,7 @@
 //! Inputs: `conn_opened`, `conn_frame`, `conn_error`, `conn_closed`, `handle_msg`,
 //! `handle_tick`. Output: [`Shard::poll_output`] until `None` after every input.
 
+use std::sync::atomic::Ordering;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,8 +51,8 @@ pub struct ShardConfig {
     /// With a secret, REGISTER needs a valid token for its id ([`crate::auth`]); without,
     /// any id may register.
     pub secret: Option<Arc<crate::auth::Secret>>,
-    /// Connections this shard holds at most; more are refused with ERROR
-    /// `TooManyConnections` (0: no limit).
+    /// Connections the manager holds at most, counted over every shard sharing the stats;
+    /// more are refused with ERROR `TooManyConnections` (0: no limit).
     pub max_connections: usize,
     /// Frames per second a connection may send on average, in bursts of twice that; a
     /// connection over it is closed with ERROR `RateLimited` (0: no limit).
@@ -351,7 +352,10 @@ impl Shard {
         self.now = Some(now);
         let id = self.next_conn;
         self.next_conn += 1;
-        let full = self.cfg.max_connections > 0 && self.conns.len() >= self.cfg.max_connections;
+        // Open connections of the whole manager (every shard counts into the same stats), so
+        // the limit holds however unevenly the kernel spreads connections over the shards.
+        let open = self.stats.connections_accepted.load(Ordering::Relaxed).saturating_sub(self.stats.connections_closed.load(Ordering::Relaxed));
+        let full = self.cfg.max_connections > 0 && open >= self.cfg.max_connections as u64;
         let allowance = 2.0 * self.cfg.frames_per_sec;
         self.conns.insert(
             id,

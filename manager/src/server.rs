@@ -41,8 +41,7 @@ pub struct ManagerConfig {
     pub conn_queue: usize,
     /// STUN answers per second per source IP (0: no limit), with bursts of twice that.
     pub stun_rate: f64,
-    /// Connections the whole manager holds at most (0: no limit), split evenly over the
-    /// shards (the kernel spreads new connections over them).
+    /// Connections the whole manager holds at most (0: no limit), counted over all shards.
     pub max_connections: usize,
 }
 
@@ -147,9 +146,7 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         let peers = txs.clone();
         let (bindings, stats, stop_rx, mut shard_cfg, conn_queue) =
             (bindings.clone(), stats.clone(), stop_rx.clone(), cfg.shard.clone(), cfg.conn_queue);
-        if cfg.max_connections > 0 {
-            shard_cfg.max_connections = cfg.max_connections.div_ceil(n);
-        }
+        shard_cfg.max_connections = cfg.max_connections;
         shard_cfg.secure_tokens = true;
         let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             shard_thread(i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, stop_rx, ready_tx, seed)
@@ -167,6 +164,11 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         None => StdUdpSocket::bind(addr)?,
     };
     udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+    // Thousands of clients (re)connecting at once send their Binding Requests in a burst,
+    // and one thread answers them: the default buffer (about 208 KiB) drops requests
+    // whenever that thread waits for a CPU, and each lost one costs its client a 500 ms
+    // retransmission.
+    engine::driver::set_socket_buffers(&udp, STUN_RCVBUF);
     let rate = cfg.stun_rate;
     let t = std::thread::Builder::new()
         .name("stun".into())
@@ -174,6 +176,9 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
     handle.threads.push(t);
     Ok(handle)
 }
+
+/// Receive (and send) buffer of the STUN socket.
+const STUN_RCVBUF: usize = 4 << 20;
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
