@@ -685,6 +685,17 @@ impl<A: App> Reactor<A> {
                 continue;
             }
             driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, s.fd), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
+            // An app wake-up that this turn's events made due (media starting on START, the
+            // callee answering the first packet) runs now and leaves with this turn's
+            // submission. Wake-ups that came due on their own (armed earlier) wait for the
+            // timer pass, which batches them per tick under load.
+            let became_due = s.armed_at.is_none_or(|t| t > now) && s.app.next_wakeup().is_some_and(|t| t <= now);
+            if became_due {
+                let mut ctx =
+                    Ctx { client: &mut s.client, now, out: Out::Ring(&mut self.ring, s.fd), buf: &mut self.sbuf, counters: &mut s.counters };
+                s.app.on_wakeup(&mut ctx);
+                driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, s.fd), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
+            }
             if !s.wbuf.is_empty() {
                 self.flush_tcp(u, now);
             }
