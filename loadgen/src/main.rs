@@ -364,6 +364,11 @@ fn setup_config(args: &SetupArgs) -> Result<setup::SetupConfig, ExitCode> {
         Some(d) => (d * args.rate).round() as u64,
         None => args.calls,
     };
+    if (args.callers as u64) > calls {
+        // A caller with no call would end before the run starts.
+        eprintln!("loadgen: --callers ({}) is more than the calls to place ({calls}); use at most {calls} callers", args.callers);
+        return Err(ExitCode::from(2));
+    }
     Ok(setup::SetupConfig {
         manager,
         shards: args.shards,

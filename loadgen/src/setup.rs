@@ -548,10 +548,17 @@ async fn first_finished<T>(tasks: &mut Vec<tokio::task::JoinHandle<Result<T, Str
 
 /// Start the simulated clients: tasks on the tokio runtime, or units spread over one
 /// io_uring thread per generator thread.
-async fn start_fleet(cfg: &SetupConfig, shared: &Arc<Shared>, inboxes: &[Arc<Inbox>], manager_addr: SocketAddr, threads: usize) -> Result<Fleet, String> {
-    let sources = sys::Sources::plan(cfg.bind_ip, cfg.callers + cfg.callees, cfg.source_ips)?;
-    // Caller i and callee i are clients 2i and 2i + 1 of the spread.
-    let bind = |caller: bool, i: usize| SocketAddr::new(sources.ip(2 * i + usize::from(!caller)), 0);
+async fn start_fleet(
+    cfg: &SetupConfig,
+    sources: &sys::Sources,
+    shared: &Arc<Shared>,
+    inboxes: &[Arc<Inbox>],
+    manager_addr: SocketAddr,
+    threads: usize,
+) -> Result<Fleet, String> {
+    // Callers are clients 0.. of the spread, callees follow them.
+    let callers = cfg.callers;
+    let bind = |caller: bool, i: usize| SocketAddr::new(sources.ip(if caller { i } else { callers + i }), 0);
     // Seeds differ per run: equal seeds give equal STUN transaction ids, and a second run
     // against the same manager within the bindings' 30 s would find its ids taken.
     let salt = engine::rng::Rng::from_entropy().next_u64();
@@ -814,6 +821,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             cfg.callers + cfg.callees
         ));
     }
+    let sources = sys::Sources::plan(cfg.bind_ip, cfg.callers + cfg.callees, cfg.source_ips)?;
     let embedded = match cfg.manager {
         Some(_) => None,
         None => Some(
@@ -872,7 +880,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         } else {
             inboxes
         };
-        let mut fleet = start_fleet(&cfg, &shared, &inboxes, manager_addr, threads).await?;
+        let mut fleet = start_fleet(&cfg, &sources, &shared, &inboxes, manager_addr, threads).await?;
         // Wait for every client to register, then fix t0 a little ahead.
         let total = cfg.callers + cfg.callees;
         let reg_deadline = Instant::now() + Duration::from_secs(30);
@@ -1198,6 +1206,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "cpu_cores": window.map(|w| (w.cores * 1000.0).round() / 1000.0),
         "idle": cfg.idle,
         "io": cfg.io.as_str(),
+        "source_ips": sources.len(),
         "rss_per_session_kb": report::num(per_session_kb),
         "calls": records.len(),
         "calls_ok": ok,

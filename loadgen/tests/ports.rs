@@ -80,3 +80,19 @@ fn one_address_for_more_clients_than_it_has_ports_fails_with_the_reason() {
     let v = v.unwrap();
     assert_eq!((v["source_ips"].as_u64(), v["public_ips_seen"].as_u64(), v["registered"].as_u64()), (Some(4), Some(4), Some(500)), "{v}");
 }
+
+#[test]
+fn calls_work_between_clients_on_different_addresses() {
+    let ns = Netns::new("calls");
+    // 600 clients: two addresses; callers and callees on both.
+    for io in ["uring", "portable"] {
+        let (code, v, out) = ns.loadgen(&[
+            "setup", "--calls", "300", "--rate", "600", "--talk", "0.2", "--callers", "300", "--callees", "300", "--io", io, "--json",
+        ]);
+        let v = v.unwrap_or_else(|| panic!("{io}: no JSON summary: {out}"));
+        assert_eq!(code, 0, "{io}: {out}");
+        assert_eq!(v["source_ips"], 2, "{io}: {v}");
+        assert_eq!(v["calls_ok"], 300, "{io}: {v}");
+        assert_eq!(v["loss_ratio"].as_f64(), Some(0.0), "{io}: {v}");
+    }
+}
