@@ -517,8 +517,8 @@ impl UdpRing {
             got += self.drain_round(&mut on)?;
             // A socket that gave a whole multishot run has probably more waiting, and the
             // kernel requeued its receive for the next enter. Enter now (without waiting) and
-            // take the rest: left for the next turn, a backlog built during a stall would be
-            // drained only as fast as new datagrams arrive, and stand as latency.
+            // take the rest: left to the loop, a backlog built during a stall would come out
+            // 33 datagrams per socket per turn, each turn up to a tick apart.
             let mut backlog = false;
             for ix in self.touched.drain(..) {
                 let s = &mut self.sockets[ix as usize];
@@ -938,9 +938,8 @@ mod tests {
     }
 
     /// A thread that is descheduled while datagrams arrive finds a backlog in its socket.
-    /// Every datagram of it must come out of the next few waits, without any new arrival to
-    /// wake the receive: a backlog that drained only as new datagrams arrived would stand
-    /// for the rest of the run as extra latency.
+    /// All of it must come out of the next few waits, with no new arrival: one multishot
+    /// run takes 33 datagrams per enter, so without re-entering, 1,000 took 31 waits.
     #[test]
     fn a_backlog_built_up_during_a_stall_drains_without_new_arrivals() {
         for (nbufs, nsock) in [(4096u16, 1usize), (64, 1), (4096, 4), (256, 4)] {
