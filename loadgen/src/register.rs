@@ -105,7 +105,15 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     let need = cfg.clients as u64 * if cfg.manager.is_some() { 2 } else { 3 } + 64;
     let nofile = sys::raise_nofile_to(need);
     if nofile > 0 && nofile < need {
-        return Err(format!("{} clients need about {need} file descriptors; RLIMIT_NOFILE is {nofile}", cfg.clients));
+        let per = if cfg.manager.is_some() { 2 } else { 3 };
+        return Err(format!(
+            "{} clients need about {need} file descriptors ({per} per client{}); RLIMIT_NOFILE is {nofile}. Run the \
+             manager as its own process and split the clients over several generators with distinct --id-prefix \
+             (scripts/register-multi does this), at most {} clients each",
+            cfg.clients,
+            if cfg.manager.is_some() { "" } else { ", the embedded manager's end included" },
+            nofile.saturating_sub(64) / 2
+        ));
     }
     let sources = sys::Sources::plan(cfg.bind_ip, cfg.clients, cfg.source_ips)?;
     let rss_before = sys::rss_mb();
