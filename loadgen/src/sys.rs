@@ -25,21 +25,7 @@ pub fn cpu_seconds() -> f64 {
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit (many clients need many sockets).
 /// Returns the new soft limit.
-pub fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit write/read the struct we pass.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 0;
-        }
-        if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        }
-        r.rlim_cur as u64
-    }
-}
+pub use manager::raise_nofile;
 
 /// Raise RLIMIT_NOFILE to at least `want` if allowed (root may raise the hard limit too),
 /// else as far as the hard limit. Returns the new soft limit.

@@ -19,4 +19,4 @@ pub mod server;
 pub mod stats;
 pub mod stun_limit;
 
-pub use server::{start, ManagerConfig, ManagerHandle};
+pub use server::{raise_nofile, start, ManagerConfig, ManagerHandle};

@@ -86,19 +86,10 @@ const FD_RESERVE: u64 = 32;
 /// with ERROR TooManyConnections and keeps serving metrics, instead of running out of
 /// descriptors (where new connections would wait unanswered in the listen backlog).
 fn connection_cap(configured: usize) -> usize {
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    let nofile = unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return configured;
-        }
-        if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        }
-        r.rlim_cur as u64
-    };
+    let nofile = manager::raise_nofile();
+    if nofile == 0 {
+        return configured;
+    }
     let cap = nofile.saturating_sub(FD_RESERVE).max(1) as usize;
     if configured == 0 || configured > cap {
         eprintln!(

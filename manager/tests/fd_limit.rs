@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use manager::stats::Stats;
 use manager::ManagerConfig;
 
 fn cpu_seconds() -> f64 {
@@ -17,19 +18,21 @@ fn cpu_seconds() -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+/// Wait up to 5 s for `cond`; on timeout, fail with the manager's connection counters.
+fn wait_for(stats: &Stats, what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
     while !cond() {
-        assert!(t.elapsed() < Duration::from_secs(5), "timed out waiting for {what}; {}", counters());
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "timed out waiting for {what}; accepted {}, closed {}, accept errors {}",
+            get(&stats.connections_accepted),
+            get(&stats.connections_closed),
+            get(&stats.accept_errors)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-
-fn counters() -> String {
-    STATS.get().map(|s| format!("accepted {}, closed {}, accept errors {}", s.connections_accepted.load(Ordering::Relaxed), s.connections_closed.load(Ordering::Relaxed), s.accept_errors.load(Ordering::Relaxed))).unwrap_or_default()
-}
-
-static STATS: std::sync::OnceLock<std::sync::Arc<manager::stats::Stats>> = std::sync::OnceLock::new();
 
 #[test]
 fn out_of_descriptors_the_manager_pauses_counts_and_recovers() {
@@ -40,7 +43,6 @@ fn out_of_descriptors_the_manager_pauses_counts_and_recovers() {
     }
     let m = manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 1, ..Default::default() }).unwrap();
     let stats = m.stats().clone();
-    let _ = STATS.set(stats.clone());
     // Clients in this process too: connect until no descriptor is left for another. The
     // kernel completes connections the manager has not accepted into its backlog.
     let mut conns = Vec::new();
@@ -51,7 +53,7 @@ fn out_of_descriptors_the_manager_pauses_counts_and_recovers() {
         }
     }
     assert!(conns.len() > 20, "only {} connections", conns.len());
-    wait_for("an accept failure", || stats.accept_errors.load(Ordering::Relaxed) > 0);
+    wait_for(&stats, "an accept failure", || stats.accept_errors.load(Ordering::Relaxed) > 0);
     // A second at the limit: an accept loop retrying at once would burn a whole core.
     let (cpu0, t0, e0) = (cpu_seconds(), Instant::now(), stats.accept_errors.load(Ordering::Relaxed));
     std::thread::sleep(Duration::from_secs(1));
@@ -65,8 +67,8 @@ fn out_of_descriptors_the_manager_pauses_counts_and_recovers() {
     // new connections are accepted as before.
     let total = conns.len() as u64;
     conns.clear();
-    wait_for("the waiting connections to be accepted", || stats.connections_accepted.load(Ordering::Relaxed) == total);
+    wait_for(&stats, "the waiting connections to be accepted", || stats.connections_accepted.load(Ordering::Relaxed) == total);
     let fresh: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(m.local_addr()).unwrap()).collect();
-    wait_for("new connections to be accepted", || stats.connections_accepted.load(Ordering::Relaxed) == total + 10);
+    wait_for(&stats, "new connections to be accepted", || stats.connections_accepted.load(Ordering::Relaxed) == total + 10);
     drop(fresh);
 }
