@@ -56,6 +56,21 @@ pub fn set_socket_buffers(udp: &impl std::os::fd::AsRawFd, bytes: usize) -> usiz
 /// Limit on one TCP connect to the manager.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a client's first connection waits for a free local port. connect() fails with
+/// EADDRNOTAVAIL when every ephemeral port of the source address is busy towards the
+/// manager, which is often only for a moment: a previous run's connections in TIME_WAIT
+/// become reusable on loopback after a second (net.ipv4.tcp_tw_reuse = 2, the default).
+pub(crate) const PORT_WAIT: Duration = Duration::from_secs(5);
+
+/// First retry delay while waiting for a local port (jittered, doubling to 1 s).
+pub(crate) const PORT_RETRY: Duration = Duration::from_millis(100);
+
+/// True for a connect error that means "no local port free right now", not "the manager
+/// cannot be reached".
+pub(crate) fn is_port_shortage(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+}
+
 type Connecting = std::pin::Pin<Box<dyn Future<Output = Result<io::Result<TcpStream>, tokio::time::error::Elapsed>> + Send>>;
 
 /// Buffers per batched receive (one `recvmmsg`).
@@ -162,6 +177,22 @@ pub enum DriverError {
         /// The connect error.
         source: io::Error,
     },
+    /// The first connection to the manager found no free local port for as long as it
+    /// waited.
+    #[error(
+        "no local port free for a connection from {from} to the manager {addr} after {:.1} s: every ephemeral \
+         port of that address is in use or in TIME_WAIT towards the manager (net.ipv4.ip_local_port_range); spread \
+         the clients over more source addresses or let the TIME_WAITs of an earlier run pass",
+        waited.as_secs_f64()
+    )]
+    NoLocalPort {
+        /// The manager's address.
+        addr: SocketAddr,
+        /// The source address (or "this host" when the kernel chose it).
+        from: String,
+        /// How long the client tried.
+        waited: Duration,
+    },
     /// The UDP socket failed.
     #[error("udp socket error: {0}")]
     Udp(io::Error),
@@ -184,6 +215,9 @@ pub struct DriverCounters {
     pub frame_errors: u64,
     /// Connections dropped because the manager stopped reading while frames piled up.
     pub write_stalls: u64,
+    /// First-connection attempts that found no free local port (EADDRNOTAVAIL) and were
+    /// tried again (see [`DriverError::NoLocalPort`]).
+    pub port_waits: u64,
 }
 
 /// What the application sees of the driver during a callback.
@@ -238,6 +272,10 @@ pub trait App {
     fn on_wakeup(&mut self, ctx: &mut Ctx<'_>);
     /// True when the driver should stop (after flushing what the client queued).
     fn done(&self) -> bool;
+    /// The driver stopped with `error` (its first connection to the manager failed). Called
+    /// once, before the driver returns: an app whose runner hosts many clients on one thread
+    /// can report the failure while the others go on.
+    fn on_failed(&mut self, _error: &DriverError) {}
 }
 
 pub(crate) fn send(out: &mut Out<'_>, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
@@ -288,6 +326,41 @@ async fn connect_from(source: Option<SocketAddr>, manager: SocketAddr) -> io::Re
     sock.connect(manager).await
 }
 
+/// The first connection to the manager: an error if the manager cannot be reached, but a
+/// wait (up to [`PORT_WAIT`]) while no local port is free.
+async fn first_connect(
+    source: Option<SocketAddr>,
+    manager: SocketAddr,
+    counters: &mut DriverCounters,
+    rng: &mut Rng,
+) -> Result<TcpStream, DriverError> {
+    let start = Instant::now();
+    let mut pause = PORT_RETRY;
+    loop {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, manager)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) if is_port_shortage(&e) => {
+                if start.elapsed() >= PORT_WAIT {
+                    return Err(no_local_port(source, manager, start.elapsed()));
+                }
+                counters.port_waits += 1;
+                tokio::time::sleep(jitter(pause, rng)).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Ok(Err(source)) => return Err(DriverError::ManagerUnreachable { addr: manager, source }),
+            Err(_) => {
+                let source = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                return Err(DriverError::ManagerUnreachable { addr: manager, source });
+            }
+        }
+    }
+}
+
+pub(crate) fn no_local_port(source: Option<SocketAddr>, manager: SocketAddr, waited: Duration) -> DriverError {
+    let from = source.map(|s| s.ip().to_string()).unwrap_or_else(|| "this host".into());
+    DriverError::NoLocalPort { addr: manager, from, waited }
+}
+
 /// IP_BIND_ADDRESS_NO_PORT: a bind to an address with port 0 leaves the port to connect(),
 /// which can then reuse a port that is busy towards other destinations.
 pub(crate) fn set_bind_no_port(fd: &impl std::os::fd::AsRawFd) {
@@ -318,11 +391,11 @@ pub async fn run_with_wake<A: App>(
     let mut counters = DriverCounters::default();
     let mut rng = Rng::from_entropy();
     let source = tcp_source(udp.local_addr().ok(), manager);
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, manager)).await {
-        Ok(r) => r.map_err(|source| DriverError::ManagerUnreachable { addr: manager, source })?,
-        Err(_) => {
-            let source = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-            return Err(DriverError::ManagerUnreachable { addr: manager, source });
+    let stream = match first_connect(source, manager, &mut counters, &mut rng).await {
+        Ok(s) => s,
+        Err(e) => {
+            app.on_failed(&e);
+            return Err(e);
         }
     };
     let _ = stream.set_nodelay(true);

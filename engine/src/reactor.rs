@@ -223,6 +223,10 @@ struct Slot<A> {
     counters: DriverCounters,
     backoff: Duration,
     ever_connected: bool,
+    /// When the first connection was first tried (the local-port wait counts from it).
+    first_try: Option<Instant>,
+    /// The next pause while waiting for a local port.
+    port_pause: Duration,
     /// The deadline this unit has in the timer heap (entries that differ are stale).
     armed_at: Option<Instant>,
     dirty: bool,
@@ -297,6 +301,8 @@ pub fn run<A: App>(
             counters: DriverCounters::default(),
             backoff: Duration::from_millis(200),
             ever_connected: false,
+            first_try: None,
+            port_pause: driver::PORT_RETRY,
             armed_at: None,
             dirty: false,
             done: None,
@@ -623,6 +629,25 @@ impl<A: App> Reactor<A> {
 
     fn connect_failed(&mut self, u: u32, now: Instant, err: io::Error) {
         if !self.slots[u as usize].ever_connected {
+            if crate::driver::is_port_shortage(&err) {
+                let s = &mut self.slots[u as usize];
+                let first = *s.first_try.get_or_insert(now);
+                if now.saturating_duration_since(first) < crate::driver::PORT_WAIT {
+                    // No local port free yet (TIME_WAITs of an earlier run): try again soon.
+                    s.counters.port_waits += 1;
+                    let pause = driver::jitter(s.port_pause, &mut self.rng);
+                    s.port_pause = (s.port_pause * 2).min(Duration::from_secs(1));
+                    self.close_tcp(u, now, false);
+                    self.slots[u as usize].tcp = Tcp::Down { retry_at: now + pause };
+                    self.mark(u);
+                    return;
+                }
+                self.close_tcp(u, now, false);
+                let source = crate::driver::tcp_source(self.slots[u as usize].udp.local_addr().ok(), self.manager);
+                let e = crate::driver::no_local_port(source, self.manager, now.saturating_duration_since(first));
+                self.finish(u, Err(e));
+                return;
+            }
             // As the tokio driver: a manager unreachable at start is an error, not a retry.
             self.close_tcp(u, now, false);
             let addr = self.manager;
@@ -727,6 +752,9 @@ impl<A: App> Reactor<A> {
         let s = &mut self.slots[u as usize];
         if s.done.is_some() {
             return;
+        }
+        if let Err(e) = &result {
+            s.app.on_failed(e);
         }
         s.done = Some(result);
         s.armed_at = None;

@@ -48,6 +48,10 @@ pub struct RegisterConfig {
 
 struct Counts {
     registered: AtomicU64,
+    /// Clients that stopped with an error (their first connection failed).
+    failed: AtomicU64,
+    /// First connections that waited for a free local port.
+    port_waits: AtomicU64,
     reregistered: AtomicU64,
     /// Plan to first REGISTERED, all clients (one lock per registration; a histogram per
     /// client would cost more memory than the client).
@@ -71,6 +75,7 @@ impl App for RegApp {
                 let mut h = self.counts.latency.lock().unwrap_or_else(|e| e.into_inner());
                 record(&mut h, ctx.now.saturating_duration_since(self.planned));
                 self.counts.registered.fetch_add(1, Ordering::Relaxed);
+                self.counts.port_waits.fetch_add(ctx.counters().port_waits, Ordering::Relaxed);
             } else {
                 self.counts.reregistered.fetch_add(1, Ordering::Relaxed);
             }
@@ -83,6 +88,9 @@ impl App for RegApp {
     fn on_wakeup(&mut self, _ctx: &mut Ctx<'_>) {}
     fn done(&self) -> bool {
         false
+    }
+    fn on_failed(&mut self, _error: &driver::DriverError) {
+        self.counts.failed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -130,6 +138,8 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     let counts = Arc::new(Counts {
         registered: AtomicU64::new(0),
         reregistered: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        port_waits: AtomicU64::new(0),
         latency: std::sync::Mutex::new(new_histogram()),
         public_ips: Default::default(),
     });
@@ -219,7 +229,9 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     // Wait for every registration (or a bound), then hold.
     let ramp = Duration::from_secs_f64(cfg.clients as f64 / cfg.rate);
     let deadline = t0 + ramp + Duration::from_secs(30);
-    while (counts.registered.load(Ordering::Relaxed) as usize) < cfg.clients && Instant::now() < deadline {
+    // A client that failed will not register: stop waiting once every client has an outcome.
+    let settled = || (counts.registered.load(Ordering::Relaxed) + counts.failed.load(Ordering::Relaxed)) as usize;
+    while settled() < cfg.clients && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     let all_in = Instant::now();
@@ -269,8 +281,11 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         _ => None,
     };
     let mut warnings = Vec::new();
-    if registered < cfg.clients {
+    if registered + failed.len() < cfg.clients {
         warnings.push(format!("only {registered} of {} clients registered within 30 s of the ramp's end", cfg.clients));
+    }
+    if !failed.is_empty() {
+        warnings.push(format!("{} clients failed to connect to the manager (first: {})", failed.len(), failed[0]));
     }
     let stalls = sleeper.as_ref().map(|h| h.count_between(5_000, h.max().max(5_000))).unwrap_or(0);
     if stalls > 0 {
@@ -335,6 +350,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         "failed": failed.len(),
         "reregistrations": rereg_during_hold,
         "disconnects": disconnects,
+        "port_waits": counts.port_waits.load(Ordering::Relaxed),
         "register_rate": (registered as f64 / span).round(),
         "register_p50_ms": report::num(report::ms_at(&latency, 0.5)),
         "register_p99_ms": report::num(report::ms_at(&latency, 0.99)),

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,6 +130,10 @@ struct Shared {
     setup_time: manager::stats::LatencyHistogram,
     /// The manager refused a registration (ERROR Unauthorized): its message.
     refused: Mutex<Option<String>>,
+    /// The first client that stopped with an error (its first connection failed).
+    failure: Mutex<Option<String>>,
+    /// First connections that waited for a free local port (summed at registration).
+    port_waits: AtomicU64,
 }
 
 /// What an interval of a soak run collects, swapped out by the sampler at each interval's end.
@@ -176,10 +180,16 @@ impl Shared {
         }
     }
 
+    /// Remember the first client failure (an io_uring thread hosts many clients and goes on).
+    fn note_failure(&self, error: &driver::DriverError) {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| error.to_string());
+    }
+
     /// Count a client's first registration (re-registrations after a reconnect are not).
-    fn count_registration(&self, counted: &mut bool) {
+    fn count_registration(&self, counted: &mut bool, counters: &driver::DriverCounters) {
         if !std::mem::replace(counted, true) {
             self.registered.fetch_add(1, Ordering::Relaxed);
+            self.port_waits.fetch_add(counters.port_waits, Ordering::Relaxed);
         }
     }
 }
@@ -255,7 +265,7 @@ impl App for CallerApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         self.shared.note_refusal(&event);
         match event {
-            Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration),
+            Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration, ctx.counters()),
             Event::Started { handle, call_id, .. } => {
                 if let Some(r) = self.inflight.get_mut(&handle) {
                     r.start = Some(ctx.now);
@@ -345,7 +355,7 @@ impl App for CalleeApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         self.shared.note_refusal(&event);
         match event {
-            Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration),
+            Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration, ctx.counters()),
             Event::Incoming { call_id, .. } => {
                 self.shared.incoming.lock().unwrap_or_else(|e| e.into_inner()).insert(call_id, ctx.now);
             }
@@ -418,6 +428,12 @@ impl App for SimApp {
         match self {
             SimApp::Caller(a) => a.done(),
             SimApp::Callee(a) => a.done(),
+        }
+    }
+    fn on_failed(&mut self, error: &driver::DriverError) {
+        match self {
+            SimApp::Caller(a) => a.shared.note_failure(error),
+            SimApp::Callee(a) => a.shared.note_failure(error),
         }
     }
 }
@@ -853,6 +869,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         incoming: Mutex::new(HashMap::new()),
         setup_time: Default::default(),
         refused: Mutex::new(None),
+        failure: Mutex::new(None),
+        port_waits: AtomicU64::new(0),
     });
     let _metrics = match cfg.metrics {
         Some(addr) => {
@@ -887,6 +905,9 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         while shared.registered.load(Ordering::Relaxed) < total {
             // A client that stopped before the run started failed: report its error now.
             if let Some(e) = fleet.early_failure().await {
+                return Err(e);
+            }
+            if let Some(e) = shared.failure.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                 return Err(e);
             }
             if let Some(m) = shared.refused.lock().unwrap_or_else(|e| e.into_inner()).clone() {
@@ -1199,7 +1220,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         let _ = writeln!(text, "WARNING: {w}");
     }
 
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "scenario": if window.is_some() { "sessions" } else { "setup" },
         "sessions": window.map(|_| records.len()),
         "window_s": window.map(|w| (w.secs * 100.0).round() / 100.0),
@@ -1244,6 +1265,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         "fd_growth": grown.map(|g| g.1),
         "growth_ok": grown.map(|g| g.2),
     });
+    // First connections that waited for a local port (a previous run's TIME_WAITs).
+    json["port_waits"] = shared.port_waits.load(Ordering::Relaxed).into();
     if let Some(dir) = &cfg.out {
         let metrics = [
             ("setup", "setup (plan -> 2-way media)", &setup),

@@ -3,7 +3,9 @@
 //! each. The generator spreads clients over 127.0.0.x when one address runs short. Checked
 //! in a network namespace (created here, always removed) whose port range is cut to 400.
 
+use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -36,6 +38,31 @@ impl Netns {
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         let v = stdout.lines().last().and_then(|l| serde_json::from_str(l).ok());
         (out.status.code().unwrap_or(-1), v, format!("{stdout}\n{stderr}"))
+    }
+}
+
+impl Netns {
+    /// Run `f` on a thread inside the namespace. Sockets it opens, and threads it starts,
+    /// live in the namespace.
+    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("namespace file");
+            // SAFETY: setns on this thread only, with a namespace file we hold open.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in the namespace")
+    }
+
+    /// A manager inside the namespace at 127.0.0.1:7000 (outside the ephemeral range).
+    fn manager(&self) -> manager::ManagerHandle {
+        self.enter(|| {
+            let listen: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+            manager::start(manager::ManagerConfig { listen, shards: 2, ..Default::default() }).expect("manager in the namespace")
+        })
     }
 }
 
@@ -94,5 +121,45 @@ fn calls_work_between_clients_on_different_addresses() {
         assert_eq!(v["source_ips"], 2, "{io}: {v}");
         assert_eq!(v["calls_ok"], 300, "{io}: {v}");
         assert_eq!(v["loss_ratio"].as_f64(), Some(0.0), "{io}: {v}");
+    }
+}
+
+#[test]
+fn a_run_right_after_another_waits_for_the_ports_its_predecessor_left_in_time_wait() {
+    // Each run leaves 300 client ports per address in TIME_WAIT towards the manager's fixed
+    // port; the next run needs 300 of the 400 again at once. connect() says EADDRNOTAVAIL
+    // until loopback's TIME_WAIT reuse allows them (after a second): a wait, not an error.
+    let ns = Netns::new("again");
+    let _manager = ns.manager();
+    for (run, io) in ["uring", "portable", "uring"].into_iter().enumerate() {
+        let (code, v, out) = ns.loadgen(&[
+            "setup", "--manager", "127.0.0.1:7000", "--calls", "300", "--rate", "600", "--talk", "0.2", "--callers", "300",
+            "--callees", "300", "--io", io, "--json",
+        ]);
+        let v = v.unwrap_or_else(|| panic!("run {run} ({io}): no JSON summary: {out}"));
+        assert_eq!(code, 0, "run {run} ({io}): {out}");
+        assert_eq!(v["calls_ok"], 300, "run {run} ({io}): {v}");
+        eprintln!("run {run} ({io}): {} first connections waited for a port", v["port_waits"]);
+    }
+}
+
+#[test]
+fn no_free_port_for_the_manager_connection_fails_after_a_bounded_wait_with_the_reason() {
+    let ns = Netns::new("full");
+    let _manager = ns.manager();
+    // Every ephemeral TCP port of the namespace held by a listener (UDP ports stay free).
+    let _held: Vec<TcpListener> =
+        ns.enter(|| (40000..40400).map(|p| TcpListener::bind(("127.0.0.1", p)).expect("hold a port")).collect());
+    for io in ["uring", "portable"] {
+        let t = Instant::now();
+        let (code, v, out) =
+            ns.loadgen(&["register", "--manager", "127.0.0.1:7000", "--clients", "5", "--hold", "1", "--io", io, "--json"]);
+        let took = t.elapsed();
+        assert_ne!(code, 0, "{io}: {out}");
+        assert!(out.contains("no local port free for a connection from 127.0.0.1 to the manager 127.0.0.1:7000"), "{io}: {out}");
+        // It waited for a port (5 s), then stopped: no 30 s registration timeout.
+        assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(20), "{io}: took {took:?}: {out}");
+        let v = v.unwrap_or_else(|| panic!("{io}: no JSON summary: {out}"));
+        assert_eq!((v["registered"].as_u64(), v["failed"].as_u64()), (Some(0), Some(5)), "{io}: {v}");
     }
 }
