@@ -114,10 +114,17 @@ impl Wake {
         let _ = unsafe { libc::write(self.fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
     }
 
-    fn clear(&self) {
+    /// Reset the eventfd after a wake-up was seen.
+    pub fn clear(&self) {
         let mut v = 0u64;
         // SAFETY: reading 8 bytes from our non-blocking eventfd.
         let _ = unsafe { libc::read(self.fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
+impl AsRawFd for Wake {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

@@ -154,12 +154,8 @@ pub struct UdpRing {
     fd: RawFd,
     /// Sockets that delivered datagrams in the current drain round.
     touched: Vec<u32>,
-    bufs: Vec<u8>,
-    buf_size: usize,
-    nbufs: u16,
-    ring_mem: *mut BufRingEntry,
-    ring_len: usize,
-    tail: u16,
+    /// Dropped after `ring` (see `Drop`): the kernel reads it while the ring is open.
+    bufs: BufRing,
     msghdr: Box<libc::msghdr>,
     sockets: Vec<RecvSocket>,
     in_flight_sends: usize,
@@ -176,6 +172,106 @@ pub struct UdpRing {
 // SAFETY: the raw pointers refer to memory owned by this value; it is used by one thread at a
 // time (moving it to another thread is fine).
 unsafe impl Send for UdpRing {}
+
+/// A provided buffer ring (`IORING_REGISTER_PBUF_RING`): `nbufs` buffers of `size` bytes that
+/// the kernel takes one at a time for buffer-select receives, each handed back with
+/// [`BufRing::provide`] once its data has been used. The ring memory is mapped here and
+/// unmapped on drop, so a `BufRing` must outlive the io_uring it is registered with (drop
+/// the ring first).
+pub struct BufRing {
+    bufs: Vec<u8>,
+    size: usize,
+    nbufs: u16,
+    mem: *mut BufRingEntry,
+    len: usize,
+    tail: u16,
+    dirty: bool,
+}
+
+// SAFETY: the mapping is owned by this value and used by one thread at a time.
+unsafe impl Send for BufRing {}
+
+impl BufRing {
+    /// Map a ring of `nbufs` entries (a power of two, at most 32768) with every buffer in it.
+    /// Register it with [`BufRing::register`] before use.
+    pub fn new(nbufs: u16, size: usize) -> io::Result<BufRing> {
+        if !nbufs.is_power_of_two() || nbufs > 32768 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "nbufs must be a power of two up to 32768"));
+        }
+        let len = nbufs as usize * std::mem::size_of::<BufRingEntry>();
+        // SAFETY: an anonymous private mapping; checked for failure below. mmap gives page
+        // alignment, which the buffer ring requires.
+        let mem = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        if mem == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut me = BufRing { bufs: vec![0u8; nbufs as usize * size], size, nbufs, mem: mem as *mut BufRingEntry, len, tail: 0, dirty: false };
+        for bid in 0..nbufs {
+            me.provide(bid);
+        }
+        me.publish();
+        Ok(me)
+    }
+
+    /// Register the ring as buffer group `bgid` of `ring`.
+    ///
+    /// # Safety
+    /// `self` must outlive `ring` (or its unregistration): the kernel writes into the buffers
+    /// and reads the ring memory until then.
+    pub unsafe fn register(&self, ring: &IoUring, bgid: u16) -> io::Result<()> {
+        // SAFETY: the memory is valid for `nbufs` entries; the caller keeps it alive.
+        unsafe { ring.submitter().register_buf_ring_with_flags(self.mem as u64, self.nbufs, bgid, 0) }
+    }
+
+    /// The first `len` bytes of buffer `bid` (as the kernel filled them).
+    pub fn get(&self, bid: u16, len: usize) -> &[u8] {
+        let start = bid as usize * self.size;
+        &self.bufs[start..start + len.min(self.size)]
+    }
+
+    /// Size of each buffer.
+    pub fn buf_size(&self) -> usize {
+        self.size
+    }
+
+    /// Give buffer `bid` back to the kernel (seen by it at the next [`BufRing::publish`]).
+    pub fn provide(&mut self, bid: u16) {
+        let idx = (self.tail & (self.nbufs - 1)) as usize;
+        // SAFETY: idx < nbufs, within the mapping; the buffer address is inside `bufs`.
+        unsafe {
+            let e = &mut *self.mem.add(idx);
+            e.set_addr(self.bufs.as_ptr().add(bid as usize * self.size) as u64);
+            e.set_len(self.size as u32);
+            e.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        self.dirty = true;
+    }
+
+    /// Make the buffers given back so far visible to the kernel.
+    pub fn publish(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        // SAFETY: the tail field lies in the first entry of our mapping; the kernel reads it
+        // concurrently, hence the atomic release store.
+        unsafe {
+            let tail = BufRingEntry::tail(self.mem) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with this length and is unmapped once.
+        unsafe {
+            libc::munmap(self.mem as *mut libc::c_void, self.len);
+        }
+    }
+}
 
 impl UdpRing {
     /// Drive socket `fd` (which must outlive this value) with a ring of `entries` submission
@@ -203,9 +299,7 @@ impl UdpRing {
     }
 
     fn build(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool, mode: RingMode) -> io::Result<Self> {
-        if !nbufs.is_power_of_two() || nbufs > 32768 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "nbufs must be a power of two up to 32768"));
-        }
+        let bufs = BufRing::new(nbufs, buf_size)?;
         // One thread submits to each ring. A receive ring defers completion work until the
         // thread waits (DEFER_TASKRUN): no interrupt per datagram, the whole batch is
         // processed at the wait. A send ring, which reaps without waiting, only avoids the
@@ -224,37 +318,16 @@ impl UdpRing {
             }
         }
         let ring = b.build(entries)?;
-        let ring_len = nbufs as usize * std::mem::size_of::<BufRingEntry>();
-        // SAFETY: an anonymous private mapping; checked for failure below. mmap gives page
-        // alignment, which the buffer ring requires.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ring_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if mem == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         // SAFETY: a zeroed msghdr is valid; only the name length is set (the kernel reserves
         // that much room for the source address in each buffer).
         let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         msghdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         msghdr.msg_controllen = CONTROL_LEN as _;
-        let mut me = UdpRing {
+        let me = UdpRing {
             ring: std::mem::ManuallyDrop::new(ring),
             receive,
             fd,
-            bufs: vec![0u8; nbufs as usize * buf_size],
-            buf_size,
-            nbufs,
-            ring_mem: mem as *mut BufRingEntry,
-            ring_len,
-            tail: 0,
+            bufs,
             msghdr,
             sockets: Vec::new(),
             touched: Vec::new(),
@@ -267,13 +340,8 @@ impl UdpRing {
             counters: UringCounters::default(),
         };
         if receive {
-            // SAFETY: the ring memory is valid for `nbufs` entries and stays mapped until Drop,
-            // after the ring (and its registration) is gone.
-            unsafe { me.ring.submitter().register_buf_ring_with_flags(mem as u64, nbufs, BGID, 0)? };
-            for bid in 0..nbufs {
-                me.provide(bid);
-            }
-            me.publish_tail();
+            // SAFETY: `bufs` is dropped after the ring (see Drop).
+            unsafe { me.bufs.register(&me.ring, BGID)? };
         }
         Ok(me)
     }
@@ -324,27 +392,6 @@ impl UdpRing {
     pub fn available() -> bool {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *OK.get_or_init(|| UdpRing::multi(8, 2, 64).is_ok())
-    }
-
-    fn provide(&mut self, bid: u16) {
-        let idx = (self.tail & (self.nbufs - 1)) as usize;
-        // SAFETY: idx < nbufs, within the mapping; the buffer address is inside `bufs`.
-        unsafe {
-            let e = &mut *self.ring_mem.add(idx);
-            e.set_addr(self.bufs.as_ptr().add(bid as usize * self.buf_size) as u64);
-            e.set_len(self.buf_size as u32);
-            e.set_bid(bid);
-        }
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    fn publish_tail(&self) {
-        // SAFETY: the tail field lies in the first entry of our mapping; the kernel reads it
-        // concurrently, hence the atomic release store.
-        unsafe {
-            let tail = BufRingEntry::tail(self.ring_mem) as *const AtomicU16;
-            (*tail).store(self.tail, Ordering::Release);
-        }
     }
 
     fn arm(&mut self, ix: u32) -> io::Result<()> {
@@ -537,7 +584,6 @@ impl UdpRing {
     /// Reap the completions that are ready (see [`UdpRing::drain_with`]), then re-arm.
     fn drain_round(&mut self, on: &mut impl FnMut(Completion<'_>)) -> io::Result<usize> {
         let mut got = 0;
-        let mut recycled = false;
         loop {
             // Take completions in batches so the ring can be touched between them.
             let mut batch: [(u64, i32, u32); 64] = [(0, 0, 0); 64];
@@ -598,8 +644,7 @@ impl UdpRing {
                     self.counters.recv_errors += 1;
                     continue;
                 };
-                let start = bid as usize * self.buf_size;
-                let data = &self.bufs[start..start + (res as usize).min(self.buf_size)];
+                let data = self.bufs.get(bid, res as usize);
                 let active = self.sockets.get(ix as usize).is_some_and(|s| s.active);
                 match RecvMsgOut::parse(data, &self.msghdr) {
                     Ok(out) if !out.is_payload_truncated() && active => {
@@ -624,13 +669,10 @@ impl UdpRing {
                     Ok(_) if !active => {}
                     _ => self.counters.recv_errors += 1,
                 }
-                self.provide(bid);
-                recycled = true;
+                self.bufs.provide(bid);
             }
         }
-        if recycled {
-            self.publish_tail();
-        }
+        self.bufs.publish();
         if self.receive {
             for ix in 0..self.sockets.len() {
                 let s = &self.sockets[ix];
@@ -669,12 +711,10 @@ fn gro_segment(control: &[u8]) -> Option<usize> {
 impl Drop for UdpRing {
     fn drop(&mut self) {
         // Close the ring first, so the kernel no longer references the buffer ring memory;
-        // then unmap it.
-        // SAFETY: `ring` is dropped exactly once, here, and not used afterwards; the mapping
-        // was created in `new` with this length and is unmapped once.
+        // `bufs` unmaps it when the fields are dropped after this.
+        // SAFETY: `ring` is dropped exactly once, here, and not used afterwards.
         unsafe {
             std::mem::ManuallyDrop::drop(&mut self.ring);
-            libc::munmap(self.ring_mem as *mut libc::c_void, self.ring_len);
         }
     }
 }

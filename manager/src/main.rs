@@ -56,6 +56,11 @@ struct Args {
     /// high when many clients share one address (a load generator, a large NAT).
     #[arg(long, default_value_t = 1000.0)]
     stun_rate: f64,
+    /// The shards' TCP IO: `uring` (connections in io_uring direct descriptors, which do not
+    /// count against the process's descriptor table), `portable` (tokio), or `auto` (uring
+    /// where it can be set up; the NULLPUNCH_IO environment variable overrides auto).
+    #[arg(long, default_value = "auto")]
+    io: String,
     /// Require a token in every REGISTER, minted with the secret in this file (at least 16
     /// bytes; one trailing newline is ignored). Without it, any client may register any id.
     #[arg(long, value_name = "PATH", global = true)]
@@ -81,21 +86,45 @@ enum Cmd {
 /// runtimes, the metrics endpoint and its clients, log output.
 const FD_RESERVE: u64 = 32;
 
+/// Direct-descriptor slots an io_uring shard keeps for connections it is refusing.
+const SLOT_RESERVE: u64 = 16;
+
 /// `--max-connections`, lowered to what RLIMIT_NOFILE allows (after raising the soft limit
 /// to the hard one) less a reserve, so the manager answers connections past its capacity
 /// with ERROR TooManyConnections and keeps serving metrics, instead of running out of
 /// descriptors (where new connections would wait unanswered in the listen backlog).
-fn connection_cap(configured: usize) -> usize {
+///
+/// io_uring shards accept into direct descriptors instead: each shard's table holds up to
+/// RLIMIT_NOFILE of them (the kernel's bound for one ring) and the manager's own descriptors
+/// do not count. The cap is RLIMIT_NOFILE, or less with one shard, whose table must keep
+/// [`SLOT_RESERVE`] slots for connections being refused. (With several shards a table
+/// overflows only if the kernel put nearly every connection on one shard; its accepts then
+/// wait, counted in `accept_errors`.)
+fn connection_cap(configured: usize, io: manager::Io, shards: usize) -> usize {
     let nofile = manager::raise_nofile();
     if nofile == 0 {
         return configured;
     }
-    let cap = nofile.saturating_sub(FD_RESERVE).max(1) as usize;
+    let uring = io != manager::Io::Portable;
+    let cap = if uring {
+        let shards = if shards == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { shards };
+        nofile.min(shards as u64 * nofile.saturating_sub(SLOT_RESERVE)).max(1) as usize
+    } else {
+        nofile.saturating_sub(FD_RESERVE).max(1) as usize
+    };
     if configured == 0 || configured > cap {
-        eprintln!(
-            "manager: at most {cap} connections: RLIMIT_NOFILE is {nofile} (less {FD_RESERVE} kept for the manager \
-             itself); further connections get ERROR TooManyConnections"
-        );
+        if uring {
+            eprintln!(
+                "manager: at most {cap} connections: RLIMIT_NOFILE is {nofile} (io_uring: connections use direct \
+                 descriptors, up to RLIMIT_NOFILE per shard, {SLOT_RESERVE} kept for refusals); further connections get \
+                 ERROR TooManyConnections"
+            );
+        } else {
+            eprintln!(
+                "manager: at most {cap} connections: RLIMIT_NOFILE is {nofile} (less {FD_RESERVE} kept for the manager \
+                 itself); further connections get ERROR TooManyConnections"
+            );
+        }
         return cap;
     }
     configured
@@ -135,7 +164,20 @@ fn main() {
              (and so receive its calls). Use --secret-file on any network you do not fully trust."
         );
     }
+    let io = match manager::Io::choose(&args.io) {
+        Ok(io) if io == manager::Io::Portable || manager::uring::available() => io,
+        Ok(_) if args.io == "auto" => manager::Io::Portable,
+        Ok(_) => {
+            eprintln!("manager: --io uring: io_uring manager rings cannot be set up here; use --io portable or auto");
+            std::process::exit(2);
+        }
+        Err(e) => {
+            eprintln!("manager: --io {e}");
+            std::process::exit(2);
+        }
+    };
     let cfg = ManagerConfig {
+        io,
         listen: args.listen,
         shards: args.shards,
         shard: ShardConfig {
@@ -147,7 +189,7 @@ fn main() {
             ..ShardConfig::default()
         },
         stun_rate: args.stun_rate.max(0.0),
-        max_connections: connection_cap(args.max_connections),
+        max_connections: connection_cap(args.max_connections, io, args.shards),
         ..ManagerConfig::default()
     };
     let handle = match start(cfg) {
@@ -182,7 +224,7 @@ fn main() {
             }
             None => None,
         };
-        tracing::info!(addr = %handle.local_addr(), shards = handle.shards(), "manager listening on tcp and udp");
+        tracing::info!(addr = %handle.local_addr(), shards = handle.shards(), io = handle.io().as_str(), "manager listening on tcp and udp");
         let mut every = tokio::time::interval(Duration::from_secs(args.stats_every.max(1)));
         every.tick().await;
         loop {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use engine::driver::Io;
 use engine::wire::frame::{Frame, FrameDecoder};
 use engine::wire::stun::{self, StunMessage};
 use engine::wire::{classify, DatagramKind};
@@ -27,6 +28,20 @@ use tokio::sync::{mpsc, watch};
 use crate::bindings::Bindings;
 use crate::core::{Output, Shard, ShardConfig, ShardMsg};
 use crate::stats::Stats;
+#[cfg(target_os = "linux")]
+use engine::reactor::Wake;
+
+/// Stand-in where there are no io_uring shards to wake.
+#[cfg(not(target_os = "linux"))]
+struct Wake;
+
+#[cfg(not(target_os = "linux"))]
+impl Wake {
+    fn new() -> io::Result<Arc<Wake>> {
+        Ok(Arc::new(Wake))
+    }
+    fn notify(&self) {}
+}
 
 /// Manager settings.
 #[derive(Debug, Clone)]
@@ -43,6 +58,9 @@ pub struct ManagerConfig {
     pub stun_rate: f64,
     /// Connections the whole manager holds at most (0: no limit), counted over all shards.
     pub max_connections: usize,
+    /// The shards' TCP IO: io_uring (connections in direct descriptors, not in the process's
+    /// descriptor table) or tokio. io_uring falls back to tokio where a ring cannot be set up.
+    pub io: Io,
 }
 
 impl Default for ManagerConfig {
@@ -54,6 +72,8 @@ impl Default for ManagerConfig {
             conn_queue: 4096,
             stun_rate: 1000.0,
             max_connections: 0,
+            // `auto` (NULLPUNCH_IO if set, so a test suite can force either).
+            io: Io::choose("auto").unwrap_or(Io::Portable),
         }
     }
 }
@@ -65,7 +85,28 @@ pub struct ManagerHandle {
     stats: Arc<Stats>,
     stop_tx: watch::Sender<bool>,
     stop_udp: Arc<AtomicBool>,
+    /// Wake-ups of io_uring shards (they watch `stop_tx` when woken).
+    wakes: Vec<Arc<Wake>>,
+    io: Io,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// A shard's inbox as the other shards see it.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    tx: mpsc::UnboundedSender<ShardMsg>,
+    /// Set for an io_uring shard, which sleeps in its ring rather than on the channel.
+    wake: Option<Arc<Wake>>,
+}
+
+impl Peer {
+    pub(crate) fn send(&self, msg: ShardMsg) {
+        if self.tx.send(msg).is_ok() {
+            if let Some(w) = &self.wake {
+                w.notify();
+            }
+        }
+    }
 }
 
 impl ManagerHandle {
@@ -77,6 +118,11 @@ impl ManagerHandle {
     /// Number of shards.
     pub fn shards(&self) -> usize {
         self.shards
+    }
+
+    /// The shards' TCP IO in use.
+    pub fn io(&self) -> Io {
+        self.io
     }
 
     /// Its counters.
@@ -91,6 +137,9 @@ impl ManagerHandle {
 
     fn stop(&mut self) {
         let _ = self.stop_tx.send(true);
+        for w in &self.wakes {
+            w.notify();
+        }
         self.stop_udp.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -118,11 +167,21 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
     let bindings = Arc::new(Bindings::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_udp = Arc::new(AtomicBool::new(false));
+    #[cfg(target_os = "linux")]
+    let uring = cfg.io == Io::Uring && crate::uring::available();
+    #[cfg(not(target_os = "linux"))]
+    let uring = false;
+    if cfg.io != Io::Portable && !uring {
+        tracing::warn!("io_uring manager rings cannot be set up here; using the tokio IO");
+    }
     let mut txs = Vec::with_capacity(n);
     let mut rxs = Vec::with_capacity(n);
+    let mut wakes = Vec::new();
     for _ in 0..n {
         let (tx, rx) = mpsc::unbounded_channel::<ShardMsg>();
-        txs.push(tx);
+        let wake = if uring { Some(Wake::new()?) } else { None };
+        wakes.extend(wake.clone());
+        txs.push(Peer { tx, wake });
         rxs.push(Some(rx));
     }
     let seed = engine::rng::Rng::from_entropy().next_u64();
@@ -132,6 +191,8 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         stats: stats.clone(),
         stop_tx,
         stop_udp: stop_udp.clone(),
+        wakes: wakes.clone(),
+        io: if uring { Io::Uring } else { Io::Portable },
         threads: Vec::new(),
     };
     // The UDP socket (no SO_REUSEPORT) claims a fixed port first: it is what keeps a second
@@ -148,8 +209,13 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
             (bindings.clone(), stats.clone(), stop_rx.clone(), cfg.shard.clone(), cfg.conn_queue);
         shard_cfg.max_connections = cfg.max_connections;
         shard_cfg.secure_tokens = true;
-        let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
-            shard_thread(i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, stop_rx, ready_tx, seed)
+        let wake = wakes.get(i).cloned();
+        let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || match wake {
+            #[cfg(target_os = "linux")]
+            Some(wake) => crate::uring::shard_thread(
+                i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, wake, stop_rx, ready_tx, seed,
+            ),
+            _ => shard_thread(i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, stop_rx, ready_tx, seed),
         })?;
         handle.threads.push(t);
         match ready_rx.recv() {
@@ -210,7 +276,7 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 /// How long a closing connection may take to flush what was queued for it (an ERROR) before
 /// its task is aborted. A peer that stops reading would otherwise hold the task in a write
 /// forever, and with it the connection's registration.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 struct ConnHandle {
     tx: mpsc::Sender<Frame>,
@@ -220,7 +286,7 @@ struct ConnHandle {
 struct ShardIo {
     core: RefCell<Shard>,
     conns: RefCell<HashMap<u64, ConnHandle>>,
-    peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    peers: Vec<Peer>,
     rbuf: RefCell<Vec<u8>>,
     stats: Arc<Stats>,
 }
@@ -249,7 +315,7 @@ impl ShardIo {
                     }
                     Output::Shard { to, msg } => {
                         if let Some(p) = self.peers.get(to as usize) {
-                            let _ = p.send(msg);
+                            p.send(msg);
                         }
                     }
                 }
@@ -281,7 +347,7 @@ fn shard_thread(
     bindings: Arc<Bindings>,
     stats: Arc<Stats>,
     mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
-    peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    peers: Vec<Peer>,
     mut stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
     seed: u64,
@@ -400,7 +466,7 @@ async fn accept_failed(stats: &Stats, e: &io::Error, last_warning: &mut Option<I
 }
 
 /// Pause after an accept failed for lack of descriptors or memory.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
 async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Receiver<Frame>) {
     let (rd, mut wr) = stream.into_split();

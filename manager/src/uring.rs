@@ -1,0 +1,717 @@
+//! The manager's io_uring IO (Linux): one ring per shard thread, driving the same sans-IO
+//! [`Shard`] as the tokio IO in [`crate::server`].
+//!
+//! Connections are accepted into the ring's *direct descriptors* (a sparse fixed-file table,
+//! `IORING_FILE_INDEX_ALLOC`), not into the process's descriptor table: a connection costs
+//! no file descriptor, so the manager's capacity is not bounded by RLIMIT_NOFILE less its own
+//! descriptors. (The kernel sizes one ring's table up to RLIMIT_NOFILE.)
+//!
+//! * Accept: [`ACCEPTS`] single-shot ACCEPTs in flight on the shard's SO_REUSEPORT listener,
+//!   each with its own address buffer (the core wants the peer's address).
+//! * Receive: one multishot RECV per connection, drawing from a provided buffer ring shared
+//!   by all the shard's connections: an idle connection holds no buffer.
+//! * Send: a connection has at most one SEND in flight; frames produced meanwhile wait in
+//!   its pending buffer (at most `conn_queue` frames, as in the tokio IO, beyond which the
+//!   connection is dropped as too slow).
+//! * Close: the receive is cancelled, queued frames are flushed (for at most
+//!   [`CLOSE_GRACE`]), then the direct descriptor is closed and the core told.
+//! * Other shards' messages arrive on an unbounded channel with an eventfd beside it; the
+//!   shard's timers run every [`TICK`] from the wait's timeout.
+//!
+//! The `unsafe` here: the address buffers and send buffers passed to the kernel are owned by
+//! this module and stay in place until their completion is reaped (boxed, never moved while
+//! an operation is in flight); the buffer ring outlives the ring (dropped after it).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::reactor::Wake;
+use engine::uring::BufRing;
+use engine::wire::frame::FrameDecoder;
+use io_uring::{cqueue, opcode, types, IoUring};
+use tokio::sync::{mpsc, watch};
+
+use crate::bindings::Bindings;
+use crate::core::{Output, Shard, ShardConfig, ShardMsg};
+use crate::server::{Peer, ACCEPT_BACKOFF, CLOSE_GRACE};
+use crate::stats::Stats;
+
+/// Accepts kept in flight per shard.
+const ACCEPTS: usize = 16;
+/// The shard's timer period (as the tokio IO's interval).
+const TICK: Duration = Duration::from_millis(250);
+/// Receive buffers shared by a shard's connections, and their size. A frame is at most a
+/// few hundred bytes; a connection's receive that finds no buffer ends and is re-armed.
+const NBUFS: u16 = 1024;
+const BUF_SIZE: usize = 2048;
+const BGID: u16 = 0;
+
+// A completion's user data: kind (8 bits) | generation (24 bits) | slot (32 bits).
+const K_ACCEPT: u64 = 1;
+const K_RECV: u64 = 2;
+const K_SEND: u64 = 3;
+const K_CLOSE: u64 = 4;
+const K_WAKE: u64 = 5;
+const K_CANCEL: u64 = 6;
+
+fn tag(kind: u64, gen: u32, slot: u32) -> u64 {
+    (kind << 56) | (((gen & 0xFF_FFFF) as u64) << 32) | slot as u64
+}
+
+fn untag(ud: u64) -> (u64, u32, u32) {
+    (ud >> 56, ((ud >> 32) & 0xFF_FFFF) as u32, ud as u32)
+}
+
+/// True if a manager ring can be set up here (io_uring allowed, sparse file tables and
+/// provided buffer rings, SINGLE_ISSUER + DEFER_TASKRUN: Linux 6.1 or later).
+pub fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| build_ring(4).is_ok())
+}
+
+fn build_ring(table: u32) -> io::Result<(IoUring, BufRing)> {
+    let mut b = IoUring::builder();
+    b.setup_single_issuer().setup_defer_taskrun().setup_cqsize(16384);
+    let ring = b.build(1024)?;
+    ring.submitter().register_files_sparse(table)?;
+    let bufs = BufRing::new(NBUFS, BUF_SIZE)?;
+    // SAFETY: `bufs` is kept beside the ring and dropped after it (see `Ring`).
+    unsafe { bufs.register(&ring, BGID)? };
+    Ok((ring, bufs))
+}
+
+/// The size of a shard's direct-descriptor table: the soft RLIMIT_NOFILE (the most the
+/// kernel allows for one ring).
+pub fn table_size() -> u32 {
+    // SAFETY: getrlimit writes the struct we pass.
+    let soft = unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            1024
+        } else {
+            r.rlim_cur
+        }
+    };
+    soft.clamp(16, 1 << 20) as u32
+}
+
+/// A std listener with SO_REUSEPORT (one per shard) and TCP_NODELAY, which accepted
+/// connections inherit (a direct descriptor cannot be given socket options by syscall).
+pub(crate) fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.set_nodelay(true)?;
+    s.bind(addr)?;
+    let fd = s.into_raw_fd();
+    // SAFETY: `fd` is a bound socket we own; ownership passes to the TcpListener at once.
+    let l = unsafe { TcpListener::from_raw_fd(fd) };
+    // SAFETY: listen on a socket we own.
+    if unsafe { libc::listen(l.as_raw_fd(), 4096) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(l)
+}
+
+struct AcceptBuf {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+struct Conn {
+    id: u64,
+    gen: u32,
+    decoder: FrameDecoder,
+    /// Frames still read and handed to the core (false after a framing error).
+    reading: bool,
+    recv_armed: bool,
+    /// Bytes being sent (stable until the SEND completes) and how far.
+    inflight: Vec<u8>,
+    sent: usize,
+    sending: bool,
+    /// Frames produced while a send was in flight.
+    pending: Vec<u8>,
+    pending_frames: usize,
+    /// Closing: flush what is queued until this time, then close.
+    closing: Option<Instant>,
+    /// Closing without flushing (the peer is gone).
+    abort: bool,
+    cancel_sent: bool,
+    close_sent: bool,
+}
+
+struct Ring {
+    /// Dropped before `bufs` (field order).
+    ring: IoUring,
+    bufs: BufRing,
+}
+
+struct Io {
+    r: Ring,
+    core: Shard,
+    stats: Arc<Stats>,
+    peers: Vec<Peer>,
+    conn_queue: usize,
+    /// Connections by direct-descriptor slot.
+    slots: Vec<Option<Conn>>,
+    by_id: HashMap<u64, u32>,
+    next_gen: u32,
+    /// Slots with frames to send or a close to advance.
+    dirty: Vec<u32>,
+    accepts: Vec<Box<AcceptBuf>>,
+    accept_armed: Vec<bool>,
+    accept_resume: Option<Instant>,
+    last_accept_warning: Option<Instant>,
+    /// Direct-descriptor slots in the table, and slots taken (accepted, not yet closed).
+    /// Accepts are armed only while a slot is free for each: an accept that finds the table
+    /// full has already taken the connection from the backlog, and the kernel drops it.
+    table: u32,
+    used: u32,
+    /// The table was full at the last arm (a wait counted once in `accept_errors`).
+    table_full: bool,
+    listener: TcpListener,
+    wake: Arc<Wake>,
+    stopping: bool,
+}
+
+/// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
+/// Shutdown and the thread waits up to 500 ms for them to close).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn shard_thread(
+    index: u16,
+    n: u16,
+    addr: SocketAddr,
+    cfg: ShardConfig,
+    conn_queue: usize,
+    bindings: Arc<Bindings>,
+    stats: Arc<Stats>,
+    mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
+    peers: Vec<Peer>,
+    wake: Arc<Wake>,
+    stop: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
+    seed: u64,
+) {
+    let setup = (|| {
+        let listener = bind_listener(addr)?;
+        let table = table_size();
+        let (ring, bufs) = build_ring(table)?;
+        Ok::<_, io::Error>((listener, ring, bufs, table))
+    })();
+    let (listener, ring, bufs, table) = match setup {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(listener.local_addr());
+    let mut io = Io {
+        r: Ring { ring, bufs },
+        core: Shard::new(index, n, cfg, bindings.clone(), stats.clone(), seed),
+        stats,
+        peers,
+        conn_queue,
+        slots: Vec::new(),
+        by_id: HashMap::new(),
+        next_gen: 1,
+        dirty: Vec::new(),
+        accepts: (0..ACCEPTS)
+            .map(|_| {
+                // SAFETY: a zeroed sockaddr_storage is valid.
+                Box::new(AcceptBuf { addr: unsafe { std::mem::zeroed() }, len: 0 })
+            })
+            .collect(),
+        accept_armed: vec![false; ACCEPTS],
+        accept_resume: None,
+        last_accept_warning: None,
+        table,
+        used: 0,
+        table_full: false,
+        listener,
+        wake,
+        stopping: false,
+    };
+    for i in 0..ACCEPTS {
+        io.arm_accept(i);
+    }
+    io.arm_wake();
+    let mut next_tick = Instant::now() + TICK;
+    let mut ticks: u64 = 0;
+    let mut stop_deadline: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if !io.stopping && *stop.borrow() {
+            io.begin_stop();
+            stop_deadline = Some(now + Duration::from_millis(500));
+        }
+        if let Some(d) = stop_deadline {
+            if now >= d || io.core.open_connections() == 0 {
+                break;
+            }
+        }
+        if now >= next_tick {
+            io.core.handle_tick(now);
+            ticks += 1;
+            if index == 0 && ticks % 40 == 0 {
+                bindings.purge(now);
+            }
+            io.check_closing(now);
+            next_tick = now + TICK;
+        }
+        if io.accept_resume.is_some_and(|t| now >= t) {
+            io.accept_resume = None;
+            for i in 0..ACCEPTS {
+                io.arm_accept(i);
+            }
+        }
+        io.flush(now);
+        let mut until = next_tick;
+        if let Some(t) = io.accept_resume {
+            until = until.min(t);
+        }
+        if let Some(d) = stop_deadline {
+            until = until.min(d);
+        }
+        io.wait(until.saturating_duration_since(Instant::now()));
+        io.reap(&mut inbox);
+    }
+    // Dropping the ring closes every direct descriptor (and with them the connections).
+}
+
+impl Io {
+    fn push(&mut self, e: io_uring::squeue::Entry) {
+        // SAFETY: every entry's buffers are owned by `self` and stay in place until the
+        // entry's completion is reaped (see the module docs).
+        unsafe {
+            if self.r.ring.submission().push(&e).is_err() {
+                let _ = self.r.ring.submit();
+                if self.r.ring.submission().push(&e).is_err() {
+                    tracing::error!("io_uring submission queue full; an operation was dropped");
+                }
+            }
+        }
+    }
+
+    fn arm_accept(&mut self, i: usize) {
+        if self.accept_armed[i] || self.stopping || self.accept_resume.is_some() {
+            return;
+        }
+        let armed = self.accept_armed.iter().filter(|a| **a).count() as u32;
+        if self.used + armed >= self.table {
+            if !std::mem::replace(&mut self.table_full, true) {
+                // New connections wait in the listen backlog until a slot frees.
+                self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                if self.last_accept_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                    self.last_accept_warning = Some(now);
+                    tracing::warn!(
+                        "direct descriptor table full ({} connections, RLIMIT_NOFILE); new connections wait",
+                        self.table
+                    );
+                }
+            }
+            return;
+        }
+        self.table_full = false;
+        let b = &mut self.accepts[i];
+        b.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let e = opcode::Accept::new(
+            types::Fd(self.listener.as_raw_fd()),
+            &mut b.addr as *mut _ as *mut libc::sockaddr,
+            &mut b.len,
+        )
+        // (No SOCK_CLOEXEC: a direct descriptor has no descriptor-table entry to close.)
+        .file_index(Some(types::DestinationSlot::auto_target()))
+        .build()
+        .user_data(tag(K_ACCEPT, 0, i as u32));
+        self.push(e);
+        self.accept_armed[i] = true;
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::PollAdd::new(types::Fd(self.wake_fd()), libc::POLLIN as u32).build().user_data(tag(K_WAKE, 0, 0));
+        self.push(e);
+    }
+
+    fn wake_fd(&self) -> i32 {
+        self.wake.as_raw_fd()
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { return };
+        if c.recv_armed || c.closing.is_some() {
+            return;
+        }
+        c.recv_armed = true;
+        let e = opcode::RecvMulti::new(types::Fixed(slot), BGID).build().user_data(tag(K_RECV, c.gen, slot));
+        self.push(e);
+    }
+
+    fn wait(&mut self, timeout: Duration) {
+        let ts = types::Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.r.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+            Err(e) => tracing::warn!("io_uring wait failed: {e}"),
+        }
+    }
+
+    fn reap(&mut self, inbox: &mut mpsc::UnboundedReceiver<ShardMsg>) {
+        loop {
+            let mut batch: [(u64, i32, u32); 64] = [(0, 0, 0); 64];
+            let mut n = 0;
+            for cqe in self.r.ring.completion() {
+                batch[n] = (cqe.user_data(), cqe.result(), cqe.flags());
+                n += 1;
+                if n == batch.len() {
+                    break;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            let now = Instant::now();
+            for &(ud, res, flags) in &batch[..n] {
+                let (kind, gen, slot) = untag(ud);
+                match kind {
+                    K_ACCEPT => self.on_accept(now, slot as usize, res),
+                    K_RECV => self.on_recv(now, slot, gen, res, flags),
+                    K_SEND => self.on_send(now, slot, gen, res),
+                    K_CLOSE => self.on_closed(now, slot, gen),
+                    K_WAKE => {
+                        self.wake.clear();
+                        self.arm_wake();
+                        let mut taken = 0;
+                        while let Ok(m) = inbox.try_recv() {
+                            self.core.handle_msg(now, m);
+                            taken += 1;
+                            if taken % 256 == 0 {
+                                self.flush(now);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            self.r.bufs.publish();
+            self.flush(now);
+        }
+    }
+
+    fn on_accept(&mut self, now: Instant, i: usize, res: i32) {
+        self.accept_armed[i] = false;
+        if res < 0 {
+            if res == -libc::ECANCELED || self.stopping {
+                return;
+            }
+            self.accept_failed(now, io::Error::from_raw_os_error(-res));
+            return;
+        }
+        let slot = res as u32;
+        self.used += 1;
+        let peer = {
+            let b = &self.accepts[i];
+            sockaddr_of(&b.addr).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+        };
+        self.arm_accept(i);
+        let id = self.core.conn_opened(now, peer);
+        let gen = self.next_gen;
+        self.next_gen = (self.next_gen + 1) & 0xFF_FFFF;
+        if self.slots.len() <= slot as usize {
+            self.slots.resize_with(slot as usize + 1, || None);
+        }
+        self.slots[slot as usize] = Some(Conn {
+            id,
+            gen,
+            decoder: FrameDecoder::new(),
+            reading: true,
+            recv_armed: false,
+            inflight: Vec::new(),
+            sent: 0,
+            sending: false,
+            pending: Vec::new(),
+            pending_frames: 0,
+            closing: None,
+            abort: false,
+            cancel_sent: false,
+            close_sent: false,
+        });
+        self.by_id.insert(id, slot);
+        self.arm_recv(slot);
+    }
+
+    /// As the tokio IO: count, warn at most once a second, and on a resource shortage pause
+    /// the accepts (the pending connections wait in the backlog).
+    fn accept_failed(&mut self, now: Instant, e: io::Error) {
+        self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+        let resource = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+        // A connection reset before it was accepted is routine; anything else (resources,
+        // or an error that would repeat) pauses the accepts rather than spin.
+        let transient = matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN));
+        if self.last_accept_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            self.last_accept_warning = Some(now);
+            if resource {
+                tracing::warn!("accept failed: {e}; new connections wait (direct descriptor table full, or memory)");
+            } else {
+                tracing::warn!("accept failed: {e}");
+            }
+        }
+        if !transient {
+            self.accept_resume.get_or_insert(now + ACCEPT_BACKOFF);
+        } else {
+            for i in 0..ACCEPTS {
+                self.arm_accept(i);
+            }
+        }
+    }
+
+    fn conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()).filter(|c| c.gen == gen)
+    }
+
+    fn on_recv(&mut self, now: Instant, slot: u32, gen: u32, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let more = cqueue::more(flags);
+        let Some(c) = self.conn(slot, gen) else {
+            if let Some(b) = bid {
+                self.r.bufs.provide(b);
+            }
+            return;
+        };
+        if !more {
+            c.recv_armed = false;
+        }
+        if res > 0 {
+            let Some(b) = bid else {
+                // A receive without a buffer cannot happen with buffer select; treat as lost.
+                self.lost(slot);
+                return;
+            };
+            let data = self.r.bufs.get(b, res as usize);
+            let c = self.slots[slot as usize].as_mut().expect("checked above");
+            if c.reading && c.closing.is_none() {
+                c.decoder.push(data);
+                let id = c.id;
+                loop {
+                    let c = self.slots[slot as usize].as_mut().expect("checked above");
+                    match c.decoder.next_frame() {
+                        Ok(Some(f)) => self.core.conn_frame(now, id, f),
+                        Ok(None) => break,
+                        Err(e) => {
+                            c.reading = false;
+                            self.core.conn_error(now, id, &e);
+                            break;
+                        }
+                    }
+                }
+            }
+            self.r.bufs.provide(b);
+            if !more {
+                self.arm_recv(slot);
+                // A closing connection waits for its receive to end.
+                self.mark(slot);
+            }
+            return;
+        }
+        if let Some(b) = bid {
+            self.r.bufs.provide(b);
+        }
+        match res {
+            // Out of receive buffers: the data waits in the socket; receive again.
+            r if r == -libc::ENOBUFS => {
+                if !more {
+                    self.arm_recv(slot);
+                }
+            }
+            // Cancelled by our close: the close goes on.
+            r if r == -libc::ECANCELED => self.mark(slot),
+            // End of stream, or a reset: the peer is gone.
+            _ => self.lost(slot),
+        }
+    }
+
+    fn on_send(&mut self, now: Instant, slot: u32, gen: u32, res: i32) {
+        let Some(c) = self.conn(slot, gen) else { return };
+        c.sending = false;
+        if res < 0 {
+            let _ = now;
+            self.lost(slot);
+            return;
+        }
+        c.sent += res as usize;
+        if c.sent < c.inflight.len() {
+            // A short write: send the rest.
+            self.submit_send(slot);
+        } else {
+            c.inflight.clear();
+            c.sent = 0;
+            self.mark(slot);
+        }
+    }
+
+    fn on_closed(&mut self, now: Instant, slot: u32, gen: u32) {
+        let Some(c) = self.conn(slot, gen) else { return };
+        let id = c.id;
+        self.slots[slot as usize] = None;
+        self.by_id.remove(&id);
+        self.used -= 1;
+        self.core.conn_closed(now, id);
+        if self.table_full {
+            for i in 0..ACCEPTS {
+                self.arm_accept(i);
+            }
+        }
+    }
+
+    /// The peer is gone (end of stream, reset, failed send): close without flushing.
+    fn lost(&mut self, slot: u32) {
+        if let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) {
+            c.abort = true;
+            c.pending.clear();
+            c.closing.get_or_insert(Instant::now());
+            self.mark(slot);
+        }
+    }
+
+    fn mark(&mut self, slot: u32) {
+        self.dirty.push(slot);
+    }
+
+    fn submit_send(&mut self, slot: u32) {
+        let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { return };
+        let rest = &c.inflight[c.sent..];
+        let e = opcode::Send::new(types::Fixed(slot), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(tag(K_SEND, c.gen, slot));
+        c.sending = true;
+        self.push(e);
+    }
+
+    /// Move the core's output to connections and other shards, then start sends and
+    /// advance closes.
+    fn flush(&mut self, now: Instant) {
+        while let Some(o) = self.core.poll_output() {
+            match o {
+                Output::Frame { conn, frame } => {
+                    let Some(&slot) = self.by_id.get(&conn) else { continue };
+                    let Some(c) = self.slots[slot as usize].as_mut() else { continue };
+                    if c.closing.is_some() {
+                        continue;
+                    }
+                    if c.pending_frames >= self.conn_queue {
+                        // A reader too slow to drain its queue: flush what it has, then close.
+                        self.stats.inc(&self.stats.connections_slow);
+                        c.closing = Some(now + CLOSE_GRACE);
+                    } else {
+                        frame.encode(&mut c.pending);
+                        c.pending_frames += 1;
+                    }
+                    self.dirty.push(slot);
+                }
+                Output::Close { conn } => {
+                    let Some(&slot) = self.by_id.get(&conn) else { continue };
+                    if let Some(c) = self.slots[slot as usize].as_mut() {
+                        c.closing.get_or_insert(now + CLOSE_GRACE);
+                        self.dirty.push(slot);
+                    }
+                }
+                Output::Shard { to, msg } => {
+                    if let Some(p) = self.peers.get(to as usize) {
+                        p.send(msg);
+                    }
+                }
+            }
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &slot in &dirty {
+            self.advance(now, slot);
+        }
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    fn advance(&mut self, now: Instant, slot: u32) {
+        let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { return };
+        if !c.sending && c.inflight.is_empty() && !c.pending.is_empty() && !c.abort {
+            std::mem::swap(&mut c.inflight, &mut c.pending);
+            c.pending_frames = 0;
+            c.sent = 0;
+            self.submit_send(slot);
+            return;
+        }
+        let Some(deadline) = c.closing else { return };
+        let flushed = !c.sending && c.pending.is_empty() && c.inflight.is_empty();
+        let gen = c.gen;
+        if !flushed && !c.abort && now < deadline {
+            return;
+        }
+        // Stop the receive and any send still in flight, then close.
+        if (c.recv_armed || c.sending) && !c.cancel_sent {
+            c.cancel_sent = true;
+            let (recv, send) = (c.recv_armed, c.sending);
+            if recv {
+                self.push(opcode::AsyncCancel::new(tag(K_RECV, gen, slot)).build().user_data(tag(K_CANCEL, 0, 0)));
+            }
+            if send {
+                self.push(opcode::AsyncCancel::new(tag(K_SEND, gen, slot)).build().user_data(tag(K_CANCEL, 0, 0)));
+            }
+            return;
+        }
+        let c = self.slots[slot as usize].as_mut().expect("checked above");
+        if c.recv_armed || c.sending || c.close_sent {
+            return;
+        }
+        c.close_sent = true;
+        self.push(opcode::Close::new(types::Fixed(slot)).build().user_data(tag(K_CLOSE, gen, slot)));
+    }
+
+    /// Closing connections whose flush took longer than [`CLOSE_GRACE`] (a peer that does
+    /// not read): force them on.
+    fn check_closing(&mut self, now: Instant) {
+        for slot in 0..self.slots.len() as u32 {
+            if let Some(c) = &self.slots[slot as usize] {
+                if c.closing.is_some_and(|d| now >= d) && !c.close_sent {
+                    self.dirty.push(slot);
+                }
+            }
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        self.stopping = true;
+        for i in 0..ACCEPTS {
+            if self.accept_armed[i] {
+                self.push(opcode::AsyncCancel::new(tag(K_ACCEPT, 0, i as u32)).build().user_data(tag(K_CANCEL, 0, 0)));
+            }
+        }
+        self.core.shutdown();
+    }
+}
+
+fn sockaddr_of(st: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match st.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(st as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::from((u32::from_be(a.sin_addr.s_addr).to_be_bytes(), u16::from_be(a.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(st as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::from((a.sin6_addr.s6_addr, u16::from_be(a.sin6_port))))
+        }
+        _ => None,
+    }
+}
