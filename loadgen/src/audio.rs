@@ -274,7 +274,7 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
     let (_mgr, manager) = match cfg.manager {
         Some(m) => (None, m),
         None => {
-            let m = manager::start(crate::sys::embedded_manager(cfg.bind_ip, 1))
+            let m = manager::start(crate::sys::embedded_manager(cfg.bind_ip, 1, cfg.io))
                 .map_err(|e| format!("manager: {e}"))?;
             let a = m.local_addr();
             (Some(m), a)

@@ -180,7 +180,7 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
     let (mgr, addr) = match &cfg.external {
         Some((addr, _, _)) => (None, *addr),
         None => {
-            let mut mc = sys::embedded_manager(cfg.setup.bind_ip, cfg.setup.shards);
+            let mut mc = sys::embedded_manager(cfg.setup.bind_ip, cfg.setup.shards, cfg.setup.io);
             mc.shard.frames_per_sec = 500.0;
             mc.max_connections = 100_000;
             let m = manager::start(mc).map_err(|e| format!("manager: {e}"))?;

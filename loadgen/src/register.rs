@@ -129,7 +129,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     let embedded = match cfg.manager {
         Some(_) => None,
         None => Some(
-            manager::start(crate::sys::embedded_manager(cfg.bind_ip, cfg.shards))
+            manager::start(crate::sys::embedded_manager(cfg.bind_ip, cfg.shards, cfg.io))
                 .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
         ),
     };
@@ -260,6 +260,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     let cpu = sys::cpu_seconds() - cpu0;
     let results = stop_all()?;
     let embedded_used = embedded.is_some();
+    let manager_io = embedded.as_ref().map(|m| m.io().as_str());
     drop(embedded);
 
     let latency = counts.latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -296,7 +297,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     use std::fmt::Write;
     let where_ = match cfg.manager {
         Some(a) => format!("manager {a}"),
-        None => format!("embedded manager on {manager_addr}"),
+        None => format!("embedded manager on {manager_addr} ({} io)", manager_io.unwrap_or("?")),
     };
     let public_ips = counts.public_ips.lock().unwrap_or_else(|e| e.into_inner()).len();
     let _ = writeln!(
@@ -359,6 +360,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         "rss_per_client_kb": report::num(per_client_kb),
         "manager_rss_per_registration_kb": report::num(manager_per_reg_kb),
         "manager_connections": manager_conns,
+        "manager_io": manager_io,
         "open_fds": fds_up,
         "cpu_seconds": (cpu * 100.0).round() / 100.0,
         "sleeper_stalls_over_5ms": stalls,

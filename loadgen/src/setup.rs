@@ -841,7 +841,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let embedded = match cfg.manager {
         Some(_) => None,
         None => Some(
-            manager::start(sys::embedded_manager(cfg.bind_ip, cfg.shards))
+            manager::start(sys::embedded_manager(cfg.bind_ip, cfg.shards, cfg.io))
             .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
         ),
     };
@@ -1026,6 +1026,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let wall = wall0.elapsed();
     let cpu = sys::cpu_seconds() - cpu0;
     let manager_stats = embedded.as_ref().map(|m| m.stats().clone());
+    let manager_io = embedded.as_ref().map(|m| m.io().as_str());
     drop(embedded);
 
     // Histograms, from each call's planned start.
@@ -1117,7 +1118,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     use std::fmt::Write;
     let where_ = match cfg.manager {
         Some(a) => format!("manager {a}"),
-        None => format!("embedded manager on {manager_addr}"),
+        None => format!("embedded manager on {manager_addr} ({} io)", manager_io.unwrap_or("?")),
     };
     let _ = writeln!(
         text,
@@ -1267,6 +1268,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     });
     // First connections that waited for a local port (a previous run's TIME_WAITs).
     json["port_waits"] = shared.port_waits.load(Ordering::Relaxed).into();
+    json["manager_io"] = manager_io.into();
     if let Some(dir) = &cfg.out {
         let metrics = [
             ("setup", "setup (plan -> 2-way media)", &setup),

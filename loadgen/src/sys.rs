@@ -110,11 +110,13 @@ pub fn token_for(id: &engine::wire::frame::ClientId) -> Option<engine::wire::fra
 
 /// The configuration of an embedded manager on `ip` (port 0): no limits (every simulated
 /// client shares one source address, so no per-source STUN limit either), tokens required
-/// if a secret was given.
-pub fn embedded_manager(ip: std::net::IpAddr, shards: usize) -> manager::ManagerConfig {
+/// if a secret was given, and the generator's own IO (`--io portable` makes the whole run
+/// portable).
+pub fn embedded_manager(ip: std::net::IpAddr, shards: usize, io: engine::driver::Io) -> manager::ManagerConfig {
     manager::ManagerConfig {
         listen: std::net::SocketAddr::new(ip, 0),
         shards,
+        io,
         stun_rate: 0.0,
         shard: manager::core::ShardConfig { secret: SECRET.get().cloned(), ..Default::default() },
         ..Default::default()

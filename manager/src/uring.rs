@@ -163,6 +163,9 @@ struct Io {
     next_gen: u32,
     /// Slots with frames to send or a close to advance.
     dirty: Vec<u32>,
+    /// Each accept's address buffer, which the kernel writes while the ACCEPT is in
+    /// flight: boxed so that its address never moves, whatever happens to the vector.
+    #[allow(clippy::vec_box)]
     accepts: Vec<Box<AcceptBuf>>,
     accept_armed: Vec<bool>,
     accept_resume: Option<Instant>,
@@ -258,7 +261,7 @@ pub(crate) fn shard_thread(
         if now >= next_tick {
             io.core.handle_tick(now);
             ticks += 1;
-            if index == 0 && ticks % 40 == 0 {
+            if index == 0 && ticks.is_multiple_of(40) {
                 bindings.purge(now);
             }
             io.check_closing(now);
