@@ -210,12 +210,24 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         shard_cfg.max_connections = cfg.max_connections;
         shard_cfg.secure_tokens = true;
         let wake = wakes.get(i).cloned();
+        let start = ShardStart {
+            index: i as u16,
+            n: n as u16,
+            addr,
+            cfg: shard_cfg,
+            conn_queue,
+            bindings,
+            stats,
+            inbox,
+            peers,
+            stop: stop_rx,
+            ready: ready_tx,
+            seed,
+        };
         let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || match wake {
             #[cfg(target_os = "linux")]
-            Some(wake) => crate::uring::shard_thread(
-                i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, wake, stop_rx, ready_tx, seed,
-            ),
-            _ => shard_thread(i as u16, n as u16, addr, shard_cfg, conn_queue, bindings, stats, inbox, peers, stop_rx, ready_tx, seed),
+            Some(wake) => crate::uring::shard_thread(start, wake),
+            _ => shard_thread(start),
         })?;
         handle.threads.push(t);
         match ready_rx.recv() {
@@ -337,21 +349,26 @@ impl ShardIo {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn shard_thread(
-    index: u16,
-    n: u16,
-    addr: SocketAddr,
-    cfg: ShardConfig,
-    conn_queue: usize,
-    bindings: Arc<Bindings>,
-    stats: Arc<Stats>,
-    mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
-    peers: Vec<Peer>,
-    mut stop: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
-    seed: u64,
-) {
+/// What a shard thread starts from, whichever IO runs it.
+pub(crate) struct ShardStart {
+    pub index: u16,
+    pub n: u16,
+    /// The address to listen on (port 0 for shard 0 alone: the others get its port).
+    pub addr: SocketAddr,
+    pub cfg: ShardConfig,
+    pub conn_queue: usize,
+    pub bindings: Arc<Bindings>,
+    pub stats: Arc<Stats>,
+    pub inbox: mpsc::UnboundedReceiver<ShardMsg>,
+    pub peers: Vec<Peer>,
+    pub stop: watch::Receiver<bool>,
+    /// Told the bound address, or why the shard could not start.
+    pub ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
+    pub seed: u64,
+}
+
+fn shard_thread(start: ShardStart) {
+    let ShardStart { index, n, addr, cfg, conn_queue, bindings, stats, mut inbox, peers, mut stop, ready, seed } = start;
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -34,11 +34,10 @@ use engine::reactor::Wake;
 use engine::uring::BufRing;
 use engine::wire::frame::FrameDecoder;
 use io_uring::{cqueue, opcode, types, IoUring};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::bindings::Bindings;
-use crate::core::{Output, Shard, ShardConfig, ShardMsg};
-use crate::server::{Peer, ACCEPT_BACKOFF, CLOSE_GRACE};
+use crate::core::{Output, Shard, ShardMsg};
+use crate::server::{Peer, ShardStart, ACCEPT_BACKOFF, CLOSE_GRACE};
 use crate::stats::Stats;
 
 /// Accepts kept in flight per shard.
@@ -184,22 +183,8 @@ struct Io {
 
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
 /// Shutdown and the thread waits up to 500 ms for them to close).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn shard_thread(
-    index: u16,
-    n: u16,
-    addr: SocketAddr,
-    cfg: ShardConfig,
-    conn_queue: usize,
-    bindings: Arc<Bindings>,
-    stats: Arc<Stats>,
-    mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
-    peers: Vec<Peer>,
-    wake: Arc<Wake>,
-    stop: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
-    seed: u64,
-) {
+pub(crate) fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
+    let ShardStart { index, n, addr, cfg, conn_queue, bindings, stats, mut inbox, peers, stop, ready, seed } = start;
     let setup = (|| {
         let listener = bind_listener(addr)?;
         let table = table_size();

@@ -1,0 +1,31 @@
+//! Helpers shared by the manager's descriptor-limit tests.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use manager::stats::Stats;
+
+/// This process's CPU time (user + system) in seconds.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Wait up to 5 s for `cond`; on timeout, fail with the manager's connection counters.
+pub fn wait_for(stats: &Stats, what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "timed out waiting for {what}; accepted {}, closed {}, accept errors {}",
+            get(&stats.connections_accepted),
+            get(&stats.connections_closed),
+            get(&stats.accept_errors)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
