@@ -254,7 +254,8 @@ pub fn run<A: App>(
     let entries = (units.len() as u32 * 4 + cfg.batch as u32 * 4).clamp(256, 32768).next_power_of_two();
     let mut ring = UdpRing::multi(entries, cfg.recv_buffers, cfg.recv_buffer_size)
         .map_err(DriverError::Udp)?
-        .with_send_slots(cfg.send_slots, MAX_DATAGRAM);
+        .with_send_slots(cfg.send_slots, MAX_DATAGRAM)
+        .map_err(DriverError::Udp)?;
     let stop_wake = match stop {
         Some(s) => {
             let w = s.watch().map_err(DriverError::Udp)?;

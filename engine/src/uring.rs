@@ -160,7 +160,7 @@ pub struct UdpRing {
     sockets: Vec<RecvSocket>,
     in_flight_sends: usize,
     /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
-    slots: Vec<u8>,
+    slots: AnonMap,
     slot_addrs: Vec<libc::sockaddr_storage>,
     free_slots: Vec<u16>,
     queued: usize,
@@ -173,13 +173,79 @@ pub struct UdpRing {
 // time (moving it to another thread is fine).
 unsafe impl Send for UdpRing {}
 
+/// Zeroed memory mapped straight from the kernel (anonymous, private): page-aligned, and
+/// resident only once touched, so a pool of buffers of which a few are in use costs only
+/// those few. (A `Vec` of the same size may come from the allocator's heap, which zeroes
+/// it by writing, making the whole pool resident at once.) Unmapped on drop.
+pub struct AnonMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value; access goes through `&self`/`&mut self`.
+unsafe impl Send for AnonMap {}
+
+impl AnonMap {
+    /// Map `len` bytes (none for 0).
+    pub fn new(len: usize) -> io::Result<AnonMap> {
+        if len == 0 {
+            return Ok(AnonMap { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0 });
+        }
+        // SAFETY: an anonymous private mapping; checked for failure below.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(AnonMap { ptr: p as *mut u8, len })
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The start of the mapping, for the kernel to read or write.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped (or none), zero-initialised by the kernel.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes, to write.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: mapped in `new` with this length, unmapped once.
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
 /// A provided buffer ring (`IORING_REGISTER_PBUF_RING`): `nbufs` buffers of `size` bytes that
 /// the kernel takes one at a time for buffer-select receives, each handed back with
 /// [`BufRing::provide`] once its data has been used. The ring memory is mapped here and
 /// unmapped on drop, so a `BufRing` must outlive the io_uring it is registered with (drop
 /// the ring first).
 pub struct BufRing {
-    bufs: Vec<u8>,
+    /// The buffers, written by the kernel (hence not a `Vec` borrowed immutably).
+    bufs: AnonMap,
     size: usize,
     nbufs: u16,
     mem: *mut BufRingEntry,
@@ -207,7 +273,16 @@ impl BufRing {
         if mem == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let mut me = BufRing { bufs: vec![0u8; nbufs as usize * size], size, nbufs, mem: mem as *mut BufRingEntry, len, tail: 0, dirty: false };
+        let mem = mem as *mut BufRingEntry;
+        let bufs = match AnonMap::new(nbufs as usize * size) {
+            Ok(b) => b,
+            Err(e) => {
+                // SAFETY: mapped just above with this length.
+                unsafe { libc::munmap(mem as *mut libc::c_void, len) };
+                return Err(e);
+            }
+        };
+        let mut me = BufRing { bufs, size, nbufs, mem, len, tail: 0, dirty: false };
         for bid in 0..nbufs {
             me.provide(bid);
         }
@@ -228,7 +303,7 @@ impl BufRing {
     /// The first `len` bytes of buffer `bid` (as the kernel filled them).
     pub fn get(&self, bid: u16, len: usize) -> &[u8] {
         let start = bid as usize * self.size;
-        &self.bufs[start..start + len.min(self.size)]
+        &self.bufs.as_slice()[start..start + len.min(self.size)]
     }
 
     /// Size of each buffer.
@@ -332,7 +407,7 @@ impl UdpRing {
             sockets: Vec::new(),
             touched: Vec::new(),
             in_flight_sends: 0,
-            slots: Vec::new(),
+            slots: AnonMap::new(0)?,
             slot_addrs: Vec::new(),
             free_slots: Vec::new(),
             queued: 0,
@@ -444,12 +519,12 @@ impl UdpRing {
     }
 
     /// Give this ring `n` owned send slots of `size` bytes for [`UdpRing::send_copy`].
-    pub fn with_send_slots(mut self, n: u16, size: usize) -> Self {
-        self.slots = vec![0u8; n as usize * size];
+    pub fn with_send_slots(mut self, n: u16, size: usize) -> io::Result<Self> {
+        self.slots = AnonMap::new(n as usize * size)?;
         // SAFETY: a zeroed sockaddr_storage is valid.
         self.slot_addrs = vec![unsafe { std::mem::zeroed() }; n as usize];
         self.free_slots = (0..n).rev().collect();
-        self
+        Ok(self)
     }
 
     /// Copy `data` into an owned slot and queue its send to `to` (submitted by the next
@@ -476,10 +551,10 @@ impl UdpRing {
             }
         };
         let off = slot as usize * size;
-        self.slots[off..off + data.len()].copy_from_slice(data);
+        self.slots.as_mut_slice()[off..off + data.len()].copy_from_slice(data);
         let (storage, len) = to_sockaddr(to);
         self.slot_addrs[slot as usize] = storage;
-        let op = opcode::Send::new(types::Fd(fd), self.slots[off..].as_ptr(), data.len() as u32)
+        let op = opcode::Send::new(types::Fd(fd), self.slots.as_slice()[off..].as_ptr(), data.len() as u32)
             .dest_addr(&self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr)
             .dest_addr_len(len)
             // A full socket buffer fails the send at once (counted), as a non-blocking
@@ -817,7 +892,7 @@ mod tests {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut ring = UdpRing::with_mode(a.as_raw_fd(), 64, 16, 2048, true, RingMode::Shared).unwrap().with_send_slots(4, 256);
+        let mut ring = UdpRing::with_mode(a.as_raw_fd(), 64, 16, 2048, true, RingMode::Shared).unwrap().with_send_slots(4, 256).unwrap();
         // SAFETY: creating an eventfd.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         assert!(efd >= 0);
@@ -919,7 +994,7 @@ mod tests {
     fn one_ring_serves_many_sockets_and_polls() {
         let socks: Vec<_> = (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut ring = UdpRing::multi(64, 16, 2048).unwrap().with_send_slots(8, 256);
+        let mut ring = UdpRing::multi(64, 16, 2048).unwrap().with_send_slots(8, 256).unwrap();
         let ixs: Vec<u32> = socks.iter().map(|s| ring.add_socket(s.as_raw_fd()).unwrap()).collect();
         // Each socket sends from its own port through the shared ring.
         for (i, s) in socks.iter().enumerate() {
