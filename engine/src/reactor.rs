@@ -717,6 +717,7 @@ impl<A: App> Reactor<A> {
             if s.done.is_some() {
                 continue;
             }
+            let sends_before = self.ring.queued_sends();
             driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, s.fd), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
             // An app wake-up that this turn's events made due (media starting on START, the
             // callee answering the first packet) runs now and leaves with this turn's
@@ -730,6 +731,16 @@ impl<A: App> Reactor<A> {
                 driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, s.fd), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
             }
             if !s.wbuf.is_empty() {
+                // Datagrams before the frames that follow them: the callee's null packet must
+                // be on the wire before its PUNCHED, or the caller's first packet (sent on the
+                // START that PUNCHED brings about) can open the caller's firewall ahead of the
+                // null, and the null then proves nothing about the path. Queued sends would
+                // otherwise wait for the end of the turn, while the TCP write is immediate.
+                if self.ring.queued_sends() > sends_before {
+                    if let Err(e) = self.ring.submit() {
+                        tracing::warn!("submitting datagrams ahead of a manager frame: {e}");
+                    }
+                }
                 self.flush_tcp(u, now);
             }
             let s = &mut self.slots[u as usize];

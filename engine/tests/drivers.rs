@@ -365,3 +365,105 @@ fn one_ring_thread_runs_many_clients() {
     }
     assert_eq!(m.stats().udp_media.load(Ordering::Relaxed), 0, "the manager never sees media");
 }
+
+/// The callee's null packets leave before the PUNCHED frames that follow them. A manager
+/// (played by the test) sends a batch of INCOMINGs in one write; when the PUNCHEDs arrive,
+/// every one of those calls' null packets must already be in the caller's socket (loopback
+/// delivers a datagram within its send). Otherwise the caller's first packet, sent on the
+/// START that PUNCHED brings about, can open the caller's firewall ahead of the null.
+fn nulls_leave_before_punched(io: Io) {
+    use engine::wire::demux::{classify, DatagramKind};
+    use engine::wire::frame::{AddrSource, CallId, Frame, FrameDecoder};
+    use std::io::{Read, Write};
+    const CALLS: u64 = 100;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let caller = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    caller.set_nonblocking(true).unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cfg = ClientConfig::new(ClientId::new("bob").unwrap(), udp.local_addr().unwrap().port());
+    cfg.max_calls = CALLS as u16 + 1;
+    let client = Client::new(cfg, 7);
+    let p = Arc::new(Progress::default());
+    let app = TestApp::new(None, false, p.clone());
+    let stop = engine::reactor::Stop::new();
+    let (st, flag) = (stop.clone(), Arc::new(AtomicBool::new(false)));
+    let (flag2, manager) = (flag.clone(), listener.local_addr().unwrap());
+    let thread = std::thread::spawn(move || -> Result<DriverCounters, String> {
+        match io {
+            Io::Portable => {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    udp.set_nonblocking(true).unwrap();
+                    let udp = tokio::net::UdpSocket::from_std(udp).unwrap();
+                    let (mut client, mut app) = (client, app);
+                    let shutdown = async move {
+                        while !flag2.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    };
+                    driver::run(&mut client, &udp, manager, &mut app, shutdown).await.map_err(|e| e.to_string())
+                })
+            }
+            Io::Uring => {
+                let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None };
+                let mut done = engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
+                done.pop().unwrap().result.map_err(|e| e.to_string())
+            }
+        }
+    });
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut dec, mut buf) = (FrameDecoder::new(), vec![0u8; 64 * 1024]);
+    let mut next = |conn: &mut std::net::TcpStream| -> Frame {
+        loop {
+            if let Some(f) = dec.next_frame().unwrap() {
+                return f;
+            }
+            let n = conn.read(&mut buf).expect("a frame from the client within 5 s");
+            assert!(n > 0, "the client closed its connection");
+            dec.push(&buf[..n]);
+        }
+    };
+    let Frame::Register { .. } = next(&mut conn) else { panic!("REGISTER first") };
+    let mut out = Vec::new();
+    Frame::Registered { public: udp_addr_of(&conn), source: AddrSource::TcpPeer }.encode(&mut out);
+    conn.write_all(&out).unwrap();
+    wait_until("registration", Duration::from_secs(5), || p.registrations.load(Ordering::SeqCst) == 1);
+    out.clear();
+    for i in 1..=CALLS {
+        let caller_id = ClientId::new(format!("alice{i}")).unwrap();
+        Frame::Incoming { call_id: CallId(i), token: 1000 + i, caller: caller_id, caller_addr: caller.local_addr().unwrap() }
+            .encode(&mut out);
+    }
+    conn.write_all(&out).unwrap();
+    let (mut punched, mut nulls, mut worst) = (0u64, 0u64, 0i64);
+    let mut dgram = [0u8; 2048];
+    while punched < CALLS {
+        match next(&mut conn) {
+            Frame::Punched { .. } => punched += 1,
+            Frame::Ping { .. } => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+        while let Ok((n, _)) = caller.recv_from(&mut dgram) {
+            if classify(&dgram[..n]) == DatagramKind::Null {
+                nulls += 1;
+            }
+        }
+        worst = worst.max(punched as i64 - nulls as i64);
+    }
+    flag.store(true, Ordering::SeqCst);
+    stop.stop();
+    drop(conn);
+    let _ = thread.join().expect("driver thread");
+    assert_eq!(worst, 0, "{io:?}: PUNCHED frames arrived up to {worst} ahead of their null packets ({nulls} nulls for {punched} PUNCHEDs)");
+}
+
+/// The address the test's manager reports to the client: its TCP peer's IP and port.
+fn udp_addr_of(conn: &std::net::TcpStream) -> SocketAddr {
+    conn.peer_addr().unwrap()
+}
+
+#[test]
+fn null_packets_leave_before_their_punched_frames() {
+    both(nulls_leave_before_punched);
+}
