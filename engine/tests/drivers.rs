@@ -124,6 +124,11 @@ fn spawn_with(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>, max_c
     let client = Client::new(cfg, engine::rng::Rng::from_entropy().next_u64());
     let p = Arc::new(Progress::default());
     let app = TestApp::new(callee, callee.is_some(), p.clone());
+    run_client(io, client, udp, app, manager, p)
+}
+
+/// Run `client` with `app` on `udp` on a driver thread of its own, until stopped.
+fn run_client(io: Io, client: Client, udp: std::net::UdpSocket, app: TestApp, manager: SocketAddr, p: Arc<Progress>) -> Running {
     let stop_flag = Arc::new(AtomicBool::new(false));
     let stop = engine::reactor::Stop::new();
     let (flag, st) = (stop_flag.clone(), stop.clone());
@@ -385,32 +390,7 @@ fn nulls_leave_before_punched(io: Io) {
     let client = Client::new(cfg, 7);
     let p = Arc::new(Progress::default());
     let app = TestApp::new(None, false, p.clone());
-    let stop = engine::reactor::Stop::new();
-    let (st, flag) = (stop.clone(), Arc::new(AtomicBool::new(false)));
-    let (flag2, manager) = (flag.clone(), listener.local_addr().unwrap());
-    let thread = std::thread::spawn(move || -> Result<DriverCounters, String> {
-        match io {
-            Io::Portable => {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async move {
-                    udp.set_nonblocking(true).unwrap();
-                    let udp = tokio::net::UdpSocket::from_std(udp).unwrap();
-                    let (mut client, mut app) = (client, app);
-                    let shutdown = async move {
-                        while !flag2.load(Ordering::SeqCst) {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    };
-                    driver::run(&mut client, &udp, manager, &mut app, shutdown).await.map_err(|e| e.to_string())
-                })
-            }
-            Io::Uring => {
-                let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None };
-                let mut done = engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
-                done.pop().unwrap().result.map_err(|e| e.to_string())
-            }
-        }
-    });
+    let running = run_client(io, client, udp, app, listener.local_addr().unwrap(), p.clone());
     let (mut conn, _) = listener.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let (mut dec, mut buf) = (FrameDecoder::new(), vec![0u8; 64 * 1024]);
@@ -451,10 +431,8 @@ fn nulls_leave_before_punched(io: Io) {
         }
         worst = worst.max(punched as i64 - nulls as i64);
     }
-    flag.store(true, Ordering::SeqCst);
-    stop.stop();
     drop(conn);
-    let _ = thread.join().expect("driver thread");
+    let _ = running.stop();
     assert_eq!(worst, 0, "{io:?}: PUNCHED frames arrived up to {worst} ahead of their null packets ({nulls} nulls for {punched} PUNCHEDs)");
 }
 
