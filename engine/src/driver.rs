@@ -151,9 +151,9 @@ impl Io {
 /// Where the app's and the client's datagrams go.
 pub(crate) enum Out<'a> {
     Tokio(&'a UdpSocket, &'a quinn_udp::UdpSocketState),
-    /// The thread's ring, sending from the unit's socket `fd`.
+    /// The thread's ring, sending from the unit's socket.
     #[cfg(target_os = "linux")]
-    Ring(&'a mut crate::uring::UdpRing, std::os::fd::RawFd),
+    Ring(&'a mut crate::uring::UdpRing, crate::uring::Sock),
 }
 
 impl Out<'_> {

@@ -8,10 +8,12 @@
 //!
 //! One loop turn:
 //! 1. reap every completion: datagrams (multishot RECVMSG into one provided buffer ring
-//!    shared by all the thread's sockets), TCP readiness, wake-ups;
+//!    shared by all the thread's sockets), manager bytes (multishot RECV from the same
+//!    buffers), finished connects and sends, wake-ups;
 //! 2. feed them to the units' clients and apps, fire the timers that are due (one heap over
-//!    all units), and drain what the clients queued: frames are written to TCP (non-blocking,
-//!    the rest waits for POLLOUT), datagrams go into the ring's owned send slots;
+//!    all units), and drain what the clients queued: datagrams go into the ring's owned send
+//!    slots, frames into one SEND per connection (at most one in flight; frames made
+//!    meanwhile wait for it);
 //! 3. submit everything the turn queued and wait, in one `io_uring_enter`, for either a
 //!    batch of completions or the next timer.
 //!
@@ -23,15 +25,20 @@
 //! submission. The ring is SINGLE_ISSUER + DEFER_TASKRUN: the kernel does the completion
 //! work when the thread waits, not in an interrupt per datagram.
 //!
-//! The TCP side runs through the same ring (readiness polls, non-blocking reads and writes,
-//! non-blocking connect), so one thread needs no other event loop. If the manager
-//! connection drops, calls with a path go on and the unit reconnects with jittered
-//! exponential backoff (200 ms doubling to 5 s), as the tokio driver does.
+//! Sockets are *direct descriptors*: each unit's UDP socket and TCP connection live in the
+//! ring's file table (entries `2 * unit` and `2 * unit + 1`), not in the process's
+//! descriptor table. A socket has a descriptor only while it is set up (options, bind),
+//! then it moves into the table and the descriptor is closed; connect, send, receive and
+//! cancellation all go through the ring. So a process can hold as many clients as its rings'
+//! tables allow (RLIMIT_NOFILE entries per ring, two per unit) rather than half of
+//! RLIMIT_NOFILE in all: one thread needs no other event loop and no descriptors.
+//! If the manager connection drops, calls with a path go on and the unit reconnects with
+//! jittered exponential backoff (200 ms doubling to 5 s), as the tokio driver does.
 
 use std::collections::BinaryHeap;
 use std::cmp::Reverse;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,7 +47,7 @@ use std::time::{Duration, Instant};
 use crate::client::Client;
 use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Out, MAX_DATAGRAM};
 use crate::rng::Rng;
-use crate::uring::{Completion, UdpRing};
+use crate::uring::{Completion, Sock, UdpRing};
 use crate::wire::frame::FrameDecoder;
 
 /// Limit on one TCP connect to the manager.
@@ -168,7 +175,8 @@ impl Stop {
 pub struct Unit<A> {
     /// The client state machine.
     pub client: Client,
-    /// Its UDP socket (any blocking mode; the ring does the IO).
+    /// Its UDP socket (any blocking mode; the ring does the IO). It moves into the ring's
+    /// file table when the unit is added, and its descriptor is closed.
     pub udp: std::net::UdpSocket,
     /// The application.
     pub app: A,
@@ -189,12 +197,14 @@ pub struct Finished<A> {
     pub result: Result<DriverCounters, DriverError>,
 }
 
-// Poll tokens: unit index, connection generation, kind.
-const KIND_BITS: u32 = 2;
+// Operation tokens: unit index, connection generation, kind.
+const KIND_BITS: u32 = 3;
 const GEN_BITS: u32 = 8;
-const TK_READ: u32 = 0; // also the connect's POLLOUT
-const TK_WRITE: u32 = 1;
-const TK_WAKE: u32 = 2;
+const TK_CONNECT: u32 = 0;
+const TK_RECV: u32 = 1;
+const TK_SEND: u32 = 2;
+const TK_WAKE: u32 = 3;
+const TK_SHUTDOWN: u32 = 4;
 const MAX_UNITS: usize = (1 << (32 - KIND_BITS - GEN_BITS)) - 1;
 const STOP_UNIT: u32 = MAX_UNITS as u32;
 
@@ -206,27 +216,46 @@ fn untoken(t: u32) -> (u32, u8, u32) {
     (t >> (KIND_BITS + GEN_BITS), ((t >> KIND_BITS) & ((1 << GEN_BITS) - 1)) as u8, t & ((1 << KIND_BITS) - 1))
 }
 
+/// A unit's UDP socket in the ring's file table.
+fn udp_entry(u: u32) -> u32 {
+    2 * u
+}
+
+/// A unit's TCP connection in the ring's file table.
+fn tcp_entry(u: u32) -> u32 {
+    2 * u + 1
+}
+
 enum Tcp {
     /// Waiting to connect at the given time.
     Down { retry_at: Instant },
-    /// A non-blocking connect in flight (POLLOUT armed).
-    Connecting { stream: TcpStream, deadline: Instant },
-    /// Connected; POLLIN armed, POLLOUT armed while `write_armed`.
-    Up { stream: TcpStream, write_armed: bool },
+    /// A connect in flight.
+    Connecting { deadline: Instant },
+    /// Connected; its multishot receive is armed.
+    Up,
 }
 
 struct Slot<A> {
     client: Client,
     app: A,
-    udp: std::net::UdpSocket,
-    fd: RawFd,
-    /// Its index in the ring's sockets.
+    /// The UDP socket's local address (the socket itself is in the ring's file table).
+    local: Option<SocketAddr>,
+    /// Its index in the ring's receiving sockets.
     sock: u32,
     wake: Option<Arc<Wake>>,
     tcp: Tcp,
     gen: u8,
     decoder: FrameDecoder,
+    /// Frames waiting for the send in flight to complete.
     wbuf: Vec<u8>,
+    /// The bytes of the send in flight (left in place until it completes) and how many of
+    /// them went out.
+    inflight: Vec<u8>,
+    sent: usize,
+    sending: bool,
+    /// The unit finished while its last frames were being sent: close the connection when
+    /// that send completes.
+    close_after_send: bool,
     counters: DriverCounters,
     backoff: Duration,
     ever_connected: bool,
@@ -240,72 +269,145 @@ struct Slot<A> {
     done: Option<Result<(), DriverError>>,
 }
 
+/// A completion reaped this turn, other than a datagram: token, result, the data's range in
+/// the turn's byte buffer, more to come.
+enum Ev {
+    Poll(u32),
+    Op(u32, i32),
+    Stream(u32, i32, u32, u32, bool),
+}
+
 /// Run `units` on this thread until every app is done or `stop` is signalled. Returns the
-/// units in the order given. Fails only if the ring cannot be set up.
+/// units in the order given. Fails only if the ring cannot be set up, or cannot hold the
+/// units' sockets (two file-table entries per unit, at most RLIMIT_NOFILE per ring).
 pub fn run<A: App>(
     units: Vec<Unit<A>>,
     manager: SocketAddr,
     stop: Option<&Stop>,
     cfg: &ReactorConfig,
 ) -> Result<Vec<Finished<A>>, DriverError> {
-    if units.len() > MAX_UNITS - 1 {
-        return Err(DriverError::Udp(io::Error::new(io::ErrorKind::InvalidInput, "too many units for one reactor")));
-    }
-    let entries = (units.len() as u32 * 4 + cfg.batch as u32 * 4).clamp(256, 32768).next_power_of_two();
-    let mut ring = UdpRing::multi(entries, cfg.recv_buffers, cfg.recv_buffer_size)
-        .map_err(DriverError::Udp)?
-        .with_send_slots(cfg.send_slots, MAX_DATAGRAM)
-        .map_err(DriverError::Udp)?;
-    let stop_wake = match stop {
-        Some(s) => {
-            let w = s.watch().map_err(DriverError::Udp)?;
-            ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(STOP_UNIT, 0, TK_WAKE)).map_err(DriverError::Udp)?;
-            Some(w)
-        }
-        None => None,
-    };
-    let mut r = Reactor {
-        ring,
-        slots: Vec::with_capacity(units.len()),
-        sock_unit: Vec::new(),
-        heap: BinaryHeap::new(),
-        dirty: Vec::new(),
-        graveyard: Vec::new(),
-        manager,
-        rng: Rng::from_entropy(),
-        sbuf: vec![0u8; MAX_DATAGRAM],
-        rbuf: vec![0u8; 64 * 1024],
-        live: 0,
-    };
-    let now = Instant::now();
+    let mut r = Reactor::new(units.len(), manager, stop, cfg)?;
     for u in units {
-        let fd = u.udp.as_raw_fd();
-        if let Some(b) = cfg.socket_buffer {
+        r.add(u)?;
+    }
+    r.run()
+}
+
+/// A reactor being filled with units, on the thread that will run it (the ring belongs to
+/// the thread that made it). Each [`Reactor::add`] moves the unit's socket into the ring's
+/// file table at once, so a thread can set up many more clients than the process has
+/// descriptors for, one socket at a time.
+pub struct Reactor<'s, A> {
+    ring: UdpRing,
+    cfg: ReactorConfig,
+    stop: Option<&'s Stop>,
+    stop_wake: Option<Arc<Wake>>,
+    capacity: usize,
+    slots: Vec<Slot<A>>,
+    sock_unit: Vec<u32>,
+    heap: BinaryHeap<Reverse<(Instant, u32)>>,
+    dirty: Vec<u32>,
+    /// File-table entries to empty once the turn's submission is made (their cancellations
+    /// are looked up by socket when submitted).
+    release: Vec<u32>,
+    manager: SocketAddr,
+    /// The manager's address for connects, at a stable place while they are in flight.
+    manager_sa: Box<(libc::sockaddr_storage, libc::socklen_t)>,
+    rng: Rng,
+    sbuf: Vec<u8>,
+    live: usize,
+}
+
+impl<'s, A: App> Reactor<'s, A> {
+    /// A reactor for up to `capacity` units, connecting them to `manager`, stopped by `stop`.
+    pub fn new(capacity: usize, manager: SocketAddr, stop: Option<&'s Stop>, cfg: &ReactorConfig) -> Result<Self, DriverError> {
+        if capacity > MAX_UNITS - 1 {
+            return Err(DriverError::Udp(io::Error::new(io::ErrorKind::InvalidInput, "too many units for one reactor")));
+        }
+        let entries = (capacity as u32 * 4 + cfg.batch as u32 * 4).clamp(256, 32768).next_power_of_two();
+        let mut ring = UdpRing::multi(entries, cfg.recv_buffers, cfg.recv_buffer_size)
+            .map_err(DriverError::Udp)?
+            .with_send_slots(cfg.send_slots, MAX_DATAGRAM)
+            .map_err(DriverError::Udp)?;
+        let table = (2 * capacity).max(2) as u32;
+        if let Err(e) = ring.register_table(table) {
+            let limit = nofile_limit();
+            return Err(DriverError::Udp(io::Error::new(
+                e.kind(),
+                format!(
+                    "{capacity} units need a file table of {table} entries in their ring (two per unit), and the kernel \
+                     refused it ({e}); a ring's table holds at most RLIMIT_NOFILE ({limit}) entries: spread the units \
+                     over more reactor threads"
+                ),
+            )));
+        }
+        let stop_wake = match stop {
+            Some(s) => {
+                let w = s.watch().map_err(DriverError::Udp)?;
+                ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(STOP_UNIT, 0, TK_WAKE)).map_err(DriverError::Udp)?;
+                Some(w)
+            }
+            None => None,
+        };
+        let (sa, len) = crate::uring::to_sockaddr(manager);
+        Ok(Reactor {
+            ring,
+            cfg: cfg.clone(),
+            stop,
+            stop_wake,
+            capacity,
+            slots: Vec::with_capacity(capacity),
+            sock_unit: Vec::new(),
+            heap: BinaryHeap::new(),
+            dirty: Vec::new(),
+            release: Vec::new(),
+            manager,
+            manager_sa: Box::new((sa, len)),
+            rng: Rng::from_entropy(),
+            sbuf: vec![0u8; MAX_DATAGRAM],
+            live: 0,
+        })
+    }
+
+    /// Add a unit: its UDP socket moves into the ring's file table (its descriptor is closed)
+    /// and its receive is armed. It connects to the manager when [`Reactor::run`] starts, or
+    /// at its `connect_at` (see [`Reactor::set_connect_at`]). Returns its index.
+    pub fn add(&mut self, u: Unit<A>) -> Result<usize, DriverError> {
+        if self.slots.len() >= self.capacity {
+            return Err(DriverError::Udp(io::Error::new(io::ErrorKind::InvalidInput, "the reactor is full")));
+        }
+        let ix = self.slots.len() as u32;
+        if let Some(b) = self.cfg.socket_buffer {
             driver::set_socket_buffers(&u.udp, b);
         }
-        if cfg.gro {
-            crate::uring::enable_gro(fd);
+        if self.cfg.gro {
+            crate::uring::enable_gro(u.udp.as_raw_fd());
         }
-        let ix = r.slots.len() as u32;
-        let sock = r.ring.add_socket(fd).map_err(DriverError::Udp)?;
-        if r.sock_unit.len() <= sock as usize {
-            r.sock_unit.resize(sock as usize + 1, u32::MAX);
+        let local = u.udp.local_addr().ok();
+        self.ring.install(udp_entry(ix), OwnedFd::from(u.udp)).map_err(DriverError::Udp)?;
+        let sock = self.ring.add_socket(Sock::Fixed(udp_entry(ix))).map_err(DriverError::Udp)?;
+        if self.sock_unit.len() <= sock as usize {
+            self.sock_unit.resize(sock as usize + 1, u32::MAX);
         }
-        r.sock_unit[sock as usize] = ix;
+        self.sock_unit[sock as usize] = ix;
         if let Some(w) = &u.wake {
-            r.ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(ix, 0, TK_WAKE)).map_err(DriverError::Udp)?;
+            self.ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(ix, 0, TK_WAKE)).map_err(DriverError::Udp)?;
         }
-        r.slots.push(Slot {
+        let now = Instant::now();
+        self.slots.push(Slot {
             client: u.client,
             app: u.app,
-            udp: u.udp,
-            fd,
+            local,
             sock,
             wake: u.wake,
             tcp: Tcp::Down { retry_at: u.connect_at.unwrap_or(now) },
             gen: 0,
             decoder: FrameDecoder::new(),
             wbuf: Vec::new(),
+            inflight: Vec::new(),
+            sent: 0,
+            sending: false,
+            close_after_send: false,
             counters: DriverCounters::default(),
             backoff: Duration::from_millis(200),
             ever_connected: false,
@@ -315,161 +417,180 @@ pub fn run<A: App>(
             dirty: false,
             done: None,
         });
-        r.live += 1;
-        if u.connect_at.is_some_and(|t| t > now) {
-            r.mark(ix); // its timer (the connect time) is armed with the others below
-        } else {
-            r.connect(ix, now);
+        self.live += 1;
+        Ok(ix as usize)
+    }
+
+    /// Units added so far.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True if no unit was added.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Connect unit `ix` at `at` instead of the time it was added with (for a plan that
+    /// starts once every thread has set up its units).
+    pub fn set_connect_at(&mut self, ix: usize, at: Instant) {
+        if let Some(s) = self.slots.get_mut(ix) {
+            if let Tcp::Down { retry_at } = &mut s.tcp {
+                *retry_at = at;
+            }
         }
     }
 
-    r.process_dirty(now, false);
-    let mut rx: Vec<(u32, SocketAddr, u32, u32)> = Vec::new();
-    let mut rx_bytes: Vec<u8> = Vec::new();
-    let mut polls: Vec<(u32, i32)> = Vec::new();
-    let mut want = 1usize;
-    let mut last_timers = Instant::now() - cfg.tick;
-    let mut stopping = false;
-    loop {
-        // 1. Reap.
-        rx.clear();
-        rx_bytes.clear();
-        polls.clear();
-        let reaped = {
-            let (rx, rx_bytes, polls) = (&mut rx, &mut rx_bytes, &mut polls);
-            r.ring.drain_with(|c| match c {
-                Completion::Recv { socket, from: Some(from), data } => {
-                    rx.push((socket, from, rx_bytes.len() as u32, data.len() as u32));
-                    rx_bytes.extend_from_slice(data);
-                }
-                Completion::Recv { .. } => {}
-                Completion::Poll { token, result } => polls.push((token, result)),
-            })
-        };
-        if let Err(e) = reaped {
-            // The ring itself failed: nothing more can be received. End every unit.
-            tracing::error!("io_uring receive failed: {e}");
-            return Err(DriverError::Udp(e));
-        }
+    /// Run the units until every app is done or the stop signal comes. Returns the units in
+    /// the order they were added.
+    pub fn run(mut self) -> Result<Vec<Finished<A>>, DriverError> {
+        let cfg = self.cfg.clone();
+        let stop = self.stop;
         let now = Instant::now();
-        // 2. Feed.
-        for &(sock, from, off, len) in &rx {
-            let Some(&u) = r.sock_unit.get(sock as usize) else { continue };
-            let s = &mut r.slots[u as usize];
-            if s.done.is_some() {
-                continue;
+        for ix in 0..self.slots.len() as u32 {
+            match self.slots[ix as usize].tcp {
+                Tcp::Down { retry_at } if retry_at > now => self.mark(ix), // its timer is armed below
+                _ => self.connect(ix, now),
             }
-            s.counters.udp_received += 1;
-            if let Some(pkt) = s.client.handle_datagram(now, from, &rx_bytes[off as usize..(off + len) as usize]) {
-                let mut ctx = Ctx {
-                    client: &mut s.client,
-                    now,
-                    out: Out::Ring(&mut r.ring, s.fd),
-                    buf: &mut r.sbuf,
-                    counters: &mut s.counters,
-                };
-                s.app.on_media(&mut ctx, pkt);
-            }
-            r.mark(u);
         }
-        for i in 0..polls.len() {
-            let (tk, res) = polls[i];
-            let (u, gen, kind) = untoken(tk);
-            if u == STOP_UNIT {
-                stopping = true;
-                continue;
+        self.process_dirty(now, false);
+        let r = &mut self;
+        let mut rx: Vec<(u32, SocketAddr, u32, u32)> = Vec::new();
+        let mut rx_bytes: Vec<u8> = Vec::new();
+        let mut evs: Vec<Ev> = Vec::new();
+        let mut want = 1usize;
+        let mut last_timers = Instant::now() - cfg.tick;
+        let mut stopping = false;
+        loop {
+            // 1. Reap.
+            rx.clear();
+            rx_bytes.clear();
+            evs.clear();
+            let reaped = {
+                let (rx, rx_bytes, evs) = (&mut rx, &mut rx_bytes, &mut evs);
+                r.ring.drain_with(|c| match c {
+                    Completion::Recv { socket, from: Some(from), data } => {
+                        rx.push((socket, from, rx_bytes.len() as u32, data.len() as u32));
+                        rx_bytes.extend_from_slice(data);
+                    }
+                    Completion::Recv { .. } => {}
+                    Completion::Poll { token, .. } => evs.push(Ev::Poll(token)),
+                    Completion::Op { token, result } => evs.push(Ev::Op(token, result)),
+                    Completion::Stream { token, result, data, more } => {
+                        evs.push(Ev::Stream(token, result, rx_bytes.len() as u32, data.len() as u32, more));
+                        rx_bytes.extend_from_slice(data);
+                    }
+                })
+            };
+            if let Err(e) = reaped {
+                // The ring itself failed: nothing more can be received. End every unit.
+                tracing::error!("io_uring receive failed: {e}");
+                return Err(DriverError::Udp(e));
             }
-            r.on_poll(u, gen, kind, res, now);
-        }
-        if stopping && stop.is_some_and(|s| s.is_stopped()) {
-            for u in 0..r.slots.len() as u32 {
-                if r.slots[u as usize].done.is_none() {
-                    r.slots[u as usize].client.hangup_all(now);
-                    r.mark(u);
-                }
-            }
-            r.process_dirty(now, true);
-            break;
-        }
-        // The tick holds timers back only under load (the last wait asked for a batch):
-        // when nearly idle, a timer fires at its deadline.
-        let gate = if want > 1 { cfg.tick } else { Duration::ZERO };
-        if now >= last_timers + gate {
-            last_timers = now;
-            while let Some(&Reverse((t, u))) = r.heap.peek() {
-                if t > now {
-                    break;
-                }
-                r.heap.pop();
-                if r.slots[u as usize].armed_at != Some(t) {
+            let now = Instant::now();
+            // 2. Feed.
+            for &(sock, from, off, len) in &rx {
+                let Some(&u) = r.sock_unit.get(sock as usize) else { continue };
+                let s = &mut r.slots[u as usize];
+                if s.done.is_some() {
                     continue;
                 }
-                r.slots[u as usize].armed_at = None;
-                r.on_timer(u, now);
+                s.counters.udp_received += 1;
+                if let Some(pkt) = s.client.handle_datagram(now, from, &rx_bytes[off as usize..(off + len) as usize]) {
+                    let mut ctx = Ctx {
+                        client: &mut s.client,
+                        now,
+                        out: Out::Ring(&mut r.ring, Sock::Fixed(udp_entry(u))),
+                        buf: &mut r.sbuf,
+                        counters: &mut s.counters,
+                    };
+                    s.app.on_media(&mut ctx, pkt);
+                }
+                r.mark(u);
             }
-        }
-        r.process_dirty(now, false);
-        if r.live == 0 {
-            break;
-        }
-        // 3. Submit and wait.
-        let next = r.heap.peek().map(|Reverse((t, _))| *t);
-        let gate = if want > 1 { cfg.tick } else { Duration::ZERO };
-        let wake_at = match next {
-            Some(t) => t.max(last_timers + gate),
-            None => now + IDLE_WAIT,
-        };
-        // Waiting for more than one completion never holds the first one longer than a tick.
-        let wake_at = if want > 1 { wake_at.min(now + cfg.tick) } else { wake_at };
-        let queued = r.ring.queued_sends();
-        let timeout = wake_at.saturating_duration_since(Instant::now());
-        r.ring.submit_and_wait(queued + want, timeout).map_err(DriverError::Udp)?;
-        r.graveyard.clear();
-        want = (rx.len() + polls.len()).clamp(1, cfg.batch.max(1));
-    }
-    tracing::debug!(counters = ?r.ring.counters, "ring thread done");
-    // Let the last sends (HANGUPs' datagrams, final media) complete, within a bound.
-    let _ = r.ring.submit();
-    let end = Instant::now() + Duration::from_millis(500);
-    while r.ring.in_flight_sends() > 0 && Instant::now() < end {
-        let _ = r.ring.submit_and_wait(1, Duration::from_millis(10));
-        let _ = r.ring.drain_with(|_| {});
-    }
-    drop(stop_wake);
-    let Reactor { slots, ring, .. } = r;
-    // The ring goes first: it holds references to the sockets' files until closed.
-    drop(ring);
-    Ok(slots
-        .into_iter()
-        .map(|s| {
-            let counters = s.counters;
-            let result = match s.done {
-                Some(Err(e)) => Err(e),
-                _ => Ok(counters),
+            for ev in &evs {
+                match *ev {
+                    Ev::Poll(tk) if untoken(tk).0 == STOP_UNIT => stopping = true,
+                    Ev::Poll(tk) => r.on_wake(untoken(tk).0, now),
+                    Ev::Op(tk, res) => r.on_op(tk, res, now),
+                    Ev::Stream(tk, res, off, len, more) => {
+                        r.on_stream(tk, res, &rx_bytes[off as usize..(off + len) as usize], more, now)
+                    }
+                }
+            }
+            if stopping && stop.is_some_and(|s| s.is_stopped()) {
+                for u in 0..r.slots.len() as u32 {
+                    if r.slots[u as usize].done.is_none() {
+                        r.slots[u as usize].client.hangup_all(now);
+                        r.mark(u);
+                    }
+                }
+                r.process_dirty(now, true);
+                break;
+            }
+            // The tick holds timers back only under load (the last wait asked for a batch):
+            // when nearly idle, a timer fires at its deadline.
+            let gate = if want > 1 { cfg.tick } else { Duration::ZERO };
+            if now >= last_timers + gate {
+                last_timers = now;
+                while let Some(&Reverse((t, u))) = r.heap.peek() {
+                    if t > now {
+                        break;
+                    }
+                    r.heap.pop();
+                    if r.slots[u as usize].armed_at != Some(t) {
+                        continue;
+                    }
+                    r.slots[u as usize].armed_at = None;
+                    r.on_timer(u, now);
+                }
+            }
+            r.process_dirty(now, false);
+            if r.live == 0 {
+                break;
+            }
+            // 3. Submit and wait.
+            let next = r.heap.peek().map(|Reverse((t, _))| *t);
+            let gate = if want > 1 { cfg.tick } else { Duration::ZERO };
+            let wake_at = match next {
+                Some(t) => t.max(last_timers + gate),
+                None => now + IDLE_WAIT,
             };
-            drop(s.udp);
-            Finished { client: s.client, app: s.app, result }
-        })
-        .collect())
-}
+            // Waiting for more than one completion never holds the first one longer than a tick.
+            let wake_at = if want > 1 { wake_at.min(now + cfg.tick) } else { wake_at };
+            let queued = r.ring.queued_sends();
+            let timeout = wake_at.saturating_duration_since(Instant::now());
+            r.ring.submit_and_wait(queued + want, timeout).map_err(DriverError::Udp)?;
+            r.release_entries();
+            want = (rx.len() + evs.len()).clamp(1, cfg.batch.max(1));
+        }
+        tracing::debug!(counters = ?r.ring.counters, "ring thread done");
+        // Let the last sends (HANGUPs' frames and datagrams, final media) complete, within a
+        // bound.
+        let _ = r.ring.submit();
+        let end = Instant::now() + Duration::from_millis(500);
+        while r.ring.in_flight_sends() > 0 && Instant::now() < end {
+            let _ = r.ring.submit_and_wait(1, Duration::from_millis(10));
+            let _ = r.ring.drain_with(|_| {});
+        }
+        let Reactor { slots, ring, stop_wake, .. } = self;
+        // The ring goes first: it holds the sockets (its file table) and the kernel may
+        // still refer to the send buffers in the slots until it is closed.
+        drop(ring);
+        drop(stop_wake);
+        Ok(slots
+            .into_iter()
+            .map(|s| {
+                let counters = s.counters;
+                let result = match s.done {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(counters),
+                };
+                Finished { client: s.client, app: s.app, result }
+            })
+            .collect())
+    }
 
-struct Reactor<A> {
-    ring: UdpRing,
-    slots: Vec<Slot<A>>,
-    sock_unit: Vec<u32>,
-    heap: BinaryHeap<Reverse<(Instant, u32)>>,
-    dirty: Vec<u32>,
-    /// Streams closed this turn, kept open until the turn's submission is made (an entry
-    /// queued for a descriptor must not find it closed, or reused).
-    graveyard: Vec<TcpStream>,
-    manager: SocketAddr,
-    rng: Rng,
-    sbuf: Vec<u8>,
-    rbuf: Vec<u8>,
-    live: usize,
-}
-
-impl<A: App> Reactor<A> {
     fn mark(&mut self, u: u32) {
         let s = &mut self.slots[u as usize];
         if !s.dirty {
@@ -478,144 +599,200 @@ impl<A: App> Reactor<A> {
         }
     }
 
-    fn on_poll(&mut self, u: u32, gen: u8, kind: u32, res: i32, now: Instant) {
+    fn on_wake(&mut self, u: u32, now: Instant) {
         let Some(s) = self.slots.get_mut(u as usize) else { return };
         if s.done.is_some() {
             return;
         }
-        if kind == TK_WAKE {
-            if let Some(w) = s.wake.clone() {
-                w.clear();
-                let _ = self.ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(u, 0, TK_WAKE));
-                let s = &mut self.slots[u as usize];
-                let mut ctx =
-                    Ctx { client: &mut s.client, now, out: Out::Ring(&mut self.ring, s.fd), buf: &mut self.sbuf, counters: &mut s.counters };
-                s.app.on_wakeup(&mut ctx);
-                self.mark(u);
-            }
+        if let Some(w) = s.wake.clone() {
+            w.clear();
+            let _ = self.ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(u, 0, TK_WAKE));
+            let s = &mut self.slots[u as usize];
+            let mut ctx = Ctx {
+                client: &mut s.client,
+                now,
+                out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u))),
+                buf: &mut self.sbuf,
+                counters: &mut s.counters,
+            };
+            s.app.on_wakeup(&mut ctx);
+            self.mark(u);
+        }
+    }
+
+    /// A connect, send or shutdown completed.
+    fn on_op(&mut self, tk: u32, res: i32, now: Instant) {
+        let (u, gen, kind) = untoken(tk);
+        if u as usize >= self.slots.len() {
             return;
         }
-        if gen != s.gen || res == -libc::ECANCELED {
-            return; // a poll of an earlier connection
+        if kind == TK_SEND {
+            return self.on_sent(u, gen, res, now);
         }
-        match (&mut s.tcp, kind) {
-            (Tcp::Connecting { stream, .. }, TK_READ) => {
-                let ok = res >= 0 && matches!(stream.take_error(), Ok(None)) && stream.peer_addr().is_ok();
-                if ok {
-                    let Tcp::Connecting { stream, .. } = std::mem::replace(&mut s.tcp, Tcp::Down { retry_at: now }) else {
-                        unreachable!()
-                    };
-                    let _ = stream.set_nodelay(true);
-                    s.counters.connects += 1;
-                    s.backoff = Duration::from_millis(200);
-                    s.ever_connected = true;
-                    let fd = stream.as_raw_fd();
-                    s.tcp = Tcp::Up { stream, write_armed: false };
-                    s.client.handle_connected(now);
-                    let _ = self.ring.poll(fd, libc::POLLIN as u32, token(u, s.gen, TK_READ));
-                } else {
-                    let err = stream.take_error().ok().flatten().unwrap_or_else(|| io::Error::from_raw_os_error(-res.min(-1)));
-                    self.connect_failed(u, now, err);
-                }
-            }
-            (Tcp::Up { .. }, TK_READ) => self.read_tcp(u, now),
-            (Tcp::Up { write_armed, .. }, TK_WRITE) => {
-                *write_armed = false;
-                self.flush_tcp(u, now);
-            }
-            _ => {}
+        let s = &mut self.slots[u as usize];
+        if s.done.is_some() || gen != s.gen || kind != TK_CONNECT {
+            return; // an operation of an earlier connection, or a shutdown
+        }
+        if !matches!(s.tcp, Tcp::Connecting { .. }) {
+            return;
+        }
+        if res < 0 {
+            return self.connect_failed(u, now, io::Error::from_raw_os_error(-res));
+        }
+        s.counters.connects += 1;
+        s.backoff = Duration::from_millis(200);
+        s.ever_connected = true;
+        s.tcp = Tcp::Up;
+        s.client.handle_connected(now);
+        if let Err(e) = self.ring.recv_stream(Sock::Fixed(tcp_entry(u)), token(u, gen, TK_RECV)) {
+            tracing::warn!("arming the manager connection's receive: {e}");
+            return self.lost(u, now);
         }
         self.mark(u);
     }
 
-    fn read_tcp(&mut self, u: u32, now: Instant) {
+    /// The send in flight completed (of this connection or an earlier one).
+    fn on_sent(&mut self, u: u32, gen: u8, res: i32, now: Instant) {
         let s = &mut self.slots[u as usize];
-        let Tcp::Up { stream, .. } = &mut s.tcp else { return };
-        // Bounded per turn so one chatty connection cannot starve the others; the poll is
-        // re-armed and fires again at once if more is waiting.
-        for _ in 0..16 {
-            match stream.read(&mut self.rbuf) {
-                Ok(0) => return self.lost(u, now),
-                Ok(n) => {
-                    s.decoder.push(&self.rbuf[..n]);
-                    loop {
-                        match s.decoder.next_frame() {
-                            Ok(Some(f)) => s.client.handle_frame(now, f),
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::warn!("bad frame from manager: {e}");
-                                s.counters.frame_errors += 1;
-                                return self.lost(u, now);
-                            }
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.lost(u, now),
+        s.sending = false;
+        if s.done.is_some() {
+            if std::mem::take(&mut s.close_after_send) {
+                self.close_tcp_entry(u);
+            }
+            return;
+        }
+        let current = gen == s.gen && matches!(s.tcp, Tcp::Up);
+        if current && res > 0 {
+            s.sent += res as usize;
+            if s.sent < s.inflight.len() {
+                // MSG_WAITALL sends everything unless the connection fails; a short count
+                // without an error is sent on from where it stopped.
+                return self.send_inflight(u, now);
             }
         }
-        let fd = stream.as_raw_fd();
-        let tk = token(u, s.gen, TK_READ);
-        if self.ring.poll(fd, libc::POLLIN as u32, tk).is_err() {
-            self.lost(u, now);
+        let failed = current && (res < 0 || (res == 0 && s.sent < s.inflight.len()));
+        s.inflight.clear();
+        s.sent = 0;
+        if failed {
+            return self.lost(u, now);
         }
+        // Frames made while this send was in flight (for this connection or a new one).
+        self.flush_tcp(u, now);
+        self.mark(u);
     }
 
+    /// Bytes (or the end, or an error) from the manager connection.
+    fn on_stream(&mut self, tk: u32, res: i32, data: &[u8], more: bool, now: Instant) {
+        let (u, gen, _) = untoken(tk);
+        let Some(s) = self.slots.get_mut(u as usize) else { return };
+        if s.done.is_some() || gen != s.gen || !matches!(s.tcp, Tcp::Up) {
+            return; // a receive of an earlier connection
+        }
+        if res > 0 {
+            s.decoder.push(data);
+            loop {
+                match s.decoder.next_frame() {
+                    Ok(Some(f)) => s.client.handle_frame(now, f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("bad frame from manager: {e}");
+                        s.counters.frame_errors += 1;
+                        return self.lost(u, now);
+                    }
+                }
+            }
+        } else if res != -libc::ENOBUFS {
+            // The manager closed the connection, or it failed.
+            return self.lost(u, now);
+        }
+        if !more {
+            // Ended (no receive buffer was free, or the kernel stopped it): arm it again.
+            if let Err(e) = self.ring.recv_stream(Sock::Fixed(tcp_entry(u)), token(u, gen, TK_RECV)) {
+                tracing::warn!("re-arming the manager connection's receive: {e}");
+                return self.lost(u, now);
+            }
+        }
+        self.mark(u);
+    }
+
+    /// Start sending what is waiting, unless a send is in flight (its completion does it).
     fn flush_tcp(&mut self, u: u32, now: Instant) {
         let s = &mut self.slots[u as usize];
-        let Tcp::Up { stream, write_armed } = &mut s.tcp else {
+        if !matches!(s.tcp, Tcp::Up) {
             // Frames for a manager we are not connected to are dropped: the client re-sends
             // its state (REGISTER) when it reconnects.
             s.wbuf.clear();
             return;
-        };
-        if *write_armed {
+        }
+        if s.wbuf.len() + s.inflight.len() - s.sent > MAX_WRITE_BACKLOG {
+            tracing::warn!("manager stopped reading ({} bytes waiting): dropping the connection", s.wbuf.len());
+            s.counters.write_stalls += 1;
+            return self.lost(u, now);
+        }
+        if s.sending || s.wbuf.is_empty() {
             return;
         }
-        let mut off = 0;
-        while off < s.wbuf.len() {
-            match stream.write(&s.wbuf[off..]) {
-                Ok(0) => return self.lost(u, now),
-                Ok(n) => off += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.lost(u, now),
-            }
-        }
-        s.wbuf.drain(..off);
-        if !s.wbuf.is_empty() {
-            if s.wbuf.len() > MAX_WRITE_BACKLOG {
-                tracing::warn!("manager stopped reading ({} bytes waiting): dropping the connection", s.wbuf.len());
-                s.counters.write_stalls += 1;
-                return self.lost(u, now);
-            }
-            *write_armed = true;
-            let fd = stream.as_raw_fd();
-            let tk = token(u, s.gen, TK_WRITE);
-            if self.ring.poll(fd, libc::POLLOUT as u32, tk).is_err() {
+        std::mem::swap(&mut s.inflight, &mut s.wbuf);
+        s.wbuf.clear();
+        s.sent = 0;
+        self.send_inflight(u, now);
+    }
+
+    fn send_inflight(&mut self, u: u32, now: Instant) {
+        let s = &mut self.slots[u as usize];
+        let tk = token(u, s.gen, TK_SEND);
+        // SAFETY: `inflight` is neither changed nor dropped while `sending` is set (only the
+        // completion clears it), and the ring is dropped before the slots at the end of `run`.
+        let r = unsafe { self.ring.send_stream(Sock::Fixed(tcp_entry(u)), &s.inflight[s.sent..], tk) };
+        match r {
+            Ok(()) => s.sending = true,
+            Err(e) => {
+                tracing::warn!("queueing a frame to the manager: {e}");
                 self.lost(u, now);
             }
         }
     }
 
-    /// Tear down the connection (cancelling its polls) and schedule a reconnect.
+    /// Shut the unit's connection for writing (the manager sees the end of the stream), then
+    /// close it.
+    fn close_tcp_entry(&mut self, u: u32) {
+        let gen = self.slots[u as usize].gen;
+        let _ = self.ring.shutdown(Sock::Fixed(tcp_entry(u)), libc::SHUT_WR, token(u, gen, TK_SHUTDOWN));
+        self.close_entry(u);
+    }
+
+    /// Cancel everything in flight on the unit's connection and empty its table entry after
+    /// this turn's submission (its socket closes once the cancelled operations are done).
+    fn close_entry(&mut self, u: u32) {
+        let _ = self.ring.cancel_all(Sock::Fixed(tcp_entry(u)));
+        self.release.push(tcp_entry(u));
+    }
+
+    /// Submit what is queued (cancellations find their sockets), then empty the entries of
+    /// the connections closed since the last submission.
+    fn release_entries(&mut self) {
+        if self.release.is_empty() {
+            return;
+        }
+        if self.ring.queued() > 0 {
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("submitting before closing connections: {e}");
+            }
+        }
+        for e in std::mem::take(&mut self.release) {
+            let _ = self.ring.uninstall(e);
+        }
+    }
+
+    /// Tear down the connection (cancelling its operations) and schedule a reconnect.
     fn close_tcp(&mut self, u: u32, now: Instant, retry: bool) {
         let s = &mut self.slots[u as usize];
         let old = std::mem::replace(&mut s.tcp, Tcp::Down { retry_at: now });
-        let gen = s.gen;
         s.gen = s.gen.wrapping_add(1);
         s.decoder = FrameDecoder::new();
         s.wbuf.clear();
-        let stream = match old {
-            Tcp::Down { .. } => None,
-            Tcp::Connecting { stream, .. } | Tcp::Up { stream, .. } => Some(stream),
-        };
-        if let Some(stream) = stream {
-            let _ = self.ring.cancel_poll(token(u, gen, TK_READ));
-            let _ = self.ring.cancel_poll(token(u, gen, TK_WRITE));
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            self.graveyard.push(stream);
+        if !matches!(old, Tcp::Down { .. }) {
+            self.close_entry(u);
         }
         let s = &mut self.slots[u as usize];
         if retry {
@@ -627,7 +804,7 @@ impl<A: App> Reactor<A> {
 
     fn lost(&mut self, u: u32, now: Instant) {
         let s = &mut self.slots[u as usize];
-        if matches!(s.tcp, Tcp::Up { .. }) {
+        if matches!(s.tcp, Tcp::Up) {
             s.counters.disconnects += 1;
             s.client.handle_disconnected(now);
         }
@@ -651,7 +828,7 @@ impl<A: App> Reactor<A> {
                     return;
                 }
                 self.close_tcp(u, now, false);
-                let source = crate::driver::tcp_source(self.slots[u as usize].udp.local_addr().ok(), self.manager);
+                let source = crate::driver::tcp_source(self.slots[u as usize].local, self.manager);
                 let e = crate::driver::no_local_port(source, self.manager, now.saturating_duration_since(first));
                 self.finish(u, Err(e));
                 return;
@@ -667,21 +844,27 @@ impl<A: App> Reactor<A> {
     }
 
     fn connect(&mut self, u: u32, now: Instant) {
-        let source = crate::driver::tcp_source(self.slots[u as usize].udp.local_addr().ok(), self.manager);
-        match start_connect(source, self.manager) {
-            Ok(stream) => {
-                let fd = stream.as_raw_fd();
-                let s = &mut self.slots[u as usize];
-                let tk = token(u, s.gen, TK_READ);
-                s.tcp = Tcp::Connecting { stream, deadline: now + CONNECT_TIMEOUT };
-                if let Err(e) = self.ring.poll(fd, libc::POLLOUT as u32, tk) {
-                    self.connect_failed(u, now, e);
-                    return;
-                }
-                self.mark(u);
-            }
-            Err(e) => self.connect_failed(u, now, e),
+        // Entries queued for this unit's previous connection must reach the kernel (and
+        // its entry be emptied) before the entry holds a new socket.
+        self.release_entries();
+        let source = crate::driver::tcp_source(self.slots[u as usize].local, self.manager);
+        let fd = match open_tcp(source, self.manager) {
+            Ok(fd) => fd,
+            Err(e) => return self.connect_failed(u, now, e),
+        };
+        if let Err(e) = self.ring.install(tcp_entry(u), fd) {
+            return self.connect_failed(u, now, e);
         }
+        let s = &mut self.slots[u as usize];
+        let tk = token(u, s.gen, TK_CONNECT);
+        s.tcp = Tcp::Connecting { deadline: now + CONNECT_TIMEOUT };
+        let (sa, len) = &*self.manager_sa;
+        // SAFETY: the address is boxed in the reactor, which outlives its ring.
+        let r = unsafe { self.ring.connect(Sock::Fixed(tcp_entry(u)), sa as *const _ as *const libc::sockaddr, *len, tk) };
+        if let Err(e) = r {
+            return self.connect_failed(u, now, e);
+        }
+        self.mark(u);
     }
 
     fn on_timer(&mut self, u: u32, now: Instant) {
@@ -691,13 +874,18 @@ impl<A: App> Reactor<A> {
         }
         s.client.handle_timeout(now);
         if s.app.next_wakeup().is_some_and(|t| now >= t) {
-            let mut ctx =
-                Ctx { client: &mut s.client, now, out: Out::Ring(&mut self.ring, s.fd), buf: &mut self.sbuf, counters: &mut s.counters };
+            let mut ctx = Ctx {
+                client: &mut s.client,
+                now,
+                out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u))),
+                buf: &mut self.sbuf,
+                counters: &mut s.counters,
+            };
             s.app.on_wakeup(&mut ctx);
         }
         match s.tcp {
             Tcp::Down { retry_at } if now >= retry_at => self.connect(u, now),
-            Tcp::Connecting { deadline, .. } if now >= deadline => {
+            Tcp::Connecting { deadline } if now >= deadline => {
                 self.connect_failed(u, now, io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
             }
             _ => {}
@@ -717,8 +905,8 @@ impl<A: App> Reactor<A> {
             if s.done.is_some() {
                 continue;
             }
-            let sends_before = self.ring.queued_sends();
-            driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, s.fd), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
+            let out = Sock::Fixed(udp_entry(u));
+            driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, out), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
             // An app wake-up that this turn's events made due (media starting on START, the
             // callee answering the first packet) runs now and leaves with this turn's
             // submission. Wake-ups that came due on their own (armed earlier) wait for the
@@ -726,35 +914,28 @@ impl<A: App> Reactor<A> {
             let became_due = s.armed_at.is_none_or(|t| t > now) && s.app.next_wakeup().is_some_and(|t| t <= now);
             if became_due {
                 let mut ctx =
-                    Ctx { client: &mut s.client, now, out: Out::Ring(&mut self.ring, s.fd), buf: &mut self.sbuf, counters: &mut s.counters };
+                    Ctx { client: &mut s.client, now, out: Out::Ring(&mut self.ring, out), buf: &mut self.sbuf, counters: &mut s.counters };
                 s.app.on_wakeup(&mut ctx);
-                driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, s.fd), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
+                driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, out), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
             }
             if !s.wbuf.is_empty() {
                 // Datagrams before the frames that follow them: the callee's null packet must
                 // be on the wire before its PUNCHED, or the caller's first packet (sent on the
                 // START that PUNCHED brings about) can open the caller's firewall ahead of the
-                // null, and the null then proves nothing about the path. Queued sends would
-                // otherwise wait for the end of the turn, while the TCP write is immediate.
-                if self.ring.queued_sends() > sends_before {
-                    if let Err(e) = self.ring.submit() {
-                        tracing::warn!("submitting datagrams ahead of a manager frame: {e}");
-                    }
-                }
+                // null, and the null then proves nothing about the path. The frame's SEND is
+                // queued behind the datagrams the drain queued, and the kernel issues a
+                // submission's entries in order.
                 self.flush_tcp(u, now);
             }
             let s = &mut self.slots[u as usize];
             if stopping || s.app.done() {
-                if let Tcp::Up { stream, .. } = &s.tcp {
-                    let _ = stream.shutdown(std::net::Shutdown::Write);
-                }
                 self.finish(u, Ok(()));
                 continue;
             }
             let tcp_at = match &s.tcp {
                 Tcp::Down { retry_at } => Some(*retry_at),
-                Tcp::Connecting { deadline, .. } => Some(*deadline),
-                Tcp::Up { .. } => None,
+                Tcp::Connecting { deadline } => Some(*deadline),
+                Tcp::Up => None,
             };
             let next = [s.client.poll_timeout(), s.app.next_wakeup(), tcp_at].into_iter().flatten().min();
             if next != s.armed_at {
@@ -778,44 +959,69 @@ impl<A: App> Reactor<A> {
         s.done = Some(result);
         s.armed_at = None;
         self.live -= 1;
-        let gen = s.gen;
-        let _ = self.ring.cancel_poll(token(u, gen, TK_READ));
-        let _ = self.ring.cancel_poll(token(u, gen, TK_WRITE));
         if s.wake.is_some() {
             let _ = self.ring.cancel_poll(token(u, 0, TK_WAKE));
         }
-        let _ = self.ring.remove_socket(s.sock);
+        let sock = s.sock;
+        let _ = self.ring.remove_socket(sock);
+        // The connection closes once its last frames are out (a HANGUP, say): at once if
+        // nothing is being sent, else when that send completes. The manager sees the end of
+        // the stream either way.
+        let s = &mut self.slots[u as usize];
+        match s.tcp {
+            Tcp::Up if s.sending => s.close_after_send = true,
+            Tcp::Up => self.close_tcp_entry(u),
+            Tcp::Connecting { .. } => self.close_entry(u),
+            Tcp::Down { .. } => {}
+        }
+        // The UDP socket closes with the turn's submission made (its datagrams queued this
+        // turn still go out).
+        self.release.push(udp_entry(u));
     }
 }
 
-/// Start a non-blocking TCP connect to `addr`.
-fn start_connect(source: Option<SocketAddr>, addr: SocketAddr) -> io::Result<TcpStream> {
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    // SAFETY: creating a socket; ownership passes to TcpStream at once.
-    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+/// A TCP socket set up to connect from `source` (if given), with TCP_NODELAY; the ring
+/// connects it once it is in the file table.
+fn open_tcp(source: Option<SocketAddr>, manager: SocketAddr) -> io::Result<OwnedFd> {
+    let family = if manager.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: creating a socket; ownership passes to OwnedFd at once.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `raw` is a fresh socket owned by nobody else.
-    let stream = unsafe { TcpStream::from_raw_fd(raw) };
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a c_int of the stated size.
+    unsafe {
+        libc::setsockopt(
+            raw,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     if let Some(src) = source {
-        crate::driver::set_bind_no_port(&stream);
+        crate::driver::set_bind_no_port(&fd);
         let (sa, len) = crate::uring::to_sockaddr(src);
         // SAFETY: `sa` holds a sockaddr of `len` bytes.
         if unsafe { libc::bind(raw, &sa as *const _ as *const libc::sockaddr, len) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }
-    let (sa, len) = crate::uring::to_sockaddr(addr);
-    // SAFETY: `sa` holds a sockaddr of `len` bytes.
-    let r = unsafe { libc::connect(raw, &sa as *const _ as *const libc::sockaddr, len) };
-    if r == 0 {
-        return Ok(stream);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EINPROGRESS) {
-        Ok(stream)
-    } else {
-        Err(e)
+    Ok(fd)
+}
+
+/// The soft RLIMIT_NOFILE (0 if unknown): the most entries one ring's file table may have.
+fn nofile_limit() -> u64 {
+    // SAFETY: getrlimit writes the struct we pass.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            0
+        } else {
+            r.rlim_cur
+        }
     }
 }

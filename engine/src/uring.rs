@@ -19,7 +19,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
@@ -39,6 +39,12 @@ const K_RECV: u64 = 2;
 const K_POLL: u64 = 3;
 /// A cancellation request (its own completion is ignored).
 const K_CANCEL: u64 = 4;
+/// A one-shot operation on a stream socket: connect, shutdown (index: the caller's token).
+const K_OP: u64 = 5;
+/// A send on a stream socket (index: the caller's token).
+const K_STREAM_SEND: u64 = 6;
+/// The multishot receive of a stream socket (index: the caller's token).
+const K_STREAM: u64 = 7;
 const BGID: u16 = 0;
 
 const fn tag(kind: u64, index: u64) -> u64 {
@@ -69,6 +75,35 @@ pub fn enable_gro(fd: RawFd) -> bool {
     }
 }
 
+/// A socket the ring works on: a descriptor of the process, or a *direct descriptor*, an
+/// entry of the ring's own file table ([`UdpRing::register_table`], [`UdpRing::install`]),
+/// which is not in the process's descriptor table and so not bounded by what is left of
+/// RLIMIT_NOFILE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sock {
+    /// A file descriptor.
+    Fd(RawFd),
+    /// An index in the ring's file table.
+    Fixed(u32),
+}
+
+/// Build an entry with `$t` bound to the ring's form of `$sock` (`types::Fd` or
+/// `types::Fixed`, which the opcodes take as different types).
+macro_rules! on_sock {
+    ($sock:expr, |$t:ident| $body:expr) => {
+        match $sock {
+            Sock::Fd(fd) => {
+                let $t = types::Fd(fd);
+                $body
+            }
+            Sock::Fixed(ix) => {
+                let $t = types::Fixed(ix);
+                $body
+            }
+        }
+    };
+}
+
 /// One completion reaped by [`UdpRing::drain_with`].
 #[derive(Debug)]
 pub enum Completion<'a> {
@@ -90,10 +125,33 @@ pub enum Completion<'a> {
         /// Events or negative errno.
         result: i32,
     },
+    /// A stream operation ([`UdpRing::connect`], [`UdpRing::send_stream`],
+    /// [`UdpRing::shutdown`]) completed: `result` is its return value (bytes sent, 0) or a
+    /// negative errno (`-ECANCELED` after [`UdpRing::cancel_all`]).
+    Op {
+        /// The caller's token.
+        token: u32,
+        /// Return value or negative errno.
+        result: i32,
+    },
+    /// The multishot receive of a stream socket ([`UdpRing::recv_stream`]) produced: bytes
+    /// (`result` > 0, in `data`), the end of the stream (0) or an error (negative errno;
+    /// `-ENOBUFS` when every receive buffer was in use). With `more` false the receive has
+    /// ended and must be armed again to go on.
+    Stream {
+        /// The caller's token.
+        token: u32,
+        /// Bytes received, 0 at the end of the stream, or a negative errno.
+        result: i32,
+        /// The bytes.
+        data: &'a [u8],
+        /// The receive is still armed.
+        more: bool,
+    },
 }
 
 struct RecvSocket {
-    fd: RawFd,
+    sock: Sock,
     armed: bool,
     active: bool,
     /// Datagrams taken from it in the current drain round.
@@ -361,7 +419,7 @@ impl UdpRing {
     pub fn with_mode(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool, mode: RingMode) -> io::Result<Self> {
         let mut me = Self::build(fd, entries, nbufs, buf_size, receive, mode)?;
         if receive {
-            me.add_socket(fd)?;
+            me.add_socket(Sock::Fd(fd))?;
         }
         Ok(me)
     }
@@ -421,15 +479,15 @@ impl UdpRing {
         Ok(me)
     }
 
-    /// Start receiving on `fd` (which must outlive its registration: until
+    /// Start receiving on `sock` (a descriptor must outlive its registration: until
     /// [`UdpRing::remove_socket`] has completed or the ring is dropped). Its datagrams come
     /// out of [`UdpRing::drain_with`] with the returned index.
-    pub fn add_socket(&mut self, fd: RawFd) -> io::Result<u32> {
+    pub fn add_socket(&mut self, sock: Sock) -> io::Result<u32> {
         if !self.receive {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a send-only ring has no receive buffers"));
         }
         let ix = self.sockets.len() as u32;
-        self.sockets.push(RecvSocket { fd, armed: false, active: true, burst: 0 });
+        self.sockets.push(RecvSocket { sock, armed: false, active: true, burst: 0 });
         self.arm(ix)?;
         Ok(ix)
     }
@@ -470,8 +528,9 @@ impl UdpRing {
     }
 
     fn arm(&mut self, ix: u32) -> io::Result<()> {
-        let fd = self.sockets[ix as usize].fd;
-        let e = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.msghdr as *const _, BGID).build().user_data(tag(K_RECV, ix as u64));
+        let msghdr = &*self.msghdr as *const libc::msghdr;
+        let e = on_sock!(self.sockets[ix as usize].sock, |t| opcode::RecvMsgMulti::new(t, msghdr, BGID).build())
+            .user_data(tag(K_RECV, ix as u64));
         // SAFETY: the msghdr is boxed and lives as long as self.
         unsafe {
             if self.ring.submission().push(&e).is_err() {
@@ -531,12 +590,12 @@ impl UdpRing {
     /// [`UdpRing::submit`] or wait). Returns false, and counts a send error, if every slot is
     /// in flight or `data` is too large for a slot. No allocation.
     pub fn send_copy(&mut self, data: &[u8], to: SocketAddr) -> bool {
-        self.send_copy_from(self.fd, data, to)
+        self.send_copy_from(Sock::Fd(self.fd), data, to)
     }
 
-    /// Like [`UdpRing::send_copy`], from socket `fd` (which must stay open until the send
-    /// completes).
-    pub fn send_copy_from(&mut self, fd: RawFd, data: &[u8], to: SocketAddr) -> bool {
+    /// Like [`UdpRing::send_copy`], from socket `sock` (a descriptor must stay open until the
+    /// send completes).
+    pub fn send_copy_from(&mut self, sock: Sock, data: &[u8], to: SocketAddr) -> bool {
         let size = if self.slot_addrs.is_empty() { 0 } else { self.slots.len() / self.slot_addrs.len() };
         let slot = match self.free_slots.pop() {
             Some(s) if data.len() <= size => s,
@@ -554,13 +613,16 @@ impl UdpRing {
         self.slots.as_mut_slice()[off..off + data.len()].copy_from_slice(data);
         let (storage, len) = to_sockaddr(to);
         self.slot_addrs[slot as usize] = storage;
-        let op = opcode::Send::new(types::Fd(fd), self.slots.as_slice()[off..].as_ptr(), data.len() as u32)
-            .dest_addr(&self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr)
+        let buf = self.slots.as_slice()[off..].as_ptr();
+        let dest = &self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr;
+        let e = on_sock!(sock, |t| opcode::Send::new(t, buf, data.len() as u32)
+            .dest_addr(dest)
             .dest_addr_len(len)
             // A full socket buffer fails the send at once (counted), as a non-blocking
             // sendto would, instead of parking it on a poll: media is never queued.
-            .flags(libc::MSG_DONTWAIT);
-        let e = op.build().user_data(tag(K_SLOT, slot as u64));
+            .flags(libc::MSG_DONTWAIT)
+            .build())
+        .user_data(tag(K_SLOT, slot as u64));
         // The slot's bytes and address stay untouched until its completion frees it.
         if self.push_entry(&e).is_err() {
             self.free_slots.push(slot);
@@ -570,6 +632,81 @@ impl UdpRing {
         self.in_flight_sends += 1;
         self.queued_sends += 1;
         true
+    }
+
+    /// Give the ring a file table of `n` empty entries for direct descriptors
+    /// ([`UdpRing::install`]). The kernel allows at most RLIMIT_NOFILE entries per ring.
+    pub fn register_table(&mut self, n: u32) -> io::Result<()> {
+        self.ring.submitter().register_files_sparse(n)
+    }
+
+    /// Move socket `fd` into entry `slot` of the ring's file table (replacing what was
+    /// there) and close the descriptor: from then on the socket is [`Sock::Fixed`]`(slot)`,
+    /// and costs no descriptor of the process. A socket replaced or removed stays open until
+    /// the operations still using it have completed.
+    ///
+    /// Operations queued but not yet submitted take the entry's socket when they are
+    /// submitted: submit before replacing an entry they refer to.
+    pub fn install(&mut self, slot: u32, fd: OwnedFd) -> io::Result<()> {
+        let n = self.ring.submitter().register_files_update(slot, &[fd.as_raw_fd()])?;
+        if n != 1 {
+            return Err(io::Error::other(format!("file table entry {slot} was not updated")));
+        }
+        Ok(())
+    }
+
+    /// Empty entry `slot` of the file table (its socket closes once no operation uses it).
+    pub fn uninstall(&mut self, slot: u32) -> io::Result<()> {
+        self.ring.submitter().register_files_update(slot, &[-1]).map(|_| ())
+    }
+
+    /// Queue a connect of stream socket `sock` to `addr`; completes as [`Completion::Op`]
+    /// with `token` (0 when connected, else a negative errno).
+    ///
+    /// # Safety
+    /// `addr` must point to a valid socket address of `len` bytes until the completion is
+    /// reaped.
+    pub unsafe fn connect(&mut self, sock: Sock, addr: *const libc::sockaddr, len: libc::socklen_t, token: u32) -> io::Result<()> {
+        let e = on_sock!(sock, |t| opcode::Connect::new(t, addr, len).build()).user_data(tag(K_OP, token as u64));
+        self.push_entry(&e)
+    }
+
+    /// Queue a send of `buf` on stream socket `sock`; completes as [`Completion::Op`] with
+    /// `token` and the bytes sent (all of them unless the connection failed: MSG_WAITALL), or
+    /// a negative errno. Counted in [`UdpRing::in_flight_sends`] until then.
+    ///
+    /// # Safety
+    /// `buf` must stay valid and unchanged until the completion is reaped.
+    pub unsafe fn send_stream(&mut self, sock: Sock, buf: &[u8], token: u32) -> io::Result<()> {
+        let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+        let e = on_sock!(sock, |t| opcode::Send::new(t, ptr, len).flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL).build())
+            .user_data(tag(K_STREAM_SEND, token as u64));
+        self.push_entry(&e)?;
+        self.in_flight_sends += 1;
+        self.queued_sends += 1;
+        Ok(())
+    }
+
+    /// Arm a multishot receive on stream socket `sock`, drawing from the ring's receive
+    /// buffers; what it reads comes out as [`Completion::Stream`] with `token`.
+    pub fn recv_stream(&mut self, sock: Sock, token: u32) -> io::Result<()> {
+        let e = on_sock!(sock, |t| opcode::RecvMulti::new(t, BGID).build()).user_data(tag(K_STREAM, token as u64));
+        self.push_entry(&e)
+    }
+
+    /// Queue a `shutdown(how)` of stream socket `sock`; completes as [`Completion::Op`].
+    pub fn shutdown(&mut self, sock: Sock, how: i32, token: u32) -> io::Result<()> {
+        let e = on_sock!(sock, |t| opcode::Shutdown::new(t, how).build()).user_data(tag(K_OP, token as u64));
+        self.push_entry(&e)
+    }
+
+    /// Queue the cancellation of every operation in flight on `sock` (they complete with
+    /// `-ECANCELED`). The socket is looked up when the cancellation is submitted: submit
+    /// before emptying or replacing its table entry.
+    pub fn cancel_all(&mut self, sock: Sock) -> io::Result<()> {
+        let b = on_sock!(sock, |t| types::CancelBuilder::fd(t)).all();
+        let e = opcode::AsyncCancel2::new(b).build().user_data(tag(K_CANCEL, 0));
+        self.push_entry(&e)
     }
 
     /// Entries queued since the last submit.
@@ -690,6 +827,36 @@ impl UdpRing {
                     }
                     K_POLL => {
                         on(Completion::Poll { token: ix as u32, result: res });
+                        continue;
+                    }
+                    K_OP => {
+                        on(Completion::Op { token: ix as u32, result: res });
+                        continue;
+                    }
+                    K_STREAM_SEND => {
+                        self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
+                        on(Completion::Op { token: ix as u32, result: res });
+                        continue;
+                    }
+                    K_STREAM => {
+                        let more = cqueue::more(flags);
+                        match (res, cqueue::buffer_select(flags)) {
+                            (r, Some(bid)) if r > 0 => {
+                                let data = self.bufs.get(bid, r as usize);
+                                on(Completion::Stream { token: ix as u32, result: r, data, more });
+                                self.bufs.provide(bid);
+                            }
+                            (r, _) if r > 0 => {
+                                self.counters.recv_errors += 1;
+                                on(Completion::Stream { token: ix as u32, result: -libc::EIO, data: &[], more });
+                            }
+                            (r, _) => {
+                                if r == -libc::ENOBUFS {
+                                    self.counters.no_buffers += 1;
+                                }
+                                on(Completion::Stream { token: ix as u32, result: r, data: &[], more });
+                            }
+                        }
                         continue;
                     }
                     K_RECV => {}
@@ -962,7 +1129,7 @@ mod tests {
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert!(enable_gro(rx.as_raw_fd()), "UDP_GRO refused");
         let mut ring = UdpRing::multi(64, 16, 8192).unwrap();
-        let ix = ring.add_socket(rx.as_raw_fd()).unwrap();
+        let ix = ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
         // 5 segments of 172 bytes and a short last one, in one GSO write: the receive keeps
         // them whole (GRO on), and the ring must hand out 6 datagrams.
         let mut burst = Vec::new();
@@ -995,10 +1162,10 @@ mod tests {
         let socks: Vec<_> = (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut ring = UdpRing::multi(64, 16, 2048).unwrap().with_send_slots(8, 256).unwrap();
-        let ixs: Vec<u32> = socks.iter().map(|s| ring.add_socket(s.as_raw_fd()).unwrap()).collect();
+        let ixs: Vec<u32> = socks.iter().map(|s| ring.add_socket(Sock::Fd(s.as_raw_fd())).unwrap()).collect();
         // Each socket sends from its own port through the shared ring.
         for (i, s) in socks.iter().enumerate() {
-            assert!(ring.send_copy_from(s.as_raw_fd(), &[i as u8; 10], peer.local_addr().unwrap()));
+            assert!(ring.send_copy_from(Sock::Fd(s.as_raw_fd()), &[i as u8; 10], peer.local_addr().unwrap()));
         }
         ring.submit().unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -1024,6 +1191,7 @@ mod tests {
             ring.drain_with(|c| match c {
                 Completion::Recv { socket, data, .. } => replies.push((socket, data[0])),
                 Completion::Poll { token, result } => polls.push((token, result & libc::POLLIN as i32 != 0)),
+                other => panic!("unexpected completion {other:?}"),
             })
             .unwrap();
             if replies.len() == 3 && !polls.is_empty() {
@@ -1063,7 +1231,7 @@ mod tests {
             let mut ring = UdpRing::multi(256, nbufs, 2048).unwrap();
             for rx in &rxs {
                 crate::driver::set_socket_buffers(rx, 8 << 20);
-                ring.add_socket(rx.as_raw_fd()).unwrap();
+                ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
             }
             // The receive is armed and parked on an empty socket.
             for _ in 0..3 {

@@ -62,7 +62,10 @@ struct Counts {
 
 /// A client that only registers: it records when its first registration came.
 struct RegApp {
-    planned: Instant,
+    /// Its planned connect time: the plan's start (set once every generator thread has
+    /// set up its clients) plus this offset.
+    t0: Arc<std::sync::OnceLock<Instant>>,
+    offset: Duration,
     counts: Arc<Counts>,
     first: bool,
 }
@@ -72,8 +75,9 @@ impl App for RegApp {
         if let Event::Registered { public, .. } = event {
             if std::mem::replace(&mut self.first, false) {
                 self.counts.public_ips.lock().unwrap_or_else(|e| e.into_inner()).insert(public.ip());
+                let planned = *self.t0.get().expect("the plan starts before any client connects") + self.offset;
                 let mut h = self.counts.latency.lock().unwrap_or_else(|e| e.into_inner());
-                record(&mut h, ctx.now.saturating_duration_since(self.planned));
+                record(&mut h, ctx.now.saturating_duration_since(planned));
                 self.counts.registered.fetch_add(1, Ordering::Relaxed);
                 self.counts.port_waits.fetch_add(ctx.counters().port_waits, Ordering::Relaxed);
             } else {
@@ -110,24 +114,47 @@ use crate::sys::rss_of;
 
 /// Run the scenario.
 pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
-    // A client holds a UDP socket and a TCP connection. An embedded manager on the tokio IO
-    // holds the other end as a descriptor too; on io_uring it is a direct descriptor, which
-    // is not in this process's table.
-    let manager_end = cfg.manager.is_none() && cfg.io == driver::Io::Portable;
-    let per: u64 = if manager_end { 3 } else { 2 };
-    let need = cfg.clients as u64 * per + 64;
-    let nofile = sys::raise_nofile_to(need);
-    if nofile > 0 && nofile < need {
-        return Err(format!(
-            "{} clients need about {need} file descriptors ({per} per client{}); RLIMIT_NOFILE is {nofile}. Run the \
-             manager as its own process and split the clients over several generators with distinct --id-prefix \
-             (scripts/register-multi does this), at most {} clients each",
-            cfg.clients,
-            if manager_end { ", the embedded manager's end included (not with --io uring)" } else { "" },
-            nofile.saturating_sub(64) / 2
-        ));
+    // On the tokio IO a client holds a UDP socket and a TCP connection as descriptors, and an
+    // embedded manager on the tokio IO holds the other end as one too. On io_uring both the
+    // client's sockets and the manager's ends are direct descriptors, in their rings' file
+    // tables, and cost no descriptor of the process: the bound is then RLIMIT_NOFILE entries
+    // per ring, two per client, so the clients are spread over enough generator threads.
+    let mut threads = if cfg.threads == 0 { sys::cores() } else { cfg.threads };
+    if cfg.io == driver::Io::Portable {
+        let manager_end = cfg.manager.is_none();
+        let per: u64 = if manager_end { 3 } else { 2 };
+        let need = cfg.clients as u64 * per + 64;
+        let nofile = sys::raise_nofile_to(need);
+        if nofile > 0 && nofile < need {
+            return Err(format!(
+                "{} clients need about {need} file descriptors ({per} per client{}); RLIMIT_NOFILE is {nofile}. Use \
+                 --io uring (no descriptor per client), or run the manager as its own process and split the clients \
+                 over several generators with distinct --id-prefix (scripts/register-multi does this), at most {} \
+                 clients each",
+                cfg.clients,
+                if manager_end { ", the embedded manager's end included" } else { "" },
+                nofile.saturating_sub(64) / 2
+            ));
+        }
+    } else {
+        let nofile = sys::raise_nofile();
+        if nofile > 0 {
+            let per_thread = (nofile / 2).max(1) as usize;
+            let need = cfg.clients.div_ceil(per_thread);
+            if need > threads {
+                if cfg.threads != 0 {
+                    return Err(format!(
+                        "{} clients on {threads} threads need file tables of {} entries (two per client); a ring's \
+                         table holds at most RLIMIT_NOFILE ({nofile}): use --threads {need} or more (or 0)",
+                        cfg.clients,
+                        2 * cfg.clients.div_ceil(threads)
+                    ));
+                }
+                threads = need;
+            }
+        }
     }
-    let sources = sys::Sources::plan(cfg.bind_ip, cfg.clients, cfg.source_ips)?;
+    let sources = Arc::new(sys::Sources::plan(cfg.bind_ip, cfg.clients, cfg.source_ips)?);
     let rss_before = sys::rss_mb();
     let ext_before = cfg.manager_pid.and_then(rss_of);
     let embedded = match cfg.manager {
@@ -138,7 +165,6 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         ),
     };
     let manager_addr = cfg.manager.unwrap_or_else(|| embedded.as_ref().expect("embedded").local_addr());
-    let threads = if cfg.threads == 0 { sys::cores() } else { cfg.threads };
     let counts = Arc::new(Counts {
         registered: AtomicU64::new(0),
         reregistered: AtomicU64::new(0),
@@ -147,53 +173,99 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
         latency: std::sync::Mutex::new(new_histogram()),
         public_ips: Default::default(),
     });
-    // Every client's socket and state first: binding thousands of sockets takes a while
-    // (longer with other processes on the cores), and a plan that started before it would
-    // count that time as registration latency.
-    let mut built = Vec::with_capacity(cfg.clients);
-    for i in 0..cfg.clients {
-        built.push(client(&sources, &cfg.id_prefix, i, manager_addr)?);
-    }
-    // The plan starts once the generator threads have had time to start as well.
-    let t0 = Instant::now() + Duration::from_millis(200);
-    let plan = |i: usize| t0 + Duration::from_secs_f64(i as f64 / cfg.rate);
-    let cpu0 = sys::cpu_seconds();
+    // Every client's socket and state are made before the plan starts: binding thousands of
+    // sockets takes a while (longer with other processes on the cores), and a plan that
+    // started before it would count that time as registration latency. The plan starts
+    // 200 ms after they are all made.
+    let plan_t0: Arc<std::sync::OnceLock<Instant>> = Arc::new(std::sync::OnceLock::new());
+    let offset = |i: usize| Duration::from_secs_f64(i as f64 / cfg.rate);
+    let start_plan = || *plan_t0.get_or_init(|| Instant::now() + Duration::from_millis(200));
+    let cpu0: f64;
 
     // Per client: (final app, driver counters or error). Started per driver below.
     let stop_all: Box<dyn FnOnce() -> Result<Vec<(RegApp, Result<driver::DriverCounters, String>)>, String>>;
     match cfg.io {
         #[cfg(target_os = "linux")]
         driver::Io::Uring => {
-            use engine::reactor::{ReactorConfig, Stop, Unit};
+            use engine::reactor::{Reactor, ReactorConfig, Stop, Unit};
             let stop = Stop::new();
-            let mut per_thread: Vec<Vec<Unit<RegApp>>> = (0..threads).map(|_| Vec::new()).collect();
-            for (i, (udp, client)) in built.into_iter().enumerate() {
-                let app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
-                per_thread[i % threads].push(Unit { client, udp, app, wake: None, connect_at: Some(plan(i)) });
-            }
+            // Each thread makes its own clients: a socket moves into the thread's ring as
+            // soon as it is bound, so the process never holds more than a few descriptors
+            // for them. It reports when all are in, then waits for the plan's start.
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+            let mut go = Vec::new();
             let mut handles = Vec::new();
-            for (t, units) in per_thread.into_iter().enumerate() {
-                let st = stop.clone();
-                // Small rings: a registered client has nothing to receive but keepalives.
-                let rc = ReactorConfig { recv_buffers: 1024, send_slots: 1024, ..Default::default() };
+            for t in 0..threads {
+                let (st, ready, sources, counts, t0) = (stop.clone(), ready_tx.clone(), sources.clone(), counts.clone(), plan_t0.clone());
+                let (go_tx, go_rx) = std::sync::mpsc::channel::<Instant>();
+                go.push(go_tx);
+                let (prefix, n, clients, rate) = (cfg.id_prefix.clone(), threads, cfg.clients, cfg.rate);
+                let mine: Vec<usize> = (t..clients).step_by(n).collect();
                 handles.push(
                     std::thread::Builder::new()
                         .name(format!("ring-{t}"))
-                        .spawn(move || engine::reactor::run(units, manager_addr, Some(&st), &rc))
+                        .spawn(move || -> Result<Vec<engine::reactor::Finished<RegApp>>, String> {
+                            // Small rings: a registered client has nothing to receive but keepalives.
+                            let rc = ReactorConfig { recv_buffers: 1024, send_slots: 1024, ..Default::default() };
+                            let built = (|| {
+                                let mut r = Reactor::new(mine.len(), manager_addr, Some(&st), &rc).map_err(|e| e.to_string())?;
+                                for &i in &mine {
+                                    let (udp, client) = client(&sources, &prefix, i, manager_addr)?;
+                                    let offset = Duration::from_secs_f64(i as f64 / rate);
+                                    let app = RegApp { t0: t0.clone(), offset, counts: counts.clone(), first: true };
+                                    r.add(Unit { client, udp, app, wake: None, connect_at: None }).map_err(|e| e.to_string())?;
+                                }
+                                Ok::<_, String>(r)
+                            })();
+                            let mut r = match built {
+                                Ok(r) => {
+                                    let _ = ready.send(Ok(mine.len()));
+                                    r
+                                }
+                                Err(e) => {
+                                    let _ = ready.send(Err(e.clone()));
+                                    return Err(e);
+                                }
+                            };
+                            let Ok(t0) = go_rx.recv() else { return Ok(Vec::new()) };
+                            for (ix, &i) in mine.iter().enumerate() {
+                                r.set_connect_at(ix, t0 + Duration::from_secs_f64(i as f64 / rate));
+                            }
+                            r.run().map_err(|e| e.to_string())
+                        })
                         .map_err(|e| format!("thread: {e}"))?,
                 );
+            }
+            drop(ready_tx);
+            for _ in 0..threads {
+                match ready_rx.recv() {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(format!("setting up the clients: {e}")),
+                    Err(_) => return Err("a generator thread ended while setting up its clients".into()),
+                }
+            }
+            let t0 = start_plan();
+            cpu0 = sys::cpu_seconds();
+            for g in go {
+                let _ = g.send(t0);
             }
             stop_all = Box::new(move || {
                 stop.stop();
                 let mut out = Vec::new();
                 for h in handles {
-                    let done = h.join().map_err(|_| "a generator thread panicked".to_string())?.map_err(|e| e.to_string())?;
+                    let done = h.join().map_err(|_| "a generator thread panicked".to_string())??;
                     out.extend(done.into_iter().map(|f| (f.app, f.result.map_err(|e| e.to_string()))));
                 }
                 Ok(out)
             });
         }
         driver::Io::Portable => {
+            let mut built = Vec::with_capacity(cfg.clients);
+            for i in 0..cfg.clients {
+                built.push(client(&sources, &cfg.id_prefix, i, manager_addr)?);
+            }
+            let t0 = start_plan();
+            cpu0 = sys::cpu_seconds();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
                 .enable_all()
@@ -202,9 +274,9 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let mut tasks = Vec::new();
             for (i, (udp, mut client)) in built.into_iter().enumerate() {
-                let mut app = RegApp { planned: plan(i), counts: counts.clone(), first: true };
+                let mut app = RegApp { t0: plan_t0.clone(), offset: offset(i), counts: counts.clone(), first: true };
                 let mut rx = rx.clone();
-                let at = plan(i);
+                let at = t0 + offset(i);
                 tasks.push(rt.spawn(async move {
                     tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
                     let r = async {
@@ -231,6 +303,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     }
 
     // Wait for every registration (or a bound), then hold.
+    let t0 = start_plan();
     let ramp = Duration::from_secs_f64(cfg.clients as f64 / cfg.rate);
     let deadline = t0 + ramp + Duration::from_secs(30);
     // A client that failed will not register: stop waiting once every client has an outcome.
