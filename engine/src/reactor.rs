@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use crate::client::Client;
 use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Out, MAX_DATAGRAM};
 use crate::rng::Rng;
-use crate::uring::{Completion, Sock, UdpRing};
+use crate::uring::{Completion, Pending, Sock, UdpRing};
 use crate::wire::frame::FrameDecoder;
 
 /// Limit on one TCP connect to the manager.
@@ -198,13 +198,12 @@ pub struct Finished<A> {
 }
 
 // Operation tokens: unit index, connection generation, kind.
-const KIND_BITS: u32 = 3;
+const KIND_BITS: u32 = 2;
 const GEN_BITS: u32 = 8;
 const TK_CONNECT: u32 = 0;
 const TK_RECV: u32 = 1;
 const TK_SEND: u32 = 2;
 const TK_WAKE: u32 = 3;
-const TK_SHUTDOWN: u32 = 4;
 const MAX_UNITS: usize = (1 << (32 - KIND_BITS - GEN_BITS)) - 1;
 const STOP_UNIT: u32 = MAX_UNITS as u32;
 
@@ -253,6 +252,8 @@ struct Slot<A> {
     inflight: Vec<u8>,
     sent: usize,
     sending: bool,
+    /// The connection generation the send in flight belongs to.
+    send_gen: u8,
     /// The unit finished while its last frames were being sent: close the connection when
     /// that send completes.
     close_after_send: bool,
@@ -407,6 +408,7 @@ impl<'s, A: App> Reactor<'s, A> {
             inflight: Vec::new(),
             sent: 0,
             sending: false,
+            send_gen: 0,
             close_after_send: false,
             counters: DriverCounters::default(),
             backoff: Duration::from_millis(200),
@@ -573,6 +575,9 @@ impl<'s, A: App> Reactor<'s, A> {
             let _ = r.ring.submit_and_wait(1, Duration::from_millis(10));
             let _ = r.ring.drain_with(|_| {});
         }
+        // Close every socket now: the manager sees each connection end before `run` returns
+        // (a ring's own teardown closes its file table later, in the background).
+        r.ring.close_all(Duration::from_millis(500));
         let Reactor { slots, ring, stop_wake, .. } = self;
         // The ring goes first: it holds the sockets (its file table) and the kernel may
         // still refer to the send buffers in the slots until it is closed.
@@ -657,7 +662,7 @@ impl<'s, A: App> Reactor<'s, A> {
         s.sending = false;
         if s.done.is_some() {
             if std::mem::take(&mut s.close_after_send) {
-                self.close_tcp_entry(u);
+                self.close_entry(u, gen);
             }
             return;
         }
@@ -740,6 +745,7 @@ impl<'s, A: App> Reactor<'s, A> {
 
     fn send_inflight(&mut self, u: u32, now: Instant) {
         let s = &mut self.slots[u as usize];
+        s.send_gen = s.gen;
         let tk = token(u, s.gen, TK_SEND);
         // SAFETY: `inflight` is neither changed nor dropped while `sending` is set (only the
         // completion clears it), and the ring is dropped before the slots at the end of `run`.
@@ -753,18 +759,16 @@ impl<'s, A: App> Reactor<'s, A> {
         }
     }
 
-    /// Shut the unit's connection for writing (the manager sees the end of the stream), then
-    /// close it.
-    fn close_tcp_entry(&mut self, u: u32) {
-        let gen = self.slots[u as usize].gen;
-        let _ = self.ring.shutdown(Sock::Fixed(tcp_entry(u)), libc::SHUT_WR, token(u, gen, TK_SHUTDOWN));
-        self.close_entry(u);
-    }
-
-    /// Cancel everything in flight on the unit's connection and empty its table entry after
-    /// this turn's submission (its socket closes once the cancelled operations are done).
-    fn close_entry(&mut self, u: u32) {
-        let _ = self.ring.cancel_all(Sock::Fixed(tcp_entry(u)));
+    /// Cancel what connection `gen` of the unit has in flight and empty its table entry
+    /// after this turn's submission: the socket closes (the manager sees the end of the
+    /// stream) once the cancelled operations are done.
+    fn close_entry(&mut self, u: u32, gen: u8) {
+        let _ = self.ring.cancel(Pending::Op, token(u, gen, TK_CONNECT));
+        let _ = self.ring.cancel(Pending::Receive, token(u, gen, TK_RECV));
+        let s = &self.slots[u as usize];
+        if s.sending && s.send_gen == gen {
+            let _ = self.ring.cancel(Pending::Send, token(u, gen, TK_SEND));
+        }
         self.release.push(tcp_entry(u));
     }
 
@@ -788,11 +792,12 @@ impl<'s, A: App> Reactor<'s, A> {
     fn close_tcp(&mut self, u: u32, now: Instant, retry: bool) {
         let s = &mut self.slots[u as usize];
         let old = std::mem::replace(&mut s.tcp, Tcp::Down { retry_at: now });
+        let gen = s.gen;
         s.gen = s.gen.wrapping_add(1);
         s.decoder = FrameDecoder::new();
         s.wbuf.clear();
         if !matches!(old, Tcp::Down { .. }) {
-            self.close_entry(u);
+            self.close_entry(u, gen);
         }
         let s = &mut self.slots[u as usize];
         if retry {
@@ -928,7 +933,14 @@ impl<'s, A: App> Reactor<'s, A> {
                 self.flush_tcp(u, now);
             }
             let s = &mut self.slots[u as usize];
-            if stopping || s.app.done() {
+            if stopping {
+                // Every unit ends: the ring's end closes all the sockets at once after the
+                // last sends. (Cancelling each unit's operations one by one costs the kernel
+                // a walk over the ring's pending operations per cancellation.)
+                self.retire(u, Ok(()));
+                continue;
+            }
+            if s.app.done() {
                 self.finish(u, Ok(()));
                 continue;
             }
@@ -948,10 +960,11 @@ impl<'s, A: App> Reactor<'s, A> {
         self.dirty.clear();
     }
 
-    fn finish(&mut self, u: u32, result: Result<(), DriverError>) {
+    /// Mark the unit done (its app told of an error), leaving its sockets as they are.
+    fn retire(&mut self, u: u32, result: Result<(), DriverError>) -> bool {
         let s = &mut self.slots[u as usize];
         if s.done.is_some() {
-            return;
+            return false;
         }
         if let Err(e) = &result {
             s.app.on_failed(e);
@@ -959,6 +972,15 @@ impl<'s, A: App> Reactor<'s, A> {
         s.done = Some(result);
         s.armed_at = None;
         self.live -= 1;
+        true
+    }
+
+    /// End the unit while the others go on: cancel its operations and close its sockets.
+    fn finish(&mut self, u: u32, result: Result<(), DriverError>) {
+        if !self.retire(u, result) {
+            return;
+        }
+        let s = &mut self.slots[u as usize];
         if s.wake.is_some() {
             let _ = self.ring.cancel_poll(token(u, 0, TK_WAKE));
         }
@@ -968,10 +990,10 @@ impl<'s, A: App> Reactor<'s, A> {
         // nothing is being sent, else when that send completes. The manager sees the end of
         // the stream either way.
         let s = &mut self.slots[u as usize];
+        let gen = s.gen;
         match s.tcp {
             Tcp::Up if s.sending => s.close_after_send = true,
-            Tcp::Up => self.close_tcp_entry(u),
-            Tcp::Connecting { .. } => self.close_entry(u),
+            Tcp::Up | Tcp::Connecting { .. } => self.close_entry(u, gen),
             Tcp::Down { .. } => {}
         }
         // The UDP socket closes with the turn's submission made (its datagrams queued this

@@ -39,7 +39,7 @@ const K_RECV: u64 = 2;
 const K_POLL: u64 = 3;
 /// A cancellation request (its own completion is ignored).
 const K_CANCEL: u64 = 4;
-/// A one-shot operation on a stream socket: connect, shutdown (index: the caller's token).
+/// A connect (index: the caller's token).
 const K_OP: u64 = 5;
 /// A send on a stream socket (index: the caller's token).
 const K_STREAM_SEND: u64 = 6;
@@ -104,6 +104,19 @@ macro_rules! on_sock {
     };
 }
 
+/// The kinds of operation a caller's token names, for [`UdpRing::cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// [`UdpRing::poll`].
+    Poll,
+    /// [`UdpRing::connect`].
+    Op,
+    /// [`UdpRing::send_stream`].
+    Send,
+    /// [`UdpRing::recv_stream`].
+    Receive,
+}
+
 /// One completion reaped by [`UdpRing::drain_with`].
 #[derive(Debug)]
 pub enum Completion<'a> {
@@ -125,9 +138,9 @@ pub enum Completion<'a> {
         /// Events or negative errno.
         result: i32,
     },
-    /// A stream operation ([`UdpRing::connect`], [`UdpRing::send_stream`],
-    /// [`UdpRing::shutdown`]) completed: `result` is its return value (bytes sent, 0) or a
-    /// negative errno (`-ECANCELED` after [`UdpRing::cancel_all`]).
+    /// A stream operation ([`UdpRing::connect`], [`UdpRing::send_stream`]) completed:
+    /// `result` is its return value (bytes sent, 0) or a negative errno (`-ECANCELED` after
+    /// [`UdpRing::cancel`]).
     Op {
         /// The caller's token.
         token: u32,
@@ -515,8 +528,7 @@ impl UdpRing {
 
     /// Cancel the poll with `token` (it completes with `-ECANCELED` if it was still armed).
     pub fn cancel_poll(&mut self, token: u32) -> io::Result<()> {
-        let e = opcode::AsyncCancel::new(tag(K_POLL, token as u64)).build().user_data(tag(K_CANCEL, 0));
-        self.push_entry(&e)
+        self.cancel(Pending::Poll, token)
     }
 
     /// True if a ring of the io_uring driver can be set up here: io_uring not blocked by
@@ -694,19 +706,46 @@ impl UdpRing {
         self.push_entry(&e)
     }
 
-    /// Queue a `shutdown(how)` of stream socket `sock`; completes as [`Completion::Op`].
-    pub fn shutdown(&mut self, sock: Sock, how: i32, token: u32) -> io::Result<()> {
-        let e = on_sock!(sock, |t| opcode::Shutdown::new(t, how).build()).user_data(tag(K_OP, token as u64));
+    /// Cancel the operation of kind `what` queued with `token`, if it is still in flight (it
+    /// completes with `-ECANCELED`). Matched by token, not by socket: the cost does not
+    /// grow with the operations other sockets have in flight, and the socket's table entry
+    /// may be emptied before the cancellation is submitted.
+    pub fn cancel(&mut self, what: Pending, token: u32) -> io::Result<()> {
+        let kind = match what {
+            Pending::Poll => K_POLL,
+            Pending::Op => K_OP,
+            Pending::Send => K_STREAM_SEND,
+            Pending::Receive => K_STREAM,
+        };
+        let e = opcode::AsyncCancel::new(tag(kind, token as u64)).build().user_data(tag(K_CANCEL, 0));
         self.push_entry(&e)
     }
 
-    /// Queue the cancellation of every operation in flight on `sock` (they complete with
-    /// `-ECANCELED`). The socket is looked up when the cancellation is submitted: submit
-    /// before emptying or replacing its table entry.
-    pub fn cancel_all(&mut self, sock: Sock) -> io::Result<()> {
-        let b = on_sock!(sock, |t| types::CancelBuilder::fd(t)).all();
-        let e = opcode::AsyncCancel2::new(b).build().user_data(tag(K_CANCEL, 0));
-        self.push_entry(&e)
+    /// Cancel every operation in flight (receives, connects, sends, polls), wait up to
+    /// `bound` for the cancellations to complete, and empty the file table: the sockets in it
+    /// close now, not when the ring is dropped (whose teardown the kernel finishes in the
+    /// background, later). One pass over the ring's operations, whatever their number. The
+    /// ring receives nothing afterwards.
+    pub fn close_all(&mut self, bound: Duration) {
+        for s in &mut self.sockets {
+            s.active = false;
+            s.armed = false;
+        }
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(tag(K_CANCEL, 0));
+        if self.push_entry(&e).is_ok() {
+            let end = std::time::Instant::now() + bound;
+            loop {
+                if self.submit_and_wait(1, Duration::from_millis(5)).is_err() {
+                    break;
+                }
+                // The cancelled operations complete as the thread waits (DEFER_TASKRUN).
+                let n = self.ring.completion().count();
+                if n == 0 || std::time::Instant::now() >= end {
+                    break;
+                }
+            }
+        }
+        let _ = self.ring.submitter().unregister_files();
     }
 
     /// Entries queued since the last submit.
