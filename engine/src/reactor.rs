@@ -577,7 +577,7 @@ impl<'s, A: App> Reactor<'s, A> {
         }
         // Close every socket now: the manager sees each connection end before `run` returns
         // (a ring's own teardown closes its file table later, in the background).
-        r.ring.close_all(Duration::from_millis(500));
+        r.close_all();
         let Reactor { slots, ring, stop_wake, .. } = self;
         // The ring goes first: it holds the sockets (its file table) and the kernel may
         // still refer to the send buffers in the slots until it is closed.
@@ -594,6 +594,34 @@ impl<'s, A: App> Reactor<'s, A> {
                 Finished { client: s.client, app: s.app, result }
             })
             .collect())
+    }
+
+    /// Cancel every unit's operations, each by its token (cancelling by socket, or all at
+    /// once, makes the kernel walk the ring's pending operations once per cancelled one),
+    /// then close all the sockets.
+    fn close_all(&mut self) {
+        for u in 0..self.slots.len() as u32 {
+            let s = &self.slots[u as usize];
+            let (gen, send_gen, sending, wake) = (s.gen, s.send_gen, s.sending, s.wake.is_some());
+            let tk = match s.tcp {
+                Tcp::Up => Some((Pending::Receive, token(u, gen, TK_RECV))),
+                Tcp::Connecting { .. } => Some((Pending::Op, token(u, gen, TK_CONNECT))),
+                Tcp::Down { .. } => None,
+            };
+            if let Some((what, tk)) = tk {
+                let _ = self.ring.cancel(what, tk);
+            }
+            if sending {
+                let _ = self.ring.cancel(Pending::Send, token(u, send_gen, TK_SEND));
+            }
+            if wake {
+                let _ = self.ring.cancel_poll(token(u, 0, TK_WAKE));
+            }
+        }
+        if self.stop_wake.is_some() {
+            let _ = self.ring.cancel_poll(token(STOP_UNIT, 0, TK_WAKE));
+        }
+        self.ring.close_all(Duration::from_millis(500));
     }
 
     fn mark(&mut self, u: u32) {

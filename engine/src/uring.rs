@@ -721,28 +721,25 @@ impl UdpRing {
         self.push_entry(&e)
     }
 
-    /// Cancel every operation in flight (receives, connects, sends, polls), wait up to
-    /// `bound` for the cancellations to complete, and empty the file table: the sockets in it
-    /// close now, not when the ring is dropped (whose teardown the kernel finishes in the
-    /// background, later). One pass over the ring's operations, whatever their number. The
-    /// ring receives nothing afterwards.
+    /// Stop receiving on every socket, wait up to `bound` for the operations still in flight
+    /// to complete (cancel them first: [`UdpRing::cancel`], [`UdpRing::remove_socket`]), and
+    /// empty the file table: its sockets close now, not when the ring is dropped (the kernel
+    /// finishes a ring's teardown in the background, later). The ring receives nothing
+    /// afterwards.
     pub fn close_all(&mut self, bound: Duration) {
-        for s in &mut self.sockets {
-            s.active = false;
-            s.armed = false;
+        for ix in 0..self.sockets.len() as u32 {
+            let _ = self.remove_socket(ix);
         }
-        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(tag(K_CANCEL, 0));
-        if self.push_entry(&e).is_ok() {
-            let end = std::time::Instant::now() + bound;
-            loop {
-                if self.submit_and_wait(1, Duration::from_millis(5)).is_err() {
-                    break;
-                }
-                // The cancelled operations complete as the thread waits (DEFER_TASKRUN).
-                let n = self.ring.completion().count();
-                if n == 0 || std::time::Instant::now() >= end {
-                    break;
-                }
+        let end = std::time::Instant::now() + bound;
+        loop {
+            if self.submit_and_wait(1, Duration::from_millis(5)).is_err() {
+                break;
+            }
+            // The cancelled operations complete as the thread waits (DEFER_TASKRUN); their
+            // buffers need not go back.
+            let n = self.ring.completion().count();
+            if n == 0 || std::time::Instant::now() >= end {
+                break;
             }
         }
         let _ = self.ring.submitter().unregister_files();

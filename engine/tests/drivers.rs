@@ -371,6 +371,63 @@ fn one_ring_thread_runs_many_clients() {
     assert_eq!(m.stats().udp_media.load(Ordering::Relaxed), 0, "the manager never sees media");
 }
 
+/// The io_uring driver keeps its clients' sockets in the ring's file table (direct
+/// descriptors), each socket moved there as it is added: a thousand registered clients
+/// (two thousand sockets) hold no descriptor of the process, and their connections are
+/// all open at the manager.
+#[test]
+fn ring_clients_hold_no_descriptors_of_the_process() {
+    // A ring's table holds at most RLIMIT_NOFILE entries, two per client.
+    let nofile = manager::raise_nofile() as usize;
+    let n = 1000.min(nofile / 2 - 16);
+    let m = manager_on("127.0.0.1:0".parse().unwrap());
+    let addr = m.local_addr();
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = fds();
+    let progress: Vec<Arc<Progress>> = (0..n).map(|_| Arc::new(Progress::default())).collect();
+    let stop = engine::reactor::Stop::new();
+    let (st, ps) = (stop.clone(), progress.clone());
+    let t = std::thread::spawn(move || {
+        let cfg = engine::reactor::ReactorConfig { recv_buffers: 1024, send_slots: 1024, ..Default::default() };
+        let mut r = engine::reactor::Reactor::new(n, addr, Some(&st), &cfg)?;
+        for (i, p) in ps.into_iter().enumerate() {
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut c = ClientConfig::new(ClientId::new(format!("fd-{i}")).unwrap(), udp.local_addr().unwrap().port());
+            c.stun_server = Some(addr);
+            let app = TestApp::new(None, false, p);
+            r.add(engine::reactor::Unit { client: Client::new(c, i as u64), udp, app, wake: None, connect_at: None })?;
+        }
+        r.run()
+    });
+    wait_until("every client registered", Duration::from_secs(30), || {
+        progress.iter().all(|p| p.registrations.load(Ordering::SeqCst) == 1)
+    });
+    let during = fds();
+    let s = m.stats();
+    let open = s.connections_accepted.load(Ordering::Relaxed) - s.connections_closed.load(Ordering::Relaxed);
+    stop.stop();
+    let done = t.join().unwrap().expect("ring set up");
+    assert_eq!(done.len(), n);
+    assert_eq!(open, n as u64, "every client's connection is open at the manager");
+    // Other tests of this binary open and close sockets meanwhile: a margin, far below the
+    // 2 * n that descriptors would cost.
+    assert!(during < before + n / 4, "{n} clients: {before} descriptors before, {during} with all registered");
+}
+
+/// A ring's file table holds at most RLIMIT_NOFILE entries (two per unit): a reactor asked
+/// for more units than that fails at once and says what to do.
+#[test]
+fn a_reactor_larger_than_its_file_table_allows_fails_with_the_reason() {
+    // Soft limit raised to the hard one first, so no other test raises it meanwhile.
+    let nofile = manager::raise_nofile() as usize;
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let r = engine::reactor::Reactor::<TestApp>::new(nofile / 2 + 1, addr, None, &Default::default());
+    let e = r.err().expect("a table over RLIMIT_NOFILE is refused").to_string();
+    assert!(e.contains("RLIMIT_NOFILE") && e.contains("more reactor threads"), "{e}");
+    // Half of it is fine.
+    assert!(engine::reactor::Reactor::<TestApp>::new(nofile / 2, addr, None, &Default::default()).is_ok());
+}
+
 /// The callee's null packets leave before the PUNCHED frames that follow them. A manager
 /// (played by the test) sends a batch of INCOMINGs in one write; when the PUNCHEDs arrive,
 /// every one of those calls' null packets must already be in the caller's socket (loopback
