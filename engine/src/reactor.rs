@@ -564,7 +564,11 @@ impl<'s, A: App> Reactor<'s, A> {
             let timeout = wake_at.saturating_duration_since(Instant::now());
             r.ring.submit_and_wait(queued + want, timeout).map_err(DriverError::Udp)?;
             r.release_entries();
-            want = (rx.len() + evs.len()).clamp(1, cfg.batch.max(1));
+            // What arrived, not the completions of our own sends: those come during the submit
+            // and are counted there (`queued`), and counting them again would make the next
+            // wait hold out for completions that are not coming, a tick per manager frame.
+            let arrived = evs.iter().filter(|e| !matches!(e, Ev::Op(tk, _) if untoken(*tk).2 == TK_SEND)).count();
+            want = (rx.len() + arrived).clamp(1, cfg.batch.max(1));
         }
         tracing::debug!(counters = ?r.ring.counters, "ring thread done");
         // Let the last sends (HANGUPs' frames and datagrams, final media) complete, within a
@@ -958,7 +962,17 @@ impl<'s, A: App> Reactor<'s, A> {
                 // null, and the null then proves nothing about the path. The frame's SEND is
                 // queued behind the datagrams the drain queued, and the kernel issues a
                 // submission's entries in order.
+                let was_sending = self.slots[u as usize].sending;
                 self.flush_tcp(u, now);
+                // A frame goes to the kernel at once, with the datagrams queued before it, as
+                // a `write` would, not at the end of the turn: under load a turn handles
+                // many units, and the manager would get every frame of it late (setup p50
+                // +11% at 5,000 calls/s, the same syscalls).
+                if !was_sending && self.slots[u as usize].sending {
+                    if let Err(e) = self.ring.submit() {
+                        tracing::warn!("submitting a frame to the manager: {e}");
+                    }
+                }
             }
             let s = &mut self.slots[u as usize];
             if stopping {
