@@ -644,20 +644,25 @@ impl<'s, A: App> Reactor<'s, A> {
         if let Some(w) = s.wake.clone() {
             w.clear();
             let _ = self.ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(u, 0, TK_WAKE));
-            let s = &mut self.slots[u as usize];
-            let mut ctx = Ctx {
-                client: &mut s.client,
-                now,
-                out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u))),
-                buf: &mut self.sbuf,
-                counters: &mut s.counters,
-            };
-            s.app.on_wakeup(&mut ctx);
+            self.app_wakeup(u, now);
             self.mark(u);
         }
     }
 
-    /// A connect, send or shutdown completed.
+    /// Run unit `u`'s app wake-up; its sends go through the ring.
+    fn app_wakeup(&mut self, u: u32, now: Instant) {
+        let s = &mut self.slots[u as usize];
+        let mut ctx = Ctx {
+            client: &mut s.client,
+            now,
+            out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u))),
+            buf: &mut self.sbuf,
+            counters: &mut s.counters,
+        };
+        s.app.on_wakeup(&mut ctx);
+    }
+
+    /// A connect or a send completed.
     fn on_op(&mut self, tk: u32, res: i32, now: Instant) {
         let (u, gen, kind) = untoken(tk);
         if u as usize >= self.slots.len() {
@@ -911,16 +916,9 @@ impl<'s, A: App> Reactor<'s, A> {
         }
         s.client.handle_timeout(now);
         if s.app.next_wakeup().is_some_and(|t| now >= t) {
-            let mut ctx = Ctx {
-                client: &mut s.client,
-                now,
-                out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u))),
-                buf: &mut self.sbuf,
-                counters: &mut s.counters,
-            };
-            s.app.on_wakeup(&mut ctx);
+            self.app_wakeup(u, now);
         }
-        match s.tcp {
+        match self.slots[u as usize].tcp {
             Tcp::Down { retry_at } if now >= retry_at => self.connect(u, now),
             Tcp::Connecting { deadline } if now >= deadline => {
                 self.connect_failed(u, now, io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
