@@ -1256,6 +1256,83 @@ mod tests {
         assert_eq!(after, vec![(ixs[2], b'y')]);
     }
 
+    /// A TCP connection that lives only in the ring's file table: its descriptor is closed
+    /// once installed, and connect, send, multishot receive, the end of the stream and
+    /// cancellation all go through the ring.
+    #[test]
+    fn a_stream_in_the_file_table_connects_sends_and_receives() {
+        use std::io::{Read, Write};
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
+        ring.register_table(4).unwrap();
+        let connect_stream = |ring: &mut UdpRing, slot: u32, token: u32, to: &(libc::sockaddr_storage, libc::socklen_t)| {
+            // SAFETY: a fresh socket, owned by the OwnedFd at once.
+            let fd = unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)) };
+            let raw = fd.as_raw_fd();
+            ring.install(slot, fd).unwrap();
+            // The descriptor is closed: only the table holds the socket.
+            // SAFETY: fcntl on a number that is no longer open.
+            assert_eq!(unsafe { libc::fcntl(raw, libc::F_GETFD) }, -1, "the descriptor was closed");
+            // SAFETY: `to` outlives the wait below.
+            unsafe { ring.connect(Sock::Fixed(slot), &to.0 as *const _ as *const libc::sockaddr, to.1, token).unwrap() };
+            ring.submit().unwrap();
+        };
+        let to = to_sockaddr(listener.local_addr().unwrap());
+        connect_stream(&mut ring, 1, 10, &to);
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        // Reap until `done` says so, within a bound.
+        let mut events: Vec<(u32, i32, Vec<u8>, bool)> = Vec::new();
+        let mut reap = |ring: &mut UdpRing, events: &mut Vec<(u32, i32, Vec<u8>, bool)>, done: &dyn Fn(&[(u32, i32, Vec<u8>, bool)]) -> bool| {
+            for _ in 0..100 {
+                ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
+                ring.drain_with(|c| match c {
+                    Completion::Op { token, result } => events.push((token, result, Vec::new(), false)),
+                    Completion::Stream { token, result, data, more } => events.push((token, result, data.to_vec(), more)),
+                    other => panic!("unexpected completion {other:?}"),
+                })
+                .unwrap();
+                if done(events) {
+                    return;
+                }
+            }
+            panic!("not done: {events:?}");
+        };
+        reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 10));
+        assert_eq!(events[0].1, 0, "connected: {events:?}");
+        // Send through the ring; the peer reads it.
+        let msg = b"hello from the table".to_vec();
+        ring.recv_stream(Sock::Fixed(1), 11).unwrap();
+        // SAFETY: `msg` lives until the send's completion is reaped below.
+        unsafe { ring.send_stream(Sock::Fixed(1), &msg, 12).unwrap() };
+        ring.submit().unwrap();
+        let mut got = vec![0u8; msg.len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+        // The peer writes twice; the multishot receive delivers both, then the end.
+        peer.write_all(b"one").unwrap();
+        reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 11));
+        peer.write_all(b"two").unwrap();
+        drop(peer);
+        reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 11 && x.1 == 0));
+        assert!(events.iter().any(|x| x.0 == 12 && x.1 == msg.len() as i32), "the whole send completed: {events:?}");
+        let bytes: Vec<u8> = events.iter().filter(|x| x.0 == 11 && x.1 > 0).flat_map(|x| x.2.clone()).collect();
+        assert_eq!(bytes, b"onetwo");
+        assert!(events.iter().any(|x| x.0 == 11 && x.1 == 0 && !x.3), "the end of the stream ends the receive: {events:?}");
+        // A second connection in the other entry: its armed receive is cancelled by token.
+        events.clear();
+        connect_stream(&mut ring, 3, 20, &to);
+        let (_peer2, _) = listener.accept().unwrap();
+        reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 20));
+        ring.recv_stream(Sock::Fixed(3), 21).unwrap();
+        ring.submit().unwrap();
+        ring.cancel(Pending::Receive, 21).unwrap();
+        reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 21));
+        assert!(events.iter().any(|x| x.0 == 21 && x.1 == -libc::ECANCELED), "{events:?}");
+        ring.uninstall(3).unwrap();
+    }
+
     /// A thread that is descheduled while datagrams arrive finds a backlog in its socket.
     /// All of it must come out of the next few waits, with no new arrival: one multishot
     /// run takes 33 datagrams per enter, so without re-entering, 1,000 took 31 waits.
