@@ -60,6 +60,9 @@ struct Counts {
     public_ips: std::sync::Mutex<std::collections::HashSet<IpAddr>>,
 }
 
+/// One client at the end of a run: its app and its driver's counters, or why it ended.
+type Ended = (RegApp, Result<driver::DriverCounters, String>);
+
 /// A client that only registers: it records when its first registration came.
 struct RegApp {
     /// Its planned connect time: the plan's start (set once every generator thread has
@@ -183,7 +186,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     let cpu0: f64;
 
     // Per client: (final app, driver counters or error). Started per driver below.
-    let stop_all: Box<dyn FnOnce() -> Result<Vec<(RegApp, Result<driver::DriverCounters, String>)>, String>>;
+    let stop_all: Box<dyn FnOnce() -> Result<Vec<Ended>, String>>;
     match cfg.io {
         #[cfg(target_os = "linux")]
         driver::Io::Uring => {
