@@ -195,7 +195,8 @@ pub struct IntervalRow<'a> {
     pub cores: f64,
 }
 
-/// `intervals.csv`, `intervals.svg` (delivered packets/s, latency p99 and RSS over time) and
+/// `intervals.csv`, `intervals.svg` (delivered packets/s, loss, latency p50 and p99, CPU, RSS
+/// and open descriptors over time) and
 /// `media_latency_intervals.hlog` (one histogram per interval, HdrHistogram log format).
 pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<()> {
     let mut csv = String::from("t_s,secs,pps,loss,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
@@ -243,27 +244,70 @@ pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<
     plot_intervals(&dir.join("intervals.svg"), rows).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
+/// One line of an interval plot: its legend, its colour and how to read it from a row.
+struct Line {
+    name: &'static str,
+    color: RGBColor,
+    value: fn(&IntervalRow<'_>) -> Option<f64>,
+}
+
+/// One panel of an interval plot.
+struct Panel {
+    caption: &'static str,
+    lines: &'static [Line],
+}
+
+/// What the soak's growth check and loss bound read, panel by panel.
+const INTERVAL_PANELS: [Panel; 6] = [
+    Panel { caption: "packets/s delivered", lines: &[Line { name: "pps", color: BLUE, value: |r| Some(r.pps) }] },
+    Panel {
+        caption: "loss per interval, % of packets sent",
+        lines: &[Line { name: "loss", color: MAGENTA, value: |r| Some(r.loss.max(0.0) * 100.0) }],
+    },
+    Panel {
+        caption: "one-way latency, ms",
+        lines: &[
+            Line { name: "p50", color: GREEN, value: |r| r.latency_ms[0] },
+            Line { name: "p99", color: RED, value: |r| r.latency_ms[1] },
+        ],
+    },
+    Panel { caption: "CPU, cores busy", lines: &[Line { name: "cores", color: CYAN, value: |r| Some(r.cores) }] },
+    Panel { caption: "RSS, MiB", lines: &[Line { name: "rss", color: BLACK, value: |r| r.rss_mb }] },
+    Panel {
+        caption: "open file descriptors",
+        lines: &[Line { name: "fds", color: BLACK, value: |r| r.fds.map(|n| n as f64) }],
+    },
+];
+
 fn plot_intervals(path: &Path, rows: &[IntervalRow<'_>]) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (900, 780)).into_drawing_area();
+    let root = SVGBackend::new(path, (900, 1320)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((3, 1));
+    let areas = root.split_evenly((INTERVAL_PANELS.len(), 1));
     let tmax = rows.iter().map(|r| r.t_s).fold(1.0, f64::max);
-    let series: [(&str, Box<dyn Fn(&IntervalRow<'_>) -> Option<f64>>, RGBColor); 3] = [
-        ("packets/s delivered", Box::new(|r| Some(r.pps)), BLUE),
-        ("one-way latency p99, ms", Box::new(|r| r.latency_ms[1]), RED),
-        ("RSS, MiB", Box::new(|r| r.rss_mb), BLACK),
-    ];
-    for (area, (label, f, color)) in panels.iter().zip(series.iter()) {
-        let pts: Vec<(f64, f64)> = rows.iter().filter_map(|r| f(r).map(|v| (r.t_s, v))).collect();
-        let ymax = pts.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.15;
+    for (area, panel) in areas.iter().zip(INTERVAL_PANELS.iter()) {
+        let lines: Vec<(&Line, Vec<(f64, f64)>)> = panel
+            .lines
+            .iter()
+            .map(|l| (l, rows.iter().filter_map(|r| (l.value)(r).map(|v| (r.t_s, v))).collect()))
+            .collect();
+        let ymax = lines.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.1)).fold(0.0, f64::max).max(1e-3) * 1.15;
         let mut chart = ChartBuilder::on(area)
-            .caption(*label, ("sans-serif", 16))
+            .caption(panel.caption, ("sans-serif", 16))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..tmax, 0.0..ymax)?;
         chart.configure_mesh().x_desc("seconds").draw()?;
-        chart.draw_series(LineSeries::new(pts, color.stroke_width(2)))?;
+        for (line, pts) in lines {
+            let color = line.color;
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(line.name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        }
+        if panel.lines.len() > 1 {
+            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        }
     }
     root.present()?;
     Ok(())
