@@ -261,7 +261,7 @@ struct Panel {
 const INTERVAL_PANELS: [Panel; 6] = [
     Panel { caption: "packets/s delivered", lines: &[Line { name: "pps", color: BLUE, value: |r| Some(r.pps) }] },
     Panel {
-        caption: "loss per interval, % of packets sent",
+        caption: "not delivered by the interval's end (in flight included), % of sent",
         lines: &[Line { name: "loss", color: MAGENTA, value: |r| Some(r.loss.max(0.0) * 100.0) }],
     },
     Panel {
