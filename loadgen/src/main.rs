@@ -389,6 +389,7 @@ fn setup_config(args: &SetupArgs) -> Result<setup::SetupConfig, ExitCode> {
         interval: None,
         warmup: Duration::ZERO,
         metrics: args.common.metrics,
+        churn: None,
     })
 }
 
@@ -524,6 +525,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         interval: None,
         warmup: Duration::ZERO,
         metrics: a.common.metrics,
+        churn: None,
     };
     finish(setup::run(cfg), a.common.json)
 }
@@ -645,11 +647,7 @@ fn run_soak(a: SoakArgs) -> ExitCode {
         interval: Some(Duration::from_secs_f64(a.interval)),
         warmup: Duration::from_secs_f64(warmup),
         metrics: a.common.metrics,
+        churn: Some(a.churn),
     };
-    let mut out = setup::run(cfg);
-    if let Ok(o) = out.as_mut() {
-        o.json["scenario"] = serde_json::json!("soak");
-        o.json["churn"] = serde_json::json!(a.churn);
-    }
-    finish(out, a.common.json)
+    finish(setup::run(cfg), a.common.json)
 }

@@ -47,7 +47,10 @@ fn summary(dir: &Path) -> Result<Value, String> {
     serde_json::from_str(&s).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-fn histograms(dir: &Path) -> Result<Vec<(&'static str, &'static str, Histogram<u64>)>, String> {
+/// A recorded metric: its file stem, its label and its histogram.
+type Metric = (&'static str, &'static str, Histogram<u64>);
+
+fn histograms(dir: &Path) -> Result<Vec<Metric>, String> {
     let mut out = Vec::new();
     for (stem, label) in METRICS {
         let p = dir.join(format!("{stem}.hlog"));

@@ -66,6 +66,8 @@ pub struct SetupConfig {
     pub warmup: Duration,
     /// Serve live Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
+    /// Soak: calls replaced per second (0 for none); `None` outside the soak.
+    pub churn: Option<f64>,
 }
 
 /// What the measurement window saw.
@@ -613,14 +615,13 @@ async fn start_fleet(
         driver::Io::Uring => {
             use engine::reactor::{ReactorConfig, Unit};
             let mut per_thread: Vec<Vec<Unit<SimApp>>> = (0..threads).map(|_| Vec::new()).collect();
-            let mut n = 0usize;
             // Callers and callees interleaved, so every thread carries both kinds.
             let kinds = (0..cfg.callers.max(cfg.callees)).flat_map(|i| {
                 let c = (i < cfg.callers).then_some((true, i));
                 let e = (i < cfg.callees).then_some((false, i));
                 c.into_iter().chain(e)
             });
-            for (caller, i) in kinds {
+            for (n, (caller, i)) in kinds.enumerate() {
                 let (udp, client) = if caller {
                     new_std_client(bind(true, i), format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64))?
                 } else {
@@ -635,7 +636,6 @@ async fn start_fleet(
                 // Pairs (caller i, callee i) go to one thread, pairs round-robin: every
                 // thread carries callers and callees.
                 per_thread[(n / 2) % threads].push(Unit { client, udp, app, wake, connect_at: None });
-                n += 1;
             }
             let mut handles = Vec::new();
             for (t, units) in per_thread.into_iter().enumerate() {
@@ -1222,7 +1222,13 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     }
 
     let mut json = serde_json::json!({
-        "scenario": if window.is_some() { "sessions" } else { "setup" },
+        // The soak is the windowed run that samples intervals; summary.json, `report` and
+        // `merge` read this name, so it is set here and not patched on stdout afterwards.
+        "scenario": match (window.is_some(), cfg.interval.is_some()) {
+            (true, true) => "soak",
+            (true, false) => "sessions",
+            (false, _) => "setup",
+        },
         "sessions": window.map(|_| records.len()),
         "window_s": window.map(|w| (w.secs * 100.0).round() / 100.0),
         "cpu_cores": window.map(|w| (w.cores * 1000.0).round() / 1000.0),
@@ -1269,6 +1275,9 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     // First connections that waited for a local port (a previous run's TIME_WAITs).
     json["port_waits"] = shared.port_waits.load(Ordering::Relaxed).into();
     json["manager_io"] = manager_io.into();
+    if let Some(churn) = cfg.churn {
+        json["churn"] = churn.into();
+    }
     if let Some(dir) = &cfg.out {
         let metrics = [
             ("setup", "setup (plan -> 2-way media)", &setup),
@@ -1278,7 +1287,11 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             ("start_to_media", "START -> 2-way media", &start_media),
             ("media_latency", "media one-way latency", &media_latency),
         ];
-        let title = format!("call setup, {} calls at {}/s ({} ok)", cfg.calls, cfg.rate, ok);
+        let title = match (window.as_ref(), cfg.interval) {
+            (Some(w), Some(_)) => format!("soak, {} calls set up at {}/s, held {:.0} s ({} ok)", cfg.calls, cfg.rate, w.secs, ok),
+            (Some(w), None) => format!("sessions, {} calls set up at {}/s, held {:.0} s ({} ok)", cfg.calls, cfg.rate, w.secs, ok),
+            (None, _) => format!("call setup, {} calls at {}/s ({} ok)", cfg.calls, cfg.rate, ok),
+        };
         crate::output::write_run(dir, &json, &metrics, &title).map_err(|e| format!("writing {}: {e}", dir.display()))?;
         if !samples.is_empty() {
             let rows: Vec<crate::output::IntervalRow> = samples

@@ -14,11 +14,23 @@ fn run(args: &[&str]) -> (i32, Value, String) {
     (out.status.code().unwrap_or(-1), v, stderr)
 }
 
+/// The fields every scenario's final JSON line carries (null where they do not apply).
+fn assert_common_fields(v: &Value) {
+    let o = v.as_object().expect("a JSON object");
+    for k in [
+        "scenario", "calls_ok", "calls_failed", "late_starts", "setup_p50_ms", "setup_p99_ms", "setup_max_ms",
+        "pps_delivered", "loss_ratio", "latency_p99_ms", "rss_mb",
+    ] {
+        assert!(o.contains_key(k), "{k} missing: {v}");
+    }
+}
+
 #[test]
 fn setup_runs_every_call_through_the_full_flow_and_reports_percentiles() {
     let (code, v, err) = run(&["setup", "--calls", "120", "--rate", "200", "--talk", "0.5", "--callers", "12", "--callees", "8", "--json"]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["scenario"], "setup");
+    assert_common_fields(&v);
     assert_eq!(v["calls"], 120);
     assert_eq!(v["calls_ok"], 120, "{v}");
     assert_eq!(v["calls_failed"], 0, "{v}");
@@ -57,6 +69,7 @@ fn register_holds_every_client_and_reports_rate_latency_and_memory() {
     let (code, v, err) = run(&["register", "--clients", "300", "--rate", "1000", "--hold", "1", "--json"]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["scenario"], "register");
+    assert_common_fields(&v);
     assert_eq!(v["registered"], 300, "{v}");
     assert_eq!(v["held"], 300, "every registration still open after the hold: {v}");
     assert_eq!(v["failed"], 0, "{v}");
@@ -130,6 +143,7 @@ fn soak_samples_intervals_and_checks_growth() {
     let (code, v, err) = run(&["soak", "--sessions", "100", "--duration", "6", "--interval", "1", "--json"]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["scenario"], "soak");
+    assert_common_fields(&v);
     assert_eq!(v["calls_ok"], 100, "{v}");
     assert_eq!(v["growth_ok"], true, "{v}");
     let iv = v["intervals"].as_array().expect("intervals");
@@ -147,8 +161,19 @@ fn soak_samples_intervals_and_checks_growth() {
 #[test]
 fn soak_with_churn_replaces_calls_and_keeps_the_load() {
     // 50 sessions churned at 25/s: each call lasts 2 s, 150 calls in 2 + 4 s.
-    let (code, v, err) = run(&["soak", "--sessions", "50", "--churn", "25", "--duration", "4", "--interval", "1", "--json"]);
+    let dir = std::env::temp_dir().join(format!("np-soak-churn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let (code, v, err) =
+        run(&["soak", "--sessions", "50", "--churn", "25", "--duration", "4", "--interval", "1", "--json", "--out", d]);
+    // What the run wrote names it as stdout does: `report` and `merge` read these files.
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["scenario"], "soak");
+    assert_eq!(v["churn"], 25.0, "{v}");
+    assert_eq!(written["scenario"], "soak", "summary.json: {written}");
+    assert_eq!(written["churn"], 25.0, "summary.json: {written}");
     assert_eq!(v["calls_ok"], 150, "{v}");
     let iv = v["intervals"].as_array().expect("intervals");
     let last = iv.last().unwrap()["pps"].as_f64().unwrap();
