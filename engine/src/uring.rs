@@ -1267,13 +1267,21 @@ mod tests {
         let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
         ring.register_table(4).unwrap();
         let connect_stream = |ring: &mut UdpRing, slot: u32, token: u32, to: &(libc::sockaddr_storage, libc::socklen_t)| {
-            // SAFETY: a fresh socket, owned by the OwnedFd at once.
-            let fd = unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)) };
-            let raw = fd.as_raw_fd();
+            // SAFETY: socket() takes no pointers.
+            let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
+            // SAFETY: a fresh descriptor, owned from here on.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let inode = |fd: RawFd| {
+                // SAFETY: fstat writes into a zeroed stat; a closed number gives -1.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+            };
+            let before = inode(raw);
             ring.install(slot, fd).unwrap();
-            // The descriptor is closed: only the table holds the socket.
-            // SAFETY: fcntl on a number that is no longer open.
-            assert_eq!(unsafe { libc::fcntl(raw, libc::F_GETFD) }, -1, "the descriptor was closed");
+            // The descriptor is closed: only the table holds the socket. (Other tests of
+            // this binary may have reused the number since: it must not be this socket.)
+            assert!(before.is_some() && inode(raw) != before, "the descriptor was closed");
             // SAFETY: `to` outlives the wait below.
             unsafe { ring.connect(Sock::Fixed(slot), &to.0 as *const _ as *const libc::sockaddr, to.1, token).unwrap() };
             ring.submit().unwrap();
@@ -1283,8 +1291,10 @@ mod tests {
         let (mut peer, _) = listener.accept().unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         // Reap until `done` says so, within a bound.
-        let mut events: Vec<(u32, i32, Vec<u8>, bool)> = Vec::new();
-        let mut reap = |ring: &mut UdpRing, events: &mut Vec<(u32, i32, Vec<u8>, bool)>, done: &dyn Fn(&[(u32, i32, Vec<u8>, bool)]) -> bool| {
+        // (token, result, bytes, still armed)
+        type Event = (u32, i32, Vec<u8>, bool);
+        let mut events: Vec<Event> = Vec::new();
+        let reap = |ring: &mut UdpRing, events: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
             for _ in 0..100 {
                 ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
                 ring.drain_with(|c| match c {
