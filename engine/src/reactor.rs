@@ -575,9 +575,18 @@ impl<'s, A: App> Reactor<'s, A> {
         // bound.
         let _ = r.ring.submit();
         let end = Instant::now() + Duration::from_millis(500);
+        let mut sent = Vec::new();
         while r.ring.in_flight_sends() > 0 && Instant::now() < end {
             let _ = r.ring.submit_and_wait(1, Duration::from_millis(10));
-            let _ = r.ring.drain_with(|_| {});
+            let _ = r.ring.drain_with(|c| match c {
+                Completion::Op { token, result } if untoken(token).2 == TK_SEND => sent.push((token, result)),
+                _ => {}
+            });
+            // Frames that waited behind a send in flight (the HANGUPs of `hangup_all`) follow it.
+            for (tk, res) in sent.drain(..) {
+                let (u, gen, _) = untoken(tk);
+                r.on_sent(u, gen, res, Instant::now());
+            }
         }
         // Close every socket now: the manager sees each connection end before `run` returns
         // (a ring's own teardown closes its file table later, in the background).
@@ -698,7 +707,20 @@ impl<'s, A: App> Reactor<'s, A> {
         let s = &mut self.slots[u as usize];
         s.sending = false;
         if s.done.is_some() {
+            // An ended unit's last frames, made while this send was in flight (a HANGUP,
+            // say), still go out on its connection; then it closes if it was waiting to.
+            let current = gen == s.gen && matches!(s.tcp, Tcp::Up) && res >= 0;
+            s.inflight.clear();
+            s.sent = 0;
+            if current && !s.wbuf.is_empty() {
+                std::mem::swap(&mut s.inflight, &mut s.wbuf);
+                if self.queue_inflight(u).is_ok() {
+                    return;
+                }
+            }
+            let s = &mut self.slots[u as usize];
             if std::mem::take(&mut s.close_after_send) {
+                let gen = s.gen;
                 self.close_entry(u, gen);
             }
             return;
@@ -781,19 +803,22 @@ impl<'s, A: App> Reactor<'s, A> {
     }
 
     fn send_inflight(&mut self, u: u32, now: Instant) {
+        if let Err(e) = self.queue_inflight(u) {
+            tracing::warn!("queueing a frame to the manager: {e}");
+            self.lost(u, now);
+        }
+    }
+
+    /// Queue the send of `inflight[sent..]` on the unit's current connection.
+    fn queue_inflight(&mut self, u: u32) -> io::Result<()> {
         let s = &mut self.slots[u as usize];
         s.send_gen = s.gen;
         let tk = token(u, s.gen, TK_SEND);
         // SAFETY: `inflight` is neither changed nor dropped while `sending` is set (only the
         // completion clears it), and the ring is dropped before the slots at the end of `run`.
-        let r = unsafe { self.ring.send_stream(Sock::Fixed(tcp_entry(u)), &s.inflight[s.sent..], tk) };
-        match r {
-            Ok(()) => s.sending = true,
-            Err(e) => {
-                tracing::warn!("queueing a frame to the manager: {e}");
-                self.lost(u, now);
-            }
-        }
+        unsafe { self.ring.send_stream(Sock::Fixed(tcp_entry(u)), &s.inflight[s.sent..], tk)? };
+        s.sending = true;
+        Ok(())
     }
 
     /// Cancel what connection `gen` of the unit has in flight and empty its table entry
@@ -886,9 +911,11 @@ impl<'s, A: App> Reactor<'s, A> {
     }
 
     fn connect(&mut self, u: u32, now: Instant) {
-        // Entries queued for this unit's previous connection must reach the kernel (and
-        // its entry be emptied) before the entry holds a new socket.
-        self.release_entries();
+        // If this unit's previous connection was closed this turn, its cancellations must
+        // reach the kernel (and its entry be emptied) before the entry holds a new socket.
+        if self.release.contains(&tcp_entry(u)) {
+            self.release_entries();
+        }
         let source = crate::driver::tcp_source(self.slots[u as usize].local, self.manager);
         let fd = match open_tcp(source, self.manager) {
             Ok(fd) => fd,
@@ -948,12 +975,11 @@ impl<'s, A: App> Reactor<'s, A> {
             // timer pass, which batches them per tick under load.
             let became_due = s.armed_at.is_none_or(|t| t > now) && s.app.next_wakeup().is_some_and(|t| t <= now);
             if became_due {
-                let mut ctx =
-                    Ctx { client: &mut s.client, now, out: Out::Ring(&mut self.ring, out), buf: &mut self.sbuf, counters: &mut s.counters };
-                s.app.on_wakeup(&mut ctx);
+                self.app_wakeup(u, now);
+                let s = &mut self.slots[u as usize];
                 driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, out), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
             }
-            if !s.wbuf.is_empty() {
+            if !self.slots[u as usize].wbuf.is_empty() {
                 // Datagrams before the frames that follow them: the callee's null packet must
                 // be on the wire before its PUNCHED, or the caller's first packet (sent on the
                 // START that PUNCHED brings about) can open the caller's firewall ahead of the
@@ -1032,7 +1058,7 @@ impl<'s, A: App> Reactor<'s, A> {
         let s = &mut self.slots[u as usize];
         let gen = s.gen;
         match s.tcp {
-            Tcp::Up if s.sending => s.close_after_send = true,
+            Tcp::Up if s.sending && s.send_gen == gen => s.close_after_send = true,
             Tcp::Up | Tcp::Connecting { .. } => self.close_entry(u, gen),
             Tcp::Down { .. } => {}
         }
