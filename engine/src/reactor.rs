@@ -332,7 +332,7 @@ impl<'s, A: App> Reactor<'s, A> {
             .map_err(DriverError::Udp)?;
         let table = (2 * capacity).max(2) as u32;
         if let Err(e) = ring.register_table(table) {
-            let limit = nofile_limit();
+            let limit = crate::uring::table_limit().map_or("unknown".to_string(), |n| n.to_string());
             return Err(DriverError::Udp(io::Error::new(
                 e.kind(),
                 format!(
@@ -1099,17 +1099,4 @@ fn open_tcp(source: Option<SocketAddr>, manager: SocketAddr) -> io::Result<Owned
         }
     }
     Ok(fd)
-}
-
-/// The soft RLIMIT_NOFILE (0 if unknown): the most entries one ring's file table may have.
-fn nofile_limit() -> u64 {
-    // SAFETY: getrlimit writes the struct we pass.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            0
-        } else {
-            r.rlim_cur
-        }
-    }
 }

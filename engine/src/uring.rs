@@ -75,6 +75,16 @@ pub fn enable_gro(fd: RawFd) -> bool {
     }
 }
 
+/// The most entries one ring's file table may have ([`UdpRing::register_table`]): the soft
+/// RLIMIT_NOFILE, or `None` if it cannot be read.
+pub fn table_limit() -> Option<u64> {
+    // SAFETY: getrlimit writes the struct we pass.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0).then_some(r.rlim_cur)
+    }
+}
+
 /// A socket the ring works on: a descriptor of the process, or a *direct descriptor*, an
 /// entry of the ring's own file table ([`UdpRing::register_table`], [`UdpRing::install`]),
 /// which is not in the process's descriptor table and so not bounded by what is left of

@@ -87,16 +87,7 @@ fn build_ring(table: u32) -> io::Result<(IoUring, BufRing)> {
 /// The size of a shard's direct-descriptor table: the soft RLIMIT_NOFILE (the most the
 /// kernel allows for one ring).
 pub fn table_size() -> u32 {
-    // SAFETY: getrlimit writes the struct we pass.
-    let soft = unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            1024
-        } else {
-            r.rlim_cur
-        }
-    };
-    soft.clamp(16, 1 << 20) as u32
+    engine::uring::table_limit().unwrap_or(1024).clamp(16, 1 << 20) as u32
 }
 
 /// A std listener with SO_REUSEPORT (one per shard) and TCP_NODELAY, which accepted
