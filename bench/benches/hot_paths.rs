@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use engine::client::{Client, ClientConfig};
-use engine::stats::RtpReceiverStats;
-use engine::wire::frame::{AddrSource, CallId, ClientId, Frame};
-use engine::wire::rtp::RtpHeader;
-use engine::wire::{classify, DatagramKind};
+use proto::client::{Client, ClientConfig};
+use proto::stats::RtpReceiverStats;
+use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
+use proto::wire::rtp::RtpHeader;
+use proto::wire::{classify, DatagramKind};
 
 fn packet(ssrc: u32, seq: u16) -> Vec<u8> {
     let mut p = vec![0u8; 172];
@@ -38,7 +38,8 @@ fn wire(c: &mut Criterion) {
     g.bench_function("rtp_header_write", |b| {
         b.iter(|| {
             seq = seq.wrapping_add(1);
-            RtpHeader { marker: false, payload_type: 111, seq, timestamp: seq as u32 * 960, ssrc: 9 }.emit(black_box(&mut out))
+            RtpHeader { marker: false, payload_type: 111, seq, timestamp: seq as u32 * 960, ssrc: 9 }
+                .emit(black_box(&mut out))
         })
     });
     g.finish();
@@ -57,7 +58,12 @@ fn session_lookup(c: &mut Criterion) {
         let token = 0x1000_0000_0000_0000u64 + i * 0x1_0000_0001;
         client.handle_frame(
             t0,
-            Frame::Incoming { call_id: CallId(i + 1), token, caller: ClientId::new(format!("c{i}")).unwrap(), caller_addr },
+            Frame::Incoming {
+                call_id: CallId(i + 1),
+                token,
+                caller: ClientId::new(format!("c{i}")).unwrap(),
+                caller_addr,
+            },
         );
         peers.push((caller_addr, token as u32));
     }

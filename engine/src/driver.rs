@@ -16,9 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::client::{CallHandle, Client, ClientError, Event, Received, Transmit};
-use crate::rng::Rng;
-use crate::wire::frame::FrameDecoder;
+use proto::client::{CallHandle, Client, ClientError, Event, Received, Transmit};
+use proto::rng::Rng;
+use proto::wire::frame::FrameDecoder;
 
 /// Largest datagram the driver receives; longer ones are truncated by the kernel and then
 /// rejected by the parsers.
@@ -48,7 +48,13 @@ pub fn set_socket_buffers(udp: &impl std::os::fd::AsRawFd, bytes: usize) -> usiz
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes a c_int into `got`.
     unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut got as *mut libc::c_int as *mut libc::c_void, &mut len);
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &mut got as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        );
     }
     got.max(0) as usize
 }
@@ -71,7 +77,8 @@ pub(crate) fn is_port_shortage(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }
 
-type Connecting = std::pin::Pin<Box<dyn Future<Output = Result<io::Result<TcpStream>, tokio::time::error::Elapsed>> + Send>>;
+type Connecting =
+    std::pin::Pin<Box<dyn Future<Output = Result<io::Result<TcpStream>, tokio::time::error::Elapsed>> + Send>>;
 
 /// Buffers per batched receive (one `recvmmsg`).
 const RX_BATCH: usize = if quinn_udp::BATCH_SIZE < 32 { quinn_udp::BATCH_SIZE } else { 32 };
@@ -116,7 +123,8 @@ impl Io {
                 if crate::uring::UdpRing::available() {
                     Ok(Io::Uring)
                 } else {
-                    Err("io_uring is not available here (old kernel or blocked by seccomp); use --io portable or auto".into())
+                    Err("io_uring is not available here (old kernel or blocked by seccomp); use --io portable or auto"
+                        .into())
                 }
             }
             "auto" => match std::env::var("NULLPUNCH_IO") {
@@ -245,7 +253,7 @@ impl Ctx<'_> {
     pub fn send_rtp(
         &mut self,
         handle: CallHandle,
-        fields: crate::client::MediaFields,
+        fields: proto::client::MediaFields,
         payload: &[u8],
         duration_rtp_ts: u32,
     ) -> Result<(), ClientError> {
@@ -281,7 +289,8 @@ pub trait App {
 pub(crate) fn send(out: &mut Out<'_>, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
     let ok = match out {
         Out::Tokio(udp, state) => {
-            let t = quinn_udp::Transmit { destination: to, ecn: None, contents: data, segment_size: None, src_ip: None };
+            let t =
+                quinn_udp::Transmit { destination: to, ecn: None, contents: data, segment_size: None, src_ip: None };
             state.try_send((*udp).into(), &t).is_ok()
         }
         #[cfg(target_os = "linux")]
@@ -389,7 +398,7 @@ pub async fn run_with_wake<A: App>(
     wake: Option<std::sync::Arc<tokio::sync::Notify>>,
 ) -> Result<DriverCounters, DriverError> {
     let mut counters = DriverCounters::default();
-    let mut rng = Rng::from_entropy();
+    let mut rng = crate::entropy::rng();
     let source = tcp_source(udp.local_addr().ok(), manager);
     let stream = match first_connect(source, manager, &mut counters, &mut rng).await {
         Ok(s) => s,
@@ -424,7 +433,15 @@ pub async fn run_with_wake<A: App>(
                 let res = wr.write_all(&wbuf).await;
                 wbuf.clear();
                 if res.is_err() {
-                    lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng);
+                    lost_connection(
+                        client,
+                        &mut tcp,
+                        &mut decoder,
+                        &mut counters,
+                        &mut next_connect,
+                        &mut backoff,
+                        &mut rng,
+                    );
                     continue;
                 }
             }
@@ -597,7 +614,8 @@ pub(crate) fn drain<A: App>(
             progressed = true;
         }
         while let Some(ev) = client.poll_event() {
-            let mut ctx = Ctx { client: &mut *client, now, out: out.reborrow(), buf: &mut *sbuf, counters: &mut *counters };
+            let mut ctx =
+                Ctx { client: &mut *client, now, out: out.reborrow(), buf: &mut *sbuf, counters: &mut *counters };
             app.on_event(&mut ctx, ev);
             progressed = true;
         }
@@ -641,7 +659,7 @@ pub struct Streams {
 }
 
 struct Stream {
-    source: crate::media::SyntheticSource,
+    source: proto::media::SyntheticSource,
     next_send: Instant,
     hangup_at: Option<Instant>,
     /// No media is sent inside [from, until).
@@ -657,7 +675,14 @@ impl Stream {
 impl Streams {
     /// No streams; send stamps count from `epoch`.
     pub fn new(epoch: Instant) -> Self {
-        Streams { map: Default::default(), heap: Default::default(), payload: vec![0u8; 1500], epoch, skipped: 0, sent: 0 }
+        Streams {
+            map: Default::default(),
+            heap: Default::default(),
+            payload: vec![0u8; 1500],
+            epoch,
+            skipped: 0,
+            sent: 0,
+        }
     }
 
     /// Start streaming on `handle` now (no-op if already streaming); hang up at `hangup_at`.
@@ -665,7 +690,7 @@ impl Streams {
         if self.map.contains_key(&handle) {
             return;
         }
-        let s = Stream { source: crate::media::SyntheticSource::opus_like(), next_send: now, hangup_at, pause: None };
+        let s = Stream { source: proto::media::SyntheticSource::opus_like(), next_send: now, hangup_at, pause: None };
         self.heap.push(std::cmp::Reverse((s.wake_at(), handle)));
         self.map.insert(handle, s);
     }
@@ -728,7 +753,7 @@ impl Streams {
                 let _ = ctx.client.hangup(now, h);
                 continue;
             }
-            let frame = Duration::from_millis(crate::media::MediaSource::frame_ms(&s.source) as u64);
+            let frame = Duration::from_millis(proto::media::MediaSource::frame_ms(&s.source) as u64);
             let paused = s.pause.is_some_and(|(from, until)| now >= from && now < until);
             if let (true, Some((_, until))) = (paused, s.pause) {
                 // Sleep through the pause instead of waking for every frame not sent.
@@ -746,7 +771,7 @@ impl Streams {
                     // Stamp the planned send time: a frame sent late carries its lateness
                     // into the measured one-way latency (no coordinated omission).
                     s.source.stamp_us = s.next_send.saturating_duration_since(self.epoch).as_micros() as u64;
-                    let (len, dur) = crate::media::MediaSource::next_frame(&mut s.source, &mut self.payload);
+                    let (len, dur) = proto::media::MediaSource::next_frame(&mut s.source, &mut self.payload);
                     if ctx.send_media(h, &self.payload[..len], dur).is_ok() {
                         self.sent += 1;
                     }

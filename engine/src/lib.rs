@@ -1,30 +1,21 @@
 //! # nullpunch engine
 //!
-//! The protocol core of nullpunch and the IO that drives it.
+//! The IO drivers over the sans-IO core in `proto`; the one crate that touches sockets, the
+//! kernel and `unsafe`.
 //!
-//! * [`wire`]: byte formats: signalling frames (TCP, client <-> manager), the null packet,
-//!   RTP (RFC 3550), STUN binding (RFC 8489), and the datagram demultiplexer (RFC 7983).
-//! * [`client`]: the sans-IO client state machine: public-address discovery, registration,
-//!   calls as caller and callee (null packet, START, media, keepalive, hangup). Time is an
-//!   argument; it owns no socket, thread or clock.
-//! * [`stats`]: RFC 3550 receiver statistics (loss, interarrival jitter).
-//! * [`driver`]: a tokio driver that runs a [`client::Client`] over a TCP stream and a UDP socket.
-//! * `uring` (Linux): io_uring UDP primitives: multishot receive into a provided buffer
-//!   ring, batched sends and batched completion waits. All of the engine's `unsafe` is there
-//!   and in the socket-buffer helper of the driver.
+//! * [`driver`]: the portable driver: tokio over a TCP stream and a `quinn-udp` socket.
+//! * `reactor` (Linux): the io_uring client driver: many clients per thread in one ring.
+//! * `uring` (Linux): the io_uring layer both the reactor and the manager's shards use.
+//! * [`entropy`]: seeds and unpredictable values drawn from outside the protocol.
 //!
-//! The state machines follow one shape: `handle_*` for input, commands that mutate, and
-//! `poll_*` for output. After any input or command, drain `poll_frame`, `poll_transmit`
-//! and `poll_event`, then sleep until `poll_timeout`.
+//! The protocol's state machines follow one shape: `handle_*` for input, commands that
+//! mutate, and `poll_*` for output; after any input, a driver drains the output and then
+//! sleeps until the next deadline.
 #![deny(missing_docs)]
 
-pub mod client;
 pub mod driver;
-pub mod media;
+pub mod entropy;
 #[cfg(target_os = "linux")]
 pub mod reactor;
-pub mod rng;
-pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod uring;
-pub mod wire;

@@ -35,8 +35,8 @@
 //! If the manager connection drops, calls with a path go on and the unit reconnects with
 //! jittered exponential backoff (200 ms doubling to 5 s), as the tokio driver does.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -44,11 +44,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::client::Client;
 use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Out, MAX_DATAGRAM};
-use crate::rng::Rng;
 use crate::uring::{Completion, Pending, Sock, UdpRing};
-use crate::wire::frame::FrameDecoder;
+use proto::client::Client;
+use proto::rng::Rng;
+use proto::wire::frame::FrameDecoder;
 
 /// Limit on one TCP connect to the manager.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -321,9 +321,17 @@ pub struct Reactor<'s, A> {
 
 impl<'s, A: App> Reactor<'s, A> {
     /// A reactor for up to `capacity` units, connecting them to `manager`, stopped by `stop`.
-    pub fn new(capacity: usize, manager: SocketAddr, stop: Option<&'s Stop>, cfg: &ReactorConfig) -> Result<Self, DriverError> {
+    pub fn new(
+        capacity: usize,
+        manager: SocketAddr,
+        stop: Option<&'s Stop>,
+        cfg: &ReactorConfig,
+    ) -> Result<Self, DriverError> {
         if capacity > MAX_UNITS - 1 {
-            return Err(DriverError::Udp(io::Error::new(io::ErrorKind::InvalidInput, "too many units for one reactor")));
+            return Err(DriverError::Udp(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many units for one reactor",
+            )));
         }
         let entries = (capacity as u32 * 4 + cfg.batch as u32 * 4).clamp(256, 32768).next_power_of_two();
         let mut ring = UdpRing::multi(entries, cfg.recv_buffers, cfg.recv_buffer_size)
@@ -345,7 +353,8 @@ impl<'s, A: App> Reactor<'s, A> {
         let stop_wake = match stop {
             Some(s) => {
                 let w = s.watch().map_err(DriverError::Udp)?;
-                ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(STOP_UNIT, 0, TK_WAKE)).map_err(DriverError::Udp)?;
+                ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(STOP_UNIT, 0, TK_WAKE))
+                    .map_err(DriverError::Udp)?;
                 Some(w)
             }
             None => None,
@@ -364,7 +373,7 @@ impl<'s, A: App> Reactor<'s, A> {
             release: Vec::new(),
             manager,
             manager_sa: Box::new((sa, len)),
-            rng: Rng::from_entropy(),
+            rng: crate::entropy::rng(),
             sbuf: vec![0u8; MAX_DATAGRAM],
             live: 0,
         })
@@ -929,7 +938,8 @@ impl<'s, A: App> Reactor<'s, A> {
         s.tcp = Tcp::Connecting { deadline: now + CONNECT_TIMEOUT };
         let (sa, len) = &*self.manager_sa;
         // SAFETY: the address is boxed in the reactor, which outlives its ring.
-        let r = unsafe { self.ring.connect(Sock::Fixed(tcp_entry(u)), sa as *const _ as *const libc::sockaddr, *len, tk) };
+        let r =
+            unsafe { self.ring.connect(Sock::Fixed(tcp_entry(u)), sa as *const _ as *const libc::sockaddr, *len, tk) };
         if let Err(e) = r {
             return self.connect_failed(u, now, e);
         }
@@ -968,7 +978,15 @@ impl<'s, A: App> Reactor<'s, A> {
                 continue;
             }
             let out = Sock::Fixed(udp_entry(u));
-            driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, out), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
+            driver::drain(
+                &mut s.client,
+                &mut s.app,
+                Out::Ring(&mut self.ring, out),
+                &mut self.sbuf,
+                &mut s.wbuf,
+                &mut s.counters,
+                now,
+            );
             // An app wake-up that this turn's events made due (media starting on START, the
             // callee answering the first packet) runs now and leaves with this turn's
             // submission. Wake-ups that came due on their own (armed earlier) wait for the
@@ -977,7 +995,15 @@ impl<'s, A: App> Reactor<'s, A> {
             if became_due {
                 self.app_wakeup(u, now);
                 let s = &mut self.slots[u as usize];
-                driver::drain(&mut s.client, &mut s.app, Out::Ring(&mut self.ring, out), &mut self.sbuf, &mut s.wbuf, &mut s.counters, now);
+                driver::drain(
+                    &mut s.client,
+                    &mut s.app,
+                    Out::Ring(&mut self.ring, out),
+                    &mut self.sbuf,
+                    &mut s.wbuf,
+                    &mut s.counters,
+                    now,
+                );
             }
             if !self.slots[u as usize].wbuf.is_empty() {
                 // Datagrams before the frames that follow them: the callee's null packet must

@@ -274,7 +274,14 @@ impl AnonMap {
         }
         // SAFETY: an anonymous private mapping; checked for failure below.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -349,7 +356,14 @@ impl BufRing {
         // SAFETY: an anonymous private mapping; checked for failure below. mmap gives page
         // alignment, which the buffer ring requires.
         let mem = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if mem == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -439,7 +453,14 @@ impl UdpRing {
     }
 
     /// Like [`UdpRing::new`], for the given use (see [`RingMode`]).
-    pub fn with_mode(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool, mode: RingMode) -> io::Result<Self> {
+    pub fn with_mode(
+        fd: RawFd,
+        entries: u32,
+        nbufs: u16,
+        buf_size: usize,
+        receive: bool,
+        mode: RingMode,
+    ) -> io::Result<Self> {
         let mut me = Self::build(fd, entries, nbufs, buf_size, receive, mode)?;
         if receive {
             me.add_socket(Sock::Fd(fd))?;
@@ -688,7 +709,13 @@ impl UdpRing {
     /// # Safety
     /// `addr` must point to a valid socket address of `len` bytes until the completion is
     /// reaped.
-    pub unsafe fn connect(&mut self, sock: Sock, addr: *const libc::sockaddr, len: libc::socklen_t, token: u32) -> io::Result<()> {
+    pub unsafe fn connect(
+        &mut self,
+        sock: Sock,
+        addr: *const libc::sockaddr,
+        len: libc::socklen_t,
+        token: u32,
+    ) -> io::Result<()> {
         let e = on_sock!(sock, |t| opcode::Connect::new(t, addr, len).build()).user_data(tag(K_OP, token as u64));
         self.push_entry(&e)
     }
@@ -701,8 +728,9 @@ impl UdpRing {
     /// `buf` must stay valid and unchanged until the completion is reaped.
     pub unsafe fn send_stream(&mut self, sock: Sock, buf: &[u8], token: u32) -> io::Result<()> {
         let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
-        let e = on_sock!(sock, |t| opcode::Send::new(t, ptr, len).flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL).build())
-            .user_data(tag(K_STREAM_SEND, token as u64));
+        let e =
+            on_sock!(sock, |t| opcode::Send::new(t, ptr, len).flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL).build())
+                .user_data(tag(K_STREAM_SEND, token as u64));
         self.push_entry(&e)?;
         self.in_flight_sends += 1;
         self.queued_sends += 1;
@@ -1105,7 +1133,10 @@ mod tests {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut ring = UdpRing::with_mode(a.as_raw_fd(), 64, 16, 2048, true, RingMode::Shared).unwrap().with_send_slots(4, 256).unwrap();
+        let mut ring = UdpRing::with_mode(a.as_raw_fd(), 64, 16, 2048, true, RingMode::Shared)
+            .unwrap()
+            .with_send_slots(4, 256)
+            .unwrap();
         // SAFETY: creating an eventfd.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         assert!(efd >= 0);
@@ -1276,26 +1307,29 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
         ring.register_table(4).unwrap();
-        let connect_stream = |ring: &mut UdpRing, slot: u32, token: u32, to: &(libc::sockaddr_storage, libc::socklen_t)| {
-            // SAFETY: socket() takes no pointers.
-            let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-            assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
-            // SAFETY: a fresh descriptor, owned from here on.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let inode = |fd: RawFd| {
-                // SAFETY: fstat writes into a zeroed stat; a closed number gives -1.
-                let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+        let connect_stream =
+            |ring: &mut UdpRing, slot: u32, token: u32, to: &(libc::sockaddr_storage, libc::socklen_t)| {
+                // SAFETY: socket() takes no pointers.
+                let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+                assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
+                // SAFETY: a fresh descriptor, owned from here on.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let inode = |fd: RawFd| {
+                    // SAFETY: fstat writes into a zeroed stat; a closed number gives -1.
+                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+                };
+                let before = inode(raw);
+                ring.install(slot, fd).unwrap();
+                // The descriptor is closed: only the table holds the socket. (Other tests of
+                // this binary may have reused the number since: it must not be this socket.)
+                assert!(before.is_some() && inode(raw) != before, "the descriptor was closed");
+                // SAFETY: `to` outlives the wait below.
+                unsafe {
+                    ring.connect(Sock::Fixed(slot), &to.0 as *const _ as *const libc::sockaddr, to.1, token).unwrap()
+                };
+                ring.submit().unwrap();
             };
-            let before = inode(raw);
-            ring.install(slot, fd).unwrap();
-            // The descriptor is closed: only the table holds the socket. (Other tests of
-            // this binary may have reused the number since: it must not be this socket.)
-            assert!(before.is_some() && inode(raw) != before, "the descriptor was closed");
-            // SAFETY: `to` outlives the wait below.
-            unsafe { ring.connect(Sock::Fixed(slot), &to.0 as *const _ as *const libc::sockaddr, to.1, token).unwrap() };
-            ring.submit().unwrap();
-        };
         let to = to_sockaddr(listener.local_addr().unwrap());
         connect_stream(&mut ring, 1, 10, &to);
         let (mut peer, _) = listener.accept().unwrap();
@@ -1309,7 +1343,9 @@ mod tests {
                 ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
                 ring.drain_with(|c| match c {
                     Completion::Op { token, result } => events.push((token, result, Vec::new(), false)),
-                    Completion::Stream { token, result, data, more } => events.push((token, result, data.to_vec(), more)),
+                    Completion::Stream { token, result, data, more } => {
+                        events.push((token, result, data.to_vec(), more))
+                    }
                     other => panic!("unexpected completion {other:?}"),
                 })
                 .unwrap();
@@ -1339,7 +1375,10 @@ mod tests {
         assert!(events.iter().any(|x| x.0 == 12 && x.1 == msg.len() as i32), "the whole send completed: {events:?}");
         let bytes: Vec<u8> = events.iter().filter(|x| x.0 == 11 && x.1 > 0).flat_map(|x| x.2.clone()).collect();
         assert_eq!(bytes, b"onetwo");
-        assert!(events.iter().any(|x| x.0 == 11 && x.1 == 0 && !x.3), "the end of the stream ends the receive: {events:?}");
+        assert!(
+            events.iter().any(|x| x.0 == 11 && x.1 == 0 && !x.3),
+            "the end of the stream ends the receive: {events:?}"
+        );
         // A second connection in the other entry: its armed receive is cancelled by token.
         events.clear();
         connect_stream(&mut ring, 3, 20, &to);
@@ -1390,7 +1429,12 @@ mod tests {
                     break;
                 }
             }
-            assert_eq!(got, N * nsock, "nbufs {nbufs} sockets {nsock}: datagrams per turn: {turns:?}; counters {:?}", ring.counters);
+            assert_eq!(
+                got,
+                N * nsock,
+                "nbufs {nbufs} sockets {nsock}: datagrams per turn: {turns:?}; counters {:?}",
+                ring.counters
+            );
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Tests of the sans-IO client state machine, [`engine::client::Client`].
+//! Tests of the sans-IO client state machine, [`proto::client::Client`].
 //!
 //! Time is an argument: every test fixes `t0` and passes `t0 + n ms`; nothing sleeps. The
 //! [`T`] harness drives a client the way the driver does: after each input or command it
@@ -13,12 +13,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use engine::client::{CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, MediaFields, Role};
-use engine::rng::Rng;
-use engine::wire::frame::{AddrSource, CallId, ClientId, Frame, HangupReason, RejectReason, UnknownReason};
-use engine::wire::null::NullPacket;
-use engine::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
-use engine::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
+use proto::client::{
+    CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, MediaFields, Role,
+};
+use proto::rng::Rng;
+use proto::wire::frame::{AddrSource, CallId, ClientId, Frame, HangupReason, RejectReason, UnknownReason};
+use proto::wire::null::NullPacket;
+use proto::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
+use proto::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
 
 // ------------------------------------------------------------------------------ fixtures
 
@@ -198,7 +200,10 @@ impl T {
         let mut t = T::registered();
         let h = t.c.call(t.at(0), id("carol")).unwrap();
         t.drain();
-        let out = t.frame(start_ms, Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() });
+        let out = t.frame(
+            start_ms,
+            Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() },
+        );
         assert!(matches!(out.events[..], [Event::Started { .. }]), "{out:?}");
         (t, h)
     }
@@ -269,7 +274,13 @@ impl T {
     }
 
     /// `send_media` into a 1500-byte buffer; returns the destination and the parsed packet.
-    fn send(&mut self, at: u64, h: CallHandle, payload: &[u8], dur: u32) -> Result<(SocketAddr, RtpHeader, Vec<u8>), ClientError> {
+    fn send(
+        &mut self,
+        at: u64,
+        h: CallHandle,
+        payload: &[u8],
+        dur: u32,
+    ) -> Result<(SocketAddr, RtpHeader, Vec<u8>), ClientError> {
         let mut buf = [0u8; 1500];
         let tx = self.c.send_media(self.at(at), h, payload, dur, &mut buf)?;
         let (hdr, p) = RtpHeader::parse(&buf[..tx.len]).expect("send_media writes valid RTP");
@@ -365,7 +376,10 @@ fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
     // The real answer.
     assert!(t.dgram(310, stun_server(), &good).is_none());
     let out = t.drain();
-    assert_eq!(out.frames, vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: Some(txid), auth: None }]);
+    assert_eq!(
+        out.frames,
+        vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: Some(txid), auth: None }]
+    );
     assert!(matches!(out.events[..], [Event::Discovered { mapped: Some(m) }] if m == mapped), "{out:?}");
     assert!(out.dgrams.is_empty());
 
@@ -390,7 +404,10 @@ fn without_a_stun_server_register_goes_out_at_once() {
     let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
     t.c.handle_connected(t.at(0));
     let out = t.drain();
-    assert_eq!(out.frames, vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None, auth: None }]);
+    assert_eq!(
+        out.frames,
+        vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None, auth: None }]
+    );
     assert!(out.dgrams.is_empty(), "no STUN without a server");
     assert!(out.events.is_empty(), "no Discovered event without discovery: {out:?}");
     assert_eq!(t.next_timeout(), Some(10_000), "only the ping timer");
@@ -529,7 +546,10 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
     let tx = t.c.send_rtp(t.at(140), h, fields, b"vp8", 0, &mut buf).unwrap();
     let (hdr, p) = RtpHeader::parse(&buf[..tx.len]).unwrap();
     let f = first.unwrap();
-    assert_eq!((hdr.payload_type, hdr.marker, hdr.timestamp, hdr.ssrc, hdr.seq), (96, true, 90_000, CALLEE_SSRC, f.seq.wrapping_add(3)));
+    assert_eq!(
+        (hdr.payload_type, hdr.marker, hdr.timestamp, hdr.ssrc, hdr.seq),
+        (96, true, 90_000, CALLEE_SSRC, f.seq.wrapping_add(3))
+    );
     assert_eq!(p, b"vp8");
     let fields = MediaFields { marker: Some(false), payload_type: 96, timestamp: Some(90_000) };
     let tx = t.c.send_rtp(t.at(140), h, fields, b"more", 0, &mut buf).unwrap();
@@ -543,12 +563,20 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
     let log = t.run_until(15_140);
     assert_eq!(
         log.nulls(),
-        vec![(15_140, caller_addr(), NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false })]
+        vec![(
+            15_140,
+            caller_addr(),
+            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false }
+        )]
     );
 
     t.c.hangup(t.at(16_000), h).unwrap();
     let r = reports(&t.drain().events).remove(0);
-    assert_eq!((r.sent, r.received, r.lost, r.nulls_sent), (5, 1, 0, 4), "punch, one re-send, the confirmation, one keepalive");
+    assert_eq!(
+        (r.sent, r.received, r.lost, r.nulls_sent),
+        (5, 1, 0, 4),
+        "punch, one re-send, the confirmation, one keepalive"
+    );
     assert_eq!(r.first_media, Some(ms(100)));
 }
 
@@ -648,7 +676,8 @@ fn no_start_within_start_timeout_ends_the_call_without_hangup() {
     assert_eq!(t.c.active_calls(), 0);
 
     // The START arrives late: the manager is told to end the call.
-    let out = t.frame(5_100, Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() });
+    let out =
+        t.frame(5_100, Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() });
     assert_eq!(out.frames, vec![Frame::Hangup { call_id: CALL_ID, reason: HangupReason::Timeout }]);
     assert!(out.dgrams.is_empty() && out.events.is_empty());
     assert_eq!(t.c.counters().frames_unexpected, 1);
@@ -854,7 +883,8 @@ fn ten_thousand_random_datagrams_neither_panic_nor_disturb_a_call() {
 
     // Every datagram was counted exactly once, and none of them touched the call.
     let c = t.c.counters().clone();
-    let total = c.dgram_unknown + c.dgram_malformed + c.dgram_unmatched + c.dgram_wrong_source + c.rtcp + c.stun_unexpected;
+    let total =
+        c.dgram_unknown + c.dgram_malformed + c.dgram_unmatched + c.dgram_wrong_source + c.rtcp + c.stun_unexpected;
     assert_eq!(total, 10_000, "{c:?}");
     assert_eq!(c.frames_unexpected, 0);
     assert!(c.dgram_unknown > 0 && c.dgram_malformed > 0 && c.dgram_unmatched > 0 && c.dgram_wrong_source > 0);
@@ -971,7 +1001,10 @@ fn disconnect_ends_calls_waiting_for_start_but_established_calls_go_on() {
     assert!(out.frames.is_empty(), "nothing is sent for a lost connection: {out:?}");
     let r = reports(&out.events);
     assert_eq!(r.len(), 1, "{out:?}");
-    assert_eq!((r[0].handle, r[0].reason, r[0].role, r[0].call_id), (pending, EndReason::ManagerLost, Role::Caller, None));
+    assert_eq!(
+        (r[0].handle, r[0].reason, r[0].role, r[0].call_id),
+        (pending, EndReason::ManagerLost, Role::Caller, None)
+    );
     assert_eq!(out.events.len(), 1);
 
     assert!(!t.c.is_registered());
@@ -986,7 +1019,11 @@ fn disconnect_ends_calls_waiting_for_start_but_established_calls_go_on() {
     assert!(log.frames.is_empty() && log.events.is_empty(), "{log:?}");
     assert_eq!(
         log.nulls(),
-        vec![(16_000, caller_addr(), NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false })]
+        vec![(
+            16_000,
+            caller_addr(),
+            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false }
+        )]
     );
     // Media timeout still applies; with no manager there is no HANGUP to send.
     let log = t.run_until(35_010);

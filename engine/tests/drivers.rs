@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::client::{CallReport, Client, ClientConfig, Event, Received};
 use engine::driver::{self, App, Ctx, DriverCounters, Io, Streams};
-use engine::wire::frame::ClientId;
+use proto::client::{CallReport, Client, ClientConfig, Event, Received};
+use proto::wire::frame::ClientId;
 
 /// What a test sees of a running client, from its own thread.
 #[derive(Default)]
@@ -121,14 +121,21 @@ fn spawn_with(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>, max_c
     cfg.max_calls = max_calls;
     // Each client its own seed: equal seeds give equal STUN transaction ids, and clients
     // registering at the same moment would then take each other's bindings.
-    let client = Client::new(cfg, engine::rng::Rng::from_entropy().next_u64());
+    let client = Client::new(cfg, engine::entropy::seed());
     let p = Arc::new(Progress::default());
     let app = TestApp::new(callee, callee.is_some(), p.clone());
     run_client(io, client, udp, app, manager, p)
 }
 
 /// Run `client` with `app` on `udp` on a driver thread of its own, until stopped.
-fn run_client(io: Io, client: Client, udp: std::net::UdpSocket, app: TestApp, manager: SocketAddr, p: Arc<Progress>) -> Running {
+fn run_client(
+    io: Io,
+    client: Client,
+    udp: std::net::UdpSocket,
+    app: TestApp,
+    manager: SocketAddr,
+    p: Arc<Progress>,
+) -> Running {
     let stop_flag = Arc::new(AtomicBool::new(false));
     let stop = engine::reactor::Stop::new();
     let (flag, st) = (stop_flag.clone(), stop.clone());
@@ -152,7 +159,8 @@ fn run_client(io: Io, client: Client, udp: std::net::UdpSocket, app: TestApp, ma
         }
         Io::Uring => {
             let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None };
-            let mut done = engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
+            let mut done =
+                engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
             done.pop().unwrap().result.map_err(|e| e.to_string())
         }
     });
@@ -249,7 +257,8 @@ fn survives_a_manager_kill_during_100_calls(io: Io) {
     for c in &callers {
         c.p.call_requests.store(10, Ordering::SeqCst);
     }
-    let all_flowing = |rs: &[Running]| rs.iter().all(|c| c.p.per_call.lock().unwrap().values().filter(|&&n| n > 5).count() == 10);
+    let all_flowing =
+        |rs: &[Running]| rs.iter().all(|c| c.p.per_call.lock().unwrap().values().filter(|&&n| n > 5).count() == 10);
     let ok = wait_for(Duration::from_secs(15), || all_flowing(&callers) && all_flowing(&callees));
     assert!(
         ok,
@@ -258,7 +267,9 @@ fn survives_a_manager_kill_during_100_calls(io: Io) {
         callers.iter().map(|c| c.p.per_call.lock().unwrap().len()).collect::<Vec<_>>(),
         callees.iter().map(|c| c.p.per_call.lock().unwrap().len()).collect::<Vec<_>>()
     );
-    let snapshot = |rs: &[Running]| -> Vec<std::collections::HashMap<u32, u64>> { rs.iter().map(|c| c.p.per_call.lock().unwrap().clone()).collect() };
+    let snapshot = |rs: &[Running]| -> Vec<std::collections::HashMap<u32, u64>> {
+        rs.iter().map(|c| c.p.per_call.lock().unwrap().clone()).collect()
+    };
     let before = (snapshot(&callers), snapshot(&callees));
 
     m1.shutdown();
@@ -332,7 +343,11 @@ fn one_ring_thread_runs_many_clients() {
     let mut units = Vec::new();
     let mut progress = Vec::new();
     for i in 0..2 * n {
-        let (id, callee) = if i < n { (format!("callee-{i}"), None) } else { (format!("caller-{i}"), Some(format!("callee-{}", i - n))) };
+        let (id, callee) = if i < n {
+            (format!("callee-{i}"), None)
+        } else {
+            (format!("caller-{i}"), Some(format!("callee-{}", i - n)))
+        };
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut cfg = ClientConfig::new(ClientId::new(id).unwrap(), udp.local_addr().unwrap().port());
         cfg.stun_server = Some(addr);
@@ -340,7 +355,13 @@ fn one_ring_thread_runs_many_clients() {
         progress.push(p.clone());
         // Callers call when the test says, once every callee is registered.
         let app = TestApp::new(callee.as_deref(), false, p);
-        units.push(engine::reactor::Unit { client: Client::new(cfg, i as u64), udp, app, wake: None, connect_at: None });
+        units.push(engine::reactor::Unit {
+            client: Client::new(cfg, i as u64),
+            udp,
+            app,
+            wake: None,
+            connect_at: None,
+        });
     }
     let stop = engine::reactor::Stop::new();
     let st = stop.clone();
@@ -352,7 +373,12 @@ fn one_ring_thread_runs_many_clients() {
         p.call_requests.store(1, Ordering::SeqCst);
     }
     let ok = wait_for(Duration::from_secs(10), || progress.iter().all(|p| p.media_rx.load(Ordering::SeqCst) >= 10));
-    let status: Vec<_> = progress.iter().map(|p| (p.media_rx.load(Ordering::SeqCst), p.reports.lock().unwrap().iter().map(|r| r.reason).collect::<Vec<_>>())).collect();
+    let status: Vec<_> = progress
+        .iter()
+        .map(|p| {
+            (p.media_rx.load(Ordering::SeqCst), p.reports.lock().unwrap().iter().map(|r| r.reason).collect::<Vec<_>>())
+        })
+        .collect();
     assert!(ok, "media did not flow on every call, both ways: {status:?}");
     stop.stop();
     let done = t.join().unwrap().expect("ring set up");
@@ -383,7 +409,8 @@ fn ring_clients_hold_no_descriptors_of_the_process() {
     // The manager on io_uring too (whatever NULLPUNCH_IO says), so that its ends of the
     // connections are not the process's descriptors either.
     let listen = "127.0.0.1:0".parse().unwrap();
-    let m = manager::start(manager::ManagerConfig { listen, shards: 2, io: Io::Uring, ..Default::default() }).expect("manager starts");
+    let m = manager::start(manager::ManagerConfig { listen, shards: 2, io: Io::Uring, ..Default::default() })
+        .expect("manager starts");
     let addr = m.local_addr();
     let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
     let before = fds();
@@ -437,8 +464,8 @@ fn a_reactor_larger_than_its_file_table_allows_fails_with_the_reason() {
 /// delivers a datagram within its send). Otherwise the caller's first packet, sent on the
 /// START that PUNCHED brings about, can open the caller's firewall ahead of the null.
 fn nulls_leave_before_punched(io: Io) {
-    use engine::wire::demux::{classify, DatagramKind};
-    use engine::wire::frame::{AddrSource, CallId, Frame, FrameDecoder};
+    use proto::wire::demux::{classify, DatagramKind};
+    use proto::wire::frame::{AddrSource, CallId, Frame, FrameDecoder};
     use std::io::{Read, Write};
     const CALLS: u64 = 100;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -472,8 +499,13 @@ fn nulls_leave_before_punched(io: Io) {
     out.clear();
     for i in 1..=CALLS {
         let caller_id = ClientId::new(format!("alice{i}")).unwrap();
-        Frame::Incoming { call_id: CallId(i), token: 1000 + i, caller: caller_id, caller_addr: caller.local_addr().unwrap() }
-            .encode(&mut out);
+        Frame::Incoming {
+            call_id: CallId(i),
+            token: 1000 + i,
+            caller: caller_id,
+            caller_addr: caller.local_addr().unwrap(),
+        }
+        .encode(&mut out);
     }
     conn.write_all(&out).unwrap();
     let (mut punched, mut nulls, mut worst) = (0u64, 0u64, 0i64);

@@ -9,14 +9,14 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use engine::wire::frame::{
-    AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason, VERSION,
-};
-use engine::wire::null::NullPacket;
-use engine::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
-use engine::wire::stun;
 use nullpunch_fuzz::datagram::{self, Harness, CALLEE_CALL_ID, CALLEE_TOKEN, CALLER_CALL_ID, CALLER_TOKEN};
 use nullpunch_fuzz::manager_conn::{self as mc, Script, Sim, MODE_LIMITS, MODE_SECRET};
+use proto::wire::frame::{
+    AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason, VERSION,
+};
+use proto::wire::null::NullPacket;
+use proto::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
+use proto::wire::stun;
 
 fn id(s: &str) -> ClientId {
     ClientId::new(s).unwrap()

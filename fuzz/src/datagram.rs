@@ -27,12 +27,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use engine::client::{Client, ClientConfig, Event};
-use engine::wire::frame::{AddrSource, CallId, ClientId, Frame};
-use engine::wire::null::{NullPacket, NULL_LEN};
-use engine::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN};
-use engine::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
-use engine::wire::{classify, DatagramKind};
+use proto::client::{Client, ClientConfig, Event};
+use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
+use proto::wire::null::{NullPacket, NULL_LEN};
+use proto::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN};
+use proto::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
+use proto::wire::{classify, DatagramKind};
 
 use crate::assert_frame_round_trips;
 

@@ -15,7 +15,7 @@
 //! 3. `Frame::decode_body` over the stream (as if it were one frame body) never panics, and a
 //!    body it accepts re-encodes to the same body.
 
-use engine::wire::frame::{Frame, FrameDecoder, FrameError, MAX_FRAME_LEN};
+use proto::wire::frame::{Frame, FrameDecoder, FrameError, MAX_FRAME_LEN};
 
 use crate::assert_frame_round_trips;
 

@@ -15,7 +15,7 @@ pub mod datagram;
 pub mod frame_decode;
 pub mod manager_conn;
 
-use engine::wire::frame::{Frame, MAX_MESSAGE_LEN};
+use proto::wire::frame::{Frame, MAX_MESSAGE_LEN};
 
 /// Encode `f`, decode the bytes again and require the same frame back, consuming exactly
 /// the encoded bytes. Anything the project emits must survive its own decoder. (The one

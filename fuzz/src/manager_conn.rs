@@ -36,11 +36,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::wire::frame::{Frame, FrameDecoder};
-use manager::auth::Secret;
-use manager::bindings::Bindings;
-use manager::core::{Output, Shard, ShardConfig, ShardMsg};
-use manager::stats::Stats;
+use proto::auth::Secret;
+use proto::shard::bindings::Bindings;
+use proto::shard::stats::Stats;
+use proto::shard::{Output, Shard, ShardConfig, ShardMsg};
+use proto::wire::frame::{Frame, FrameDecoder};
 
 use crate::assert_frame_round_trips;
 

@@ -191,9 +191,7 @@ impl Lab {
     pub fn counters(&self, r: Host) -> Result<Counters> {
         let out = run(Command::new(script()).args(["counters", &self.prefix, r.name()]))?;
         let get = |name: &str| -> u64 {
-            out.lines()
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0)))
-                .unwrap_or(0)
+            out.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0)
         };
         Ok(Counters { udp_drop: get("udp_drop "), tcp_drop: get("tcp_drop "), udp_loss: get("udp_loss ") })
     }
@@ -306,7 +304,8 @@ impl ManagerProc {
         // `ip netns exec` execs the program, so this pid is the manager's.
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.proc.id() as libc::pid_t, libc::SIGTERM) };
-        let line = self.lines.recv_timeout(Duration::from_secs(10)).map_err(|_| "manager printed no counters".to_string())?;
+        let line =
+            self.lines.recv_timeout(Duration::from_secs(10)).map_err(|_| "manager printed no counters".to_string())?;
         serde_json::from_str(&line).map_err(|e| format!("manager counters {line:?}: {e}"))
     }
 }

@@ -89,16 +89,24 @@ fn check_pair(a: Mode, b: Mode) {
     let flow = ct_flow(&ct_r1, &[("src", "10.1.0.2"), ("sport", "40001"), ("dst", b_ip), ("dport", b_port)])
         .unwrap_or_else(|| panic!("{pair}: no conntrack entry for alice's media flow on r1:\n{ct_r1}"));
     // The reply tuple (second half) is addressed to alice's public address.
-    let reply: Vec<&str> = flow.split_whitespace().filter(|t| t.starts_with("dst=") || t.starts_with("dport=")).collect();
+    let reply: Vec<&str> =
+        flow.split_whitespace().filter(|t| t.starts_with("dst=") || t.starts_with("dport=")).collect();
     assert_eq!(reply.get(2), Some(&format!("dst={a_ip}").as_str()), "{pair}: {flow}");
     assert_eq!(reply.get(3), Some(&format!("dport={a_port}").as_str()), "{pair}: {flow}");
 
     // ---- Check 1: negative control. Without the null packet the callee's firewall drops
     // everything the caller sends.
     let r2_before = lab.counters(Host::R2).unwrap();
-    let bob = peer(&lab, Host::B, "bob", 41002, &["--setup-timeout-secs", "2", "listen", "--calls", "1", "--no-null", "--json"]);
+    let bob = peer(
+        &lab,
+        Host::B,
+        "bob",
+        41002,
+        &["--setup-timeout-secs", "2", "listen", "--calls", "1", "--no-null", "--json"],
+    );
     settle();
-    let alice = peer(&lab, Host::A, "alice", 40002, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "4", "--json"]);
+    let alice =
+        peer(&lab, Host::A, "alice", 40002, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "4", "--json"]);
     let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
     let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
     assert_ne!(oa.code, 0, "{pair}: the call must fail without the null packet: {ca}");
@@ -139,7 +147,8 @@ fn check_pair(a: Mode, b: Mode) {
         // A fresh port each time: every call punches a new window. One second of media
         // leaves room for the callee's null re-sends (50, 150, 350, 750 ms after INCOMING):
         // with 0.3 s, three punches lost in a row (0.1% of calls) failed a call.
-        let o = peer(&lab, Host::A, "alice", 40100 + i, &["call", "bob", "--duration", "1", "--json"]).finish(Duration::from_secs(20));
+        let o = peer(&lab, Host::A, "alice", 40100 + i, &["call", "bob", "--duration", "1", "--json"])
+            .finish(Duration::from_secs(20));
         if o.code == 0 {
             ok += 1;
         } else {
@@ -232,7 +241,8 @@ fn a_fully_random_nat_defeats_the_simple_punch() {
     let m = lab.start_manager().expect("manager");
     let bob = peer(&lab, Host::B, "bob", 41001, &["--setup-timeout-secs", "2", "listen", "--calls", "1", "--json"]);
     settle();
-    let alice = peer(&lab, Host::A, "alice", 40001, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "3", "--json"]);
+    let alice =
+        peer(&lab, Host::A, "alice", 40001, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "3", "--json"]);
     let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
     let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
     assert_ne!(oa.code, 0, "{ca}");

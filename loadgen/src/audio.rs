@@ -17,11 +17,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::client::{Client, ClientConfig, Event, Received};
 use engine::driver::{self, App, Ctx, Io, Streams};
-use engine::rng::Rng;
-use engine::wire::frame::ClientId;
 use hdrhistogram::Histogram;
+use proto::client::{Client, ClientConfig, Event, Received};
+use proto::rng::Rng;
+use proto::wire::frame::ClientId;
 use voice::jitter::{JitterConfig, Playout};
 use voice::voice::{Receiver, Sender};
 
@@ -89,7 +89,7 @@ struct Talker {
     callee: ClientId,
     placed: bool,
     sender: Option<Sender>,
-    handle: Option<engine::client::CallHandle>,
+    handle: Option<proto::client::CallHandle>,
     next: Option<Instant>,
     hangup_at: Option<Instant>,
     frame: Duration,
@@ -167,7 +167,9 @@ impl App for Side {
                     s.dropped_by_model += 1;
                     return;
                 }
-                let extra = Duration::from_secs_f64((l.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * l.cfg.jitter_ms / 1000.0);
+                let extra = Duration::from_secs_f64(
+                    (l.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * l.cfg.jitter_ms / 1000.0,
+                );
                 let arrival = ctx.now + extra;
                 let transit = arrival.saturating_duration_since(frame_end).as_micros() as u64;
                 let _ = s.transit.get_or_insert_with(hist).record(transit.max(1));
@@ -176,7 +178,7 @@ impl App for Side {
                 let rx = l.rx.get_or_insert_with(|| {
                     let mut j = JitterConfig::new(l.cfg.frame_ms);
                     j.min_delay_us = (l.cfg.min_delay_ms * 1000.0) as u64;
-                    Receiver::new(engine::wire::rtp::OPUS_PAYLOAD_TYPE, j).expect("opus decoder")
+                    Receiver::new(proto::wire::rtp::OPUS_PAYLOAD_TYPE, j).expect("opus decoder")
                 });
                 // The buffer's clock: µs since the capture started (one clock for both).
                 let us = arrival.saturating_duration_since(origin).as_micros() as u64;
@@ -190,7 +192,8 @@ impl App for Side {
             Side::Talker(t) => t.next.into_iter().chain(t.hangup_at).min(),
             Side::Listener(l) => {
                 let origin = l.shared.lock().unwrap().capture_start;
-                let tick = l.rx.as_ref().and_then(|r| r.next_tick()).zip(origin).map(|(us, o)| o + Duration::from_micros(us));
+                let tick =
+                    l.rx.as_ref().and_then(|r| r.next_tick()).zip(origin).map(|(us, o)| o + Duration::from_micros(us));
                 l.streams.next_wakeup().into_iter().chain(tick).min()
             }
         }
@@ -285,20 +288,21 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
     let period = (cfg.period_ms as usize) * 48;
     let frame = voice::frame_samples(cfg.frame_ms);
     let frames_total = (cfg.duration.as_secs_f64() * 1000.0 / cfg.frame_ms as f64).ceil() as u64;
-    let tag = Rng::from_entropy().next_u64() % 1_000_000;
+    let tag = engine::entropy::seed() % 1_000_000;
     let caller_id = ClientId::new(format!("al-talker-{tag}")).unwrap();
     let callee_id = ClientId::new(format!("al-listener-{tag}")).unwrap();
     let mk_client = |id: ClientId, udp: &std::net::UdpSocket| {
         let mut c = ClientConfig::new(id, udp.local_addr().unwrap().port());
         c.stun_server = Some(manager);
         c.auth = crate::sys::token_for(&c.id);
-        Client::new(c, Rng::from_entropy().next_u64())
+        Client::new(c, engine::entropy::seed())
     };
     let udp_t = std::net::UdpSocket::bind((cfg.bind_ip, 0)).map_err(|e| e.to_string())?;
     let udp_l = std::net::UdpSocket::bind((cfg.bind_ip, 0)).map_err(|e| e.to_string())?;
     let client_t = mk_client(caller_id, &udp_t);
     let client_l = mk_client(callee_id.clone(), &udp_l);
-    let sender = Sender::new(cfg.frame_ms, Box::new(voice::signal::Bursts::new(burst.clone(), period, 30))).map_err(|e| e.to_string())?;
+    let sender = Sender::new(cfg.frame_ms, Box::new(voice::signal::Bursts::new(burst.clone(), period, 30)))
+        .map_err(|e| e.to_string())?;
     let talker = Side::Talker(Box::new(Talker {
         callee: callee_id,
         placed: false,
@@ -361,7 +365,8 @@ pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
                     connect_at: Some(Instant::now() + Duration::from_millis(200)),
                 },
             ];
-            let done = engine::reactor::run(units, manager, Some(&stop), &Default::default()).map_err(|e| e.to_string())?;
+            let done =
+                engine::reactor::run(units, manager, Some(&stop), &Default::default()).map_err(|e| e.to_string())?;
             for f in done {
                 f.result.map_err(|e| e.to_string())?;
             }
@@ -484,7 +489,10 @@ fn analyse(cfg: &AudioConfig, s: Shared, burst: &[i16], period: usize) -> Result
             dir,
             &json,
             &[("m2e", "mouth-to-ear", &m2e), ("transit", "frame end to jitter buffer", &transit)],
-            &format!("mouth-to-ear latency, {} ms frames, loss {}%, jitter 0-{} ms", cfg.frame_ms, cfg.loss_pct, cfg.jitter_ms),
+            &format!(
+                "mouth-to-ear latency, {} ms frames, loss {}%, jitter 0-{} ms",
+                cfg.frame_ms, cfg.loss_pct, cfg.jitter_ms
+            ),
         )
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     }

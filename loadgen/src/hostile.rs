@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::rng::Rng;
-use engine::wire::frame::{ClientId, Frame};
+use proto::rng::Rng;
+use proto::wire::frame::{ClientId, Frame};
 
 use crate::setup::{SetupConfig, SetupOutcome};
 use crate::sys;
@@ -170,7 +170,8 @@ fn churn(
 
 fn register_bytes(id: &str) -> Vec<u8> {
     let mut b = Vec::new();
-    Frame::Register { id: ClientId::new(id).expect("valid id"), udp_port: 9, max_calls: 1, binding: None, auth: None }.encode(&mut b);
+    Frame::Register { id: ClientId::new(id).expect("valid id"), udp_port: 9, max_calls: 1, binding: None, auth: None }
+        .encode(&mut b);
     b
 }
 
@@ -232,7 +233,7 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
         c.oversized.fetch_add(1, Ordering::Relaxed);
         drain(s);
     }));
-    let tag = Rng::from_entropy().next_u64() % 1_000_000;
+    let tag = engine::entropy::seed() % 1_000_000;
     threads.push(churn(addr, &stop, &counts, rate, move |mut s, c, i| {
         let _ = s.write_all(&register_bytes(&format!("flood-{tag}-{i}")));
         c.register.fetch_add(1, Ordering::Relaxed);
@@ -297,7 +298,8 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
     let get = |m: &std::collections::HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
     let delta = |k: &str| get(&after, k).saturating_sub(get(&before, k));
     let open_after = get(&after, "connections_accepted").saturating_sub(get(&after, "connections_closed"));
-    let memory_of = if cfg.external.is_some() { "the manager process" } else { "whole process: manager, generator and attackers" };
+    let memory_of =
+        if cfg.external.is_some() { "the manager process" } else { "whole process: manager, generator and attackers" };
 
     let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let (p99_clean, p99_attacked) = (num(&clean.json, "setup_p99_ms"), num(&attacked.json, "setup_p99_ms"));

@@ -327,7 +327,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     if let Some(p) = common_secret(&cli) {
-        match manager::auth::Secret::from_file(&p) {
+        match proto::auth::Secret::from_file(&p) {
             Ok(s) => {
                 let _ = sys::SECRET.set(std::sync::Arc::new(s));
             }
@@ -355,7 +355,7 @@ fn main() -> ExitCode {
 }
 
 fn setup_config(args: &SetupArgs) -> Result<setup::SetupConfig, ExitCode> {
-    if !(args.rate > 0.0) || args.callers == 0 || args.callees == 0 {
+    if !positive(args.rate) || args.callers == 0 || args.callees == 0 {
         eprintln!("loadgen: --rate, --callers and --callees must be positive");
         return Err(ExitCode::from(2));
     }
@@ -366,7 +366,10 @@ fn setup_config(args: &SetupArgs) -> Result<setup::SetupConfig, ExitCode> {
     };
     if (args.callers as u64) > calls {
         // A caller with no call would end before the run starts.
-        eprintln!("loadgen: --callers ({}) is more than the calls to place ({calls}); use at most {calls} callers", args.callers);
+        eprintln!(
+            "loadgen: --callers ({}) is more than the calls to place ({calls}); use at most {calls} callers",
+            args.callers
+        );
         return Err(ExitCode::from(2));
     }
     Ok(setup::SetupConfig {
@@ -414,7 +417,9 @@ fn run_hostile(h: HostileArgs) -> ExitCode {
         (None, None, None) => None,
         (Some(addr), Some(pid), Some(url)) => Some((addr, pid, url)),
         _ => {
-            eprintln!("loadgen hostile: an external manager needs all of --manager, --manager-pid and --manager-metrics");
+            eprintln!(
+                "loadgen hostile: an external manager needs all of --manager, --manager-pid and --manager-metrics"
+            );
             return ExitCode::from(2);
         }
     };
@@ -490,7 +495,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
         (false, 0) => 2 * sys::cores(),
         (false, n) => n,
     };
-    if a.sessions == 0 || !(a.ramp > 0.0) || !(a.duration > 0.0) {
+    if a.sessions == 0 || !positive(a.ramp) || !positive(a.duration) {
         eprintln!("loadgen: --sessions, --ramp and --duration must be positive");
         return ExitCode::from(2);
     }
@@ -531,7 +536,7 @@ fn run_sessions(a: SessionsArgs) -> ExitCode {
 }
 
 fn run_register(a: RegisterArgs) -> ExitCode {
-    if a.clients == 0 || !(a.rate > 0.0) || !(a.hold >= 0.0) || a.hold > 86_400.0 {
+    if a.clients == 0 || !positive(a.rate) || !at_least(a.hold, 0.0) || a.hold > 86_400.0 {
         eprintln!("loadgen: --clients and --rate must be positive, --hold 0 to 86400");
         return ExitCode::from(2);
     }
@@ -605,7 +610,13 @@ fn print_run(r: Result<(serde_json::Value, String), String>, json: bool) -> Exit
 }
 
 fn run_soak(a: SoakArgs) -> ExitCode {
-    if a.sessions == 0 || !(a.ramp > 0.0) || !(a.duration > 0.0) || a.duration > 86_400.0 || !(a.interval >= 1.0) || !(a.churn >= 0.0) {
+    if a.sessions == 0
+        || !positive(a.ramp)
+        || !positive(a.duration)
+        || a.duration > 86_400.0
+        || !at_least(a.interval, 1.0)
+        || !at_least(a.churn, 0.0)
+    {
         eprintln!("loadgen: --sessions, --ramp and --duration (up to 86400) must be positive, --interval at least 1, --churn not negative");
         return ExitCode::from(2);
     }
@@ -650,4 +661,14 @@ fn run_soak(a: SoakArgs) -> ExitCode {
         churn: Some(a.churn),
     };
     finish(setup::run(cfg), a.common.json)
+}
+
+/// `x > 0`, false for NaN (so `!positive(x)` also refuses NaN).
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
+/// `x >= min`, false for NaN.
+fn at_least(x: f64, min: f64) -> bool {
+    x >= min
 }

@@ -51,7 +51,11 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -87,7 +91,8 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 fn plot(path: &Path, metrics: &[(&str, &str, &Histogram<u64>)], title: &str) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
-    let ymax = metrics.iter().filter(|(_, _, h)| !h.is_empty()).map(|(_, _, h)| h.max() as f64 / 1000.0).fold(0.1, f64::max);
+    let ymax =
+        metrics.iter().filter(|(_, _, h)| !h.is_empty()).map(|(_, _, h)| h.max() as f64 / 1000.0).fold(0.1, f64::max);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
@@ -122,11 +127,17 @@ fn plot(path: &Path, metrics: &[(&str, &str, &Histogram<u64>)], title: &str) -> 
             })
             .collect();
         let c = colors[i % colors.len()];
-        chart.draw_series(LineSeries::new(pts, c.stroke_width(2)))?.label(*label).legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-        });
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(*label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .draw()?;
     root.present()?;
     Ok(())
 }
@@ -137,9 +148,12 @@ pub fn write_hlog(path: &Path, label: &str, h: &Histogram<u64>, start: std::time
     let mut out = Vec::new();
     let mut ser = hdrhistogram::serialization::V2DeflateSerializer::new();
     let mut b = IntervalLogWriterBuilder::new();
-    b.add_comment(&format!("nullpunch loadgen: {label} (values in microseconds)")).with_start_time(start).with_max_value_divisor(1000.0);
+    b.add_comment(&format!("nullpunch loadgen: {label} (values in microseconds)"))
+        .with_start_time(start)
+        .with_max_value_divisor(1000.0);
     let mut w = b.begin_log_with(&mut out, &mut ser)?;
-    let tag: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    let tag: String =
+        label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
     w.write_histogram(h, std::time::Duration::ZERO, std::time::Duration::ZERO, Tag::new(&tag))
         .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
     drop(w);
@@ -160,8 +174,9 @@ pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, String> {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(ilh.encoded_histogram())
                     .map_err(|e| format!("{}: bad base64: {e}", path.display()))?;
-                let h: Histogram<u64> =
-                    de.deserialize(&mut std::io::Cursor::new(raw)).map_err(|e| format!("{}: bad histogram: {e:?}", path.display()))?;
+                let h: Histogram<u64> = de
+                    .deserialize(&mut std::io::Cursor::new(raw))
+                    .map_err(|e| format!("{}: bad histogram: {e:?}", path.display()))?;
                 total.add(&h).map_err(|e| format!("{}: {e:?}", path.display()))?;
             }
             Ok(_) => {}
@@ -199,7 +214,8 @@ pub struct IntervalRow<'a> {
 /// and open descriptors over time) and
 /// `media_latency_intervals.hlog` (one histogram per interval, HdrHistogram log format).
 pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<()> {
-    let mut csv = String::from("t_s,secs,pps,loss,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
+    let mut csv =
+        String::from("t_s,secs,pps,loss,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
     for r in rows {
         let _ = writeln!(

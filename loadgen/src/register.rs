@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::client::{Client, ClientConfig, Event, Received};
 use engine::driver::{self, App, Ctx};
-use engine::wire::frame::ClientId;
 use hdrhistogram::Histogram;
+use proto::client::{Client, ClientConfig, Event, Received};
+use proto::wire::frame::ClientId;
 
 use crate::report::{self, new_histogram, record};
 use crate::setup::SetupOutcome;
@@ -101,19 +101,23 @@ impl App for RegApp {
     }
 }
 
-fn client(sources: &sys::Sources, prefix: &str, i: usize, manager: SocketAddr) -> Result<(std::net::UdpSocket, Client), String> {
+fn client(
+    sources: &sys::Sources,
+    prefix: &str,
+    i: usize,
+    manager: SocketAddr,
+) -> Result<(std::net::UdpSocket, Client), String> {
     let udp = sources.bind_udp(i)?;
     let port = udp.local_addr().map_err(|e| e.to_string())?.port();
     let id = format!("{prefix}{i}");
     let mut c = ClientConfig::new(ClientId::new(id.clone()).map_err(|e| format!("client id {id:?}: {e}"))?, port);
     c.stun_server = Some(manager);
     c.auth = crate::sys::token_for(&c.id);
-    Ok((udp, Client::new(c, engine::rng::Rng::from_entropy().next_u64() ^ i as u64)))
+    Ok((udp, Client::new(c, engine::entropy::seed() ^ i as u64)))
 }
 
 /// Resident set size of process `pid` in MiB.
 use crate::sys::rss_of;
-
 
 /// Run the scenario.
 pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
@@ -199,7 +203,8 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
             let mut go = Vec::new();
             let mut handles = Vec::new();
             for t in 0..threads {
-                let (st, ready, sources, counts, t0) = (stop.clone(), ready_tx.clone(), sources.clone(), counts.clone(), plan_t0.clone());
+                let (st, ready, sources, counts, t0) =
+                    (stop.clone(), ready_tx.clone(), sources.clone(), counts.clone(), plan_t0.clone());
                 let (go_tx, go_rx) = std::sync::mpsc::channel::<Instant>();
                 go.push(go_tx);
                 let (prefix, n, clients, rate) = (cfg.id_prefix.clone(), threads, cfg.clients, cfg.rate);
@@ -211,12 +216,14 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
                             // Small rings: a registered client has nothing to receive but keepalives.
                             let rc = ReactorConfig { recv_buffers: 1024, send_slots: 1024, ..Default::default() };
                             let built = (|| {
-                                let mut r = Reactor::new(mine.len(), manager_addr, Some(&st), &rc).map_err(|e| e.to_string())?;
+                                let mut r = Reactor::new(mine.len(), manager_addr, Some(&st), &rc)
+                                    .map_err(|e| e.to_string())?;
                                 for &i in &mine {
                                     let (udp, client) = client(&sources, &prefix, i, manager_addr)?;
                                     let offset = Duration::from_secs_f64(i as f64 / rate);
                                     let app = RegApp { t0: t0.clone(), offset, counts: counts.clone(), first: true };
-                                    r.add(Unit { client, udp, app, wake: None, connect_at: None }).map_err(|e| e.to_string())?;
+                                    r.add(Unit { client, udp, app, wake: None, connect_at: None })
+                                        .map_err(|e| e.to_string())?;
                                 }
                                 Ok::<_, String>(r)
                             })();
@@ -288,7 +295,9 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
                         let shutdown = async move {
                             let _ = rx.wait_for(|v| *v).await;
                         };
-                        driver::run(&mut client, &udp, manager_addr, &mut app, shutdown).await.map_err(|e| e.to_string())
+                        driver::run(&mut client, &udp, manager_addr, &mut app, shutdown)
+                            .await
+                            .map_err(|e| e.to_string())
                     }
                     .await;
                     (app, r)
@@ -457,7 +466,8 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     if let Some(dir) = &cfg.out {
         let metrics = [("register", "register (plan -> REGISTERED)", &latency)];
         let title = format!("registration, {} clients at {}/s", cfg.clients, cfg.rate);
-        crate::output::write_run(dir, &json, &metrics, &title).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+        crate::output::write_run(dir, &json, &metrics, &title)
+            .map_err(|e| format!("writing {}: {e}", dir.display()))?;
         let _ = writeln!(text, "results written to {}", dir.display());
     }
     let all_ok = registered == cfg.clients && held == cfg.clients && failed.is_empty();

@@ -83,14 +83,28 @@ pub fn report(dir: &Path) -> Result<(Value, String), String> {
     let v = summary(dir)?;
     let hs = histograms(dir)?;
     if hs.is_empty() {
-        return Err(format!("{}: no .hlog files (runs recorded before they were written cannot be re-read)", dir.display()));
+        return Err(format!(
+            "{}: no .hlog files (runs recorded before they were written cannot be re-read)",
+            dir.display()
+        ));
     }
     let mut text = format!("{}: scenario {}, io {}\n", dir.display(), field(&v, "scenario"), field(&v, "io"));
     if let Ok(cmd) = std::fs::read_to_string(dir.join("command.txt")) {
         text.push_str(&format!("command: {}", cmd));
     }
     let mut line = Vec::new();
-    for k in ["calls", "calls_ok", "calls_failed", "late_starts", "registered", "held", "pps_delivered", "loss_ratio", "cpu_cores", "rss_mb"] {
+    for k in [
+        "calls",
+        "calls_ok",
+        "calls_failed",
+        "late_starts",
+        "registered",
+        "held",
+        "pps_delivered",
+        "loss_ratio",
+        "cpu_cores",
+        "rss_mb",
+    ] {
         if !v[k].is_null() {
             line.push(format!("{k} {}", field(&v, k)));
         }
@@ -111,7 +125,11 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
     let summaries: Vec<Value> = runs.iter().map(|d| summary(d)).collect::<Result<_, _>>()?;
     let scenario = summaries[0]["scenario"].clone();
     if let Some((d, _)) = runs.iter().zip(&summaries).find(|(_, s)| s["scenario"] != scenario) {
-        return Err(format!("{} is a {} run, the first is a {scenario} run: merge runs of one scenario", d.display(), field(&summaries[0], "scenario")));
+        return Err(format!(
+            "{} is a {} run, the first is a {scenario} run: merge runs of one scenario",
+            d.display(),
+            field(&summaries[0], "scenario")
+        ));
     }
     // Histograms present in every run, added.
     let mut merged: Vec<(&'static str, &'static str, Histogram<u64>)> = Vec::new();
@@ -172,7 +190,13 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
     // The machines of the sources, not of the merging one.
     let machines: String = runs
         .iter()
-        .map(|d| format!("# {}\n{}", d.display(), std::fs::read_to_string(d.join("machine.txt")).unwrap_or_else(|_| "unknown\n".into())))
+        .map(|d| {
+            format!(
+                "# {}\n{}",
+                d.display(),
+                std::fs::read_to_string(d.join("machine.txt")).unwrap_or_else(|_| "unknown\n".into())
+            )
+        })
         .collect();
     std::fs::write(out.join("machine.txt"), machines).map_err(|e| e.to_string())?;
     let text = format!(
@@ -180,7 +204,12 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
         runs.len(),
         field(&v, "scenario"),
         out.display(),
-        COUNTS.iter().filter(|k| !v[**k].is_null()).map(|k| format!("{k} {}", field(&v, k))).collect::<Vec<_>>().join(", "),
+        COUNTS
+            .iter()
+            .filter(|k| !v[**k].is_null())
+            .map(|k| format!("{k} {}", field(&v, k)))
+            .collect::<Vec<_>>()
+            .join(", "),
         table(&merged)
     );
     Ok((v, text))

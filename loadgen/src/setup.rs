@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::client::{CallHandle, Client, ClientConfig, Event, Received};
 use engine::driver::{self, App, Ctx, Streams};
-use engine::media::SyntheticSource;
-use engine::wire::frame::{CallId, ClientId};
 use hdrhistogram::Histogram;
+use proto::client::{CallHandle, Client, ClientConfig, Event, Received};
+use proto::media::SyntheticSource;
+use proto::wire::frame::{CallId, ClientId};
 
 use crate::report::{self, new_histogram, record};
 use crate::sys;
@@ -129,7 +129,7 @@ struct Shared {
     incoming: Mutex<HashMap<CallId, Instant>>,
     /// Setup times of successful calls (planned start to two-way media), for the metrics
     /// endpoint.
-    setup_time: manager::stats::LatencyHistogram,
+    setup_time: proto::shard::stats::LatencyHistogram,
     /// The manager refused a registration (ERROR Unauthorized): its message.
     refused: Mutex<Option<String>>,
     /// The first client that stopped with an error (its first connection failed).
@@ -149,7 +149,11 @@ struct IntervalRec {
 
 impl Default for IntervalRec {
     fn default() -> Self {
-        IntervalRec { latency: Mutex::new(new_histogram()), jitter_sum_us: Default::default(), jitter_n: Default::default() }
+        IntervalRec {
+            latency: Mutex::new(new_histogram()),
+            jitter_sum_us: Default::default(),
+            jitter_n: Default::default(),
+        }
     }
 }
 
@@ -177,7 +181,7 @@ impl Inbox {
 impl Shared {
     /// Remember the first registration the manager refused (ERROR Unauthorized).
     fn note_refusal(&self, event: &Event) {
-        if let Event::ManagerError { code: engine::wire::frame::ErrorCode::Unauthorized, message } = event {
+        if let Event::ManagerError { code: proto::wire::frame::ErrorCode::Unauthorized, message } = event {
             self.refused.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| message.clone());
         }
     }
@@ -225,7 +229,13 @@ struct CalleeApp {
     next_poll: Instant,
 }
 
-fn on_media_common(shared: &Shared, latency: &mut Histogram<u64>, transit: &mut HashMap<CallHandle, u64>, now: Instant, p: &Received<'_>) {
+fn on_media_common(
+    shared: &Shared,
+    latency: &mut Histogram<u64>,
+    transit: &mut HashMap<CallHandle, u64>,
+    now: Instant,
+    p: &Received<'_>,
+) {
     shared.rx_packets.fetch_add(1, Ordering::Relaxed);
     let Some((_, stamp_us)) = SyntheticSource::parse(p.payload) else { return };
     let now_us = now.duration_since(shared.epoch).as_micros() as u64;
@@ -327,7 +337,8 @@ impl App for CallerApp {
     fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
         // Calls released by the scheduler; `ctx.now` was read after the wake-up, so a call's
         // lateness includes the time this task took to run.
-        let due: Vec<(Instant, ClientId)> = self.inbox.due.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        let due: Vec<(Instant, ClientId)> =
+            self.inbox.due.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
         for (planned, callee) in due {
             self.remaining -= 1;
             self.shared.placed.fetch_add(1, Ordering::Relaxed);
@@ -527,13 +538,15 @@ impl Fleet {
             }
             #[cfg(target_os = "linux")]
             Fleet::Ring { threads, callers } => {
-                while shared.callers_done.load(Ordering::Relaxed) < callers && threads.iter().any(|t| !t.is_finished()) {
+                while shared.callers_done.load(Ordering::Relaxed) < callers && threads.iter().any(|t| !t.is_finished())
+                {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 let calls_done = Instant::now();
                 shared.stop_callees.store(true, Ordering::Relaxed);
                 for t in threads {
-                    let units = t.join().map_err(|_| "a generator thread panicked".to_string())?.map_err(|e| e.to_string())?;
+                    let units =
+                        t.join().map_err(|_| "a generator thread panicked".to_string())?.map_err(|e| e.to_string())?;
                     for u in units {
                         u.result.map_err(|e| e.to_string())?;
                         match u.app {
@@ -579,7 +592,7 @@ async fn start_fleet(
     let bind = |caller: bool, i: usize| SocketAddr::new(sources.ip(if caller { i } else { callers + i }), 0);
     // Seeds differ per run: equal seeds give equal STUN transaction ids, and a second run
     // against the same manager within the bindings' 30 s would find its ids taken.
-    let salt = engine::rng::Rng::from_entropy().next_u64();
+    let salt = engine::entropy::seed();
     let remaining = |i: usize| (cfg.calls as usize + cfg.callers - 1 - i) / cfg.callers;
     match cfg.io {
         driver::Io::Portable => {
@@ -588,9 +601,12 @@ async fn start_fleet(
                 let shared = shared.clone();
                 let addr = bind(false, i);
                 callees.push(tokio::spawn(async move {
-                    let (udp, mut client) = new_client(addr, format!("callee-{i}"), manager_addr, salt ^ i as u64).await?;
+                    let (udp, mut client) =
+                        new_client(addr, format!("callee-{i}"), manager_addr, salt ^ i as u64).await?;
                     let mut app = callee_app(shared);
-                    driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending()).await.map_err(|e| e.to_string())?;
+                    driver::run(&mut client, &udp, manager_addr, &mut app, std::future::pending())
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let skipped = app.streams.skipped();
                     Ok::<_, String>((app.latency, app.media, skipped))
                 }));
@@ -600,7 +616,8 @@ async fn start_fleet(
                 let mut app = caller_app(shared.clone(), inbox.clone(), remaining(i), cfg.talk);
                 let addr = bind(true, i);
                 callers.push(tokio::spawn(async move {
-                    let (udp, mut client) = new_client(addr, format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64)).await?;
+                    let (udp, mut client) =
+                        new_client(addr, format!("caller-{i}"), manager_addr, salt ^ (1_000_000 + i as u64)).await?;
                     let wake = Some(inbox.wake.clone());
                     driver::run_with_wake(&mut client, &udp, manager_addr, &mut app, std::future::pending(), wake)
                         .await
@@ -694,14 +711,24 @@ impl IntervalSample {
 /// Sample every `every` from t0 until `until` (or `done`): packets/s delivered, loss (frames sent but not
 /// delivered in the interval), jitter (mean RFC 3550 transit difference), one-way latency,
 /// RSS, open descriptors and CPU.
-fn sampler(shared: &Shared, done: &AtomicBool, t0: Instant, every: Duration, until: Option<Instant>) -> Vec<IntervalSample> {
+fn sampler(
+    shared: &Shared,
+    done: &AtomicBool,
+    t0: Instant,
+    every: Duration,
+    until: Option<Instant>,
+) -> Vec<IntervalSample> {
     let Some(iv) = &shared.intervals else { return Vec::new() };
     if let Some(d) = t0.checked_duration_since(Instant::now()) {
         std::thread::sleep(d);
     }
     let mut out = Vec::new();
-    let (mut rx0, mut tx0, mut cpu0, mut start) =
-        (shared.rx_packets.load(Ordering::Relaxed), shared.tx_packets.load(Ordering::Relaxed), sys::cpu_seconds(), Instant::now());
+    let (mut rx0, mut tx0, mut cpu0, mut start) = (
+        shared.rx_packets.load(Ordering::Relaxed),
+        shared.tx_packets.load(Ordering::Relaxed),
+        sys::cpu_seconds(),
+        Instant::now(),
+    );
     // Whatever was recorded before t0 (registration) is not an interval's.
     iv.latency.lock().unwrap_or_else(|e| e.into_inner()).reset();
     loop {
@@ -715,7 +742,8 @@ fn sampler(shared: &Shared, done: &AtomicBool, t0: Instant, every: Duration, unt
         if stopping && secs < every.as_secs_f64() / 2.0 {
             break; // a short last piece says little
         }
-        let (rx, tx, cpu) = (shared.rx_packets.load(Ordering::Relaxed), shared.tx_packets.load(Ordering::Relaxed), sys::cpu_seconds());
+        let (rx, tx, cpu) =
+            (shared.rx_packets.load(Ordering::Relaxed), shared.tx_packets.load(Ordering::Relaxed), sys::cpu_seconds());
         let latency = {
             let mut h = iv.latency.lock().unwrap_or_else(|e| e.into_inner());
             let snapshot = h.clone();
@@ -806,7 +834,12 @@ async fn new_client(
 }
 
 /// As [`new_client`], with a std socket (the io_uring driver takes these).
-fn new_std_client(bind: SocketAddr, id: String, manager: SocketAddr, seed: u64) -> Result<(std::net::UdpSocket, Client), String> {
+fn new_std_client(
+    bind: SocketAddr,
+    id: String,
+    manager: SocketAddr,
+    seed: u64,
+) -> Result<(std::net::UdpSocket, Client), String> {
     let udp = sys::bind_udp(bind)?;
     driver::set_socket_buffers(&udp, 8 << 20);
     let port = udp.local_addr().map_err(|e| e.to_string())?.port();
@@ -842,7 +875,7 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         Some(_) => None,
         None => Some(
             manager::start(sys::embedded_manager(cfg.bind_ip, cfg.shards, cfg.io))
-            .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
+                .map_err(|e| format!("cannot start the embedded manager: {e}"))?,
         ),
     };
     let manager_addr = cfg.manager.unwrap_or_else(|| embedded.as_ref().expect("embedded").local_addr());
@@ -1015,7 +1048,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         };
         Ok((records, latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper, samples))
     });
-    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper, samples) = result?;
+    let (records, media_latency, media, registered_in, t0, calls_done, window, rss_base, skipped, sleeper, samples) =
+        result?;
     let grown = cfg.interval.and_then(|_| growth(&samples, cfg.warmup));
     // Memory per session: RSS with every session up, over the RSS after registration
     // (both sides' client state, the manager's call records, the generator's bookkeeping).
@@ -1070,7 +1104,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         _ => None,
     };
     let cpu_share = cpu / wall.as_secs_f64() / sys::cores() as f64;
-    let loss = if media.received + media.lost > 0 { media.lost as f64 / (media.received + media.lost) as f64 } else { 0.0 };
+    let loss =
+        if media.received + media.lost > 0 { media.lost as f64 / (media.received + media.lost) as f64 } else { 0.0 };
     let rss = sys::rss_mb();
 
     let mut warnings = Vec::new();
@@ -1130,7 +1165,12 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
         cfg.talk.as_secs_f64(),
         cfg.io.as_str()
     );
-    let _ = writeln!(text, "registered {} clients in {:.0} ms", cfg.callers + cfg.callees, registered_in.as_secs_f64() * 1000.0);
+    let _ = writeln!(
+        text,
+        "registered {} clients in {:.0} ms",
+        cfg.callers + cfg.callees,
+        registered_in.as_secs_f64() * 1000.0
+    );
     let _ = writeln!(
         text,
         "calls: {ok} ok, {failed} failed ({:.2}% success); late starts (> 1 ms): {late}, start lateness p99 {:.3} ms, max {:.3} ms",
@@ -1149,7 +1189,10 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let _ = writeln!(text, "{}", report::line("  START -> 2-way media", &start_media));
     let _ = writeln!(text, "{}", report::line("media one-way latency", &media_latency));
     if !samples.is_empty() {
-        let _ = writeln!(text, "intervals:     t s   delivered/s      loss  jitter ms   p50 ms   p99 ms   max ms   rss MB    fds  cores");
+        let _ = writeln!(
+            text,
+            "intervals:     t s   delivered/s      loss  jitter ms   p50 ms   p99 ms   max ms   rss MB    fds  cores"
+        );
         for x in &samples {
             let _ = writeln!(
                 text,
@@ -1288,11 +1331,16 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             ("media_latency", "media one-way latency", &media_latency),
         ];
         let title = match (window.as_ref(), cfg.interval) {
-            (Some(w), Some(_)) => format!("soak, {} calls set up at {}/s, held {:.0} s ({} ok)", cfg.calls, cfg.rate, w.secs, ok),
-            (Some(w), None) => format!("sessions, {} calls set up at {}/s, held {:.0} s ({} ok)", cfg.calls, cfg.rate, w.secs, ok),
+            (Some(w), Some(_)) => {
+                format!("soak, {} calls set up at {}/s, held {:.0} s ({} ok)", cfg.calls, cfg.rate, w.secs, ok)
+            }
+            (Some(w), None) => {
+                format!("sessions, {} calls set up at {}/s, held {:.0} s ({} ok)", cfg.calls, cfg.rate, w.secs, ok)
+            }
             (None, _) => format!("call setup, {} calls at {}/s ({} ok)", cfg.calls, cfg.rate, ok),
         };
-        crate::output::write_run(dir, &json, &metrics, &title).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+        crate::output::write_run(dir, &json, &metrics, &title)
+            .map_err(|e| format!("writing {}: {e}", dir.display()))?;
         if !samples.is_empty() {
             let rows: Vec<crate::output::IntervalRow> = samples
                 .iter()
@@ -1318,15 +1366,31 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
 }
 
 /// The generator's live metrics, and the embedded manager's after them.
-fn render_metrics(sh: &Shared, manager: Option<&manager::stats::Stats>) -> String {
+fn render_metrics(sh: &Shared, manager: Option<&proto::shard::stats::Stats>) -> String {
     let mut e = manager::metrics::Exposition::default();
-    e.counter("nullpunch_loadgen_calls_placed_total", "Calls placed by the simulated callers.", sh.placed.load(Ordering::Relaxed));
+    e.counter(
+        "nullpunch_loadgen_calls_placed_total",
+        "Calls placed by the simulated callers.",
+        sh.placed.load(Ordering::Relaxed),
+    );
     e.family("nullpunch_loadgen_calls_total", "counter", "Calls ended, by outcome.");
     e.sample("nullpunch_loadgen_calls_total", &[("outcome", "ok")], sh.ended_ok.load(Ordering::Relaxed) as f64);
     e.sample("nullpunch_loadgen_calls_total", &[("outcome", "failed")], sh.ended_failed.load(Ordering::Relaxed) as f64);
-    e.gauge("nullpunch_loadgen_clients_registered", "Simulated clients registered.", sh.registered.load(Ordering::Relaxed) as f64);
-    e.counter("nullpunch_loadgen_media_packets_sent_total", "Media frames sent.", sh.tx_packets.load(Ordering::Relaxed));
-    e.counter("nullpunch_loadgen_media_packets_received_total", "Media packets received.", sh.rx_packets.load(Ordering::Relaxed));
+    e.gauge(
+        "nullpunch_loadgen_clients_registered",
+        "Simulated clients registered.",
+        sh.registered.load(Ordering::Relaxed) as f64,
+    );
+    e.counter(
+        "nullpunch_loadgen_media_packets_sent_total",
+        "Media frames sent.",
+        sh.tx_packets.load(Ordering::Relaxed),
+    );
+    e.counter(
+        "nullpunch_loadgen_media_packets_received_total",
+        "Media packets received.",
+        sh.rx_packets.load(Ordering::Relaxed),
+    );
     e.latency_histogram(
         "nullpunch_loadgen_setup_seconds",
         "Setup time of successful calls: planned start to two-way media.",

@@ -101,11 +101,11 @@ impl Sleeper {
 
 /// The manager's secret, when `--secret-file` was given: every simulated client then carries
 /// a token for its id, and an embedded manager requires them.
-pub static SECRET: std::sync::OnceLock<std::sync::Arc<manager::auth::Secret>> = std::sync::OnceLock::new();
+pub static SECRET: std::sync::OnceLock<std::sync::Arc<proto::auth::Secret>> = std::sync::OnceLock::new();
 
 /// A day-long token for `id`, if a secret was given.
-pub fn token_for(id: &engine::wire::frame::ClientId) -> Option<engine::wire::frame::AuthToken> {
-    SECRET.get().map(|s| s.mint(id, manager::auth::unix_now() + 86_400))
+pub fn token_for(id: &proto::wire::frame::ClientId) -> Option<proto::wire::frame::AuthToken> {
+    SECRET.get().map(|s| s.mint(id, proto::auth::unix_now() + 86_400))
 }
 
 /// The configuration of an embedded manager on `ip` (port 0): no limits (every simulated
@@ -118,7 +118,7 @@ pub fn embedded_manager(ip: std::net::IpAddr, shards: usize, io: engine::driver:
         shards,
         io,
         stun_rate: 0.0,
-        shard: manager::core::ShardConfig { secret: SECRET.get().cloned(), ..Default::default() },
+        shard: proto::shard::ShardConfig { secret: SECRET.get().cloned(), ..Default::default() },
         ..Default::default()
     }
 }
@@ -214,7 +214,9 @@ impl Sources {
             ));
         };
         let first = u32::from(v4);
-        let last = first.checked_add(n as u32 - 1).filter(|&l| v4.is_loopback() && l <= u32::from(std::net::Ipv4Addr::new(127, 255, 255, 254)));
+        let last = first
+            .checked_add(n as u32 - 1)
+            .filter(|&l| v4.is_loopback() && l <= u32::from(std::net::Ipv4Addr::new(127, 255, 255, 254)));
         if last.is_none() {
             return Err(format!(
                 "{clients} clients need {n} source addresses ({per_ip} ephemeral ports each) from {base}; spreading works \

@@ -22,7 +22,8 @@ fn f(v: &Value, k: &str) -> f64 {
 #[test]
 fn chirps_are_found_and_their_latency_is_frame_plus_codec_plus_buffer() {
     for frame in ["20", "10"] {
-        let (code, v, err) = run(&["audio-latency", "--frame-ms", frame, "--duration", "4", "--period-ms", "400", "--json"]);
+        let (code, v, err) =
+            run(&["audio-latency", "--frame-ms", frame, "--duration", "4", "--period-ms", "400", "--json"]);
         assert_eq!(code, 0, "{v}\n{err}");
         let frame_ms: f64 = frame.parse().unwrap();
         assert_eq!(v["scenario"], "audio-latency");

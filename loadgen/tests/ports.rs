@@ -61,7 +61,8 @@ impl Netns {
     fn manager(&self) -> manager::ManagerHandle {
         self.enter(|| {
             let listen: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-            manager::start(manager::ManagerConfig { listen, shards: 2, ..Default::default() }).expect("manager in the namespace")
+            manager::start(manager::ManagerConfig { listen, shards: 2, ..Default::default() })
+                .expect("manager in the namespace")
         })
     }
 }
@@ -106,7 +107,11 @@ fn one_address_for_more_clients_than_it_has_ports_fails_with_the_reason() {
     let (code, v, out) = register(&ns, "uring", &["--source-ips", "4"]);
     assert_eq!(code, 0, "{out}");
     let v = v.unwrap();
-    assert_eq!((v["source_ips"].as_u64(), v["public_ips_seen"].as_u64(), v["registered"].as_u64()), (Some(4), Some(4), Some(500)), "{v}");
+    assert_eq!(
+        (v["source_ips"].as_u64(), v["public_ips_seen"].as_u64(), v["registered"].as_u64()),
+        (Some(4), Some(4), Some(500)),
+        "{v}"
+    );
 }
 
 #[test]
@@ -115,7 +120,20 @@ fn calls_work_between_clients_on_different_addresses() {
     // 600 clients: four addresses (180 each); callers and callees on all.
     for io in ["uring", "portable"] {
         let (code, v, out) = ns.loadgen(&[
-            "setup", "--calls", "300", "--rate", "600", "--talk", "0.2", "--callers", "300", "--callees", "300", "--io", io, "--json",
+            "setup",
+            "--calls",
+            "300",
+            "--rate",
+            "600",
+            "--talk",
+            "0.2",
+            "--callers",
+            "300",
+            "--callees",
+            "300",
+            "--io",
+            io,
+            "--json",
         ]);
         let v = v.unwrap_or_else(|| panic!("{io}: no JSON summary: {out}"));
         assert_eq!(code, 0, "{io}: {out}");
@@ -134,8 +152,22 @@ fn a_run_right_after_another_waits_for_the_ports_its_predecessor_left_in_time_wa
     let _manager = ns.manager();
     for (run, io) in ["uring", "portable", "uring"].into_iter().enumerate() {
         let (code, v, out) = ns.loadgen(&[
-            "setup", "--manager", "127.0.0.1:7000", "--calls", "300", "--rate", "600", "--talk", "0.2", "--callers", "300",
-            "--callees", "300", "--io", io, "--json",
+            "setup",
+            "--manager",
+            "127.0.0.1:7000",
+            "--calls",
+            "300",
+            "--rate",
+            "600",
+            "--talk",
+            "0.2",
+            "--callers",
+            "300",
+            "--callees",
+            "300",
+            "--io",
+            io,
+            "--json",
         ]);
         let v = v.unwrap_or_else(|| panic!("run {run} ({io}): no JSON summary: {out}"));
         assert_eq!(code, 0, "run {run} ({io}): {out}");
@@ -153,11 +185,24 @@ fn no_free_port_for_the_manager_connection_fails_after_a_bounded_wait_with_the_r
         ns.enter(|| (40000..40400).map(|p| TcpListener::bind(("127.0.0.1", p)).expect("hold a port")).collect());
     for io in ["uring", "portable"] {
         let t = Instant::now();
-        let (code, v, out) =
-            ns.loadgen(&["register", "--manager", "127.0.0.1:7000", "--clients", "5", "--hold", "1", "--io", io, "--json"]);
+        let (code, v, out) = ns.loadgen(&[
+            "register",
+            "--manager",
+            "127.0.0.1:7000",
+            "--clients",
+            "5",
+            "--hold",
+            "1",
+            "--io",
+            io,
+            "--json",
+        ]);
         let took = t.elapsed();
         assert_ne!(code, 0, "{io}: {out}");
-        assert!(out.contains("no local port free for a connection from 127.0.0.1 to the manager 127.0.0.1:7000"), "{io}: {out}");
+        assert!(
+            out.contains("no local port free for a connection from 127.0.0.1 to the manager 127.0.0.1:7000"),
+            "{io}: {out}"
+        );
         // It waited for a port (5 s), then stopped: no 30 s registration timeout.
         assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(20), "{io}: took {took:?}: {out}");
         let v = v.unwrap_or_else(|| panic!("{io}: no JSON summary: {out}"));

@@ -10,7 +10,8 @@ fn run(args: &[&str]) -> (i32, Value, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     let last = stdout.lines().last().unwrap_or_default().to_string();
-    let v: Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}\n{stderr}"));
+    let v: Value =
+        serde_json::from_str(&last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}\n{stderr}"));
     (out.status.code().unwrap_or(-1), v, stderr)
 }
 
@@ -18,8 +19,17 @@ fn run(args: &[&str]) -> (i32, Value, String) {
 fn assert_common_fields(v: &Value) {
     let o = v.as_object().expect("a JSON object");
     for k in [
-        "scenario", "calls_ok", "calls_failed", "late_starts", "setup_p50_ms", "setup_p99_ms", "setup_max_ms",
-        "pps_delivered", "loss_ratio", "latency_p99_ms", "rss_mb",
+        "scenario",
+        "calls_ok",
+        "calls_failed",
+        "late_starts",
+        "setup_p50_ms",
+        "setup_p99_ms",
+        "setup_max_ms",
+        "pps_delivered",
+        "loss_ratio",
+        "latency_p99_ms",
+        "rss_mb",
     ] {
         assert!(o.contains_key(k), "{k} missing: {v}");
     }
@@ -27,7 +37,20 @@ fn assert_common_fields(v: &Value) {
 
 #[test]
 fn setup_runs_every_call_through_the_full_flow_and_reports_percentiles() {
-    let (code, v, err) = run(&["setup", "--calls", "120", "--rate", "200", "--talk", "0.5", "--callers", "12", "--callees", "8", "--json"]);
+    let (code, v, err) = run(&[
+        "setup",
+        "--calls",
+        "120",
+        "--rate",
+        "200",
+        "--talk",
+        "0.5",
+        "--callers",
+        "12",
+        "--callees",
+        "8",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["scenario"], "setup");
     assert_common_fields(&v);
@@ -91,7 +114,8 @@ fn register_holds_every_client_and_reports_rate_latency_and_memory() {
 
 #[test]
 fn talk_zero_hangs_up_at_the_first_two_way_media() {
-    let (code, v, err) = run(&["setup", "--calls", "100", "--rate", "500", "--talk", "0", "--callers", "5", "--callees", "5", "--json"]);
+    let (code, v, err) =
+        run(&["setup", "--calls", "100", "--rate", "500", "--talk", "0", "--callers", "5", "--callees", "5", "--json"]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["calls_ok"], 100, "every call reached two-way media and ended normally: {v}");
     // Each call carries a few packets, not a stream: at least the callee's one that the
@@ -107,14 +131,33 @@ fn recorded_runs_are_re_read_and_merged_by_adding_histograms() {
     let _ = std::fs::remove_dir_all(&base);
     let (a, b, m) = (base.join("a"), base.join("b"), base.join("merged"));
     for (dir, calls) in [(&a, "60"), (&b, "40")] {
-        let (code, v, err) = run(&["setup", "--calls", calls, "--rate", "200", "--talk", "0", "--callers", "4", "--callees", "4", "--json", "--out", dir.to_str().unwrap()]);
+        let (code, v, err) = run(&[
+            "setup",
+            "--calls",
+            calls,
+            "--rate",
+            "200",
+            "--talk",
+            "0",
+            "--callers",
+            "4",
+            "--callees",
+            "4",
+            "--json",
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
         assert_eq!(code, 0, "{v}\n{err}");
         assert!(dir.join("setup.hlog").exists() && dir.join("setup.hgrm").exists());
     }
     let report = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(["report", a.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&report.stdout);
-    assert!(report.status.success() && text.contains("setup (plan -> 2-way media)") && text.contains("calls_ok 60"), "{text}");
-    let (code, v, err) = run(&["merge", "--json", "--out", m.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(
+        report.status.success() && text.contains("setup (plan -> 2-way media)") && text.contains("calls_ok 60"),
+        "{text}"
+    );
+    let (code, v, err) =
+        run(&["merge", "--json", "--out", m.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap()]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!((v["calls"].as_u64(), v["calls_ok"].as_u64()), (Some(100), Some(100)), "{v}");
     // Percentiles come from the merged histogram: within the runs' own range.
@@ -127,14 +170,24 @@ fn recorded_runs_are_re_read_and_merged_by_adding_histograms() {
     let merged_hgrm = std::fs::read_to_string(m.join("setup.hgrm")).unwrap();
     assert!(merged_hgrm.contains("Total count    =          100"), "{merged_hgrm}");
     // A directory that is not a recorded run is refused.
-    let (code, _, _) = run_status(&["merge", "--out", base.join("bad").to_str().unwrap(), a.to_str().unwrap(), base.to_str().unwrap()]);
+    let (code, _, _) = run_status(&[
+        "merge",
+        "--out",
+        base.join("bad").to_str().unwrap(),
+        a.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
     let _ = std::fs::remove_dir_all(&base);
 }
 
 fn run_status(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -207,7 +260,9 @@ fn metrics_are_served_live_while_a_run_lasts() {
     assert!(status.success());
     manager::metrics::check_exposition(&text).unwrap_or_else(|e| panic!("invalid exposition: {e:?}\n{text}"));
     let value = |name: &str| -> f64 {
-        text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok())).unwrap_or_else(|| panic!("{name} missing\n{text}"))
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing\n{text}"))
     };
     let placed = value("nullpunch_loadgen_calls_placed_total ");
     assert!(placed > 10.0 && placed < 150.0, "a live figure mid-run: {placed}");
@@ -219,7 +274,18 @@ fn metrics_are_served_live_while_a_run_lasts() {
 #[test]
 fn hostile_connections_do_not_cost_legitimate_calls() {
     let (code, v, err) = run(&[
-        "hostile", "--duration", "4", "--rate", "200", "--idle", "300", "--half", "100", "--churn-rate", "40", "--json",
+        "hostile",
+        "--duration",
+        "4",
+        "--rate",
+        "200",
+        "--idle",
+        "300",
+        "--half",
+        "100",
+        "--churn-rate",
+        "40",
+        "--json",
     ]);
     // Exit 1 would mean p99 more than doubled: reported, but a 4 s run on a shared machine is
     // too short to judge that; the recorded 30 s run is (results/).
@@ -236,7 +302,10 @@ fn hostile_connections_do_not_cost_legitimate_calls() {
     assert_eq!(m["frames_oversized"], a["oversized_prefix_connections"], "{v}");
     assert!(m["connections_flooding"].as_u64().unwrap() >= 1, "{v}");
     assert!(m["connections_flooding"].as_u64().unwrap() <= a["repeated_register_connections"].as_u64().unwrap(), "{v}");
-    assert!(a["idle_connections"].as_u64().unwrap() >= 300 && a["half_frame_connections"].as_u64().unwrap() >= 100, "{v}");
+    assert!(
+        a["idle_connections"].as_u64().unwrap() >= 300 && a["half_frame_connections"].as_u64().unwrap() >= 100,
+        "{v}"
+    );
     assert!(v["rss_max_during_attack_mb"].as_f64().unwrap() < 200.0, "{v}");
 }
 
@@ -246,17 +315,32 @@ fn against_a_manager_with_a_secret_only_a_run_with_the_secret_file_gets_through(
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("secret");
     std::fs::write(&path, "loadgen-test-secret-0123456789").unwrap();
-    let secret = std::sync::Arc::new(manager::auth::Secret::from_file(&path).unwrap());
+    let secret = std::sync::Arc::new(proto::auth::Secret::from_file(&path).unwrap());
     let m = manager::start(manager::ManagerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 1,
         stun_rate: 0.0,
-        shard: manager::core::ShardConfig { secret: Some(secret), ..Default::default() },
+        shard: proto::shard::ShardConfig { secret: Some(secret), ..Default::default() },
         ..Default::default()
     })
     .unwrap();
     let addr = m.local_addr().to_string();
-    let args = ["setup", "--manager", &addr, "--rate", "50", "--calls", "20", "--callers", "5", "--callees", "5", "--talk", "0", "--json"];
+    let args = [
+        "setup",
+        "--manager",
+        &addr,
+        "--rate",
+        "50",
+        "--calls",
+        "20",
+        "--callers",
+        "5",
+        "--callees",
+        "5",
+        "--talk",
+        "0",
+        "--json",
+    ];
     // Without tokens: refused at once, with a clear message.
     let t = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().unwrap();

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use manager::auth::Secret;
-use manager::core::ShardConfig;
 use manager::{start, ManagerConfig};
+use proto::auth::Secret;
+use proto::shard::ShardConfig;
 
 /// nullpunch rendezvous server.
 ///
@@ -107,7 +107,8 @@ fn connection_cap(configured: usize, io: manager::Io, shards: usize) -> usize {
     }
     let uring = io != manager::Io::Portable;
     let cap = if uring {
-        let shards = if shards == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { shards };
+        let shards =
+            if shards == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { shards };
         nofile.min(shards as u64 * nofile.saturating_sub(SLOT_RESERVE)).max(1) as usize
     } else {
         nofile.saturating_sub(FD_RESERVE).max(1) as usize
@@ -151,11 +152,11 @@ fn main() {
             eprintln!("manager token: --secret-file is required");
             std::process::exit(2);
         };
-        let Ok(id) = engine::wire::frame::ClientId::new(id.clone()) else {
+        let Ok(id) = proto::wire::frame::ClientId::new(id.clone()) else {
             eprintln!("manager token: invalid id {id:?} (1-64 bytes, no spaces or control characters)");
             std::process::exit(2);
         };
-        println!("{}", secret.mint(&id, manager::auth::unix_now().saturating_add(*ttl)));
+        println!("{}", secret.mint(&id, proto::auth::unix_now().saturating_add(*ttl)));
         return;
     }
     if secret.is_none() {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::stats::{LatencyHistogram, Stats};
+use proto::shard::stats::{LatencyHistogram, Stats};
 
 /// Builds exposition text: `# HELP` and `# TYPE` once per family, then its samples.
 #[derive(Default)]
@@ -205,7 +205,10 @@ fn answer(s: &mut std::net::TcpStream, render: &(dyn Fn() -> String + Send + Syn
 }
 
 fn reply(s: &mut std::net::TcpStream, status: &str, ctype: &str, body: &str) -> io::Result<()> {
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     s.write_all(head.as_bytes())?;
     s.write_all(body.as_bytes())?;
     s.flush()
@@ -240,7 +243,8 @@ pub fn check_exposition(text: &str) -> Result<(), Vec<String>> {
     };
     let label_ok = |n: &str| {
         let mut c = n.chars();
-        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
     };
     let parse_value = |v: &str| match v {
         "+Inf" | "Inf" => Some(f64::INFINITY),
@@ -273,7 +277,9 @@ pub fn check_exposition(text: &str) -> Result<(), Vec<String>> {
                         finished_families.insert(c);
                     }
                 }
-                (Some("HELP"), Some(name), _) if !name_ok(name) => errs.push(format!("line {ln}: bad metric name {name:?}")),
+                (Some("HELP"), Some(name), _) if !name_ok(name) => {
+                    errs.push(format!("line {ln}: bad metric name {name:?}"))
+                }
                 _ => {}
             }
             continue;
@@ -356,7 +362,9 @@ pub fn check_exposition(text: &str) -> Result<(), Vec<String>> {
         // The family this sample belongs to.
         let family = ["_bucket", "_sum", "_count"]
             .iter()
-            .find_map(|suf| name.strip_suffix(suf).filter(|f| types.get(*f).is_some_and(|t| t == "histogram" || t == "summary")))
+            .find_map(|suf| {
+                name.strip_suffix(suf).filter(|f| types.get(*f).is_some_and(|t| t == "histogram" || t == "summary"))
+            })
             .unwrap_or(name)
             .to_string();
         if !types.contains_key(&family) {

@@ -18,18 +18,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use engine::driver::Io;
-use engine::wire::frame::{Frame, FrameDecoder};
-use engine::wire::stun::{self, StunMessage};
-use engine::wire::{classify, DatagramKind};
+use proto::wire::frame::{Frame, FrameDecoder};
+use proto::wire::stun::{self, StunMessage};
+use proto::wire::{classify, DatagramKind};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::bindings::Bindings;
-use crate::core::{Output, Shard, ShardConfig, ShardMsg};
-use crate::stats::Stats;
 #[cfg(target_os = "linux")]
 use engine::reactor::Wake;
+use proto::shard::bindings::Bindings;
+use proto::shard::stats::Stats;
+use proto::shard::{Output, Shard, ShardConfig, ShardMsg};
 
 /// Stand-in where there are no io_uring shards to wake.
 #[cfg(not(target_os = "linux"))]
@@ -155,11 +155,8 @@ impl Drop for ManagerHandle {
 
 /// Start a manager: bind, spawn the shard threads and the STUN responder, return at once.
 pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
-    let n = if cfg.shards == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        cfg.shards
-    };
+    let n =
+        if cfg.shards == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.shards };
     if n > u16::MAX as usize {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many shards"));
     }
@@ -184,7 +181,7 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         txs.push(Peer { tx, wake });
         rxs.push(Some(rx));
     }
-    let seed = engine::rng::Rng::from_entropy().next_u64();
+    let seed = engine::entropy::seed();
     let mut handle = ManagerHandle {
         addr: cfg.listen,
         shards: n,
@@ -201,14 +198,14 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
     let mut udp = if cfg.listen.port() != 0 { Some(StdUdpSocket::bind(cfg.listen)?) } else { None };
     // Shard 0 binds first so that with port 0 the others (and UDP) use the port it got.
     let mut addr = cfg.listen;
-    for i in 0..n {
+    for (i, inbox) in rxs.iter_mut().enumerate() {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let inbox = rxs[i].take().expect("each inbox used once");
+        let inbox = inbox.take().expect("each inbox used once");
         let peers = txs.clone();
         let (bindings, stats, stop_rx, mut shard_cfg, conn_queue) =
             (bindings.clone(), stats.clone(), stop_rx.clone(), cfg.shard.clone(), cfg.conn_queue);
         shard_cfg.max_connections = cfg.max_connections;
-        shard_cfg.secure_tokens = true;
+        shard_cfg.token_source = Some(engine::entropy::secure_u64);
         let wake = wakes.get(i).cloned();
         let start = ShardStart {
             index: i as u16,
@@ -368,7 +365,8 @@ pub(crate) struct ShardStart {
 }
 
 fn shard_thread(start: ShardStart) {
-    let ShardStart { index, n, addr, cfg, conn_queue, bindings, stats, mut inbox, peers, mut stop, ready, seed } = start;
+    let ShardStart { index, n, addr, cfg, conn_queue, bindings, stats, mut inbox, peers, mut stop, ready, seed } =
+        start;
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -426,7 +424,7 @@ fn shard_thread(start: ShardStart) {
                     io.core.borrow_mut().handle_tick(now);
                     io.flush();
                     n += 1;
-                    if index == 0 && n % 40 == 0 {
+                    if index == 0 && n.is_multiple_of(40) {
                         bindings.purge(now);
                     }
                 }
@@ -551,7 +549,7 @@ async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Re
 }
 
 fn stun_thread(sock: StdUdpSocket, bindings: Arc<Bindings>, stats: Arc<Stats>, stop: Arc<AtomicBool>, rate: f64) {
-    let mut limiter = crate::stun_limit::StunLimiter::new(rate, 2.0 * rate);
+    let mut limiter = proto::shard::stun_limit::StunLimiter::new(rate, 2.0 * rate);
     let mut buf = [0u8; 2048];
     let mut out = [0u8; stun::MAX_RESPONSE_LEN];
     while !stop.load(Ordering::Relaxed) {

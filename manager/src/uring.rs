@@ -32,13 +32,13 @@ use std::time::{Duration, Instant};
 
 use engine::reactor::Wake;
 use engine::uring::BufRing;
-use engine::wire::frame::FrameDecoder;
 use io_uring::{cqueue, opcode, types, IoUring};
+use proto::wire::frame::FrameDecoder;
 use tokio::sync::mpsc;
 
-use crate::core::{Output, Shard, ShardMsg};
 use crate::server::{Peer, ShardStart, ACCEPT_BACKOFF, CLOSE_GRACE};
-use crate::stats::Stats;
+use proto::shard::stats::Stats;
+use proto::shard::{Output, Shard, ShardMsg};
 
 /// Accepts kept in flight per shard.
 const ACCEPTS: usize = 16;
@@ -314,7 +314,8 @@ impl Io {
     }
 
     fn arm_wake(&mut self) {
-        let e = opcode::PollAdd::new(types::Fd(self.wake_fd()), libc::POLLIN as u32).build().user_data(tag(K_WAKE, 0, 0));
+        let e =
+            opcode::PollAdd::new(types::Fd(self.wake_fd()), libc::POLLIN as u32).build().user_data(tag(K_WAKE, 0, 0));
         self.push(e);
     }
 

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use engine::wire::frame::{ErrorCode, Frame, FrameDecoder};
+use proto::wire::frame::{ErrorCode, Frame, FrameDecoder};
 
 /// Run the binary under `ulimit -n 80` with `args`, open `total` connections, and check that
 /// `held` are kept and the rest refused, in the metrics too; returns its stderr.
@@ -45,7 +45,10 @@ fn budget(args: &str, total: usize, held: usize) -> String {
     write!(s, "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
-    assert!(body.contains(&format!("nullpunch_manager_connections_refused_total {}\n", total - held)), "{args}: {body}");
+    assert!(
+        body.contains(&format!("nullpunch_manager_connections_refused_total {}\n", total - held)),
+        "{args}: {body}"
+    );
     assert!(body.contains(&format!("nullpunch_manager_connections_open {held}\n")), "{args}: {body}");
     let _ = child.kill();
     let _ = child.wait();

@@ -11,13 +11,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use engine::wire::frame::{
+use manager::{ManagerConfig, ManagerHandle};
+use proto::shard::stats::Stats;
+use proto::shard::{home_shard, owner_shard, ShardConfig};
+use proto::wire::frame::{
     AddrSource, CallId, ClientId, ErrorCode, Frame, FrameDecoder, HangupReason, RejectReason, UnknownReason,
 };
-use engine::wire::stun::{self, StunMessage};
-use manager::core::{home_shard, owner_shard, ShardConfig};
-use manager::stats::Stats;
-use manager::{ManagerConfig, ManagerHandle};
+use proto::wire::stun::{self, StunMessage};
 
 // ---------------------------------------------------------------------------------- helpers
 
@@ -887,8 +887,9 @@ fn media_datagram_on_the_manager_port_is_counted() {
 /// SO_REUSEPORT and accepts a client it is about to drop.)
 #[test]
 fn a_second_manager_cannot_bind_the_same_address() {
-    let first = manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, ..Default::default() })
-        .expect("first manager");
+    let first =
+        manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, ..Default::default() })
+            .expect("first manager");
     let addr = first.local_addr();
     let second = manager::start(ManagerConfig { listen: addr, shards: 2, ..Default::default() });
     assert!(second.is_err(), "a second manager bound {addr}");
@@ -940,20 +941,20 @@ fn a_client_that_stops_reading_is_dropped_and_cleaned_up() {
 // ------------------------------------------------------------------------ authentication
 
 /// A manager that requires tokens, and its secret.
-fn secured() -> (ManagerHandle, std::sync::Arc<manager::auth::Secret>) {
-    let secret = std::sync::Arc::new(manager::auth::Secret::new(b"test-secret-0123456789".to_vec()).unwrap());
+fn secured() -> (ManagerHandle, std::sync::Arc<proto::auth::Secret>) {
+    let secret = std::sync::Arc::new(proto::auth::Secret::new(b"test-secret-0123456789".to_vec()).unwrap());
     let m = manager_with(ShardConfig { secret: Some(secret.clone()), ..ShardConfig::default() });
     (m, secret)
 }
 
-fn register_frame(who: &str, auth: Option<engine::wire::frame::AuthToken>) -> Frame {
+fn register_frame(who: &str, auth: Option<proto::wire::frame::AuthToken>) -> Frame {
     Frame::Register { id: id(who), udp_port: 5000, max_calls: 1, binding: None, auth }
 }
 
 #[test]
 fn with_a_secret_only_a_valid_token_for_the_id_registers() {
     let (m, secret) = secured();
-    let later = manager::auth::unix_now() + 600;
+    let later = proto::auth::unix_now() + 600;
 
     // No token: refused and closed.
     let mut a = Client::connect(&m, "no token");
@@ -967,11 +968,11 @@ fn with_a_secret_only_a_valid_token_for_the_id_registers() {
     b.expect_closed();
     // Expired.
     let mut c = Client::connect(&m, "expired");
-    c.send(&register_frame("alice", Some(secret.mint(&id("alice"), manager::auth::unix_now() - 1))));
+    c.send(&register_frame("alice", Some(secret.mint(&id("alice"), proto::auth::unix_now() - 1))));
     c.expect_error(ErrorCode::Unauthorized);
     c.expect_closed();
     // Minted with another secret, or with the expiry stretched after minting.
-    let other = manager::auth::Secret::new(b"some-other-secret-000".to_vec()).unwrap();
+    let other = proto::auth::Secret::new(b"some-other-secret-000".to_vec()).unwrap();
     let mut d = Client::connect(&m, "other secret");
     d.send(&register_frame("alice", Some(other.mint(&id("alice"), later))));
     d.expect_error(ErrorCode::Unauthorized);
@@ -1048,8 +1049,13 @@ fn the_stun_responder_answers_at_most_twice_the_request_size() {
 
 #[test]
 fn the_stun_responder_limits_answers_per_source_address() {
-    let m = manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 1, stun_rate: 5.0, ..Default::default() })
-        .expect("manager");
+    let m = manager::start(ManagerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        stun_rate: 5.0,
+        ..Default::default()
+    })
+    .expect("manager");
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut req = [0u8; stun::REQUEST_LEN];
     let n = stun::emit_binding_request(&[4u8; 12], &mut req);
@@ -1068,8 +1074,13 @@ fn the_stun_responder_limits_answers_per_source_address() {
 
 #[test]
 fn connections_beyond_the_limit_are_refused_with_a_clear_error() {
-    let m = manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 1, max_connections: 3, ..Default::default() })
-        .expect("manager");
+    let m = manager::start(ManagerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        max_connections: 3,
+        ..Default::default()
+    })
+    .expect("manager");
     let mut held: Vec<Client> = (0..3).map(|i| Client::connect(&m, &format!("c{i}"))).collect();
     for (i, c) in held.iter_mut().enumerate() {
         c.ping(i as u64);

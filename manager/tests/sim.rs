@@ -16,15 +16,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::client::{CallHandle, CallReport, Client, ClientConfig, EndReason, Event, Role};
-use engine::media::{MediaSource, SyntheticSource};
-use engine::rng::Rng;
-use engine::wire::frame::{ClientId, Frame, HangupReason};
-use engine::wire::stun::{self, StunMessage};
-use engine::wire::{classify, DatagramKind};
-use manager::bindings::Bindings;
-use manager::core::{Output, Shard, ShardConfig, ShardMsg};
-use manager::stats::Stats;
+use proto::client::{CallHandle, CallReport, Client, ClientConfig, EndReason, Event, Role};
+use proto::media::{MediaSource, SyntheticSource};
+use proto::rng::Rng;
+use proto::shard::bindings::Bindings;
+use proto::shard::stats::Stats;
+use proto::shard::{Output, Shard, ShardConfig, ShardMsg};
+use proto::wire::frame::{ClientId, Frame, HangupReason};
+use proto::wire::stun::{self, StunMessage};
+use proto::wire::{classify, DatagramKind};
 
 const MANAGER_UDP: &str = "198.51.100.1:7480";
 
@@ -122,7 +122,9 @@ impl Sim {
             now: start,
             rng: Rng::new(seed),
             net,
-            shards: (0..shards).map(|i| Shard::new(i, shards, cfg.clone(), bindings.clone(), stats.clone(), seed)).collect(),
+            shards: (0..shards)
+                .map(|i| Shard::new(i, shards, cfg.clone(), bindings.clone(), stats.clone(), seed))
+                .collect(),
             stats,
             bindings,
             clients: Vec::new(),
@@ -188,7 +190,10 @@ impl Sim {
                             None => 1,
                         };
                         for _ in 0..copies {
-                            self.schedule(self.now + self.net.frame_delay, Ev::ToClient { client: c, frame: frame.clone() });
+                            self.schedule(
+                                self.now + self.net.frame_delay,
+                                Ev::ToClient { client: c, frame: frame.clone() },
+                            );
                         }
                     }
                 }
@@ -262,10 +267,8 @@ impl Sim {
                 let Plan::Call { talk, .. } = c.plan else { return };
                 c.streams.insert(handle, (SyntheticSource::opus_like(), now, Some(now + talk)));
             }
-            Event::MediaFlowing { handle } => {
-                if c.client.can_send(handle) {
-                    c.streams.entry(handle).or_insert((SyntheticSource::opus_like(), now, None));
-                }
+            Event::MediaFlowing { handle } if c.client.can_send(handle) => {
+                c.streams.entry(handle).or_insert((SyntheticSource::opus_like(), now, None));
             }
             Event::Ended(r) => {
                 c.streams.remove(&r.handle);
@@ -367,7 +370,10 @@ impl Sim {
                 }
                 let Some(&i) = self.by_udp.get(&to) else { return };
                 if self.net.firewalls {
-                    let fresh = self.clients[i].flows.get(&from).is_some_and(|t| now.duration_since(*t) < self.net.flow_timeout);
+                    let fresh = self.clients[i]
+                        .flows
+                        .get(&from)
+                        .is_some_and(|t| now.duration_since(*t) < self.net.flow_timeout);
                     if !fresh {
                         self.clients[i].firewall_drops += 1;
                         return;
@@ -663,7 +669,8 @@ fn a_peer_that_vanishes_is_detected_by_media_timeout() {
     let start = sim.start;
     let clock = std::rc::Rc::new(std::cell::Cell::new(start));
     let c2 = clock.clone();
-    sim.datagram_filter = Some(Box::new(move |from, _, _| !(from == bob_udp && c2.get() > start + Duration::from_secs(3))));
+    sim.datagram_filter =
+        Some(Box::new(move |from, _, _| !(from == bob_udp && c2.get() > start + Duration::from_secs(3))));
     for _ in 0..100 {
         let t = sim.now + Duration::from_millis(100);
         clock.set(t);
@@ -685,10 +692,7 @@ fn busy_and_unknown_callees_fail_with_their_reason() {
     sim.run_until(Duration::from_secs(5));
     assert_eq!(only(sim.reports(a1)).reason, EndReason::LocalHangup);
     assert_eq!(only(sim.reports(a2)).reason, EndReason::Busy);
-    assert_eq!(
-        only(sim.reports(a3)).reason,
-        EndReason::Unknown(engine::wire::frame::UnknownReason::NeverRegistered)
-    );
+    assert_eq!(only(sim.reports(a3)).reason, EndReason::Unknown(proto::wire::frame::UnknownReason::NeverRegistered));
     assert_eq!(sim.reports(b).len(), 1);
 }
 

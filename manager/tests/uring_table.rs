@@ -30,7 +30,12 @@ fn a_full_direct_descriptor_table_pauses_accepts_counts_and_recovers() {
     }
     // A 48-slot table, then room for the test's own client sockets.
     set_soft_nofile(48);
-    let cfg = ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 1, io: manager::Io::Uring, ..Default::default() };
+    let cfg = ManagerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        io: manager::Io::Uring,
+        ..Default::default()
+    };
     let m = manager::start(cfg).unwrap();
     assert_eq!(m.io(), manager::Io::Uring);
     set_soft_nofile(4096);
@@ -52,7 +57,9 @@ fn a_full_direct_descriptor_table_pauses_accepts_counts_and_recovers() {
     assert_eq!(stats.connections_closed.load(Ordering::Relaxed), 0, "no connection dropped");
     // Clients hang up: the manager closes their slots and takes the waiting connections.
     drop(conns);
-    wait_for(&stats, "the waiting connections to be accepted", || stats.connections_accepted.load(Ordering::Relaxed) == 80);
+    wait_for(&stats, "the waiting connections to be accepted", || {
+        stats.connections_accepted.load(Ordering::Relaxed) == 80
+    });
     wait_for(&stats, "every connection to be closed", || stats.connections_closed.load(Ordering::Relaxed) == 80);
     let fresh: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(m.local_addr()).unwrap()).collect();
     wait_for(&stats, "new connections to be accepted", || stats.connections_accepted.load(Ordering::Relaxed) == 90);

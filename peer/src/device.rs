@@ -33,7 +33,12 @@ pub struct Device {
     pub capture_dropped: Arc<AtomicU64>,
 }
 
-fn pick(devices: Vec<cpal::Device>, want: Option<&str>, what: &str, default: Option<cpal::Device>) -> Result<cpal::Device, String> {
+fn pick(
+    devices: Vec<cpal::Device>,
+    want: Option<&str>,
+    what: &str,
+    default: Option<cpal::Device>,
+) -> Result<cpal::Device, String> {
     let label = |d: &cpal::Device| {
         let id = d.id().map(|i| i.to_string()).unwrap_or_default();
         let name = d.description().map(|x| x.name().to_string()).unwrap_or_default();
@@ -50,7 +55,11 @@ fn pick(devices: Vec<cpal::Device>, want: Option<&str>, what: &str, default: Opt
             let mut names = Vec::new();
             for d in devices {
                 let (id, name) = label(&d);
-                if id == w || name == w || id.to_ascii_lowercase().contains(&wl) || name.to_ascii_lowercase().contains(&wl) {
+                if id == w
+                    || name == w
+                    || id.to_ascii_lowercase().contains(&wl)
+                    || name.to_ascii_lowercase().contains(&wl)
+                {
                     return Ok(d);
                 }
                 names.push(format!("{id} ({name})"));
@@ -74,7 +83,11 @@ pub fn open(input: Option<Option<&str>>, output: Option<Option<&str>>, waker: Wa
     // record buffer one fragment long, so a fragment must outlast the longest time this
     // process may go unscheduled: with 10 ms fragments a loaded machine lost a tenth of the
     // microphone's samples, with 50 ms none (peer/tests/device.rs under 3 busy loops).
-    let config = cpal::StreamConfig { channels: 1, sample_rate: voice::SAMPLE_RATE, buffer_size: cpal::BufferSize::Fixed(2_400) };
+    let config = cpal::StreamConfig {
+        channels: 1,
+        sample_rate: voice::SAMPLE_RATE,
+        buffer_size: cpal::BufferSize::Fixed(2_400),
+    };
     // The speaker gets 30 ms requests (a 60 ms server buffer): with 10 ms the server ran dry
     // on a busy machine, paused the stream, and the call's audio piled up behind it.
     let out_config = cpal::StreamConfig { buffer_size: cpal::BufferSize::Fixed(1_440), ..config };

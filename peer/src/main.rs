@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use engine::client::{CallReport, Client, ClientConfig, EndReason, Event, Received};
 use engine::driver::{self, App, Ctx};
-use engine::wire::frame::{ClientId, ErrorCode};
+use proto::client::{CallReport, Client, ClientConfig, EndReason, Event, Received};
+use proto::wire::frame::{ClientId, ErrorCode};
 
 mod device;
 mod media;
@@ -32,8 +32,8 @@ struct Args {
     #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:0")]
     bind: SocketAddr,
     /// Registration token for a manager that requires one (`manager token --id ID`).
-    #[arg(long, value_name = "TOKEN", value_parser = engine::wire::frame::AuthToken::parse)]
-    token: Option<engine::wire::frame::AuthToken>,
+    #[arg(long, value_name = "TOKEN", value_parser = proto::wire::frame::AuthToken::parse)]
+    token: Option<proto::wire::frame::AuthToken>,
     /// Print one JSON object per finished call on stdout (instead of a human line).
     #[arg(long, global = true)]
     json: bool,
@@ -158,7 +158,9 @@ impl PeerApp {
             );
         }
         if self.json {
-            let ms = |d: Option<Duration>| d.map(|d| serde_json::json!(d.as_secs_f64() * 1000.0)).unwrap_or(serde_json::Value::Null);
+            let ms = |d: Option<Duration>| {
+                d.map(|d| serde_json::json!(d.as_secs_f64() * 1000.0)).unwrap_or(serde_json::Value::Null)
+            };
             let v = serde_json::json!({
                 "call_id": r.call_id.map(|c| c.to_string()),
                 "role": r.role.as_str(),
@@ -234,7 +236,7 @@ fn failed_phase(r: &CallReport) -> &'static str {
         EndReason::Busy => "no INCOMING (callee busy)",
         EndReason::Rejected(_) => "rejected",
         EndReason::ManagerLost => "manager lost during setup",
-        _ if r.received == 0 && r.role == engine::client::Role::Callee && r.nulls_sent == 0 => {
+        _ if r.received == 0 && r.role == proto::client::Role::Callee && r.nulls_sent == 0 => {
             "no media (no null packet was sent: --no-null)"
         }
         _ if r.received == 0 && r.sent > 0 => "media one way only (sent, nothing came back)",
@@ -250,8 +252,8 @@ impl App for PeerApp {
             Event::Registered { public, source } => {
                 tracing::info!(%public, %source, "registered");
                 self.local_source = Some(match source {
-                    engine::wire::frame::AddrSource::Stun => "stun",
-                    engine::wire::frame::AddrSource::TcpPeer => "tcp-peer",
+                    proto::wire::frame::AddrSource::Stun => "stun",
+                    proto::wire::frame::AddrSource::TcpPeer => "tcp-peer",
                 });
                 if let Some((callee, _)) = &self.role_caller {
                     if ctx.client.active_calls() == 0 && !self.done {
@@ -448,7 +450,10 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     if let Some(path) = &args.sdp {
         let (addr, port) = match args.rtp_out {
             Some(a) => (a.ip(), a.port()),
-            None => (if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() }, local.port()),
+            None => (
+                if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() },
+                local.port(),
+            ),
         };
         let mut st = voice::sdp::SdpStream::opus(addr, port, args.rtp_pt, args.frame_ms);
         if args.rtp_map != "opus/48000/2" {
@@ -457,7 +462,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             st.fmtp = None;
             st.ptime = None;
         }
-        if let Err(e) = std::fs::write(path, st.to_sdp(engine::rng::Rng::from_entropy().next_u64() >> 1)) {
+        if let Err(e) = std::fs::write(path, st.to_sdp(engine::entropy::seed() >> 1)) {
             eprintln!("peer: --sdp {}: {e}", path.display());
             return ExitCode::from(2);
         }
@@ -487,7 +492,7 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             app.role_caller = Some((callee, Duration::from_secs_f64(*duration)));
         }
     }
-    let mut client = Client::new(cfg, engine::rng::Rng::from_entropy().next_u64());
+    let mut client = Client::new(cfg, engine::entropy::seed());
     // Handlers are installed now, before connecting, so an early SIGTERM still ends the
     // calls cleanly.
     use tokio::signal::unix::{signal, SignalKind};
@@ -501,7 +506,9 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     };
     let (app, result) = match io {
         driver::Io::Portable => {
-            let r = driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, Some(tokio_wake)).await.map(|_| ());
+            let r = driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, Some(tokio_wake))
+                .await
+                .map(|_| ());
             (app, r)
         }
         #[cfg(target_os = "linux")]

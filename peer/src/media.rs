@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::client::{CallHandle, MediaFields, Received};
 use engine::driver::{Ctx, Streams};
-use engine::wire::rtp::RtpHeader;
+use proto::client::{CallHandle, MediaFields, Received};
+use proto::wire::rtp::RtpHeader;
 use voice::jitter::JitterConfig;
 use voice::voice::{Capture, Receiver, Sender};
 
@@ -297,20 +297,32 @@ pub struct Media {
 impl Media {
     /// Set up sources and sinks. `capture` and `playback` are the sound device's queues when
     /// a device is in use.
-    pub fn new(cfg: MediaConfig, now: Instant, waker: Option<Waker>, capture: Option<Pcm>, playback: Option<Pcm>) -> Result<Media, String> {
+    pub fn new(
+        cfg: MediaConfig,
+        now: Instant,
+        waker: Option<Waker>,
+        capture: Option<Pcm>,
+        playback: Option<Pcm>,
+    ) -> Result<Media, String> {
         voice::codec::check_frame_ms(cfg.frame_ms).map_err(|e| e.to_string())?;
         let wav_in = match &cfg.audio_in {
             Some(AudioIn::Wav(p)) => {
                 let w = voice::wav::read(p).map_err(|e| e.to_string())?;
                 if w.rate != voice::SAMPLE_RATE {
-                    return Err(format!("{}: {} Hz; --audio-in takes 48000 Hz WAV files (e.g. sox IN -r 48000 OUT)", p.display(), w.rate));
+                    return Err(format!(
+                        "{}: {} Hz; --audio-in takes 48000 Hz WAV files (e.g. sox IN -r 48000 OUT)",
+                        p.display(),
+                        w.rate
+                    ));
                 }
                 Some(w.samples)
             }
             _ => None,
         };
         let sink = match &cfg.audio_out {
-            Some(AudioOut::Wav(p)) => Sink::Wav(voice::wav::WavWriter::create(p, voice::SAMPLE_RATE).map_err(|e| e.to_string())?),
+            Some(AudioOut::Wav(p)) => {
+                Sink::Wav(voice::wav::WavWriter::create(p, voice::SAMPLE_RATE).map_err(|e| e.to_string())?)
+            }
             Some(AudioOut::Device(_)) => Sink::Device(playback.ok_or("no playback device")?),
             None => Sink::None,
         };
@@ -325,7 +337,8 @@ impl Media {
         };
         let rtp_out = match cfg.rtp_out {
             Some(to) => {
-                let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+                let any: SocketAddr =
+                    if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
                 let s = UdpSocket::bind(any).map_err(|e| format!("--rtp-out: {e}"))?;
                 s.set_nonblocking(true).map_err(|e| e.to_string())?;
                 Some(s)
@@ -401,7 +414,10 @@ impl Media {
         }
         let receiver = self.new_receiver();
         let device_clocked = matches!(self.cfg.audio_in, Some(AudioIn::Device(_)));
-        self.calls.insert(handle, CallMedia { sender, device_clocked, forwarding, hangup_at, receiver, frames_sent: 0, frames_skipped: 0 });
+        self.calls.insert(
+            handle,
+            CallMedia { sender, device_clocked, forwarding, hangup_at, receiver, frames_sent: 0, frames_skipped: 0 },
+        );
     }
 
     /// The call ended: its media summary.
@@ -470,7 +486,11 @@ impl Media {
     pub fn next_wakeup(&self) -> Option<Instant> {
         let mut t = self.synthetic.next_wakeup();
         for c in self.calls.values() {
-            let cands = [c.sender.as_ref().map(|(_, at)| *at), c.hangup_at, c.receiver.as_ref().and_then(|r| r.next_tick()).map(|us| self.at(us))];
+            let cands = [
+                c.sender.as_ref().map(|(_, at)| *at),
+                c.hangup_at,
+                c.receiver.as_ref().and_then(|r| r.next_tick()).map(|us| self.at(us)),
+            ];
             for x in cands.into_iter().flatten() {
                 t = Some(t.map_or(x, |t: Instant| t.min(x)));
             }
@@ -568,7 +588,7 @@ impl Media {
         let mut no_call = 0;
         let mut forwarded = 0;
         for pkt in &packets {
-            if engine::wire::demux::classify(pkt) == engine::wire::demux::DatagramKind::Rtcp {
+            if proto::wire::demux::classify(pkt) == proto::wire::demux::DatagramKind::Rtcp {
                 // RTCP for the local sender's session (ffmpeg sends reports): not forwarded.
                 self.plain.rtp_in_rtcp += 1;
                 continue;
@@ -581,10 +601,11 @@ impl Media {
                 no_call += 1;
                 continue;
             };
-            let fields = MediaFields { marker: Some(h.marker), payload_type: h.payload_type, timestamp: Some(h.timestamp) };
+            let fields =
+                MediaFields { marker: Some(h.marker), payload_type: h.payload_type, timestamp: Some(h.timestamp) };
             match ctx.send_rtp(handle, fields, payload, 0) {
                 Ok(()) => forwarded += 1,
-                Err(engine::client::ClientError::BufferTooSmall { .. }) => self.plain.rtp_in_too_large += 1,
+                Err(proto::client::ClientError::BufferTooSmall { .. }) => self.plain.rtp_in_too_large += 1,
                 Err(_) => no_call += 1,
             }
         }

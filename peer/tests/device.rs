@@ -83,18 +83,39 @@ fn device_call(name: &str) -> (f64, i64, String) {
     let bob = pulse_peer(&p, &m.addr, "bob", &["--audio-out", "device:spk", "listen", "--calls", "1", "--json"]);
     settle();
     let rec = Command::new("parecord")
-        .args(["--latency-msec=20", "-d", "spk.monitor", "--rate", "48000", "--channels", "1", "--format", "s16le", "--file-format=wav", &recorded])
+        .args([
+            "--latency-msec=20",
+            "-d",
+            "spk.monitor",
+            "--rate",
+            "48000",
+            "--channels",
+            "1",
+            "--format",
+            "s16le",
+            "--file-format=wav",
+            &recorded,
+        ])
         .env("PULSE_SERVER", &p.server)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("parecord");
     let rec = Proc { child: rec, name: "parecord" };
-    let alice = pulse_peer(&p, &m.addr, "alice", &["--audio-in", "device:mic.monitor", "call", "bob", "--duration", "10", "--json"]);
+    let alice = pulse_peer(
+        &p,
+        &m.addr,
+        "alice",
+        &["--audio-in", "device:mic.monitor", "call", "bob", "--duration", "10", "--json"],
+    );
     // The microphone opens within a second or two; then speak (with a small latency, so the
     // null sink renders in 20 ms blocks, not in one two-second block).
     std::thread::sleep(Duration::from_millis(2500));
-    let st = Command::new("paplay").args(["--latency-msec=20", "-d", "mic", &sent]).env("PULSE_SERVER", &p.server).status().expect("paplay");
+    let st = Command::new("paplay")
+        .args(["--latency-msec=20", "-d", "mic", &sent])
+        .env("PULSE_SERVER", &p.server)
+        .status()
+        .expect("paplay");
     assert!(st.success(), "paplay failed");
     let (ca, out_a, err_a) = alice.finish(Duration::from_secs(30));
     let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
@@ -103,7 +124,10 @@ fn device_call(name: &str) -> (f64, i64, String) {
     let (_, _, rec_err) = rec.interrupt(Duration::from_secs(10));
     let (a, b) = (json_line(&out_a), json_line(&out_b));
     assert_eq!(a["media"]["sent_kind"], "opus", "{a}");
-    assert!(a["media"]["audio_frames_sent"].as_u64().unwrap() >= 400, "alice sent 10 s of microphone frames: {a}\n{err_a}");
+    assert!(
+        a["media"]["audio_frames_sent"].as_u64().unwrap() >= 400,
+        "alice sent 10 s of microphone frames: {a}\n{err_a}"
+    );
     assert!(b["media"]["played"].as_u64().unwrap() >= 400, "{b}");
     let x = voice::wav::read(sent.as_ref()).unwrap();
     let y = voice::wav::read(recorded.as_ref()).unwrap_or_else(|e| panic!("{e}: {rec_err}"));

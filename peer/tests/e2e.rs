@@ -106,7 +106,8 @@ fn a_manager_with_a_secret_admits_only_peers_with_a_token_for_their_id() {
     let secret = dir.path("manager.secret");
     std::fs::write(&secret, "a-test-secret-of-more-than-16-bytes\n").unwrap();
     let token = |who: &str| {
-        let out = run(bin("manager").to_str().unwrap(), &["--secret-file", &secret, "token", "--id", who, "--ttl", "600"]);
+        let out =
+            run(bin("manager").to_str().unwrap(), &["--secret-file", &secret, "token", "--id", who, "--ttl", "600"]);
         out.trim().to_string()
     };
     let (bob_token, alice_token) = (token("bob"), token("alice"));
@@ -141,7 +142,8 @@ fn a_manager_with_a_secret_admits_only_peers_with_a_token_for_their_id() {
 fn the_managers_metrics_endpoint_serves_valid_prometheus_text() {
     let m = start_manager_with(&["--metrics", "127.0.0.1:0"]);
     let line = m.rest.recv_timeout(Duration::from_secs(10)).expect("the metrics address line");
-    let url = line.strip_prefix("metrics ").unwrap_or_else(|| panic!("expected `metrics URL`, got {line:?}")).to_string();
+    let url =
+        line.strip_prefix("metrics ").unwrap_or_else(|| panic!("expected `metrics URL`, got {line:?}")).to_string();
     let bob = peer(&m.addr, "bob", &["listen", "--calls", "1", "--json"]);
     settle();
     let alice = peer(&m.addr, "alice", &["call", "bob", "--duration", "1", "--json"]);
@@ -159,7 +161,10 @@ fn the_managers_metrics_endpoint_serves_valid_prometheus_text() {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
     // Anything but GET /metrics is a 404.
-    let out = std::process::Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url.replace("/metrics", "/")]).output().unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url.replace("/metrics", "/")])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
     m.stop();
 }
@@ -268,7 +273,7 @@ fn a_third_host_cannot_inject_into_an_established_call() {
     // on it she has seen one of alice's packets, so she knows alice's SSRC and sequence.
     let (ssrc_seen, seq_seen) = sniff_rtp(pa, pb);
     let mallory = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut rng = engine::rng::Rng::new(42);
+    let mut rng = proto::rng::Rng::new(42);
     let mut injected = 0;
     for i in 0..300u32 {
         let ssrc = rng.next_u64() as u32;
@@ -304,7 +309,11 @@ fn a_third_host_cannot_inject_into_an_established_call() {
     // also spoof, which only media encryption stops; docs/architecture.md, Known limits.)
     assert_eq!(b["received"], a["sent"], "{injected} forged packets; alice: {a}\nbob: {b}");
     assert_eq!(b["lost"], 0, "{b}");
-    assert_eq!(b["nulls_received"].as_u64().unwrap(), a["nulls_sent"].as_u64().unwrap(), "no forged null accepted: {b}");
+    assert_eq!(
+        b["nulls_received"].as_u64().unwrap(),
+        a["nulls_sent"].as_u64().unwrap(),
+        "no forged null accepted: {b}"
+    );
     m.stop();
 }
 

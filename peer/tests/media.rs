@@ -39,7 +39,8 @@ fn speech_from_a_wav_file_arrives_as_the_same_speech() {
     let m = start_manager();
     let bob = peer(&m.addr, "bob", &["--audio-out", &format!("wav:{out}"), "listen", "--calls", "1", "--json"]);
     settle();
-    let alice = peer(&m.addr, "alice", &["--audio-in", &format!("wav:{sent}"), "call", "bob", "--duration", "7", "--json"]);
+    let alice =
+        peer(&m.addr, "alice", &["--audio-in", &format!("wav:{sent}"), "call", "bob", "--duration", "7", "--json"]);
     let (ca, out_a, err_a) = alice.finish(Duration::from_secs(30));
     let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
     assert_eq!(ca, 0, "alice: {err_a}");
@@ -80,8 +81,25 @@ fn opus_sent_by_ffmpeg_into_rtp_in_plays_out_as_the_same_speech() {
     let ff = spawn(
         "ffmpeg",
         &[
-            "-hide_banner", "-loglevel", "error", "-re", "-i", &sent, "-c:a", "libopus", "-b:a", "48k",
-            "-application", "voip", "-frame_duration", "20", "-payload_type", "111", "-f", "rtp", &rtp,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-i",
+            &sent,
+            "-c:a",
+            "libopus",
+            "-b:a",
+            "48k",
+            "-application",
+            "voip",
+            "-frame_duration",
+            "20",
+            "-payload_type",
+            "111",
+            "-f",
+            "rtp",
+            &rtp,
         ],
         "ffmpeg",
     );
@@ -118,11 +136,26 @@ fn ffmpeg_decodes_our_stream_from_the_sdp_we_wrote() {
     assert!(text.contains("a=rtpmap:111 opus/48000/2\r\n"), "{text}");
     let ff = spawn(
         "ffmpeg",
-        &["-hide_banner", "-loglevel", "error", "-protocol_whitelist", "file,udp,rtp", "-i", &sdp, "-ar", "48000", "-ac", "1", "-y", &decoded],
+        &[
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-protocol_whitelist",
+            "file,udp,rtp",
+            "-i",
+            &sdp,
+            "-ar",
+            "48000",
+            "-ac",
+            "1",
+            "-y",
+            &decoded,
+        ],
         "ffmpeg",
     );
     settle();
-    let alice = peer(&m.addr, "alice", &["--audio-in", &format!("wav:{sent}"), "call", "bob", "--duration", "7", "--json"]);
+    let alice =
+        peer(&m.addr, "alice", &["--audio-in", &format!("wav:{sent}"), "call", "bob", "--duration", "7", "--json"]);
     let (ca, _, err_a) = alice.finish(Duration::from_secs(30));
     let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
     assert_eq!(ca, 0, "alice: {err_a}");
@@ -175,13 +208,40 @@ fn tshark_sees_both_rtp_streams_of_a_call_with_nothing_lost() {
     let bind_a = format!("127.0.0.1:{pa}");
     let bob = spawn(
         bin("peer").to_str().unwrap(),
-        &["--manager", &m.addr, "--id", "bob", "--bind", &bind_b, "--audio-in", "tone", "listen", "--calls", "1", "--json"],
+        &[
+            "--manager",
+            &m.addr,
+            "--id",
+            "bob",
+            "--bind",
+            &bind_b,
+            "--audio-in",
+            "tone",
+            "listen",
+            "--calls",
+            "1",
+            "--json",
+        ],
         "peer",
     );
     settle();
     let alice = spawn(
         bin("peer").to_str().unwrap(),
-        &["--manager", &m.addr, "--id", "alice", "--bind", &bind_a, "--audio-in", "chirp", "call", "bob", "--duration", "4", "--json"],
+        &[
+            "--manager",
+            &m.addr,
+            "--id",
+            "alice",
+            "--bind",
+            &bind_a,
+            "--audio-in",
+            "chirp",
+            "call",
+            "bob",
+            "--duration",
+            "4",
+            "--json",
+        ],
         "peer",
     );
     let (ca, out_a, err_a) = alice.finish(Duration::from_secs(30));
@@ -214,7 +274,20 @@ fn vp8_video_from_ffmpeg_crosses_the_punched_path_and_ffmpeg_decodes_it() {
     let bob = peer(
         &m.addr,
         "bob",
-        &["--rtp-out", &rtp_out, "--sdp", &sdp, "--rtp-map", "VP8/90000", "--rtp-pt", "96", "listen", "--calls", "1", "--json"],
+        &[
+            "--rtp-out",
+            &rtp_out,
+            "--sdp",
+            &sdp,
+            "--rtp-map",
+            "VP8/90000",
+            "--rtp-pt",
+            "96",
+            "listen",
+            "--calls",
+            "1",
+            "--json",
+        ],
     );
     wait_file(&sdp, Duration::from_secs(10));
     let text = std::fs::read_to_string(&sdp).unwrap();
@@ -222,7 +295,18 @@ fn vp8_video_from_ffmpeg_crosses_the_punched_path_and_ffmpeg_decodes_it() {
     // The player: decode every frame and print one checksum line per frame on stdout.
     let player = spawn(
         "ffmpeg",
-        &["-hide_banner", "-loglevel", "error", "-protocol_whitelist", "file,udp,rtp", "-i", &sdp, "-f", "framecrc", "-"],
+        &[
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-protocol_whitelist",
+            "file,udp,rtp",
+            "-i",
+            &sdp,
+            "-f",
+            "framecrc",
+            "-",
+        ],
         "ffmpeg player",
     );
     settle();
@@ -234,8 +318,29 @@ fn vp8_video_from_ffmpeg_crosses_the_punched_path_and_ffmpeg_decodes_it() {
     let sender = spawn(
         "ffmpeg",
         &[
-            "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-frames:v", "100",
-            "-c:v", "libvpx", "-deadline", "realtime", "-b:v", "800k", "-g", "25", "-payload_type", "96", "-f", "rtp", &rtp,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=320x240:rate=25",
+            "-frames:v",
+            "100",
+            "-c:v",
+            "libvpx",
+            "-deadline",
+            "realtime",
+            "-b:v",
+            "800k",
+            "-g",
+            "25",
+            "-payload_type",
+            "96",
+            "-f",
+            "rtp",
+            &rtp,
         ],
         "ffmpeg sender",
     );

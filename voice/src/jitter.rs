@@ -348,7 +348,10 @@ impl JitterBuffer {
         if let Some(s) = self.slots.get(&slot) {
             if available(s) {
                 let next_ready = self.slots.get(&(slot + 1)).is_some_and(available);
-                if delay >= (self.target_us + self.frame_us) as i64 && next_ready && self.since_expand > self.cfg.calm_ticks {
+                if delay >= (self.target_us + self.frame_us) as i64
+                    && next_ready
+                    && self.since_expand > self.cfg.calm_ticks
+                {
                     // Accelerate: drop this packet and play the next one now.
                     self.slots.remove(&slot);
                     self.stats.accelerates += 1;
@@ -444,11 +447,8 @@ mod tests {
     /// runs the ticks in time order, as a driver would. Returns the playout.
     fn run(cfg: JitterConfig, delays: &[Option<u64>]) -> (JitterBuffer, Vec<Playout>) {
         let mut jb = JitterBuffer::new(cfg);
-        let mut arrivals: Vec<(u64, u16)> = delays
-            .iter()
-            .enumerate()
-            .filter_map(|(i, d)| d.map(|d| (i as u64 * F + F + d, i as u16)))
-            .collect();
+        let mut arrivals: Vec<(u64, u16)> =
+            delays.iter().enumerate().filter_map(|(i, d)| d.map(|d| (i as u64 * F + F + d, i as u16))).collect();
         arrivals.sort();
         let end = delays.len() as u64 * F + 1_500_000;
         let mut out = Vec::new();

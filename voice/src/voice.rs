@@ -130,7 +130,16 @@ impl Receiver {
     /// frame duration is replaced by the one the first packet carries.
     pub fn new(payload_type: u8, jitter: JitterConfig) -> Result<Receiver, CodecError> {
         let frame = frame_samples(jitter.frame_ms);
-        Ok(Receiver { payload_type, jitter_cfg: jitter, jb: None, dec: Decoder::new()?, frame, decode_errors: 0, other_pt: 0, ticks: 0 })
+        Ok(Receiver {
+            payload_type,
+            jitter_cfg: jitter,
+            jb: None,
+            dec: Decoder::new()?,
+            frame,
+            decode_errors: 0,
+            other_pt: 0,
+            ticks: 0,
+        })
     }
 
     /// An RTP packet arrived at `arrival_us`.

@@ -43,7 +43,9 @@ pub struct Wav {
 pub fn read(path: &Path) -> Result<Wav, WavError> {
     let p = path.display().to_string();
     let mut bytes = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|source| WavError::Io { path: p.clone(), source })?;
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| WavError::Io { path: p.clone(), source })?;
     parse(&bytes).map_err(|what| WavError::Format { path: p, what })
 }
 

@@ -156,7 +156,13 @@ where
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     let received = r.join().expect("receiver");
-    Outcome { name, sent: sent.load(Ordering::Relaxed), received, cpu_s: cpu_seconds() - cpu0, wall_s: t0.elapsed().as_secs_f64() }
+    Outcome {
+        name,
+        sent: sent.load(Ordering::Relaxed),
+        received,
+        cpu_s: cpu_seconds() - cpu0,
+        wall_s: t0.elapsed().as_secs_f64(),
+    }
 }
 
 /// Pace `tick` on 1 ms ticks until `end`.
@@ -267,7 +273,13 @@ fn run_portable(a: &Args) -> Outcome {
             let mut sched = Schedule::new(flows, pps);
             paced(end, || {
                 sched.tick(|i| {
-                    let t = quinn_udp::Transmit { destination: dest, ecn: None, contents: &pkt, segment_size: None, src_ip: None };
+                    let t = quinn_udp::Transmit {
+                        destination: dest,
+                        ecn: None,
+                        contents: &pkt,
+                        segment_size: None,
+                        src_ip: None,
+                    };
                     if states[i].try_send((&senders[i]).into(), &t).is_ok() {
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
@@ -287,8 +299,11 @@ fn run_portable(a: &Args) -> Outcome {
                     let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), arx.readable()).await else {
                         continue;
                     };
-                    let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(&mut b[..])).collect();
-                    if let Ok(k) = arx.try_io(tokio::io::Interest::READABLE, || state.recv((&arx).into(), &mut bufs, &mut meta)) {
+                    let mut bufs: Vec<IoSliceMut<'_>> =
+                        storage.iter_mut().map(|b| IoSliceMut::new(&mut b[..])).collect();
+                    if let Ok(k) =
+                        arx.try_io(tokio::io::Interest::READABLE, || state.recv((&arx).into(), &mut bufs, &mut meta))
+                    {
                         n += meta[..k].iter().map(|m| (m.len / m.stride.max(1)) as u64).sum::<u64>();
                     }
                 }
@@ -341,7 +356,8 @@ fn run_uring(a: &Args) -> Outcome {
 fn main() {
     let a = parse_args();
     raise_limits();
-    let variants: [(&str, fn(&Args) -> Outcome); 4] =
+    type Variant = (&'static str, fn(&Args) -> Outcome);
+    let variants: [Variant; 4] =
         [("std", run_std), ("tokio", run_tokio), ("portable", run_portable), ("uring", run_uring)];
     let mut results = Vec::new();
     for (name, f) in variants {
@@ -358,7 +374,10 @@ fn main() {
         "{} flows x {} pps = {:.0} packets/s offered, {} bytes, {:.1} s per variant, 1 sender + 1 receiver thread\n\n",
         a.flows, a.pps_per_flow, offered, PACKET, a.secs
     );
-    text += &format!("{:<10} {:>12} {:>12} {:>9} {:>10} {:>16} {:>8}\n", "variant", "sent", "received", "loss", "cpu s", "pkts per cpu s", "vs std");
+    text += &format!(
+        "{:<10} {:>12} {:>12} {:>9} {:>10} {:>16} {:>8}\n",
+        "variant", "sent", "received", "loss", "cpu s", "pkts per cpu s", "vs std"
+    );
     let std_rate = results.iter().find(|r| r.name == "std").map(|r| r.received as f64 / r.cpu_s);
     let mut json = serde_json::Map::new();
     json.insert("flows".into(), a.flows.into());
@@ -398,16 +417,24 @@ fn main() {
     });
     if std::fs::create_dir_all(&dir).is_ok() {
         let cmd: Vec<String> = std::env::args().collect();
-        let _ = std::fs::write(dir.join("command.txt"), format!("cargo run --release -p bench --bin pps -- {}\n", cmd[1..].join(" ")));
+        let _ = std::fs::write(
+            dir.join("command.txt"),
+            format!("cargo run --release -p bench --bin pps -- {}\n", cmd[1..].join(" ")),
+        );
         let _ = std::fs::write(dir.join("pps.txt"), &text);
         let _ = std::fs::write(dir.join("pps.json"), format!("{json}\n"));
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
             .unwrap_or_default();
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let _ = std::fs::write(dir.join("machine.txt"), format!("cores: {cores}\nkernel: {}\ncpu: {cpu}\n", kernel.trim()));
+        let _ =
+            std::fs::write(dir.join("machine.txt"), format!("cores: {cores}\nkernel: {}\ncpu: {cpu}\n", kernel.trim()));
         eprintln!("results written to {}", dir.display());
     }
 }

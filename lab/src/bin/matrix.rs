@@ -33,7 +33,12 @@ fn run_cell(a: Mode, b: Mode, calls: u16) -> Result<Cell, String> {
     for i in 0..calls {
         // A fresh caller port per call: each call punches a new window.
         let o = lab
-            .peer(Host::A, "alice", 40000 + i, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "0.3", "--json"])?
+            .peer(
+                Host::A,
+                "alice",
+                40000 + i,
+                &["--setup-timeout-secs", "2", "call", "bob", "--duration", "0.3", "--json"],
+            )?
             .finish(Duration::from_secs(20));
         match o.calls.first() {
             Some(c) if c["result"] == "ok" => {
@@ -88,14 +93,18 @@ fn main() {
         }
     }
     println!("CALL -> first two-way media, {calls} calls per cell (caller behind r1, callee behind r2)\n");
-    println!("{:<24} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9}  note", "caller / callee router", "calls", "ok", "success", "p50 ms", "p99 ms", "max ms");
+    println!(
+        "{:<24} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9}  note",
+        "caller / callee router", "calls", "ok", "success", "p50 ms", "p99 ms", "max ms"
+    );
     let mut json = Vec::new();
     for c in &cells {
         let ms = |q: f64| if c.hist.is_empty() { None } else { Some(c.hist.value_at_quantile(q) as f64 / 1000.0) };
         let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
         let random = c.a == Mode::NatRandom || c.b == Mode::NatRandom;
         let note = if random {
-            "expected to fail: a fully-random NAT uses a new port towards the peer, not the one the manager saw".to_string()
+            "expected to fail: a fully-random NAT uses a new port towards the peer, not the one the manager saw"
+                .to_string()
         } else if c.ok == c.calls {
             String::new()
         } else {

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use manager::stats::Stats;
+use proto::shard::stats::Stats;
 
 /// This process's CPU time (user + system) in seconds.
 pub fn cpu_seconds() -> f64 {

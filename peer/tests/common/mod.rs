@@ -123,7 +123,6 @@ pub fn settle() {
     std::thread::sleep(Duration::from_millis(1000));
 }
 
-
 /// Spawn `cmd` with `args` (stdout and stderr piped) as a [`Proc`].
 pub fn spawn(cmd: &str, args: &[&str], name: &'static str) -> Proc {
     let child = Command::new(cmd)

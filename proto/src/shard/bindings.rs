@@ -17,10 +17,13 @@ pub const BINDING_TTL: Duration = Duration::from_secs(30);
 pub const MAX_BINDINGS: usize = 1 << 20;
 const STRIPES: usize = 64;
 
+/// One stripe of the table: transaction id to the address seen and when.
+type Stripe = Mutex<HashMap<[u8; 12], (SocketAddr, Instant)>>;
+
 /// The binding table.
 #[derive(Debug)]
 pub struct Bindings {
-    stripes: Vec<Mutex<HashMap<[u8; 12], (SocketAddr, Instant)>>>,
+    stripes: Vec<Stripe>,
 }
 
 impl Default for Bindings {
@@ -78,7 +81,8 @@ mod tests {
     fn the_first_source_of_a_transaction_id_keeps_it() {
         let b = Bindings::default();
         let t0 = Instant::now();
-        let (client, thief): (SocketAddr, SocketAddr) = ("192.0.2.1:4000".parse().unwrap(), "198.51.100.9:5000".parse().unwrap());
+        let (client, thief): (SocketAddr, SocketAddr) =
+            ("192.0.2.1:4000".parse().unwrap(), "198.51.100.9:5000".parse().unwrap());
         assert!(b.insert([1; 12], client, t0));
         assert!(b.insert([1; 12], thief, t0 + Duration::from_millis(5)));
         assert_eq!(b.take(&[1; 12], t0 + Duration::from_millis(10)), Some(client));

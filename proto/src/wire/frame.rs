@@ -84,10 +84,7 @@ impl ClientId {
     /// Validate and wrap an id.
     pub fn new(s: impl Into<String>) -> Result<Self, FrameError> {
         let s = s.into();
-        if s.is_empty()
-            || s.len() > MAX_ID_LEN
-            || s.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
+        if s.is_empty() || s.len() > MAX_ID_LEN || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(FrameError::BadId);
         }
         Ok(ClientId(s))
@@ -492,9 +489,7 @@ impl Frame {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.push(reason.code());
             }
-            Frame::Ping { nonce } | Frame::Pong { nonce } => {
-                out.extend_from_slice(&nonce.to_be_bytes())
-            }
+            Frame::Ping { nonce } | Frame::Pong { nonce } => out.extend_from_slice(&nonce.to_be_bytes()),
             Frame::Error { code, message } => {
                 out.extend_from_slice(&(code.code() as u16).to_be_bytes());
                 // Truncate on a char boundary so the frame always decodes.
@@ -568,38 +563,23 @@ impl Frame {
                 };
                 Frame::Register { id, udp_port, max_calls, binding, auth }
             }
-            ty::REGISTERED => Frame::Registered {
-                public: r.addr()?,
-                source: AddrSource::from_code(r.u8()?)?,
-            },
+            ty::REGISTERED => Frame::Registered { public: r.addr()?, source: AddrSource::from_code(r.u8()?)? },
             ty::CALL => Frame::Call { call_ref: r.u32()?, callee: r.id()? },
-            ty::INCOMING => Frame::Incoming {
-                call_id: CallId(r.u64()?),
-                token: r.u64()?,
-                caller: r.id()?,
-                caller_addr: r.addr()?,
-            },
+            ty::INCOMING => {
+                Frame::Incoming { call_id: CallId(r.u64()?), token: r.u64()?, caller: r.id()?, caller_addr: r.addr()? }
+            }
             ty::PUNCHED => Frame::Punched { call_id: CallId(r.u64()?), udp_port: r.u16()? },
-            ty::START => Frame::Start {
-                call_ref: r.u32()?,
-                call_id: CallId(r.u64()?),
-                token: r.u64()?,
-                callee_addr: r.addr()?,
-            },
+            ty::START => {
+                Frame::Start { call_ref: r.u32()?, call_id: CallId(r.u64()?), token: r.u64()?, callee_addr: r.addr()? }
+            }
             ty::REJECT => Frame::Reject {
                 call_ref: r.u32()?,
                 call_id: CallId(r.u64()?),
                 reason: RejectReason::from_code(r.u8()?)?,
             },
             ty::BUSY => Frame::Busy { call_ref: r.u32()? },
-            ty::UNKNOWN => Frame::Unknown {
-                call_ref: r.u32()?,
-                reason: UnknownReason::from_code(r.u8()?)?,
-            },
-            ty::HANGUP => Frame::Hangup {
-                call_id: CallId(r.u64()?),
-                reason: HangupReason::from_code(r.u8()?)?,
-            },
+            ty::UNKNOWN => Frame::Unknown { call_ref: r.u32()?, reason: UnknownReason::from_code(r.u8()?)? },
+            ty::HANGUP => Frame::Hangup { call_id: CallId(r.u64()?), reason: HangupReason::from_code(r.u8()?)? },
             ty::PING => Frame::Ping { nonce: r.u64()? },
             ty::PONG => Frame::Pong { nonce: r.u64()? },
             ty::ERROR => {
@@ -868,10 +848,7 @@ mod tests {
                         }
                     }
                     let err = Frame::decode(&short).unwrap_err();
-                    assert!(
-                        matches!(err, FrameError::Truncated { .. }),
-                        "{f:?} cut at {cut}: {err:?}"
-                    );
+                    assert!(matches!(err, FrameError::Truncated { .. }), "{f:?} cut at {cut}: {err:?}");
                 }
             }
         }

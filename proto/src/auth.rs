@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use engine::wire::frame::{AuthToken, ClientId};
+use crate::wire::frame::{AuthToken, ClientId};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 

@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 
 use crate::rng::Rng;
 use crate::stats::RtpReceiverStats;
-use crate::wire::frame::{AddrSource, AuthToken, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason};
+use crate::wire::frame::{
+    AddrSource, AuthToken, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason,
+};
 use crate::wire::null::{NullPacket, NULL_LEN};
 use crate::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN, OPUS_CLOCK_HZ, OPUS_PAYLOAD_TYPE};
 use crate::wire::stun::{self, StunMessage, TransactionId};
@@ -564,12 +566,8 @@ impl Client {
         self.next_ping = None;
         self.ping_outstanding = None;
         self.frames.clear();
-        let doomed: Vec<CallHandle> = self
-            .calls
-            .iter()
-            .filter(|(_, c)| c.state == CallState::Calling)
-            .map(|(h, _)| *h)
-            .collect();
+        let doomed: Vec<CallHandle> =
+            self.calls.iter().filter(|(_, c)| c.state == CallState::Calling).map(|(h, _)| *h).collect();
         for h in doomed {
             self.end_call(now, h, EndReason::ManagerLost, None);
         }
@@ -622,9 +620,7 @@ impl Client {
                 }
             }
             Frame::Error { code, message } => self.events.push_back(Event::ManagerError { code, message }),
-            Frame::Register { .. } | Frame::Call { .. } | Frame::Punched { .. } => {
-                self.counters.frames_unexpected += 1
-            }
+            Frame::Register { .. } | Frame::Call { .. } | Frame::Punched { .. } => self.counters.frames_unexpected += 1,
         }
     }
 

@@ -44,10 +44,7 @@ impl SyntheticSource {
         if payload.len() < 16 {
             return None;
         }
-        Some((
-            u64::from_be_bytes(payload[..8].try_into().ok()?),
-            u64::from_be_bytes(payload[8..16].try_into().ok()?),
-        ))
+        Some((u64::from_be_bytes(payload[..8].try_into().ok()?), u64::from_be_bytes(payload[8..16].try_into().ok()?)))
     }
 }
 

@@ -142,7 +142,7 @@ pub fn parse(buf: &[u8]) -> Result<StunMessage, StunError> {
     if ty & 0xC000 != 0 || cookie != MAGIC_COOKIE {
         return Err(StunError::NotStun);
     }
-    if len % 4 != 0 || HEADER_LEN + len != buf.len() {
+    if !len.is_multiple_of(4) || HEADER_LEN + len != buf.len() {
         return Err(StunError::BadLength);
     }
     let mut txid = [0u8; 12];
@@ -171,10 +171,7 @@ pub fn parse(buf: &[u8]) -> Result<StunMessage, StunError> {
     }
     match ty {
         BINDING_REQUEST => Ok(StunMessage::BindingRequest { txid }),
-        BINDING_SUCCESS => Ok(StunMessage::BindingSuccess {
-            txid,
-            mapped: mapped.ok_or(StunError::NoMappedAddress)?,
-        }),
+        BINDING_SUCCESS => Ok(StunMessage::BindingSuccess { txid, mapped: mapped.ok_or(StunError::NoMappedAddress)? }),
         other => Err(StunError::UnsupportedType(other)),
     }
 }
@@ -232,8 +229,8 @@ mod tests {
         let mut msg = vec![0x01, 0x01, 0x00, 0x18, 0x21, 0x12, 0xa4, 0x42];
         msg.extend_from_slice(&txid);
         msg.extend_from_slice(&[
-            0x00, 0x20, 0x00, 0x14, 0x00, 0x02, 0xa1, 0x47, 0x01, 0x13, 0xa9, 0xfa, 0xa5, 0xd3, 0xf1, 0x79,
-            0xbc, 0x25, 0xf4, 0xb5, 0xbe, 0xd2, 0xb9, 0xd9,
+            0x00, 0x20, 0x00, 0x14, 0x00, 0x02, 0xa1, 0x47, 0x01, 0x13, 0xa9, 0xfa, 0xa5, 0xd3, 0xf1, 0x79, 0xbc, 0x25,
+            0xf4, 0xb5, 0xbe, 0xd2, 0xb9, 0xd9,
         ]);
         let want: SocketAddr = "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap();
         assert_eq!(parse(&msg).unwrap(), StunMessage::BindingSuccess { txid, mapped: want });

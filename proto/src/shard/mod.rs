@@ -9,19 +9,23 @@
 //! Inputs: `conn_opened`, `conn_frame`, `conn_error`, `conn_closed`, `handle_msg`,
 //! `handle_tick`. Output: [`Shard::poll_output`] until `None` after every input.
 
-use std::sync::atomic::Ordering;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::rng::Rng;
-use engine::wire::frame::{
+pub mod bindings;
+pub mod stats;
+pub mod stun_limit;
+
+use crate::rng::Rng;
+use crate::wire::frame::{
     AddrSource, CallId, ClientId, ErrorCode, Frame, FrameError, HangupReason, RejectReason, UnknownReason,
 };
 
-use crate::bindings::Bindings;
-use crate::stats::Stats;
+use crate::shard::bindings::Bindings;
+use crate::shard::stats::Stats;
 
 /// Frames a connection may have refused (ERROR NotRegistered or Unexpected) before it is
 /// closed: a client that keeps sending what it may not send is broken or hostile.
@@ -60,10 +64,11 @@ pub struct ShardConfig {
     /// Calls a connection may be party to at once; a CALL beyond is rejected with
     /// `CallerLimit` (0: no limit).
     pub max_calls_per_conn: usize,
-    /// Draw call tokens from the kernel's CSPRNG ([`engine::rng::secure_u64`]) instead of
-    /// the shard's seeded generator. The server sets it; the deterministic simulation
-    /// leaves it off.
-    pub secure_tokens: bool,
+    /// Where call tokens come from: the server passes the kernel's CSPRNG
+    /// (`engine::entropy::secure_u64`), since a client that sees its own calls' tokens must
+    /// not be able to work out anyone else's. `None`: the shard's seeded generator, so the
+    /// deterministic simulation is reproducible.
+    pub token_source: Option<fn() -> u64>,
 }
 
 impl Default for ShardConfig {
@@ -78,7 +83,7 @@ impl Default for ShardConfig {
             max_connections: 0,
             frames_per_sec: 0.0,
             max_calls_per_conn: 0,
-            secure_tokens: false,
+            token_source: None,
         }
     }
 }
@@ -354,7 +359,11 @@ impl Shard {
         self.next_conn += 1;
         // Open connections of the whole manager (every shard counts into the same stats), so
         // the limit holds however unevenly the kernel spreads connections over the shards.
-        let open = self.stats.connections_accepted.load(Ordering::Relaxed).saturating_sub(self.stats.connections_closed.load(Ordering::Relaxed));
+        let open = self
+            .stats
+            .connections_accepted
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.stats.connections_closed.load(Ordering::Relaxed));
         let full = self.cfg.max_connections > 0 && open >= self.cfg.max_connections as u64;
         let allowance = 2.0 * self.cfg.frames_per_sec;
         self.conns.insert(
@@ -479,10 +488,7 @@ impl Shard {
                 }
                 if caller == callee {
                     self.stats.inc(&self.stats.calls_rejected);
-                    self.send(
-                        conn,
-                        Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::SelfCall },
-                    );
+                    self.send(conn, Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::SelfCall });
                     return;
                 }
                 let caller_addr = c.public.expect("registered connections have a public address");
@@ -742,7 +748,10 @@ impl Shard {
         let (callee_addr, callee_source) = (e.public, e.source);
         let call_id = CallId(((self.index as u64) << 48) | (self.next_call & 0xFFFF_FFFF_FFFF));
         self.next_call += 1;
-        let token = if self.cfg.secure_tokens { engine::rng::secure_u64() } else { self.rng.next_u64() };
+        let token = match self.cfg.token_source {
+            Some(f) => f(),
+            None => self.rng.next_u64(),
+        };
         self.calls.insert(
             call_id,
             CallRec {

@@ -114,7 +114,12 @@ mod tests {
 
     #[test]
     fn round_trip_and_exact_bytes() {
-        let p = NullPacket { call_id: CallId(0x0102030405060708), token: 0x1112131415161718, keepalive: true, from_caller: false };
+        let p = NullPacket {
+            call_id: CallId(0x0102030405060708),
+            token: 0x1112131415161718,
+            keepalive: true,
+            from_caller: false,
+        };
         let mut buf = [0u8; 32];
         let n = p.emit(&mut buf);
         assert_eq!(n, NULL_LEN);

@@ -27,7 +27,8 @@ macro_rules! stats {
 }
 
 /// Upper bounds of the setup-time buckets, microseconds.
-pub const SETUP_BUCKETS_US: [u64; 12] = [250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 4_000_000];
+pub const SETUP_BUCKETS_US: [u64; 12] =
+    [250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 4_000_000];
 
 /// A fixed-bucket latency histogram of relaxed atomics (Prometheus style: each bucket
 /// counts observations at or below its bound; the last counts everything).

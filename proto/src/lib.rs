@@ -1,0 +1,26 @@
+//! # nullpunch proto
+//!
+//! The sans-IO core of nullpunch: everything that decides, nothing that waits. It owns no
+//! socket, thread or clock and has no `unsafe`; time and randomness are arguments. The IO
+//! drivers (`engine`) and the manager feed it bytes and timer expiries and send what it
+//! returns.
+//!
+//! * [`wire`]: byte formats: signalling frames (TCP, client <-> manager), the null packet,
+//!   RTP (RFC 3550), STUN binding (RFC 8489), and the datagram demultiplexer (RFC 7983).
+//! * [`client`]: the client state machine: public-address discovery, registration, calls as
+//!   caller and callee (null packet, START, media, keepalive, hangup).
+//! * [`shard`]: the manager's shard core: directory, calls, routing between shards, limits.
+//! * [`auth`]: registration tokens (HMAC-SHA256 over id and expiry).
+//! * [`stats`]: RFC 3550 receiver statistics (loss, interarrival jitter).
+//! * [`media`]: the synthetic media source the load generator sends.
+//! * [`rng`]: the seeded generator behind everything random that may be reproducible.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod auth;
+pub mod client;
+pub mod media;
+pub mod rng;
+pub mod shard;
+pub mod stats;
+pub mod wire;
