@@ -7,6 +7,7 @@
 //! * `reactor` (Linux): the io_uring client driver: many clients per thread in one ring.
 //! * `uring` (Linux): the io_uring layer both the reactor and the manager's shards use.
 //! * [`entropy`]: seeds and unpredictable values drawn from outside the protocol.
+//! * [`sys`]: safe wrappers over the process-level calls the binaries need (limits, CPU time).
 //!
 //! The protocol's state machines follow one shape: `handle_*` for input, commands that
 //! mutate, and `poll_*` for output; after any input, a driver drains the output and then
@@ -17,5 +18,6 @@ pub mod driver;
 pub mod entropy;
 #[cfg(target_os = "linux")]
 pub mod reactor;
+pub mod sys;
 #[cfg(target_os = "linux")]
 pub mod uring;

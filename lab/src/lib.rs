@@ -124,8 +124,7 @@ impl Lab {
 
     /// Build a lab with the given prefix (removing any leftover lab of that name first).
     pub fn up_named(prefix: &str, a: Mode, b: Mode) -> Result<Lab> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !engine::sys::is_root() {
             return Err("the firewall lab needs root (network namespaces and nftables)".into());
         }
         let _ = run(Command::new(script()).args(["down", prefix]));
@@ -302,8 +301,7 @@ impl ManagerProc {
     /// SIGTERM; returns the counters it prints on exit.
     pub fn stop(self) -> Result<Value> {
         // `ip netns exec` execs the program, so this pid is the manager's.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.proc.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = engine::sys::terminate(self.proc.id());
         let line =
             self.lines.recv_timeout(Duration::from_secs(10)).map_err(|_| "manager printed no counters".to_string())?;
         serde_json::from_str(&line).map_err(|e| format!("manager counters {line:?}: {e}"))

@@ -141,11 +141,7 @@ fn hold(addr: SocketAddr, n: usize, hello: &[u8], stop: &AtomicBool, count: &Ato
 /// legitimate load, and what is measured is the manager's handling of their traffic, not
 /// their own CPU use.
 fn lowest_priority() {
-    // SAFETY: setpriority on this thread's own id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-    }
+    engine::sys::lowest_thread_priority();
 }
 
 /// An attacker thread (lowest priority): at `rate` per second, open a connection and hand

@@ -4,8 +4,7 @@
 pub fn rss_mb() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: f64 = s.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    let page = engine::sys::page_size() as f64;
     Some(pages * page / (1024.0 * 1024.0))
 }
 
@@ -14,52 +13,11 @@ pub fn open_fds() -> Option<usize> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
 }
 
-/// CPU time (user + system) used by this process so far, in seconds.
-pub fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
-
-/// Raise the soft RLIMIT_NOFILE to the hard limit (many clients need many sockets).
-/// Returns the new soft limit.
-pub use manager::raise_nofile;
-
-/// Raise RLIMIT_NOFILE to at least `want` if allowed (root may raise the hard limit too),
-/// else as far as the hard limit. Returns the new soft limit.
-pub fn raise_nofile_to(want: u64) -> u64 {
-    // SAFETY: getrlimit/setrlimit write/read the struct we pass.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 0;
-        }
-        if (r.rlim_max as u64) < want {
-            let mut up = r;
-            up.rlim_max = want as libc::rlim_t;
-            up.rlim_cur = want as libc::rlim_t;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
-                return want;
-            }
-        }
-    }
-    raise_nofile()
-}
+pub use engine::sys::{cpu_seconds, fine_timer_slack, raise_nofile, raise_nofile_to};
 
 /// Logical cores available.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
-/// Ask the kernel for 1 us timer slack on this thread (default 50 us), so that sleeps of a
-/// scheduling thread end close to their deadline.
-pub fn fine_timer_slack() {
-    // SAFETY: PR_SET_TIMERSLACK takes a plain integer argument.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
-    }
 }
 
 /// A thread that sleeps 1 ms at a time and records by how much each sleep overran, in

@@ -252,24 +252,7 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
     Ok(handle)
 }
 
-/// Raise the soft RLIMIT_NOFILE to the hard limit (a manager, or a generator of many
-/// clients, needs a descriptor per connection). Returns the soft limit now in force, 0 if
-/// it cannot be read.
-pub fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 0;
-        }
-        if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        }
-        r.rlim_cur as u64
-    }
-}
+pub use engine::sys::raise_nofile;
 
 /// Receive (and send) buffer of the STUN socket.
 const STUN_RCVBUF: usize = 4 << 20;

@@ -1,0 +1,99 @@
+//! Small safe wrappers over the process-level system calls the binaries need (limits, CPU
+//! time, priorities, signals), so that no crate but this one writes `unsafe`.
+
+/// The kernel's memory page size in bytes.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions and reads no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
+}
+
+/// CPU time (user + system) used by this process so far, in seconds.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into the struct we pass, which lives on our stack.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn nofile() -> Option<libc::rlimit> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r)
+}
+
+fn set_nofile(r: &libc::rlimit) -> bool {
+    // SAFETY: setrlimit reads one rlimit from the struct we pass.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, r) == 0 }
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit (a manager, or a generator of many
+/// clients, needs a descriptor per connection). Returns the soft limit now in force, 0 if
+/// it cannot be read.
+// rlim_t is u64 on Linux x86-64 but not on every target.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_nofile() -> u64 {
+    let Some(mut r) = nofile() else { return 0 };
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        set_nofile(&r);
+    }
+    nofile().map(|r| r.rlim_cur as u64).unwrap_or(0)
+}
+
+/// Raise RLIMIT_NOFILE to at least `want` if allowed (root may raise the hard limit too),
+/// else as far as the hard limit. Returns the new soft limit.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_nofile_to(want: u64) -> u64 {
+    if let Some(r) = nofile() {
+        if (r.rlim_max as u64) < want {
+            let up = libc::rlimit { rlim_cur: want as libc::rlim_t, rlim_max: want as libc::rlim_t };
+            if set_nofile(&up) {
+                return want;
+            }
+        }
+    }
+    raise_nofile()
+}
+
+/// Ask the kernel for 1 us timer slack on the calling thread (default 50 us), so that sleeps
+/// of a scheduling thread end close to their deadline.
+pub fn fine_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer argument and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Run the calling thread at the lowest CPU priority (nice 19).
+pub fn lowest_thread_priority() {
+    // SAFETY: gettid has no arguments; setpriority on this thread's own id takes integers.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}
+
+/// True when the process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Send SIGTERM to process `pid` (a child this process started).
+pub fn terminate(pid: u32) -> std::io::Result<()> {
+    // SAFETY: kill(2) takes integers and touches no memory of ours.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
