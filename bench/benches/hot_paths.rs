@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use proto::client::{Client, ClientConfig};
+use proto::client::{Client, ClientConfig, Output};
 use proto::stats::RtpReceiverStats;
 use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
 use proto::wire::rtp::RtpHeader;
@@ -67,10 +67,8 @@ fn session_lookup(c: &mut Criterion) {
         );
         peers.push((caller_addr, token as u32));
     }
-    while client.poll_event().is_some() {}
     let mut buf = [0u8; 64];
-    while client.poll_transmit(&mut buf).is_some() {}
-    while client.poll_frame().is_some() {}
+    while !matches!(client.poll_output(&mut buf), Ok(Output::Timeout(_))) {}
     let (from, ssrc) = peers[500];
     let mut seq = 0u16;
     let mut g = c.benchmark_group("client");

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 
-use proto::client::{CallHandle, Client, ClientError, Event, Received, Transmit};
+use proto::client::{CallHandle, Client, ClientError, Event, Output, Received, Transmit};
 use proto::rng::Rng;
 use proto::wire::frame::FrameDecoder;
 
@@ -592,8 +592,9 @@ fn lost_connection(
     *backoff = (*backoff * 2).min(Duration::from_secs(5));
 }
 
-/// Drain the client's output until quiescent: frames are encoded into `wbuf`, control
-/// datagrams sent, events handed to the app (which may queue more).
+/// Drain the client's output in its order until it is empty: frames are encoded into
+/// `wbuf` (the driver writes them after the drain), control datagrams sent at once, events
+/// handed to the app (which may queue more). The one drain loop of both drivers.
 pub(crate) fn drain<A: App>(
     client: &mut Client,
     app: &mut A,
@@ -604,23 +605,20 @@ pub(crate) fn drain<A: App>(
     now: Instant,
 ) {
     loop {
-        let mut progressed = false;
-        while let Some(f) = client.poll_frame() {
-            f.encode(wbuf);
-            progressed = true;
-        }
-        while let Some(Transmit { to, len }) = client.poll_transmit(sbuf) {
-            send(&mut out, &sbuf[..len], to, counters);
-            progressed = true;
-        }
-        while let Some(ev) = client.poll_event() {
-            let mut ctx =
-                Ctx { client: &mut *client, now, out: out.reborrow(), buf: &mut *sbuf, counters: &mut *counters };
-            app.on_event(&mut ctx, ev);
-            progressed = true;
-        }
-        if !progressed {
-            break;
+        match client.poll_output(sbuf) {
+            Ok(Output::Frame(f)) => f.encode(wbuf),
+            Ok(Output::Transmit(Transmit { to, len })) => send(&mut out, &sbuf[..len], to, counters),
+            Ok(Output::Event(ev)) => {
+                let mut ctx =
+                    Ctx { client: &mut *client, now, out: out.reborrow(), buf: &mut *sbuf, counters: &mut *counters };
+                app.on_event(&mut ctx, ev);
+            }
+            Ok(Output::Timeout(_)) => break,
+            Err(e) => {
+                // The send buffer is sized for any packet, so this is a bug; say so, never spin.
+                tracing::error!("client output: {e}");
+                break;
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Time is an argument: every test fixes `t0` and passes `t0 + n ms`; nothing sleeps. The
 //! [`T`] harness drives a client the way the driver does: after each input or command it
-//! drains `poll_frame`, `poll_transmit` (1500-byte buffer) and `poll_event`, and
+//! drains `poll_output` (1500-byte buffer) until `Output::Timeout`, and
 //! [`T::run_until`] calls `handle_timeout` at each `poll_timeout` up to a given time,
 //! recording what came out and when (milliseconds since `t0`).
 //!
@@ -14,13 +14,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use proto::client::{
-    CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, MediaFields, Role,
+    CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, MediaFields, Output,
+    Role,
 };
 use proto::rng::Rng;
 use proto::wire::frame::{AddrSource, CallId, ClientId, Frame, HangupReason, RejectReason, UnknownReason};
 use proto::wire::null::NullPacket;
 use proto::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
 use proto::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
+use proto::wire::{classify, DatagramKind};
 
 // ------------------------------------------------------------------------------ fixtures
 
@@ -214,15 +216,17 @@ impl T {
 
     fn drain(&mut self) -> Out {
         let mut out = Out::default();
-        while let Some(f) = self.c.poll_frame() {
-            out.frames.push(f);
-        }
         let mut buf = [0u8; 1500];
-        while let Some(tx) = self.c.poll_transmit(&mut buf) {
-            out.dgrams.push((tx.to, buf[..tx.len].to_vec()));
-        }
-        while let Some(e) = self.c.poll_event() {
-            out.events.push(e);
+        loop {
+            match self.c.poll_output(&mut buf).expect("1500 bytes hold any control datagram") {
+                Output::Frame(f) => out.frames.push(f),
+                Output::Transmit(tx) => out.dgrams.push((tx.to, buf[..tx.len].to_vec())),
+                Output::Event(e) => out.events.push(e),
+                Output::Timeout(t) => {
+                    assert_eq!(t, self.c.poll_timeout(), "Output::Timeout is the next deadline");
+                    break;
+                }
+            }
         }
         out
     }
@@ -1079,4 +1083,52 @@ fn callee_setup_runs_from_incoming_to_the_first_media_packet() {
     // The callee's setup_ms is defined as INCOMING to the first media received: a null
     // packet opens the path, but media has not flowed yet.
     assert_eq!(r.setup, Some(ms(40)), "setup ends at the first RTP packet, not the caller's null");
+}
+
+/// The callee's output on INCOMING comes out of `poll_output` in wire order: the null packet
+/// (which opens the callee's firewall) before PUNCHED (which makes the manager send START,
+/// and so the caller's first packet), then the event. The order is the core's, so no
+/// driver can reorder it.
+#[test]
+fn incoming_outputs_leave_in_wire_order_null_before_punched() {
+    let mut t = T::registered();
+    t.c.handle_frame(t.at(0), incoming_frame());
+    let mut buf = [0u8; 1500];
+    let mut kinds = Vec::new();
+    loop {
+        match t.c.poll_output(&mut buf).unwrap() {
+            Output::Transmit(tx) => {
+                assert_eq!(tx.to, caller_addr());
+                assert_eq!(classify(&buf[..tx.len]), DatagramKind::Null);
+                kinds.push("null");
+            }
+            Output::Frame(Frame::Punched { .. }) => kinds.push("PUNCHED"),
+            Output::Frame(f) => panic!("unexpected frame {f:?}"),
+            Output::Event(Event::Incoming { .. }) => kinds.push("Incoming"),
+            Output::Event(e) => panic!("unexpected event {e:?}"),
+            Output::Timeout(t) => {
+                assert!(t.is_some(), "the null re-send timer is armed");
+                break;
+            }
+        }
+    }
+    assert_eq!(kinds, ["null", "PUNCHED", "Incoming"]);
+}
+
+/// A buffer too small for the next control datagram is an error, not a panic, and the
+/// datagram stays queued for a call with a larger buffer.
+#[test]
+fn a_small_output_buffer_is_an_error_and_loses_nothing() {
+    let mut t = T::registered();
+    t.c.handle_frame(t.at(0), incoming_frame());
+    let mut small = [0u8; 4];
+    assert_eq!(
+        t.c.poll_output(&mut small).unwrap_err(),
+        ClientError::BufferTooSmall { need: proto::wire::null::NULL_LEN, have: 4 }
+    );
+    let mut buf = [0u8; proto::client::MAX_CONTROL_DATAGRAM];
+    match t.c.poll_output(&mut buf).unwrap() {
+        Output::Transmit(tx) => assert_eq!(classify(&buf[..tx.len]), DatagramKind::Null),
+        o => panic!("expected the null packet, got {o:?}"),
+    }
 }

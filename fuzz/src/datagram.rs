@@ -27,7 +27,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use proto::client::{Client, ClientConfig, Event};
+use proto::client::{Client, ClientConfig, Event, Output};
 use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
 use proto::wire::null::{NullPacket, NULL_LEN};
 use proto::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN};
@@ -148,34 +148,37 @@ impl Harness {
     pub fn drain(&mut self) {
         let mut buf = [0u8; 1500];
         for c in [&mut self.calls, &mut self.discovering] {
-            while let Some(f) = c.poll_frame() {
-                assert_frame_round_trips(&f);
-            }
-            while let Some(t) = c.poll_transmit(&mut buf) {
-                let d = &buf[..t.len];
-                match classify(d) {
-                    DatagramKind::Null => {
-                        assert_eq!(d.len(), NULL_LEN, "client sent a bare null packet");
-                        NullPacket::parse(d).expect("client sent a malformed null packet");
+            loop {
+                match c.poll_output(&mut buf).expect("1500 bytes hold any control datagram") {
+                    Output::Frame(f) => {
+                        assert_frame_round_trips(&f);
                     }
-                    DatagramKind::Stun => {
-                        let m = stun::parse(d).expect("client sent malformed STUN");
-                        assert!(matches!(m, StunMessage::BindingRequest { .. }), "client sent {m:?}");
-                        assert_eq!(t.to, stun_server(), "STUN request to the wrong address");
+                    Output::Transmit(t) => {
+                        let d = &buf[..t.len];
+                        match classify(d) {
+                            DatagramKind::Null => {
+                                assert_eq!(d.len(), NULL_LEN, "client sent a bare null packet");
+                                NullPacket::parse(d).expect("client sent a malformed null packet");
+                            }
+                            DatagramKind::Stun => {
+                                let m = stun::parse(d).expect("client sent malformed STUN");
+                                assert!(matches!(m, StunMessage::BindingRequest { .. }), "client sent {m:?}");
+                                assert_eq!(t.to, stun_server(), "STUN request to the wrong address");
+                            }
+                            k => panic!("client queued a {k:?} datagram: {d:02x?}"),
+                        }
+                        self.sent.push((t.to, d.to_vec()));
                     }
-                    k => panic!("client queued a {k:?} datagram: {d:02x?}"),
-                }
-                self.sent.push((t.to, d.to_vec()));
-            }
-            while let Some(e) = c.poll_event() {
-                match e {
-                    Event::Ended(r) => {
-                        assert!(r.jitter_ms.is_finite() && r.jitter_ms >= 0.0, "jitter {}", r.jitter_ms);
-                        self.ended += 1;
-                    }
-                    Event::MediaFlowing { .. } => self.media_flowing += 1,
-                    Event::Discovered { mapped: Some(_) } => self.discovered += 1,
-                    _ => {}
+                    Output::Event(e) => match e {
+                        Event::Ended(r) => {
+                            assert!(r.jitter_ms.is_finite() && r.jitter_ms >= 0.0, "jitter {}", r.jitter_ms);
+                            self.ended += 1;
+                        }
+                        Event::MediaFlowing { .. } => self.media_flowing += 1,
+                        Event::Discovered { mapped: Some(_) } => self.discovered += 1,
+                        _ => {}
+                    },
+                    Output::Timeout(_) => break,
                 }
             }
         }

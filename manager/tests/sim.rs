@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::client::{CallHandle, CallReport, Client, ClientConfig, EndReason, Event, Role};
+use proto::client::{CallHandle, CallReport, Client, ClientConfig, EndReason, Event, Output as ClientOutput, Role};
 use proto::media::{MediaSource, SyntheticSource};
 use proto::rng::Rng;
 use proto::shard::bindings::Bindings;
@@ -238,20 +238,23 @@ impl Sim {
         let mut buf = [0u8; 1500];
         loop {
             let mut progressed = false;
-            while let Some(f) = self.clients[i].client.poll_frame() {
-                progressed = true;
-                if self.clients[i].conn.is_some() {
-                    self.schedule(self.now + self.net.frame_delay, Ev::ToManager { client: i, frame: f });
+            match self.clients[i].client.poll_output(&mut buf).expect("1500 bytes hold any control datagram") {
+                ClientOutput::Frame(f) => {
+                    progressed = true;
+                    if self.clients[i].conn.is_some() {
+                        self.schedule(self.now + self.net.frame_delay, Ev::ToManager { client: i, frame: f });
+                    }
                 }
-            }
-            while let Some(t) = self.clients[i].client.poll_transmit(&mut buf) {
-                progressed = true;
-                let from = self.clients[i].udp;
-                self.send_datagram(from, t.to, &buf[..t.len]);
-            }
-            while let Some(ev) = self.clients[i].client.poll_event() {
-                progressed = true;
-                self.on_event(i, ev);
+                ClientOutput::Transmit(t) => {
+                    progressed = true;
+                    let from = self.clients[i].udp;
+                    self.send_datagram(from, t.to, &buf[..t.len]);
+                }
+                ClientOutput::Event(ev) => {
+                    progressed = true;
+                    self.on_event(i, ev);
+                }
+                ClientOutput::Timeout(_) => {}
             }
             if !progressed {
                 break;

@@ -290,6 +290,31 @@ pub enum Event {
     ManagerUnresponsive,
 }
 
+/// One output of [`Client::poll_output`].
+#[derive(Debug)]
+pub enum Output {
+    /// A frame to write to the manager connection.
+    Frame(Frame),
+    /// A control datagram, written at the start of the caller's buffer.
+    Transmit(Transmit),
+    /// An event for the application.
+    Event(Event),
+    /// Nothing more is queued; call [`Client::handle_timeout`] at this time (`None`: no
+    /// timer is armed).
+    Timeout(Option<Instant>),
+}
+
+/// Room [`Client::poll_output`] needs for the largest control datagram (a STUN request).
+pub const MAX_CONTROL_DATAGRAM: usize = SMALL_DATAGRAM;
+
+/// What the client has queued, in wire order.
+#[derive(Debug)]
+enum Queued {
+    Frame(Frame),
+    Datagram(SmallDatagram),
+    Event(Event),
+}
+
 /// A datagram to send: `len` bytes at the start of the caller's buffer, to `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
@@ -460,9 +485,10 @@ pub struct Client {
     /// its true next deadline; sending and receiving only move deadlines later, so the hot
     /// path never touches the heap. An early entry just re-arms when it fires.
     timers: BinaryHeap<Reverse<(Instant, CallHandle, u32)>>,
-    frames: VecDeque<Frame>,
-    datagrams: VecDeque<SmallDatagram>,
-    events: VecDeque<Event>,
+    /// Everything the client emits, in the order it must leave: frames, control
+    /// datagrams and events in one queue, so the core decides wire order (the callee's null
+    /// packet is queued before its PUNCHED), not each driver.
+    out: VecDeque<Queued>,
     next_ping: Option<Instant>,
     ping_outstanding: Option<(u64, Instant)>,
     unresponsive_reported: bool,
@@ -496,9 +522,7 @@ impl Client {
             by_ssrc: HashMap::new(),
             next_handle: 1,
             timers: BinaryHeap::new(),
-            frames: VecDeque::new(),
-            datagrams: VecDeque::new(),
-            events: VecDeque::new(),
+            out: VecDeque::new(),
             next_ping: None,
             ping_outstanding: None,
             unresponsive_reported: false,
@@ -565,7 +589,8 @@ impl Client {
         self.reg = RegState::Disconnected;
         self.next_ping = None;
         self.ping_outstanding = None;
-        self.frames.clear();
+        // Frames queued for the lost connection are dropped (a new one registers afresh).
+        self.out.retain(|q| !matches!(q, Queued::Frame(_)));
         let doomed: Vec<CallHandle> =
             self.calls.iter().filter(|(_, c)| c.state == CallState::Calling).map(|(h, _)| *h).collect();
         for h in doomed {
@@ -583,7 +608,7 @@ impl Client {
                 }
                 self.reg = RegState::Registered;
                 self.public = Some(public);
-                self.events.push_back(Event::Registered { public, source });
+                self.push_event(Event::Registered { public, source });
             }
             Frame::Incoming { call_id, token, caller, caller_addr } => {
                 self.on_incoming(now, call_id, token, caller, caller_addr)
@@ -610,7 +635,7 @@ impl Client {
                 Some(h) => self.end_call(now, h, EndReason::RemoteHangup(reason), None),
                 None => self.counters.frames_unexpected += 1,
             },
-            Frame::Ping { nonce } => self.frames.push_back(Frame::Pong { nonce }),
+            Frame::Ping { nonce } => self.push_frame(Frame::Pong { nonce }),
             Frame::Pong { nonce } => {
                 if self.ping_outstanding.is_some_and(|(n, _)| n == nonce) {
                     self.ping_outstanding = None;
@@ -619,7 +644,7 @@ impl Client {
                     self.counters.frames_unexpected += 1;
                 }
             }
-            Frame::Error { code, message } => self.events.push_back(Event::ManagerError { code, message }),
+            Frame::Error { code, message } => self.push_event(Event::ManagerError { code, message }),
             Frame::Register { .. } | Frame::Call { .. } | Frame::Punched { .. } => self.counters.frames_unexpected += 1,
         }
     }
@@ -660,12 +685,12 @@ impl Client {
                 if let Some((_, sent)) = self.ping_outstanding {
                     if now.duration_since(sent) >= self.cfg.ping_interval * 3 && !self.unresponsive_reported {
                         self.unresponsive_reported = true;
-                        self.events.push_back(Event::ManagerUnresponsive);
+                        self.push_event(Event::ManagerUnresponsive);
                     }
                 } else {
                     let nonce = self.rng.next_u64();
                     self.ping_outstanding = Some((nonce, now));
-                    self.frames.push_back(Frame::Ping { nonce });
+                    self.push_frame(Frame::Ping { nonce });
                 }
                 self.next_ping = Some(now + self.cfg.ping_interval);
             }
@@ -718,14 +743,14 @@ impl Client {
         if let Some(t) = c.next_null {
             if now >= t {
                 let keepalive = false;
-                queue_null(&mut self.datagrams, c, now, keepalive);
+                queue_null(&mut self.out, c, now, keepalive);
                 c.null_retries_left -= 1;
                 c.null_interval *= 2;
                 c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
             }
         }
         if c.state == CallState::Media && now.duration_since(c.last_tx) >= self.cfg.keepalive_interval {
-            queue_null(&mut self.datagrams, c, now, true);
+            queue_null(&mut self.out, c, now, true);
         }
     }
 
@@ -737,7 +762,7 @@ impl Client {
             return Err(ClientError::NotRegistered);
         }
         let h = self.alloc_handle();
-        self.frames.push_back(Frame::Call { call_ref: h.0, callee: callee.clone() });
+        self.push_frame(Frame::Call { call_ref: h.0, callee: callee.clone() });
         let call = self.new_call(now, Role::Caller, callee, None, 0, None);
         self.calls.insert(h, Call { deadline: Some(now + self.cfg.start_timeout), ..call });
         self.schedule(h);
@@ -812,23 +837,39 @@ impl Client {
 
     // ---------------------------------------------------------------- outputs
 
-    /// The next frame to send to the manager.
-    pub fn poll_frame(&mut self) -> Option<Frame> {
-        self.frames.pop_front()
+    /// The next output, in the order it must leave: a frame for the manager, a control
+    /// datagram (null packet, STUN request) written into `buf`, or an event for the
+    /// application; once the queue is empty, [`Output::Timeout`] with the next deadline
+    /// (the same as [`Client::poll_timeout`]). Drain rule: after every input or command, call
+    /// this until it returns `Timeout`.
+    ///
+    /// A datagram needs up to [`MAX_CONTROL_DATAGRAM`] bytes of `buf`; a smaller buffer gets
+    /// [`ClientError::BufferTooSmall`] and the datagram stays queued.
+    pub fn poll_output(&mut self, buf: &mut [u8]) -> Result<Output, ClientError> {
+        if let Some(Queued::Datagram(d)) = self.out.front() {
+            let n = d.len as usize;
+            if buf.len() < n {
+                return Err(ClientError::BufferTooSmall { need: n, have: buf.len() });
+            }
+        }
+        Ok(match self.out.pop_front() {
+            Some(Queued::Frame(f)) => Output::Frame(f),
+            Some(Queued::Event(e)) => Output::Event(e),
+            Some(Queued::Datagram(d)) => {
+                let n = d.len as usize;
+                buf[..n].copy_from_slice(&d.data[..n]);
+                Output::Transmit(Transmit { to: d.to, len: n })
+            }
+            None => Output::Timeout(self.poll_timeout()),
+        })
     }
 
-    /// The next control datagram (null packet, STUN request), written into `buf` (at least
-    /// 36 bytes, [`stun::REQUEST_LEN`]).
-    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
-        let d = self.datagrams.pop_front()?;
-        let n = d.len as usize;
-        buf[..n].copy_from_slice(&d.data[..n]);
-        Some(Transmit { to: d.to, len: n })
+    fn push_frame(&mut self, f: Frame) {
+        self.out.push_back(Queued::Frame(f));
     }
 
-    /// The next event for the application.
-    pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+    fn push_event(&mut self, e: Event) {
+        self.out.push_back(Queued::Event(e));
     }
 
     /// When [`Client::handle_timeout`] should next be called. Takes `&mut self` to drop
@@ -909,19 +950,19 @@ impl Client {
         let RegState::Discovering { attempts, .. } = self.reg else { return };
         let Some(server) = self.cfg.stun_server else { return };
         if attempts >= self.cfg.stun_attempts {
-            self.events.push_back(Event::Discovered { mapped: None });
+            self.push_event(Event::Discovered { mapped: None });
             self.send_register(false);
             return;
         }
         let mut d = SmallDatagram { to: server, len: 0, data: [0; SMALL_DATAGRAM] };
         d.len = stun::emit_binding_request(&self.txid, &mut d.data) as u8;
-        self.datagrams.push_back(d);
+        self.out.push_back(Queued::Datagram(d));
         self.reg = RegState::Discovering { attempts: attempts + 1, next: now + self.cfg.stun_interval };
     }
 
     fn send_register(&mut self, with_binding: bool) {
         self.reg = RegState::Registering;
-        self.frames.push_back(Frame::Register {
+        self.push_frame(Frame::Register {
             id: self.cfg.id.clone(),
             udp_port: self.cfg.local_udp_port,
             max_calls: self.cfg.max_calls,
@@ -938,7 +979,7 @@ impl Client {
                     && matches!(self.reg, RegState::Discovering { .. }) =>
             {
                 self.mapped = Some(mapped);
-                self.events.push_back(Event::Discovered { mapped: Some(mapped) });
+                self.push_event(Event::Discovered { mapped: Some(mapped) });
                 self.send_register(true);
             }
             Ok(_) => self.counters.stun_unexpected += 1,
@@ -959,16 +1000,16 @@ impl Client {
         c.state = CallState::Punching;
         c.deadline = Some(now + self.cfg.first_media_timeout);
         if self.cfg.send_null {
-            queue_null(&mut self.datagrams, &mut c, now, false);
+            queue_null(&mut self.out, &mut c, now, false);
             c.null_retries_left = self.cfg.null_retries;
             c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
         }
-        self.frames.push_back(Frame::Punched { call_id, udp_port: self.cfg.local_udp_port });
+        self.push_frame(Frame::Punched { call_id, udp_port: self.cfg.local_udp_port });
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
         self.calls.insert(h, c);
         self.schedule(h);
-        self.events.push_back(Event::Incoming { handle: h, call_id, caller, caller_addr });
+        self.push_event(Event::Incoming { handle: h, call_id, caller, caller_addr });
     }
 
     fn on_start(&mut self, now: Instant, h: CallHandle, call_id: CallId, token: u64, callee_addr: SocketAddr) {
@@ -976,7 +1017,7 @@ impl Client {
         if !pending {
             if !self.by_call_id.contains_key(&call_id) {
                 // START for a call we gave up on (or never placed): end it at the manager.
-                self.frames.push_back(Frame::Hangup { call_id, reason: HangupReason::Timeout });
+                self.push_frame(Frame::Hangup { call_id, reason: HangupReason::Timeout });
             }
             self.counters.frames_unexpected += 1;
             return;
@@ -991,11 +1032,11 @@ impl Client {
         c.setup_done = Some(now);
         c.deadline = Some(now + self.cfg.first_media_timeout);
         // One null packet at once: opens this side's firewall before the first media frame.
-        queue_null(&mut self.datagrams, c, now, false);
+        queue_null(&mut self.out, c, now, false);
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
         self.schedule(h);
-        self.events.push_back(Event::Started { handle: h, call_id, peer: callee_addr });
+        self.push_event(Event::Started { handle: h, call_id, peer: callee_addr });
     }
 
     /// A packet (null or RTP) from the peer of call `h`: first one completes the setup.
@@ -1013,10 +1054,10 @@ impl Client {
                 // open now, so it arrives, and the caller learns the path is two-way even
                 // before (or without) any media from this side.
                 if self.cfg.send_null {
-                    queue_null(&mut self.datagrams, c, now, false);
+                    queue_null(&mut self.out, c, now, false);
                 }
             }
-            self.events.push_back(Event::MediaFlowing { handle: h });
+            self.push_event(Event::MediaFlowing { handle: h });
         }
     }
 
@@ -1075,7 +1116,7 @@ impl Client {
             self.by_call_id.remove(&id);
             if let Some(r) = hangup {
                 if self.reg == RegState::Registered {
-                    self.frames.push_back(Frame::Hangup { call_id: id, reason: r });
+                    self.push_frame(Frame::Hangup { call_id: id, reason: r });
                 }
             }
         }
@@ -1104,15 +1145,15 @@ impl Client {
             nulls_received: c.nulls_rx,
             reason,
         };
-        self.events.push_back(Event::Ended(Box::new(report)));
+        self.push_event(Event::Ended(Box::new(report)));
     }
 }
 
-fn queue_null(q: &mut VecDeque<SmallDatagram>, c: &mut Call, now: Instant, keepalive: bool) {
+fn queue_null(q: &mut VecDeque<Queued>, c: &mut Call, now: Instant, keepalive: bool) {
     let (Some(to), Some(call_id)) = (c.peer_addr, c.call_id) else { return };
     let mut d = SmallDatagram { to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
     NullPacket { call_id, token: c.token, keepalive, from_caller: c.role == Role::Caller }.emit(&mut d.data);
-    q.push_back(d);
+    q.push_back(Queued::Datagram(d));
     c.nulls_sent += 1;
     c.last_tx = now;
 }
