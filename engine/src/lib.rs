@@ -6,6 +6,8 @@
 //! * [`driver`]: the portable driver: tokio over a TCP stream and a `quinn-udp` socket.
 //! * `reactor` (Linux): the io_uring client driver: many clients per thread in one ring.
 //! * `uring` (Linux): the io_uring layer both the reactor and the manager's shards use.
+//! * [`shard`]: what the manager's shard threads share whichever IO runs them, and their
+//!   io_uring IO (`shard::uring`, Linux).
 //! * [`entropy`]: seeds and unpredictable values drawn from outside the protocol.
 //! * [`sys`]: safe wrappers over the process-level calls the binaries need (limits, CPU time).
 //!
@@ -18,6 +20,7 @@ pub mod driver;
 pub mod entropy;
 #[cfg(target_os = "linux")]
 pub mod reactor;
+pub mod shard;
 pub mod sys;
 #[cfg(target_os = "linux")]
 pub mod uring;

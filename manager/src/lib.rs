@@ -7,12 +7,11 @@
 //! The shard logic itself (directory, calls, routing, tokens) is sans-IO in `proto::shard`.
 //! * [`metrics`]: Prometheus text exposition and its `GET /metrics` endpoint.
 //! * [`server`]: threads, sockets and the STUN responder around it (tokio shards).
-//! * `uring` (Linux): io_uring shards, whose connections live in direct descriptors.
+//! * The io_uring shards (Linux), whose connections live in direct descriptors, are
+//!   `engine::shard::uring`: the manager holds no io_uring code of its own.
 #![deny(missing_docs)]
 
 pub mod metrics;
 pub mod server;
-#[cfg(target_os = "linux")]
-pub mod uring;
 
 pub use server::{raise_nofile, start, Io, ManagerConfig, ManagerHandle};

@@ -166,7 +166,7 @@ fn main() {
         );
     }
     let io = match manager::Io::choose(&args.io) {
-        Ok(io) if io == manager::Io::Portable || manager::uring::available() => io,
+        Ok(io) if io == manager::Io::Portable || engine::shard::uring::available() => io,
         Ok(_) if args.io == "auto" => manager::Io::Portable,
         Ok(_) => {
             eprintln!("manager: --io uring: io_uring manager rings cannot be set up here; use --io portable or auto");

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 #[cfg(target_os = "linux")]
 use engine::reactor::Wake;
+use engine::shard::{Peer, ShardStart, ACCEPT_BACKOFF, CLOSE_GRACE};
 use proto::shard::bindings::Bindings;
 use proto::shard::stats::Stats;
 use proto::shard::{Output, Shard, ShardConfig, ShardMsg};
@@ -91,24 +92,6 @@ pub struct ManagerHandle {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// A shard's inbox as the other shards see it.
-#[derive(Clone)]
-pub(crate) struct Peer {
-    tx: mpsc::UnboundedSender<ShardMsg>,
-    /// Set for an io_uring shard, which sleeps in its ring rather than on the channel.
-    wake: Option<Arc<Wake>>,
-}
-
-impl Peer {
-    pub(crate) fn send(&self, msg: ShardMsg) {
-        if self.tx.send(msg).is_ok() {
-            if let Some(w) = &self.wake {
-                w.notify();
-            }
-        }
-    }
-}
-
 impl ManagerHandle {
     /// The TCP and UDP address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
@@ -165,7 +148,7 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_udp = Arc::new(AtomicBool::new(false));
     #[cfg(target_os = "linux")]
-    let uring = cfg.io == Io::Uring && crate::uring::available();
+    let uring = cfg.io == Io::Uring && engine::shard::uring::available();
     #[cfg(not(target_os = "linux"))]
     let uring = false;
     if cfg.io != Io::Portable && !uring {
@@ -178,7 +161,13 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         let (tx, rx) = mpsc::unbounded_channel::<ShardMsg>();
         let wake = if uring { Some(Wake::new()?) } else { None };
         wakes.extend(wake.clone());
-        txs.push(Peer { tx, wake });
+        #[cfg(target_os = "linux")]
+        txs.push(Peer::new(tx, wake));
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = wake;
+            txs.push(Peer::new(tx));
+        }
         rxs.push(Some(rx));
     }
     let seed = engine::entropy::seed();
@@ -223,7 +212,7 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
         };
         let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || match wake {
             #[cfg(target_os = "linux")]
-            Some(wake) => crate::uring::shard_thread(start, wake),
+            Some(wake) => engine::shard::uring::shard_thread(start, wake),
             _ => shard_thread(start),
         })?;
         handle.threads.push(t);
@@ -264,11 +253,6 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     s.bind(addr)?;
     s.listen(4096)
 }
-
-/// How long a closing connection may take to flush what was queued for it (an ERROR) before
-/// its task is aborted. A peer that stops reading would otherwise hold the task in a write
-/// forever, and with it the connection's registration.
-pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 struct ConnHandle {
     tx: mpsc::Sender<Frame>,
@@ -327,24 +311,6 @@ impl ShardIo {
             });
         }
     }
-}
-
-/// What a shard thread starts from, whichever IO runs it.
-pub(crate) struct ShardStart {
-    pub index: u16,
-    pub n: u16,
-    /// The address to listen on (port 0 for shard 0 alone: the others get its port).
-    pub addr: SocketAddr,
-    pub cfg: ShardConfig,
-    pub conn_queue: usize,
-    pub bindings: Arc<Bindings>,
-    pub stats: Arc<Stats>,
-    pub inbox: mpsc::UnboundedReceiver<ShardMsg>,
-    pub peers: Vec<Peer>,
-    pub stop: watch::Receiver<bool>,
-    /// Told the bound address, or why the shard could not start.
-    pub ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
-    pub seed: u64,
 }
 
 fn shard_thread(start: ShardStart) {
@@ -462,9 +428,6 @@ async fn accept_failed(stats: &Stats, e: &io::Error, last_warning: &mut Option<I
         tokio::time::sleep(ACCEPT_BACKOFF).await;
     }
 }
-
-/// Pause after an accept failed for lack of descriptors or memory.
-pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
 async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Receiver<Frame>) {
     let (rd, mut wr) = stream.into_split();

@@ -25,7 +25,7 @@ fn set_soft_nofile(n: u64) {
 
 #[test]
 fn a_full_direct_descriptor_table_pauses_accepts_counts_and_recovers() {
-    if !manager::uring::available() {
+    if !engine::shard::uring::available() {
         panic!("io_uring manager rings cannot be set up on this machine; this test needs them");
     }
     // A 48-slot table, then room for the test's own client sockets.

@@ -1,5 +1,5 @@
 //! The manager's io_uring IO (Linux): one ring per shard thread, driving the same sans-IO
-//! [`Shard`] as the tokio IO in [`crate::server`].
+//! [`Shard`] as the manager's tokio IO.
 //!
 //! Connections are accepted into the ring's *direct descriptors* (a sparse fixed-file table,
 //! `IORING_FILE_INDEX_ALLOC`), not into the process's descriptor table: a connection costs
@@ -30,13 +30,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::reactor::Wake;
-use engine::uring::BufRing;
+use crate::reactor::Wake;
+use crate::uring::BufRing;
 use io_uring::{cqueue, opcode, types, IoUring};
 use proto::wire::frame::FrameDecoder;
 use tokio::sync::mpsc;
 
-use crate::server::{Peer, ShardStart, ACCEPT_BACKOFF, CLOSE_GRACE};
+use super::{Peer, ShardStart, ACCEPT_BACKOFF, CLOSE_GRACE};
 use proto::shard::stats::Stats;
 use proto::shard::{Output, Shard, ShardMsg};
 
@@ -87,12 +87,12 @@ fn build_ring(table: u32) -> io::Result<(IoUring, BufRing)> {
 /// The size of a shard's direct-descriptor table: the soft RLIMIT_NOFILE (the most the
 /// kernel allows for one ring).
 pub fn table_size() -> u32 {
-    engine::uring::table_limit().unwrap_or(1024).clamp(16, 1 << 20) as u32
+    crate::uring::table_limit().unwrap_or(1024).clamp(16, 1 << 20) as u32
 }
 
 /// A std listener with SO_REUSEPORT (one per shard) and TCP_NODELAY, which accepted
 /// connections inherit (a direct descriptor cannot be given socket options by syscall).
-pub(crate) fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     s.set_reuseaddr(true)?;
     s.set_reuseport(true)?;
@@ -174,7 +174,7 @@ struct Io {
 
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
 /// Shutdown and the thread waits up to 500 ms for them to close).
-pub(crate) fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
+pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
     let ShardStart { index, n, addr, cfg, conn_queue, bindings, stats, mut inbox, peers, stop, ready, seed } = start;
     let setup = (|| {
         let listener = bind_listener(addr)?;
