@@ -304,16 +304,31 @@ impl AnonMap {
         self.ptr
     }
 
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `len` bytes mapped (or none), zero-initialised by the kernel.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    /// Bytes `off..off + len` (clamped to the mapping). No slice ever covers the whole
+    /// mapping: other parts of it may be in the kernel's hands at the same time.
+    ///
+    /// # Safety
+    /// No operation the kernel may still carry out writes into this range while the slice
+    /// lives (its completion has been reaped, or it was never handed to the kernel).
+    pub unsafe fn range(&self, off: usize, len: usize) -> &[u8] {
+        let off = off.min(self.len);
+        let len = len.min(self.len - off);
+        // SAFETY: `off..off + len` lies inside the mapping (clamped above), which the kernel
+        // zero-initialised; the caller guarantees no kernel write to it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
     }
 
-    /// The bytes, to write.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    /// Bytes `off..off + len` (clamped to the mapping), to write.
+    ///
+    /// # Safety
+    /// No operation the kernel may still carry out reads or writes this range while the
+    /// slice lives.
+    pub unsafe fn range_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
+        let off = off.min(self.len);
+        let len = len.min(self.len - off);
+        // SAFETY: inside the mapping (clamped above); `&mut self` and the caller's guarantee
+        // make this the only access to the range.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
     }
 }
 
@@ -395,10 +410,18 @@ impl BufRing {
         unsafe { ring.submitter().register_buf_ring_with_flags(self.mem as u64, self.nbufs, bgid, 0) }
     }
 
-    /// The first `len` bytes of buffer `bid` (as the kernel filled them).
+    /// The first `len` bytes of buffer `bid` (as the kernel filled them), to read after the
+    /// completion that named `bid` and before [`BufRing::provide`] gives it back. A `bid`
+    /// outside the ring gives an empty slice.
     pub fn get(&self, bid: u16, len: usize) -> &[u8] {
-        let start = bid as usize * self.size;
-        &self.bufs.as_slice()[start..start + len.min(self.size)]
+        if bid >= self.nbufs {
+            return &[];
+        }
+        // SAFETY: the range is buffer `bid` alone (never the other buffers, which the kernel
+        // may be filling). A completion named `bid`, so the kernel is done with it and takes
+        // it again only after `provide(bid)`, which needs `&mut self`, so not while this
+        // borrow lives.
+        unsafe { self.bufs.range(bid as usize * self.size, len.min(self.size)) }
     }
 
     /// Size of each buffer.
@@ -407,7 +430,12 @@ impl BufRing {
     }
 
     /// Give buffer `bid` back to the kernel (seen by it at the next [`BufRing::publish`]).
-    pub fn provide(&mut self, bid: u16) {
+    /// Refuses (false) a `bid` outside the ring: its address would lie past the buffers, and
+    /// the kernel would write there.
+    pub fn provide(&mut self, bid: u16) -> bool {
+        if bid >= self.nbufs {
+            return false;
+        }
         let idx = (self.tail & (self.nbufs - 1)) as usize;
         // SAFETY: idx < nbufs, within the mapping; the buffer address is inside `bufs`.
         unsafe {
@@ -418,6 +446,7 @@ impl BufRing {
         }
         self.tail = self.tail.wrapping_add(1);
         self.dirty = true;
+        true
     }
 
     /// Make the buffers given back so far visible to the kernel.
@@ -653,10 +682,13 @@ impl UdpRing {
             }
         };
         let off = slot as usize * size;
-        self.slots.as_mut_slice()[off..off + data.len()].copy_from_slice(data);
+        // SAFETY: the slot was free (popped from `free_slots`), so no send in flight reads
+        // it; the range is this slot alone, not the slots other sends are reading.
+        unsafe { self.slots.range_mut(off, data.len()) }.copy_from_slice(data);
         let (storage, len) = to_sockaddr(to);
         self.slot_addrs[slot as usize] = storage;
-        let buf = self.slots.as_slice()[off..].as_ptr();
+        // SAFETY: `off` lies inside the slots mapping (slot < slot count).
+        let buf = unsafe { self.slots.as_ptr().add(off) } as *const u8;
         let dest = &self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr;
         let e = on_sock!(sock, |t| opcode::Send::new(t, buf, data.len() as u32)
             .dest_addr(dest)
@@ -1089,6 +1121,19 @@ fn sockaddr(b: &[u8]) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A buffer id outside the ring is refused, both ways: `provide` would point the kernel
+    /// past the buffers, and `get` would slice past them.
+    #[test]
+    fn buffer_ring_refuses_ids_outside_it() {
+        let mut r = BufRing::new(8, 64).unwrap();
+        assert!(!r.provide(8));
+        assert!(!r.provide(u16::MAX));
+        assert!(r.provide(7));
+        assert!(r.get(8, 10).is_empty());
+        assert!(r.get(u16::MAX, 10).is_empty());
+        assert_eq!(r.get(7, 1000).len(), 64, "a length is clamped to the buffer");
+    }
     use std::os::fd::AsRawFd;
 
     #[test]
