@@ -58,3 +58,12 @@ pub fn secure_u64() -> u64 {
 pub fn secure_u64() -> u64 {
     rng().next_u64()
 }
+
+/// A 32-byte key from the kernel's CSPRNG (the shards' call-token key).
+pub fn key32() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    for c in k.chunks_exact_mut(8) {
+        c.copy_from_slice(&secure_u64().to_le_bytes());
+    }
+    k
+}

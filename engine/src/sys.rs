@@ -97,3 +97,17 @@ pub fn terminate(pid: u32) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Seconds since the Unix epoch now (wall-clock time, which the protocol core reads only as
+/// an argument: registration tokens expire in it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Read a registration secret file ([`proto::auth::Secret::from_file_contents`]: its bytes
+/// with one trailing newline removed, at least [`proto::auth::MIN_SECRET`] of them). The
+/// error names the file.
+pub fn read_secret(path: &std::path::Path) -> Result<proto::auth::Secret, String> {
+    let b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    proto::auth::Secret::from_file_contents(b).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -1,11 +1,11 @@
-//! Target `manager_conn`: the manager's sans-IO shard core (`manager/src/core.rs`), driven the
-//! way `manager/src/server.rs` drives it, with no sockets and no threads.
+//! Target `manager_conn`: the manager's sans-IO shard core (`proto::shard`), driven the
+//! way the shard IOs in `engine::shard` drive it, with no sockets and no threads.
 //!
-//! A [`Sim`] holds [`SHARDS`] shards (sharing one `Stats` and one `Bindings`, as
-//! `server::start` builds them), a per-shard inbox standing for the server's channels between
-//! shard threads, a virtual clock, and up to [`MAX_CONNS`] connections, each with its own
-//! `FrameDecoder` as in `server::conn_task`. Two connections are open at the start, one on
-//! each shard.
+//! A [`Sim`] holds [`SHARDS`] shards (sharing one `Stats`, as `manager::bootstrap::start`
+//! builds them), a per-shard inbox standing for the channels between shard threads, a
+//! virtual clock (with the wall clock the ticks carry), and up to [`MAX_CONNS`] connections,
+//! each with its own `FrameDecoder` as in `engine::shard::portable`. Two connections are open
+//! at the start, one on each shard.
 //!
 //! Input: a mode byte, then a script of operations. Mode bit 0 turns on the shard limits
 //! ([`LIMITS`]: connections in all, frames per second, calls per connection), bit 1 a
@@ -20,7 +20,7 @@
 //! | 4 | shard `x` takes the messages queued for it so far (`handle_msg`), and every connection the core asked to close is closed (`conn_closed`) |
 //! | 5 | the peer closes connection `x` (`conn_closed`) |
 //! | 6 | a new connection is accepted on shard `x` (`conn_opened`) |
-//! | 7, `x < 16` | a STUN binding arrives on the UDP port: 12 bytes of transaction id follow; the source is connection `x`'s peer with port 40000 + x (`Bindings::insert`) |
+//! | 7, `x < 16` | a STUN binding arrives on the UDP port: 12 bytes of transaction id follow; the source is connection `x`'s peer with port 40000 + x (a `ShardMsg::Binding` queued for the binding's shard, as the STUN responder sends it) |
 //! | 7, `x >= 16` | signed bytes from connection `x - 16`: as op 0, but every REGISTER decoded carries a token minted with [`SECRET`] for its id (expiring when the frame's own token does, or never), as a client given `manager token` output sends |
 //!
 //! A connection op for a closed connection, or a truncated op, does nothing. At the end every
@@ -37,9 +37,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::auth::Secret;
-use proto::shard::bindings::Bindings;
+use proto::shard::bindings::binding_shard;
 use proto::shard::stats::Stats;
-use proto::shard::{Output, Shard, ShardConfig, ShardMsg};
+use proto::shard::{Output, Shard, ShardConfig, ShardInit, ShardMsg};
 use proto::wire::frame::{Frame, FrameDecoder};
 
 use crate::assert_frame_round_trips;
@@ -48,8 +48,11 @@ use crate::assert_frame_round_trips;
 pub const SHARDS: u16 = 2;
 /// Most connections one input may open (including the first two).
 pub const MAX_CONNS: usize = 8;
-/// Seed of the shards' generators (fixes call ids and tokens).
+/// Seed of the shards' generators (fixes call ids) and their token key.
 pub const SEED: u64 = 0x5EED;
+const TOKEN_KEY: [u8; 32] = [0x5E; 32];
+/// The wall clock (seconds since the Unix epoch) at the start of every input.
+pub const UNIX_START: u64 = 1_800_000_000;
 /// The registration secret of mode bit 1.
 pub const SECRET: &[u8] = b"nullpunch-fuzz-secret-0123456789";
 /// Mode bit 0: the limits, per shard as `server::start` divides them (connections, frames
@@ -99,11 +102,11 @@ struct Conn {
 
 /// The simulated manager. See the module docs.
 pub struct Sim {
+    start: Instant,
     now: Instant,
     shards: Vec<Shard>,
     inbox: Vec<VecDeque<ShardMsg>>,
     conns: Vec<Conn>,
-    bindings: Arc<Bindings>,
     secret: Secret,
     /// Every frame written to a connection: (connection index, frame). Used for seeds.
     pub written: Vec<(usize, Frame)>,
@@ -115,7 +118,6 @@ impl Sim {
     /// A manager in `mode` (see the module docs) with two connections open, one per shard.
     pub fn new(mode: u8) -> Sim {
         let stats = Arc::new(Stats::default());
-        let bindings = Arc::new(Bindings::default());
         let secret = Secret::new(SECRET.to_vec()).expect("long enough");
         let mut cfg = ShardConfig::default();
         if mode & MODE_LIMITS != 0 {
@@ -124,14 +126,15 @@ impl Sim {
         if mode & MODE_SECRET != 0 {
             cfg.secret = Some(Arc::new(secret.clone()));
         }
-        let shards =
-            (0..SHARDS).map(|i| Shard::new(i, SHARDS, cfg.clone(), bindings.clone(), stats.clone(), SEED)).collect();
+        let init = |index| ShardInit { index, n: SHARDS, seed: SEED, token_key: TOKEN_KEY, unix_secs: UNIX_START };
+        let shards = (0..SHARDS).map(|i| Shard::new(init(i), cfg.clone(), stats.clone())).collect();
+        let now = Instant::now();
         let mut sim = Sim {
-            now: Instant::now(),
+            start: now,
+            now,
             shards,
             inbox: (0..SHARDS).map(|_| VecDeque::new()).collect(),
             conns: Vec::new(),
-            bindings,
             secret,
             written: Vec::new(),
             record: false,
@@ -148,7 +151,8 @@ impl Sim {
             return None;
         }
         let k = self.conns.len();
-        let id = self.shards[s as usize].conn_opened(self.now, peer_addr(k));
+        let open = self.shards.iter().map(|s| s.open_connections()).sum();
+        let id = self.shards[s as usize].conn_opened(self.now, peer_addr(k), open);
         self.conns.push(Conn { shard: s, id, dec: FrameDecoder::new(), reading: true, closing: false, closed: false });
         self.flush(s);
         Some(k)
@@ -185,8 +189,9 @@ impl Sim {
     /// Advance the clock and run every shard's tick.
     pub fn tick(&mut self, by: Duration) {
         self.now += by;
+        let unix = UNIX_START + self.now.duration_since(self.start).as_secs();
         for s in 0..SHARDS {
-            self.shards[s as usize].handle_tick(self.now);
+            self.shards[s as usize].handle_tick(self.now, unix);
             self.flush(s);
         }
     }
@@ -217,7 +222,7 @@ impl Sim {
     pub fn stun(&mut self, k: usize, tx: [u8; 12]) {
         let mut from = peer_addr(k);
         from.set_port(40000 + k as u16);
-        self.bindings.insert(tx, from, self.now);
+        self.inbox[binding_shard(&tx, SHARDS) as usize].push_back(ShardMsg::Binding { txid: tx, from });
     }
 
     /// Deliver every message until none is left; then no connection or call may remain

@@ -327,7 +327,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     if let Some(p) = common_secret(&cli) {
-        match proto::auth::Secret::from_file(&p) {
+        match engine::sys::read_secret(&p) {
             Ok(s) => {
                 let _ = sys::SECRET.set(std::sync::Arc::new(s));
             }

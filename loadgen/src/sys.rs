@@ -63,7 +63,7 @@ pub static SECRET: std::sync::OnceLock<std::sync::Arc<proto::auth::Secret>> = st
 
 /// A day-long token for `id`, if a secret was given.
 pub fn token_for(id: &proto::wire::frame::ClientId) -> Option<proto::wire::frame::AuthToken> {
-    SECRET.get().map(|s| s.mint(id, proto::auth::unix_now() + 86_400))
+    SECRET.get().map(|s| s.mint(id, engine::sys::unix_now() + 86_400))
 }
 
 /// The configuration of an embedded manager on `ip` (port 0): no limits (every simulated

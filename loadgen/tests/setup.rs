@@ -315,7 +315,7 @@ fn against_a_manager_with_a_secret_only_a_run_with_the_secret_file_gets_through(
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("secret");
     std::fs::write(&path, "loadgen-test-secret-0123456789").unwrap();
-    let secret = std::sync::Arc::new(proto::auth::Secret::from_file(&path).unwrap());
+    let secret = std::sync::Arc::new(engine::sys::read_secret(&path).unwrap());
     let m = manager::start(manager::ManagerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 1,

@@ -4,14 +4,16 @@
 //! address, and ask it to connect calls. It answers STUN binding requests on UDP at the same
 //! port so it can hand out public UDP addresses. It never carries media.
 //!
-//! The shard logic itself (directory, calls, routing, tokens) is sans-IO in `proto::shard`.
+//! Where each job lives:
+//! * the shard logic (directory, calls, routing, tokens, the STUN responder's decisions):
+//!   sans-IO in `proto::shard`;
+//! * the shard threads' IO (tokio, io_uring) and the STUN responder's thread:
+//!   `engine::shard`, with the policy both IOs share;
+//! * [`bootstrap`]: starting and stopping a manager (threads, listeners, wiring);
 //! * [`metrics`]: Prometheus text exposition and its `GET /metrics` endpoint.
-//! * [`server`]: threads, sockets and the STUN responder around it (tokio shards).
-//! * The io_uring shards (Linux), whose connections live in direct descriptors, are
-//!   `engine::shard::uring`: the manager holds no io_uring code of its own.
 #![deny(missing_docs)]
 
+pub mod bootstrap;
 pub mod metrics;
-pub mod server;
 
-pub use server::{raise_nofile, start, Io, ManagerConfig, ManagerHandle};
+pub use bootstrap::{raise_nofile, start, Io, ManagerConfig, ManagerHandle};

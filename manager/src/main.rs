@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use manager::{start, ManagerConfig};
-use proto::auth::Secret;
 use proto::shard::ShardConfig;
 
 /// nullpunch rendezvous server.
@@ -138,7 +137,7 @@ fn main() {
         .init();
     let args = Args::parse();
     let secret = match &args.secret_file {
-        Some(p) => match Secret::from_file(p) {
+        Some(p) => match engine::sys::read_secret(p) {
             Ok(s) => Some(std::sync::Arc::new(s)),
             Err(e) => {
                 eprintln!("manager: --secret-file {e}");
@@ -156,7 +155,7 @@ fn main() {
             eprintln!("manager token: invalid id {id:?} (1-64 bytes, no spaces or control characters)");
             std::process::exit(2);
         };
-        println!("{}", secret.mint(&id, proto::auth::unix_now().saturating_add(*ttl)));
+        println!("{}", secret.mint(&id, engine::sys::unix_now().saturating_add(*ttl)));
         return;
     }
     if secret.is_none() {

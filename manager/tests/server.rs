@@ -954,7 +954,7 @@ fn register_frame(who: &str, auth: Option<proto::wire::frame::AuthToken>) -> Fra
 #[test]
 fn with_a_secret_only_a_valid_token_for_the_id_registers() {
     let (m, secret) = secured();
-    let later = proto::auth::unix_now() + 600;
+    let later = engine::sys::unix_now() + 600;
 
     // No token: refused and closed.
     let mut a = Client::connect(&m, "no token");
@@ -968,7 +968,7 @@ fn with_a_secret_only_a_valid_token_for_the_id_registers() {
     b.expect_closed();
     // Expired.
     let mut c = Client::connect(&m, "expired");
-    c.send(&register_frame("alice", Some(secret.mint(&id("alice"), proto::auth::unix_now() - 1))));
+    c.send(&register_frame("alice", Some(secret.mint(&id("alice"), engine::sys::unix_now() - 1))));
     c.expect_error(ErrorCode::Unauthorized);
     c.expect_closed();
     // Minted with another secret, or with the expiry stretched after minting.

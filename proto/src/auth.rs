@@ -4,9 +4,6 @@
 //! (every CALL, PUNCHED, REJECT and HANGUP is checked against the connection's registered
 //! id), so a client cannot register, hang up or receive calls as another id.
 
-use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use crate::wire::frame::{AuthToken, ClientId};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -58,16 +55,16 @@ impl Secret {
         Ok(Secret(bytes))
     }
 
-    /// Read a secret file: its bytes, with one trailing newline removed.
-    pub fn from_file(path: &Path) -> Result<Secret, String> {
-        let mut b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    /// A secret from a secret file's contents: its bytes, with one trailing newline (LF or
+    /// CRLF) removed. (The drivers read the file: `engine::sys::read_secret`.)
+    pub fn from_file_contents(mut b: Vec<u8>) -> Result<Secret, String> {
         if b.last() == Some(&b'\n') {
             b.pop();
             if b.last() == Some(&b'\r') {
                 b.pop();
             }
         }
-        Secret::new(b).map_err(|e| format!("{}: {e}", path.display()))
+        Secret::new(b)
     }
 
     fn mac(&self, id: &ClientId, expires_unix: u64) -> Hmac<Sha256> {
@@ -94,11 +91,6 @@ impl Secret {
         }
         Ok(())
     }
-}
-
-/// Seconds since the Unix epoch now.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,14 +35,12 @@ use io_uring::{cqueue, opcode, types, IoUring};
 use proto::wire::frame::FrameDecoder;
 use tokio::sync::mpsc;
 
-use super::{Peer, ShardStart, ACCEPT_BACKOFF, CLOSE_GRACE};
+use super::{AcceptFailures, OpenConns, Peer, ShardStart, CLOSE_GRACE, INBOX_BATCH, SHUTDOWN_DRAIN, TICK};
 use proto::shard::stats::Stats;
 use proto::shard::{Output, Shard, ShardMsg};
 
 /// Accepts kept in flight per shard.
 const ACCEPTS: usize = 16;
-/// The shard's timer period (as the tokio IO's interval).
-const TICK: Duration = Duration::from_millis(250);
 /// Receive buffers shared by a shard's connections, and their size. A frame is at most a
 /// few hundred bytes; a connection's receive that finds no buffer ends and is re-armed.
 const NBUFS: u16 = 1024;
@@ -145,6 +142,7 @@ struct Io {
     r: Ring,
     core: Shard,
     stats: Arc<Stats>,
+    open: Arc<OpenConns>,
     peers: Vec<Peer>,
     conn_queue: usize,
     /// Connections by direct-descriptor slot.
@@ -159,7 +157,7 @@ struct Io {
     accepts: Vec<Box<AcceptBuf>>,
     accept_armed: Vec<bool>,
     accept_resume: Option<Instant>,
-    last_accept_warning: Option<Instant>,
+    failures: AcceptFailures,
     /// Direct-descriptor slots in the table, and slots taken (accepted, not yet closed).
     /// Accepts are armed only while a slot is free for each: an accept that finds the table
     /// full has already taken the connection from the backlog, and the kernel drops it.
@@ -173,9 +171,9 @@ struct Io {
 }
 
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
-/// Shutdown and the thread waits up to 500 ms for them to close).
+/// Shutdown and the thread waits up to [`SHUTDOWN_DRAIN`] for them to close).
 pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
-    let ShardStart { index, n, addr, cfg, conn_queue, bindings, stats, mut inbox, peers, stop, ready, seed } = start;
+    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, stop, ready } = start;
     let setup = (|| {
         let listener = bind_listener(addr)?;
         let table = table_size();
@@ -192,8 +190,9 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
     let _ = ready.send(listener.local_addr());
     let mut io = Io {
         r: Ring { ring, bufs },
-        core: Shard::new(index, n, cfg, bindings.clone(), stats.clone(), seed),
+        core: Shard::new(init, cfg, stats.clone()),
         stats,
+        open,
         peers,
         conn_queue,
         slots: Vec::new(),
@@ -208,7 +207,7 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
             .collect(),
         accept_armed: vec![false; ACCEPTS],
         accept_resume: None,
-        last_accept_warning: None,
+        failures: AcceptFailures::default(),
         table,
         used: 0,
         table_full: false,
@@ -221,13 +220,12 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
     }
     io.arm_wake();
     let mut next_tick = Instant::now() + TICK;
-    let mut ticks: u64 = 0;
     let mut stop_deadline: Option<Instant> = None;
     loop {
         let now = Instant::now();
         if !io.stopping && *stop.borrow() {
             io.begin_stop();
-            stop_deadline = Some(now + Duration::from_millis(500));
+            stop_deadline = Some(now + SHUTDOWN_DRAIN);
         }
         if let Some(d) = stop_deadline {
             if now >= d || io.core.open_connections() == 0 {
@@ -235,11 +233,7 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
             }
         }
         if now >= next_tick {
-            io.core.handle_tick(now);
-            ticks += 1;
-            if index == 0 && ticks.is_multiple_of(40) {
-                bindings.purge(now);
-            }
+            io.core.handle_tick(now, crate::sys::unix_now());
             io.check_closing(now);
             next_tick = now + TICK;
         }
@@ -285,15 +279,7 @@ impl Io {
         if self.used + armed >= self.table {
             if !std::mem::replace(&mut self.table_full, true) {
                 // New connections wait in the listen backlog until a slot frees.
-                self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                let now = Instant::now();
-                if self.last_accept_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-                    self.last_accept_warning = Some(now);
-                    tracing::warn!(
-                        "direct descriptor table full ({} connections, RLIMIT_NOFILE); new connections wait",
-                        self.table
-                    );
-                }
+                self.failures.table_full(&self.stats, Instant::now(), self.table);
             }
             return;
         }
@@ -372,7 +358,7 @@ impl Io {
                         while let Ok(m) = inbox.try_recv() {
                             self.core.handle_msg(now, m);
                             taken += 1;
-                            if taken % 256 == 0 {
+                            if taken % INBOX_BATCH == 0 {
                                 self.flush(now);
                             }
                         }
@@ -401,7 +387,8 @@ impl Io {
             sockaddr_of(&b.addr).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
         };
         self.arm_accept(i);
-        let id = self.core.conn_opened(now, peer);
+        let before = self.open.opened();
+        let id = self.core.conn_opened(now, peer, before);
         let gen = self.next_gen;
         self.next_gen = (self.next_gen + 1) & 0xFF_FFFF;
         if self.slots.len() <= slot as usize {
@@ -427,27 +414,17 @@ impl Io {
         self.arm_recv(slot);
     }
 
-    /// As the tokio IO: count, warn at most once a second, and on a resource shortage pause
-    /// the accepts (the pending connections wait in the backlog).
+    /// The shared policy ([`AcceptFailures`]): a pause leaves the pending connections in the
+    /// backlog; a routine failure re-arms at once.
     fn accept_failed(&mut self, now: Instant, e: io::Error) {
-        self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-        let resource = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
-        // A connection reset before it was accepted is routine; anything else (resources,
-        // or an error that would repeat) pauses the accepts rather than spin.
-        let transient = matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN));
-        if self.last_accept_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-            self.last_accept_warning = Some(now);
-            if resource {
-                tracing::warn!("accept failed: {e}; new connections wait (direct descriptor table full, or memory)");
-            } else {
-                tracing::warn!("accept failed: {e}");
+        match self.failures.failed(&self.stats, now, &e) {
+            Some(pause) => {
+                self.accept_resume.get_or_insert(now + pause);
             }
-        }
-        if !transient {
-            self.accept_resume.get_or_insert(now + ACCEPT_BACKOFF);
-        } else {
-            for i in 0..ACCEPTS {
-                self.arm_accept(i);
+            None => {
+                for i in 0..ACCEPTS {
+                    self.arm_accept(i);
+                }
             }
         }
     }
@@ -542,7 +519,9 @@ impl Io {
         self.slots[slot as usize] = None;
         self.by_id.remove(&id);
         self.used -= 1;
-        self.core.conn_closed(now, id);
+        if self.core.conn_closed(now, id) {
+            self.open.closed();
+        }
         if self.table_full {
             for i in 0..ACCEPTS {
                 self.arm_accept(i);

@@ -8,15 +8,22 @@
 //!
 //! Inputs: `conn_opened`, `conn_frame`, `conn_error`, `conn_closed`, `handle_msg`,
 //! `handle_tick`. Output: [`Shard::poll_output`] until `None` after every input.
+//!
+//! Pure: the shard reads no clock (monotonic time comes with every input, wall-clock time
+//! with every tick), draws no randomness of its own (its seed and the key behind call tokens
+//! are given at start, [`ShardInit`]), reads no shared counter (the manager-wide number of
+//! open connections comes with `conn_opened`), and shares no table: its part of the STUN
+//! binding table ([`bindings`]) is its own, fed by messages. It only *writes* the manager's
+//! counters ([`stats::Stats`], relaxed atomics).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod bindings;
 pub mod stats;
+pub mod stun;
 pub mod stun_limit;
 
 use crate::rng::Rng;
@@ -24,7 +31,7 @@ use crate::wire::frame::{
     AddrSource, CallId, ClientId, ErrorCode, Frame, FrameError, HangupReason, RejectReason, UnknownReason,
 };
 
-use crate::shard::bindings::Bindings;
+use crate::shard::bindings::{binding_shard, BindingTable, TxId, MAX_BINDINGS, PURGE_EVERY};
 use crate::shard::stats::Stats;
 
 /// Frames a connection may have refused (ERROR NotRegistered or Unexpected) before it is
@@ -64,11 +71,6 @@ pub struct ShardConfig {
     /// Calls a connection may be party to at once; a CALL beyond is rejected with
     /// `CallerLimit` (0: no limit).
     pub max_calls_per_conn: usize,
-    /// Where call tokens come from: the server passes the kernel's CSPRNG
-    /// (`engine::entropy::secure_u64`), since a client that sees its own calls' tokens must
-    /// not be able to work out anyone else's. `None`: the shard's seeded generator, so the
-    /// deterministic simulation is reproducible.
-    pub token_source: Option<fn() -> u64>,
 }
 
 impl Default for ShardConfig {
@@ -83,8 +85,34 @@ impl Default for ShardConfig {
             max_connections: 0,
             frames_per_sec: 0.0,
             max_calls_per_conn: 0,
-            token_source: None,
         }
+    }
+}
+
+/// What a shard starts from besides its configuration: its place among the shards and the
+/// values it cannot make itself (it reads no clock and draws no randomness).
+#[derive(Clone)]
+pub struct ShardInit {
+    /// This shard's index.
+    pub index: u16,
+    /// Shards in the manager.
+    pub n: u16,
+    /// Seeds the shard's generator (the start of its call ids). Reproducible runs pass a
+    /// fixed value.
+    pub seed: u64,
+    /// The key call tokens are derived from (HMAC-SHA256 over the call id). A manager passes
+    /// 32 bytes from the kernel's CSPRNG, so a client that sees its own calls' tokens cannot
+    /// work out anyone else's; a simulation passes a fixed key.
+    pub token_key: [u8; 32],
+    /// Seconds since the Unix epoch at start (registration tokens expire in wall-clock
+    /// time); [`Shard::handle_tick`] brings it up to date.
+    pub unix_secs: u64,
+}
+
+impl std::fmt::Debug for ShardInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token key stays out of logs.
+        f.debug_struct("ShardInit").field("index", &self.index).field("n", &self.n).finish_non_exhaustive()
     }
 }
 
@@ -99,9 +127,34 @@ pub enum Track {
     Remove(CallId),
 }
 
-/// Messages between shards.
+/// Messages between shards (and from the STUN responder to a shard).
 #[derive(Debug, Clone)]
 pub enum ShardMsg {
+    /// From the STUN responder to [`binding_shard`]`(txid)`: a Binding Request with `txid`
+    /// came from `from` and was answered. Sent before the answer leaves.
+    Binding {
+        /// The request's transaction id.
+        txid: TxId,
+        /// Where it came from: the client's public UDP address.
+        from: SocketAddr,
+    },
+    /// To [`binding_shard`]`(binding)`, always through the inbox (never handled inline, so it
+    /// queues behind the [`ShardMsg::Binding`] it names): a REGISTER naming a STUN binding.
+    /// The binding shard fills in the public address and forwards the registration to the
+    /// id's home shard as [`ShardMsg::Register`].
+    Resolve {
+        /// The binding's transaction id.
+        binding: TxId,
+        /// Client id.
+        id: ClientId,
+        /// Its connection.
+        conn: ConnRef,
+        /// The address to use if the binding is unknown or expired: the TCP peer's IP with
+        /// the UDP port the client named.
+        fallback: SocketAddr,
+        /// Concurrent call limit.
+        max_calls: u16,
+    },
     /// To the id's home shard: bind `id` to `conn`.
     Register {
         /// Client id.
@@ -294,9 +347,12 @@ pub struct Shard {
     index: u16,
     n: u16,
     cfg: ShardConfig,
-    bindings: Arc<Bindings>,
+    /// This shard's part of the STUN binding table.
+    bindings: BindingTable,
+    next_purge: Option<Instant>,
     stats: Arc<Stats>,
-    rng: Rng,
+    token_key: [u8; 32],
+    unix_secs: u64,
     next_conn: u64,
     next_call: u64,
     conns: HashMap<u64, Conn>,
@@ -308,8 +364,10 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Shard `index` of `n`.
-    pub fn new(index: u16, n: u16, cfg: ShardConfig, bindings: Arc<Bindings>, stats: Arc<Stats>, seed: u64) -> Self {
+    /// Shard `init.index` of `init.n`, counting into `stats` (shared by every shard and the
+    /// STUN responder of one manager).
+    pub fn new(init: ShardInit, cfg: ShardConfig, stats: Arc<Stats>) -> Self {
+        let ShardInit { index, n, seed, token_key, unix_secs } = init;
         let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         // Call ids start at a random point, so a restarted manager does not hand out the ids
         // of calls that are still running between clients (they would take a new INCOMING
@@ -319,9 +377,11 @@ impl Shard {
             index,
             n,
             cfg,
-            bindings,
+            bindings: BindingTable::new(MAX_BINDINGS / n.max(1) as usize),
+            next_purge: None,
             stats,
-            rng,
+            token_key,
+            unix_secs,
             next_conn: 1,
             next_call,
             conns: HashMap::new(),
@@ -352,19 +412,20 @@ impl Shard {
         self.out.pop_front()
     }
 
-    /// A connection from `peer` was accepted; returns its id.
-    pub fn conn_opened(&mut self, now: Instant, peer: SocketAddr) -> u64 {
+    /// STUN bindings this shard holds.
+    pub fn bindings(&self) -> usize {
+        self.bindings.len()
+    }
+
+    /// A connection from `peer` was accepted; returns its id. `open_before` is the number of
+    /// connections open in the whole manager before this one (the driver counts them over
+    /// all shards), so `max_connections` holds however unevenly the kernel spreads
+    /// connections over the shards.
+    pub fn conn_opened(&mut self, now: Instant, peer: SocketAddr, open_before: usize) -> u64 {
         self.now = Some(now);
         let id = self.next_conn;
         self.next_conn += 1;
-        // Open connections of the whole manager (every shard counts into the same stats), so
-        // the limit holds however unevenly the kernel spreads connections over the shards.
-        let open = self
-            .stats
-            .connections_accepted
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.stats.connections_closed.load(Ordering::Relaxed));
-        let full = self.cfg.max_connections > 0 && open >= self.cfg.max_connections as u64;
+        let full = self.cfg.max_connections > 0 && open_before >= self.cfg.max_connections;
         let allowance = 2.0 * self.cfg.frames_per_sec;
         self.conns.insert(
             id,
@@ -409,10 +470,12 @@ impl Shard {
         self.kick(conn, code, err.to_string());
     }
 
-    /// The connection closed (by the peer, an error, or after [`Output::Close`]).
-    pub fn conn_closed(&mut self, now: Instant, conn: u64) {
+    /// The connection closed (by the peer, an error, or after [`Output::Close`]). Returns
+    /// whether it was open (false for an id already closed), so a driver counting open
+    /// connections counts each close once.
+    pub fn conn_closed(&mut self, now: Instant, conn: u64) -> bool {
         self.now = Some(now);
-        let Some(c) = self.conns.remove(&conn) else { return };
+        let Some(c) = self.conns.remove(&conn) else { return false };
         self.stats.inc(&self.stats.connections_closed);
         let me = ConnRef { shard: self.index, id: conn };
         for call_id in c.calls {
@@ -421,6 +484,7 @@ impl Shard {
         if let ConnState::Registering(id) | ConnState::Registered(id) = c.state {
             self.route(home_shard(&id, self.n), ShardMsg::Unregister { id, conn: me });
         }
+        true
     }
 
     /// A frame from one of this shard's connections.
@@ -452,7 +516,7 @@ impl Shard {
                     return;
                 }
                 if let Some(secret) = &self.cfg.secret {
-                    if let Err(e) = secret.verify(&id, auth.as_ref(), crate::auth::unix_now()) {
+                    if let Err(e) = secret.verify(&id, auth.as_ref(), self.unix_secs) {
                         let counter = match e {
                             crate::auth::AuthError::Missing => &self.stats.auth_missing,
                             crate::auth::AuthError::Invalid => &self.stats.auth_invalid,
@@ -464,15 +528,21 @@ impl Shard {
                         return;
                     }
                 }
-                let stun = binding.and_then(|tx| self.bindings.take(&tx, now));
-                let (public, source) = match stun {
-                    Some(addr) => (addr, AddrSource::Stun),
-                    None => (SocketAddr::new(c.peer.ip(), udp_port), AddrSource::TcpPeer),
-                };
+                let fallback = SocketAddr::new(c.peer.ip(), udp_port);
                 c.state = ConnState::Registering(id.clone());
-                c.public = Some(public);
-                let home = home_shard(&id, self.n);
-                self.route(home, ShardMsg::Register { id, conn: me, public, source, max_calls });
+                match binding {
+                    // Through the binding shard's inbox, behind the binding (module docs of
+                    // `bindings`), even when that shard is this one.
+                    Some(binding) => self.out.push_back(Output::Shard {
+                        to: binding_shard(&binding, self.n),
+                        msg: ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls },
+                    }),
+                    None => {
+                        let home = home_shard(&id, self.n);
+                        let source = AddrSource::TcpPeer;
+                        self.route(home, ShardMsg::Register { id, conn: me, public: fallback, source, max_calls });
+                    }
+                }
             }
             Frame::Call { call_ref, callee } => {
                 let ConnState::Registered(caller) = c.state.clone() else {
@@ -543,6 +613,18 @@ impl Shard {
     pub fn handle_msg(&mut self, now: Instant, msg: ShardMsg) {
         self.now = Some(now);
         match msg {
+            ShardMsg::Binding { txid, from } => {
+                if !self.bindings.insert(txid, from, now) {
+                    self.stats.inc(&self.stats.stun_table_full);
+                }
+            }
+            ShardMsg::Resolve { binding, id, conn, fallback, max_calls } => {
+                let (public, source) = match self.bindings.take(&binding, now) {
+                    Some(addr) => (addr, AddrSource::Stun),
+                    None => (fallback, AddrSource::TcpPeer),
+                };
+                self.route(home_shard(&id, self.n), ShardMsg::Register { id, conn, public, source, max_calls });
+            }
             ShardMsg::Register { id, conn, public, source, max_calls } => {
                 self.stats.inc(&self.stats.registrations);
                 let entry = self.dir.entry(id.clone()).or_insert(Entry {
@@ -657,6 +739,7 @@ impl Shard {
                 let Some(c) = self.conns.get_mut(&conn) else { return };
                 if let ConnState::Registering(id) = &c.state {
                     c.state = ConnState::Registered(id.clone());
+                    c.public = Some(public);
                     self.send(conn, Frame::Registered { public, source });
                 }
             }
@@ -664,10 +747,16 @@ impl Shard {
         }
     }
 
-    /// Periodic work: registration and idle deadlines, ringing timeouts. Call about every
-    /// 250 ms.
-    pub fn handle_tick(&mut self, now: Instant) {
+    /// Periodic work: registration and idle deadlines, ringing timeouts, expired STUN
+    /// bindings. Call about every 250 ms, with the wall-clock time (seconds since the Unix
+    /// epoch) that registration tokens are checked against.
+    pub fn handle_tick(&mut self, now: Instant, unix_secs: u64) {
         self.now = Some(now);
+        self.unix_secs = unix_secs;
+        if self.next_purge.is_none_or(|t| now >= t) {
+            self.next_purge = Some(now + PURGE_EVERY);
+            self.bindings.purge(now);
+        }
         let mut kicks = Vec::new();
         for (&id, c) in self.conns.iter().filter(|(_, c)| !c.closing) {
             match c.state {
@@ -684,17 +773,20 @@ impl Shard {
         }
         // At most MAX_KICKS_PER_TICK closes per tick: thousands of connections that reached
         // their deadline together (an idle-connection attack) are closed over a few ticks
-        // instead of stalling this shard's live calls in one burst.
+        // instead of stalling this shard's live calls in one burst. Oldest first, in an order
+        // that does not depend on the map's.
+        kicks.sort_unstable_by_key(|&(id, _)| id);
         for (id, why) in kicks.into_iter().take(MAX_KICKS_PER_TICK) {
             self.stats.inc(&self.stats.connections_timed_out);
             self.kick(id, ErrorCode::Timeout, why.to_string());
         }
-        let expired: Vec<CallId> = self
+        let mut expired: Vec<CallId> = self
             .calls
             .iter()
             .filter(|(_, r)| matches!(r.state, CallState::Ringing { deadline } if now >= deadline))
             .map(|(id, _)| *id)
             .collect();
+        expired.sort_unstable_by_key(|c| c.0);
         for call_id in expired {
             let rec = self.calls.get(&call_id).expect("collected above");
             let (caller_conn, callee_conn, call_ref) = (rec.caller_conn, rec.callee_conn, rec.call_ref);
@@ -709,7 +801,8 @@ impl Shard {
 
     /// Shut down: ERROR(Shutdown) and close every connection.
     pub fn shutdown(&mut self) {
-        let all: Vec<u64> = self.conns.keys().copied().collect();
+        let mut all: Vec<u64> = self.conns.keys().copied().collect();
+        all.sort_unstable();
         for id in all {
             self.kick(id, ErrorCode::Shutdown, "manager shutting down".into());
         }
@@ -748,10 +841,7 @@ impl Shard {
         let (callee_addr, callee_source) = (e.public, e.source);
         let call_id = CallId(((self.index as u64) << 48) | (self.next_call & 0xFFFF_FFFF_FFFF));
         self.next_call += 1;
-        let token = match self.cfg.token_source {
-            Some(f) => f(),
-            None => self.rng.next_u64(),
-        };
+        let token = call_token(&self.token_key, call_id);
         self.calls.insert(
             call_id,
             CallRec {
@@ -867,6 +957,17 @@ impl Shard {
         }
         false
     }
+}
+
+/// A call's token: the first 64 bits of HMAC-SHA256(key, context || call id). Unpredictable
+/// to whoever lacks the key, distinct per call id, and reproducible for a given key.
+pub fn call_token(key: &[u8; 32], call_id: CallId) -> u64 {
+    use hmac::{Hmac, Mac};
+    let mut m = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(b"nullpunch call token v1");
+    m.update(&call_id.0.to_be_bytes());
+    let out = m.finalize().into_bytes();
+    u64::from_be_bytes(out[..8].try_into().expect("32 bytes of output"))
 }
 
 fn not_party(call_id: CallId) -> Frame {

@@ -1,0 +1,219 @@
+//! Start and stop a manager: bind the listeners and the UDP port, start one thread per
+//! shard on the chosen IO (`engine::shard::portable` or `engine::shard::uring`) and the STUN
+//! responder thread (`engine::shard::stun`), wire their inboxes together, and hand back a
+//! [`ManagerHandle`]. The shard logic itself is `proto::shard`; the IO is `engine::shard`.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use engine::driver::Io;
+#[cfg(target_os = "linux")]
+use engine::reactor::Wake;
+use engine::shard::{OpenConns, Peer, ShardStart};
+use proto::shard::stats::Stats;
+use proto::shard::{ShardConfig, ShardInit, ShardMsg};
+use tokio::sync::{mpsc, watch};
+
+/// Stand-in where there are no io_uring shards to wake.
+#[cfg(not(target_os = "linux"))]
+struct Wake;
+
+#[cfg(not(target_os = "linux"))]
+impl Wake {
+    fn new() -> io::Result<Arc<Wake>> {
+        Ok(Arc::new(Wake))
+    }
+    fn notify(&self) {}
+}
+
+/// Manager settings.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// TCP and UDP address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Number of shards (threads); 0 means one per core.
+    pub shards: usize,
+    /// Per-shard timers.
+    pub shard: ShardConfig,
+    /// Frames queued for one connection before it is dropped as too slow.
+    pub conn_queue: usize,
+    /// STUN answers per second per source IP (0: no limit), with bursts of twice that.
+    pub stun_rate: f64,
+    /// Connections the whole manager holds at most (0: no limit), counted over all shards.
+    pub max_connections: usize,
+    /// The shards' TCP IO: io_uring (connections in direct descriptors, not in the process's
+    /// descriptor table) or tokio. io_uring falls back to tokio where a ring cannot be set up.
+    pub io: Io,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            listen: "127.0.0.1:7480".parse().unwrap(),
+            shards: 0,
+            shard: ShardConfig::default(),
+            conn_queue: engine::shard::CONN_QUEUE,
+            stun_rate: 1000.0,
+            max_connections: 0,
+            // `auto` (NULLPUNCH_IO if set, so a test suite can force either).
+            io: Io::choose("auto").unwrap_or(Io::Portable),
+        }
+    }
+}
+
+/// A running manager.
+pub struct ManagerHandle {
+    addr: SocketAddr,
+    shards: usize,
+    stats: Arc<Stats>,
+    stop_tx: watch::Sender<bool>,
+    stop_udp: Arc<AtomicBool>,
+    /// Wake-ups of io_uring shards (they watch `stop_tx` when woken).
+    wakes: Vec<Arc<Wake>>,
+    io: Io,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ManagerHandle {
+    /// The TCP and UDP address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The shards' TCP IO in use.
+    pub fn io(&self) -> Io {
+        self.io
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Close every connection (ERROR Shutdown) and join all threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.stop_tx.send(true);
+        for w in &self.wakes {
+            w.notify();
+        }
+        self.stop_udp.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ManagerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Start a manager: bind, spawn the shard threads and the STUN responder, return at once.
+pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
+    let n =
+        if cfg.shards == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.shards };
+    if n > u16::MAX as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many shards"));
+    }
+    let stats = Arc::new(Stats::default());
+    let open = Arc::new(OpenConns::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_udp = Arc::new(AtomicBool::new(false));
+    #[cfg(target_os = "linux")]
+    let uring = cfg.io == Io::Uring && engine::shard::uring::available();
+    #[cfg(not(target_os = "linux"))]
+    let uring = false;
+    if cfg.io != Io::Portable && !uring {
+        tracing::warn!("io_uring manager rings cannot be set up here; using the tokio IO");
+    }
+    let mut txs = Vec::with_capacity(n);
+    let mut rxs = Vec::with_capacity(n);
+    let mut wakes = Vec::new();
+    for _ in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel::<ShardMsg>();
+        let wake = if uring { Some(Wake::new()?) } else { None };
+        wakes.extend(wake.clone());
+        #[cfg(target_os = "linux")]
+        txs.push(Peer::new(tx, wake));
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = wake;
+            txs.push(Peer::new(tx));
+        }
+        rxs.push(Some(rx));
+    }
+    let seed = engine::entropy::seed();
+    let token_key = engine::entropy::key32();
+    let mut handle = ManagerHandle {
+        addr: cfg.listen,
+        shards: n,
+        stats: stats.clone(),
+        stop_tx,
+        stop_udp: stop_udp.clone(),
+        wakes: wakes.clone(),
+        io: if uring { Io::Uring } else { Io::Portable },
+        threads: Vec::new(),
+    };
+    // The UDP socket (no SO_REUSEPORT) claims a fixed port first: it is what keeps a second
+    // manager from binding the same TCP port through SO_REUSEPORT and silently taking half
+    // the connections. With port 0, shard 0 picks the port and UDP follows it.
+    let mut udp = if cfg.listen.port() != 0 { Some(UdpSocket::bind(cfg.listen)?) } else { None };
+    // Shard 0 binds first so that with port 0 the others (and UDP) use the port it got.
+    let mut addr = cfg.listen;
+    for (i, inbox) in rxs.iter_mut().enumerate() {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let inbox = inbox.take().expect("each inbox used once");
+        let mut shard_cfg = cfg.shard.clone();
+        shard_cfg.max_connections = cfg.max_connections;
+        let wake = wakes.get(i).cloned();
+        let start = ShardStart {
+            init: ShardInit { index: i as u16, n: n as u16, seed, token_key, unix_secs: engine::sys::unix_now() },
+            addr,
+            cfg: shard_cfg,
+            conn_queue: cfg.conn_queue,
+            stats: stats.clone(),
+            open: open.clone(),
+            inbox,
+            peers: txs.clone(),
+            stop: stop_rx.clone(),
+            ready: ready_tx,
+        };
+        let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || match wake {
+            #[cfg(target_os = "linux")]
+            Some(wake) => engine::shard::uring::shard_thread(start, wake),
+            _ => engine::shard::portable::shard_thread(start),
+        })?;
+        handle.threads.push(t);
+        match ready_rx.recv() {
+            Ok(Ok(a)) => addr = a,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("shard thread died during start")),
+        }
+    }
+    handle.addr = addr;
+    let udp = match udp.take() {
+        Some(u) => u,
+        None => UdpSocket::bind(addr)?,
+    };
+    let rate = cfg.stun_rate;
+    let t = std::thread::Builder::new()
+        .name("stun".into())
+        .spawn(move || engine::shard::stun::stun_thread(udp, txs, stats, stop_udp, rate))?;
+    handle.threads.push(t);
+    Ok(handle)
+}
+
+pub use engine::sys::raise_nofile;

@@ -1,0 +1,555 @@
+//! # nullpunch sim
+//!
+//! Deterministic simulation for tests: real [`Client`] state machines and real manager
+//! [`Shard`]s, with the manager's real STUN responder ([`proto::shard::stun::respond`]),
+//! wired by a simulated network in virtual time. No sockets, threads or sleeps; each step
+//! jumps to the earliest pending event or timer, and every run is bounded in steps and in
+//! virtual time. In the spirit of quinn-proto's `Pair`: the protocol crates test against it,
+//! and so can every feature that changes the client, the shard or the wire.
+//!
+//! The network ([`Net`]): signalling frames are delivered in order after a fixed delay (TCP),
+//! unless a test's filter drops or duplicates them ([`Sim::to_client_filter`]). Datagrams
+//! take a delay plus seeded jitter, may be held back (reordered) or lost at seeded rates, and
+//! may be dropped by a test's filter ([`Sim::datagram_filter`]). Every client sits behind a
+//! stateful firewall modelled on Linux conntrack: an inbound datagram passes only if the
+//! client sent to that remote address within the flow timeout (30 s, refreshed by traffic
+//! either way); everything else is dropped and counted.
+//!
+//! What the clients do is a [`Plan`]: listen (answer, send media back once the caller's
+//! arrives), or call someone at a time and talk for a while. Every delivery is written to a
+//! trace ([`Sim::trace`]) with its virtual time, so two runs can be compared whole.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::client::{CallHandle, CallReport, Client, ClientConfig, Event, Output as ClientOutput};
+use proto::media::{MediaSource, SyntheticSource};
+use proto::rng::Rng;
+use proto::shard::bindings::binding_shard;
+use proto::shard::stats::Stats;
+use proto::shard::stun::{respond, StunReply};
+use proto::shard::stun_limit::StunLimiter;
+use proto::shard::{Output, Shard, ShardConfig, ShardInit, ShardMsg};
+use proto::wire::frame::{ClientId, Frame};
+use proto::wire::stun;
+
+/// The manager's UDP address in the simulation.
+pub const MANAGER_UDP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 1)), 7480);
+
+/// The wall-clock time (seconds since the Unix epoch) at virtual time zero.
+pub const UNIX_START: u64 = 1_800_000_000;
+
+/// The shards' tick period, as the manager's.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Steps one [`Sim::run_until`] may take before it declares a livelock.
+pub const MAX_STEPS: usize = 5_000_000;
+
+#[derive(Debug)]
+enum Ev {
+    ToManager { client: usize, frame: Frame },
+    ToClient { client: usize, frame: Frame },
+    Datagram { from: SocketAddr, to: SocketAddr, data: Vec<u8> },
+    Shard { to: u16, msg: ShardMsg },
+    Closed { client: usize },
+}
+
+/// What a simulated client does.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Answer calls; send media back once the caller's media arrives.
+    Listen,
+    /// Call `callee` at `at` (from the start), stream for `talk`, then hang up.
+    Call {
+        /// The callee's id.
+        callee: String,
+        /// When to place the call, from the start of the run.
+        at: Duration,
+        /// How long to stream before hanging up.
+        talk: Duration,
+    },
+}
+
+impl Plan {
+    /// Call `callee` at `at_ms` and talk for `talk_ms`.
+    pub fn call(callee: &str, at_ms: u64, talk_ms: u64) -> Plan {
+        Plan::Call { callee: callee.into(), at: Duration::from_millis(at_ms), talk: Duration::from_millis(talk_ms) }
+    }
+}
+
+/// One simulated client: the real state machine, its address, and its firewall.
+pub struct SimClient {
+    /// The client state machine.
+    pub client: Client,
+    /// Its UDP address (public: there is no NAT in this model).
+    pub udp: SocketAddr,
+    conn: Option<(u16, u64)>,
+    plan: Plan,
+    placed: bool,
+    streams: HashMap<CallHandle, (SyntheticSource, Instant, Option<Instant>)>,
+    /// Media is not sent while the virtual time (from the start) is inside this window.
+    pub pause: Option<(Duration, Duration)>,
+    reports: Vec<CallReport>,
+    /// conntrack-like flow table: remote address -> last activity.
+    flows: HashMap<SocketAddr, Instant>,
+    /// Inbound datagrams its firewall dropped.
+    pub firewall_drops: u64,
+}
+
+/// Knobs of the simulated network.
+#[derive(Debug, Clone)]
+pub struct Net {
+    /// One-way delay of a signalling frame (client to manager or back).
+    pub frame_delay: Duration,
+    /// One-way delay of a datagram.
+    pub udp_delay: Duration,
+    /// Extra delay of a datagram, uniform in `0..udp_jitter` (seeded).
+    pub udp_jitter: Duration,
+    /// Share of datagrams lost on the way (seeded), after the sender's firewall.
+    pub udp_loss: f64,
+    /// Share of datagrams held back by one more `udp_delay` (seeded), so that later ones
+    /// overtake them.
+    pub udp_reorder: f64,
+    /// How long a firewall keeps a flow open without traffic.
+    pub flow_timeout: Duration,
+    /// Whether clients sit behind stateful firewalls at all.
+    pub firewalls: bool,
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Net {
+            frame_delay: Duration::from_millis(5),
+            udp_delay: Duration::from_millis(10),
+            udp_jitter: Duration::ZERO,
+            udp_loss: 0.0,
+            udp_reorder: 0.0,
+            flow_timeout: Duration::from_secs(30),
+            firewalls: true,
+        }
+    }
+}
+
+/// Copies of each frame sent to a client: 0 drops it, 2 duplicates it.
+pub type FrameFilter = Box<dyn FnMut(&Frame) -> u32>;
+/// Return false to drop a datagram (from, to, bytes) before it leaves the sender's network.
+pub type DatagramFilter = Box<dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> bool>;
+
+/// A manager of several shards, its STUN responder, and clients, on one virtual clock.
+pub struct Sim {
+    /// Virtual time zero.
+    pub start: Instant,
+    /// Virtual now.
+    pub now: Instant,
+    rng: Rng,
+    net: Net,
+    shards: Vec<Shard>,
+    /// The manager's counters.
+    pub stats: Arc<Stats>,
+    stun_limiter: StunLimiter,
+    /// The clients, by the index [`Sim::add`] returned.
+    pub clients: Vec<SimClient>,
+    by_udp: HashMap<SocketAddr, usize>,
+    by_conn: HashMap<(u16, u64), usize>,
+    queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    events: HashMap<usize, Ev>,
+    seq: u64,
+    next_tick: Instant,
+    /// Copies of each frame sent to a client: 0 drops it, 2 duplicates it.
+    pub to_client_filter: Option<FrameFilter>,
+    /// Return false to drop a datagram (from, to, bytes).
+    pub datagram_filter: Option<DatagramFilter>,
+    /// Datagrams lost to [`Net::udp_loss`].
+    pub udp_dropped_by_loss: u64,
+    /// Datagrams on the manager's UDP port that were not STUN (media would show here).
+    pub manager_udp_non_stun: u64,
+    /// Every delivery in order: virtual time and the whole event (frame, datagram bytes,
+    /// shard message), so two runs can be compared as traces, not as a few aggregates.
+    pub trace: Vec<String>,
+}
+
+impl Sim {
+    /// A manager of `shards` shards on network `net`; `seed` decides everything random (the
+    /// shards' call ids and tokens, the clients' seeds, loss, jitter and reordering).
+    pub fn new(seed: u64, shards: u16, net: Net) -> Sim {
+        Sim::with_config(seed, shards, net, ShardConfig::default())
+    }
+
+    /// As [`Sim::new`], with the shards' configuration.
+    pub fn with_config(seed: u64, shards: u16, net: Net, cfg: ShardConfig) -> Sim {
+        let start = Instant::now();
+        let stats = Arc::new(Stats::default());
+        let rng = Rng::new(seed);
+        let mut key_rng = Rng::new(seed ^ 0x746f_6b65_6e5f_6b65);
+        let mut token_key = [0u8; 32];
+        for c in token_key.chunks_exact_mut(8) {
+            c.copy_from_slice(&key_rng.next_u64().to_le_bytes());
+        }
+        let shards = (0..shards)
+            .map(|index| {
+                let init = ShardInit { index, n: shards, seed, token_key, unix_secs: UNIX_START };
+                Shard::new(init, cfg.clone(), stats.clone())
+            })
+            .collect();
+        Sim {
+            start,
+            now: start,
+            rng,
+            net,
+            shards,
+            stats,
+            stun_limiter: StunLimiter::new(0.0, 0.0),
+            clients: Vec::new(),
+            by_udp: HashMap::new(),
+            by_conn: HashMap::new(),
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            seq: 0,
+            next_tick: start,
+            to_client_filter: None,
+            datagram_filter: None,
+            udp_dropped_by_loss: 0,
+            manager_udp_non_stun: 0,
+            trace: Vec::new(),
+        }
+    }
+
+    /// Add a client `id` that follows `plan`, after `tweak` has adjusted its configuration;
+    /// it connects to a shard at once. Returns its index.
+    pub fn add(&mut self, id: &str, plan: Plan, tweak: impl FnOnce(&mut ClientConfig)) -> usize {
+        let i = self.clients.len();
+        let udp: SocketAddr = format!("203.0.113.{}:{}", 1 + i / 200, 40000 + i % 200).parse().unwrap();
+        let mut cfg = ClientConfig::new(ClientId::new(id).expect("a valid client id"), udp.port());
+        cfg.stun_server = Some(MANAGER_UDP);
+        cfg.max_calls = 4;
+        tweak(&mut cfg);
+        let seed = self.rng.next_u64();
+        self.clients.push(SimClient {
+            client: Client::new(cfg, seed),
+            udp,
+            conn: None,
+            plan,
+            placed: false,
+            streams: HashMap::new(),
+            pause: None,
+            reports: Vec::new(),
+            flows: HashMap::new(),
+            firewall_drops: 0,
+        });
+        self.by_udp.insert(udp, i);
+        // Connect: the TCP peer address is the client's IP with an ephemeral port.
+        let shard = (i % self.shards.len()) as u16;
+        let peer = SocketAddr::new(udp.ip(), 50000 + i as u16);
+        let open: usize = self.shards.iter().map(|s| s.open_connections()).sum();
+        let conn = self.shards[shard as usize].conn_opened(self.now, peer, open);
+        self.clients[i].conn = Some((shard, conn));
+        self.by_conn.insert((shard, conn), i);
+        self.clients[i].client.handle_connected(self.now);
+        self.pump_shard(shard);
+        i
+    }
+
+    /// The call reports client `i` has received so far.
+    pub fn reports(&self, i: usize) -> &[CallReport] {
+        &self.clients[i].reports
+    }
+
+    /// Calls the shards still hold.
+    pub fn owned_calls(&self) -> usize {
+        self.shards.iter().map(|s| s.owned_calls()).sum()
+    }
+
+    /// STUN bindings the shards still hold.
+    pub fn bindings(&self) -> usize {
+        self.shards.iter().map(|s| s.bindings()).sum()
+    }
+
+    /// The wall-clock time at virtual now.
+    pub fn unix_now(&self) -> u64 {
+        UNIX_START + self.now.duration_since(self.start).as_secs()
+    }
+
+    fn schedule(&mut self, at: Instant, ev: Ev) {
+        self.seq += 1;
+        let key = self.seq as usize;
+        self.events.insert(key, ev);
+        self.queue.push(Reverse((at, self.seq, key)));
+    }
+
+    fn pump_shard(&mut self, s: u16) {
+        while let Some(o) = self.shards[s as usize].poll_output() {
+            match o {
+                Output::Frame { conn, frame } => {
+                    if let Some(&c) = self.by_conn.get(&(s, conn)) {
+                        let copies = match self.to_client_filter.as_mut() {
+                            Some(f) => f(&frame),
+                            None => 1,
+                        };
+                        for _ in 0..copies {
+                            self.schedule(
+                                self.now + self.net.frame_delay,
+                                Ev::ToClient { client: c, frame: frame.clone() },
+                            );
+                        }
+                    }
+                }
+                Output::Close { conn } => {
+                    if let Some(c) = self.by_conn.remove(&(s, conn)) {
+                        self.clients[c].conn = None;
+                        self.schedule(self.now + self.net.frame_delay, Ev::Closed { client: c });
+                        self.shards[s as usize].conn_closed(self.now, conn);
+                    }
+                }
+                Output::Shard { to, msg } => self.schedule(self.now, Ev::Shard { to, msg }),
+            }
+        }
+    }
+
+    fn send_datagram(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) {
+        // The filter drops inside the sender's network, before its firewall sees the packet.
+        if let Some(f) = self.datagram_filter.as_mut() {
+            if !f(from, to, data) {
+                return;
+            }
+        }
+        if let Some(&i) = self.by_udp.get(&from) {
+            // Outbound opens or refreshes the flow in the sender's firewall.
+            self.clients[i].flows.insert(to, self.now);
+        }
+        // Random loss happens on the way, after the sender's firewall.
+        if self.net.udp_loss > 0.0 && self.rng.chance(self.net.udp_loss) {
+            self.udp_dropped_by_loss += 1;
+            return;
+        }
+        let mut delay = self.net.udp_delay;
+        if !self.net.udp_jitter.is_zero() {
+            delay += Duration::from_micros(self.rng.below(self.net.udp_jitter.as_micros() as u64));
+        }
+        if self.net.udp_reorder > 0.0 && self.rng.chance(self.net.udp_reorder) {
+            delay += self.net.udp_delay;
+        }
+        self.schedule(self.now + delay, Ev::Datagram { from, to, data: data.to_vec() });
+    }
+
+    /// Drain one client's output and run its application logic.
+    fn pump_client(&mut self, i: usize) {
+        let mut buf = [0u8; 1500];
+        loop {
+            match self.clients[i].client.poll_output(&mut buf).expect("1500 bytes hold any control datagram") {
+                ClientOutput::Frame(f) => {
+                    if self.clients[i].conn.is_some() {
+                        self.schedule(self.now + self.net.frame_delay, Ev::ToManager { client: i, frame: f });
+                    }
+                }
+                ClientOutput::Transmit(t) => {
+                    let from = self.clients[i].udp;
+                    self.send_datagram(from, t.to, &buf[..t.len]);
+                }
+                ClientOutput::Event(ev) => self.on_event(i, ev),
+                ClientOutput::Timeout(_) => break,
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: usize, ev: Event) {
+        let now = self.now;
+        let c = &mut self.clients[i];
+        match ev {
+            Event::Started { handle, .. } => {
+                let Plan::Call { talk, .. } = c.plan else { return };
+                c.streams.insert(handle, (SyntheticSource::opus_like(), now, Some(now + talk)));
+            }
+            Event::MediaFlowing { handle } if c.client.can_send(handle) => {
+                c.streams.entry(handle).or_insert((SyntheticSource::opus_like(), now, None));
+            }
+            Event::Ended(r) => {
+                c.streams.remove(&r.handle);
+                c.reports.push(*r);
+            }
+            _ => {}
+        }
+    }
+
+    fn app_wakeup(&self, i: usize) -> Option<Instant> {
+        let c = &self.clients[i];
+        // A call is placed once it is due and the client is registered (the REGISTERED that
+        // makes it so is an event of its own, after which the app runs again).
+        let place = match &c.plan {
+            Plan::Call { at, .. } if !c.placed && c.client.is_registered() => Some(self.start + *at),
+            _ => None,
+        };
+        let streams = c.streams.values().map(|(_, next, end)| end.map_or(*next, |e| e.min(*next)));
+        streams.chain(place).min()
+    }
+
+    fn run_app(&mut self, i: usize) {
+        let now = self.now;
+        let start = self.start;
+        if let Plan::Call { callee, at, .. } = self.clients[i].plan.clone() {
+            if !self.clients[i].placed && now >= start + at && self.clients[i].client.is_registered() {
+                self.clients[i].placed = true;
+                self.clients[i].client.call(now, ClientId::new(callee).expect("a valid callee id")).expect("a call");
+            }
+        }
+        let mut buf = [0u8; 1500];
+        let mut payload = [0u8; 256];
+        let mut out = Vec::new();
+        let mut hang = Vec::new();
+        {
+            let c = &mut self.clients[i];
+            let paused = c.pause.is_some_and(|(a, b)| now >= start + a && now < start + b);
+            // In handle order, not the map's, so that runs are reproducible.
+            let mut handles: Vec<CallHandle> = c.streams.keys().copied().collect();
+            handles.sort_unstable();
+            for h in handles {
+                let (src, next, end) = c.streams.get_mut(&h).expect("listed above");
+                if end.is_some_and(|e| now >= e) {
+                    hang.push(h);
+                    continue;
+                }
+                while *next <= now {
+                    if !paused {
+                        let (len, dur) = src.next_frame(&mut payload);
+                        if let Ok(t) = c.client.send_media(now, h, &payload[..len], dur, &mut buf) {
+                            out.push((t.to, buf[..t.len].to_vec()));
+                        }
+                    }
+                    *next += Duration::from_millis(src.frame_ms() as u64);
+                }
+            }
+            for h in hang {
+                c.client.hangup(now, h).expect("a hangup of a live call");
+            }
+        }
+        let from = self.clients[i].udp;
+        for (to, data) in out {
+            self.send_datagram(from, to, &data);
+        }
+    }
+
+    /// The manager's UDP port: the real responder decides; the binding goes to its shard
+    /// before the answer leaves, as in the manager.
+    fn manager_udp(&mut self, from: SocketAddr, data: &[u8]) {
+        let mut out = [0u8; stun::MAX_RESPONSE_LEN];
+        match respond(&mut self.stun_limiter, self.now, from, data, &mut out) {
+            StunReply::Answer { len, txid } => {
+                let to = binding_shard(&txid, self.shards.len() as u16);
+                self.schedule(self.now, Ev::Shard { to, msg: ShardMsg::Binding { txid, from } });
+                self.stats.inc(&self.stats.stun_requests);
+                self.send_datagram(MANAGER_UDP, from, &out[..len]);
+            }
+            StunReply::Dropped(why) => {
+                why.count(&self.stats);
+                if matches!(why, proto::shard::stun::StunDrop::Media | proto::shard::stun::StunDrop::NotStun) {
+                    self.manager_udp_non_stun += 1;
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::ToManager { client, frame } => {
+                if let Some((s, conn)) = self.clients[client].conn {
+                    self.shards[s as usize].conn_frame(now, conn, frame);
+                    self.pump_shard(s);
+                }
+            }
+            Ev::ToClient { client, frame } => {
+                self.clients[client].client.handle_frame(now, frame);
+                self.pump_client(client);
+            }
+            Ev::Closed { client } => {
+                self.clients[client].client.handle_disconnected(now);
+                self.pump_client(client);
+            }
+            Ev::Shard { to, msg } => {
+                self.shards[to as usize].handle_msg(now, msg);
+                self.pump_shard(to);
+            }
+            Ev::Datagram { from, to, data } => {
+                if to == MANAGER_UDP {
+                    return self.manager_udp(from, &data);
+                }
+                let Some(&i) = self.by_udp.get(&to) else { return };
+                if self.net.firewalls {
+                    let fresh = self.clients[i]
+                        .flows
+                        .get(&from)
+                        .is_some_and(|t| now.duration_since(*t) < self.net.flow_timeout);
+                    if !fresh {
+                        self.clients[i].firewall_drops += 1;
+                        return;
+                    }
+                }
+                self.clients[i].flows.insert(from, now);
+                let _ = self.clients[i].client.handle_datagram(now, from, &data);
+                self.pump_client(i);
+            }
+        }
+    }
+
+    /// Run until virtual time `until` (from the start). Bounded in steps ([`MAX_STEPS`]):
+    /// a run that cannot get there panics (a livelock).
+    pub fn run_until(&mut self, until: Duration) {
+        let end = self.start + until;
+        for _ in 0..MAX_STEPS {
+            // Earliest of: queued event, client timers, app wake-ups, shard tick.
+            let mut t = self.next_tick;
+            if let Some(Reverse((at, _, _))) = self.queue.peek() {
+                t = t.min(*at);
+            }
+            for i in 0..self.clients.len() {
+                if let Some(x) = self.clients[i].client.poll_timeout() {
+                    t = t.min(x);
+                }
+                if let Some(x) = self.app_wakeup(i) {
+                    t = t.min(x);
+                }
+            }
+            if t > end {
+                self.now = end;
+                return;
+            }
+            self.now = t.max(self.now);
+            if let Some(Reverse((at, _, key))) = self.queue.peek().copied() {
+                if at <= self.now {
+                    self.queue.pop();
+                    let ev = self.events.remove(&key).expect("every queued key has its event");
+                    self.trace.push(format!("{:?} {ev:?}", at - self.start));
+                    self.deliver(ev);
+                    continue;
+                }
+            }
+            if self.now >= self.next_tick {
+                self.next_tick = self.now + TICK;
+                let unix = self.unix_now();
+                for s in 0..self.shards.len() {
+                    self.shards[s].handle_tick(self.now, unix);
+                    self.pump_shard(s as u16);
+                }
+            }
+            for i in 0..self.clients.len() {
+                if self.clients[i].client.poll_timeout().is_some_and(|x| x <= self.now) {
+                    self.clients[i].client.handle_timeout(self.now);
+                }
+                if self.app_wakeup(i).is_some_and(|x| x <= self.now) {
+                    self.run_app(i);
+                }
+                self.pump_client(i);
+            }
+        }
+        let tail: Vec<&String> = self.trace.iter().rev().take(5).collect();
+        panic!(
+            "simulation did not reach {until:?} within the step bound (livelock?); stuck at {:?} after {tail:#?}",
+            self.now - self.start
+        );
+    }
+}
