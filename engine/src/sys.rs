@@ -64,6 +64,23 @@ pub fn raise_nofile_to(want: u64) -> u64 {
     raise_nofile()
 }
 
+/// Set this process's soft RLIMIT_NOFILE to `soft` (at most the hard limit); with
+/// `hard_too`, lower the hard limit to it as well (for good: only root may raise it again).
+/// Tests use it to run out of descriptors on purpose.
+#[allow(clippy::unnecessary_cast)]
+pub fn limit_nofile(soft: u64, hard_too: bool) -> std::io::Result<()> {
+    let mut r = nofile().ok_or_else(std::io::Error::last_os_error)?;
+    r.rlim_cur = (soft as libc::rlim_t).min(r.rlim_max);
+    if hard_too {
+        r.rlim_max = r.rlim_cur;
+    }
+    if set_nofile(&r) {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Ask the kernel for 1 us timer slack on the calling thread (default 50 us), so that sleeps
 /// of a scheduling thread end close to their deadline.
 pub fn fine_timer_slack() {

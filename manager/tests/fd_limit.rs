@@ -14,11 +14,7 @@ use common::{cpu_seconds, wait_for};
 
 #[test]
 fn out_of_descriptors_the_manager_pauses_counts_and_recovers() {
-    // SAFETY: setrlimit reads the struct we pass.
-    unsafe {
-        let r = libc::rlimit { rlim_cur: 128, rlim_max: 128 };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
-    }
+    engine::sys::limit_nofile(128, true).unwrap();
     // The tokio IO: its connections are descriptors (io_uring's are not; see uring_table.rs).
     let cfg = ManagerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

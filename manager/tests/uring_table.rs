@@ -13,23 +13,13 @@ use manager::ManagerConfig;
 mod common;
 use common::{cpu_seconds, wait_for};
 
-fn set_soft_nofile(n: u64) {
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
-        r.rlim_cur = n.min(r.rlim_max);
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
-    }
-}
-
 #[test]
 fn a_full_direct_descriptor_table_pauses_accepts_counts_and_recovers() {
     if !engine::shard::uring::available() {
         panic!("io_uring manager rings cannot be set up on this machine; this test needs them");
     }
     // A 48-slot table, then room for the test's own client sockets.
-    set_soft_nofile(48);
+    engine::sys::limit_nofile(48, false).unwrap();
     let cfg = ManagerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 1,
@@ -38,7 +28,7 @@ fn a_full_direct_descriptor_table_pauses_accepts_counts_and_recovers() {
     };
     let m = manager::start(cfg).unwrap();
     assert_eq!(m.io(), manager::Io::Uring);
-    set_soft_nofile(4096);
+    engine::sys::limit_nofile(4096, false).unwrap();
     let stats = m.stats().clone();
     // More connections than slots: the kernel completes them into the listen backlog.
     let conns: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(m.local_addr()).unwrap()).collect();

@@ -5,14 +5,7 @@ use std::time::{Duration, Instant};
 
 use proto::shard::stats::Stats;
 
-/// This process's CPU time (user + system) in seconds.
-pub fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
+pub use engine::sys::cpu_seconds;
 
 /// Wait up to 5 s for `cond`; on timeout, fail with the manager's connection counters.
 pub fn wait_for(stats: &Stats, what: &str, mut cond: impl FnMut() -> bool) {
