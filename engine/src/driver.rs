@@ -17,6 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 
 use proto::client::{CallHandle, Client, ClientError, Event, Output, Received, Transmit};
+use proto::reconnect::{ConnectError, GiveUp, Next, Reconnect, CONNECT_TIMEOUT};
 use proto::rng::Rng;
 use proto::wire::frame::FrameDecoder;
 
@@ -59,26 +60,30 @@ pub fn set_socket_buffers(udp: &impl std::os::fd::AsRawFd, bytes: usize) -> usiz
     got.max(0) as usize
 }
 
-/// Limit on one TCP connect to the manager.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a client's first connection waits for a free local port. connect() fails with
-/// EADDRNOTAVAIL when every ephemeral port of the source address is busy towards the
-/// manager, which is often only for a moment: a previous run's connections in TIME_WAIT
-/// become reusable on loopback after a second (net.ipv4.tcp_tw_reuse = 2, the default).
-pub(crate) const PORT_WAIT: Duration = Duration::from_secs(5);
-
-/// First retry delay while waiting for a local port (jittered, doubling to 1 s).
-pub(crate) const PORT_RETRY: Duration = Duration::from_millis(100);
-
-/// True for a connect error that means "no local port free right now", not "the manager
-/// cannot be reached".
-pub(crate) fn is_port_shortage(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+/// How a connect error counts for the connection policy ([`proto::reconnect`]): "no local
+/// port free right now" (EADDRNOTAVAIL: every ephemeral port of the source address busy
+/// towards the manager, often only while a previous run's connections leave TIME_WAIT) or
+/// anything else.
+pub(crate) fn connect_error(e: &io::Error) -> ConnectError {
+    if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+        ConnectError::NoLocalPort
+    } else {
+        ConnectError::Other
+    }
 }
 
-type Connecting =
-    std::pin::Pin<Box<dyn Future<Output = Result<io::Result<TcpStream>, tokio::time::error::Elapsed>> + Send>>;
+/// The client's failure for a first connection the policy gave up on.
+pub(crate) fn give_up(why: GiveUp, source: Option<SocketAddr>, manager: SocketAddr, err: io::Error) -> DriverError {
+    match why {
+        GiveUp::Unreachable => DriverError::ManagerUnreachable { addr: manager, source: err },
+        GiveUp::NoLocalPort { waited } => {
+            let from = source.map(|s| s.ip().to_string()).unwrap_or_else(|| "this host".into());
+            DriverError::NoLocalPort { addr: manager, from, waited }
+        }
+    }
+}
+
+type Connecting = std::pin::Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
 /// Buffers per batched receive (one `recvmmsg`).
 const RX_BATCH: usize = if quinn_udp::BATCH_SIZE < 32 { quinn_udp::BATCH_SIZE } else { 32 };
@@ -335,39 +340,39 @@ async fn connect_from(source: Option<SocketAddr>, manager: SocketAddr) -> io::Re
     sock.connect(manager).await
 }
 
-/// The first connection to the manager: an error if the manager cannot be reached, but a
-/// wait (up to [`PORT_WAIT`]) while no local port is free.
-async fn first_connect(
-    source: Option<SocketAddr>,
-    manager: SocketAddr,
-    counters: &mut DriverCounters,
-    rng: &mut Rng,
-) -> Result<TcpStream, DriverError> {
-    let start = Instant::now();
-    let mut pause = PORT_RETRY;
-    loop {
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, manager)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) if is_port_shortage(&e) => {
-                if start.elapsed() >= PORT_WAIT {
-                    return Err(no_local_port(source, manager, start.elapsed()));
-                }
-                counters.port_waits += 1;
-                tokio::time::sleep(jitter(pause, rng)).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            Ok(Err(source)) => return Err(DriverError::ManagerUnreachable { addr: manager, source }),
-            Err(_) => {
-                let source = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-                return Err(DriverError::ManagerUnreachable { addr: manager, source });
-            }
-        }
+/// One connect to the manager, bounded by [`CONNECT_TIMEOUT`].
+async fn connect_once(source: Option<SocketAddr>, manager: SocketAddr) -> io::Result<TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, manager)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }
 }
 
-pub(crate) fn no_local_port(source: Option<SocketAddr>, manager: SocketAddr, waited: Duration) -> DriverError {
-    let from = source.map(|s| s.ip().to_string()).unwrap_or_else(|| "this host".into());
-    DriverError::NoLocalPort { addr: manager, from, waited }
+/// The first connection to the manager, as the policy says: an error if the manager cannot
+/// be reached, a wait while no local port is free.
+async fn first_connect(
+    source: Option<SocketAddr>,
+    manager: SocketAddr,
+    policy: &mut Reconnect,
+    counters: &mut DriverCounters,
+    rng: &mut Rng,
+) -> Result<TcpStream, DriverError> {
+    loop {
+        policy.connecting(Instant::now());
+        let e = match connect_once(source, manager).await {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        let at = match policy.failed(Instant::now(), connect_error(&e), rng) {
+            Next::PortWait(at) => {
+                counters.port_waits += 1;
+                at
+            }
+            Next::Retry(at) => at,
+            Next::GiveUp(why) => return Err(give_up(why, source, manager, e)),
+        };
+        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+    }
 }
 
 /// IP_BIND_ADDRESS_NO_PORT: a bind to an address with port 0 leaves the port to connect(),
@@ -399,8 +404,9 @@ pub async fn run_with_wake<A: App>(
 ) -> Result<DriverCounters, DriverError> {
     let mut counters = DriverCounters::default();
     let mut rng = crate::entropy::rng();
+    let mut policy = Reconnect::default();
     let source = tcp_source(udp.local_addr().ok(), manager);
-    let stream = match first_connect(source, manager, &mut counters, &mut rng).await {
+    let stream = match first_connect(source, manager, &mut policy, &mut counters, &mut rng).await {
         Ok(s) => s,
         Err(e) => {
             app.on_failed(&e);
@@ -409,6 +415,7 @@ pub async fn run_with_wake<A: App>(
     };
     let _ = stream.set_nodelay(true);
     counters.connects += 1;
+    policy.connected();
     let (rd, wr) = stream.into_split();
     let mut tcp: Option<(OwnedReadHalf, OwnedWriteHalf)> = Some((rd, wr));
     client.handle_connected(Instant::now());
@@ -418,7 +425,6 @@ pub async fn run_with_wake<A: App>(
     let mut wbuf: Vec<u8> = Vec::with_capacity(4096);
     let state = quinn_udp::UdpSocketState::new(udp.into()).map_err(DriverError::Udp)?;
     let mut sbuf = vec![0u8; MAX_DATAGRAM];
-    let mut backoff = Duration::from_millis(200);
     let mut next_connect: Option<Instant> = None;
     // A reconnect in flight: its own select branch, so media and timers go on meanwhile.
     let mut connecting: Option<Connecting> = None;
@@ -439,7 +445,7 @@ pub async fn run_with_wake<A: App>(
                         &mut decoder,
                         &mut counters,
                         &mut next_connect,
-                        &mut backoff,
+                        &mut policy,
                         &mut rng,
                     );
                     continue;
@@ -473,17 +479,18 @@ pub async fn run_with_wake<A: App>(
             r = async { connecting.as_mut().unwrap().await }, if connecting.is_some() => {
                 connecting = None;
                 match r {
-                    Ok(Ok(s)) => {
+                    Ok(s) => {
                         let _ = s.set_nodelay(true);
                         counters.connects += 1;
-                        backoff = Duration::from_millis(200);
+                        policy.connected();
                         tcp = Some(s.into_split());
                         client.handle_connected(Instant::now());
                     }
-                    _ => {
-                        next_connect = Some(Instant::now() + jitter(backoff, &mut rng));
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
+                    // Once connected, the policy only retries.
+                    Err(e) => next_connect = match policy.failed(Instant::now(), connect_error(&e), &mut rng) {
+                        Next::Retry(at) | Next::PortWait(at) => Some(at),
+                        Next::GiveUp(_) => unreachable!("a client that was connected is never given up"),
+                    },
                 }
             }
             _ = &mut shutdown, if !stopping => {
@@ -502,13 +509,13 @@ pub async fn run_with_wake<A: App>(
                                 Err(e) => {
                                     tracing::warn!("bad frame from manager: {e}");
                                     counters.frame_errors += 1;
-                                    lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng);
+                                    lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut policy, &mut rng);
                                     break;
                                 }
                             }
                         }
                     }
-                    _ => lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut backoff, &mut rng),
+                    _ => lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut policy, &mut rng),
                 }
             }
             r = udp.readable() => {
@@ -561,17 +568,11 @@ pub async fn run_with_wake<A: App>(
                 }
                 if next_connect.is_some_and(|t| now >= t) {
                     next_connect = None;
-                    connecting = Some(Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, manager))));
+                    connecting = Some(Box::pin(connect_once(source, manager)));
                 }
             }
         }
     }
-}
-
-pub(crate) fn jitter(d: Duration, rng: &mut Rng) -> Duration {
-    // Uniform in [d/2, d).
-    let half = d.as_micros() as u64 / 2;
-    Duration::from_micros(half + rng.below(half.max(1)))
 }
 
 fn lost_connection(
@@ -580,7 +581,7 @@ fn lost_connection(
     decoder: &mut FrameDecoder,
     counters: &mut DriverCounters,
     next_connect: &mut Option<Instant>,
-    backoff: &mut Duration,
+    policy: &mut Reconnect,
     rng: &mut Rng,
 ) {
     if tcp.take().is_some() {
@@ -588,8 +589,7 @@ fn lost_connection(
     }
     *decoder = FrameDecoder::new();
     client.handle_disconnected(Instant::now());
-    *next_connect = Some(Instant::now() + jitter(*backoff, rng));
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    *next_connect = Some(policy.lost(Instant::now(), rng));
 }
 
 /// Drain the client's output in its order until it is empty: frames are encoded into

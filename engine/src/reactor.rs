@@ -33,7 +33,8 @@
 //! tables allow (RLIMIT_NOFILE entries per ring, two per unit) rather than half of
 //! RLIMIT_NOFILE in all: one thread needs no other event loop and no descriptors.
 //! If the manager connection drops, calls with a path go on and the unit reconnects with
-//! jittered exponential backoff (200 ms doubling to 5 s), as the tokio driver does.
+//! jittered exponential backoff, as the tokio driver does: both follow
+//! [`proto::reconnect`].
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -47,11 +48,10 @@ use std::time::{Duration, Instant};
 use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Out, MAX_DATAGRAM};
 use crate::uring::{Completion, Pending, Sock, UdpRing};
 use proto::client::Client;
+use proto::reconnect::{Next, Reconnect, CONNECT_TIMEOUT};
 use proto::rng::Rng;
 use proto::wire::frame::FrameDecoder;
 
-/// Limit on one TCP connect to the manager.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames waiting for a manager that stopped reading, beyond which the connection is
 /// dropped (and re-made) rather than buffered without bound.
 const MAX_WRITE_BACKLOG: usize = 4 << 20;
@@ -258,12 +258,8 @@ struct Slot<A> {
     /// that send completes.
     close_after_send: bool,
     counters: DriverCounters,
-    backoff: Duration,
-    ever_connected: bool,
-    /// When the first connection was first tried (the local-port wait counts from it).
-    first_try: Option<Instant>,
-    /// The next pause while waiting for a local port.
-    port_pause: Duration,
+    /// The manager connection's policy (back-off, the wait for a local port).
+    policy: Reconnect,
     /// The deadline this unit has in the timer heap (entries that differ are stale).
     armed_at: Option<Instant>,
     dirty: bool,
@@ -420,10 +416,7 @@ impl<'s, A: App> Reactor<'s, A> {
             send_gen: 0,
             close_after_send: false,
             counters: DriverCounters::default(),
-            backoff: Duration::from_millis(200),
-            ever_connected: false,
-            first_try: None,
-            port_pause: driver::PORT_RETRY,
+            policy: Reconnect::default(),
             armed_at: None,
             dirty: false,
             done: None,
@@ -700,8 +693,7 @@ impl<'s, A: App> Reactor<'s, A> {
             return self.connect_failed(u, now, io::Error::from_raw_os_error(-res));
         }
         s.counters.connects += 1;
-        s.backoff = Duration::from_millis(200);
-        s.ever_connected = true;
+        s.policy.connected();
         s.tcp = Tcp::Up;
         s.client.handle_connected(now);
         if let Err(e) = self.ring.recv_stream(Sock::Fixed(tcp_entry(u)), token(u, gen, TK_RECV)) {
@@ -872,8 +864,7 @@ impl<'s, A: App> Reactor<'s, A> {
         }
         let s = &mut self.slots[u as usize];
         if retry {
-            let at = now + driver::jitter(s.backoff, &mut self.rng);
-            s.backoff = (s.backoff * 2).min(Duration::from_secs(5));
+            let at = s.policy.lost(now, &mut self.rng);
             s.tcp = Tcp::Down { retry_at: at };
         }
     }
@@ -888,34 +879,26 @@ impl<'s, A: App> Reactor<'s, A> {
         self.mark(u);
     }
 
+    /// A connect failed: the policy ([`proto::reconnect`]) says whether to try again (a
+    /// unit that was connected always does; a first connect only while no local port is
+    /// free) or to fail the unit with the reason.
     fn connect_failed(&mut self, u: u32, now: Instant, err: io::Error) {
-        if !self.slots[u as usize].ever_connected {
-            if crate::driver::is_port_shortage(&err) {
-                let s = &mut self.slots[u as usize];
-                let first = *s.first_try.get_or_insert(now);
-                if now.saturating_duration_since(first) < crate::driver::PORT_WAIT {
-                    // No local port free yet (TIME_WAITs of an earlier run): try again soon.
-                    s.counters.port_waits += 1;
-                    let pause = driver::jitter(s.port_pause, &mut self.rng);
-                    s.port_pause = (s.port_pause * 2).min(Duration::from_secs(1));
-                    self.close_tcp(u, now, false);
-                    self.slots[u as usize].tcp = Tcp::Down { retry_at: now + pause };
-                    self.mark(u);
-                    return;
-                }
-                self.close_tcp(u, now, false);
-                let source = crate::driver::tcp_source(self.slots[u as usize].local, self.manager);
-                let e = crate::driver::no_local_port(source, self.manager, now.saturating_duration_since(first));
+        self.close_tcp(u, now, false);
+        let s = &mut self.slots[u as usize];
+        let retry_at = match s.policy.failed(now, driver::connect_error(&err), &mut self.rng) {
+            Next::Retry(at) => at,
+            Next::PortWait(at) => {
+                s.counters.port_waits += 1;
+                at
+            }
+            Next::GiveUp(why) => {
+                let source = driver::tcp_source(s.local, self.manager);
+                let e = driver::give_up(why, source, self.manager, err);
                 self.finish(u, Err(e));
                 return;
             }
-            // As the tokio driver: a manager unreachable at start is an error, not a retry.
-            self.close_tcp(u, now, false);
-            let addr = self.manager;
-            self.finish(u, Err(DriverError::ManagerUnreachable { addr, source: err }));
-            return;
-        }
-        self.close_tcp(u, now, true);
+        };
+        s.tcp = Tcp::Down { retry_at };
         self.mark(u);
     }
 
@@ -925,7 +908,8 @@ impl<'s, A: App> Reactor<'s, A> {
         if self.release.contains(&tcp_entry(u)) {
             self.release_entries();
         }
-        let source = crate::driver::tcp_source(self.slots[u as usize].local, self.manager);
+        self.slots[u as usize].policy.connecting(now);
+        let source = driver::tcp_source(self.slots[u as usize].local, self.manager);
         let fd = match open_tcp(source, self.manager) {
             Ok(fd) => fd,
             Err(e) => return self.connect_failed(u, now, e),
