@@ -314,6 +314,26 @@ fn stun_binding_gives_the_public_address_used_by_register() {
 }
 
 #[test]
+fn a_registration_right_after_its_stun_answer_always_finds_the_binding() {
+    // The binding travels to its shard's inbox before the answer leaves, and the REGISTER
+    // that names it goes through that same inbox (even when it is the connection's own
+    // shard), so however the shards' threads are scheduled the binding is there first.
+    // 150 clients, each registering the moment it has its answer, with transaction ids
+    // spread over both shards.
+    let m = manager();
+    for k in 0..150u8 {
+        let mut txid = [k; 12];
+        txid[0] = k.wrapping_mul(37);
+        let udp = stun_bind(&m, txid);
+        let name = format!("c{k}");
+        let mut c = Client::connect(&m, &name);
+        let (public, source) = c.register_with(&id(&name), 9, 1, Some(txid));
+        assert_eq!((public, source), (udp.local_addr().unwrap(), AddrSource::Stun), "client {k}");
+    }
+    assert_eq!(get(&m.stats().stun_table_full), 0);
+}
+
+#[test]
 fn register_twice_on_one_connection_is_unexpected_but_not_fatal() {
     let m = manager();
     let mut a = Client::connect(&m, "alice");
