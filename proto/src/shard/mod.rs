@@ -973,3 +973,20 @@ pub fn call_token(key: &[u8; 32], call_id: CallId) -> u64 {
 fn not_party(call_id: CallId) -> Frame {
     Frame::Error { code: ErrorCode::NotParty, message: format!("not a party to call {call_id}") }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_tokens_depend_on_the_key_and_the_call_and_nothing_else() {
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        let (c1, c2) = (CallId(1 << 48 | 5), CallId(1 << 48 | 6));
+        assert_eq!(call_token(&k1, c1), call_token(&k1, c1), "reproducible");
+        assert_ne!(call_token(&k1, c1), call_token(&k2, c1), "another manager, another token");
+        assert_ne!(call_token(&k1, c1), call_token(&k1, c2), "another call, another token");
+        // Neighbouring calls' tokens are unrelated: about half their bits differ.
+        let differ = (call_token(&k1, c1) ^ call_token(&k1, c2)).count_ones();
+        assert!((16..=48).contains(&differ), "{differ} bits differ");
+    }
+}
