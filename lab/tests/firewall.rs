@@ -128,6 +128,9 @@ fn check_pair(a: Mode, b: Mode) {
     // than the caller, so without keepalives the caller's first resumed packets would meet a
     // closed window.
     let (sent_a, recv_b, recv_a, sent_b) = idle_call(&lab, 40003, 41003, "1");
+    // The whole call ran: 16 s with 10 s (alice) and 12 s (bob) of pause at 50 packets/s,
+    // so about 300 and 200 packets.
+    assert!(sent_a >= 250 && sent_b >= 150, "{pair}: alice sent {sent_a}, bob {sent_b}: the call ended early");
     assert!(recv_b + 5 >= sent_a, "{pair}: bob got {recv_b} of alice's {sent_a} packets across the pause");
     assert!(recv_a + 5 >= sent_b, "{pair}: alice got {recv_a} of bob's {sent_b} packets across the pause");
     lab.set_udp_timeout(30).unwrap();
@@ -174,8 +177,9 @@ fn check_pair(a: Mode, b: Mode) {
 }
 
 /// A call with conntrack UDP timeouts of 3 s and media paused 2..12 s (caller) and
-/// 2..14 s (callee), with the given keepalive interval. Returns (alice sent, bob received,
-/// alice received, bob sent).
+/// 2..14 s (callee) (`--pause START,LENGTH`), with the given keepalive interval. Both sides must end it as a call
+/// that worked (exit 0, result ok: some media got through). Returns (alice sent, bob
+/// received, alice received, bob sent).
 fn idle_call(lab: &Lab, port_a: u16, port_b: u16, keepalive: &str) -> (u64, u64, u64, u64) {
     lab.set_udp_timeout(3).unwrap();
     let bob = peer(
@@ -195,6 +199,8 @@ fn idle_call(lab: &Lab, port_a: u16, port_b: u16, keepalive: &str) -> (u64, u64,
     );
     let (oa, ob) = (alice.finish(Duration::from_secs(40)), bob.finish(Duration::from_secs(10)));
     let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    assert_eq!((oa.code, s(&ca, "result")), (0, "ok"), "alice: {ca}");
+    assert_eq!((ob.code, s(&cb, "result")), (0, "ok"), "bob: {cb}");
     (u(&ca, "sent"), u(&cb, "received"), u(&ca, "received"), u(&cb, "sent"))
 }
 
@@ -226,6 +232,7 @@ fn without_keepalives_an_idle_window_closes() {
     let lab = Lab::up(Mode::Nat, Mode::Nat).expect("lab up");
     let m = lab.start_manager().expect("manager");
     let (sent_a, recv_b, _, _) = idle_call(&lab, 40003, 41003, "1000");
+    assert!(sent_a >= 250, "alice sent {sent_a}: the call ended early");
     assert!(
         recv_b + 50 <= sent_a,
         "bob got {recv_b} of alice's {sent_a} packets: the window should have closed during the pause"

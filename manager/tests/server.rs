@@ -691,6 +691,9 @@ fn call_id_naming_a_missing_shard(frame: Frame, answer: Option<ErrorCode>) {
     }
     bob.ping(1);
     assert_eq!(get(&m.stats().connections_closed), 0);
+    // Ignored, but counted: a HANGUP or REJECT for a call that cannot exist.
+    let ignored = if answer.is_none() { 1 } else { 0 };
+    assert_eq!(get(&m.stats().hangups_unknown_call), ignored);
     // Bob is still reachable.
     let mut alice = Client::connect(&m, "alice");
     let alice_pub = alice.register(&id("alice"), 1);
@@ -760,14 +763,13 @@ fn unanswered_call_times_out_on_both_sides() {
     bob.register(&id("bob"), 2);
 
     let t = Instant::now();
+    // (The exact times are pinned down in virtual time: tests/sim.rs. Here: it happens, on
+    // the real IO, and no sooner than the ring timeout.)
     alice.call(51, &id("bob"));
     let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
     assert_eq!(alice.recv(), Frame::Reject { call_ref: 51, call_id, reason: RejectReason::Timeout });
-    let took = t.elapsed();
-    assert!(took >= Duration::from_millis(450), "rejected too early: {took:?}");
-    assert!(took <= Duration::from_secs(2), "rejected too late: {took:?}");
+    assert!(t.elapsed() >= Duration::from_millis(500), "rejected before the ring timeout: {:?}", t.elapsed());
     assert_eq!(bob.recv(), Frame::Hangup { call_id, reason: HangupReason::Timeout });
-    assert!(t.elapsed() <= Duration::from_secs(2));
 
     let s = m.stats();
     assert_eq!(get(&s.calls_ring_timeout), 1);
@@ -823,10 +825,9 @@ fn silent_connections_are_closed_by_the_register_and_idle_timeouts() {
     silent.register(&id("silent"), 1);
     chatty.register(&id("chatty"), 2);
 
-    let t = Instant::now();
+    // (Exact times: tests/sim.rs.)
     never.expect_error(ErrorCode::Timeout);
     never.expect_closed();
-    assert!(t.elapsed() < Duration::from_secs(2), "register timeout took {:?}", t.elapsed());
 
     // Chatty pings every 150 ms (bounded) and outlives silent's idle timeout.
     let mut silent_gone = false;
@@ -1087,7 +1088,13 @@ fn the_stun_responder_limits_answers_per_source_address() {
     assert_eq!(answered + limited, 40, "every request answered or counted");
     // The same source address, another port: the same bucket (it is the IP that counts).
     let other = UdpSocket::bind("127.0.0.1:0").unwrap();
-    assert!(stun_burst(&other, m.local_addr(), &req[..n], 5) <= 4);
+    let before = get(&m.stats().stun_rate_limited) as usize;
+    let same_ip = stun_burst(&other, m.local_addr(), &req[..n], 5);
+    assert!(same_ip <= 4, "{same_ip} answers to a second port of the same IP");
+    assert_eq!(get(&m.stats().stun_rate_limited) as usize - before, 5 - same_ip);
+    // Another source IP has a bucket of its own: its whole burst is answered.
+    let elsewhere = UdpSocket::bind("127.0.0.2:0").unwrap();
+    assert_eq!(stun_burst(&elsewhere, m.local_addr(), &req[..n], 10), 10, "a fresh source IP is not limited");
 }
 
 // ------------------------------------------------------------------------------ limits

@@ -10,8 +10,8 @@ use std::time::Duration;
 use proto::auth::Secret;
 use proto::client::{CallReport, EndReason};
 use proto::shard::ShardConfig;
-use proto::wire::frame::{AddrSource, ClientId, Frame, HangupReason};
-use sim::{Net, Plan, Sim};
+use proto::wire::frame::{AddrSource, ClientId, ErrorCode, Frame, HangupReason, RejectReason};
+use sim::{Fate, Net, Plan, Sim};
 
 fn only(r: &[CallReport]) -> &CallReport {
     assert_eq!(r.len(), 1, "expected exactly one call report, got {r:#?}");
@@ -23,7 +23,7 @@ fn duplicate_frames_do_not_create_duplicate_calls() {
     let mut sim = Sim::new(6, 2, Net::default());
     let b = sim.add("bob", Plan::Listen, |_| {});
     let a = sim.add("alice", Plan::call("bob", 300, 2000), |_| {});
-    sim.to_client_filter = Some(Box::new(|_| 2)); // every frame to a client arrives twice
+    sim.to_client_filter = Some(Box::new(|_| Fate::Duplicate)); // every frame to a client arrives twice
     sim.run_until(Duration::from_secs(6));
     let (ra, rb) = (only(sim.reports(a)), only(sim.reports(b)));
     assert_eq!(ra.reason, EndReason::LocalHangup);
@@ -36,23 +36,37 @@ fn duplicate_frames_do_not_create_duplicate_calls() {
 
 #[test]
 fn a_hangup_overtaking_start_is_handled() {
-    // Reorder: hold START back so that the callee's hangup (after its first-media timeout)
-    // reaches the caller first; the late START must not resurrect the call.
+    // Reorder: START is held back by a second, so the caller gives up first (start timeout
+    // 400 ms, at 0.7 s), the callee's HANGUP (first-media timeout 500 ms, at 0.81 s) reaches
+    // it next, and START last (1.32 s). The late START must not resurrect the call: the
+    // caller answers it with HANGUP Timeout, which the manager (whose call is over) counts
+    // as a hangup of an unknown call.
     let mut sim = Sim::new(7, 1, Net::default());
     let b = sim.add("bob", Plan::Listen, |c| c.first_media_timeout = Duration::from_millis(500));
     let a = sim.add("alice", Plan::call("bob", 300, 2000), |c| c.start_timeout = Duration::from_millis(400));
-    let mut held = 0;
-    sim.to_client_filter = Some(Box::new(move |f| {
-        if matches!(f, Frame::Start { .. }) && held == 0 {
-            held += 1;
-            return 0;
+    let order = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = order.clone();
+    sim.to_client_filter = Some(Box::new(move |f| match f {
+        Frame::Start { .. } => {
+            seen.borrow_mut().push("START");
+            Fate::Delay(Duration::from_secs(1))
         }
-        1
+        Frame::Hangup { .. } => {
+            seen.borrow_mut().push("HANGUP");
+            Fate::Deliver
+        }
+        _ => Fate::Deliver,
     }));
     sim.run_until(Duration::from_secs(5));
+    assert_eq!(*order.borrow(), ["START", "HANGUP"], "the manager sent START first");
     let (ra, rb) = (only(sim.reports(a)), only(sim.reports(b)));
     assert_eq!(ra.reason, EndReason::NoStart);
+    assert_eq!(ra.sent, 0, "no media for a call given up");
     assert_eq!(rb.reason, EndReason::NoMedia);
+    let alice = &sim.clients[a].client;
+    assert_eq!(alice.active_calls(), 0, "the late START did not bring the call back");
+    assert_eq!(alice.counters().frames_unexpected, 2, "the HANGUP and the late START were unexpected");
+    assert_eq!(sim.stats.hangups_unknown_call.load(Ordering::Relaxed), 1, "alice's HANGUP for the late START");
     assert_eq!(sim.owned_calls(), 0);
 }
 
@@ -78,7 +92,7 @@ fn watch_registered(sim: &mut Sim) -> std::rc::Rc<std::cell::RefCell<Vec<AddrSou
         if let Frame::Registered { source, .. } = f {
             s.borrow_mut().push(*source);
         }
-        1
+        Fate::Deliver
     }));
     seen
 }
@@ -145,4 +159,62 @@ fn registration_tokens_expire_in_the_wall_clock_the_shards_are_given() {
     assert!(!sim.clients[late].client.is_registered());
     assert_eq!(sim.stats.auth_expired.load(Ordering::Relaxed), 1);
     assert_eq!(sim.stats.registrations.load(Ordering::Relaxed), 1);
+}
+
+// The shard's timers, at exact virtual times. The shards tick every 250 ms from the start, so
+// a deadline is noticed at the first tick at or after it; frames take 5 ms to arrive.
+
+#[test]
+fn a_connection_that_never_registers_is_closed_at_the_register_timeout() {
+    let mut sim = Sim::new(17, 2, Net::default());
+    let mute = sim.connect_mute(1);
+    sim.run_until(Duration::from_secs(12));
+    let log: Vec<_> = sim.to_mutes.iter().filter(|(_, k, _)| *k == mute).collect();
+    // ERROR Timeout at the 10 s tick (+5 ms on the way), then the close.
+    assert_eq!(log.len(), 2, "{log:?}");
+    let error = log.iter().find(|(_, _, f)| f.is_some()).expect("an ERROR");
+    assert_eq!(error.0, Duration::from_millis(10_005));
+    assert!(matches!(error.2, Some(Frame::Error { code: ErrorCode::Timeout, .. })), "{error:?}");
+    assert!(log.iter().any(|(t, _, f)| f.is_none() && *t == Duration::from_millis(10_005)), "closed with it");
+    assert_eq!(sim.stats.connections_timed_out.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_registered_connection_that_falls_silent_is_closed_at_the_idle_timeout() {
+    let mut sim = Sim::new(18, 2, Net::default());
+    // No PINGs: after REGISTER the client sends nothing more.
+    let a = sim.add("quiet", Plan::Listen, |c| c.ping_interval = Duration::from_secs(3600));
+    sim.run_until(Duration::from_secs(50));
+    let registered = sim.frame_times(a, |f| matches!(f, Frame::Registered { .. }));
+    let kicked = sim.frame_times(a, |f| matches!(f, Frame::Error { code: ErrorCode::Timeout, .. }));
+    assert_eq!((registered.len(), kicked.len()), (1, 1), "{:?}", sim.to_clients);
+    // REGISTER reached the manager 5 ms before REGISTERED left it, 10 ms before it arrived;
+    // the idle deadline is 45 s after that, noticed at the next tick, ERROR 5 ms later.
+    let last_rx = registered[0] - Duration::from_millis(10);
+    let deadline = last_rx + Duration::from_secs(45);
+    let noticed = Duration::from_millis(deadline.as_millis().div_ceil(250) as u64 * 250);
+    assert_eq!(kicked[0], noticed + Duration::from_millis(5), "idle deadline {deadline:?}");
+    assert_eq!(sim.stats.connections_timed_out.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_call_the_callee_never_answers_is_rejected_at_the_ring_timeout() {
+    // The callee's INCOMING is lost, so it never sends PUNCHED: after 4 s the manager tells
+    // the caller REJECT Timeout (before the caller's own 5 s START timeout) and the callee
+    // HANGUP Timeout.
+    let mut sim = Sim::new(19, 2, Net::default());
+    sim.to_client_filter =
+        Some(Box::new(|f| if matches!(f, Frame::Incoming { .. }) { Fate::Drop } else { Fate::Deliver }));
+    let b = sim.add("bob", Plan::Listen, |_| {});
+    let a = sim.add("alice", Plan::call("bob", 300, 2000), |_| {});
+    sim.run_until(Duration::from_secs(8));
+    // CALL left alice at 300 ms and reached the manager at 305 ms: ringing until 4.305 s,
+    // noticed at the 4.5 s tick, delivered 5 ms later.
+    let rejected = sim.frame_times(a, |f| matches!(f, Frame::Reject { reason: RejectReason::Timeout, .. }));
+    assert_eq!(rejected, [Duration::from_millis(4_505)]);
+    let hung_up = sim.frame_times(b, |f| matches!(f, Frame::Hangup { reason: HangupReason::Timeout, .. }));
+    assert_eq!(hung_up, [Duration::from_millis(4_505)]);
+    assert_eq!(only(sim.reports(a)).reason, EndReason::Rejected(RejectReason::Timeout));
+    assert_eq!(sim.stats.calls_ring_timeout.load(Ordering::Relaxed), 1);
+    assert_eq!(sim.owned_calls(), 0);
 }

@@ -143,7 +143,8 @@ struct PeerApp {
 }
 
 impl PeerApp {
-    fn report(&mut self, r: &CallReport, m: Option<media::MediaReport>) {
+    /// `c`: the client's drop counters so far (the process's, over all its calls).
+    fn report(&mut self, r: &CallReport, m: Option<media::MediaReport>, c: &proto::client::ClientCounters) {
         let ok = r.succeeded();
         if !ok {
             self.failed = true;
@@ -181,6 +182,13 @@ impl PeerApp {
                 "failed_phase": if ok { None } else { Some(failed_phase(r)) },
                 "media": m.as_ref().map(|m| serde_json::to_value(m).unwrap_or_default()),
                 "forwarding": serde_json::to_value(self.media.forward_counters()).unwrap_or_default(),
+                // Datagrams this client refused so far (all calls): the admission checks at work.
+                "refused": {
+                    "wrong_source": c.dgram_wrong_source,
+                    "unmatched": c.dgram_unmatched,
+                    "malformed": c.dgram_malformed,
+                    "unknown": c.dgram_unknown,
+                },
             });
             println!("{v}");
         } else {
@@ -278,7 +286,7 @@ impl App for PeerApp {
             }
             Event::Ended(r) => {
                 let m = self.media.end(r.handle);
-                self.report(&r, m);
+                self.report(&r, m, ctx.client.counters());
                 if self.role_caller.is_some() {
                     self.done = true;
                 } else if let Some(n) = self.calls_left.as_mut() {

@@ -314,6 +314,13 @@ fn a_third_host_cannot_inject_into_an_established_call() {
         a["nulls_sent"].as_u64().unwrap(),
         "no forged null accepted: {b}"
     );
+    // And the forgeries did reach bob while the call was up (its report, written when the
+    // call ended, counts them): every one was refused by a check, none lost on the way.
+    let refused = &b["refused"];
+    let n = |k: &str| refused[k].as_u64().unwrap_or_else(|| panic!("refused.{k} in {b}"));
+    assert!(n("wrong_source") >= 300, "the seen SSRC from mallory's own address: {refused}");
+    let total = n("wrong_source") + n("unmatched") + n("malformed") + n("unknown");
+    assert!(total >= injected, "{total} refused of {injected} forged: {refused}");
     m.stop();
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use proto::client::{CallReport, EndReason, Role};
 use proto::wire::frame::{Frame, HangupReason};
 use proto::wire::{classify, DatagramKind};
-use sim::{Net, Plan, Sim};
+use sim::{Fate, Net, Plan, Sim};
 
 /// How a caller sees a call whose media never came back.
 const NO_MEDIA: [EndReason; 2] = [EndReason::NoMedia, EndReason::RemoteHangup(HangupReason::Timeout)];
@@ -117,7 +117,8 @@ fn a_lost_start_ends_both_sides_cleanly() {
     let mut sim = Sim::new(5, 2, Net::default());
     let b = sim.add("bob", Plan::Listen, |_| {});
     let a = sim.add("alice", Plan::call("bob", 300, 2000), |_| {});
-    sim.to_client_filter = Some(Box::new(|f| if matches!(f, Frame::Start { .. }) { 0 } else { 1 }));
+    sim.to_client_filter =
+        Some(Box::new(|f| if matches!(f, Frame::Start { .. }) { Fate::Drop } else { Fate::Deliver }));
     sim.run_until(Duration::from_secs(12));
     let (ra, rb) = (only(sim.reports(a)), only(sim.reports(b)));
     assert_eq!(ra.reason, EndReason::NoStart, "{ra:#?}");
@@ -208,9 +209,9 @@ fn the_same_seed_gives_the_same_run() {
     // Several callers, two shards, loss and jitter: every frame, datagram and shard message,
     // with its virtual time, must be the same in both runs (HashMap iteration order differs
     // between the two, so any output that depends on it shows up here).
-    let run = || {
+    let run = |seed: u64| {
         let net = Net { udp_loss: 0.1, udp_jitter: Duration::from_millis(5), ..Net::default() };
-        let mut sim = Sim::new(42, 2, net);
+        let mut sim = Sim::new(seed, 2, net);
         let b = sim.add("b", Plan::Listen, |_| {});
         let c = sim.add("c", Plan::Listen, |_| {});
         let mut callers = Vec::new();
@@ -223,8 +224,8 @@ fn the_same_seed_gives_the_same_run() {
         assert_eq!(sim.reports(c).len(), 2);
         (std::mem::take(&mut sim.trace), summary)
     };
-    let (first_trace, first) = run();
-    let (second_trace, second) = run();
+    let (first_trace, first) = run(42);
+    let (second_trace, second) = run(42);
     assert!(first_trace.len() > 500, "a trace of {} deliveries", first_trace.len());
     if let Some(i) = (0..first_trace.len().min(second_trace.len())).find(|&i| first_trace[i] != second_trace[i]) {
         panic!("the runs differ at delivery {i}:\n  {}\n  {}", first_trace[i], second_trace[i]);
@@ -232,6 +233,9 @@ fn the_same_seed_gives_the_same_run() {
     assert_eq!(first_trace.len(), second_trace.len());
     assert_eq!(first, second);
     assert!(first.5 > 0, "loss was injected");
+    // The control: another seed is another run (different loss, jitter, call ids, tokens).
+    let (other_trace, _) = run(43);
+    assert_ne!(first_trace, other_trace, "the seed must decide the run");
 }
 
 #[test]

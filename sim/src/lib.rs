@@ -8,7 +8,7 @@
 //! and so can every feature that changes the client, the shard or the wire.
 //!
 //! The network ([`Net`]): signalling frames are delivered in order after a fixed delay (TCP),
-//! unless a test's filter drops or duplicates them ([`Sim::to_client_filter`]). Datagrams
+//! unless a test's filter drops, duplicates or holds them back ([`Sim::to_client_filter`]). Datagrams
 //! take a delay plus seeded jitter, may be held back (reordered) or lost at seeded rates, and
 //! may be dropped by a test's filter ([`Sim::datagram_filter`]). Every client sits behind a
 //! stateful firewall modelled on Linux conntrack: an inbound datagram passes only if the
@@ -55,6 +55,7 @@ pub const MAX_STEPS: usize = 5_000_000;
 enum Ev {
     ToManager { client: usize, frame: Frame },
     ToClient { client: usize, frame: Frame },
+    ToMute { conn: (u16, u64), frame: Frame },
     Datagram { from: SocketAddr, to: SocketAddr, data: Vec<u8> },
     Shard { to: u16, msg: ShardMsg },
     Closed { client: usize },
@@ -136,8 +137,21 @@ impl Default for Net {
     }
 }
 
-/// Copies of each frame sent to a client: 0 drops it, 2 duplicates it.
-pub type FrameFilter = Box<dyn FnMut(&Frame) -> u32>;
+/// What becomes of a frame the manager sends to a client ([`Sim::to_client_filter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Delivered after [`Net::frame_delay`].
+    Deliver,
+    /// Lost.
+    Drop,
+    /// Delivered twice.
+    Duplicate,
+    /// Delivered this much later than it would have been (frames sent after it overtake it).
+    Delay(Duration),
+}
+
+/// Decides the fate of each frame sent to a client.
+pub type FrameFilter = Box<dyn FnMut(&Frame) -> Fate>;
 /// Return false to drop a datagram (from, to, bytes) before it leaves the sender's network.
 pub type DatagramFilter = Box<dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> bool>;
 
@@ -157,11 +171,13 @@ pub struct Sim {
     pub clients: Vec<SimClient>,
     by_udp: HashMap<SocketAddr, usize>,
     by_conn: HashMap<(u16, u64), usize>,
+    /// Connections with no client behind them ([`Sim::connect_mute`]).
+    mutes: Vec<(u16, u64)>,
     queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
     events: HashMap<usize, Ev>,
     seq: u64,
     next_tick: Instant,
-    /// Copies of each frame sent to a client: 0 drops it, 2 duplicates it.
+    /// The fate of each frame sent to a client (none: every frame is delivered).
     pub to_client_filter: Option<FrameFilter>,
     /// Return false to drop a datagram (from, to, bytes).
     pub datagram_filter: Option<DatagramFilter>,
@@ -172,6 +188,11 @@ pub struct Sim {
     /// Every delivery in order: virtual time and the whole event (frame, datagram bytes,
     /// shard message), so two runs can be compared as traces, not as a few aggregates.
     pub trace: Vec<String>,
+    /// Every frame that reached a client, with its virtual time (from the start).
+    pub to_clients: Vec<(Duration, usize, Frame)>,
+    /// Every frame that reached a mute connection ([`Sim::connect_mute`]), with its virtual
+    /// time; and when the manager closed it (`None` as the frame).
+    pub to_mutes: Vec<(Duration, usize, Option<Frame>)>,
 }
 
 impl Sim {
@@ -208,6 +229,7 @@ impl Sim {
             clients: Vec::new(),
             by_udp: HashMap::new(),
             by_conn: HashMap::new(),
+            mutes: Vec::new(),
             queue: BinaryHeap::new(),
             events: HashMap::new(),
             seq: 0,
@@ -217,7 +239,27 @@ impl Sim {
             udp_dropped_by_loss: 0,
             manager_udp_non_stun: 0,
             trace: Vec::new(),
+            to_clients: Vec::new(),
+            to_mutes: Vec::new(),
         }
+    }
+
+    /// Open a connection to shard `shard` that sends nothing (no client behind it, as an
+    /// attacker's or a hung program's); what the manager sends it and when it closes it are
+    /// logged in [`Sim::to_mutes`]. Returns its index there.
+    pub fn connect_mute(&mut self, shard: u16) -> usize {
+        let k = self.mutes.len();
+        let peer = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)), 30000 + k as u16);
+        let open: usize = self.shards.iter().map(|s| s.open_connections()).sum();
+        let conn = self.shards[shard as usize].conn_opened(self.now, peer, open);
+        self.mutes.push((shard, conn));
+        self.pump_shard(shard);
+        k
+    }
+
+    /// When the frames that match `pred` reached client `i`, from the start.
+    pub fn frame_times(&self, i: usize, pred: impl Fn(&Frame) -> bool) -> Vec<Duration> {
+        self.to_clients.iter().filter(|(_, c, f)| *c == i && pred(f)).map(|(t, _, _)| *t).collect()
     }
 
     /// Add a client `id` that follows `plan`, after `tweak` has adjusted its configuration;
@@ -286,21 +328,32 @@ impl Sim {
         while let Some(o) = self.shards[s as usize].poll_output() {
             match o {
                 Output::Frame { conn, frame } => {
-                    if let Some(&c) = self.by_conn.get(&(s, conn)) {
-                        let copies = match self.to_client_filter.as_mut() {
+                    if self.mutes.contains(&(s, conn)) {
+                        let at = self.now + self.net.frame_delay;
+                        self.schedule(at, Ev::ToMute { conn: (s, conn), frame });
+                    } else if let Some(&c) = self.by_conn.get(&(s, conn)) {
+                        let fate = match self.to_client_filter.as_mut() {
                             Some(f) => f(&frame),
-                            None => 1,
+                            None => Fate::Deliver,
+                        };
+                        let at = self.now + self.net.frame_delay;
+                        let (copies, at) = match fate {
+                            Fate::Deliver => (1, at),
+                            Fate::Drop => (0, at),
+                            Fate::Duplicate => (2, at),
+                            Fate::Delay(d) => (1, at + d),
                         };
                         for _ in 0..copies {
-                            self.schedule(
-                                self.now + self.net.frame_delay,
-                                Ev::ToClient { client: c, frame: frame.clone() },
-                            );
+                            self.schedule(at, Ev::ToClient { client: c, frame: frame.clone() });
                         }
                     }
                 }
                 Output::Close { conn } => {
-                    if let Some(c) = self.by_conn.remove(&(s, conn)) {
+                    if let Some(k) = self.mutes.iter().position(|m| *m == (s, conn)) {
+                        let at = self.now.duration_since(self.start) + self.net.frame_delay;
+                        self.to_mutes.push((at, k, None));
+                        self.shards[s as usize].conn_closed(self.now, conn);
+                    } else if let Some(c) = self.by_conn.remove(&(s, conn)) {
                         self.clients[c].conn = None;
                         self.schedule(self.now + self.net.frame_delay, Ev::Closed { client: c });
                         self.shards[s as usize].conn_closed(self.now, conn);
@@ -462,7 +515,12 @@ impl Sim {
                     self.pump_shard(s);
                 }
             }
+            Ev::ToMute { conn, frame } => {
+                let k = self.mutes.iter().position(|m| *m == conn).expect("mutes are never removed");
+                self.to_mutes.push((now.duration_since(self.start), k, Some(frame)));
+            }
             Ev::ToClient { client, frame } => {
+                self.to_clients.push((now.duration_since(self.start), client, frame.clone()));
                 self.clients[client].client.handle_frame(now, frame);
                 self.pump_client(client);
             }
