@@ -104,9 +104,21 @@ mod tests {
         // Full of busy sources: a new one is refused.
         assert!(!l.allow(ip(9), t0));
         assert_eq!(l.sources(), 3);
-        // Two seconds later they are idle (buckets refilled): room again.
+        // Two seconds later they are idle (buckets refilled): the idle ones are dropped to
+        // make room, and the newcomer is tracked alone.
         assert!(l.allow(ip(9), t0 + Duration::from_secs(2)));
-        assert!(l.sources() <= 3);
+        assert_eq!(l.sources(), 1);
+        // Busy sources survive an eviction: ip(0) and ip(1) ask at t1 (the table is full
+        // again with ip(9)), and a newcomer 100 ms later evicts only ip(9), the idle one.
+        let t1 = t0 + Duration::from_secs(10);
+        for i in 0..2 {
+            assert!(l.allow(ip(i), t1));
+        }
+        assert!(l.allow(ip(20), t1 + Duration::from_millis(100)), "room: ip(9) is idle");
+        assert_eq!(l.sources(), 3, "ip(0), ip(1) and the newcomer");
+        // ip(0) kept its (partly used) bucket: one token left, not a fresh burst of two.
+        assert!(l.allow(ip(0), t1 + Duration::from_millis(100)));
+        assert!(!l.allow(ip(0), t1 + Duration::from_millis(100)));
         // No limit at rate 0.
         let mut open = StunLimiter::new(0.0, 0.0);
         assert!((0..1000).all(|_| open.allow(ip(1), t0)));
