@@ -342,10 +342,12 @@ impl Drop for AnonMap {
 }
 
 /// A provided buffer ring (`IORING_REGISTER_PBUF_RING`): `nbufs` buffers of `size` bytes that
-/// the kernel takes one at a time for buffer-select receives, each handed back with
-/// [`BufRing::provide`] once its data has been used. The ring memory is mapped here and
-/// unmapped on drop, so a `BufRing` must outlive the io_uring it is registered with (drop
-/// the ring first).
+/// the kernel takes one at a time for buffer-select receives. Each buffer is either the
+/// kernel's (provided, and perhaps being written) or the caller's (a completion named it,
+/// [`BufRing::take`]): only the caller's can be read ([`BufRing::get`]) or given back
+/// ([`BufRing::provide`]), so no slice ever covers memory the kernel may write, and no buffer
+/// is in the kernel's hands twice. The memory is mapped here and unmapped on drop, so a
+/// `BufRing` must outlive every operation that selects from it (see [`BufRing::register`]).
 pub struct BufRing {
     /// The buffers, written by the kernel (hence not a `Vec` borrowed immutably).
     bufs: AnonMap,
@@ -355,6 +357,9 @@ pub struct BufRing {
     len: usize,
     tail: u16,
     dirty: bool,
+    /// One bit per buffer, set while the kernel holds it (provided, and not yet named by a
+    /// completion that was taken).
+    with_kernel: Vec<u64>,
 }
 
 // SAFETY: the mapping is owned by this value and used by one thread at a time.
@@ -367,6 +372,16 @@ impl BufRing {
         if !nbufs.is_power_of_two() || nbufs > 32768 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "nbufs must be a power of two up to 32768"));
         }
+        // A buffer's length is a u32 in the ring, and every buffer's address must lie inside
+        // the mapping: a product that wrapped would map less than the buffers' addresses
+        // span, and the kernel would write past it.
+        let total = (nbufs as usize).checked_mul(size).filter(|_| size > 0 && size <= u32::MAX as usize);
+        let Some(total) = total else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a receive buffer must be 1 to 4 GiB long, and all of them fit in the address space",
+            ));
+        };
         let len = nbufs as usize * std::mem::size_of::<BufRingEntry>();
         // SAFETY: an anonymous private mapping; checked for failure below. mmap gives page
         // alignment, which the buffer ring requires.
@@ -384,7 +399,7 @@ impl BufRing {
             return Err(io::Error::last_os_error());
         }
         let mem = mem as *mut BufRingEntry;
-        let bufs = match AnonMap::new(nbufs as usize * size) {
+        let bufs = match AnonMap::new(total) {
             Ok(b) => b,
             Err(e) => {
                 // SAFETY: mapped just above with this length.
@@ -392,7 +407,8 @@ impl BufRing {
                 return Err(e);
             }
         };
-        let mut me = BufRing { bufs, size, nbufs, mem, len, tail: 0, dirty: false };
+        let words = (nbufs as usize).div_ceil(64);
+        let mut me = BufRing { bufs, size, nbufs, mem, len, tail: 0, dirty: false, with_kernel: vec![0; words] };
         for bid in 0..nbufs {
             me.provide(bid);
         }
@@ -403,24 +419,60 @@ impl BufRing {
     /// Register the ring as buffer group `bgid` of `ring`.
     ///
     /// # Safety
-    /// `self` must outlive `ring` (or its unregistration): the kernel writes into the buffers
-    /// and reads the ring memory until then.
+    /// * `self` must outlive every operation of `ring` that selects a buffer from group
+    ///   `bgid`: the kernel writes into the buffers and reads the ring memory until each one's
+    ///   last completion. Closing `ring` does not end them at once (the kernel tears a closed
+    ///   ring down in the background), so reap their completions first, or leak `self`.
+    /// * `self` is registered once, with one ring, and [`BufRing::take`] is given only the
+    ///   buffer ids of that ring's completions for group `bgid`.
     pub unsafe fn register(&self, ring: &IoUring, bgid: u16) -> io::Result<()> {
-        // SAFETY: the memory is valid for `nbufs` entries; the caller keeps it alive.
+        // SAFETY: `mem` is a page-aligned mapping of `nbufs` entries, as the kernel requires;
+        // the caller keeps it, and the buffers its entries point at, alive while the kernel
+        // may use them.
         unsafe { ring.submitter().register_buf_ring_with_flags(self.mem as u64, self.nbufs, bgid, 0) }
     }
 
-    /// The first `len` bytes of buffer `bid` (as the kernel filled them), to read after the
-    /// completion that named `bid` and before [`BufRing::provide`] gives it back. A `bid`
-    /// outside the ring gives an empty slice.
+    fn with_kernel(&self, bid: u16) -> bool {
+        self.with_kernel[bid as usize / 64] & (1 << (bid % 64)) != 0
+    }
+
+    fn set_with_kernel(&mut self, bid: u16, held: bool) {
+        let (w, bit) = (bid as usize / 64, 1u64 << (bid % 64));
+        if held {
+            self.with_kernel[w] |= bit;
+        } else {
+            self.with_kernel[w] &= !bit;
+        }
+    }
+
+    /// Take buffer `bid` back from the kernel, as a completion named it
+    /// (`IORING_CQE_F_BUFFER`): the kernel has written it and does not touch it again until
+    /// it is provided. From now until [`BufRing::provide`], [`BufRing::get`] reads it.
+    /// Returns false, and changes nothing, for an id outside the ring or a buffer the kernel
+    /// does not hold.
+    ///
+    /// # Safety
+    /// A completion reaped from the ring this buffer ring is registered with, of an operation
+    /// that selected from its group, named `bid`; and this is the only `take` for that
+    /// completion.
+    pub unsafe fn take(&mut self, bid: u16) -> bool {
+        if bid >= self.nbufs || !self.with_kernel(bid) {
+            return false;
+        }
+        self.set_with_kernel(bid, false);
+        true
+    }
+
+    /// The first `len` bytes of buffer `bid` (as the kernel filled them), between its
+    /// [`BufRing::take`] and its [`BufRing::provide`]. Empty for an id outside the ring and
+    /// for a buffer the kernel holds (it may be writing into it).
     pub fn get(&self, bid: u16, len: usize) -> &[u8] {
-        if bid >= self.nbufs {
+        if bid >= self.nbufs || self.with_kernel(bid) {
             return &[];
         }
         // SAFETY: the range is buffer `bid` alone (never the other buffers, which the kernel
-        // may be filling). A completion named `bid`, so the kernel is done with it and takes
-        // it again only after `provide(bid)`, which needs `&mut self`, so not while this
-        // borrow lives.
+        // may be filling). The kernel gave `bid` back (`take`) and gets it again only from
+        // `provide(bid)`, which needs `&mut self`, so not while this borrow lives.
         unsafe { self.bufs.range(bid as usize * self.size, len.min(self.size)) }
     }
 
@@ -430,14 +482,20 @@ impl BufRing {
     }
 
     /// Give buffer `bid` back to the kernel (seen by it at the next [`BufRing::publish`]).
-    /// Refuses (false) a `bid` outside the ring: its address would lie past the buffers, and
-    /// the kernel would write there.
+    /// Refuses (false) a `bid` outside the ring (its address would lie past the buffers, and
+    /// the kernel would write there) and a buffer the kernel already holds (two receives
+    /// would write into it, one while its reader reads it; and more entries than the ring
+    /// has would overwrite ones the kernel has not consumed).
     pub fn provide(&mut self, bid: u16) -> bool {
-        if bid >= self.nbufs {
+        if bid >= self.nbufs || self.with_kernel(bid) {
             return false;
         }
+        self.set_with_kernel(bid, true);
         let idx = (self.tail & (self.nbufs - 1)) as usize;
-        // SAFETY: idx < nbufs, within the mapping; the buffer address is inside `bufs`.
+        // SAFETY: idx < nbufs, within the mapping; the buffer address is inside `bufs`
+        // (bid < nbufs, and the mapping holds nbufs * size bytes). The entry at the tail is
+        // not one the kernel reads: at most nbufs - 1 buffers are with the kernel besides
+        // this one, so the published entries (head to tail) do not reach it.
         unsafe {
             let e = &mut *self.mem.add(idx);
             e.set_addr(self.bufs.as_ptr().add(bid as usize * self.size) as u64);
@@ -918,6 +976,10 @@ impl UdpRing {
             }
             for &(ud, res, flags) in &batch[..n] {
                 let (kind, ix) = (ud >> KIND_SHIFT, ud & INDEX_MASK);
+                // SAFETY: the completion was just reaped from this ring, whose buffer-select
+                // operations (the receives) all take from `bufs`, group BGID; its buffer is
+                // taken here, once. Every path below gives it back.
+                let bid = cqueue::buffer_select(flags).filter(|&b| unsafe { self.bufs.take(b) });
                 match kind {
                     K_SLOT | K_RAW => {
                         self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
@@ -946,11 +1008,10 @@ impl UdpRing {
                     }
                     K_STREAM => {
                         let more = cqueue::more(flags);
-                        match (res, cqueue::buffer_select(flags)) {
+                        match (res, bid) {
                             (r, Some(bid)) if r > 0 => {
                                 let data = self.bufs.get(bid, r as usize);
                                 on(Completion::Stream { token: ix as u32, result: r, data, more });
-                                self.bufs.provide(bid);
                             }
                             (r, _) if r > 0 => {
                                 self.counters.recv_errors += 1;
@@ -962,6 +1023,11 @@ impl UdpRing {
                                 }
                                 on(Completion::Stream { token: ix as u32, result: r, data: &[], more });
                             }
+                        }
+                        // (An end of stream or an error may carry a buffer too, on some
+                        // kernels: it goes back as well, or the ring would run dry.)
+                        if let Some(bid) = bid {
+                            self.bufs.provide(bid);
                         }
                         continue;
                     }
@@ -986,9 +1052,12 @@ impl UdpRing {
                     } else if res != -libc::ECANCELED {
                         self.counters.recv_errors += 1;
                     }
+                    if let Some(bid) = bid {
+                        self.bufs.provide(bid);
+                    }
                     continue;
                 }
-                let Some(bid) = cqueue::buffer_select(flags) else {
+                let Some(bid) = bid else {
                     self.counters.recv_errors += 1;
                     continue;
                 };
@@ -1129,10 +1198,44 @@ mod tests {
         let mut r = BufRing::new(8, 64).unwrap();
         assert!(!r.provide(8));
         assert!(!r.provide(u16::MAX));
+        // SAFETY: the ring is registered with no io_uring: the kernel holds none of it.
+        assert!(unsafe { r.take(7) });
         assert!(r.provide(7));
         assert!(r.get(8, 10).is_empty());
         assert!(r.get(u16::MAX, 10).is_empty());
+        // SAFETY: as above.
+        assert!(!unsafe { r.take(8) });
+        assert!(unsafe { r.take(7) });
         assert_eq!(r.get(7, 1000).len(), 64, "a length is clamped to the buffer");
+    }
+
+    /// A buffer is read only between the completion that named it and its return to the
+    /// kernel, and returned once: `get` of a buffer the kernel holds would be a slice over
+    /// memory a receive may be writing, and a second `provide` would put one buffer in the
+    /// kernel's hands twice (two receives writing into it, one while its reader reads it).
+    #[test]
+    fn buffer_ring_hands_out_only_buffers_the_kernel_gave_back() {
+        let mut r = BufRing::new(8, 64).unwrap();
+        assert!(r.get(3, 10).is_empty(), "a buffer the kernel holds was handed out");
+        assert!(!r.provide(3), "a buffer the kernel holds was provided again");
+        // SAFETY: the ring is registered with no io_uring: the kernel holds none of it.
+        assert!(unsafe { r.take(3) });
+        assert_eq!(r.get(3, 10).len(), 10);
+        // SAFETY: as above.
+        assert!(!unsafe { r.take(3) }, "taken twice");
+        assert!(r.provide(3));
+        assert!(r.get(3, 10).is_empty(), "a provided buffer was still handed out");
+        assert!(!r.provide(3), "provided twice");
+    }
+
+    /// Buffer sizes whose product wraps would map fewer bytes than the buffers' addresses
+    /// span (the kernel would write past the mapping); a size the ring's u32 length cannot
+    /// hold, or 0, is refused too.
+    #[test]
+    fn buffer_ring_sizes_past_the_address_space_are_refused() {
+        assert!(BufRing::new(2, usize::MAX / 2 + 1).is_err(), "2 buffers of 2^63 bytes");
+        assert!(BufRing::new(4, 1 << 33).is_err(), "a buffer longer than a u32");
+        assert!(BufRing::new(4, 0).is_err(), "empty buffers");
     }
     use std::os::fd::AsRawFd;
 

@@ -362,7 +362,13 @@ impl Io {
                 let (kind, gen, slot) = untag(ud);
                 match kind {
                     K_ACCEPT => self.on_accept(now, slot as usize, res),
-                    K_RECV => self.on_recv(now, slot, gen, res, flags),
+                    K_RECV => {
+                        // SAFETY: the completion was just reaped from the shard's ring, whose
+                        // receives all select from `bufs` (group BGID); its buffer is taken
+                        // here, once, and `on_recv` gives it back.
+                        let bid = cqueue::buffer_select(flags).filter(|&b| unsafe { self.r.bufs.take(b) });
+                        self.on_recv(now, slot, gen, res, bid, cqueue::more(flags))
+                    }
                     K_SEND => self.on_send(now, slot, gen, res),
                     K_CLOSE => self.on_closed(now, slot, gen),
                     K_WAKE => {
@@ -456,9 +462,8 @@ impl Io {
         self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()).filter(|c| c.gen == gen)
     }
 
-    fn on_recv(&mut self, now: Instant, slot: u32, gen: u32, res: i32, flags: u32) {
-        let bid = cqueue::buffer_select(flags);
-        let more = cqueue::more(flags);
+    /// A receive completion, with the buffer it named (taken from the kernel).
+    fn on_recv(&mut self, now: Instant, slot: u32, gen: u32, res: i32, bid: Option<u16>, more: bool) {
         let Some(c) = self.conn(slot, gen) else {
             if let Some(b) = bid {
                 self.r.bufs.provide(b);
