@@ -707,9 +707,17 @@ impl UdpRing {
         Ok(())
     }
 
-    /// Give this ring `n` owned send slots of `size` bytes for [`UdpRing::send_copy`].
+    /// Give this ring `n` owned send slots of `size` bytes for [`UdpRing::send_copy`]. Once:
+    /// a ring that has slots keeps them (sends from them may be in flight, and the kernel
+    /// reads their bytes and addresses until each one completes).
     pub fn with_send_slots(mut self, n: u16, size: usize) -> io::Result<Self> {
-        self.slots = AnonMap::new(n as usize * size)?;
+        if !self.slot_addrs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "this ring's send slots are already set"));
+        }
+        let total = (n as usize)
+            .checked_mul(size)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "send slots larger than the address space"))?;
+        self.slots = AnonMap::new(total)?;
         // SAFETY: a zeroed sockaddr_storage is valid.
         self.slot_addrs = vec![unsafe { std::mem::zeroed() }; n as usize];
         self.free_slots = (0..n).rev().collect();
@@ -1346,6 +1354,19 @@ mod tests {
             std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
             libc::sendmsg(fd, &m, 0)
         }
+    }
+
+    /// Send slots are set once: replacing them would unmap the bytes and free the addresses
+    /// that the sends in flight from them are reading, and hand their slots out again.
+    #[test]
+    fn send_slots_are_set_once() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ring = UdpRing::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
+        let mut ring = ring.with_send_slots(2, 64).unwrap();
+        assert!(ring.send_copy(b"queued", a.local_addr().unwrap()));
+        assert!(ring.with_send_slots(4, 64).is_err(), "slots replaced under a queued send");
+        let ring = UdpRing::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
+        assert!(ring.with_send_slots(2, usize::MAX).is_err(), "a size that wraps the mapping's length");
     }
 
     #[test]
