@@ -17,6 +17,7 @@
 //! is stable; send buffers must stay valid until their completion is reaped (the caller's
 //! contract on `push_send`).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -39,9 +40,9 @@ const K_RECV: u64 = 2;
 const K_POLL: u64 = 3;
 /// A cancellation request (its own completion is ignored).
 const K_CANCEL: u64 = 4;
-/// A connect (index: the caller's token).
+/// A connect (index: the caller's token; its address is in `connect_addrs`).
 const K_OP: u64 = 5;
-/// A send on a stream socket (index: the caller's token).
+/// A send on a stream socket (index: the caller's token; its bytes are in `stream_sends`).
 const K_STREAM_SEND: u64 = 6;
 /// The multishot receive of a stream socket (index: the caller's token).
 const K_STREAM: u64 = 7;
@@ -148,14 +149,24 @@ pub enum Completion<'a> {
         /// Events or negative errno.
         result: i32,
     },
-    /// A stream operation ([`UdpRing::connect`], [`UdpRing::send_stream`]) completed:
-    /// `result` is its return value (bytes sent, 0) or a negative errno (`-ECANCELED` after
-    /// [`UdpRing::cancel`]).
+    /// A connect ([`UdpRing::connect`]) completed: `result` is 0 or a negative errno
+    /// (`-ECANCELED` after [`UdpRing::cancel`]).
     Op {
         /// The caller's token.
         token: u32,
         /// Return value or negative errno.
         result: i32,
+    },
+    /// A stream send ([`UdpRing::send_stream`]) completed: `result` is the bytes sent or a
+    /// negative errno (`-ECANCELED` after [`UdpRing::cancel`]), and `data` the buffer the
+    /// ring held until now, handed back whole.
+    Sent {
+        /// The caller's token.
+        token: u32,
+        /// Bytes sent (from the offset the send started at) or a negative errno.
+        result: i32,
+        /// The buffer given to [`UdpRing::send_stream`].
+        data: Vec<u8>,
     },
     /// The multishot receive of a stream socket ([`UdpRing::recv_stream`]) produced: bytes
     /// (`result` > 0, in `data`), the end of the stream (0) or an error (negative errno;
@@ -244,6 +255,11 @@ pub struct UdpRing {
     slots: AnonMap,
     slot_addrs: Vec<libc::sockaddr_storage>,
     free_slots: Vec<u16>,
+    /// The address of each connect in flight, by token: the kernel may read it until the
+    /// connect completes.
+    connect_addrs: HashMap<u32, Box<libc::sockaddr_storage>>,
+    /// The bytes of each stream send in flight, by token, handed back by its completion.
+    stream_sends: HashMap<u32, Vec<u8>>,
     queued: usize,
     queued_sends: usize,
     /// Counters.
@@ -599,6 +615,8 @@ impl UdpRing {
             slots: AnonMap::new(0)?,
             slot_addrs: Vec::new(),
             free_slots: Vec::new(),
+            connect_addrs: HashMap::new(),
+            stream_sends: HashMap::new(),
             queued: 0,
             queued_sends: 0,
             counters: UringCounters::default(),
@@ -801,35 +819,54 @@ impl UdpRing {
         self.ring.submitter().register_files_update(slot, &[-1]).map(|_| ())
     }
 
-    /// Queue a connect of stream socket `sock` to `addr`; completes as [`Completion::Op`]
-    /// with `token` (0 when connected, else a negative errno).
-    ///
-    /// # Safety
-    /// `addr` must point to a valid socket address of `len` bytes until the completion is
-    /// reaped.
-    pub unsafe fn connect(
-        &mut self,
-        sock: Sock,
-        addr: *const libc::sockaddr,
-        len: libc::socklen_t,
-        token: u32,
-    ) -> io::Result<()> {
-        let e = on_sock!(sock, |t| opcode::Connect::new(t, addr, len).build()).user_data(tag(K_OP, token as u64));
-        self.push_entry(&e)
+    /// Queue a connect of stream socket `sock` to `to`; completes as [`Completion::Op`] with
+    /// `token` (0 when connected, else a negative errno). The ring keeps the address until
+    /// then. Refused if a connect with the same token is in flight.
+    pub fn connect(&mut self, sock: Sock, to: SocketAddr, token: u32) -> io::Result<()> {
+        if self.connect_addrs.contains_key(&token) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "a connect with this token is in flight"));
+        }
+        let (storage, len) = to_sockaddr(to);
+        let addr = Box::new(storage);
+        // The box's contents stay where they are when the box moves into the map, until the
+        // completion takes it out (or the ring's teardown, see `Drop`).
+        let ptr = &*addr as *const libc::sockaddr_storage as *const libc::sockaddr;
+        let e = on_sock!(sock, |t| opcode::Connect::new(t, ptr, len).build()).user_data(tag(K_OP, token as u64));
+        self.push_entry(&e)?;
+        self.connect_addrs.insert(token, addr);
+        Ok(())
     }
 
-    /// Queue a send of `buf` on stream socket `sock`; completes as [`Completion::Op`] with
-    /// `token` and the bytes sent (all of them unless the connection failed: MSG_WAITALL), or
-    /// a negative errno. Counted in [`UdpRing::in_flight_sends`] until then.
-    ///
-    /// # Safety
-    /// `buf` must stay valid and unchanged until the completion is reaped.
-    pub unsafe fn send_stream(&mut self, sock: Sock, buf: &[u8], token: u32) -> io::Result<()> {
-        let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+    /// Queue a send of `data[from..]` on stream socket `sock`. The ring holds `data` until
+    /// the send completes as [`Completion::Sent`] with `token`, which hands it back with the
+    /// bytes sent (all of them unless the connection failed: MSG_WAITALL; at most 4 GiB) or a
+    /// negative errno. Counted in [`UdpRing::in_flight_sends`] until then. Refused, with
+    /// `data` handed back, if `from` lies past its end, a send with the same token is in
+    /// flight, or the submission queue is full.
+    pub fn send_stream(
+        &mut self,
+        sock: Sock,
+        data: Vec<u8>,
+        from: usize,
+        token: u32,
+    ) -> Result<(), (io::Error, Vec<u8>)> {
+        if from > data.len() {
+            return Err((io::Error::new(io::ErrorKind::InvalidInput, "send offset past the end"), data));
+        }
+        if self.stream_sends.contains_key(&token) {
+            return Err((io::Error::new(io::ErrorKind::AlreadyExists, "a send with this token is in flight"), data));
+        }
+        let rest = &data[from..];
+        let (ptr, len) = (rest.as_ptr(), rest.len().min(u32::MAX as usize) as u32);
+        // The vector's heap buffer stays where it is when the vector moves into the map, and
+        // nothing changes it until the completion takes it out (or the ring's teardown).
         let e =
             on_sock!(sock, |t| opcode::Send::new(t, ptr, len).flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL).build())
                 .user_data(tag(K_STREAM_SEND, token as u64));
-        self.push_entry(&e)?;
+        if let Err(e) = self.push_entry(&e) {
+            return Err((e, data));
+        }
+        self.stream_sends.insert(token, data);
         self.in_flight_sends += 1;
         self.queued_sends += 1;
         Ok(())
@@ -1006,12 +1043,15 @@ impl UdpRing {
                         continue;
                     }
                     K_OP => {
+                        // The kernel is done with the address.
+                        self.connect_addrs.remove(&(ix as u32));
                         on(Completion::Op { token: ix as u32, result: res });
                         continue;
                     }
                     K_STREAM_SEND => {
                         self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
-                        on(Completion::Op { token: ix as u32, result: res });
+                        let data = self.stream_sends.remove(&(ix as u32)).unwrap_or_default();
+                        on(Completion::Sent { token: ix as u32, result: res, data });
                         continue;
                     }
                     K_STREAM => {
@@ -1476,31 +1516,27 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
         ring.register_table(4).unwrap();
-        let connect_stream =
-            |ring: &mut UdpRing, slot: u32, token: u32, to: &(libc::sockaddr_storage, libc::socklen_t)| {
-                // SAFETY: socket() takes no pointers.
-                let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-                assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
-                // SAFETY: a fresh descriptor, owned from here on.
-                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                let inode = |fd: RawFd| {
-                    // SAFETY: fstat writes into a zeroed stat; a closed number gives -1.
-                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
-                };
-                let before = inode(raw);
-                ring.install(slot, fd).unwrap();
-                // The descriptor is closed: only the table holds the socket. (Other tests of
-                // this binary may have reused the number since: it must not be this socket.)
-                assert!(before.is_some() && inode(raw) != before, "the descriptor was closed");
-                // SAFETY: `to` outlives the wait below.
-                unsafe {
-                    ring.connect(Sock::Fixed(slot), &to.0 as *const _ as *const libc::sockaddr, to.1, token).unwrap()
-                };
-                ring.submit().unwrap();
+        let connect_stream = |ring: &mut UdpRing, slot: u32, token: u32, to: SocketAddr| {
+            // SAFETY: socket() takes no pointers.
+            let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
+            // SAFETY: a fresh descriptor, owned from here on.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let inode = |fd: RawFd| {
+                // SAFETY: fstat writes into a zeroed stat; a closed number gives -1.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
             };
-        let to = to_sockaddr(listener.local_addr().unwrap());
-        connect_stream(&mut ring, 1, 10, &to);
+            let before = inode(raw);
+            ring.install(slot, fd).unwrap();
+            // The descriptor is closed: only the table holds the socket. (Other tests of
+            // this binary may have reused the number since: it must not be this socket.)
+            assert!(before.is_some() && inode(raw) != before, "the descriptor was closed");
+            ring.connect(Sock::Fixed(slot), to, token).unwrap();
+            ring.submit().unwrap();
+        };
+        let to = listener.local_addr().unwrap();
+        connect_stream(&mut ring, 1, 10, to);
         let (mut peer, _) = listener.accept().unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         // Reap until `done` says so, within a bound.
@@ -1512,6 +1548,7 @@ mod tests {
                 ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
                 ring.drain_with(|c| match c {
                     Completion::Op { token, result } => events.push((token, result, Vec::new(), false)),
+                    Completion::Sent { token, result, data } => events.push((token, result, data, false)),
                     Completion::Stream { token, result, data, more } => {
                         events.push((token, result, data.to_vec(), more))
                     }
@@ -1527,10 +1564,13 @@ mod tests {
         reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 10));
         assert_eq!(events[0].1, 0, "connected: {events:?}");
         // Send through the ring; the peer reads it.
+        // The ring holds the buffer until the send completes; the caller keeps no copy. It
+        // sends from an offset (the rest of a short send).
         let msg = b"hello from the table".to_vec();
         ring.recv_stream(Sock::Fixed(1), 11).unwrap();
-        // SAFETY: `msg` lives until the send's completion is reaped below.
-        unsafe { ring.send_stream(Sock::Fixed(1), &msg, 12).unwrap() };
+        ring.send_stream(Sock::Fixed(1), b"xxhello from the table".to_vec(), 2, 12).unwrap();
+        let (e, back) = ring.send_stream(Sock::Fixed(1), b"again".to_vec(), 0, 12).unwrap_err();
+        assert_eq!((e.kind(), back), (io::ErrorKind::AlreadyExists, b"again".to_vec()), "one send per token");
         ring.submit().unwrap();
         let mut got = vec![0u8; msg.len()];
         peer.read_exact(&mut got).unwrap();
@@ -1541,7 +1581,10 @@ mod tests {
         peer.write_all(b"two").unwrap();
         drop(peer);
         reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 11 && x.1 == 0));
-        assert!(events.iter().any(|x| x.0 == 12 && x.1 == msg.len() as i32), "the whole send completed: {events:?}");
+        assert!(
+            events.iter().any(|x| x.0 == 12 && x.1 == msg.len() as i32 && x.2 == b"xxhello from the table"),
+            "the whole send completed and handed its buffer back: {events:?}"
+        );
         let bytes: Vec<u8> = events.iter().filter(|x| x.0 == 11 && x.1 > 0).flat_map(|x| x.2.clone()).collect();
         assert_eq!(bytes, b"onetwo");
         assert!(
@@ -1550,7 +1593,7 @@ mod tests {
         );
         // A second connection in the other entry: its armed receive is cancelled by token.
         events.clear();
-        connect_stream(&mut ring, 3, 20, &to);
+        connect_stream(&mut ring, 3, 20, to);
         let (_peer2, _) = listener.accept().unwrap();
         reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 20));
         ring.recv_stream(Sock::Fixed(3), 21).unwrap();
