@@ -611,8 +611,7 @@ impl<'s, A: App> Reactor<'s, A> {
         // (a ring's own teardown closes its file table later, in the background).
         r.close_all();
         let Reactor { slots, ring, stop_wake, .. } = self;
-        // The ring goes first: it holds the sockets (its file table) and the kernel may
-        // still refer to the send buffers in the slots until it is closed.
+        // The ring owns whatever its operations still use, and its drop waits for them.
         drop(ring);
         drop(stop_wake);
         Ok(slots
@@ -630,7 +629,8 @@ impl<'s, A: App> Reactor<'s, A> {
 
     /// Cancel every unit's operations, each by its token (cancelling by socket, or all at
     /// once, makes the kernel walk the ring's pending operations once per cancelled one),
-    /// then close all the sockets.
+    /// then close all the sockets; the ring cancels what is left (nothing, normally) and
+    /// waits for every operation's completion.
     fn close_all(&mut self) {
         for u in 0..self.slots.len() as u32 {
             let s = &self.slots[u as usize];

@@ -11,11 +11,17 @@
 //!   so batching them matters more than anything else.
 //!
 //! Nearly all `unsafe` of the engine lives here (the rest: the socket-buffer and eventfd
-//! calls in the driver). The invariants: the buffer ring memory and the
-//! receive buffers are owned by [`UdpRing`] and outlive the ring registration (they are
-//! freed in `Drop` after the ring is closed); the multishot `msghdr` is boxed so its address
-//! is stable; send buffers must stay valid until their completion is reaped (the caller's
-//! contract on `push_send`).
+//! calls in the driver, the manager's shard ring). The invariants:
+//! * Everything the kernel reads or writes for an operation is owned by the [`UdpRing`]
+//!   until the operation's last completion is reaped: the receive buffers and their ring,
+//!   the multishot `msghdr` (boxed, so its address is stable), the send slots and their
+//!   addresses, each connect's address and each stream send's bytes. The one exception is
+//!   [`UdpRing::push_send`], an `unsafe fn` whose caller keeps its buffer.
+//! * A receive buffer is readable only between the completion that named it and its return
+//!   to the kernel ([`BufRing`] tracks which buffers the kernel holds).
+//! * Closing a ring does not end its operations (the kernel cancels them in the background,
+//!   later), so dropping a [`UdpRing`] cancels them and waits for their completions before
+//!   it frees their memory, and leaks the memory if they do not all come within a bound.
 
 use std::collections::HashMap;
 use std::io;
@@ -238,36 +244,70 @@ pub struct UringCounters {
     pub backlog_rounds: u64,
 }
 
+/// How long dropping a ring waits for its cancelled operations to complete before it leaks
+/// the memory they use rather than free it (see `Drop for UdpRing`).
+const TEARDOWN_BOUND: Duration = Duration::from_secs(1);
+
+/// Rings dropped (or shut down) while operations were still in flight past the bound, whose
+/// memory was leaked rather than freed under the kernel.
+static LEAKED_TEARDOWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Rings of this process whose teardown leaked their buffers because operations they had
+/// started were still in flight after the bound (the kernel could still have written into
+/// them): 0 unless a ring was dropped on a thread that cannot wait on it, or the kernel did
+/// not complete a cancelled operation in time.
+pub fn leaked_teardowns() -> u64 {
+    LEAKED_TEARDOWNS.load(Ordering::Relaxed)
+}
+
+/// Count a teardown that leaked, and say so.
+pub(crate) fn teardown_leaked(what: &str, ops: usize) {
+    LEAKED_TEARDOWNS.fetch_add(1, Ordering::Relaxed);
+    tracing::error!("{what}: {ops} io_uring operations still in flight at teardown; their memory is leaked, not freed");
+}
+
+/// The memory the kernel reads or writes on behalf of a ring's operations. It is freed only
+/// once none of them is in flight, and leaked otherwise (see `Drop for UdpRing`).
+struct KernelMem {
+    /// The receive buffers (registered as group BGID).
+    bufs: BufRing,
+    /// The multishot receives' message header (read by the kernel).
+    msghdr: Box<libc::msghdr>,
+    /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
+    slots: AnonMap,
+    slot_addrs: Vec<libc::sockaddr_storage>,
+    /// The address of each connect in flight, by token.
+    connect_addrs: HashMap<u32, Box<libc::sockaddr_storage>>,
+    /// The bytes of each stream send in flight, by token, handed back by its completion.
+    stream_sends: HashMap<u32, Vec<u8>>,
+}
+
 /// A UDP socket driven through io_uring. See the module docs.
 pub struct UdpRing {
-    /// Closed explicitly in `Drop`, before the buffer ring memory is unmapped.
+    /// Closed explicitly in `Drop`, once no operation is left (or after `mem` is leaked).
     ring: std::mem::ManuallyDrop<IoUring>,
+    /// Freed in `Drop` only if no operation is left that can touch it; leaked otherwise.
+    mem: std::mem::ManuallyDrop<KernelMem>,
     receive: bool,
     fd: RawFd,
     /// Sockets that delivered datagrams in the current drain round.
     touched: Vec<u32>,
-    /// Dropped after `ring` (see `Drop`): the kernel reads it while the ring is open.
-    bufs: BufRing,
-    msghdr: Box<libc::msghdr>,
     sockets: Vec<RecvSocket>,
     in_flight_sends: usize,
-    /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
-    slots: AnonMap,
-    slot_addrs: Vec<libc::sockaddr_storage>,
     free_slots: Vec<u16>,
-    /// The address of each connect in flight, by token: the kernel may read it until the
-    /// connect completes.
-    connect_addrs: HashMap<u32, Box<libc::sockaddr_storage>>,
-    /// The bytes of each stream send in flight, by token, handed back by its completion.
-    stream_sends: HashMap<u32, Vec<u8>>,
+    /// Entries queued or in flight whose last completion has not been reaped (a multishot
+    /// receive counts until its final completion, the one without `IORING_CQE_F_MORE`).
+    ops: usize,
     queued: usize,
     queued_sends: usize,
     /// Counters.
     pub counters: UringCounters,
 }
 
-// SAFETY: the raw pointers refer to memory owned by this value; it is used by one thread at a
-// time (moving it to another thread is fine).
+// SAFETY: the raw pointers (in the msghdr, the mappings) refer to memory owned by this value,
+// not shared with any other value; `&mut self` is needed to change it, so one thread at a
+// time uses it. The kernel's view does not depend on the thread (a ring moved to a thread
+// that cannot enter it fails to submit, and its drop leaks the memory: see `Drop`).
 unsafe impl Send for UdpRing {}
 
 /// Zeroed memory mapped straight from the kernel (anonymous, private): page-aligned, and
@@ -603,27 +643,33 @@ impl UdpRing {
         let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         msghdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         msghdr.msg_controllen = CONTROL_LEN as _;
-        let me = UdpRing {
-            ring: std::mem::ManuallyDrop::new(ring),
-            receive,
-            fd,
+        let mem = KernelMem {
             bufs,
             msghdr,
+            slots: AnonMap::new(0)?,
+            slot_addrs: Vec::new(),
+            connect_addrs: HashMap::new(),
+            stream_sends: HashMap::new(),
+        };
+        let me = UdpRing {
+            ring: std::mem::ManuallyDrop::new(ring),
+            mem: std::mem::ManuallyDrop::new(mem),
+            receive,
+            fd,
             sockets: Vec::new(),
             touched: Vec::new(),
             in_flight_sends: 0,
-            slots: AnonMap::new(0)?,
-            slot_addrs: Vec::new(),
             free_slots: Vec::new(),
-            connect_addrs: HashMap::new(),
-            stream_sends: HashMap::new(),
+            ops: 0,
             queued: 0,
             queued_sends: 0,
             counters: UringCounters::default(),
         };
         if receive {
-            // SAFETY: `bufs` is dropped after the ring (see Drop).
-            unsafe { me.bufs.register(&me.ring, BGID)? };
+            // SAFETY: `bufs` is registered once, with this ring, as group BGID, whose buffer
+            // ids `drain_round` alone takes; it lives in `mem`, which `Drop` frees only once
+            // no operation that selects from it is left (and leaks otherwise).
+            unsafe { me.mem.bufs.register(&me.ring, BGID)? };
         }
         Ok(me)
     }
@@ -676,26 +722,32 @@ impl UdpRing {
     }
 
     fn arm(&mut self, ix: u32) -> io::Result<()> {
-        let msghdr = &*self.msghdr as *const libc::msghdr;
+        let msghdr = &*self.mem.msghdr as *const libc::msghdr;
         let e = on_sock!(self.sockets[ix as usize].sock, |t| opcode::RecvMsgMulti::new(t, msghdr, BGID).build())
             .user_data(tag(K_RECV, ix as u64));
-        // SAFETY: the msghdr is boxed and lives as long as self.
+        // SAFETY: the msghdr is boxed in `mem` and the buffers it selects are `mem.bufs`;
+        // `Drop` frees `mem` only once this receive has posted its last completion.
         unsafe {
             if self.ring.submission().push(&e).is_err() {
                 self.ring.submit()?;
                 self.ring.submission().push(&e).map_err(|_| io::Error::other("submission queue full"))?;
             }
         }
+        self.ops += 1;
         self.sockets[ix as usize].armed = true;
         Ok(())
     }
 
     /// Queue a send of `buf` on socket `fd` (to `dest`, or to the connected peer if `None`).
-    /// Submits first if the queue is full.
+    /// Submits first if the queue is full. [`UdpRing::send_copy`] is the safe form: the ring
+    /// owns the bytes.
     ///
     /// # Safety
-    /// `buf` (and `dest`) must stay valid and unchanged until the send's completion has been
-    /// reaped by [`UdpRing::drain`].
+    /// `buf` (and `dest`) must stay valid, and `buf` unchanged, until the send's completion
+    /// has been reaped by [`UdpRing::drain`] or [`UdpRing::drain_with`]
+    /// ([`UdpRing::in_flight_sends`] counts it until then). Dropping the ring does not end
+    /// the kernel's use of them: its drop waits a bounded time for its operations, and can
+    /// keep alive only the memory it owns.
     pub unsafe fn push_send(&mut self, fd: RawFd, buf: &[u8], dest: Option<&libc::sockaddr_storage>) -> io::Result<()> {
         let mut op = opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32);
         if let Some(d) = dest {
@@ -713,14 +765,21 @@ impl UdpRing {
         Ok(())
     }
 
+    /// Queue `e`, submitting first if the queue is full; counted in `ops` until its last
+    /// completion is reaped.
     fn push_entry(&mut self, e: &io_uring::squeue::Entry) -> io::Result<()> {
-        // SAFETY: the entry's buffers are valid until completion (callers' contracts).
+        // SAFETY: every pointer an entry of this ring carries is to memory in `mem` (receive
+        // buffers, the msghdr, send slots and their addresses, connect addresses, stream-send
+        // buffers), which `Drop` frees only once no operation is left and leaks otherwise; or
+        // to the caller's memory in `push_send`, whose contract keeps it valid until the
+        // completion. Descriptors, tokens and cancellations are not memory.
         unsafe {
             if self.ring.submission().push(e).is_err() {
                 self.submit()?;
                 self.ring.submission().push(e).map_err(|_| io::Error::other("submission queue full"))?;
             }
         }
+        self.ops += 1;
         self.queued += 1;
         Ok(())
     }
@@ -729,15 +788,15 @@ impl UdpRing {
     /// a ring that has slots keeps them (sends from them may be in flight, and the kernel
     /// reads their bytes and addresses until each one completes).
     pub fn with_send_slots(mut self, n: u16, size: usize) -> io::Result<Self> {
-        if !self.slot_addrs.is_empty() {
+        if !self.mem.slot_addrs.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "this ring's send slots are already set"));
         }
         let total = (n as usize)
             .checked_mul(size)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "send slots larger than the address space"))?;
-        self.slots = AnonMap::new(total)?;
+        self.mem.slots = AnonMap::new(total)?;
         // SAFETY: a zeroed sockaddr_storage is valid.
-        self.slot_addrs = vec![unsafe { std::mem::zeroed() }; n as usize];
+        self.mem.slot_addrs = vec![unsafe { std::mem::zeroed() }; n as usize];
         self.free_slots = (0..n).rev().collect();
         Ok(self)
     }
@@ -752,7 +811,7 @@ impl UdpRing {
     /// Like [`UdpRing::send_copy`], from socket `sock` (a descriptor must stay open until the
     /// send completes).
     pub fn send_copy_from(&mut self, sock: Sock, data: &[u8], to: SocketAddr) -> bool {
-        let size = if self.slot_addrs.is_empty() { 0 } else { self.slots.len() / self.slot_addrs.len() };
+        let size = if self.mem.slot_addrs.is_empty() { 0 } else { self.mem.slots.len() / self.mem.slot_addrs.len() };
         let slot = match self.free_slots.pop() {
             Some(s) if data.len() <= size => s,
             Some(s) => {
@@ -768,12 +827,12 @@ impl UdpRing {
         let off = slot as usize * size;
         // SAFETY: the slot was free (popped from `free_slots`), so no send in flight reads
         // it; the range is this slot alone, not the slots other sends are reading.
-        unsafe { self.slots.range_mut(off, data.len()) }.copy_from_slice(data);
+        unsafe { self.mem.slots.range_mut(off, data.len()) }.copy_from_slice(data);
         let (storage, len) = to_sockaddr(to);
-        self.slot_addrs[slot as usize] = storage;
+        self.mem.slot_addrs[slot as usize] = storage;
         // SAFETY: `off` lies inside the slots mapping (slot < slot count).
-        let buf = unsafe { self.slots.as_ptr().add(off) } as *const u8;
-        let dest = &self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr;
+        let buf = unsafe { self.mem.slots.as_ptr().add(off) } as *const u8;
+        let dest = &self.mem.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr;
         let e = on_sock!(sock, |t| opcode::Send::new(t, buf, data.len() as u32)
             .dest_addr(dest)
             .dest_addr_len(len)
@@ -823,7 +882,7 @@ impl UdpRing {
     /// `token` (0 when connected, else a negative errno). The ring keeps the address until
     /// then. Refused if a connect with the same token is in flight.
     pub fn connect(&mut self, sock: Sock, to: SocketAddr, token: u32) -> io::Result<()> {
-        if self.connect_addrs.contains_key(&token) {
+        if self.mem.connect_addrs.contains_key(&token) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "a connect with this token is in flight"));
         }
         let (storage, len) = to_sockaddr(to);
@@ -833,7 +892,7 @@ impl UdpRing {
         let ptr = &*addr as *const libc::sockaddr_storage as *const libc::sockaddr;
         let e = on_sock!(sock, |t| opcode::Connect::new(t, ptr, len).build()).user_data(tag(K_OP, token as u64));
         self.push_entry(&e)?;
-        self.connect_addrs.insert(token, addr);
+        self.mem.connect_addrs.insert(token, addr);
         Ok(())
     }
 
@@ -853,7 +912,7 @@ impl UdpRing {
         if from > data.len() {
             return Err((io::Error::new(io::ErrorKind::InvalidInput, "send offset past the end"), data));
         }
-        if self.stream_sends.contains_key(&token) {
+        if self.mem.stream_sends.contains_key(&token) {
             return Err((io::Error::new(io::ErrorKind::AlreadyExists, "a send with this token is in flight"), data));
         }
         let rest = &data[from..];
@@ -866,7 +925,7 @@ impl UdpRing {
         if let Err(e) = self.push_entry(&e) {
             return Err((e, data));
         }
-        self.stream_sends.insert(token, data);
+        self.mem.stream_sends.insert(token, data);
         self.in_flight_sends += 1;
         self.queued_sends += 1;
         Ok(())
@@ -894,28 +953,46 @@ impl UdpRing {
         self.push_entry(&e)
     }
 
-    /// Stop receiving on every socket, wait up to `bound` for the operations still in flight
-    /// to complete (cancel them first: [`UdpRing::cancel`], [`UdpRing::remove_socket`]), and
-    /// empty the file table: its sockets close now, not when the ring is dropped (the kernel
-    /// finishes a ring's teardown in the background, later). The ring receives nothing
-    /// afterwards.
-    pub fn close_all(&mut self, bound: Duration) {
-        for ix in 0..self.sockets.len() as u32 {
-            let _ = self.remove_socket(ix);
+    /// Stop receiving on every socket, cancel every operation still in flight and wait up to
+    /// `bound` for their completions (whatever they carry is dropped), then empty the file
+    /// table: its sockets close now, not when the ring is dropped (the kernel finishes a
+    /// ring's teardown in the background, later). The ring receives nothing afterwards.
+    /// Returns true if no operation is left.
+    pub fn close_all(&mut self, bound: Duration) -> bool {
+        let quiet = self.quiesce(bound);
+        let _ = self.ring.submitter().unregister_files();
+        quiet
+    }
+
+    /// Operations queued or in flight whose last completion has not been reaped.
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops
+    }
+
+    /// Stop every receive, cancel every operation (one `ASYNC_CANCEL` matching any request)
+    /// and reap until none is left or `bound` has passed. True if none is left.
+    fn quiesce(&mut self, bound: Duration) -> bool {
+        for s in &mut self.sockets {
+            s.active = false;
         }
         let end = std::time::Instant::now() + bound;
-        loop {
-            if self.submit_and_wait(1, Duration::from_millis(5)).is_err() {
-                break;
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(tag(K_CANCEL, 0));
+        let mut cancelled = false;
+        while self.ops > 0 {
+            // (The cancellation is retried if the queue was full and could not be submitted.)
+            if !cancelled {
+                cancelled = self.push_entry(&cancel).is_ok();
             }
-            // The cancelled operations complete as the thread waits (DEFER_TASKRUN); their
-            // buffers need not go back.
-            let n = self.ring.completion().count();
-            if n == 0 || std::time::Instant::now() >= end {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            // A ring that cannot be entered from this thread (SINGLE_ISSUER) fails here.
+            let entered = self.submit_and_wait(1, left.min(Duration::from_millis(10)));
+            // Completions only count down `ops` here: no socket is active, so none re-arms.
+            let reaped = self.drain_round(&mut |_| {});
+            if entered.is_err() || reaped.is_err() || left.is_zero() {
                 break;
             }
         }
-        let _ = self.ring.submitter().unregister_files();
+        self.ops == 0
     }
 
     /// Entries queued since the last submit.
@@ -1021,10 +1098,14 @@ impl UdpRing {
             }
             for &(ud, res, flags) in &batch[..n] {
                 let (kind, ix) = (ud >> KIND_SHIFT, ud & INDEX_MASK);
+                if !cqueue::more(flags) {
+                    // The operation's last completion: the kernel is done with it.
+                    self.ops = self.ops.saturating_sub(1);
+                }
                 // SAFETY: the completion was just reaped from this ring, whose buffer-select
                 // operations (the receives) all take from `bufs`, group BGID; its buffer is
                 // taken here, once. Every path below gives it back.
-                let bid = cqueue::buffer_select(flags).filter(|&b| unsafe { self.bufs.take(b) });
+                let bid = cqueue::buffer_select(flags).filter(|&b| unsafe { self.mem.bufs.take(b) });
                 match kind {
                     K_SLOT | K_RAW => {
                         self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
@@ -1044,13 +1125,13 @@ impl UdpRing {
                     }
                     K_OP => {
                         // The kernel is done with the address.
-                        self.connect_addrs.remove(&(ix as u32));
+                        self.mem.connect_addrs.remove(&(ix as u32));
                         on(Completion::Op { token: ix as u32, result: res });
                         continue;
                     }
                     K_STREAM_SEND => {
                         self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
-                        let data = self.stream_sends.remove(&(ix as u32)).unwrap_or_default();
+                        let data = self.mem.stream_sends.remove(&(ix as u32)).unwrap_or_default();
                         on(Completion::Sent { token: ix as u32, result: res, data });
                         continue;
                     }
@@ -1058,7 +1139,7 @@ impl UdpRing {
                         let more = cqueue::more(flags);
                         match (res, bid) {
                             (r, Some(bid)) if r > 0 => {
-                                let data = self.bufs.get(bid, r as usize);
+                                let data = self.mem.bufs.get(bid, r as usize);
                                 on(Completion::Stream { token: ix as u32, result: r, data, more });
                             }
                             (r, _) if r > 0 => {
@@ -1075,7 +1156,7 @@ impl UdpRing {
                         // (An end of stream or an error may carry a buffer too, on some
                         // kernels: it goes back as well, or the ring would run dry.)
                         if let Some(bid) = bid {
-                            self.bufs.provide(bid);
+                            self.mem.bufs.provide(bid);
                         }
                         continue;
                     }
@@ -1101,7 +1182,7 @@ impl UdpRing {
                         self.counters.recv_errors += 1;
                     }
                     if let Some(bid) = bid {
-                        self.bufs.provide(bid);
+                        self.mem.bufs.provide(bid);
                     }
                     continue;
                 }
@@ -1109,9 +1190,9 @@ impl UdpRing {
                     self.counters.recv_errors += 1;
                     continue;
                 };
-                let data = self.bufs.get(bid, res as usize);
+                let data = self.mem.bufs.get(bid, res as usize);
                 let active = self.sockets.get(ix as usize).is_some_and(|s| s.active);
-                match RecvMsgOut::parse(data, &self.msghdr) {
+                match RecvMsgOut::parse(data, &self.mem.msghdr) {
                     Ok(out) if !out.is_payload_truncated() && active => {
                         let from = sockaddr(out.name_data());
                         let payload = out.payload_data();
@@ -1134,10 +1215,10 @@ impl UdpRing {
                     Ok(_) if !active => {}
                     _ => self.counters.recv_errors += 1,
                 }
-                self.bufs.provide(bid);
+                self.mem.bufs.provide(bid);
             }
         }
-        self.bufs.publish();
+        self.mem.bufs.publish();
         if self.receive {
             for ix in 0..self.sockets.len() {
                 let s = &self.sockets[ix];
@@ -1173,13 +1254,27 @@ fn gro_segment(control: &[u8]) -> Option<usize> {
     None
 }
 
+/// Closing a ring does not end its operations: the kernel cancels them in the background
+/// (`io_ring_exit_work`, a work item run after `close` returns), and until each has posted
+/// its completion it may still write into the receive buffers and read the send slots, the
+/// msghdr and the addresses. So the ring first cancels everything and reaps until every
+/// operation has posted its last completion (at most [`TEARDOWN_BOUND`]); only then is that
+/// memory freed. If the bound passes (a ring dropped on a thread that cannot enter it, or a
+/// kernel that does not complete a cancellation), the memory is leaked instead: a leak is
+/// the only safe outcome while the kernel may still use it.
 impl Drop for UdpRing {
     fn drop(&mut self) {
-        // Close the ring first, so the kernel no longer references the buffer ring memory;
-        // `bufs` unmaps it when the fields are dropped after this.
+        let quiet = self.quiesce(TEARDOWN_BOUND);
+        if !quiet {
+            teardown_leaked("io_uring ring", self.ops);
+        }
         // SAFETY: `ring` is dropped exactly once, here, and not used afterwards.
-        unsafe {
-            std::mem::ManuallyDrop::drop(&mut self.ring);
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.ring) };
+        if quiet {
+            // SAFETY: `mem` is dropped exactly once, here, and not used afterwards; no
+            // operation that could touch it is left (every one has posted its last
+            // completion), and the ring that could start one is closed.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.mem) };
         }
     }
 }
@@ -1394,6 +1489,77 @@ mod tests {
             std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
             libc::sendmsg(fd, &m, 0)
         }
+    }
+
+    /// Enter the ring behind descriptor `fd` without submitting: the kernel runs the work the
+    /// ring has pending (a woken receive copies its datagram), as on every enter of the
+    /// thread that submits to it.
+    fn enter(fd: RawFd) {
+        const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
+        let none = std::ptr::null::<libc::c_void>();
+        // SAFETY: io_uring_enter with nothing to submit, no completion to wait for and no
+        // argument (null, size 0) reads and writes no memory of ours.
+        unsafe { libc::syscall(libc::SYS_io_uring_enter, fd, 0u32, 0u32, IORING_ENTER_GETEVENTS, none, 0usize) };
+    }
+
+    /// Dropping a ring ends its operations before it frees the memory they use. Closing a
+    /// ring does not end them: the kernel tears it down in the background, later, and until
+    /// then a receive still armed writes into the buffers. A duplicate of the ring's
+    /// descriptor holds that moment still: after the drop a datagram comes to the socket the
+    /// ring received on, and the ring (through the duplicate) runs what it still has. The
+    /// datagram must still be in the socket, not taken by a receive into buffers that are
+    /// gone.
+    #[test]
+    fn dropping_a_ring_ends_its_operations_before_freeing_their_memory() {
+        use std::os::fd::FromRawFd;
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_peer, _) = listener.accept().unwrap();
+        let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
+        ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
+        // More kinds in flight: a stream receive, a stream send and a connect (refused or
+        // not, it completes; the ring holds their memory meanwhile), a poll.
+        ring.recv_stream(Sock::Fd(stream.as_raw_fd()), 1).unwrap();
+        ring.send_stream(Sock::Fd(stream.as_raw_fd()), vec![7; 64], 0, 2).unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: socket() takes no pointers; the descriptor is owned at once.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        let fresh = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        ring.connect(Sock::Fd(fresh.as_raw_fd()), other.local_addr().unwrap(), 3).unwrap();
+        ring.poll(rx.as_raw_fd(), libc::POLLOUT as u32, 4).unwrap();
+        ring.submit().unwrap();
+        assert!(ring.ops_in_flight() >= 5);
+        // SAFETY: a duplicate of the ring's descriptor, closed below.
+        let dup = unsafe { libc::dup(ring.ring.as_raw_fd()) };
+        assert!(dup >= 0, "dup: {}", io::Error::last_os_error());
+        drop(ring);
+        tx.send_to(b"after the drop", rx.local_addr().unwrap()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(rx.peek_from(&mut buf).unwrap().0, 14, "the datagram arrived");
+        enter(dup);
+        rx.set_nonblocking(true).unwrap();
+        let got = rx.recv_from(&mut buf).map(|(n, _)| n);
+        // SAFETY: closing our duplicate.
+        unsafe { libc::close(dup) };
+        assert_eq!(got.ok(), Some(14), "a receive of the dropped ring took the datagram");
+    }
+
+    /// A ring that cannot wait for its operations (dropped on a thread that is not its
+    /// submitter: SINGLE_ISSUER refuses the enter) leaks its memory rather than free it
+    /// under a receive that is still armed.
+    #[test]
+    fn a_ring_that_cannot_wait_for_its_operations_leaks_their_memory() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ring = UdpRing::multi(8, 2, 64).unwrap();
+        ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
+        ring.submit().unwrap();
+        let before = leaked_teardowns();
+        std::thread::spawn(move || drop(ring)).join().unwrap();
+        assert!(leaked_teardowns() > before, "the ring's memory was freed under its receive");
     }
 
     /// Send slots are set once: replacing them would unmap the bytes and free the addresses
