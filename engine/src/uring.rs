@@ -246,7 +246,7 @@ pub struct UringCounters {
 
 /// How long dropping a ring waits for its cancelled operations to complete before it leaks
 /// the memory they use rather than free it (see `Drop for UdpRing`).
-const TEARDOWN_BOUND: Duration = Duration::from_secs(1);
+pub(crate) const TEARDOWN_BOUND: Duration = Duration::from_secs(1);
 
 /// Rings dropped (or shut down) while operations were still in flight past the bound, whose
 /// memory was leaked rather than freed under the kernel.
