@@ -167,7 +167,8 @@ impl Ring {
         })
     }
 
-    /// Queue `e` (submitting first if the queue is full); false if it could not be queued.
+    /// Queue `e` (submitting first if the queue is full); false if it could not be queued,
+    /// and then the operation does not exist: the caller must not wait for its completion.
     ///
     /// # Safety
     /// Whatever memory `e` points at stays valid (and, for what the kernel reads, unchanged)
@@ -186,7 +187,7 @@ impl Ring {
             let now = Instant::now();
             if self.last_push_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
                 self.last_push_warning = Some(now);
-                tracing::error!("io_uring submission queue full; an operation was dropped");
+                tracing::warn!("io_uring submission queue full and not submitted; the operation is retried later");
             }
         }
         queued
@@ -318,6 +319,8 @@ struct Io {
     table_full: bool,
     listener: TcpListener,
     wake: Arc<Wake>,
+    /// The poll of the wake-up eventfd is queued (else it is retried each turn).
+    wake_armed: bool,
     stopping: bool,
 }
 
@@ -377,6 +380,7 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
         table_full: false,
         listener,
         wake,
+        wake_armed: false,
         stopping: false,
     };
     for i in 0..ACCEPTS {
@@ -411,6 +415,9 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
             for i in 0..ACCEPTS {
                 io.arm_accept(i);
             }
+        }
+        if !io.wake_armed {
+            io.arm_wake();
         }
         io.flush(now);
         let mut until = next_tick;
@@ -464,12 +471,16 @@ impl Io {
         // dropped while the accept is in flight: `accept_armed[i]` keeps it from being
         // re-armed until the completion, and `Drop for Io` ends every operation (or leaks
         // the buffers) before they are freed.
-        unsafe { self.r.push(&e) };
-        self.accept_armed[i] = true;
+        if unsafe { self.r.push(&e) } {
+            self.accept_armed[i] = true;
+        } else {
+            // Not queued: try again shortly (the accepts are re-armed then).
+            self.accept_resume.get_or_insert(Instant::now() + ACCEPT_BACKOFF);
+        }
     }
 
     fn arm_wake(&mut self) {
-        self.r.push_plain(PlainOp::Poll { fd: self.wake_fd(), ud: tag(K_WAKE, 0, 0) });
+        self.wake_armed = self.r.push_plain(PlainOp::Poll { fd: self.wake_fd(), ud: tag(K_WAKE, 0, 0) });
     }
 
     fn wake_fd(&self) -> i32 {
@@ -481,8 +492,11 @@ impl Io {
         if c.recv_armed || c.closing.is_some() {
             return;
         }
-        c.recv_armed = true;
-        self.r.recv(slot, tag(K_RECV, c.gen, slot));
+        // Armed only once queued; if not, `advance` tries again.
+        c.recv_armed = self.r.recv(slot, tag(K_RECV, c.gen, slot));
+        if !c.recv_armed {
+            self.dirty.push(slot);
+        }
     }
 
     fn wait(&mut self, timeout: Duration) {
@@ -531,6 +545,7 @@ impl Io {
                     }
                     K_CLOSE => self.on_closed(now, slot, gen),
                     K_WAKE => {
+                        self.wake_armed = false;
                         self.wake.clear();
                         self.arm_wake();
                         let mut taken = 0;
@@ -692,10 +707,13 @@ impl Io {
             return;
         }
         c.sent += res as usize;
-        if c.sent < c.inflight.len() {
+        if c.sent < c.inflight.len() && !c.cancel_sent && !c.abort {
             // A short write: send the rest.
             self.submit_send(slot);
         } else {
+            // Sent; or a close gave up on it (its cancellations went out, and a send queued
+            // now would never be cancelled: a peer that does not read would hold the
+            // connection open for good).
             c.inflight.clear();
             c.sent = 0;
             self.mark(slot);
@@ -730,13 +748,18 @@ impl Io {
         self.dirty.push(slot);
     }
 
-    /// Send `inflight[sent..]`; the ring holds the bytes until the completion.
+    /// Send `inflight[sent..]`; the ring holds the bytes until the completion. `sending` is
+    /// set only once the send is queued: if it is not, the bytes stay here and `advance`
+    /// tries again.
     fn submit_send(&mut self, slot: u32) {
         let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { return };
         let data = std::mem::take(&mut c.inflight);
-        c.sending = true;
-        if let Err(data) = self.r.send(slot, data, c.sent, tag(K_SEND, c.gen, slot)) {
-            c.inflight = data;
+        match self.r.send(slot, data, c.sent, tag(K_SEND, c.gen, slot)) {
+            Ok(()) => c.sending = true,
+            Err(data) => {
+                c.inflight = data;
+                self.dirty.push(slot);
+            }
         }
     }
 
@@ -788,13 +811,23 @@ impl Io {
     }
 
     fn advance(&mut self, now: Instant, slot: u32) {
+        // (A receive whose submission failed is armed again here.)
+        self.arm_recv(slot);
         let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { return };
-        if !c.sending && c.inflight.is_empty() && !c.pending.is_empty() && !c.abort {
-            std::mem::swap(&mut c.inflight, &mut c.pending);
-            c.pending_frames = 0;
-            c.sent = 0;
-            self.submit_send(slot);
-            return;
+        // No send starts once a close has given up on flushing (past its grace, or its
+        // cancellations sent): nothing would cancel it.
+        let flushing = c.closing.is_none_or(|d| now < d) && !c.cancel_sent;
+        if !c.sending && !c.abort && flushing {
+            if c.inflight.is_empty() && !c.pending.is_empty() {
+                std::mem::swap(&mut c.inflight, &mut c.pending);
+                c.pending_frames = 0;
+                c.sent = 0;
+            }
+            // New frames, or bytes whose send could not be queued before.
+            if c.sent < c.inflight.len() {
+                self.submit_send(slot);
+                return;
+            }
         }
         let Some(deadline) = c.closing else { return };
         let flushed = !c.sending && c.pending.is_empty() && c.inflight.is_empty();
@@ -802,23 +835,27 @@ impl Io {
         if !flushed && !c.abort && now < deadline {
             return;
         }
-        // Stop the receive and any send still in flight, then close.
+        // Stop the receive and any send still in flight, then close. (`recv_armed` and
+        // `sending` are set only for operations that were queued, so each of them ends with
+        // a completion that clears it.)
         if (c.recv_armed || c.sending) && !c.cancel_sent {
-            c.cancel_sent = true;
             let (recv, send) = (c.recv_armed, c.sending);
-            if recv {
-                self.r.push_plain(PlainOp::Cancel(tag(K_RECV, gen, slot)));
-            }
-            if send {
-                self.r.push_plain(PlainOp::Cancel(tag(K_SEND, gen, slot)));
+            let recv_ok = !recv || self.r.push_plain(PlainOp::Cancel(tag(K_RECV, gen, slot)));
+            let send_ok = !send || self.r.push_plain(PlainOp::Cancel(tag(K_SEND, gen, slot)));
+            if recv_ok && send_ok {
+                c.cancel_sent = true;
+            } else {
+                self.dirty.push(slot);
             }
             return;
         }
         if c.recv_armed || c.sending || c.close_sent {
             return;
         }
-        c.close_sent = true;
-        self.r.push_plain(PlainOp::Close { slot, ud: tag(K_CLOSE, gen, slot) });
+        c.close_sent = self.r.push_plain(PlainOp::Close { slot, ud: tag(K_CLOSE, gen, slot) });
+        if !c.close_sent {
+            self.dirty.push(slot);
+        }
     }
 
     /// Closing connections whose flush took longer than [`CLOSE_GRACE`] (a peer that does
@@ -866,6 +903,7 @@ mod tests {
     use super::*;
     use proto::shard::bindings::Bindings;
     use proto::shard::ShardConfig;
+    use std::io::Read;
     use std::os::fd::RawFd;
 
     /// An `Io` around `r`, with a core of its own (one shard) and a listener on loopback.
@@ -897,6 +935,7 @@ mod tests {
             table_full: false,
             listener,
             wake: Wake::new().unwrap(),
+            wake_armed: false,
             stopping: false,
         }
     }
@@ -933,6 +972,20 @@ mod tests {
         io.by_id.insert(id, slot);
         io.used += 1;
         peer
+    }
+
+    /// Turns of the shard's loop (flush, wait, reap) until `done`, at most `n`.
+    fn turns(io: &mut Io, n: usize, done: impl Fn(&Io) -> bool) -> bool {
+        let (_tx, mut inbox) = mpsc::unbounded_channel();
+        for _ in 0..n {
+            io.flush(Instant::now());
+            io.wait(Duration::from_millis(10));
+            io.reap(&mut inbox);
+            if done(io) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Enter the ring behind descriptor `fd` without submitting: the kernel runs the work the
@@ -980,5 +1033,66 @@ mod tests {
         // SAFETY: closing our duplicate.
         unsafe { libc::close(dup) };
         assert!(got.is_ok(), "an accept of the ended shard took the connection: {got:?}");
+    }
+
+    /// A send that could not be queued (the submission queue full, and the kernel taking no
+    /// entries) does not mark its connection as sending: its bytes stay with the connection,
+    /// go out once the ring takes entries again, and the connection still closes. Marked
+    /// sending, it would wait for a completion that never comes, and never close.
+    #[test]
+    fn a_send_that_could_not_be_queued_goes_out_later_and_the_connection_closes() {
+        // A ring of 4 entries that submits nothing (R_DISABLED) until it is enabled.
+        let mut b = IoUring::builder();
+        b.setup_single_issuer().setup_defer_taskrun().setup_r_disabled();
+        let mut io = test_io(Ring::new(b.build(4).unwrap(), 4).unwrap());
+        let mut peer = open_conn(&mut io, 0);
+        for _ in 0..4 {
+            // Cancellations of nothing fill the queue.
+            assert!(io.r.push_plain(PlainOp::Cancel(0)));
+        }
+        let c = io.slots[0].as_mut().unwrap();
+        c.pending.extend_from_slice(b"hello");
+        c.pending_frames = 1;
+        io.mark(0);
+        io.flush(Instant::now());
+        let c = io.slots[0].as_ref().unwrap();
+        assert!(!c.sending, "marked sending, though the send was not queued");
+        assert!(!c.recv_armed, "marked receiving, though the receive was not queued");
+        assert_eq!(&c.inflight[c.sent..], b"hello", "the bytes were lost");
+        io.r.ring.submitter().register_enable_rings().unwrap();
+        assert!(
+            turns(&mut io, 200, |io| io.slots[0].as_ref().is_some_and(|c| !c.sending && c.inflight.is_empty())),
+            "the send never went out"
+        );
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        io.slots[0].as_mut().unwrap().closing = Some(Instant::now());
+        io.mark(0);
+        assert!(turns(&mut io, 200, |io| io.slots[0].is_none()), "the connection never closed");
+    }
+
+    /// A short send that completes after the close has sent its cancellations (it sent part
+    /// before the cancellation found it) is not sent on, and frames still queued do not go
+    /// out: a send queued then would never be cancelled, and a peer that does not read would
+    /// hold the connection open for good.
+    #[test]
+    fn a_send_completing_after_the_close_gave_up_is_not_sent_on() {
+        let mut io = test_io(build_ring(4).unwrap());
+        let mut peer = open_conn(&mut io, 0);
+        let c = io.slots[0].as_mut().unwrap();
+        c.closing = Some(Instant::now());
+        c.sending = true;
+        c.cancel_sent = true;
+        c.pending.extend_from_slice(b"late frame");
+        c.pending_frames = 1;
+        // 10 bytes of 8 MiB went out: the rest would fill the socket of a peer that does
+        // not read, and stay in flight.
+        io.on_send(Instant::now(), 0, 7, 10, vec![1; 8 << 20]);
+        assert!(!io.slots[0].as_ref().unwrap().sending, "the rest was sent after the cancellation");
+        assert!(turns(&mut io, 200, |io| io.slots[0].is_none()), "the connection never closed");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "{} bytes went out after the close gave up", got.len());
     }
 }
