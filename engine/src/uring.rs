@@ -1258,7 +1258,7 @@ fn gro_segment(control: &[u8]) -> Option<usize> {
 /// (`io_ring_exit_work`, a work item run after `close` returns), and until each has posted
 /// its completion it may still write into the receive buffers and read the send slots, the
 /// msghdr and the addresses. So the ring first cancels everything and reaps until every
-/// operation has posted its last completion (at most [`TEARDOWN_BOUND`]); only then is that
+/// operation has posted its last completion (at most `TEARDOWN_BOUND`, 1 s); only then is that
 /// memory freed. If the bound passes (a ring dropped on a thread that cannot enter it, or a
 /// kernel that does not complete a cancellation), the memory is leaked instead: a leak is
 /// the only safe outcome while the kernel may still use it.

@@ -20,7 +20,7 @@
 //!
 //! The `unsafe` here: what the kernel reads and writes for an operation stays in place until
 //! the operation's last completion is reaped: the receive buffers and each send's bytes are
-//! held by [`Ring`], each accept's address buffer is boxed in `Io`. Closing a ring does not
+//! held by `Ring`, each accept's address buffer is boxed in `Io`. Closing a ring does not
 //! end its operations (the kernel cancels them in the background, later), so the shard's end
 //! cancels them all and waits for their completions before that memory is freed, and leaks
 //! it if they do not all come within a bound.
