@@ -247,11 +247,13 @@ struct Slot<A> {
     decoder: FrameDecoder,
     /// Frames waiting for the send in flight to complete.
     wbuf: Vec<u8>,
-    /// The bytes of the send in flight (left in place until it completes) and how many of
-    /// them went out.
+    /// The bytes of the last send (held by the ring while it is in flight, handed back by
+    /// its completion) and how many of them went out.
     inflight: Vec<u8>,
     sent: usize,
     sending: bool,
+    /// Bytes of the send in flight not yet confirmed sent.
+    unsent: usize,
     /// The connection generation the send in flight belongs to.
     send_gen: u8,
     /// The unit finished while its last frames were being sent: close the connection when
@@ -267,10 +269,11 @@ struct Slot<A> {
 }
 
 /// A completion reaped this turn, other than a datagram: token, result, the data's range in
-/// the turn's byte buffer, more to come.
+/// the turn's byte buffer, more to come; a stream send's buffer, handed back.
 enum Ev {
     Poll(u32),
     Op(u32, i32),
+    Sent(u32, i32, Vec<u8>),
     Stream(u32, i32, u32, u32, bool),
 }
 
@@ -308,8 +311,6 @@ pub struct Reactor<'s, A> {
     /// are looked up by socket when submitted).
     release: Vec<u32>,
     manager: SocketAddr,
-    /// The manager's address for connects, at a stable place while they are in flight.
-    manager_sa: Box<(libc::sockaddr_storage, libc::socklen_t)>,
     rng: Rng,
     sbuf: Vec<u8>,
     live: usize,
@@ -355,7 +356,6 @@ impl<'s, A: App> Reactor<'s, A> {
             }
             None => None,
         };
-        let (sa, len) = crate::uring::to_sockaddr(manager);
         Ok(Reactor {
             ring,
             cfg: cfg.clone(),
@@ -368,7 +368,6 @@ impl<'s, A: App> Reactor<'s, A> {
             dirty: Vec::new(),
             release: Vec::new(),
             manager,
-            manager_sa: Box::new((sa, len)),
             rng: crate::entropy::rng(),
             sbuf: vec![0u8; MAX_DATAGRAM],
             live: 0,
@@ -413,6 +412,7 @@ impl<'s, A: App> Reactor<'s, A> {
             inflight: Vec::new(),
             sent: 0,
             sending: false,
+            unsent: 0,
             send_gen: 0,
             close_after_send: false,
             counters: DriverCounters::default(),
@@ -480,6 +480,7 @@ impl<'s, A: App> Reactor<'s, A> {
                     Completion::Recv { .. } => {}
                     Completion::Poll { token, .. } => evs.push(Ev::Poll(token)),
                     Completion::Op { token, result } => evs.push(Ev::Op(token, result)),
+                    Completion::Sent { token, result, data } => evs.push(Ev::Sent(token, result, data)),
                     Completion::Stream { token, result, data, more } => {
                         evs.push(Ev::Stream(token, result, rx_bytes.len() as u32, data.len() as u32, more));
                         rx_bytes.extend_from_slice(data);
@@ -512,11 +513,21 @@ impl<'s, A: App> Reactor<'s, A> {
                 }
                 r.mark(u);
             }
-            for ev in &evs {
-                match *ev {
+            // What arrived, not the completions of our own sends: those come during the submit
+            // and are counted there (`queued`), and counting them again would make the next
+            // wait hold out for completions that are not coming, a tick per manager frame.
+            let arrived = evs.iter().filter(|e| !matches!(e, Ev::Sent(..))).count();
+            for ev in evs.drain(..) {
+                match ev {
                     Ev::Poll(tk) if untoken(tk).0 == STOP_UNIT => stopping = true,
                     Ev::Poll(tk) => r.on_wake(untoken(tk).0, now),
                     Ev::Op(tk, res) => r.on_op(tk, res, now),
+                    Ev::Sent(tk, res, data) => {
+                        let (u, gen, _) = untoken(tk);
+                        if (u as usize) < r.slots.len() {
+                            r.on_sent(u, gen, res, data, now);
+                        }
+                    }
                     Ev::Stream(tk, res, off, len, more) => {
                         r.on_stream(tk, res, &rx_bytes[off as usize..(off + len) as usize], more, now)
                     }
@@ -566,10 +577,6 @@ impl<'s, A: App> Reactor<'s, A> {
             let timeout = wake_at.saturating_duration_since(Instant::now());
             r.ring.submit_and_wait(queued + want, timeout).map_err(DriverError::Udp)?;
             r.release_entries();
-            // What arrived, not the completions of our own sends: those come during the submit
-            // and are counted there (`queued`), and counting them again would make the next
-            // wait hold out for completions that are not coming, a tick per manager frame.
-            let arrived = evs.iter().filter(|e| !matches!(e, Ev::Op(tk, _) if untoken(*tk).2 == TK_SEND)).count();
             want = (rx.len() + arrived).clamp(1, cfg.batch.max(1));
         }
         tracing::debug!(counters = ?r.ring.counters, "ring thread done");
@@ -580,22 +587,24 @@ impl<'s, A: App> Reactor<'s, A> {
         let mut sent = Vec::new();
         while r.ring.in_flight_sends() > 0 && Instant::now() < end {
             let _ = r.ring.submit_and_wait(1, Duration::from_millis(10));
-            let _ = r.ring.drain_with(|c| match c {
-                Completion::Op { token, result } if untoken(token).2 == TK_SEND => sent.push((token, result)),
-                _ => {}
+            let _ = r.ring.drain_with(|c| {
+                if let Completion::Sent { token, result, data } = c {
+                    sent.push((token, result, data))
+                }
             });
             // Frames that waited behind a send in flight (the HANGUPs of `hangup_all`) follow it.
-            for (tk, res) in sent.drain(..) {
+            for (tk, res, data) in sent.drain(..) {
                 let (u, gen, _) = untoken(tk);
-                r.on_sent(u, gen, res, Instant::now());
+                if (u as usize) < r.slots.len() {
+                    r.on_sent(u, gen, res, data, Instant::now());
+                }
             }
         }
         // Close every socket now: the manager sees each connection end before `run` returns
         // (a ring's own teardown closes its file table later, in the background).
         r.close_all();
         let Reactor { slots, ring, stop_wake, .. } = self;
-        // The ring goes first: it holds the sockets (its file table) and the kernel may
-        // still refer to the send buffers in the slots until it is closed.
+        // The ring owns whatever its operations still use, and its drop waits for them.
         drop(ring);
         drop(stop_wake);
         Ok(slots
@@ -613,7 +622,8 @@ impl<'s, A: App> Reactor<'s, A> {
 
     /// Cancel every unit's operations, each by its token (cancelling by socket, or all at
     /// once, makes the kernel walk the ring's pending operations once per cancelled one),
-    /// then close all the sockets.
+    /// then close all the sockets; the ring cancels what is left (nothing, normally) and
+    /// waits for every operation's completion.
     fn close_all(&mut self) {
         for u in 0..self.slots.len() as u32 {
             let s = &self.slots[u as usize];
@@ -673,14 +683,11 @@ impl<'s, A: App> Reactor<'s, A> {
         s.app.on_wakeup(&mut ctx);
     }
 
-    /// A connect or a send completed.
+    /// A connect completed.
     fn on_op(&mut self, tk: u32, res: i32, now: Instant) {
         let (u, gen, kind) = untoken(tk);
         if u as usize >= self.slots.len() {
             return;
-        }
-        if kind == TK_SEND {
-            return self.on_sent(u, gen, res, now);
         }
         let s = &mut self.slots[u as usize];
         if s.done.is_some() || gen != s.gen || kind != TK_CONNECT {
@@ -703,10 +710,13 @@ impl<'s, A: App> Reactor<'s, A> {
         self.mark(u);
     }
 
-    /// The send in flight completed (of this connection or an earlier one).
-    fn on_sent(&mut self, u: u32, gen: u8, res: i32, now: Instant) {
+    /// The send in flight completed (of this connection or an earlier one), handing back its
+    /// bytes.
+    fn on_sent(&mut self, u: u32, gen: u8, res: i32, data: Vec<u8>, now: Instant) {
         let s = &mut self.slots[u as usize];
         s.sending = false;
+        s.unsent = 0;
+        s.inflight = data;
         if s.done.is_some() {
             // An ended unit's last frames, made while this send was in flight (a HANGUP,
             // say), still go out on its connection; then it closes if it was waiting to.
@@ -789,7 +799,9 @@ impl<'s, A: App> Reactor<'s, A> {
             s.wbuf.clear();
             return;
         }
-        if s.wbuf.len() + s.inflight.len() - s.sent > MAX_WRITE_BACKLOG {
+        // (While a send is in flight the ring holds its bytes: `unsent` of them.)
+        let in_flight = if s.sending { s.unsent } else { s.inflight.len().saturating_sub(s.sent) };
+        if s.wbuf.len() + in_flight > MAX_WRITE_BACKLOG {
             tracing::warn!("manager stopped reading ({} bytes waiting): dropping the connection", s.wbuf.len());
             s.counters.write_stalls += 1;
             return self.lost(u, now);
@@ -810,16 +822,26 @@ impl<'s, A: App> Reactor<'s, A> {
         }
     }
 
-    /// Queue the send of `inflight[sent..]` on the unit's current connection.
+    /// Queue the send of `inflight[sent..]` on the unit's current connection. The ring holds
+    /// the bytes until the completion hands them back ([`Reactor::on_sent`]); `sending` is set
+    /// only once the send is queued.
     fn queue_inflight(&mut self, u: u32) -> io::Result<()> {
         let s = &mut self.slots[u as usize];
         s.send_gen = s.gen;
         let tk = token(u, s.gen, TK_SEND);
-        // SAFETY: `inflight` is neither changed nor dropped while `sending` is set (only the
-        // completion clears it), and the ring is dropped before the slots at the end of `run`.
-        unsafe { self.ring.send_stream(Sock::Fixed(tcp_entry(u)), &s.inflight[s.sent..], tk)? };
-        s.sending = true;
-        Ok(())
+        let data = std::mem::take(&mut s.inflight);
+        let unsent = data.len().saturating_sub(s.sent);
+        match self.ring.send_stream(Sock::Fixed(tcp_entry(u)), data, s.sent, tk) {
+            Ok(()) => {
+                s.sending = true;
+                s.unsent = unsent;
+                Ok(())
+            }
+            Err((e, data)) => {
+                s.inflight = data;
+                Err(e)
+            }
+        }
     }
 
     /// Cancel what connection `gen` of the unit has in flight and empty its table entry
@@ -920,11 +942,7 @@ impl<'s, A: App> Reactor<'s, A> {
         let s = &mut self.slots[u as usize];
         let tk = token(u, s.gen, TK_CONNECT);
         s.tcp = Tcp::Connecting { deadline: now + CONNECT_TIMEOUT };
-        let (sa, len) = &*self.manager_sa;
-        // SAFETY: the address is boxed in the reactor, which outlives its ring.
-        let r =
-            unsafe { self.ring.connect(Sock::Fixed(tcp_entry(u)), sa as *const _ as *const libc::sockaddr, *len, tk) };
-        if let Err(e) = r {
+        if let Err(e) = self.ring.connect(Sock::Fixed(tcp_entry(u)), self.manager, tk) {
             return self.connect_failed(u, now, e);
         }
         self.mark(u);

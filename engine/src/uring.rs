@@ -11,12 +11,19 @@
 //!   so batching them matters more than anything else.
 //!
 //! Nearly all `unsafe` of the engine lives here (the rest: the socket-buffer and eventfd
-//! calls in the driver). The invariants: the buffer ring memory and the
-//! receive buffers are owned by [`UdpRing`] and outlive the ring registration (they are
-//! freed in `Drop` after the ring is closed); the multishot `msghdr` is boxed so its address
-//! is stable; send buffers must stay valid until their completion is reaped (the caller's
-//! contract on `push_send`).
+//! calls in the driver, the manager's shard ring). The invariants:
+//! * Everything the kernel reads or writes for an operation is owned by the [`UdpRing`]
+//!   until the operation's last completion is reaped: the receive buffers and their ring,
+//!   the multishot `msghdr` (boxed, so its address is stable), the send slots and their
+//!   addresses, each connect's address and each stream send's bytes. The one exception is
+//!   [`UdpRing::push_send`], an `unsafe fn` whose caller keeps its buffer.
+//! * A receive buffer is readable only between the completion that named it and its return
+//!   to the kernel ([`BufRing`] tracks which buffers the kernel holds).
+//! * Closing a ring does not end its operations (the kernel cancels them in the background,
+//!   later), so dropping a [`UdpRing`] cancels them and waits for their completions before
+//!   it frees their memory, and leaks the memory if they do not all come within a bound.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -39,9 +46,9 @@ const K_RECV: u64 = 2;
 const K_POLL: u64 = 3;
 /// A cancellation request (its own completion is ignored).
 const K_CANCEL: u64 = 4;
-/// A connect (index: the caller's token).
+/// A connect (index: the caller's token; its address is in `connect_addrs`).
 const K_OP: u64 = 5;
-/// A send on a stream socket (index: the caller's token).
+/// A send on a stream socket (index: the caller's token; its bytes are in `stream_sends`).
 const K_STREAM_SEND: u64 = 6;
 /// The multishot receive of a stream socket (index: the caller's token).
 const K_STREAM: u64 = 7;
@@ -148,14 +155,24 @@ pub enum Completion<'a> {
         /// Events or negative errno.
         result: i32,
     },
-    /// A stream operation ([`UdpRing::connect`], [`UdpRing::send_stream`]) completed:
-    /// `result` is its return value (bytes sent, 0) or a negative errno (`-ECANCELED` after
-    /// [`UdpRing::cancel`]).
+    /// A connect ([`UdpRing::connect`]) completed: `result` is 0 or a negative errno
+    /// (`-ECANCELED` after [`UdpRing::cancel`]).
     Op {
         /// The caller's token.
         token: u32,
         /// Return value or negative errno.
         result: i32,
+    },
+    /// A stream send ([`UdpRing::send_stream`]) completed: `result` is the bytes sent or a
+    /// negative errno (`-ECANCELED` after [`UdpRing::cancel`]), and `data` the buffer the
+    /// ring held until now, handed back whole.
+    Sent {
+        /// The caller's token.
+        token: u32,
+        /// Bytes sent (from the offset the send started at) or a negative errno.
+        result: i32,
+        /// The buffer given to [`UdpRing::send_stream`].
+        data: Vec<u8>,
     },
     /// The multishot receive of a stream socket ([`UdpRing::recv_stream`]) produced: bytes
     /// (`result` > 0, in `data`), the end of the stream (0) or an error (negative errno;
@@ -227,31 +244,70 @@ pub struct UringCounters {
     pub backlog_rounds: u64,
 }
 
+/// How long dropping a ring waits for its cancelled operations to complete before it leaks
+/// the memory they use rather than free it (see `Drop for UdpRing`).
+pub(crate) const TEARDOWN_BOUND: Duration = Duration::from_secs(1);
+
+/// Rings dropped (or shut down) while operations were still in flight past the bound, whose
+/// memory was leaked rather than freed under the kernel.
+static LEAKED_TEARDOWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Rings of this process whose teardown leaked their buffers because operations they had
+/// started were still in flight after the bound (the kernel could still have written into
+/// them): 0 unless a ring was dropped on a thread that cannot wait on it, or the kernel did
+/// not complete a cancelled operation in time.
+pub fn leaked_teardowns() -> u64 {
+    LEAKED_TEARDOWNS.load(Ordering::Relaxed)
+}
+
+/// Count a teardown that leaked, and say so.
+pub(crate) fn teardown_leaked(what: &str, ops: usize) {
+    LEAKED_TEARDOWNS.fetch_add(1, Ordering::Relaxed);
+    tracing::error!("{what}: {ops} io_uring operations still in flight at teardown; their memory is leaked, not freed");
+}
+
+/// The memory the kernel reads or writes on behalf of a ring's operations. It is freed only
+/// once none of them is in flight, and leaked otherwise (see `Drop for UdpRing`).
+struct KernelMem {
+    /// The receive buffers (registered as group BGID).
+    bufs: BufRing,
+    /// The multishot receives' message header (read by the kernel).
+    msghdr: Box<libc::msghdr>,
+    /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
+    slots: AnonMap,
+    slot_addrs: Vec<libc::sockaddr_storage>,
+    /// The address of each connect in flight, by token.
+    connect_addrs: HashMap<u32, Box<libc::sockaddr_storage>>,
+    /// The bytes of each stream send in flight, by token, handed back by its completion.
+    stream_sends: HashMap<u32, Vec<u8>>,
+}
+
 /// A UDP socket driven through io_uring. See the module docs.
 pub struct UdpRing {
-    /// Closed explicitly in `Drop`, before the buffer ring memory is unmapped.
+    /// Closed explicitly in `Drop`, once no operation is left (or after `mem` is leaked).
     ring: std::mem::ManuallyDrop<IoUring>,
+    /// Freed in `Drop` only if no operation is left that can touch it; leaked otherwise.
+    mem: std::mem::ManuallyDrop<KernelMem>,
     receive: bool,
     fd: RawFd,
     /// Sockets that delivered datagrams in the current drain round.
     touched: Vec<u32>,
-    /// Dropped after `ring` (see `Drop`): the kernel reads it while the ring is open.
-    bufs: BufRing,
-    msghdr: Box<libc::msghdr>,
     sockets: Vec<RecvSocket>,
     in_flight_sends: usize,
-    /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
-    slots: AnonMap,
-    slot_addrs: Vec<libc::sockaddr_storage>,
     free_slots: Vec<u16>,
+    /// Entries queued or in flight whose last completion has not been reaped (a multishot
+    /// receive counts until its final completion, the one without `IORING_CQE_F_MORE`).
+    ops: usize,
     queued: usize,
     queued_sends: usize,
     /// Counters.
     pub counters: UringCounters,
 }
 
-// SAFETY: the raw pointers refer to memory owned by this value; it is used by one thread at a
-// time (moving it to another thread is fine).
+// SAFETY: the raw pointers (in the msghdr, the mappings) refer to memory owned by this value,
+// not shared with any other value; `&mut self` is needed to change it, so one thread at a
+// time uses it. The kernel's view does not depend on the thread (a ring moved to a thread
+// that cannot enter it fails to submit, and its drop leaks the memory: see `Drop`).
 unsafe impl Send for UdpRing {}
 
 /// Zeroed memory mapped straight from the kernel (anonymous, private): page-aligned, and
@@ -342,10 +398,12 @@ impl Drop for AnonMap {
 }
 
 /// A provided buffer ring (`IORING_REGISTER_PBUF_RING`): `nbufs` buffers of `size` bytes that
-/// the kernel takes one at a time for buffer-select receives, each handed back with
-/// [`BufRing::provide`] once its data has been used. The ring memory is mapped here and
-/// unmapped on drop, so a `BufRing` must outlive the io_uring it is registered with (drop
-/// the ring first).
+/// the kernel takes one at a time for buffer-select receives. Each buffer is either the
+/// kernel's (provided, and perhaps being written) or the caller's (a completion named it,
+/// [`BufRing::take`]): only the caller's can be read ([`BufRing::get`]) or given back
+/// ([`BufRing::provide`]), so no slice ever covers memory the kernel may write, and no buffer
+/// is in the kernel's hands twice. The memory is mapped here and unmapped on drop, so a
+/// `BufRing` must outlive every operation that selects from it (see [`BufRing::register`]).
 pub struct BufRing {
     /// The buffers, written by the kernel (hence not a `Vec` borrowed immutably).
     bufs: AnonMap,
@@ -355,6 +413,9 @@ pub struct BufRing {
     len: usize,
     tail: u16,
     dirty: bool,
+    /// One bit per buffer, set while the kernel holds it (provided, and not yet named by a
+    /// completion that was taken).
+    with_kernel: Vec<u64>,
 }
 
 // SAFETY: the mapping is owned by this value and used by one thread at a time.
@@ -367,6 +428,16 @@ impl BufRing {
         if !nbufs.is_power_of_two() || nbufs > 32768 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "nbufs must be a power of two up to 32768"));
         }
+        // A buffer's length is a u32 in the ring, and every buffer's address must lie inside
+        // the mapping: a product that wrapped would map less than the buffers' addresses
+        // span, and the kernel would write past it.
+        let total = (nbufs as usize).checked_mul(size).filter(|_| size > 0 && size <= u32::MAX as usize);
+        let Some(total) = total else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a receive buffer must be 1 to 4 GiB long, and all of them fit in the address space",
+            ));
+        };
         let len = nbufs as usize * std::mem::size_of::<BufRingEntry>();
         // SAFETY: an anonymous private mapping; checked for failure below. mmap gives page
         // alignment, which the buffer ring requires.
@@ -384,7 +455,7 @@ impl BufRing {
             return Err(io::Error::last_os_error());
         }
         let mem = mem as *mut BufRingEntry;
-        let bufs = match AnonMap::new(nbufs as usize * size) {
+        let bufs = match AnonMap::new(total) {
             Ok(b) => b,
             Err(e) => {
                 // SAFETY: mapped just above with this length.
@@ -392,7 +463,8 @@ impl BufRing {
                 return Err(e);
             }
         };
-        let mut me = BufRing { bufs, size, nbufs, mem, len, tail: 0, dirty: false };
+        let words = (nbufs as usize).div_ceil(64);
+        let mut me = BufRing { bufs, size, nbufs, mem, len, tail: 0, dirty: false, with_kernel: vec![0; words] };
         for bid in 0..nbufs {
             me.provide(bid);
         }
@@ -403,24 +475,60 @@ impl BufRing {
     /// Register the ring as buffer group `bgid` of `ring`.
     ///
     /// # Safety
-    /// `self` must outlive `ring` (or its unregistration): the kernel writes into the buffers
-    /// and reads the ring memory until then.
+    /// * `self` must outlive every operation of `ring` that selects a buffer from group
+    ///   `bgid`: the kernel writes into the buffers and reads the ring memory until each one's
+    ///   last completion. Closing `ring` does not end them at once (the kernel tears a closed
+    ///   ring down in the background), so reap their completions first, or leak `self`.
+    /// * `self` is registered once, with one ring, and [`BufRing::take`] is given only the
+    ///   buffer ids of that ring's completions for group `bgid`.
     pub unsafe fn register(&self, ring: &IoUring, bgid: u16) -> io::Result<()> {
-        // SAFETY: the memory is valid for `nbufs` entries; the caller keeps it alive.
+        // SAFETY: `mem` is a page-aligned mapping of `nbufs` entries, as the kernel requires;
+        // the caller keeps it, and the buffers its entries point at, alive while the kernel
+        // may use them.
         unsafe { ring.submitter().register_buf_ring_with_flags(self.mem as u64, self.nbufs, bgid, 0) }
     }
 
-    /// The first `len` bytes of buffer `bid` (as the kernel filled them), to read after the
-    /// completion that named `bid` and before [`BufRing::provide`] gives it back. A `bid`
-    /// outside the ring gives an empty slice.
+    fn with_kernel(&self, bid: u16) -> bool {
+        self.with_kernel[bid as usize / 64] & (1 << (bid % 64)) != 0
+    }
+
+    fn set_with_kernel(&mut self, bid: u16, held: bool) {
+        let (w, bit) = (bid as usize / 64, 1u64 << (bid % 64));
+        if held {
+            self.with_kernel[w] |= bit;
+        } else {
+            self.with_kernel[w] &= !bit;
+        }
+    }
+
+    /// Take buffer `bid` back from the kernel, as a completion named it
+    /// (`IORING_CQE_F_BUFFER`): the kernel has written it and does not touch it again until
+    /// it is provided. From now until [`BufRing::provide`], [`BufRing::get`] reads it.
+    /// Returns false, and changes nothing, for an id outside the ring or a buffer the kernel
+    /// does not hold.
+    ///
+    /// # Safety
+    /// A completion reaped from the ring this buffer ring is registered with, of an operation
+    /// that selected from its group, named `bid`; and this is the only `take` for that
+    /// completion.
+    pub unsafe fn take(&mut self, bid: u16) -> bool {
+        if bid >= self.nbufs || !self.with_kernel(bid) {
+            return false;
+        }
+        self.set_with_kernel(bid, false);
+        true
+    }
+
+    /// The first `len` bytes of buffer `bid` (as the kernel filled them), between its
+    /// [`BufRing::take`] and its [`BufRing::provide`]. Empty for an id outside the ring and
+    /// for a buffer the kernel holds (it may be writing into it).
     pub fn get(&self, bid: u16, len: usize) -> &[u8] {
-        if bid >= self.nbufs {
+        if bid >= self.nbufs || self.with_kernel(bid) {
             return &[];
         }
         // SAFETY: the range is buffer `bid` alone (never the other buffers, which the kernel
-        // may be filling). A completion named `bid`, so the kernel is done with it and takes
-        // it again only after `provide(bid)`, which needs `&mut self`, so not while this
-        // borrow lives.
+        // may be filling). The kernel gave `bid` back (`take`) and gets it again only from
+        // `provide(bid)`, which needs `&mut self`, so not while this borrow lives.
         unsafe { self.bufs.range(bid as usize * self.size, len.min(self.size)) }
     }
 
@@ -430,14 +538,20 @@ impl BufRing {
     }
 
     /// Give buffer `bid` back to the kernel (seen by it at the next [`BufRing::publish`]).
-    /// Refuses (false) a `bid` outside the ring: its address would lie past the buffers, and
-    /// the kernel would write there.
+    /// Refuses (false) a `bid` outside the ring (its address would lie past the buffers, and
+    /// the kernel would write there) and a buffer the kernel already holds (two receives
+    /// would write into it, one while its reader reads it; and more entries than the ring
+    /// has would overwrite ones the kernel has not consumed).
     pub fn provide(&mut self, bid: u16) -> bool {
-        if bid >= self.nbufs {
+        if bid >= self.nbufs || self.with_kernel(bid) {
             return false;
         }
+        self.set_with_kernel(bid, true);
         let idx = (self.tail & (self.nbufs - 1)) as usize;
-        // SAFETY: idx < nbufs, within the mapping; the buffer address is inside `bufs`.
+        // SAFETY: idx < nbufs, within the mapping; the buffer address is inside `bufs`
+        // (bid < nbufs, and the mapping holds nbufs * size bytes). The entry at the tail is
+        // not one the kernel reads: at most nbufs - 1 buffers are with the kernel besides
+        // this one, so the published entries (head to tail) do not reach it.
         unsafe {
             let e = &mut *self.mem.add(idx);
             e.set_addr(self.bufs.as_ptr().add(bid as usize * self.size) as u64);
@@ -529,25 +643,33 @@ impl UdpRing {
         let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         msghdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         msghdr.msg_controllen = CONTROL_LEN as _;
-        let me = UdpRing {
-            ring: std::mem::ManuallyDrop::new(ring),
-            receive,
-            fd,
+        let mem = KernelMem {
             bufs,
             msghdr,
+            slots: AnonMap::new(0)?,
+            slot_addrs: Vec::new(),
+            connect_addrs: HashMap::new(),
+            stream_sends: HashMap::new(),
+        };
+        let me = UdpRing {
+            ring: std::mem::ManuallyDrop::new(ring),
+            mem: std::mem::ManuallyDrop::new(mem),
+            receive,
+            fd,
             sockets: Vec::new(),
             touched: Vec::new(),
             in_flight_sends: 0,
-            slots: AnonMap::new(0)?,
-            slot_addrs: Vec::new(),
             free_slots: Vec::new(),
+            ops: 0,
             queued: 0,
             queued_sends: 0,
             counters: UringCounters::default(),
         };
         if receive {
-            // SAFETY: `bufs` is dropped after the ring (see Drop).
-            unsafe { me.bufs.register(&me.ring, BGID)? };
+            // SAFETY: `bufs` is registered once, with this ring, as group BGID, whose buffer
+            // ids `drain_round` alone takes; it lives in `mem`, which `Drop` frees only once
+            // no operation that selects from it is left (and leaks otherwise).
+            unsafe { me.mem.bufs.register(&me.ring, BGID)? };
         }
         Ok(me)
     }
@@ -600,26 +722,32 @@ impl UdpRing {
     }
 
     fn arm(&mut self, ix: u32) -> io::Result<()> {
-        let msghdr = &*self.msghdr as *const libc::msghdr;
+        let msghdr = &*self.mem.msghdr as *const libc::msghdr;
         let e = on_sock!(self.sockets[ix as usize].sock, |t| opcode::RecvMsgMulti::new(t, msghdr, BGID).build())
             .user_data(tag(K_RECV, ix as u64));
-        // SAFETY: the msghdr is boxed and lives as long as self.
+        // SAFETY: the msghdr is boxed in `mem` and the buffers it selects are `mem.bufs`;
+        // `Drop` frees `mem` only once this receive has posted its last completion.
         unsafe {
             if self.ring.submission().push(&e).is_err() {
                 self.ring.submit()?;
                 self.ring.submission().push(&e).map_err(|_| io::Error::other("submission queue full"))?;
             }
         }
+        self.ops += 1;
         self.sockets[ix as usize].armed = true;
         Ok(())
     }
 
     /// Queue a send of `buf` on socket `fd` (to `dest`, or to the connected peer if `None`).
-    /// Submits first if the queue is full.
+    /// Submits first if the queue is full. [`UdpRing::send_copy`] is the safe form: the ring
+    /// owns the bytes.
     ///
     /// # Safety
-    /// `buf` (and `dest`) must stay valid and unchanged until the send's completion has been
-    /// reaped by [`UdpRing::drain`].
+    /// `buf` (and `dest`) must stay valid, and `buf` unchanged, until the send's completion
+    /// has been reaped by [`UdpRing::drain`] or [`UdpRing::drain_with`]
+    /// ([`UdpRing::in_flight_sends`] counts it until then). Dropping the ring does not end
+    /// the kernel's use of them: its drop waits a bounded time for its operations, and can
+    /// keep alive only the memory it owns.
     pub unsafe fn push_send(&mut self, fd: RawFd, buf: &[u8], dest: Option<&libc::sockaddr_storage>) -> io::Result<()> {
         let mut op = opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32);
         if let Some(d) = dest {
@@ -637,23 +765,38 @@ impl UdpRing {
         Ok(())
     }
 
+    /// Queue `e`, submitting first if the queue is full; counted in `ops` until its last
+    /// completion is reaped.
     fn push_entry(&mut self, e: &io_uring::squeue::Entry) -> io::Result<()> {
-        // SAFETY: the entry's buffers are valid until completion (callers' contracts).
+        // SAFETY: every pointer an entry of this ring carries is to memory in `mem` (receive
+        // buffers, the msghdr, send slots and their addresses, connect addresses, stream-send
+        // buffers), which `Drop` frees only once no operation is left and leaks otherwise; or
+        // to the caller's memory in `push_send`, whose contract keeps it valid until the
+        // completion. Descriptors, tokens and cancellations are not memory.
         unsafe {
             if self.ring.submission().push(e).is_err() {
                 self.submit()?;
                 self.ring.submission().push(e).map_err(|_| io::Error::other("submission queue full"))?;
             }
         }
+        self.ops += 1;
         self.queued += 1;
         Ok(())
     }
 
-    /// Give this ring `n` owned send slots of `size` bytes for [`UdpRing::send_copy`].
+    /// Give this ring `n` owned send slots of `size` bytes for [`UdpRing::send_copy`]. Once:
+    /// a ring that has slots keeps them (sends from them may be in flight, and the kernel
+    /// reads their bytes and addresses until each one completes).
     pub fn with_send_slots(mut self, n: u16, size: usize) -> io::Result<Self> {
-        self.slots = AnonMap::new(n as usize * size)?;
+        if !self.mem.slot_addrs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "this ring's send slots are already set"));
+        }
+        let total = (n as usize)
+            .checked_mul(size)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "send slots larger than the address space"))?;
+        self.mem.slots = AnonMap::new(total)?;
         // SAFETY: a zeroed sockaddr_storage is valid.
-        self.slot_addrs = vec![unsafe { std::mem::zeroed() }; n as usize];
+        self.mem.slot_addrs = vec![unsafe { std::mem::zeroed() }; n as usize];
         self.free_slots = (0..n).rev().collect();
         Ok(self)
     }
@@ -668,7 +811,7 @@ impl UdpRing {
     /// Like [`UdpRing::send_copy`], from socket `sock` (a descriptor must stay open until the
     /// send completes).
     pub fn send_copy_from(&mut self, sock: Sock, data: &[u8], to: SocketAddr) -> bool {
-        let size = if self.slot_addrs.is_empty() { 0 } else { self.slots.len() / self.slot_addrs.len() };
+        let size = if self.mem.slot_addrs.is_empty() { 0 } else { self.mem.slots.len() / self.mem.slot_addrs.len() };
         let slot = match self.free_slots.pop() {
             Some(s) if data.len() <= size => s,
             Some(s) => {
@@ -684,12 +827,12 @@ impl UdpRing {
         let off = slot as usize * size;
         // SAFETY: the slot was free (popped from `free_slots`), so no send in flight reads
         // it; the range is this slot alone, not the slots other sends are reading.
-        unsafe { self.slots.range_mut(off, data.len()) }.copy_from_slice(data);
+        unsafe { self.mem.slots.range_mut(off, data.len()) }.copy_from_slice(data);
         let (storage, len) = to_sockaddr(to);
-        self.slot_addrs[slot as usize] = storage;
+        self.mem.slot_addrs[slot as usize] = storage;
         // SAFETY: `off` lies inside the slots mapping (slot < slot count).
-        let buf = unsafe { self.slots.as_ptr().add(off) } as *const u8;
-        let dest = &self.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr;
+        let buf = unsafe { self.mem.slots.as_ptr().add(off) } as *const u8;
+        let dest = &self.mem.slot_addrs[slot as usize] as *const _ as *const libc::sockaddr;
         let e = on_sock!(sock, |t| opcode::Send::new(t, buf, data.len() as u32)
             .dest_addr(dest)
             .dest_addr_len(len)
@@ -735,35 +878,54 @@ impl UdpRing {
         self.ring.submitter().register_files_update(slot, &[-1]).map(|_| ())
     }
 
-    /// Queue a connect of stream socket `sock` to `addr`; completes as [`Completion::Op`]
-    /// with `token` (0 when connected, else a negative errno).
-    ///
-    /// # Safety
-    /// `addr` must point to a valid socket address of `len` bytes until the completion is
-    /// reaped.
-    pub unsafe fn connect(
-        &mut self,
-        sock: Sock,
-        addr: *const libc::sockaddr,
-        len: libc::socklen_t,
-        token: u32,
-    ) -> io::Result<()> {
-        let e = on_sock!(sock, |t| opcode::Connect::new(t, addr, len).build()).user_data(tag(K_OP, token as u64));
-        self.push_entry(&e)
+    /// Queue a connect of stream socket `sock` to `to`; completes as [`Completion::Op`] with
+    /// `token` (0 when connected, else a negative errno). The ring keeps the address until
+    /// then. Refused if a connect with the same token is in flight.
+    pub fn connect(&mut self, sock: Sock, to: SocketAddr, token: u32) -> io::Result<()> {
+        if self.mem.connect_addrs.contains_key(&token) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "a connect with this token is in flight"));
+        }
+        let (storage, len) = to_sockaddr(to);
+        let addr = Box::new(storage);
+        // The box's contents stay where they are when the box moves into the map, until the
+        // completion takes it out (or the ring's teardown, see `Drop`).
+        let ptr = &*addr as *const libc::sockaddr_storage as *const libc::sockaddr;
+        let e = on_sock!(sock, |t| opcode::Connect::new(t, ptr, len).build()).user_data(tag(K_OP, token as u64));
+        self.push_entry(&e)?;
+        self.mem.connect_addrs.insert(token, addr);
+        Ok(())
     }
 
-    /// Queue a send of `buf` on stream socket `sock`; completes as [`Completion::Op`] with
-    /// `token` and the bytes sent (all of them unless the connection failed: MSG_WAITALL), or
-    /// a negative errno. Counted in [`UdpRing::in_flight_sends`] until then.
-    ///
-    /// # Safety
-    /// `buf` must stay valid and unchanged until the completion is reaped.
-    pub unsafe fn send_stream(&mut self, sock: Sock, buf: &[u8], token: u32) -> io::Result<()> {
-        let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+    /// Queue a send of `data[from..]` on stream socket `sock`. The ring holds `data` until
+    /// the send completes as [`Completion::Sent`] with `token`, which hands it back with the
+    /// bytes sent (all of them unless the connection failed: MSG_WAITALL; at most 4 GiB) or a
+    /// negative errno. Counted in [`UdpRing::in_flight_sends`] until then. Refused, with
+    /// `data` handed back, if `from` lies past its end, a send with the same token is in
+    /// flight, or the submission queue is full.
+    pub fn send_stream(
+        &mut self,
+        sock: Sock,
+        data: Vec<u8>,
+        from: usize,
+        token: u32,
+    ) -> Result<(), (io::Error, Vec<u8>)> {
+        if from > data.len() {
+            return Err((io::Error::new(io::ErrorKind::InvalidInput, "send offset past the end"), data));
+        }
+        if self.mem.stream_sends.contains_key(&token) {
+            return Err((io::Error::new(io::ErrorKind::AlreadyExists, "a send with this token is in flight"), data));
+        }
+        let rest = &data[from..];
+        let (ptr, len) = (rest.as_ptr(), rest.len().min(u32::MAX as usize) as u32);
+        // The vector's heap buffer stays where it is when the vector moves into the map, and
+        // nothing changes it until the completion takes it out (or the ring's teardown).
         let e =
             on_sock!(sock, |t| opcode::Send::new(t, ptr, len).flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL).build())
                 .user_data(tag(K_STREAM_SEND, token as u64));
-        self.push_entry(&e)?;
+        if let Err(e) = self.push_entry(&e) {
+            return Err((e, data));
+        }
+        self.mem.stream_sends.insert(token, data);
         self.in_flight_sends += 1;
         self.queued_sends += 1;
         Ok(())
@@ -791,28 +953,46 @@ impl UdpRing {
         self.push_entry(&e)
     }
 
-    /// Stop receiving on every socket, wait up to `bound` for the operations still in flight
-    /// to complete (cancel them first: [`UdpRing::cancel`], [`UdpRing::remove_socket`]), and
-    /// empty the file table: its sockets close now, not when the ring is dropped (the kernel
-    /// finishes a ring's teardown in the background, later). The ring receives nothing
-    /// afterwards.
-    pub fn close_all(&mut self, bound: Duration) {
-        for ix in 0..self.sockets.len() as u32 {
-            let _ = self.remove_socket(ix);
+    /// Stop receiving on every socket, cancel every operation still in flight and wait up to
+    /// `bound` for their completions (whatever they carry is dropped), then empty the file
+    /// table: its sockets close now, not when the ring is dropped (the kernel finishes a
+    /// ring's teardown in the background, later). The ring receives nothing afterwards.
+    /// Returns true if no operation is left.
+    pub fn close_all(&mut self, bound: Duration) -> bool {
+        let quiet = self.quiesce(bound);
+        let _ = self.ring.submitter().unregister_files();
+        quiet
+    }
+
+    /// Operations queued or in flight whose last completion has not been reaped.
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops
+    }
+
+    /// Stop every receive, cancel every operation (one `ASYNC_CANCEL` matching any request)
+    /// and reap until none is left or `bound` has passed. True if none is left.
+    fn quiesce(&mut self, bound: Duration) -> bool {
+        for s in &mut self.sockets {
+            s.active = false;
         }
         let end = std::time::Instant::now() + bound;
-        loop {
-            if self.submit_and_wait(1, Duration::from_millis(5)).is_err() {
-                break;
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(tag(K_CANCEL, 0));
+        let mut cancelled = false;
+        while self.ops > 0 {
+            // (The cancellation is retried if the queue was full and could not be submitted.)
+            if !cancelled {
+                cancelled = self.push_entry(&cancel).is_ok();
             }
-            // The cancelled operations complete as the thread waits (DEFER_TASKRUN); their
-            // buffers need not go back.
-            let n = self.ring.completion().count();
-            if n == 0 || std::time::Instant::now() >= end {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            // A ring that cannot be entered from this thread (SINGLE_ISSUER) fails here.
+            let entered = self.submit_and_wait(1, left.min(Duration::from_millis(10)));
+            // Completions only count down `ops` here: no socket is active, so none re-arms.
+            let reaped = self.drain_round(&mut |_| {});
+            if entered.is_err() || reaped.is_err() || left.is_zero() {
                 break;
             }
         }
-        let _ = self.ring.submitter().unregister_files();
+        self.ops == 0
     }
 
     /// Entries queued since the last submit.
@@ -918,6 +1098,14 @@ impl UdpRing {
             }
             for &(ud, res, flags) in &batch[..n] {
                 let (kind, ix) = (ud >> KIND_SHIFT, ud & INDEX_MASK);
+                if !cqueue::more(flags) {
+                    // The operation's last completion: the kernel is done with it.
+                    self.ops = self.ops.saturating_sub(1);
+                }
+                // SAFETY: the completion was just reaped from this ring, whose buffer-select
+                // operations (the receives) all take from `bufs`, group BGID; its buffer is
+                // taken here, once. Every path below gives it back.
+                let bid = cqueue::buffer_select(flags).filter(|&b| unsafe { self.mem.bufs.take(b) });
                 match kind {
                     K_SLOT | K_RAW => {
                         self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
@@ -936,21 +1124,23 @@ impl UdpRing {
                         continue;
                     }
                     K_OP => {
+                        // The kernel is done with the address.
+                        self.mem.connect_addrs.remove(&(ix as u32));
                         on(Completion::Op { token: ix as u32, result: res });
                         continue;
                     }
                     K_STREAM_SEND => {
                         self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
-                        on(Completion::Op { token: ix as u32, result: res });
+                        let data = self.mem.stream_sends.remove(&(ix as u32)).unwrap_or_default();
+                        on(Completion::Sent { token: ix as u32, result: res, data });
                         continue;
                     }
                     K_STREAM => {
                         let more = cqueue::more(flags);
-                        match (res, cqueue::buffer_select(flags)) {
+                        match (res, bid) {
                             (r, Some(bid)) if r > 0 => {
-                                let data = self.bufs.get(bid, r as usize);
+                                let data = self.mem.bufs.get(bid, r as usize);
                                 on(Completion::Stream { token: ix as u32, result: r, data, more });
-                                self.bufs.provide(bid);
                             }
                             (r, _) if r > 0 => {
                                 self.counters.recv_errors += 1;
@@ -962,6 +1152,11 @@ impl UdpRing {
                                 }
                                 on(Completion::Stream { token: ix as u32, result: r, data: &[], more });
                             }
+                        }
+                        // (An end of stream or an error may carry a buffer too, on some
+                        // kernels: it goes back as well, or the ring would run dry.)
+                        if let Some(bid) = bid {
+                            self.mem.bufs.provide(bid);
                         }
                         continue;
                     }
@@ -986,15 +1181,18 @@ impl UdpRing {
                     } else if res != -libc::ECANCELED {
                         self.counters.recv_errors += 1;
                     }
+                    if let Some(bid) = bid {
+                        self.mem.bufs.provide(bid);
+                    }
                     continue;
                 }
-                let Some(bid) = cqueue::buffer_select(flags) else {
+                let Some(bid) = bid else {
                     self.counters.recv_errors += 1;
                     continue;
                 };
-                let data = self.bufs.get(bid, res as usize);
+                let data = self.mem.bufs.get(bid, res as usize);
                 let active = self.sockets.get(ix as usize).is_some_and(|s| s.active);
-                match RecvMsgOut::parse(data, &self.msghdr) {
+                match RecvMsgOut::parse(data, &self.mem.msghdr) {
                     Ok(out) if !out.is_payload_truncated() && active => {
                         let from = sockaddr(out.name_data());
                         let payload = out.payload_data();
@@ -1017,10 +1215,10 @@ impl UdpRing {
                     Ok(_) if !active => {}
                     _ => self.counters.recv_errors += 1,
                 }
-                self.bufs.provide(bid);
+                self.mem.bufs.provide(bid);
             }
         }
-        self.bufs.publish();
+        self.mem.bufs.publish();
         if self.receive {
             for ix in 0..self.sockets.len() {
                 let s = &self.sockets[ix];
@@ -1056,13 +1254,27 @@ fn gro_segment(control: &[u8]) -> Option<usize> {
     None
 }
 
+/// Closing a ring does not end its operations: the kernel cancels them in the background
+/// (`io_ring_exit_work`, a work item run after `close` returns), and until each has posted
+/// its completion it may still write into the receive buffers and read the send slots, the
+/// msghdr and the addresses. So the ring first cancels everything and reaps until every
+/// operation has posted its last completion (at most `TEARDOWN_BOUND`, 1 s); only then is that
+/// memory freed. If the bound passes (a ring dropped on a thread that cannot enter it, or a
+/// kernel that does not complete a cancellation), the memory is leaked instead: a leak is
+/// the only safe outcome while the kernel may still use it.
 impl Drop for UdpRing {
     fn drop(&mut self) {
-        // Close the ring first, so the kernel no longer references the buffer ring memory;
-        // `bufs` unmaps it when the fields are dropped after this.
+        let quiet = self.quiesce(TEARDOWN_BOUND);
+        if !quiet {
+            teardown_leaked("io_uring ring", self.ops);
+        }
         // SAFETY: `ring` is dropped exactly once, here, and not used afterwards.
-        unsafe {
-            std::mem::ManuallyDrop::drop(&mut self.ring);
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.ring) };
+        if quiet {
+            // SAFETY: `mem` is dropped exactly once, here, and not used afterwards; no
+            // operation that could touch it is left (every one has posted its last
+            // completion), and the ring that could start one is closed.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.mem) };
         }
     }
 }
@@ -1129,10 +1341,44 @@ mod tests {
         let mut r = BufRing::new(8, 64).unwrap();
         assert!(!r.provide(8));
         assert!(!r.provide(u16::MAX));
+        // SAFETY: the ring is registered with no io_uring: the kernel holds none of it.
+        assert!(unsafe { r.take(7) });
         assert!(r.provide(7));
         assert!(r.get(8, 10).is_empty());
         assert!(r.get(u16::MAX, 10).is_empty());
+        // SAFETY: as above.
+        assert!(!unsafe { r.take(8) });
+        assert!(unsafe { r.take(7) });
         assert_eq!(r.get(7, 1000).len(), 64, "a length is clamped to the buffer");
+    }
+
+    /// A buffer is read only between the completion that named it and its return to the
+    /// kernel, and returned once: `get` of a buffer the kernel holds would be a slice over
+    /// memory a receive may be writing, and a second `provide` would put one buffer in the
+    /// kernel's hands twice (two receives writing into it, one while its reader reads it).
+    #[test]
+    fn buffer_ring_hands_out_only_buffers_the_kernel_gave_back() {
+        let mut r = BufRing::new(8, 64).unwrap();
+        assert!(r.get(3, 10).is_empty(), "a buffer the kernel holds was handed out");
+        assert!(!r.provide(3), "a buffer the kernel holds was provided again");
+        // SAFETY: the ring is registered with no io_uring: the kernel holds none of it.
+        assert!(unsafe { r.take(3) });
+        assert_eq!(r.get(3, 10).len(), 10);
+        // SAFETY: as above.
+        assert!(!unsafe { r.take(3) }, "taken twice");
+        assert!(r.provide(3));
+        assert!(r.get(3, 10).is_empty(), "a provided buffer was still handed out");
+        assert!(!r.provide(3), "provided twice");
+    }
+
+    /// Buffer sizes whose product wraps would map fewer bytes than the buffers' addresses
+    /// span (the kernel would write past the mapping); a size the ring's u32 length cannot
+    /// hold, or 0, is refused too.
+    #[test]
+    fn buffer_ring_sizes_past_the_address_space_are_refused() {
+        assert!(BufRing::new(2, usize::MAX / 2 + 1).is_err(), "2 buffers of 2^63 bytes");
+        assert!(BufRing::new(4, 1 << 33).is_err(), "a buffer longer than a u32");
+        assert!(BufRing::new(4, 0).is_err(), "empty buffers");
     }
     use std::os::fd::AsRawFd;
 
@@ -1245,6 +1491,90 @@ mod tests {
         }
     }
 
+    /// Enter the ring behind descriptor `fd` without submitting: the kernel runs the work the
+    /// ring has pending (a woken receive copies its datagram), as on every enter of the
+    /// thread that submits to it.
+    fn enter(fd: RawFd) {
+        const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
+        let none = std::ptr::null::<libc::c_void>();
+        // SAFETY: io_uring_enter with nothing to submit, no completion to wait for and no
+        // argument (null, size 0) reads and writes no memory of ours.
+        unsafe { libc::syscall(libc::SYS_io_uring_enter, fd, 0u32, 0u32, IORING_ENTER_GETEVENTS, none, 0usize) };
+    }
+
+    /// Dropping a ring ends its operations before it frees the memory they use. Closing a
+    /// ring does not end them: the kernel tears it down in the background, later, and until
+    /// then a receive still armed writes into the buffers. A duplicate of the ring's
+    /// descriptor holds that moment still: after the drop a datagram comes to the socket the
+    /// ring received on, and the ring (through the duplicate) runs what it still has. The
+    /// datagram must still be in the socket, not taken by a receive into buffers that are
+    /// gone.
+    #[test]
+    fn dropping_a_ring_ends_its_operations_before_freeing_their_memory() {
+        use std::os::fd::FromRawFd;
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_peer, _) = listener.accept().unwrap();
+        let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
+        ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
+        // More kinds in flight: a stream receive, a stream send and a connect (refused or
+        // not, it completes; the ring holds their memory meanwhile), a poll.
+        ring.recv_stream(Sock::Fd(stream.as_raw_fd()), 1).unwrap();
+        ring.send_stream(Sock::Fd(stream.as_raw_fd()), vec![7; 64], 0, 2).unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: socket() takes no pointers; the descriptor is owned at once.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        let fresh = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        ring.connect(Sock::Fd(fresh.as_raw_fd()), other.local_addr().unwrap(), 3).unwrap();
+        ring.poll(rx.as_raw_fd(), libc::POLLOUT as u32, 4).unwrap();
+        ring.submit().unwrap();
+        assert!(ring.ops_in_flight() >= 5);
+        // SAFETY: a duplicate of the ring's descriptor, closed below.
+        let dup = unsafe { libc::dup(ring.ring.as_raw_fd()) };
+        assert!(dup >= 0, "dup: {}", io::Error::last_os_error());
+        drop(ring);
+        tx.send_to(b"after the drop", rx.local_addr().unwrap()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(rx.peek_from(&mut buf).unwrap().0, 14, "the datagram arrived");
+        enter(dup);
+        rx.set_nonblocking(true).unwrap();
+        let got = rx.recv_from(&mut buf).map(|(n, _)| n);
+        // SAFETY: closing our duplicate.
+        unsafe { libc::close(dup) };
+        assert_eq!(got.ok(), Some(14), "a receive of the dropped ring took the datagram");
+    }
+
+    /// A ring that cannot wait for its operations (dropped on a thread that is not its
+    /// submitter: SINGLE_ISSUER refuses the enter) leaks its memory rather than free it
+    /// under a receive that is still armed.
+    #[test]
+    fn a_ring_that_cannot_wait_for_its_operations_leaks_their_memory() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ring = UdpRing::multi(8, 2, 64).unwrap();
+        ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
+        ring.submit().unwrap();
+        let before = leaked_teardowns();
+        std::thread::spawn(move || drop(ring)).join().unwrap();
+        assert!(leaked_teardowns() > before, "the ring's memory was freed under its receive");
+    }
+
+    /// Send slots are set once: replacing them would unmap the bytes and free the addresses
+    /// that the sends in flight from them are reading, and hand their slots out again.
+    #[test]
+    fn send_slots_are_set_once() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ring = UdpRing::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
+        let mut ring = ring.with_send_slots(2, 64).unwrap();
+        assert!(ring.send_copy(b"queued", a.local_addr().unwrap()));
+        assert!(ring.with_send_slots(4, 64).is_err(), "slots replaced under a queued send");
+        let ring = UdpRing::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
+        assert!(ring.with_send_slots(2, usize::MAX).is_err(), "a size that wraps the mapping's length");
+    }
+
     #[test]
     fn gro_coalesced_receives_are_split_back_into_datagrams() {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1352,31 +1682,27 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
         ring.register_table(4).unwrap();
-        let connect_stream =
-            |ring: &mut UdpRing, slot: u32, token: u32, to: &(libc::sockaddr_storage, libc::socklen_t)| {
-                // SAFETY: socket() takes no pointers.
-                let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-                assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
-                // SAFETY: a fresh descriptor, owned from here on.
-                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                let inode = |fd: RawFd| {
-                    // SAFETY: fstat writes into a zeroed stat; a closed number gives -1.
-                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
-                };
-                let before = inode(raw);
-                ring.install(slot, fd).unwrap();
-                // The descriptor is closed: only the table holds the socket. (Other tests of
-                // this binary may have reused the number since: it must not be this socket.)
-                assert!(before.is_some() && inode(raw) != before, "the descriptor was closed");
-                // SAFETY: `to` outlives the wait below.
-                unsafe {
-                    ring.connect(Sock::Fixed(slot), &to.0 as *const _ as *const libc::sockaddr, to.1, token).unwrap()
-                };
-                ring.submit().unwrap();
+        let connect_stream = |ring: &mut UdpRing, slot: u32, token: u32, to: SocketAddr| {
+            // SAFETY: socket() takes no pointers.
+            let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
+            // SAFETY: a fresh descriptor, owned from here on.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let inode = |fd: RawFd| {
+                // SAFETY: fstat writes into a zeroed stat; a closed number gives -1.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
             };
-        let to = to_sockaddr(listener.local_addr().unwrap());
-        connect_stream(&mut ring, 1, 10, &to);
+            let before = inode(raw);
+            ring.install(slot, fd).unwrap();
+            // The descriptor is closed: only the table holds the socket. (Other tests of
+            // this binary may have reused the number since: it must not be this socket.)
+            assert!(before.is_some() && inode(raw) != before, "the descriptor was closed");
+            ring.connect(Sock::Fixed(slot), to, token).unwrap();
+            ring.submit().unwrap();
+        };
+        let to = listener.local_addr().unwrap();
+        connect_stream(&mut ring, 1, 10, to);
         let (mut peer, _) = listener.accept().unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         // Reap until `done` says so, within a bound.
@@ -1388,6 +1714,7 @@ mod tests {
                 ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
                 ring.drain_with(|c| match c {
                     Completion::Op { token, result } => events.push((token, result, Vec::new(), false)),
+                    Completion::Sent { token, result, data } => events.push((token, result, data, false)),
                     Completion::Stream { token, result, data, more } => {
                         events.push((token, result, data.to_vec(), more))
                     }
@@ -1403,10 +1730,13 @@ mod tests {
         reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 10));
         assert_eq!(events[0].1, 0, "connected: {events:?}");
         // Send through the ring; the peer reads it.
+        // The ring holds the buffer until the send completes; the caller keeps no copy. It
+        // sends from an offset (the rest of a short send).
         let msg = b"hello from the table".to_vec();
         ring.recv_stream(Sock::Fixed(1), 11).unwrap();
-        // SAFETY: `msg` lives until the send's completion is reaped below.
-        unsafe { ring.send_stream(Sock::Fixed(1), &msg, 12).unwrap() };
+        ring.send_stream(Sock::Fixed(1), b"xxhello from the table".to_vec(), 2, 12).unwrap();
+        let (e, back) = ring.send_stream(Sock::Fixed(1), b"again".to_vec(), 0, 12).unwrap_err();
+        assert_eq!((e.kind(), back), (io::ErrorKind::AlreadyExists, b"again".to_vec()), "one send per token");
         ring.submit().unwrap();
         let mut got = vec![0u8; msg.len()];
         peer.read_exact(&mut got).unwrap();
@@ -1417,7 +1747,10 @@ mod tests {
         peer.write_all(b"two").unwrap();
         drop(peer);
         reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 11 && x.1 == 0));
-        assert!(events.iter().any(|x| x.0 == 12 && x.1 == msg.len() as i32), "the whole send completed: {events:?}");
+        assert!(
+            events.iter().any(|x| x.0 == 12 && x.1 == msg.len() as i32 && x.2 == b"xxhello from the table"),
+            "the whole send completed and handed its buffer back: {events:?}"
+        );
         let bytes: Vec<u8> = events.iter().filter(|x| x.0 == 11 && x.1 > 0).flat_map(|x| x.2.clone()).collect();
         assert_eq!(bytes, b"onetwo");
         assert!(
@@ -1426,7 +1759,7 @@ mod tests {
         );
         // A second connection in the other entry: its armed receive is cancelled by token.
         events.clear();
-        connect_stream(&mut ring, 3, 20, &to);
+        connect_stream(&mut ring, 3, 20, to);
         let (_peer2, _) = listener.accept().unwrap();
         reap(&mut ring, &mut events, &|e| e.iter().any(|x| x.0 == 20));
         ring.recv_stream(Sock::Fixed(3), 21).unwrap();

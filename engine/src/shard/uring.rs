@@ -18,24 +18,30 @@
 //! * Other shards' messages arrive on an unbounded channel with an eventfd beside it; the
 //!   shard's timers run every [`TICK`] from the wait's timeout.
 //!
-//! The `unsafe` here: the address buffers and send buffers passed to the kernel are owned by
-//! this module and stay in place until their completion is reaped (boxed, never moved while
-//! an operation is in flight); the buffer ring outlives the ring (dropped after it).
+//! The `unsafe` here: what the kernel reads and writes for an operation stays in place until
+//! the operation's last completion is reaped: the receive buffers and each send's bytes are
+//! held by `Ring`, each accept's address buffer is boxed in `Io`. Closing a ring does not
+//! end its operations (the kernel cancels them in the background, later), so the shard's end
+//! cancels them all and waits for their completions before that memory is freed, and leaks
+//! it if they do not all come within a bound.
 
 use std::collections::HashMap;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::reactor::Wake;
-use crate::uring::BufRing;
+use crate::uring::{teardown_leaked, BufRing, TEARDOWN_BOUND};
 use io_uring::{cqueue, opcode, types, IoUring};
 use proto::wire::frame::FrameDecoder;
 use tokio::sync::mpsc;
 
-use super::{AcceptFailures, OpenConns, Peer, ShardStart, CLOSE_GRACE, INBOX_BATCH, SHUTDOWN_DRAIN, TICK};
+use super::{
+    AcceptFailures, OpenConns, Peer, ShardStart, ACCEPT_BACKOFF, CLOSE_GRACE, INBOX_BATCH, SHUTDOWN_DRAIN, TICK,
+};
 use proto::shard::stats::Stats;
 use proto::shard::{Output, Shard, ShardMsg};
 
@@ -70,15 +76,10 @@ pub fn available() -> bool {
     *OK.get_or_init(|| build_ring(4).is_ok())
 }
 
-fn build_ring(table: u32) -> io::Result<(IoUring, BufRing)> {
+fn build_ring(table: u32) -> io::Result<Ring> {
     let mut b = IoUring::builder();
     b.setup_single_issuer().setup_defer_taskrun().setup_cqsize(16384);
-    let ring = b.build(1024)?;
-    ring.submitter().register_files_sparse(table)?;
-    let bufs = BufRing::new(NBUFS, BUF_SIZE)?;
-    // SAFETY: `bufs` is kept beside the ring and dropped after it (see `Ring`).
-    unsafe { bufs.register(&ring, BGID)? };
-    Ok((ring, bufs))
+    Ring::new(b.build(1024)?, table)
 }
 
 /// The size of a shard's direct-descriptor table: the soft RLIMIT_NOFILE (the most the
@@ -132,10 +133,161 @@ struct Conn {
     close_sent: bool,
 }
 
+/// The shard's ring and the memory it owns for its operations: the receive buffers and the
+/// bytes of each send in flight. Dropping it cancels every operation and waits for their
+/// completions before freeing that memory (leaking it past [`TEARDOWN_BOUND`]).
 struct Ring {
-    /// Dropped before `bufs` (field order).
     ring: IoUring,
-    bufs: BufRing,
+    /// Freed in `Drop` only once no operation that selects from it is left.
+    bufs: ManuallyDrop<BufRing>,
+    /// The bytes of each send in flight, by its user data, handed back by its completion.
+    sends: HashMap<u64, Vec<u8>>,
+    /// Entries queued or in flight whose last completion has not been reaped.
+    ops: usize,
+    /// Some operation could not be ended: the memory is leaked, not freed.
+    leak: bool,
+    last_push_warning: Option<Instant>,
+}
+
+impl Ring {
+    fn new(ring: IoUring, table: u32) -> io::Result<Ring> {
+        ring.submitter().register_files_sparse(table)?;
+        let bufs = BufRing::new(NBUFS, BUF_SIZE)?;
+        // SAFETY: `bufs` is registered once, with this ring, as group BGID, whose buffer ids
+        // only `Io::reap` takes; the Ring frees it only once no operation is left (`Drop`).
+        unsafe { bufs.register(&ring, BGID)? };
+        Ok(Ring {
+            ring,
+            bufs: ManuallyDrop::new(bufs),
+            sends: HashMap::new(),
+            ops: 0,
+            leak: false,
+            last_push_warning: None,
+        })
+    }
+
+    /// Queue `e` (submitting first if the queue is full); false if it could not be queued,
+    /// and then the operation does not exist: the caller must not wait for its completion.
+    ///
+    /// # Safety
+    /// Whatever memory `e` points at stays valid (and, for what the kernel reads, unchanged)
+    /// until the entry's last completion is reaped, or is leaked.
+    unsafe fn push(&mut self, e: &io_uring::squeue::Entry) -> bool {
+        // SAFETY: the caller keeps the memory `e` points at valid until its completion.
+        let queued = unsafe {
+            self.ring.submission().push(e).is_ok() || {
+                let _ = self.ring.submit();
+                self.ring.submission().push(e).is_ok()
+            }
+        };
+        if queued {
+            self.ops += 1;
+        } else {
+            let now = Instant::now();
+            if self.last_push_warning.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                self.last_push_warning = Some(now);
+                tracing::warn!("io_uring submission queue full and not submitted; the operation is retried later");
+            }
+        }
+        queued
+    }
+
+    /// Queue an entry that carries no pointer to memory: a cancellation (by user data), a
+    /// close or a poll.
+    fn push_plain(&mut self, e: PlainOp) -> bool {
+        let e = match e {
+            PlainOp::Cancel(ud) => opcode::AsyncCancel::new(ud).build().user_data(tag(K_CANCEL, 0, 0)),
+            PlainOp::CancelAll => {
+                opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(tag(K_CANCEL, 0, 0))
+            }
+            PlainOp::Close { slot, ud } => opcode::Close::new(types::Fixed(slot)).build().user_data(ud),
+            PlainOp::Poll { fd, ud } => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(ud),
+        };
+        // SAFETY: these entries point at no memory (a user data, a file-table slot, a
+        // descriptor).
+        unsafe { self.push(&e) }
+    }
+
+    /// Arm the multishot receive of connection `slot`, drawing from `bufs`.
+    fn recv(&mut self, slot: u32, ud: u64) -> bool {
+        let e = opcode::RecvMulti::new(types::Fixed(slot), BGID).build().user_data(ud);
+        // SAFETY: the buffers it selects are `bufs`, which this Ring frees only once no
+        // operation is left (`Drop`).
+        unsafe { self.push(&e) }
+    }
+
+    /// Send `data[from..]` on connection `slot`; the Ring holds `data` until the completion
+    /// (see `Io::reap`). Hands `data` back if the send could not be queued.
+    fn send(&mut self, slot: u32, data: Vec<u8>, from: usize, ud: u64) -> Result<(), Vec<u8>> {
+        if from >= data.len() || self.sends.contains_key(&ud) {
+            return Err(data);
+        }
+        let rest = &data[from..];
+        let e = opcode::Send::new(types::Fixed(slot), rest.as_ptr(), rest.len().min(u32::MAX as usize) as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud);
+        // SAFETY: `data` moves into `sends` (its heap buffer stays where it is) and leaves it
+        // only at this entry's completion, or with the Ring's memory once nothing is left
+        // (`Drop`); nothing changes it meanwhile.
+        if !unsafe { self.push(&e) } {
+            return Err(data);
+        }
+        self.sends.insert(ud, data);
+        Ok(())
+    }
+
+    /// Cancel every operation and reap until none is left or `bound` has passed (their
+    /// completions are dropped). True if none is left.
+    fn quiesce(&mut self, bound: Duration) -> bool {
+        let end = Instant::now() + bound;
+        let mut cancelled = false;
+        while self.ops > 0 {
+            if !cancelled {
+                cancelled = self.push_plain(PlainOp::CancelAll);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            let wait = left.min(Duration::from_millis(10));
+            let ts = types::Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
+            let entered = match self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&ts)) {
+                Ok(_) => true,
+                Err(e) => matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)),
+            };
+            for cqe in self.ring.completion() {
+                if !cqueue::more(cqe.flags()) {
+                    self.ops = self.ops.saturating_sub(1);
+                }
+            }
+            if !entered || left.is_zero() {
+                break;
+            }
+        }
+        self.ops == 0
+    }
+}
+
+/// An entry that points at no memory.
+enum PlainOp {
+    Cancel(u64),
+    CancelAll,
+    Close { slot: u32, ud: u64 },
+    Poll { fd: i32, ud: u64 },
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if !self.leak && self.quiesce(TEARDOWN_BOUND) {
+            // SAFETY: `bufs` is dropped once, here, and not used afterwards. No operation
+            // that selects from it is left, and none is submitted from now on (the ring is
+            // closed right after, by its field's drop).
+            unsafe { ManuallyDrop::drop(&mut self.bufs) };
+        } else {
+            if !self.leak {
+                teardown_leaked("manager shard ring", self.ops);
+            }
+            std::mem::forget(std::mem::take(&mut self.sends));
+        }
+    }
 }
 
 struct Io {
@@ -167,7 +319,23 @@ struct Io {
     table_full: bool,
     listener: TcpListener,
     wake: Arc<Wake>,
+    /// The poll of the wake-up eventfd is queued (else it is retried each turn).
+    wake_armed: bool,
     stopping: bool,
+}
+
+/// The shard's end: the kernel may still write into the accepts' address buffers (and the
+/// Ring's memory) until every operation has completed, so the Ring cancels them all and
+/// waits first; if they do not all complete, the address buffers are leaked with the Ring's
+/// memory rather than freed.
+impl Drop for Io {
+    fn drop(&mut self) {
+        if !self.r.quiesce(TEARDOWN_BOUND) {
+            teardown_leaked("manager shard ring", self.r.ops);
+            self.r.leak = true;
+            std::mem::forget(std::mem::take(&mut self.accepts));
+        }
+    }
 }
 
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
@@ -177,10 +345,10 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
     let setup = (|| {
         let listener = bind_listener(addr)?;
         let table = table_size();
-        let (ring, bufs) = build_ring(table)?;
-        Ok::<_, io::Error>((listener, ring, bufs, table))
+        let r = build_ring(table)?;
+        Ok::<_, io::Error>((listener, r, table))
     })();
-    let (listener, ring, bufs, table) = match setup {
+    let (listener, r, table) = match setup {
         Ok(x) => x,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -189,7 +357,7 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
     };
     let _ = ready.send(listener.local_addr());
     let mut io = Io {
-        r: Ring { ring, bufs },
+        r,
         core: Shard::new(init, cfg, stats.clone()),
         stats,
         open,
@@ -213,6 +381,7 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
         table_full: false,
         listener,
         wake,
+        wake_armed: false,
         stopping: false,
     };
     for i in 0..ACCEPTS {
@@ -243,6 +412,9 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
                 io.arm_accept(i);
             }
         }
+        if !io.wake_armed {
+            io.arm_wake();
+        }
         io.flush(now);
         let mut until = next_tick;
         if let Some(t) = io.accept_resume {
@@ -254,23 +426,11 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
         io.wait(until.saturating_duration_since(Instant::now()));
         io.reap(&mut inbox);
     }
-    // Dropping the ring closes every direct descriptor (and with them the connections).
+    // Dropping `io` ends the ring's operations, then closes the ring, and with it every
+    // direct descriptor (and the connections).
 }
 
 impl Io {
-    fn push(&mut self, e: io_uring::squeue::Entry) {
-        // SAFETY: every entry's buffers are owned by `self` and stay in place until the
-        // entry's completion is reaped (see the module docs).
-        unsafe {
-            if self.r.ring.submission().push(&e).is_err() {
-                let _ = self.r.ring.submit();
-                if self.r.ring.submission().push(&e).is_err() {
-                    tracing::error!("io_uring submission queue full; an operation was dropped");
-                }
-            }
-        }
-    }
-
     fn arm_accept(&mut self, i: usize) {
         if self.accept_armed[i] || self.stopping || self.accept_resume.is_some() {
             return;
@@ -295,14 +455,20 @@ impl Io {
         .file_index(Some(types::DestinationSlot::auto_target()))
         .build()
         .user_data(tag(K_ACCEPT, 0, i as u32));
-        self.push(e);
-        self.accept_armed[i] = true;
+        // SAFETY: the address buffer is boxed in `accepts`, which is neither changed nor
+        // dropped while the accept is in flight: `accept_armed[i]` keeps it from being
+        // re-armed until the completion, and `Drop for Io` ends every operation (or leaks
+        // the buffers) before they are freed.
+        if unsafe { self.r.push(&e) } {
+            self.accept_armed[i] = true;
+        } else {
+            // Not queued: try again shortly (the accepts are re-armed then).
+            self.accept_resume.get_or_insert(Instant::now() + ACCEPT_BACKOFF);
+        }
     }
 
     fn arm_wake(&mut self) {
-        let e =
-            opcode::PollAdd::new(types::Fd(self.wake_fd()), libc::POLLIN as u32).build().user_data(tag(K_WAKE, 0, 0));
-        self.push(e);
+        self.wake_armed = self.r.push_plain(PlainOp::Poll { fd: self.wake_fd(), ud: tag(K_WAKE, 0, 0) });
     }
 
     fn wake_fd(&self) -> i32 {
@@ -314,9 +480,11 @@ impl Io {
         if c.recv_armed || c.closing.is_some() {
             return;
         }
-        c.recv_armed = true;
-        let e = opcode::RecvMulti::new(types::Fixed(slot), BGID).build().user_data(tag(K_RECV, c.gen, slot));
-        self.push(e);
+        // Armed only once queued; if not, `advance` tries again.
+        c.recv_armed = self.r.recv(slot, tag(K_RECV, c.gen, slot));
+        if !c.recv_armed {
+            self.dirty.push(slot);
+        }
     }
 
     fn wait(&mut self, timeout: Duration) {
@@ -346,12 +514,26 @@ impl Io {
             let now = Instant::now();
             for &(ud, res, flags) in &batch[..n] {
                 let (kind, gen, slot) = untag(ud);
+                if !cqueue::more(flags) {
+                    // The operation's last completion: the kernel is done with it.
+                    self.r.ops = self.r.ops.saturating_sub(1);
+                }
                 match kind {
                     K_ACCEPT => self.on_accept(now, slot as usize, res),
-                    K_RECV => self.on_recv(now, slot, gen, res, flags),
-                    K_SEND => self.on_send(now, slot, gen, res),
+                    K_RECV => {
+                        // SAFETY: the completion was just reaped from the shard's ring, whose
+                        // receives all select from `bufs` (group BGID); its buffer is taken
+                        // here, once, and `on_recv` gives it back.
+                        let bid = cqueue::buffer_select(flags).filter(|&b| unsafe { self.r.bufs.take(b) });
+                        self.on_recv(now, slot, gen, res, bid, cqueue::more(flags))
+                    }
+                    K_SEND => {
+                        let data = self.r.sends.remove(&ud).unwrap_or_default();
+                        self.on_send(now, slot, gen, res, data)
+                    }
                     K_CLOSE => self.on_closed(now, slot, gen),
                     K_WAKE => {
+                        self.wake_armed = false;
                         self.wake.clear();
                         self.arm_wake();
                         let mut taken = 0;
@@ -433,9 +615,8 @@ impl Io {
         self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()).filter(|c| c.gen == gen)
     }
 
-    fn on_recv(&mut self, now: Instant, slot: u32, gen: u32, res: i32, flags: u32) {
-        let bid = cqueue::buffer_select(flags);
-        let more = cqueue::more(flags);
+    /// A receive completion, with the buffer it named (taken from the kernel).
+    fn on_recv(&mut self, now: Instant, slot: u32, gen: u32, res: i32, bid: Option<u16>, more: bool) {
         let Some(c) = self.conn(slot, gen) else {
             if let Some(b) = bid {
                 self.r.bufs.provide(b);
@@ -494,19 +675,24 @@ impl Io {
         }
     }
 
-    fn on_send(&mut self, now: Instant, slot: u32, gen: u32, res: i32) {
+    /// A send completed, handing back its bytes.
+    fn on_send(&mut self, now: Instant, slot: u32, gen: u32, res: i32, data: Vec<u8>) {
         let Some(c) = self.conn(slot, gen) else { return };
         c.sending = false;
+        c.inflight = data;
         if res < 0 {
             let _ = now;
             self.lost(slot);
             return;
         }
         c.sent += res as usize;
-        if c.sent < c.inflight.len() {
+        if c.sent < c.inflight.len() && !c.cancel_sent && !c.abort {
             // A short write: send the rest.
             self.submit_send(slot);
         } else {
+            // Sent; or a close gave up on it (its cancellations went out, and a send queued
+            // now would never be cancelled: a peer that does not read would hold the
+            // connection open for good).
             c.inflight.clear();
             c.sent = 0;
             self.mark(slot);
@@ -543,15 +729,19 @@ impl Io {
         self.dirty.push(slot);
     }
 
+    /// Send `inflight[sent..]`; the ring holds the bytes until the completion. `sending` is
+    /// set only once the send is queued: if it is not, the bytes stay here and `advance`
+    /// tries again.
     fn submit_send(&mut self, slot: u32) {
         let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { return };
-        let rest = &c.inflight[c.sent..];
-        let e = opcode::Send::new(types::Fixed(slot), rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(tag(K_SEND, c.gen, slot));
-        c.sending = true;
-        self.push(e);
+        let data = std::mem::take(&mut c.inflight);
+        match self.r.send(slot, data, c.sent, tag(K_SEND, c.gen, slot)) {
+            Ok(()) => c.sending = true,
+            Err(data) => {
+                c.inflight = data;
+                self.dirty.push(slot);
+            }
+        }
     }
 
     /// Move the core's output to connections and other shards, then start sends and
@@ -602,13 +792,23 @@ impl Io {
     }
 
     fn advance(&mut self, now: Instant, slot: u32) {
+        // (A receive whose submission failed is armed again here.)
+        self.arm_recv(slot);
         let Some(c) = self.slots.get_mut(slot as usize).and_then(|c| c.as_mut()) else { return };
-        if !c.sending && c.inflight.is_empty() && !c.pending.is_empty() && !c.abort {
-            std::mem::swap(&mut c.inflight, &mut c.pending);
-            c.pending_frames = 0;
-            c.sent = 0;
-            self.submit_send(slot);
-            return;
+        // No send starts once a close has given up on flushing (past its grace, or its
+        // cancellations sent): nothing would cancel it.
+        let flushing = c.closing.is_none_or(|d| now < d) && !c.cancel_sent;
+        if !c.sending && !c.abort && flushing {
+            if c.inflight.is_empty() && !c.pending.is_empty() {
+                std::mem::swap(&mut c.inflight, &mut c.pending);
+                c.pending_frames = 0;
+                c.sent = 0;
+            }
+            // New frames, or bytes whose send could not be queued before.
+            if c.sent < c.inflight.len() {
+                self.submit_send(slot);
+                return;
+            }
         }
         let Some(deadline) = c.closing else { return };
         let flushed = !c.sending && c.pending.is_empty() && c.inflight.is_empty();
@@ -616,24 +816,27 @@ impl Io {
         if !flushed && !c.abort && now < deadline {
             return;
         }
-        // Stop the receive and any send still in flight, then close.
+        // Stop the receive and any send still in flight, then close. (`recv_armed` and
+        // `sending` are set only for operations that were queued, so each of them ends with
+        // a completion that clears it.)
         if (c.recv_armed || c.sending) && !c.cancel_sent {
-            c.cancel_sent = true;
             let (recv, send) = (c.recv_armed, c.sending);
-            if recv {
-                self.push(opcode::AsyncCancel::new(tag(K_RECV, gen, slot)).build().user_data(tag(K_CANCEL, 0, 0)));
-            }
-            if send {
-                self.push(opcode::AsyncCancel::new(tag(K_SEND, gen, slot)).build().user_data(tag(K_CANCEL, 0, 0)));
+            let recv_ok = !recv || self.r.push_plain(PlainOp::Cancel(tag(K_RECV, gen, slot)));
+            let send_ok = !send || self.r.push_plain(PlainOp::Cancel(tag(K_SEND, gen, slot)));
+            if recv_ok && send_ok {
+                c.cancel_sent = true;
+            } else {
+                self.dirty.push(slot);
             }
             return;
         }
-        let c = self.slots[slot as usize].as_mut().expect("checked above");
         if c.recv_armed || c.sending || c.close_sent {
             return;
         }
-        c.close_sent = true;
-        self.push(opcode::Close::new(types::Fixed(slot)).build().user_data(tag(K_CLOSE, gen, slot)));
+        c.close_sent = self.r.push_plain(PlainOp::Close { slot, ud: tag(K_CLOSE, gen, slot) });
+        if !c.close_sent {
+            self.dirty.push(slot);
+        }
     }
 
     /// Closing connections whose flush took longer than [`CLOSE_GRACE`] (a peer that does
@@ -652,7 +855,8 @@ impl Io {
         self.stopping = true;
         for i in 0..ACCEPTS {
             if self.accept_armed[i] {
-                self.push(opcode::AsyncCancel::new(tag(K_ACCEPT, 0, i as u32)).build().user_data(tag(K_CANCEL, 0, 0)));
+                // (Not queued: the ring's end cancels it anyway.)
+                self.r.push_plain(PlainOp::Cancel(tag(K_ACCEPT, 0, i as u32)));
             }
         }
         self.core.shutdown();
@@ -672,5 +876,205 @@ fn sockaddr_of(st: &libc::sockaddr_storage) -> Option<SocketAddr> {
             Some(SocketAddr::from((a.sin6_addr.s6_addr, u16::from_be(a.sin6_port))))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::shard::{ShardConfig, ShardInit};
+    use std::io::Read;
+    use std::os::fd::RawFd;
+
+    /// An `Io` around `r`, with a core of its own (one shard) and a listener on loopback.
+    fn test_io(r: Ring) -> Io {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let stats = Arc::new(Stats::default());
+        let init = ShardInit { index: 0, n: 1, seed: 1, token_key: [1; 32], unix_secs: 0 };
+        let core = Shard::new(init, ShardConfig::default(), stats.clone());
+        Io {
+            r,
+            core,
+            stats,
+            open: Arc::new(OpenConns::default()),
+            peers: Vec::new(),
+            conn_queue: 64,
+            slots: Vec::new(),
+            by_id: HashMap::new(),
+            next_gen: 1,
+            dirty: Vec::new(),
+            accepts: (0..ACCEPTS)
+                .map(|_| {
+                    // SAFETY: a zeroed sockaddr_storage is valid.
+                    Box::new(AcceptBuf { addr: unsafe { std::mem::zeroed() }, len: 0 })
+                })
+                .collect(),
+            accept_armed: vec![false; ACCEPTS],
+            accept_resume: None,
+            failures: AcceptFailures::default(),
+            table: 4,
+            used: 0,
+            table_full: false,
+            listener,
+            wake: Wake::new().unwrap(),
+            wake_armed: false,
+            stopping: false,
+        }
+    }
+
+    /// A connection in file-table entry `slot` of `io`'s ring, as if accepted (generation 7),
+    /// and the peer's end of it.
+    fn open_conn(io: &mut Io, slot: u32) -> std::net::TcpStream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        // The table holds the socket from here; our descriptor closes when `ours` drops.
+        io.r.ring.submitter().register_files_update(slot, &[ours.as_raw_fd()]).unwrap();
+        if io.slots.len() <= slot as usize {
+            io.slots.resize_with(slot as usize + 1, || None);
+        }
+        let id = 100 + slot as u64;
+        io.slots[slot as usize] = Some(Conn {
+            id,
+            gen: 7,
+            decoder: FrameDecoder::new(),
+            reading: true,
+            recv_armed: false,
+            inflight: Vec::new(),
+            sent: 0,
+            sending: false,
+            pending: Vec::new(),
+            pending_frames: 0,
+            closing: None,
+            abort: false,
+            cancel_sent: false,
+            close_sent: false,
+        });
+        io.by_id.insert(id, slot);
+        io.used += 1;
+        peer
+    }
+
+    /// Turns of the shard's loop (flush, wait, reap) until `done`, at most `n`.
+    fn turns(io: &mut Io, n: usize, done: impl Fn(&Io) -> bool) -> bool {
+        let (_tx, mut inbox) = mpsc::unbounded_channel();
+        for _ in 0..n {
+            io.flush(Instant::now());
+            io.wait(Duration::from_millis(10));
+            io.reap(&mut inbox);
+            if done(io) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Enter the ring behind descriptor `fd` without submitting: the kernel runs the work the
+    /// ring has pending (a woken accept takes its connection), as on every enter of the
+    /// thread that submits to it.
+    fn enter(fd: RawFd) {
+        const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
+        let none = std::ptr::null::<libc::c_void>();
+        // SAFETY: io_uring_enter with nothing to submit, no completion to wait for and no
+        // argument (null, size 0) reads and writes no memory of ours.
+        unsafe { libc::syscall(libc::SYS_io_uring_enter, fd, 0u32, 0u32, IORING_ENTER_GETEVENTS, none, 0usize) };
+    }
+
+    /// The shard's end ends the ring's operations before it frees what they use: an ACCEPT
+    /// still in flight when the ring closes would write the next connection's address into
+    /// a freed buffer (the kernel tears a closed ring down later, in the background). A
+    /// duplicate of the ring's descriptor holds that moment still: a connection made after
+    /// the end must wait in the listener's backlog, not be taken by the old accept.
+    #[test]
+    fn the_shards_end_ends_its_operations_before_freeing_their_memory() {
+        let mut io = test_io(build_ring(4).unwrap());
+        let listener = io.listener.try_clone().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        io.arm_accept(0);
+        // A connection with its receive armed and a send in flight, too.
+        let _peer = open_conn(&mut io, 1);
+        io.arm_recv(1);
+        let c = io.slots[1].as_mut().unwrap();
+        c.pending.extend_from_slice(b"frame");
+        c.pending_frames = 1;
+        io.mark(1);
+        io.flush(Instant::now());
+        assert!(io.slots[1].as_ref().unwrap().recv_armed && io.slots[1].as_ref().unwrap().sending);
+        io.r.ring.submit().unwrap();
+        // SAFETY: a duplicate of the ring's descriptor, closed below.
+        let dup = unsafe { libc::dup(io.r.ring.as_raw_fd()) };
+        assert!(dup >= 0, "dup: {}", io::Error::last_os_error());
+        drop(io);
+        let _late = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut p = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll reads and writes the one pollfd we pass.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 2000) }, 1, "the connection reached the backlog");
+        enter(dup);
+        let got = listener.accept();
+        // SAFETY: closing our duplicate.
+        unsafe { libc::close(dup) };
+        assert!(got.is_ok(), "an accept of the ended shard took the connection: {got:?}");
+    }
+
+    /// A send that could not be queued (the submission queue full, and the kernel taking no
+    /// entries) does not mark its connection as sending: its bytes stay with the connection,
+    /// go out once the ring takes entries again, and the connection still closes. Marked
+    /// sending, it would wait for a completion that never comes, and never close.
+    #[test]
+    fn a_send_that_could_not_be_queued_goes_out_later_and_the_connection_closes() {
+        // A ring of 4 entries that submits nothing (R_DISABLED) until it is enabled.
+        let mut b = IoUring::builder();
+        b.setup_single_issuer().setup_defer_taskrun().setup_r_disabled();
+        let mut io = test_io(Ring::new(b.build(4).unwrap(), 4).unwrap());
+        let mut peer = open_conn(&mut io, 0);
+        for _ in 0..4 {
+            // Cancellations of nothing fill the queue.
+            assert!(io.r.push_plain(PlainOp::Cancel(0)));
+        }
+        let c = io.slots[0].as_mut().unwrap();
+        c.pending.extend_from_slice(b"hello");
+        c.pending_frames = 1;
+        io.mark(0);
+        io.flush(Instant::now());
+        let c = io.slots[0].as_ref().unwrap();
+        assert!(!c.sending, "marked sending, though the send was not queued");
+        assert!(!c.recv_armed, "marked receiving, though the receive was not queued");
+        assert_eq!(&c.inflight[c.sent..], b"hello", "the bytes were lost");
+        io.r.ring.submitter().register_enable_rings().unwrap();
+        assert!(
+            turns(&mut io, 200, |io| io.slots[0].as_ref().is_some_and(|c| !c.sending && c.inflight.is_empty())),
+            "the send never went out"
+        );
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        io.slots[0].as_mut().unwrap().closing = Some(Instant::now());
+        io.mark(0);
+        assert!(turns(&mut io, 200, |io| io.slots[0].is_none()), "the connection never closed");
+    }
+
+    /// A short send that completes after the close has sent its cancellations (it sent part
+    /// before the cancellation found it) is not sent on, and frames still queued do not go
+    /// out: a send queued then would never be cancelled, and a peer that does not read would
+    /// hold the connection open for good.
+    #[test]
+    fn a_send_completing_after_the_close_gave_up_is_not_sent_on() {
+        let mut io = test_io(build_ring(4).unwrap());
+        let mut peer = open_conn(&mut io, 0);
+        let c = io.slots[0].as_mut().unwrap();
+        c.closing = Some(Instant::now());
+        c.sending = true;
+        c.cancel_sent = true;
+        c.pending.extend_from_slice(b"late frame");
+        c.pending_frames = 1;
+        // 10 bytes of 8 MiB went out: the rest would fill the socket of a peer that does
+        // not read, and stay in flight.
+        io.on_send(Instant::now(), 0, 7, 10, vec![1; 8 << 20]);
+        assert!(!io.slots[0].as_ref().unwrap().sending, "the rest was sent after the cancellation");
+        assert!(turns(&mut io, 200, |io| io.slots[0].is_none()), "the connection never closed");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "{} bytes went out after the close gave up", got.len());
     }
 }
