@@ -33,25 +33,24 @@ fn manager() -> ManagerHandle {
     manager_with(ShardConfig::default())
 }
 
-/// Start a manager with two shards on 127.0.0.1:0. The TCP port is picked by the kernel and
-/// the UDP socket then binds the same number, which can (rarely) be taken by some other UDP
-/// socket; retry a few times in that case.
+/// Start a manager with two shards on 127.0.0.1:0.
 fn manager_with(shard: ShardConfig) -> ManagerHandle {
+    let m = start_on_any_port(ManagerConfig { shards: SHARDS as usize, shard, ..Default::default() });
+    assert_eq!(m.shards(), SHARDS as usize);
+    assert_eq!(m.local_addr().ip(), LOCALHOST);
+    assert_ne!(m.local_addr().port(), 0);
+    m
+}
+
+/// Start a manager as `cfg` says, on port 0 of its address (127.0.0.1 unless `cfg` names
+/// another). The TCP port is picked by the kernel and the UDP socket then binds the same
+/// number, which can (rarely) be taken by some other UDP socket: retry a few times then.
+fn start_on_any_port(cfg: ManagerConfig) -> ManagerHandle {
+    let ip = if cfg.listen.port() == 0 { cfg.listen.ip() } else { LOCALHOST };
     let mut last = None;
     for _ in 0..5 {
-        let cfg = ManagerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            shards: SHARDS as usize,
-            shard: shard.clone(),
-            ..Default::default()
-        };
-        match manager::start(cfg) {
-            Ok(m) => {
-                assert_eq!(m.shards(), SHARDS as usize);
-                assert_eq!(m.local_addr().ip(), LOCALHOST);
-                assert_ne!(m.local_addr().port(), 0);
-                return m;
-            }
+        match manager::start(ManagerConfig { listen: SocketAddr::new(ip, 0), ..cfg.clone() }) {
+            Ok(m) => return m,
             Err(e) => last = Some(e),
         }
     }
@@ -909,8 +908,7 @@ fn media_datagram_on_the_manager_port_is_counted() {
 #[test]
 fn a_second_manager_cannot_bind_the_same_address() {
     let first =
-        manager::start(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, ..Default::default() })
-            .expect("first manager");
+        start_on_any_port(ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, ..Default::default() });
     let addr = first.local_addr();
     let second = manager::start(ManagerConfig { listen: addr, shards: 2, ..Default::default() });
     assert!(second.is_err(), "a second manager bound {addr}");
@@ -1050,8 +1048,7 @@ fn stun_burst(sock: &UdpSocket, to: SocketAddr, req: &[u8], count: usize) -> usi
 fn the_stun_responder_answers_at_most_twice_the_request_size() {
     // An IPv6 answer is 44 bytes: a bare 20-byte request would be amplified 2.2 times, so
     // it gets no answer; nullpunch's own 36-byte request does.
-    let m = manager::start(ManagerConfig { listen: "[::1]:0".parse().unwrap(), shards: 1, ..Default::default() })
-        .expect("manager on ::1");
+    let m = start_on_any_port(ManagerConfig { listen: "[::1]:0".parse().unwrap(), shards: 1, ..Default::default() });
     let sock = UdpSocket::bind("[::1]:0").unwrap();
     let txid = [3u8; 12];
     let mut req = [0u8; stun::REQUEST_LEN];
@@ -1070,13 +1067,12 @@ fn the_stun_responder_answers_at_most_twice_the_request_size() {
 
 #[test]
 fn the_stun_responder_limits_answers_per_source_address() {
-    let m = manager::start(ManagerConfig {
+    let m = start_on_any_port(ManagerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 1,
         stun_rate: 5.0,
         ..Default::default()
-    })
-    .expect("manager");
+    });
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut req = [0u8; stun::REQUEST_LEN];
     let n = stun::emit_binding_request(&[4u8; 12], &mut req);
@@ -1101,13 +1097,12 @@ fn the_stun_responder_limits_answers_per_source_address() {
 
 #[test]
 fn connections_beyond_the_limit_are_refused_with_a_clear_error() {
-    let m = manager::start(ManagerConfig {
+    let m = start_on_any_port(ManagerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 1,
         max_connections: 3,
         ..Default::default()
-    })
-    .expect("manager");
+    });
     let mut held: Vec<Client> = (0..3).map(|i| Client::connect(&m, &format!("c{i}"))).collect();
     for (i, c) in held.iter_mut().enumerate() {
         c.ping(i as u64);
