@@ -125,7 +125,7 @@ impl Io {
             "portable" => Ok(Io::Portable),
             #[cfg(target_os = "linux")]
             "uring" => {
-                if crate::uring::UdpRing::available() {
+                if crate::uring::Ring::available() {
                     Ok(Io::Uring)
                 } else {
                     Err("io_uring is not available here (old kernel or blocked by seccomp); use --io portable or auto"
@@ -145,7 +145,7 @@ impl Io {
     /// portable.
     pub fn auto() -> Io {
         #[cfg(target_os = "linux")]
-        if crate::uring::UdpRing::available() {
+        if crate::uring::Ring::available() {
             return Io::Uring;
         }
         Io::Portable
@@ -166,7 +166,7 @@ pub(crate) enum Out<'a> {
     Tokio(&'a UdpSocket, &'a quinn_udp::UdpSocketState),
     /// The thread's ring, sending from the unit's socket.
     #[cfg(target_os = "linux")]
-    Ring(&'a mut crate::uring::UdpRing, crate::uring::Sock),
+    Ring(&'a mut crate::uring::Ring, crate::uring::Sock),
 }
 
 impl Out<'_> {

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Out, MAX_DATAGRAM};
-use crate::uring::{Completion, Pending, Sock, UdpRing};
+use crate::uring::{Completion, Pending, Ring, Sock};
 use proto::client::Client;
 use proto::reconnect::{Next, Reconnect, CONNECT_TIMEOUT};
 use proto::rng::Rng;
@@ -298,7 +298,7 @@ pub fn run<A: App>(
 /// file table at once, so a thread can set up many more clients than the process has
 /// descriptors for, one socket at a time.
 pub struct Reactor<'s, A> {
-    ring: UdpRing,
+    ring: Ring,
     cfg: ReactorConfig,
     stop: Option<&'s Stop>,
     stop_wake: Option<Arc<Wake>>,
@@ -331,7 +331,7 @@ impl<'s, A: App> Reactor<'s, A> {
             )));
         }
         let entries = (capacity as u32 * 4 + cfg.batch as u32 * 4).clamp(256, 32768).next_power_of_two();
-        let mut ring = UdpRing::multi(entries, cfg.recv_buffers, cfg.recv_buffer_size)
+        let mut ring = Ring::multi(entries, cfg.recv_buffers, cfg.recv_buffer_size)
             .map_err(DriverError::Udp)?
             .with_send_slots(cfg.send_slots, MAX_DATAGRAM)
             .map_err(DriverError::Udp)?;
@@ -477,7 +477,8 @@ impl<'s, A: App> Reactor<'s, A> {
                         rx.push((socket, from, rx_bytes.len() as u32, data.len() as u32));
                         rx_bytes.extend_from_slice(data);
                     }
-                    Completion::Recv { .. } => {}
+                    // (A reactor accepts nothing.)
+                    Completion::Recv { .. } | Completion::Accepted { .. } => {}
                     Completion::Poll { token, .. } => evs.push(Ev::Poll(token)),
                     Completion::Op { token, result } => evs.push(Ev::Op(token, result)),
                     Completion::Sent { token, result, data } => evs.push(Ev::Sent(token, result, data)),

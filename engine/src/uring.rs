@@ -4,23 +4,23 @@
 //!   provided buffer ring for every datagram; the completion names the buffer, which is
 //!   recycled into the ring as soon as the caller has looked at it. One submission serves
 //!   any number of datagrams.
-//! * Send: [`UdpRing::push_send`] queues SEND entries (connected socket, or an explicit
+//! * Send: [`Ring::push_send`] queues SEND entries (connected socket, or an explicit
 //!   destination); a whole timer tick goes to the kernel in one `io_uring_enter`.
-//! * Wait: [`UdpRing::submit_and_wait`] waits for `want` completions or a deadline, whichever
+//! * Wait: [`Ring::submit_and_wait`] waits for `want` completions or a deadline, whichever
 //!   comes first: on this machine kind, receiver wake-ups are the largest cost per packet,
 //!   so batching them matters more than anything else.
 //!
 //! Nearly all `unsafe` of the engine lives here (the rest: the socket-buffer and eventfd
 //! calls in the driver, the manager's shard ring). The invariants:
-//! * Everything the kernel reads or writes for an operation is owned by the [`UdpRing`]
+//! * Everything the kernel reads or writes for an operation is owned by the [`Ring`]
 //!   until the operation's last completion is reaped: the receive buffers and their ring,
 //!   the multishot `msghdr` (boxed, so its address is stable), the send slots and their
 //!   addresses, each connect's address and each stream send's bytes. The one exception is
-//!   [`UdpRing::push_send`], an `unsafe fn` whose caller keeps its buffer.
+//!   [`Ring::push_send`], an `unsafe fn` whose caller keeps its buffer.
 //! * A receive buffer is readable only between the completion that named it and its return
 //!   to the kernel ([`BufRing`] tracks which buffers the kernel holds).
 //! * Closing a ring does not end its operations (the kernel cancels them in the background,
-//!   later), so dropping a [`UdpRing`] cancels them and waits for their completions before
+//!   later), so dropping a [`Ring`] cancels them and waits for their completions before
 //!   it frees their memory, and leaks the memory if they do not all come within a bound.
 
 use std::collections::HashMap;
@@ -38,7 +38,7 @@ const KIND_SHIFT: u32 = 56;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// A send from an owned slot (index: the slot).
 const K_SLOT: u64 = 0;
-/// A send queued with [`UdpRing::push_send`] (caller-owned buffer).
+/// A send queued with [`Ring::push_send`] (caller-owned buffer).
 const K_RAW: u64 = 1;
 /// The multishot receive of a socket (index: the socket).
 const K_RECV: u64 = 2;
@@ -52,6 +52,8 @@ const K_OP: u64 = 5;
 const K_STREAM_SEND: u64 = 6;
 /// The multishot receive of a stream socket (index: the caller's token).
 const K_STREAM: u64 = 7;
+/// An accept into the file table (index: the caller's token).
+const K_ACCEPT: u64 = 8;
 const BGID: u16 = 0;
 
 const fn tag(kind: u64, index: u64) -> u64 {
@@ -82,7 +84,7 @@ pub fn enable_gro(fd: RawFd) -> bool {
     }
 }
 
-/// The most entries one ring's file table may have ([`UdpRing::register_table`]): the soft
+/// The most entries one ring's file table may have ([`Ring::register_table`]): the soft
 /// RLIMIT_NOFILE, or `None` if it cannot be read.
 pub fn table_limit() -> Option<u64> {
     // SAFETY: getrlimit writes the struct we pass.
@@ -93,7 +95,7 @@ pub fn table_limit() -> Option<u64> {
 }
 
 /// A socket the ring works on: a descriptor of the process, or a *direct descriptor*, an
-/// entry of the ring's own file table ([`UdpRing::register_table`], [`UdpRing::install`]),
+/// entry of the ring's own file table ([`Ring::register_table`], [`Ring::install`]),
 /// which is not in the process's descriptor table and so not bounded by what is left of
 /// RLIMIT_NOFILE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,24 +123,26 @@ macro_rules! on_sock {
     };
 }
 
-/// The kinds of operation a caller's token names, for [`UdpRing::cancel`].
+/// The kinds of operation a caller's token names, for [`Ring::cancel`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pending {
-    /// [`UdpRing::poll`].
+    /// [`Ring::poll`].
     Poll,
-    /// [`UdpRing::connect`].
+    /// [`Ring::connect`].
     Op,
-    /// [`UdpRing::send_stream`].
+    /// [`Ring::send_stream`].
     Send,
-    /// [`UdpRing::recv_stream`].
+    /// [`Ring::recv_stream`].
     Receive,
+    /// [`Ring::accept`].
+    Accept,
 }
 
-/// One completion reaped by [`UdpRing::drain_with`].
+/// One completion reaped by [`Ring::drain_with`].
 #[derive(Debug)]
 pub enum Completion<'a> {
     /// A datagram arrived on socket `socket` (0 for the socket given at construction,
-    /// else the index [`UdpRing::add_socket`] returned).
+    /// else the index [`Ring::add_socket`] returned).
     Recv {
         /// The receiving socket's index.
         socket: u32,
@@ -147,34 +151,45 @@ pub enum Completion<'a> {
         /// The datagram.
         data: &'a [u8],
     },
-    /// A poll queued with [`UdpRing::poll`] fired: `result` is the ready event mask, or a
-    /// negative errno (`-ECANCELED` after [`UdpRing::cancel_poll`]).
+    /// A poll queued with [`Ring::poll`] fired: `result` is the ready event mask, or a
+    /// negative errno (`-ECANCELED` after [`Ring::cancel_poll`]).
     Poll {
         /// The caller's token.
         token: u32,
         /// Events or negative errno.
         result: i32,
     },
-    /// A connect ([`UdpRing::connect`]) completed: `result` is 0 or a negative errno
-    /// (`-ECANCELED` after [`UdpRing::cancel`]).
+    /// A connect ([`Ring::connect`]) completed: `result` is 0 or a negative errno
+    /// (`-ECANCELED` after [`Ring::cancel`]).
     Op {
         /// The caller's token.
         token: u32,
         /// Return value or negative errno.
         result: i32,
     },
-    /// A stream send ([`UdpRing::send_stream`]) completed: `result` is the bytes sent or a
-    /// negative errno (`-ECANCELED` after [`UdpRing::cancel`]), and `data` the buffer the
+    /// A stream send ([`Ring::send_stream`]) completed: `result` is the bytes sent or a
+    /// negative errno (`-ECANCELED` after [`Ring::cancel`]), and `data` the buffer the
     /// ring held until now, handed back whole.
     Sent {
         /// The caller's token.
         token: u32,
         /// Bytes sent (from the offset the send started at) or a negative errno.
         result: i32,
-        /// The buffer given to [`UdpRing::send_stream`].
+        /// The buffer given to [`Ring::send_stream`].
         data: Vec<u8>,
     },
-    /// The multishot receive of a stream socket ([`UdpRing::recv_stream`]) produced: bytes
+    /// An accept ([`Ring::accept`]) completed: `result` is the file-table entry the new
+    /// connection was put in, or a negative errno (`-ECANCELED` after [`Ring::cancel`]);
+    /// `peer` is its remote address.
+    Accepted {
+        /// The caller's token.
+        token: u32,
+        /// The new connection's entry in the file table, or a negative errno.
+        result: i32,
+        /// The remote address (None on an error, or an address family it cannot read).
+        peer: Option<SocketAddr>,
+    },
+    /// The multishot receive of a stream socket ([`Ring::recv_stream`]) produced: bytes
     /// (`result` > 0, in `data`), the end of the stream (0) or an error (negative errno;
     /// `-ENOBUFS` when every receive buffer was in use). With `more` false the receive has
     /// ended and must be armed again to go on.
@@ -211,17 +226,17 @@ const MAX_BACKLOG_ROUNDS: u32 = 16;
 /// How a ring is used, which decides its setup flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingMode {
-    /// One thread owns the ring and waits on it with [`UdpRing::submit_and_wait`]: receive
+    /// One thread owns the ring and waits on it with [`Ring::submit_and_wait`]: receive
     /// rings defer completion work to the wait (SINGLE_ISSUER + DEFER_TASKRUN), send rings
     /// skip the interrupts (COOP_TASKRUN).
     Dedicated,
     /// The ring is driven from an event loop that may run on several threads and learns of
-    /// completions through an eventfd ([`UdpRing::register_eventfd`]): default flags, so
+    /// completions through an eventfd ([`Ring::register_eventfd`]): default flags, so
     /// completions are posted (and the eventfd signalled) as datagrams arrive.
     Shared,
 }
 
-/// Counters of a [`UdpRing`].
+/// Counters of a [`Ring`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct UringCounters {
     /// Datagrams received.
@@ -245,7 +260,7 @@ pub struct UringCounters {
 }
 
 /// How long dropping a ring waits for its cancelled operations to complete before it leaks
-/// the memory they use rather than free it (see `Drop for UdpRing`).
+/// the memory they use rather than free it (see `Drop for Ring`).
 pub(crate) const TEARDOWN_BOUND: Duration = Duration::from_secs(1);
 
 /// Rings dropped (or shut down) while operations were still in flight past the bound, whose
@@ -267,23 +282,26 @@ pub(crate) fn teardown_leaked(what: &str, ops: usize) {
 }
 
 /// The memory the kernel reads or writes on behalf of a ring's operations. It is freed only
-/// once none of them is in flight, and leaked otherwise (see `Drop for UdpRing`).
+/// once none of them is in flight, and leaked otherwise (see `Drop for Ring`).
 struct KernelMem {
     /// The receive buffers (registered as group BGID).
     bufs: BufRing,
     /// The multishot receives' message header (read by the kernel).
     msghdr: Box<libc::msghdr>,
-    /// Owned send slots for [`UdpRing::send_copy`]: payload bytes and destinations.
+    /// Owned send slots for [`Ring::send_copy`]: payload bytes and destinations.
     slots: AnonMap,
     slot_addrs: Vec<libc::sockaddr_storage>,
     /// The address of each connect in flight, by token.
     connect_addrs: HashMap<u32, Box<libc::sockaddr_storage>>,
     /// The bytes of each stream send in flight, by token, handed back by its completion.
     stream_sends: HashMap<u32, Vec<u8>>,
+    /// The address buffer of each accept in flight, by token (the kernel writes the peer's
+    /// address and its length there).
+    accept_addrs: HashMap<u32, Box<(libc::sockaddr_storage, libc::socklen_t)>>,
 }
 
 /// A UDP socket driven through io_uring. See the module docs.
-pub struct UdpRing {
+pub struct Ring {
     /// Closed explicitly in `Drop`, once no operation is left (or after `mem` is leaked).
     ring: std::mem::ManuallyDrop<IoUring>,
     /// Freed in `Drop` only if no operation is left that can touch it; leaked otherwise.
@@ -308,7 +326,7 @@ pub struct UdpRing {
 // not shared with any other value; `&mut self` is needed to change it, so one thread at a
 // time uses it. The kernel's view does not depend on the thread (a ring moved to a thread
 // that cannot enter it fails to submit, and its drop leaks the memory: see `Drop`).
-unsafe impl Send for UdpRing {}
+unsafe impl Send for Ring {}
 
 /// Zeroed memory mapped straight from the kernel (anonymous, private): page-aligned, and
 /// resident only once touched, so a pool of buffers of which a few are in use costs only
@@ -586,7 +604,7 @@ impl Drop for BufRing {
     }
 }
 
-impl UdpRing {
+impl Ring {
     /// Drive socket `fd` (which must outlive this value) with a ring of `entries` submission
     /// slots and `nbufs` receive buffers of `buf_size` bytes. `nbufs` must be a power of two
     /// (at most 32768). With `receive == false` no multishot receive is armed (a send-only
@@ -595,7 +613,7 @@ impl UdpRing {
         Self::with_mode(fd, entries, nbufs, buf_size, receive, RingMode::Dedicated)
     }
 
-    /// Like [`UdpRing::new`], for the given use (see [`RingMode`]).
+    /// Like [`Ring::new`], for the given use (see [`RingMode`]).
     pub fn with_mode(
         fd: RawFd,
         entries: u32,
@@ -611,15 +629,14 @@ impl UdpRing {
         Ok(me)
     }
 
-    /// A receive ring for one thread that serves many sockets ([`UdpRing::add_socket`]),
-    /// sends from any of them ([`UdpRing::send_copy_from`]) and polls other descriptors
-    /// ([`UdpRing::poll`]): the ring of the thread-per-core driver.
+    /// A receive ring for one thread that serves many sockets ([`Ring::add_socket`]),
+    /// sends from any of them ([`Ring::send_copy_from`]) and polls other descriptors
+    /// ([`Ring::poll`]): the ring of the thread-per-core driver.
     pub fn multi(entries: u32, nbufs: u16, buf_size: usize) -> io::Result<Self> {
         Self::build(-1, entries, nbufs, buf_size, true, RingMode::Dedicated)
     }
 
     fn build(fd: RawFd, entries: u32, nbufs: u16, buf_size: usize, receive: bool, mode: RingMode) -> io::Result<Self> {
-        let bufs = BufRing::new(nbufs, buf_size)?;
         // One thread submits to each ring. A receive ring defers completion work until the
         // thread waits (DEFER_TASKRUN): no interrupt per datagram, the whole batch is
         // processed at the wait. A send ring, which reaps without waiting, only avoids the
@@ -637,6 +654,19 @@ impl UdpRing {
                 b.setup_coop_taskrun();
             }
         }
+        Self::from_builder(&b, fd, entries, nbufs, buf_size, receive)
+    }
+
+    /// A ring built by `b` (tests use it for setups the constructors do not make).
+    pub(crate) fn from_builder(
+        b: &io_uring::Builder,
+        fd: RawFd,
+        entries: u32,
+        nbufs: u16,
+        buf_size: usize,
+        receive: bool,
+    ) -> io::Result<Self> {
+        let bufs = BufRing::new(nbufs, buf_size)?;
         let ring = b.build(entries)?;
         // SAFETY: a zeroed msghdr is valid; only the name length is set (the kernel reserves
         // that much room for the source address in each buffer).
@@ -650,8 +680,9 @@ impl UdpRing {
             slot_addrs: Vec::new(),
             connect_addrs: HashMap::new(),
             stream_sends: HashMap::new(),
+            accept_addrs: HashMap::new(),
         };
-        let me = UdpRing {
+        let me = Ring {
             ring: std::mem::ManuallyDrop::new(ring),
             mem: std::mem::ManuallyDrop::new(mem),
             receive,
@@ -675,8 +706,8 @@ impl UdpRing {
     }
 
     /// Start receiving on `sock` (a descriptor must outlive its registration: until
-    /// [`UdpRing::remove_socket`] has completed or the ring is dropped). Its datagrams come
-    /// out of [`UdpRing::drain_with`] with the returned index.
+    /// [`Ring::remove_socket`] has completed or the ring is dropped). Its datagrams come
+    /// out of [`Ring::drain_with`] with the returned index.
     pub fn add_socket(&mut self, sock: Sock) -> io::Result<u32> {
         if !self.receive {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a send-only ring has no receive buffers"));
@@ -701,7 +732,7 @@ impl UdpRing {
     }
 
     /// Queue a one-shot readiness poll of `fd` for `events` (`libc::POLLIN` etc.); its
-    /// completion comes out of [`UdpRing::drain_with`] as [`Completion::Poll`] with `token`.
+    /// completion comes out of [`Ring::drain_with`] as [`Completion::Poll`] with `token`.
     /// The ring holds a reference to the file until then: cancel before closing `fd`.
     pub fn poll(&mut self, fd: RawFd, events: u32, token: u32) -> io::Result<()> {
         let e = opcode::PollAdd::new(types::Fd(fd), events).build().user_data(tag(K_POLL, token as u64));
@@ -718,7 +749,7 @@ impl UdpRing {
     /// provided buffer rings; Linux 6.1 or later).
     pub fn available() -> bool {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| UdpRing::multi(8, 2, 64).is_ok())
+        *OK.get_or_init(|| Ring::multi(8, 2, 64).is_ok())
     }
 
     fn arm(&mut self, ix: u32) -> io::Result<()> {
@@ -739,13 +770,13 @@ impl UdpRing {
     }
 
     /// Queue a send of `buf` on socket `fd` (to `dest`, or to the connected peer if `None`).
-    /// Submits first if the queue is full. [`UdpRing::send_copy`] is the safe form: the ring
+    /// Submits first if the queue is full. [`Ring::send_copy`] is the safe form: the ring
     /// owns the bytes.
     ///
     /// # Safety
     /// `buf` (and `dest`) must stay valid, and `buf` unchanged, until the send's completion
-    /// has been reaped by [`UdpRing::drain`] or [`UdpRing::drain_with`]
-    /// ([`UdpRing::in_flight_sends`] counts it until then). Dropping the ring does not end
+    /// has been reaped by [`Ring::drain`] or [`Ring::drain_with`]
+    /// ([`Ring::in_flight_sends`] counts it until then). Dropping the ring does not end
     /// the kernel's use of them: its drop waits a bounded time for its operations, and can
     /// keep alive only the memory it owns.
     pub unsafe fn push_send(&mut self, fd: RawFd, buf: &[u8], dest: Option<&libc::sockaddr_storage>) -> io::Result<()> {
@@ -784,7 +815,7 @@ impl UdpRing {
         Ok(())
     }
 
-    /// Give this ring `n` owned send slots of `size` bytes for [`UdpRing::send_copy`]. Once:
+    /// Give this ring `n` owned send slots of `size` bytes for [`Ring::send_copy`]. Once:
     /// a ring that has slots keeps them (sends from them may be in flight, and the kernel
     /// reads their bytes and addresses until each one completes).
     pub fn with_send_slots(mut self, n: u16, size: usize) -> io::Result<Self> {
@@ -802,13 +833,13 @@ impl UdpRing {
     }
 
     /// Copy `data` into an owned slot and queue its send to `to` (submitted by the next
-    /// [`UdpRing::submit`] or wait). Returns false, and counts a send error, if every slot is
+    /// [`Ring::submit`] or wait). Returns false, and counts a send error, if every slot is
     /// in flight or `data` is too large for a slot. No allocation.
     pub fn send_copy(&mut self, data: &[u8], to: SocketAddr) -> bool {
         self.send_copy_from(Sock::Fd(self.fd), data, to)
     }
 
-    /// Like [`UdpRing::send_copy`], from socket `sock` (a descriptor must stay open until the
+    /// Like [`Ring::send_copy`], from socket `sock` (a descriptor must stay open until the
     /// send completes).
     pub fn send_copy_from(&mut self, sock: Sock, data: &[u8], to: SocketAddr) -> bool {
         let size = if self.mem.slot_addrs.is_empty() { 0 } else { self.mem.slots.len() / self.mem.slot_addrs.len() };
@@ -853,7 +884,7 @@ impl UdpRing {
     }
 
     /// Give the ring a file table of `n` empty entries for direct descriptors
-    /// ([`UdpRing::install`]). The kernel allows at most RLIMIT_NOFILE entries per ring.
+    /// ([`Ring::install`]). The kernel allows at most RLIMIT_NOFILE entries per ring.
     pub fn register_table(&mut self, n: u32) -> io::Result<()> {
         self.ring.submitter().register_files_sparse(n)
     }
@@ -899,7 +930,7 @@ impl UdpRing {
     /// Queue a send of `data[from..]` on stream socket `sock`. The ring holds `data` until
     /// the send completes as [`Completion::Sent`] with `token`, which hands it back with the
     /// bytes sent (all of them unless the connection failed: MSG_WAITALL; at most 4 GiB) or a
-    /// negative errno. Counted in [`UdpRing::in_flight_sends`] until then. Refused, with
+    /// negative errno. Counted in [`Ring::in_flight_sends`] until then. Refused, with
     /// `data` handed back, if `from` lies past its end, a send with the same token is in
     /// flight, or the submission queue is full.
     pub fn send_stream(
@@ -931,6 +962,34 @@ impl UdpRing {
         Ok(())
     }
 
+    /// Queue an accept on the listening socket `listener` (a descriptor, which must stay open
+    /// until the accept completes or is cancelled) straight into a free entry of the ring's
+    /// file table (`IORING_FILE_INDEX_ALLOC`; [`Ring::register_table`] first): the new
+    /// connection is [`Sock::Fixed`] from the start and never takes a descriptor of the
+    /// process. Completes as [`Completion::Accepted`] with `token`; the ring keeps the
+    /// address buffer until then. Refused if an accept with the same token is in flight.
+    /// (A full table fails the accept with `-ENFILE` after the kernel took the connection
+    /// from the backlog, and the connection is lost: keep a free entry for every accept.)
+    pub fn accept(&mut self, listener: RawFd, token: u32) -> io::Result<()> {
+        if self.mem.accept_addrs.contains_key(&token) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "an accept with this token is in flight"));
+        }
+        // SAFETY: a zeroed sockaddr_storage is valid.
+        let mut buf = Box::new((unsafe { std::mem::zeroed::<libc::sockaddr_storage>() }, 0));
+        buf.1 = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // The box's contents stay where they are when the box moves into the map, until the
+        // completion takes it out (or the ring's teardown, see `Drop`).
+        let (addr, len) = (&mut buf.0 as *mut _ as *mut libc::sockaddr, &mut buf.1 as *mut libc::socklen_t);
+        // (No SOCK_CLOEXEC: a direct descriptor has no descriptor-table entry to close.)
+        let e = opcode::Accept::new(types::Fd(listener), addr, len)
+            .file_index(Some(types::DestinationSlot::auto_target()))
+            .build()
+            .user_data(tag(K_ACCEPT, token as u64));
+        self.push_entry(&e)?;
+        self.mem.accept_addrs.insert(token, buf);
+        Ok(())
+    }
+
     /// Arm a multishot receive on stream socket `sock`, drawing from the ring's receive
     /// buffers; what it reads comes out as [`Completion::Stream`] with `token`.
     pub fn recv_stream(&mut self, sock: Sock, token: u32) -> io::Result<()> {
@@ -948,6 +1007,7 @@ impl UdpRing {
             Pending::Op => K_OP,
             Pending::Send => K_STREAM_SEND,
             Pending::Receive => K_STREAM,
+            Pending::Accept => K_ACCEPT,
         };
         let e = opcode::AsyncCancel::new(tag(kind, token as u64)).build().user_data(tag(K_CANCEL, 0));
         self.push_entry(&e)
@@ -962,6 +1022,18 @@ impl UdpRing {
         let quiet = self.quiesce(bound);
         let _ = self.ring.submitter().unregister_files();
         quiet
+    }
+
+    /// Let a ring built disabled (`IORING_SETUP_R_DISABLED`, for tests) take submissions.
+    #[cfg(test)]
+    pub(crate) fn enable(&mut self) -> io::Result<()> {
+        self.ring.submitter().register_enable_rings()
+    }
+
+    /// The ring's own descriptor (tests look at the kernel's side of a ring through it).
+    #[cfg(test)]
+    pub(crate) fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
     }
 
     /// Operations queued or in flight whose last completion has not been reaped.
@@ -1079,7 +1151,7 @@ impl UdpRing {
         }
     }
 
-    /// Reap the completions that are ready (see [`UdpRing::drain_with`]), then re-arm.
+    /// Reap the completions that are ready (see [`Ring::drain_with`]), then re-arm.
     fn drain_round(&mut self, on: &mut impl FnMut(Completion<'_>)) -> io::Result<usize> {
         let mut got = 0;
         loop {
@@ -1127,6 +1199,13 @@ impl UdpRing {
                         // The kernel is done with the address.
                         self.mem.connect_addrs.remove(&(ix as u32));
                         on(Completion::Op { token: ix as u32, result: res });
+                        continue;
+                    }
+                    K_ACCEPT => {
+                        // The kernel is done with the address buffer.
+                        let buf = self.mem.accept_addrs.remove(&(ix as u32));
+                        let peer = buf.filter(|_| res >= 0).and_then(|b| sockaddr_of(&b.0));
+                        on(Completion::Accepted { token: ix as u32, result: res, peer });
                         continue;
                     }
                     K_STREAM_SEND => {
@@ -1262,7 +1341,7 @@ fn gro_segment(control: &[u8]) -> Option<usize> {
 /// memory freed. If the bound passes (a ring dropped on a thread that cannot enter it, or a
 /// kernel that does not complete a cancellation), the memory is leaked instead: a leak is
 /// the only safe outcome while the kernel may still use it.
-impl Drop for UdpRing {
+impl Drop for Ring {
     fn drop(&mut self) {
         let quiet = self.quiesce(TEARDOWN_BOUND);
         if !quiet {
@@ -1308,6 +1387,16 @@ pub(crate) fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::sockl
             (st, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
         }
     }
+}
+
+/// The address in a `sockaddr_storage` the kernel filled.
+fn sockaddr_of(st: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    // SAFETY: a sockaddr_storage is plain bytes, all initialised (zeroed, then written by
+    // the kernel); they are read, as bytes, within its size.
+    let b = unsafe {
+        std::slice::from_raw_parts(st as *const _ as *const u8, std::mem::size_of::<libc::sockaddr_storage>())
+    };
+    sockaddr(b)
 }
 
 /// A `sockaddr_in`/`sockaddr_in6` as bytes to a `SocketAddr`.
@@ -1384,14 +1473,14 @@ mod tests {
 
     #[test]
     fn multishot_receive_and_batched_send_on_loopback() {
-        if !UdpRing::available() {
+        if !Ring::available() {
             panic!("io_uring is not available on this kernel; the io_uring engine needs it");
         }
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         tx.connect(rx.local_addr().unwrap()).unwrap();
-        let mut rring = UdpRing::new(rx.as_raw_fd(), 256, 64, 2048, true).unwrap();
-        let mut tring = UdpRing::new(tx.as_raw_fd(), 256, 1, 64, false).unwrap();
+        let mut rring = Ring::new(rx.as_raw_fd(), 256, 64, 2048, true).unwrap();
+        let mut tring = Ring::new(tx.as_raw_fd(), 256, 1, 64, false).unwrap();
         let payloads: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_be_bytes().repeat(43)).collect();
         for p in &payloads {
             // SAFETY: `payloads` outlives the sends, which are reaped below.
@@ -1424,7 +1513,7 @@ mod tests {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut ring = UdpRing::with_mode(a.as_raw_fd(), 64, 16, 2048, true, RingMode::Shared)
+        let mut ring = Ring::with_mode(a.as_raw_fd(), 64, 16, 2048, true, RingMode::Shared)
             .unwrap()
             .with_send_slots(4, 256)
             .unwrap();
@@ -1517,7 +1606,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_peer, _) = listener.accept().unwrap();
-        let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
+        let mut ring = Ring::multi(64, 16, 2048).unwrap();
         ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
         // More kinds in flight: a stream receive, a stream send and a connect (refused or
         // not, it completes; the ring holds their memory meanwhile), a poll.
@@ -1554,7 +1643,7 @@ mod tests {
     #[test]
     fn a_ring_that_cannot_wait_for_its_operations_leaks_their_memory() {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut ring = UdpRing::multi(8, 2, 64).unwrap();
+        let mut ring = Ring::multi(8, 2, 64).unwrap();
         ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
         ring.submit().unwrap();
         let before = leaked_teardowns();
@@ -1567,11 +1656,11 @@ mod tests {
     #[test]
     fn send_slots_are_set_once() {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let ring = UdpRing::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
+        let ring = Ring::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
         let mut ring = ring.with_send_slots(2, 64).unwrap();
         assert!(ring.send_copy(b"queued", a.local_addr().unwrap()));
         assert!(ring.with_send_slots(4, 64).is_err(), "slots replaced under a queued send");
-        let ring = UdpRing::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
+        let ring = Ring::new(a.as_raw_fd(), 8, 1, 64, false).unwrap();
         assert!(ring.with_send_slots(2, usize::MAX).is_err(), "a size that wraps the mapping's length");
     }
 
@@ -1580,7 +1669,7 @@ mod tests {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert!(enable_gro(rx.as_raw_fd()), "UDP_GRO refused");
-        let mut ring = UdpRing::multi(64, 16, 8192).unwrap();
+        let mut ring = Ring::multi(64, 16, 8192).unwrap();
         let ix = ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();
         // 5 segments of 172 bytes and a short last one, in one GSO write: the receive keeps
         // them whole (GRO on), and the ring must hand out 6 datagrams.
@@ -1613,7 +1702,7 @@ mod tests {
     fn one_ring_serves_many_sockets_and_polls() {
         let socks: Vec<_> = (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut ring = UdpRing::multi(64, 16, 2048).unwrap().with_send_slots(8, 256).unwrap();
+        let mut ring = Ring::multi(64, 16, 2048).unwrap().with_send_slots(8, 256).unwrap();
         let ixs: Vec<u32> = socks.iter().map(|s| ring.add_socket(Sock::Fd(s.as_raw_fd())).unwrap()).collect();
         // Each socket sends from its own port through the shared ring.
         for (i, s) in socks.iter().enumerate() {
@@ -1680,9 +1769,9 @@ mod tests {
         use std::io::{Read, Write};
         use std::os::fd::{FromRawFd, OwnedFd};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut ring = UdpRing::multi(64, 16, 2048).unwrap();
+        let mut ring = Ring::multi(64, 16, 2048).unwrap();
         ring.register_table(4).unwrap();
-        let connect_stream = |ring: &mut UdpRing, slot: u32, token: u32, to: SocketAddr| {
+        let connect_stream = |ring: &mut Ring, slot: u32, token: u32, to: SocketAddr| {
             // SAFETY: socket() takes no pointers.
             let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
             assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
@@ -1709,7 +1798,7 @@ mod tests {
         // (token, result, bytes, still armed)
         type Event = (u32, i32, Vec<u8>, bool);
         let mut events: Vec<Event> = Vec::new();
-        let reap = |ring: &mut UdpRing, events: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
+        let reap = |ring: &mut Ring, events: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
             for _ in 0..100 {
                 ring.submit_and_wait(1, Duration::from_millis(20)).unwrap();
                 ring.drain_with(|c| match c {
@@ -1778,7 +1867,7 @@ mod tests {
         for (nbufs, nsock) in [(4096u16, 1usize), (64, 1), (4096, 4), (256, 4)] {
             let rxs: Vec<_> = (0..nsock).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
             let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let mut ring = UdpRing::multi(256, nbufs, 2048).unwrap();
+            let mut ring = Ring::multi(256, nbufs, 2048).unwrap();
             for rx in &rxs {
                 crate::driver::set_socket_buffers(rx, 8 << 20);
                 ring.add_socket(Sock::Fd(rx.as_raw_fd())).unwrap();

@@ -321,7 +321,7 @@ fn run_uring(a: &Args) -> Outcome {
         a.secs,
         move |end, sent| {
             let fd0 = senders[0].as_raw_fd();
-            let mut ring = engine::uring::UdpRing::new(fd0, 4096, 1, 64, false).expect("io_uring");
+            let mut ring = engine::uring::Ring::new(fd0, 4096, 1, 64, false).expect("io_uring");
             let pkt = [0x80u8; PACKET];
             let mut sched = Schedule::new(flows, pps);
             paced(end, || {
@@ -341,7 +341,7 @@ fn run_uring(a: &Args) -> Outcome {
             sent.fetch_add(ring.counters.sent, Ordering::Relaxed);
         },
         move |stop| {
-            let mut ring = engine::uring::UdpRing::new(rx.as_raw_fd(), 256, 4096, 2048, true).expect("io_uring");
+            let mut ring = engine::uring::Ring::new(rx.as_raw_fd(), 256, 4096, 2048, true).expect("io_uring");
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let _ = ring.submit_and_wait(64, Duration::from_millis(1));
