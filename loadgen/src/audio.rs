@@ -25,8 +25,8 @@ use proto::wire::frame::ClientId;
 use voice::jitter::{JitterConfig, Playout};
 use voice::voice::{Receiver, Sender};
 
-use crate::output;
-use crate::setup::SetupOutcome;
+use crate::summary::files as output;
+use crate::summary::Summary as SetupOutcome;
 
 /// What to measure.
 #[derive(Debug, Clone)]

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use proto::rng::Rng;
 use proto::wire::frame::{ClientId, Frame};
 
-use crate::setup::{SetupConfig, SetupOutcome};
+use crate::setup::SetupConfig;
+use crate::summary::Summary as SetupOutcome;
 use crate::sys;
 
 /// What to run.
@@ -382,7 +383,7 @@ pub fn run(cfg: HostileConfig) -> Result<SetupOutcome, String> {
         let args: Vec<String> = std::env::args().collect();
         let w = |f: &str, s: String| std::fs::write(dir.join(f), s).map_err(|e| format!("{}: {e}", dir.display()));
         w("command.txt", format!("{}\n", args.join(" ")))?;
-        w("machine.txt", crate::output::machine())?;
+        w("machine.txt", crate::summary::files::machine())?;
         w("summary.json", format!("{}\n", serde_json::to_string_pretty(&json).unwrap_or_default()))?;
         w("report.txt", text.clone())?;
     }

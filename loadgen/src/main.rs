@@ -2,11 +2,9 @@
 
 mod audio;
 mod hostile;
-mod output;
 mod register;
-mod report;
-mod runs;
 mod setup;
+mod summary;
 mod sys;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -344,8 +342,8 @@ fn main() -> ExitCode {
         Some(Cmd::Soak(a)) => return run_soak(a),
         Some(Cmd::AudioLatency(a)) => return run_audio(a),
         Some(Cmd::Hostile(h)) => return run_hostile(h),
-        Some(Cmd::Report { dir, json }) => return print_run(runs::report(&dir), json),
-        Some(Cmd::Merge { out, runs: dirs, json }) => return print_run(runs::merge(&dirs, &out), json),
+        Some(Cmd::Report { dir, json }) => return finish(summary::runs::report(&dir), json),
+        Some(Cmd::Merge { out, runs: dirs, json }) => return finish(summary::runs::merge(&dirs, &out), json),
         None => SetupArgs::default(),
     };
     match setup_config(&args) {
@@ -468,14 +466,10 @@ fn resolve(m: &Option<String>) -> Result<Option<SocketAddr>, ExitCode> {
     }
 }
 
-fn finish(out: Result<setup::SetupOutcome, String>, json: bool) -> ExitCode {
+fn finish(out: Result<summary::Summary, String>, json: bool) -> ExitCode {
     match out {
         Ok(out) => {
-            if json {
-                println!("{}", out.json);
-            } else {
-                print!("{}", out.text);
-            }
+            out.print(json);
             if out.all_ok {
                 ExitCode::SUCCESS
             } else {
@@ -590,23 +584,6 @@ fn run_audio(a: AudioArgs) -> ExitCode {
         out: a.common.out.clone(),
     };
     finish(audio::run(cfg), a.common.json)
-}
-
-fn print_run(r: Result<(serde_json::Value, String), String>, json: bool) -> ExitCode {
-    match r {
-        Ok((v, text)) => {
-            if json {
-                println!("{v}");
-            } else {
-                print!("{text}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("loadgen: {e}");
-            ExitCode::from(2)
-        }
-    }
 }
 
 fn run_soak(a: SoakArgs) -> ExitCode {

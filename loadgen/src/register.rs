@@ -13,8 +13,8 @@ use hdrhistogram::Histogram;
 use proto::client::{Client, ClientConfig, Event, Received};
 use proto::wire::frame::ClientId;
 
-use crate::report::{self, new_histogram, record};
-use crate::setup::SetupOutcome;
+use crate::summary::hist::{self as report, new_histogram, record};
+use crate::summary::Summary as SetupOutcome;
 use crate::sys;
 
 /// Settings of a `register` run.
@@ -466,7 +466,7 @@ pub fn run(cfg: RegisterConfig) -> Result<SetupOutcome, String> {
     if let Some(dir) = &cfg.out {
         let metrics = [("register", "register (plan -> REGISTERED)", &latency)];
         let title = format!("registration, {} clients at {}/s", cfg.clients, cfg.rate);
-        crate::output::write_run(dir, &json, &metrics, &title)
+        crate::summary::files::write_run(dir, &json, &metrics, &title)
             .map_err(|e| format!("writing {}: {e}", dir.display()))?;
         let _ = writeln!(text, "results written to {}", dir.display());
     }

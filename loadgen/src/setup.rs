@@ -20,7 +20,8 @@ use proto::client::{CallHandle, Client, ClientConfig, Event, Received};
 use proto::media::SyntheticSource;
 use proto::wire::frame::{CallId, ClientId};
 
-use crate::report::{self, new_histogram, record};
+use crate::summary::hist::{self as report, new_histogram, record};
+use crate::summary::Summary as SetupOutcome;
 use crate::sys;
 
 /// Settings of a `setup` run.
@@ -850,16 +851,6 @@ fn new_std_client(
     Ok((udp, Client::new(c, seed)))
 }
 
-/// The outcome of a run, ready to print.
-pub struct SetupOutcome {
-    /// One JSON object with the summary.
-    pub json: serde_json::Value,
-    /// The human-readable report.
-    pub text: String,
-    /// True if every call succeeded.
-    pub all_ok: bool,
-}
-
 /// Run the scenario.
 pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
     let nofile = sys::raise_nofile();
@@ -1339,12 +1330,12 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
             }
             (None, _) => format!("call setup, {} calls at {}/s ({} ok)", cfg.calls, cfg.rate, ok),
         };
-        crate::output::write_run(dir, &json, &metrics, &title)
+        crate::summary::files::write_run(dir, &json, &metrics, &title)
             .map_err(|e| format!("writing {}: {e}", dir.display()))?;
         if !samples.is_empty() {
-            let rows: Vec<crate::output::IntervalRow> = samples
+            let rows: Vec<crate::summary::files::IntervalRow> = samples
                 .iter()
-                .map(|x| crate::output::IntervalRow {
+                .map(|x| crate::summary::files::IntervalRow {
                     t_s: x.t_s,
                     secs: x.secs,
                     pps: x.pps,
@@ -1357,7 +1348,8 @@ pub fn run(cfg: SetupConfig) -> Result<SetupOutcome, String> {
                     cores: x.cores,
                 })
                 .collect();
-            crate::output::write_intervals(dir, &rows).map_err(|e| format!("writing {}: {e}", dir.display()))?;
+            crate::summary::files::write_intervals(dir, &rows)
+                .map_err(|e| format!("writing {}: {e}", dir.display()))?;
         }
         let _ = writeln!(text, "results written to {}", dir.display());
     }

@@ -37,12 +37,12 @@ impl Sleeper {
             .name("sleeper".into())
             .spawn(move || {
                 fine_timer_slack();
-                let mut h = crate::report::new_histogram();
+                let mut h = crate::summary::hist::new_histogram();
                 let tick = std::time::Duration::from_millis(1);
                 while !s.load(std::sync::atomic::Ordering::Relaxed) {
                     let t = std::time::Instant::now();
                     std::thread::sleep(tick);
-                    crate::report::record(&mut h, t.elapsed().saturating_sub(tick));
+                    crate::summary::hist::record(&mut h, t.elapsed().saturating_sub(tick));
                 }
                 h
             })

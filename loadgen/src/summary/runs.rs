@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::output;
-use crate::report;
+use super::files as output;
+use super::hist as report;
+use super::Summary;
 
 /// Metrics in report order: file stem and label.
 const METRICS: [(&str, &str); 7] = [
@@ -79,7 +80,7 @@ fn field(v: &Value, k: &str) -> String {
 }
 
 /// The text of `loadgen report DIR`.
-pub fn report(dir: &Path) -> Result<(Value, String), String> {
+pub fn report(dir: &Path) -> Result<Summary, String> {
     let v = summary(dir)?;
     let hs = histograms(dir)?;
     if hs.is_empty() {
@@ -113,12 +114,12 @@ pub fn report(dir: &Path) -> Result<(Value, String), String> {
     text.push('\n');
     text.push_str(&table(&hs));
     text.push('\n');
-    Ok((v, text))
+    Ok(Summary { json: v, text, all_ok: true })
 }
 
 /// Merge `runs` into `out`: counts and rates added, histograms added, percentiles
 /// recomputed from the merged histograms.
-pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
+pub fn merge(runs: &[PathBuf], out: &Path) -> Result<Summary, String> {
     if runs.len() < 2 {
         return Err("merge needs at least two runs".into());
     }
@@ -212,5 +213,5 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
             .join(", "),
         table(&merged)
     );
-    Ok((v, text))
+    Ok(Summary { json: v, text, all_ok: true })
 }

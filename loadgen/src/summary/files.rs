@@ -166,7 +166,7 @@ pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, String> {
     use base64::Engine as _;
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut total = crate::report::new_histogram();
+    let mut total = super::hist::new_histogram();
     let mut de = hdrhistogram::serialization::Deserializer::new();
     for entry in IntervalLogIterator::new(&bytes) {
         match entry {
