@@ -1,9 +1,17 @@
 //! What a run reports: the summary printed at its end (one JSON object or a text report),
-//! the histograms behind it, and the files `--out` records (`files`), read back by
-//! `loadgen report` and `loadgen merge` (`runs`).
+//! built per scenario from what it measured (`calls`, `register`, `audio`, `hostile`); the
+//! histograms behind it (`hist`, named in `metric`); the files `--out` records (`files`),
+//! which `loadgen report` and `loadgen merge` read back (`runs`).
+//!
+//! The JSON field names are an interface: `results/`, the tests and the scripts read them.
 
+pub mod audio;
+pub mod calls;
 pub mod files;
 pub mod hist;
+pub mod hostile;
+pub mod metric;
+pub mod register;
 pub mod runs;
 
 /// A run's summary, ready to print.
