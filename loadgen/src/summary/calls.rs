@@ -3,7 +3,10 @@
 //! noise, and the warnings that qualify the figures.
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 use super::files;
 use super::hist::{self, new_histogram, record};
@@ -17,57 +20,116 @@ use crate::sys;
 
 /// The summary of `calls`, from what it measured; `--out` writes it with its histograms.
 pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m: &Measured) -> Result<Summary, Error> {
-    let load = calls.load();
-    let (records, incoming, media, media_latency) = (&m.records, &m.incoming, &m.media, &m.media_latency);
-    let (window, sleeper, samples, skipped) = (m.window, &m.sleeper, &m.samples, m.frames_skipped);
-    let (t0, calls_done, registered_in, wall, cpu, rss) =
-        (m.t0, m.calls_done, m.registered_in, m.wall, m.cpu, m.rss_mb);
-    let manager_media = m.manager_media;
-    let manager_io = m.manager_io;
-    let warmup = match calls {
-        Calls::Soak(s) => s.warmup,
-        _ => Duration::ZERO,
-    };
-    let grown = calls.interval().and_then(|_| growth(samples, warmup));
-    // Memory per session: RSS with every session up, over the RSS after registration
-    // (both sides' client state, the manager's call records, the generator's bookkeeping).
-    let per_session_kb = match (window.and_then(|w| w.rss_mb), m.rss_registered_mb) {
-        (Some(up), Some(base)) if !records.is_empty() => Some((up - base) * 1024.0 / records.len() as f64),
-        _ => None,
-    };
+    let p = phases(m);
+    let f = figures(calls, m, &p);
+    let warnings = warnings(calls, m, &p, &f);
+    let mut text = text(calls, options, m, &p, &f, &warnings);
+    let json = json(calls, options, m, &p, &f, warnings);
+    if let Some(dir) = &output.dir {
+        write(calls, dir, m, &p, &json)?;
+        let _ = writeln!(text, "results written to {}", dir.display());
+    }
+    let growth_ok = calls.interval().is_none() || f.grown.is_some_and(|g| g.2);
+    Ok(Summary { json, text, all_ok: p.failed() == 0 && !m.records.is_empty() && growth_ok })
+}
 
-    // Histograms, from each call's planned start.
-    let (mut setup, mut to_start, mut lateness) = (new_histogram(), new_histogram(), new_histogram());
-    let (mut call_incoming, mut incoming_start, mut start_media) = (new_histogram(), new_histogram(), new_histogram());
-    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut ok, mut late, mut very_late) = (0u64, 0u64, 0u64);
-    for r in records {
+/// The calls by phase, each timed from its planned start, and the failures by cause.
+struct Phases {
+    /// Planned start to two-way media.
+    setup: Histogram<u64>,
+    /// Planned start to START.
+    to_start: Histogram<u64>,
+    /// CALL to INCOMING at the callee.
+    call_incoming: Histogram<u64>,
+    /// INCOMING to START.
+    incoming_start: Histogram<u64>,
+    /// START to two-way media.
+    start_media: Histogram<u64>,
+    /// Planned start to CALL: the generator's own lateness.
+    lateness: Histogram<u64>,
+    /// Failed calls by cause.
+    failures: BTreeMap<String, u64>,
+    /// Calls that succeeded.
+    ok: u64,
+    /// Calls placed more than 1 ms late.
+    late: u64,
+    /// Calls placed more than 5 ms late.
+    very_late: u64,
+    /// All calls.
+    calls: u64,
+}
+
+impl Phases {
+    fn failed(&self) -> u64 {
+        self.calls - self.ok
+    }
+}
+
+/// Histograms, from each call's planned start.
+fn phases(m: &Measured) -> Phases {
+    let mut p = Phases {
+        setup: new_histogram(),
+        to_start: new_histogram(),
+        call_incoming: new_histogram(),
+        incoming_start: new_histogram(),
+        start_media: new_histogram(),
+        lateness: new_histogram(),
+        failures: BTreeMap::new(),
+        ok: 0,
+        late: 0,
+        very_late: 0,
+        calls: m.records.len() as u64,
+    };
+    for r in &m.records {
         let l = r.sent.saturating_duration_since(r.planned);
-        record(&mut lateness, l);
+        record(&mut p.lateness, l);
         if l > Duration::from_millis(1) {
-            late += 1;
+            p.late += 1;
         }
         if l > Duration::from_millis(5) {
-            very_late += 1;
+            p.very_late += 1;
         }
         match (&r.outcome, r.start, r.flowing) {
             (None, Some(start), Some(flowing)) => {
-                ok += 1;
-                record(&mut to_start, start - r.planned);
-                record(&mut setup, flowing - r.planned);
-                record(&mut start_media, flowing - start);
-                if let Some(inc) = r.call_id.and_then(|id| incoming.get(&id)) {
-                    record(&mut call_incoming, inc.saturating_duration_since(r.sent));
-                    record(&mut incoming_start, start.saturating_duration_since(*inc));
+                p.ok += 1;
+                record(&mut p.to_start, start - r.planned);
+                record(&mut p.setup, flowing - r.planned);
+                record(&mut p.start_media, flowing - start);
+                if let Some(inc) = r.call_id.and_then(|id| m.incoming.get(&id)) {
+                    record(&mut p.call_incoming, inc.saturating_duration_since(r.sent));
+                    record(&mut p.incoming_start, start.saturating_duration_since(*inc));
                 }
             }
             (outcome, _, _) => {
-                *failures.entry(outcome.clone().unwrap_or_else(|| "incomplete".into())).or_default() += 1;
+                *p.failures.entry(outcome.clone().unwrap_or_else(|| "incomplete".into())).or_default() += 1;
             }
         }
     }
-    let failed = records.len() as u64 - ok;
-    let span = calls_done.saturating_duration_since(t0).as_secs_f64().max(1e-9);
+    p
+}
+
+/// The run's derived figures.
+struct Figures {
+    /// From t0 to the calls' end, seconds.
+    span: f64,
+    /// Calls placed per second, first to last placement.
+    achieved_rate: Option<f64>,
+    /// CPU used over the cores available.
+    cpu_share: f64,
+    /// RFC 3550 loss over all calls.
+    loss: f64,
+    /// The soak's warm-up.
+    warmup: Duration,
+    /// The soak's growth: RSS (MB), descriptors, and whether it is bounded.
+    grown: Option<(f64, i64, bool)>,
+    /// RSS per session in the window, KiB.
+    per_session_kb: Option<f64>,
+    /// Host stalls over 5 ms seen by the sleeper.
+    stalls_5ms: u64,
+}
+
+fn figures(calls: Calls<'_>, m: &Measured, p: &Phases) -> Figures {
+    let records = &m.records;
     // Achieved start rate: calls placed over the span from the first to the last placement.
     let first_sent = records.iter().map(|r| r.sent).min();
     let last_sent = records.iter().map(|r| r.sent).max();
@@ -75,17 +137,46 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
         (Some(a), Some(b)) if b > a => Some((records.len() - 1) as f64 / (b - a).as_secs_f64()),
         _ => None,
     };
-    let cpu_share = cpu / wall.as_secs_f64() / sys::cores() as f64;
-    let loss =
-        if media.received + media.lost > 0 { media.lost as f64 / (media.received + media.lost) as f64 } else { 0.0 };
+    let media = &m.media;
+    let warmup = match calls {
+        Calls::Soak(s) => s.warmup,
+        _ => Duration::ZERO,
+    };
+    // Memory per session: RSS with every session up, over the RSS after registration
+    // (both sides' client state, the manager's call records, the generator's bookkeeping).
+    let per_session_kb = match (m.window.and_then(|w| w.rss_mb), m.rss_registered_mb) {
+        (Some(up), Some(base)) if p.calls > 0 => Some((up - base) * 1024.0 / p.calls as f64),
+        _ => None,
+    };
+    Figures {
+        span: m.calls_done.saturating_duration_since(m.t0).as_secs_f64().max(1e-9),
+        achieved_rate,
+        cpu_share: m.cpu / m.wall.as_secs_f64() / sys::cores() as f64,
+        loss: if media.received + media.lost > 0 {
+            media.lost as f64 / (media.received + media.lost) as f64
+        } else {
+            0.0
+        },
+        warmup,
+        grown: calls.interval().and_then(|_| growth(&m.samples, warmup)),
+        per_session_kb,
+        // Host noise seen by a 1 ms sleeper thread: stalls over 5 ms.
+        stalls_5ms: sys::stalls_over_5ms(m.sleeper.as_ref()),
+    }
+}
 
+/// What qualifies the figures: the generator's own lateness, skipped frames, a saturated
+/// CPU, growth, host stalls.
+fn warnings(calls: Calls<'_>, m: &Measured, p: &Phases, f: &Figures) -> Vec<String> {
+    let (records, lateness, very_late, skipped) = (&m.records, &p.lateness, p.very_late, m.frames_skipped);
+    let (cpu_share, grown, stalls_5ms, sleeper) = (f.cpu_share, f.grown, f.stalls_5ms, &m.sleeper);
     let mut warnings = Vec::new();
     if very_late as f64 > records.len() as f64 * 0.01 {
         warnings.push(format!(
             "the generator fell behind its schedule: {very_late} of {} starts were more than 5 ms late (max {:.1} ms); \
              its own overload may inflate the setup times",
             records.len(),
-            hist::max_ms(&lateness).unwrap_or(0.0)
+            hist::max_ms(lateness).unwrap_or(0.0)
         ));
     }
     if skipped > 0 {
@@ -110,7 +201,6 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
         warnings.push("too few intervals after the warm-up to check memory and descriptor growth".into());
     }
     // Host noise seen by a 1 ms sleeper thread: stalls over 5 ms, and the time they took.
-    let stalls_5ms = sys::stalls_over_5ms(sleeper.as_ref());
     if let Some(h) = sleeper.as_ref().filter(|_| stalls_5ms > 0) {
         warnings.push(format!(
             "this process's threads waited more than 5 ms for a CPU {stalls_5ms} times (max {:.1} ms, seen by a 1 ms sleeper thread): \
@@ -118,9 +208,27 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
             hist::max_ms(h).unwrap_or(0.0)
         ));
     }
+    warnings
+}
 
+/// The text report.
+fn text(
+    calls: Calls<'_>,
+    options: &fleet::Options,
+    m: &Measured,
+    p: &Phases,
+    f: &Figures,
+    warnings: &[String],
+) -> String {
+    let load = calls.load();
+    let (records, media, media_latency, window, sleeper, samples) =
+        (&m.records, &m.media, &m.media_latency, m.window, &m.sleeper, &m.samples);
+    let (ok, failed, late, failures, lateness) = (p.ok, p.failed(), p.late, &p.failures, &p.lateness);
+    let (setup, to_start, call_incoming) = (&p.setup, &p.to_start, &p.call_incoming);
+    let (incoming_start, start_media) = (&p.incoming_start, &p.start_media);
+    let (grown, warmup, loss, per_session_kb, cpu_share, stalls_5ms) =
+        (f.grown, f.warmup, f.loss, f.per_session_kb, f.cpu_share, f.stalls_5ms);
     let mut text = String::new();
-    use std::fmt::Write;
     let where_ = &m.manager;
     let _ = writeln!(
         text,
@@ -136,24 +244,24 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
         text,
         "registered {} clients in {:.0} ms",
         load.callers + load.callees,
-        registered_in.as_secs_f64() * 1000.0
+        m.registered_in.as_secs_f64() * 1000.0
     );
     let _ = writeln!(
         text,
         "calls: {ok} ok, {failed} failed ({:.2}% success); late starts (> 1 ms): {late}, start lateness p99 {:.3} ms, max {:.3} ms",
         if records.is_empty() { 0.0 } else { ok as f64 * 100.0 / records.len() as f64 },
-        hist::ms_at(&lateness, 0.99).unwrap_or(0.0),
-        hist::max_ms(&lateness).unwrap_or(0.0)
+        hist::ms_at(lateness, 0.99).unwrap_or(0.0),
+        hist::max_ms(lateness).unwrap_or(0.0)
     );
-    for (why, n) in &failures {
+    for (why, n) in failures {
         let _ = writeln!(text, "  failed: {n} x {why}");
     }
     let _ = writeln!(text, "{}", hist::header());
-    let _ = writeln!(text, "{}", hist::line("setup (plan -> 2-way media)", &setup));
-    let _ = writeln!(text, "{}", hist::line("  plan -> START", &to_start));
-    let _ = writeln!(text, "{}", hist::line("  CALL -> INCOMING", &call_incoming));
-    let _ = writeln!(text, "{}", hist::line("  INCOMING -> START", &incoming_start));
-    let _ = writeln!(text, "{}", hist::line("  START -> 2-way media", &start_media));
+    let _ = writeln!(text, "{}", hist::line("setup (plan -> 2-way media)", setup));
+    let _ = writeln!(text, "{}", hist::line("  plan -> START", to_start));
+    let _ = writeln!(text, "{}", hist::line("  CALL -> INCOMING", call_incoming));
+    let _ = writeln!(text, "{}", hist::line("  INCOMING -> START", incoming_start));
+    let _ = writeln!(text, "{}", hist::line("  START -> 2-way media", start_media));
     let _ = writeln!(text, "{}", hist::line("media one-way latency", media_latency));
     if !samples.is_empty() {
         let _ = writeln!(
@@ -192,7 +300,7 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
         media.received,
         media.lost,
         loss * 100.0,
-        manager_media.map(|n| n.to_string()).unwrap_or_else(|| "? (external)".into())
+        m.manager_media.map(|n| n.to_string()).unwrap_or_else(|| "? (external)".into())
     );
     if let Some(w) = window {
         let _ = writeln!(
@@ -210,11 +318,11 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
     let _ = writeln!(
         text,
         "generator: {:.2} s wall, {:.2} s CPU ({:.0}% of {} cores), rss {:.1} MB",
-        wall.as_secs_f64(),
-        cpu,
+        m.wall.as_secs_f64(),
+        m.cpu,
         cpu_share * 100.0,
         sys::cores(),
-        rss.unwrap_or(0.0)
+        m.rss_mb.unwrap_or(0.0)
     );
     if let Some(h) = &sleeper {
         let _ = writeln!(
@@ -227,10 +335,29 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
             stalls_5ms
         );
     }
-    for w in &warnings {
+    for w in warnings {
         let _ = writeln!(text, "WARNING: {w}");
     }
 
+    text
+}
+
+/// The summary JSON (`--json`, `summary.json`).
+fn json(
+    calls: Calls<'_>,
+    options: &fleet::Options,
+    m: &Measured,
+    p: &Phases,
+    f: &Figures,
+    warnings: Vec<String>,
+) -> serde_json::Value {
+    let load = calls.load();
+    let (records, media, media_latency, window, sleeper, samples) =
+        (&m.records, &m.media, &m.media_latency, m.window, &m.sleeper, &m.samples);
+    let (ok, failed, late, failures, lateness) = (p.ok, p.failed(), p.late, &p.failures, &p.lateness);
+    let (setup, to_start) = (&p.setup, &p.to_start);
+    let (grown, loss, per_session_kb, cpu_share, stalls_5ms, span) =
+        (f.grown, f.loss, f.per_session_kb, f.cpu_share, f.stalls_5ms, f.span);
     let mut json = serde_json::json!({
         // The soak is the windowed run that samples intervals; summary.json, `report` and
         // `merge` read this name, so it is set here and not patched on stdout afterwards.
@@ -247,18 +374,18 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
         "calls_failed": failed,
         "failures": failures,
         "late_starts": late,
-        "start_lateness_p99_ms": hist::num(hist::ms_at(&lateness, 0.99)),
+        "start_lateness_p99_ms": hist::num(hist::ms_at(lateness, 0.99)),
         "target_rate": load.rate,
-        "achieved_rate": hist::num(achieved_rate),
-        "setup_p50_ms": hist::num(hist::ms_at(&setup, 0.5)),
-        "setup_p90_ms": hist::num(hist::ms_at(&setup, 0.9)),
-        "setup_p99_ms": hist::num(hist::ms_at(&setup, 0.99)),
-        "setup_p999_ms": hist::num(hist::ms_at(&setup, 0.999)),
-        "setup_max_ms": hist::num(hist::max_ms(&setup)),
-        "start_p99_ms": hist::num(hist::ms_at(&to_start, 0.99)),
+        "achieved_rate": hist::num(f.achieved_rate),
+        "setup_p50_ms": hist::num(hist::ms_at(setup, 0.5)),
+        "setup_p90_ms": hist::num(hist::ms_at(setup, 0.9)),
+        "setup_p99_ms": hist::num(hist::ms_at(setup, 0.99)),
+        "setup_p999_ms": hist::num(hist::ms_at(setup, 0.999)),
+        "setup_max_ms": hist::num(hist::max_ms(setup)),
+        "start_p99_ms": hist::num(hist::ms_at(to_start, 0.99)),
         "pps_delivered": window.map(|w| w.pps).unwrap_or(media.received as f64 / span).round(),
         "packets_sent": media.sent,
-        "frames_skipped": skipped,
+        "frames_skipped": m.frames_skipped,
         "packets_delivered": media.received,
         "loss_ratio": loss,
         // Delivered over sent: also sees packets lost after the last one received (which
@@ -266,12 +393,12 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
         "delivery_ratio": if media.sent > 0 { Some(media.received as f64 / media.sent as f64) } else { None },
         "latency_p50_ms": hist::num(hist::ms_at(media_latency, 0.5)),
         "latency_p99_ms": hist::num(hist::ms_at(media_latency, 0.99)),
-        "manager_media_packets": manager_media,
+        "manager_media_packets": m.manager_media,
         "cpu_share": (cpu_share * 1000.0).round() / 1000.0,
         "sleeper_oversleep_p99_ms": hist::num(sleeper.as_ref().and_then(|h| hist::ms_at(h, 0.99))),
         "sleeper_oversleep_max_ms": hist::num(sleeper.as_ref().and_then(hist::max_ms)),
         "sleeper_stalls_over_5ms": stalls_5ms,
-        "rss_mb": hist::num(window.and_then(|w| w.rss_mb).or(rss)),
+        "rss_mb": hist::num(window.and_then(|w| w.rss_mb).or(m.rss_mb)),
         "warnings": warnings,
         "intervals": (!samples.is_empty()).then(|| samples.iter().map(interval_json).collect::<Vec<_>>()),
         "rss_growth_mb": hist::num(grown.map(|g| g.0)),
@@ -280,37 +407,45 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
     });
     // First connections that waited for a local port (a previous run's TIME_WAITs).
     json["port_waits"] = m.port_waits.into();
-    json["manager_io"] = manager_io.into();
+    json["manager_io"] = m.manager_io.into();
     if let Calls::Soak(Soak { churn, .. }) = calls {
         json["churn"] = (*churn).into();
     }
-    if let Some(dir) = &output.dir {
-        let metrics = [
-            (SETUP, &setup),
-            (PLAN_TO_START, &to_start),
-            (CALL_TO_INCOMING, &call_incoming),
-            (INCOMING_TO_START, &incoming_start),
-            (START_TO_MEDIA, &start_media),
-            (MEDIA_LATENCY, media_latency),
-        ];
-        let held = window.map_or(0.0, |w| w.secs);
-        let title = match calls {
-            Calls::Soak(_) => {
-                format!("soak, {} calls set up at {}/s, held {:.0} s ({} ok)", load.calls, load.rate, held, ok)
-            }
-            Calls::Sessions(_) => {
-                format!("sessions, {} calls set up at {}/s, held {:.0} s ({} ok)", load.calls, load.rate, held, ok)
-            }
-            Calls::Setup(_) => format!("call setup, {} calls at {}/s ({} ok)", load.calls, load.rate, ok),
-        };
-        files::write_run(dir, &json, &metrics, &title).map_err(Error::write(dir))?;
-        if !samples.is_empty() {
-            files::write_intervals(dir, samples).map_err(Error::write(dir))?;
+    json
+}
+
+/// Write the run's files: summary, histograms and plot, and the soak's intervals.
+fn write(
+    calls: Calls<'_>,
+    dir: &std::path::Path,
+    m: &Measured,
+    p: &Phases,
+    json: &serde_json::Value,
+) -> Result<(), Error> {
+    let (load, window, samples, ok) = (calls.load(), m.window, &m.samples, p.ok);
+    let metrics = [
+        (SETUP, &p.setup),
+        (PLAN_TO_START, &p.to_start),
+        (CALL_TO_INCOMING, &p.call_incoming),
+        (INCOMING_TO_START, &p.incoming_start),
+        (START_TO_MEDIA, &p.start_media),
+        (MEDIA_LATENCY, &m.media_latency),
+    ];
+    let held = window.map_or(0.0, |w| w.secs);
+    let title = match calls {
+        Calls::Soak(_) => {
+            format!("soak, {} calls set up at {}/s, held {:.0} s ({} ok)", load.calls, load.rate, held, ok)
         }
-        let _ = writeln!(text, "results written to {}", dir.display());
+        Calls::Sessions(_) => {
+            format!("sessions, {} calls set up at {}/s, held {:.0} s ({} ok)", load.calls, load.rate, held, ok)
+        }
+        Calls::Setup(_) => format!("call setup, {} calls at {}/s ({} ok)", load.calls, load.rate, ok),
+    };
+    files::write_run(dir, json, &metrics, &title).map_err(Error::write(dir))?;
+    if !samples.is_empty() {
+        files::write_intervals(dir, samples).map_err(Error::write(dir))?;
     }
-    let growth_ok = calls.interval().is_none() || grown.is_some_and(|g| g.2);
-    Ok(Summary { json, text, all_ok: failed == 0 && !records.is_empty() && growth_ok })
+    Ok(())
 }
 
 /// One soak interval in the summary JSON.
