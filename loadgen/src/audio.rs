@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use engine::driver::{App, Ctx, Streams};
 use hdrhistogram::Histogram;
-use proto::client::Event;
-use proto::client::Received;
+use proto::client::{Event, Received};
 use proto::rng::Rng;
 use proto::wire::frame::ClientId;
 use voice::jitter::{JitterConfig, Playout};

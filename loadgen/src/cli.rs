@@ -490,7 +490,7 @@ fn hostile(h: HostileArgs, secret: Secret) -> Result<Run, Error> {
 }
 
 fn choose_io(s: &str) -> Result<engine::driver::Io, Error> {
-    engine::driver::Io::choose(s).map_err(Error::Io)
+    engine::driver::Io::choose(s).map_err(Error::IoChoice)
 }
 
 fn resolve(m: &Option<String>) -> Result<Option<SocketAddr>, Error> {

@@ -30,7 +30,7 @@ pub enum Error {
     IncompleteExternalManager,
     /// `--io` names no driver this machine can run (the driver's own explanation).
     #[error("{0}")]
-    Io(String),
+    IoChoice(String),
     /// `--manager` does not resolve to an address.
     #[error("cannot resolve manager address {0:?}")]
     Resolve(String),

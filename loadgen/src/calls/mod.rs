@@ -107,7 +107,7 @@ pub struct Measured {
     pub window: Option<WindowStats>,
     /// RSS once every client had registered, MiB.
     pub rss_registered_mb: Option<f64>,
-    /// RSS at the end, MiB.
+    /// RSS at the end (an embedded manager stopped), MiB.
     pub rss_mb: Option<f64>,
     /// The host noise a 1 ms sleeper saw: in the window if there is one, else the whole run.
     pub sleeper: Option<Histogram<u64>>,
@@ -166,6 +166,9 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     };
     let wall = wall0.elapsed();
     let cpu = engine::sys::cpu_seconds() - cpu0;
+    let manager_media = manager.stats().map(|s| s.udp_media.load(Ordering::Relaxed));
+    let (manager_desc, manager_io) = (manager.describe(), manager.io());
+    drop(manager);
     let measured = Measured {
         records: clients.records,
         incoming: std::mem::take(&mut *shared.incoming.lock().unwrap_or_else(|e| e.into_inner())),
@@ -177,19 +180,17 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
         calls_done,
         window,
         rss_registered_mb,
-        rss_mb: None,
+        rss_mb: sys::rss_mb(),
         sleeper,
         samples,
         wall,
         cpu,
-        manager: manager.describe(),
-        manager_media: manager.stats().map(|s| s.udp_media.load(Ordering::Relaxed)),
-        manager_io: manager.io(),
+        manager: manager_desc,
+        manager_media,
+        manager_io,
         port_waits: shared.port_waits.load(Ordering::Relaxed),
         source_ips: sources.len(),
     };
-    drop(manager);
-    let measured = Measured { rss_mb: sys::rss_mb(), ..measured };
     summary::calls::summarize(calls, options, output, &measured)
 }
 
