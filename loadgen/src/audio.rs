@@ -318,7 +318,7 @@ pub fn run(a: &Audio, target: &Target, options: &fleet::Options, output: &Output
     };
     // The listener registers first.
     let talker_at = Instant::now() + Duration::from_millis(200);
-    let fleet = Fleet::build(&spec, 2, |_| 0, make)?.start(move |i| (i == 1).then_some(talker_at));
+    let fleet = Fleet::build(&spec, 2, |_| 0, make)?.start(move |i| (i == 1).then_some(talker_at))?;
     // Both end with the call; at the latest when the talk and a margin are over.
     let limit = a.duration + Duration::from_secs(20);
     let stopper = fleet.stopper();

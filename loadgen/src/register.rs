@@ -163,7 +163,7 @@ pub fn run(reg: &Register, target: &Target, options: &fleet::Options, output: &O
     let ready = Fleet::build(&spec, reg.clients, |i| i, make)?;
     let t0 = *plan_t0.get_or_init(|| Instant::now() + Duration::from_millis(200));
     let cpu0 = engine::sys::cpu_seconds();
-    let fleet = ready.start(move |i| Some(t0 + offset(i)));
+    let fleet = ready.start(move |i| Some(t0 + offset(i)))?;
 
     // Wait for every registration (or a bound), then hold.
     let ramp = Duration::from_secs_f64(reg.clients as f64 / reg.rate);

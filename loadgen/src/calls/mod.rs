@@ -272,7 +272,7 @@ fn start_fleet(
         #[cfg(target_os = "linux")]
         ring: engine::reactor::ReactorConfig { tick: options.tick, ..Default::default() },
     };
-    Ok(Fleet::build(&spec, count, |n| n / 2, make)?.start(|_| None))
+    Fleet::build(&spec, count, |n| n / 2, make)?.start(|_| None)
 }
 
 /// Wait (up to 30 s) for every client to register. A client that stopped before, or a
