@@ -338,7 +338,6 @@ fn text(
     for w in warnings {
         let _ = writeln!(text, "WARNING: {w}");
     }
-
     text
 }
 
