@@ -13,47 +13,22 @@
 //! `--jitter-ms J` delays each packet's arrival at the jitter buffer by a uniform 0..J ms
 //! (the buffer sees it only from then on, so packets can also reorder).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::driver::{self, App, Ctx, Io, Streams};
+use engine::driver::{App, Ctx, Streams};
 use hdrhistogram::Histogram;
-use proto::client::{Client, ClientConfig, Event, Received};
+use proto::client::{Event, Received};
 use proto::rng::Rng;
 use proto::wire::frame::ClientId;
 use voice::jitter::{JitterConfig, Playout};
 use voice::voice::{Receiver, Sender};
 
-use crate::output;
-use crate::setup::SetupOutcome;
-
-/// What to measure.
-#[derive(Debug, Clone)]
-pub struct AudioConfig {
-    /// Frame duration, ms.
-    pub frame_ms: u32,
-    /// Packets dropped on receipt, percent.
-    pub loss_pct: f64,
-    /// Uniform extra arrival delay 0..this, ms.
-    pub jitter_ms: f64,
-    /// Length of the measured talk, seconds.
-    pub duration: Duration,
-    /// One chirp every this many ms.
-    pub period_ms: u32,
-    /// Seed of the loss and jitter model.
-    pub seed: u64,
-    /// The jitter buffer's minimum delay, ms.
-    pub min_delay_ms: f64,
-    /// Local IP.
-    pub bind_ip: std::net::IpAddr,
-    /// External manager (default: in-process).
-    pub manager: Option<SocketAddr>,
-    /// UDP IO.
-    pub io: Io,
-    /// Record the run here.
-    pub out: Option<std::path::PathBuf>,
-}
+use crate::error::Error;
+use crate::fleet::{self, Carries, Clients, Fleet, Member, Spec};
+use crate::scenario::{Audio, Output};
+use crate::summary::{self, Summary};
+use crate::target::Target;
 
 /// What the two sides share with the analysis.
 #[derive(Default)]
@@ -105,7 +80,7 @@ struct Listener {
     ts0: Option<u32>,
     pcm: Vec<i16>,
     shared: Arc<Mutex<Shared>>,
-    cfg: AudioConfig,
+    cfg: Audio,
     done: bool,
 }
 
@@ -265,126 +240,111 @@ impl App for Side {
     }
 }
 
-/// Run the measurement.
-pub fn run(cfg: AudioConfig) -> Result<SetupOutcome, String> {
-    voice::codec::check_frame_ms(cfg.frame_ms).map_err(|e| e.to_string())?;
-    if !(0.0..=100.0).contains(&cfg.loss_pct) || !(0.0..=1000.0).contains(&cfg.jitter_ms) {
-        return Err("--loss must be 0..100 and --jitter-ms 0..1000".into());
-    }
-    if cfg.period_ms < 200 {
-        return Err("--period-ms must be at least 200".into());
-    }
-    let (_mgr, manager) = match cfg.manager {
-        Some(m) => (None, m),
-        None => {
-            let m = manager::start(crate::sys::embedded_manager(cfg.bind_ip, 1, cfg.io))
-                .map_err(|e| format!("manager: {e}"))?;
-            let a = m.local_addr();
-            (Some(m), a)
-        }
-    };
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let burst = voice::signal::default_burst();
-    let period = (cfg.period_ms as usize) * 48;
-    let frame = voice::frame_samples(cfg.frame_ms);
-    let frames_total = (cfg.duration.as_secs_f64() * 1000.0 / cfg.frame_ms as f64).ceil() as u64;
-    let tag = engine::entropy::seed() % 1_000_000;
-    let caller_id = ClientId::new(format!("al-talker-{tag}")).unwrap();
-    let callee_id = ClientId::new(format!("al-listener-{tag}")).unwrap();
-    let mk_client = |id: ClientId, udp: &std::net::UdpSocket| {
-        let mut c = ClientConfig::new(id, udp.local_addr().unwrap().port());
-        c.stun_server = Some(manager);
-        c.auth = crate::sys::token_for(&c.id);
-        Client::new(c, engine::entropy::seed())
-    };
-    let udp_t = std::net::UdpSocket::bind((cfg.bind_ip, 0)).map_err(|e| e.to_string())?;
-    let udp_l = std::net::UdpSocket::bind((cfg.bind_ip, 0)).map_err(|e| e.to_string())?;
-    let client_t = mk_client(caller_id, &udp_t);
-    let client_l = mk_client(callee_id.clone(), &udp_l);
-    let sender = Sender::new(cfg.frame_ms, Box::new(voice::signal::Bursts::new(burst.clone(), period, 30)))
-        .map_err(|e| e.to_string())?;
-    let talker = Side::Talker(Box::new(Talker {
-        callee: callee_id,
-        placed: false,
-        sender: Some(sender),
-        handle: None,
-        next: None,
-        hangup_at: None,
-        frame: Duration::from_millis(cfg.frame_ms as u64),
-        frames_total,
-        shared: shared.clone(),
-        done: false,
-    }));
-    let listener = Side::Listener(Box::new(Listener {
-        rx: None,
-        rng: Rng::new(cfg.seed),
-        streams: Streams::new(Instant::now()),
-        ts0: None,
-        pcm: Vec::with_capacity(frame),
-        shared: shared.clone(),
-        cfg: cfg.clone(),
-        done: false,
-    }));
-    let limit = cfg.duration + Duration::from_secs(20);
-    match cfg.io {
-        Io::Portable => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-            rt.block_on(async move {
-                udp_t.set_nonblocking(true).map_err(|e| e.to_string())?;
-                udp_l.set_nonblocking(true).map_err(|e| e.to_string())?;
-                let ut = tokio::net::UdpSocket::from_std(udp_t).map_err(|e| e.to_string())?;
-                let ul = tokio::net::UdpSocket::from_std(udp_l).map_err(|e| e.to_string())?;
-                let (mut ct, mut cl, mut at, mut al) = (client_t, client_l, talker, listener);
-                let listen = driver::run(&mut cl, &ul, manager, &mut al, tokio::time::sleep(limit));
-                let talk = async {
-                    // The listener registers first.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    driver::run(&mut ct, &ut, manager, &mut at, tokio::time::sleep(limit)).await
-                };
-                let (a, b) = tokio::join!(listen, talk);
-                a.map_err(|e| e.to_string())?;
-                b.map_err(|e| e.to_string())?;
-                Ok::<(), String>(())
-            })?;
-        }
-        #[cfg(target_os = "linux")]
-        Io::Uring => {
-            let stop = engine::reactor::Stop::new();
-            let st = stop.clone();
-            let timer = std::thread::spawn(move || {
-                std::thread::sleep(limit);
-                st.stop();
-            });
-            let units = vec![
-                engine::reactor::Unit { client: client_l, udp: udp_l, app: listener, wake: None, connect_at: None },
-                engine::reactor::Unit {
-                    client: client_t,
-                    udp: udp_t,
-                    app: talker,
-                    wake: None,
-                    connect_at: Some(Instant::now() + Duration::from_millis(200)),
-                },
-            ];
-            let done =
-                engine::reactor::run(units, manager, Some(&stop), &Default::default()).map_err(|e| e.to_string())?;
-            for f in done {
-                f.result.map_err(|e| e.to_string())?;
-            }
-            drop(timer);
-        }
-    }
-    let s = std::mem::take(&mut *shared.lock().unwrap());
-    analyse(&cfg, s, &burst, period)
+/// What an `audio-latency` run measured, for its summary.
+pub struct Measured {
+    /// Mouth-to-ear latency of every chirp found, µs.
+    pub m2e: Histogram<u64>,
+    /// Chirps found.
+    pub found: u64,
+    /// Chirps spoken and not found.
+    pub missing: u64,
+    /// Frame end to arrival at the jitter buffer, µs.
+    pub transit: Histogram<u64>,
+    /// Frame end to send, µs.
+    pub send_late: Histogram<u64>,
+    /// The receiver's statistics.
+    pub receiver: voice::voice::ReceiverStats,
+    /// The codec's lookahead, ms.
+    pub lookahead_ms: f64,
+    /// Frames the talker sent.
+    pub frames_sent: u64,
+    /// Packets the impairment model dropped.
+    pub dropped_by_model: u64,
+    /// How the call ended.
+    pub call_end: Option<String>,
 }
 
-fn analyse(cfg: &AudioConfig, s: Shared, burst: &[i16], period: usize) -> Result<SetupOutcome, String> {
+/// Run the measurement.
+pub fn run(a: &Audio, target: &Target, options: &fleet::Options, output: &Output) -> Result<Summary, Error> {
+    let manager = target.connect()?;
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let burst = voice::signal::default_burst();
+    let period = (a.period_ms as usize) * 48;
+    let frames_total = (a.duration.as_secs_f64() * 1000.0 / a.frame_ms as f64).ceil() as u64;
+    let tag = engine::entropy::seed() % 1_000_000;
+    let (talker_id, listener_id) = (format!("al-talker-{tag}"), format!("al-listener-{tag}"));
+    let clients = Clients::new(manager.addr(), target);
+    // Member 0 is the listener, member 1 the talker.
+    let make = {
+        let (shared, burst, a, ip) = (shared.clone(), burst.clone(), a.clone(), options.bind_ip);
+        move |i: usize| {
+            let id = if i == 0 { &listener_id } else { &talker_id };
+            let (udp, client) = clients.make(id, ip, engine::entropy::seed(), Carries::Few)?;
+            let app = if i == 0 {
+                Side::Listener(Box::new(Listener {
+                    rx: None,
+                    rng: Rng::new(a.seed),
+                    streams: Streams::new(Instant::now()),
+                    ts0: None,
+                    pcm: Vec::with_capacity(voice::frame_samples(a.frame_ms)),
+                    shared: shared.clone(),
+                    cfg: a.clone(),
+                    done: false,
+                }))
+            } else {
+                let capture = Box::new(voice::signal::Bursts::new(burst.clone(), period, 30));
+                Side::Talker(Box::new(Talker {
+                    callee: ClientId::new(listener_id.clone()).expect("valid id"),
+                    placed: false,
+                    sender: Some(Sender::new(a.frame_ms, capture)?),
+                    handle: None,
+                    next: None,
+                    hangup_at: None,
+                    frame: Duration::from_millis(a.frame_ms as u64),
+                    frames_total,
+                    shared: shared.clone(),
+                    done: false,
+                }))
+            };
+            Ok(Member { client, udp, app, wake: None })
+        }
+    };
+    let spec = Spec {
+        io: options.io,
+        manager: manager.addr(),
+        threads: 1,
+        #[cfg(target_os = "linux")]
+        ring: Default::default(),
+    };
+    // The listener registers first.
+    let talker_at = Instant::now() + Duration::from_millis(200);
+    let fleet = Fleet::build(&spec, 2, |_| 0, make)?.start(move |i| (i == 1).then_some(talker_at))?;
+    // Both end with the call; at the latest when the talk and a margin are over.
+    let limit = a.duration + Duration::from_secs(20);
+    let stopper = fleet.stopper();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        stopper.stop();
+    });
+    for f in fleet.finish()? {
+        f.result?;
+    }
+    drop(manager);
+    let s = std::mem::take(&mut *shared.lock().unwrap());
+    let measured = analyse(a, s, &burst, period)?;
+    summary::audio::summarize(a, options, output, &measured)
+}
+
+/// Find each chirp in the played audio: its mouth-to-ear latency is where it plays minus
+/// where it was spoken.
+fn analyse(a: &Audio, s: Shared, burst: &[i16], period: usize) -> Result<Measured, Error> {
     let (Some(cap), Some(out0)) = (s.capture_start, s.output_start) else {
-        return Err(format!("the call carried no audio ({})", s.call_end.unwrap_or_else(|| "no call".into())));
+        return Err(Error::NoAudio(s.call_end.unwrap_or_else(|| "no call".into())));
     };
     let mut m2e = hist();
     let mut found = 0u64;
     let mut missing = 0u64;
-    let spoken_samples = s.frames_sent as usize * voice::frame_samples(cfg.frame_ms);
+    let spoken_samples = s.frames_sent as usize * voice::frame_samples(a.frame_ms);
     // Output sample 0 plays this long after capture sample 0.
     let offset_us = out0.saturating_duration_since(cap).as_micros() as i64;
     let mut j = 0usize;
@@ -407,94 +367,18 @@ fn analyse(cfg: &AudioConfig, s: Shared, burst: &[i16], period: usize) -> Result
         }
     }
     if found == 0 {
-        return Err(format!("no chirp was found in the played audio ({missing} sent)"));
+        return Err(Error::NoChirp { sent: missing });
     }
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let transit = s.transit.clone().unwrap_or_else(hist);
-    let send_late = s.send_late.clone().unwrap_or_else(hist);
-    let rx = s.receiver.clone().unwrap_or_default();
-    let lookahead_ms = s.lookahead as f64 / 48.0;
-    let p50 = ms(&m2e, 0.5);
-    // Where the median's milliseconds go: capture of one frame, the codec's lookahead, the
-    // frame's trip to the jitter buffer (sender lateness + network + simulated jitter), and
-    // the rest: time waiting in the buffer for its tick (decode is under 0.1 ms).
-    let buffer_ms = p50 - cfg.frame_ms as f64 - lookahead_ms - ms(&transit, 0.5);
-    let json = serde_json::json!({
-        "scenario": "audio-latency",
-        "frame_ms": cfg.frame_ms,
-        "loss_pct": cfg.loss_pct,
-        "jitter_ms": cfg.jitter_ms,
-        "seed": cfg.seed,
-        "io": cfg.io.as_str(),
-        "samples": found,
-        "missing": missing,
-        "m2e_p50_ms": p50,
-        "m2e_p90_ms": ms(&m2e, 0.9),
-        "m2e_p99_ms": ms(&m2e, 0.99),
-        "m2e_max_ms": m2e.max() as f64 / 1000.0,
-        "m2e_min_ms": m2e.min() as f64 / 1000.0,
-        "breakdown_ms": {
-            "capture_frame": cfg.frame_ms,
-            "codec_lookahead": lookahead_ms,
-            "transit_p50": ms(&transit, 0.5),
-            "sender_late_p50": ms(&send_late, 0.5),
-            "jitter_buffer_and_tick": buffer_ms,
-        },
-        "frames_sent": s.frames_sent,
-        "dropped_by_model": s.dropped_by_model,
-        "played": rx.jitter.played,
-        "concealed": rx.jitter.concealed,
-        "lost": rx.jitter.lost,
-        "late": rx.jitter.late,
-        "expands": rx.jitter.expands,
-        "accelerates": rx.jitter.accelerates,
-        "buffer_target_ms": rx.jitter.target_us as f64 / 1000.0,
-        "buffer_delay_ms": rx.jitter.delay_us as f64 / 1000.0,
-        "decode_errors": rx.decode_errors,
-        "transit_p99_ms": ms(&transit, 0.99),
-        "sender_late_p99_ms": ms(&send_late, 0.99),
-        "call": s.call_end,
-    });
-    let text = format!(
-        "audio-latency: {} ms frames, loss {}%, jitter 0-{} ms, {} io\n\
-         mouth-to-ear: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} chirps found, {} missing)\n\
-         where the median goes: capture {} ms + codec lookahead {:.1} ms + transit {:.1} ms (sender late {:.1}) + jitter buffer and tick {:.1} ms\n\
-         jitter buffer: played {}, concealed {}, lost {}, late {}, expands {}, accelerates {}, target {:.1} ms, delay {:.1} ms\n",
-        cfg.frame_ms,
-        cfg.loss_pct,
-        cfg.jitter_ms,
-        cfg.io.as_str(),
-        p50,
-        ms(&m2e, 0.9),
-        ms(&m2e, 0.99),
-        m2e.max() as f64 / 1000.0,
+    Ok(Measured {
+        m2e,
         found,
         missing,
-        cfg.frame_ms,
-        lookahead_ms,
-        ms(&transit, 0.5),
-        ms(&send_late, 0.5),
-        buffer_ms,
-        rx.jitter.played,
-        rx.jitter.concealed,
-        rx.jitter.lost,
-        rx.jitter.late,
-        rx.jitter.expands,
-        rx.jitter.accelerates,
-        rx.jitter.target_us as f64 / 1000.0,
-        rx.jitter.delay_us as f64 / 1000.0,
-    );
-    if let Some(dir) = &cfg.out {
-        output::write_run(
-            dir,
-            &json,
-            &[("m2e", "mouth-to-ear", &m2e), ("transit", "frame end to jitter buffer", &transit)],
-            &format!(
-                "mouth-to-ear latency, {} ms frames, loss {}%, jitter 0-{} ms",
-                cfg.frame_ms, cfg.loss_pct, cfg.jitter_ms
-            ),
-        )
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    Ok(SetupOutcome { json, text, all_ok: missing * 10 <= found + missing })
+        transit: s.transit.clone().unwrap_or_else(hist),
+        send_late: s.send_late.clone().unwrap_or_else(hist),
+        receiver: s.receiver.clone().unwrap_or_default(),
+        lookahead_ms: s.lookahead as f64 / 48.0,
+        frames_sent: s.frames_sent,
+        dropped_by_model: s.dropped_by_model,
+        call_end: s.call_end,
+    })
 }

@@ -6,14 +6,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn run(args: &[&str]) -> (i32, Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let last = stdout.lines().last().unwrap_or("").to_string();
-    let v: Value = serde_json::from_str(&last).unwrap_or_else(|_| panic!("last line is JSON: {stdout}\n{stderr}"));
-    (out.status.code().unwrap_or(-1), v, stderr)
-}
+mod common;
+
+use common::run;
 
 fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"))

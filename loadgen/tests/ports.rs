@@ -79,6 +79,29 @@ fn register(ns: &Netns, io: &str, extra: &[&str]) -> (i32, Option<Value>, String
     ns.loadgen(&args)
 }
 
+/// 300 calls at 600/s from 300 callers to 300 callees, 0.2 s of media each: 600 clients,
+/// four addresses of 180.
+fn calls(ns: &Netns, io: &str, extra: &[&str]) -> (i32, Option<Value>, String) {
+    let mut args = vec![
+        "setup",
+        "--calls",
+        "300",
+        "--rate",
+        "600",
+        "--talk",
+        "0.2",
+        "--callers",
+        "300",
+        "--callees",
+        "300",
+        "--io",
+        io,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    ns.loadgen(&args)
+}
+
 #[test]
 fn clients_spread_over_loopback_addresses_when_one_address_runs_out_of_ports() {
     let ns = Netns::new("spread");
@@ -119,22 +142,7 @@ fn calls_work_between_clients_on_different_addresses() {
     let ns = Netns::new("calls");
     // 600 clients: four addresses (180 each); callers and callees on all.
     for io in ["uring", "portable"] {
-        let (code, v, out) = ns.loadgen(&[
-            "setup",
-            "--calls",
-            "300",
-            "--rate",
-            "600",
-            "--talk",
-            "0.2",
-            "--callers",
-            "300",
-            "--callees",
-            "300",
-            "--io",
-            io,
-            "--json",
-        ]);
+        let (code, v, out) = calls(&ns, io, &[]);
         let v = v.unwrap_or_else(|| panic!("{io}: no JSON summary: {out}"));
         assert_eq!(code, 0, "{io}: {out}");
         assert_eq!(v["source_ips"], 4, "{io}: {v}");
@@ -151,24 +159,7 @@ fn a_run_right_after_another_waits_for_the_ports_its_predecessor_left_in_time_wa
     let ns = Netns::new("again");
     let _manager = ns.manager();
     for (run, io) in ["uring", "portable", "uring"].into_iter().enumerate() {
-        let (code, v, out) = ns.loadgen(&[
-            "setup",
-            "--manager",
-            "127.0.0.1:7000",
-            "--calls",
-            "300",
-            "--rate",
-            "600",
-            "--talk",
-            "0.2",
-            "--callers",
-            "300",
-            "--callees",
-            "300",
-            "--io",
-            io,
-            "--json",
-        ]);
+        let (code, v, out) = calls(&ns, io, &["--manager", "127.0.0.1:7000"]);
         let v = v.unwrap_or_else(|| panic!("run {run} ({io}): no JSON summary: {out}"));
         assert_eq!(code, 0, "run {run} ({io}): {out}");
         assert_eq!(v["calls_ok"], 300, "run {run} ({io}): {v}");

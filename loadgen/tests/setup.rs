@@ -5,15 +5,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn run(args: &[&str]) -> (i32, Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let last = stdout.lines().last().unwrap_or_default().to_string();
-    let v: Value =
-        serde_json::from_str(&last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}\n{stderr}"));
-    (out.status.code().unwrap_or(-1), v, stderr)
-}
+mod common;
+
+use common::run;
 
 /// The fields every scenario's final JSON line carries (null where they do not apply).
 fn assert_common_fields(v: &Value) {

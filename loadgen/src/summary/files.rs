@@ -10,29 +10,39 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
+use super::metric::Metric;
+use crate::calls::IntervalSample;
+use crate::error::Error;
 use crate::sys;
 
 /// Write the run's files into `dir` (created if needed).
 pub fn write_run(
     dir: &Path,
     summary: &serde_json::Value,
-    metrics: &[(&str, &str, &Histogram<u64>)],
+    metrics: &[(Metric, &Histogram<u64>)],
     title: &str,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
     let args: Vec<String> = std::env::args().collect();
-    std::fs::write(dir.join("command.txt"), format!("{}\n", shell_words(&args)))?;
-    std::fs::write(dir.join("machine.txt"), machine())?;
-    std::fs::write(dir.join("summary.json"), format!("{}\n", serde_json::to_string_pretty(summary)?))?;
+    write_summary(dir, &shell_words(&args), summary)?;
     let start = std::time::SystemTime::now();
-    for (file, label, h) in metrics {
-        std::fs::write(dir.join(format!("{file}.hgrm")), hgrm(h))?;
-        write_hlog(&dir.join(format!("{file}.hlog")), label, h, start)?;
+    for (m, h) in metrics {
+        std::fs::write(dir.join(format!("{}.hgrm", m.stem)), hgrm(h))?;
+        write_hlog(&dir.join(format!("{}.hlog", m.stem)), m.label, h, start)?;
     }
     plot(&dir.join("latency.svg"), metrics, title).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(())
 }
 
+/// Create `dir` and write `command.txt` (`command`), `machine.txt` and `summary.json`.
+pub fn write_summary(dir: &Path, command: &str, summary: &serde_json::Value) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("command.txt"), format!("{command}\n"))?;
+    std::fs::write(dir.join("machine.txt"), machine())?;
+    std::fs::write(dir.join("summary.json"), format!("{}\n", serde_json::to_string_pretty(summary)?))?;
+    Ok(())
+}
+
+/// The command line, quoted for a shell where an argument needs it.
 fn shell_words(args: &[String]) -> String {
     args.iter()
         .map(|a| {
@@ -88,11 +98,10 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 
 /// Percentile curves: x is 1/(1-percentile) on a log axis (50%, 90%, 99%, 99.9%, 99.99%),
 /// y is milliseconds.
-fn plot(path: &Path, metrics: &[(&str, &str, &Histogram<u64>)], title: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn plot(path: &Path, metrics: &[(Metric, &Histogram<u64>)], title: &str) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
-    let ymax =
-        metrics.iter().filter(|(_, _, h)| !h.is_empty()).map(|(_, _, h)| h.max() as f64 / 1000.0).fold(0.1, f64::max);
+    let ymax = metrics.iter().filter(|(_, h)| !h.is_empty()).map(|(_, h)| h.max() as f64 / 1000.0).fold(0.1, f64::max);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
@@ -112,7 +121,7 @@ fn plot(path: &Path, metrics: &[(&str, &str, &Histogram<u64>)], title: &str) -> 
         .x_labels(6)
         .draw()?;
     let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
-    for (i, (_, label, h)) in metrics.iter().enumerate() {
+    for (i, (m, h)) in metrics.iter().enumerate() {
         if h.is_empty() {
             continue;
         }
@@ -129,7 +138,7 @@ fn plot(path: &Path, metrics: &[(&str, &str, &Histogram<u64>)], title: &str) -> 
         let c = colors[i % colors.len()];
         chart
             .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
-            .label(*label)
+            .label(m.label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
     chart
@@ -162,58 +171,34 @@ pub fn write_hlog(path: &Path, label: &str, h: &Histogram<u64>, start: std::time
 
 /// Every histogram in an HdrHistogram log, added together (a log written by
 /// [`write_hlog`] has one).
-pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, String> {
+pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, Error> {
     use base64::Engine as _;
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut total = crate::report::new_histogram();
+    let bad = |reason: String| Error::BadLog { path: path.to_path_buf(), reason };
+    let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let mut total = super::hist::new_histogram();
     let mut de = hdrhistogram::serialization::Deserializer::new();
     for entry in IntervalLogIterator::new(&bytes) {
         match entry {
             Ok(LogEntry::Interval(ilh)) => {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(ilh.encoded_histogram())
-                    .map_err(|e| format!("{}: bad base64: {e}", path.display()))?;
-                let h: Histogram<u64> = de
-                    .deserialize(&mut std::io::Cursor::new(raw))
-                    .map_err(|e| format!("{}: bad histogram: {e:?}", path.display()))?;
-                total.add(&h).map_err(|e| format!("{}: {e:?}", path.display()))?;
+                    .map_err(|e| bad(format!("bad base64: {e}")))?;
+                let h: Histogram<u64> =
+                    de.deserialize(&mut std::io::Cursor::new(raw)).map_err(|e| bad(format!("bad histogram: {e:?}")))?;
+                total.add(&h).map_err(|source| Error::Histogram { what: path.display().to_string(), source })?;
             }
             Ok(_) => {}
-            Err(e) => return Err(format!("{}: bad log line: {e:?}", path.display())),
+            Err(e) => return Err(bad(format!("bad log line: {e:?}"))),
         }
     }
     Ok(total)
 }
 
-/// One interval of a soak run, for the interval files.
-pub struct IntervalRow<'a> {
-    /// End of the interval, seconds from t0.
-    pub t_s: f64,
-    /// Its length, seconds.
-    pub secs: f64,
-    /// Packets delivered per second.
-    pub pps: f64,
-    /// Frames sent and not delivered, over frames sent.
-    pub loss: f64,
-    /// Mean RFC 3550 transit difference, ms.
-    pub jitter_ms: Option<f64>,
-    /// One-way latency p50, p99, max of the packets delivered in the interval, ms.
-    pub latency_ms: [Option<f64>; 3],
-    /// Their histogram, V2 deflate serialized.
-    pub latency_hist: &'a [u8],
-    /// RSS at its end, MiB.
-    pub rss_mb: Option<f64>,
-    /// Open descriptors at its end.
-    pub fds: Option<usize>,
-    /// CPU cores busy.
-    pub cores: f64,
-}
-
 /// `intervals.csv`, `intervals.svg` (delivered packets/s, loss, latency p50 and p99, CPU, RSS
 /// and open descriptors over time) and
 /// `media_latency_intervals.hlog` (one histogram per interval, HdrHistogram log format).
-pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<()> {
+pub fn write_intervals(dir: &Path, rows: &[IntervalSample]) -> std::io::Result<()> {
     let mut csv =
         String::from("t_s,secs,pps,loss,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
@@ -248,7 +233,7 @@ pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<
         let mut de = hdrhistogram::serialization::Deserializer::new();
         for r in rows {
             let h: Histogram<u64> = de
-                .deserialize(&mut std::io::Cursor::new(r.latency_hist))
+                .deserialize(&mut std::io::Cursor::new(&r.latency_hist))
                 .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
             let start = std::time::Duration::from_secs_f64((r.t_s - r.secs).max(0.0));
             w.write_histogram(&h, start, std::time::Duration::from_secs_f64(r.secs), Tag::new("media_latency"))
@@ -264,7 +249,7 @@ pub fn write_intervals(dir: &Path, rows: &[IntervalRow<'_>]) -> std::io::Result<
 struct Line {
     name: &'static str,
     color: RGBColor,
-    value: fn(&IntervalRow<'_>) -> Option<f64>,
+    value: fn(&IntervalSample) -> Option<f64>,
 }
 
 /// One panel of an interval plot.
@@ -295,7 +280,7 @@ const INTERVAL_PANELS: [Panel; 6] = [
     },
 ];
 
-fn plot_intervals(path: &Path, rows: &[IntervalRow<'_>]) -> Result<(), Box<dyn std::error::Error>> {
+fn plot_intervals(path: &Path, rows: &[IntervalSample]) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (900, 1320)).into_drawing_area();
     root.fill(&WHITE)?;
     let areas = root.split_evenly((INTERVAL_PANELS.len(), 1));

@@ -8,19 +8,11 @@ use std::path::{Path, PathBuf};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::output;
-use crate::report;
-
-/// Metrics in report order: file stem and label.
-const METRICS: [(&str, &str); 7] = [
-    ("setup", "setup (plan -> 2-way media)"),
-    ("plan_to_start", "plan -> START"),
-    ("call_to_incoming", "CALL -> INCOMING"),
-    ("incoming_to_start", "INCOMING -> START"),
-    ("start_to_media", "START -> 2-way media"),
-    ("media_latency", "media one-way latency"),
-    ("register", "register (plan -> REGISTERED)"),
-];
+use super::files;
+use super::hist;
+use super::metric::{self, Metric};
+use super::Summary;
+use crate::error::Error;
 
 /// Summary fields that are counts: a merge adds them.
 const COUNTS: [&str; 12] = [
@@ -41,31 +33,29 @@ const COUNTS: [&str; 12] = [
 /// Summary fields that are rates: a merge of runs made at the same time adds them.
 const RATES: [&str; 4] = ["pps_delivered", "achieved_rate", "target_rate", "register_rate"];
 
-fn summary(dir: &Path) -> Result<Value, String> {
-    let p = dir.join("summary.json");
-    let s = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    serde_json::from_str(&s).map_err(|e| format!("{}: {e}", p.display()))
+fn summary(dir: &Path) -> Result<Value, Error> {
+    let path = dir.join("summary.json");
+    let s = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+    serde_json::from_str(&s).map_err(|source| Error::Json { path, source })
 }
 
-/// A recorded metric: its file stem, its label and its histogram.
-type Metric = (&'static str, &'static str, Histogram<u64>);
-
-fn histograms(dir: &Path) -> Result<Vec<Metric>, String> {
+/// The recorded metrics of the run in `dir`, in report order.
+fn histograms(dir: &Path) -> Result<Vec<(Metric, Histogram<u64>)>, Error> {
     let mut out = Vec::new();
-    for (stem, label) in METRICS {
-        let p = dir.join(format!("{stem}.hlog"));
+    for m in metric::RECORDED {
+        let p = dir.join(format!("{}.hlog", m.stem));
         if p.exists() {
-            out.push((stem, label, output::read_hlog(&p)?));
+            out.push((m, files::read_hlog(&p)?));
         }
     }
     Ok(out)
 }
 
-fn table(hs: &[(&str, &str, Histogram<u64>)]) -> String {
-    let mut t = report::header();
-    for (_, label, h) in hs {
+fn table(hs: &[(Metric, Histogram<u64>)]) -> String {
+    let mut t = hist::header();
+    for (m, h) in hs {
         t.push('\n');
-        t.push_str(&report::line(label, h));
+        t.push_str(&hist::line(m.label, h));
     }
     t
 }
@@ -79,14 +69,11 @@ fn field(v: &Value, k: &str) -> String {
 }
 
 /// The text of `loadgen report DIR`.
-pub fn report(dir: &Path) -> Result<(Value, String), String> {
+pub fn report(dir: &Path) -> Result<Summary, Error> {
     let v = summary(dir)?;
     let hs = histograms(dir)?;
     if hs.is_empty() {
-        return Err(format!(
-            "{}: no .hlog files (runs recorded before they were written cannot be re-read)",
-            dir.display()
-        ));
+        return Err(Error::NoHistograms(dir.to_path_buf()));
     }
     let mut text = format!("{}: scenario {}, io {}\n", dir.display(), field(&v, "scenario"), field(&v, "io"));
     if let Ok(cmd) = std::fs::read_to_string(dir.join("command.txt")) {
@@ -113,42 +100,42 @@ pub fn report(dir: &Path) -> Result<(Value, String), String> {
     text.push('\n');
     text.push_str(&table(&hs));
     text.push('\n');
-    Ok((v, text))
+    Ok(Summary { json: v, text, all_ok: true })
 }
 
 /// Merge `runs` into `out`: counts and rates added, histograms added, percentiles
 /// recomputed from the merged histograms.
-pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
+pub fn merge(runs: &[PathBuf], out: &Path) -> Result<Summary, Error> {
     if runs.len() < 2 {
-        return Err("merge needs at least two runs".into());
+        return Err(Error::MergeTooFew);
     }
     let summaries: Vec<Value> = runs.iter().map(|d| summary(d)).collect::<Result<_, _>>()?;
     let scenario = summaries[0]["scenario"].clone();
-    if let Some((d, _)) = runs.iter().zip(&summaries).find(|(_, s)| s["scenario"] != scenario) {
-        return Err(format!(
-            "{} is a {} run, the first is a {scenario} run: merge runs of one scenario",
-            d.display(),
-            field(&summaries[0], "scenario")
-        ));
+    if let Some((d, s)) = runs.iter().zip(&summaries).find(|(_, s)| s["scenario"] != scenario) {
+        return Err(Error::MergeMixed {
+            dir: d.clone(),
+            scenario: field(s, "scenario"),
+            first: field(&summaries[0], "scenario"),
+        });
     }
     // Histograms present in every run, added.
-    let mut merged: Vec<(&'static str, &'static str, Histogram<u64>)> = Vec::new();
+    let mut merged: Vec<(Metric, Histogram<u64>)> = Vec::new();
     let per_run: Vec<_> = runs.iter().map(|d| histograms(d)).collect::<Result<_, _>>()?;
-    for (stem, label) in METRICS {
-        let mut total = report::new_histogram();
+    for m in metric::RECORDED {
+        let mut total = hist::new_histogram();
         let mut everywhere = true;
         for hs in &per_run {
-            match hs.iter().find(|(s, _, _)| *s == stem) {
-                Some((_, _, h)) => total.add(h).map_err(|e| format!("{stem}: {e:?}"))?,
+            match hs.iter().find(|(s, _)| *s == m) {
+                Some((_, h)) => total.add(h).map_err(|source| Error::Histogram { what: m.stem.into(), source })?,
                 None => everywhere = false,
             }
         }
         if everywhere {
-            merged.push((stem, label, total));
+            merged.push((m, total));
         }
     }
     if merged.is_empty() {
-        return Err("the runs share no .hlog metric".into());
+        return Err(Error::MergeNothingShared);
     }
     let mut v = json!({ "scenario": scenario, "merged_from": runs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>() });
     for k in COUNTS.iter().chain(RATES.iter()) {
@@ -170,23 +157,23 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
         }
     }
     v["loss_ratio"] = if delivered + lost > 0.0 { json!(lost / (delivered + lost)) } else { Value::Null };
-    let get = |stem: &str| merged.iter().find(|(s, _, _)| *s == stem).map(|(_, _, h)| h);
-    let q = |stem: &str, p: f64| report::num(get(stem).and_then(|h| report::ms_at(h, p)));
-    let mx = |stem: &str| report::num(get(stem).and_then(report::max_ms));
-    v["setup_p50_ms"] = q("setup", 0.5);
-    v["setup_p90_ms"] = q("setup", 0.9);
-    v["setup_p99_ms"] = q("setup", 0.99);
-    v["setup_p999_ms"] = q("setup", 0.999);
-    v["setup_max_ms"] = mx("setup");
-    v["start_p99_ms"] = q("plan_to_start", 0.99);
-    v["latency_p50_ms"] = q("media_latency", 0.5);
-    v["latency_p99_ms"] = q("media_latency", 0.99);
-    v["register_p50_ms"] = q("register", 0.5);
-    v["register_p99_ms"] = q("register", 0.99);
-    v["register_max_ms"] = mx("register");
-    let metrics: Vec<(&str, &str, &Histogram<u64>)> = merged.iter().map(|(s, l, h)| (*s, *l, h)).collect();
+    let get = |m: Metric| merged.iter().find(|(s, _)| *s == m).map(|(_, h)| h);
+    let q = |m: Metric, p: f64| hist::num(get(m).and_then(|h| hist::ms_at(h, p)));
+    let mx = |m: Metric| hist::num(get(m).and_then(hist::max_ms));
+    v["setup_p50_ms"] = q(metric::SETUP, 0.5);
+    v["setup_p90_ms"] = q(metric::SETUP, 0.9);
+    v["setup_p99_ms"] = q(metric::SETUP, 0.99);
+    v["setup_p999_ms"] = q(metric::SETUP, 0.999);
+    v["setup_max_ms"] = mx(metric::SETUP);
+    v["start_p99_ms"] = q(metric::PLAN_TO_START, 0.99);
+    v["latency_p50_ms"] = q(metric::MEDIA_LATENCY, 0.5);
+    v["latency_p99_ms"] = q(metric::MEDIA_LATENCY, 0.99);
+    v["register_p50_ms"] = q(metric::REGISTER, 0.5);
+    v["register_p99_ms"] = q(metric::REGISTER, 0.99);
+    v["register_max_ms"] = mx(metric::REGISTER);
+    let metrics: Vec<(Metric, &Histogram<u64>)> = merged.iter().map(|(m, h)| (*m, h)).collect();
     let title = format!("{} runs merged", runs.len());
-    output::write_run(out, &v, &metrics, &title).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    files::write_run(out, &v, &metrics, &title).map_err(Error::write(out))?;
     // The machines of the sources, not of the merging one.
     let machines: String = runs
         .iter()
@@ -198,7 +185,7 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
             )
         })
         .collect();
-    std::fs::write(out.join("machine.txt"), machines).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("machine.txt"), machines).map_err(Error::write(out.join("machine.txt")))?;
     let text = format!(
         "merged {} {} runs into {}: {}\n{}\n",
         runs.len(),
@@ -212,5 +199,5 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<(Value, String), String> {
             .join(", "),
         table(&merged)
     );
-    Ok((v, text))
+    Ok(Summary { json: v, text, all_ok: true })
 }

@@ -1,0 +1,639 @@
+//! The command line: subcommands, flags, defaults and help text, and their conversion into
+//! a checked [`Run`] (a scenario, its target, how its clients run, what it writes) or a
+//! command on recorded runs.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+use crate::error::Error;
+use crate::fleet;
+use crate::scenario::{Attack, Audio, CallLoad, Hostile, Output, Register, Run, Scenario, Sessions, Soak, Window};
+use crate::target::{Embedded, External, Limits, Target};
+
+/// nullpunch load generator.
+///
+/// Drives many simulated clients (real client state machines, real sockets on loopback)
+/// against a manager started in-process (the default) or an external one, and reports call
+/// setup times as HdrHistogram percentiles measured from each call's planned start.
+///
+/// With no subcommand it runs a short demo: `setup` with its defaults (300 calls at 100/s,
+/// each with 1 s of media both ways).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Open-loop call setup at a target rate: the full flow per call, latency from the
+    /// planned start, failures counted by cause.
+    Setup(SetupArgs),
+    /// S concurrent two-way sessions at 50 packets/s each way, held for a measured
+    /// steady-state window: delivered packets/s, loss, one-way latency, CPU and RSS.
+    Sessions(SessionsArgs),
+    /// C clients connect (ramped), discover their address, register, and hold their
+    /// connections: registration rate and latency, whether they all hold, memory and file
+    /// descriptors per client.
+    Register(RegisterArgs),
+    /// S concurrent two-way sessions held for a long time (optionally churned), sampled at
+    /// intervals: delivered packets/s, loss, jitter, one-way latency, RSS, descriptors, CPU.
+    /// Fails if RSS or descriptors grow after the warm-up.
+    Soak(SoakArgs),
+    /// Mouth-to-ear latency of a voice call, both ends in this process on one clock: a
+    /// chirp injected into the caller's captured audio at known times is found by
+    /// cross-correlation in the callee's played-out audio (capture frame + encode + network
+    /// + jitter buffer + decode), with optional seeded loss and jitter.
+    AudioLatency(AudioArgs),
+    /// The same `setup` run twice against one in-process manager with production limits:
+    /// clean, then while other connections attack it (random bytes, oversized length
+    /// prefixes, half frames held open, thousands of idle connections, REGISTER floods).
+    /// Reports both runs, the p99 ratio, the attack and the manager's answers, and memory.
+    /// Fails if a legitimate call fails or p99 more than doubles.
+    Hostile(HostileArgs),
+    /// Re-print a recorded run (a directory written with --out) from its files.
+    Report {
+        /// The run's directory.
+        dir: std::path::PathBuf,
+        /// Print its summary JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge recorded runs of one scenario (for example from several generator machines
+    /// driving one system at the same time): counts and rates are added, histograms are
+    /// added, and percentiles are computed from the merged histograms, never averaged.
+    Merge {
+        /// Where to write the merged run.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// The runs' directories (two or more).
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<std::path::PathBuf>,
+        /// Print only the merged summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options every scenario takes.
+#[derive(ClapArgs, Debug, Clone)]
+struct Common {
+    /// External manager HOST:PORT (default: start one in-process on loopback).
+    #[arg(long)]
+    manager: Option<String>,
+    /// Local IP for the simulated clients (and the embedded manager).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: IpAddr,
+    /// Spread the simulated clients over this many consecutive loopback addresses from
+    /// --bind-ip (0: one, or as many as needed when one address runs out of ephemeral
+    /// ports; see docs/running.md).
+    #[arg(long, default_value_t = 0)]
+    source_ips: usize,
+    /// Generator threads (0: one per core): io_uring ring threads, or tokio workers.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// UDP IO of the simulated clients: uring (the thread-per-core io_uring driver),
+    /// portable (tokio + quinn-udp), or auto (uring where it can be set up, else portable;
+    /// the NULLPUNCH_IO environment variable overrides auto).
+    #[arg(long, default_value = "auto")]
+    io: String,
+    /// Print only the summary as one JSON object (last line of stdout).
+    #[arg(long)]
+    json: bool,
+    /// Write command.txt, machine.txt, summary.json, per metric an .hgrm percentile table
+    /// and an .hlog histogram log, and plots (SVG) into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
+    /// The manager's secret file: every simulated client registers with a token minted
+    /// from it (an external manager started with the same --secret-file), and an embedded
+    /// manager requires tokens.
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<std::path::PathBuf>,
+    /// Serve live Prometheus metrics on http://ADDR/metrics while the run lasts (setup,
+    /// sessions and soak): the generator's calls, setup times and packets, and the embedded
+    /// manager's metrics. The address is printed on stderr.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct HostileArgs {
+    /// The legitimate load (`setup` options; defaults: 500 calls/s for 10 s, talk 0).
+    #[command(flatten)]
+    setup: SetupArgs,
+    /// Idle connections held during the attack.
+    #[arg(long, default_value_t = 2000)]
+    idle: usize,
+    /// Half-frame connections held during the attack.
+    #[arg(long, default_value_t = 500)]
+    half: usize,
+    /// New attacking connections per second of each kind (random bytes, oversized prefix,
+    /// REGISTER flood).
+    #[arg(long, default_value_t = 50.0)]
+    churn_rate: f64,
+    /// With --manager: the external manager's pid, for its memory.
+    #[arg(long, requires = "manager_metrics")]
+    manager_pid: Option<u32>,
+    /// With --manager: its metrics URL (`manager --metrics`), for its counters.
+    #[arg(long, value_name = "URL", requires = "manager_pid")]
+    manager_metrics: Option<String>,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct AudioArgs {
+    /// Opus frame duration, ms: 10, 20, 40 or 60.
+    #[arg(long, default_value_t = 20)]
+    frame_ms: u32,
+    /// Packets lost, percent (seeded Bernoulli model applied on receipt).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Extra arrival delay, uniform 0..this many ms per packet (seeded; packets may reorder).
+    #[arg(long, default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Seconds of talk.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// One chirp every this many ms (latencies up to this less 40 ms can be told apart).
+    #[arg(long, default_value_t = 500)]
+    period_ms: u32,
+    /// Seed of the loss and jitter model.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The jitter buffer's minimum delay, ms.
+    #[arg(long, default_value_t = 5.0)]
+    jitter_min_ms: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// The io_uring driver's timer tick.
+#[derive(ClapArgs, Debug, Clone)]
+struct Tick {
+    /// Timer tick of the io_uring driver in microseconds: media frames due within a tick
+    /// leave in one submission (each up to a tick late), and a batched receive wait lasts
+    /// at most a tick.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=20_000))]
+    tick_us: u64,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct SoakArgs {
+    /// Concurrent sessions, each two-way at 50 packets/s.
+    #[arg(long, default_value_t = 1000)]
+    sessions: u64,
+    /// Seconds of steady state (after the ramp).
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// Seconds per sample.
+    #[arg(long, default_value_t = 10.0)]
+    interval: f64,
+    /// Calls ended and replaced per second (0: the same sessions throughout). Each call then
+    /// lasts sessions / churn seconds, so `sessions` stay up.
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
+    /// Sessions set up per second while ramping up (without churn).
+    #[arg(long, default_value_t = 1000.0)]
+    ramp: f64,
+    /// Seconds from the start not used for the growth check (default: the ramp plus one
+    /// interval).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Simulated clients on each side (0: two per core).
+    #[arg(long, default_value_t = 0)]
+    clients: usize,
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    tick: Tick,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct RegisterArgs {
+    /// Clients to register.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Connects started per second (ramp).
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Seconds to hold every registration once all are in.
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+    /// With an external manager: its process id, to report its memory per registration
+    /// (RSS before and after, from /proc).
+    #[arg(long, requires = "manager")]
+    manager_pid: Option<u32>,
+    /// Client ids are PREFIX0, PREFIX1, ...: several generator processes against one
+    /// manager (each with its own descriptor limit) need distinct prefixes.
+    #[arg(long, default_value = "reg-")]
+    id_prefix: String,
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct SessionsArgs {
+    /// Concurrent sessions (calls), each two-way at 50 packets/s.
+    #[arg(long, default_value_t = 1000)]
+    sessions: u64,
+    /// Seconds of steady state to measure, once every session is up.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Simulated clients on each side; their sessions share each client's one UDP socket
+    /// (0: two per core, so no single task carries too large a share).
+    #[arg(long, default_value_t = 0)]
+    clients: usize,
+    /// One socket (and one client, with its own TCP connection) per session on each side,
+    /// instead of sessions sharing their client's socket: for tests that need a distinct
+    /// port per session. Same as --clients equal to --sessions.
+    #[arg(long, conflicts_with = "clients")]
+    socket_per_session: bool,
+    /// Sessions set up per second while ramping up.
+    #[arg(long, default_value_t = 1000.0)]
+    ramp: f64,
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Hold the sessions without media, by keepalives alone (measures memory per session).
+    #[arg(long)]
+    idle: bool,
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    tick: Tick,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct SetupArgs {
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Call arrivals per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Number of calls (ignored when --duration is given).
+    #[arg(long, default_value_t = 300)]
+    calls: u64,
+    /// Run for this many seconds of arrivals instead of a call count (calls = rate x duration).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds of media per call before the caller hangs up.
+    #[arg(long, default_value_t = 1.0)]
+    talk: f64,
+    /// Simulated callers.
+    #[arg(long, default_value_t = 50)]
+    callers: usize,
+    /// Simulated callees (each answers any number of calls at once).
+    #[arg(long, default_value_t = 50)]
+    callees: usize,
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    tick: Tick,
+}
+
+impl Default for SetupArgs {
+    fn default() -> Self {
+        SetupArgs::parse_from(["setup"])
+    }
+}
+
+impl SetupArgs {
+    fn parse_from<I: IntoIterator<Item = &'static str>>(args: I) -> Self {
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            a: SetupArgs,
+        }
+        W::parse_from(args).a
+    }
+}
+
+/// What the command line asks for.
+pub enum Command {
+    /// Run a scenario.
+    Run(Box<Run>),
+    /// Re-print a recorded run.
+    Report {
+        /// The run's directory.
+        dir: PathBuf,
+        /// Print its summary JSON instead.
+        json: bool,
+    },
+    /// Merge recorded runs into `out`.
+    Merge {
+        /// Where to write the merged run.
+        out: PathBuf,
+        /// The runs' directories.
+        runs: Vec<PathBuf>,
+        /// Print only the merged summary as one JSON object.
+        json: bool,
+    },
+}
+
+impl Cli {
+    /// The command, its flags checked: the secret file is read first, then each scenario's
+    /// flags in the order they are reported.
+    pub fn command(self) -> Result<Command, Error> {
+        let secret = match self.secret_file() {
+            Some(p) => Some(Arc::new(engine::sys::read_secret(&p).map_err(Error::SecretFile)?)),
+            None => None,
+        };
+        let run = match self.cmd {
+            None => setup(SetupArgs::default(), secret)?,
+            Some(Cmd::Setup(a)) => setup(a, secret)?,
+            Some(Cmd::Sessions(a)) => sessions(a, secret)?,
+            Some(Cmd::Register(a)) => register(a, secret)?,
+            Some(Cmd::Soak(a)) => soak(a, secret)?,
+            Some(Cmd::AudioLatency(a)) => audio(a, secret)?,
+            Some(Cmd::Hostile(a)) => hostile(a, secret)?,
+            Some(Cmd::Report { dir, json }) => return Ok(Command::Report { dir, json }),
+            Some(Cmd::Merge { out, runs, json }) => return Ok(Command::Merge { out, runs, json }),
+        };
+        Ok(Command::Run(Box::new(run)))
+    }
+
+    /// The --secret-file of whichever scenario was chosen.
+    fn secret_file(&self) -> Option<PathBuf> {
+        match &self.cmd {
+            Some(Cmd::Setup(a)) => a.common.secret_file.clone(),
+            Some(Cmd::Sessions(a)) => a.common.secret_file.clone(),
+            Some(Cmd::Register(a)) => a.common.secret_file.clone(),
+            Some(Cmd::Soak(a)) => a.common.secret_file.clone(),
+            Some(Cmd::AudioLatency(a)) => a.common.secret_file.clone(),
+            Some(Cmd::Hostile(a)) => a.setup.common.secret_file.clone(),
+            _ => None,
+        }
+    }
+}
+
+type Secret = Option<Arc<proto::auth::Secret>>;
+
+impl Common {
+    /// How the clients run, on `io` (already chosen: its errors come in each scenario's
+    /// order).
+    fn fleet(&self, io: engine::driver::Io, tick: Option<&Tick>) -> fleet::Options {
+        fleet::Options {
+            io,
+            bind_ip: self.bind_ip,
+            source_ips: self.source_ips,
+            threads: self.threads,
+            tick: Duration::from_micros(tick.map_or(250, |t| t.tick_us)),
+        }
+    }
+
+    /// What the run prints and writes; a live progress line only on a terminal, and not
+    /// with --json.
+    fn output(&self) -> Output {
+        Output {
+            json: self.json,
+            dir: self.out.clone(),
+            progress: !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            metrics: self.metrics,
+        }
+    }
+
+    /// The manager: --manager, else one embedded with `shards` shards on the clients' IP
+    /// and IO.
+    fn target(
+        &self,
+        external: Option<External>,
+        shards: usize,
+        io: engine::driver::Io,
+        limits: Limits,
+        secret: Secret,
+    ) -> Target {
+        Target::new(external, Embedded { ip: self.bind_ip, shards, io, limits }, secret)
+    }
+}
+
+/// An external manager at `addr`, without pid or metrics URL.
+fn external(addr: Option<SocketAddr>) -> Option<External> {
+    addr.map(|addr| External { addr, pid: None, metrics_url: None })
+}
+
+/// The `setup` load, checked: rate, callers and callees positive, at most one caller per
+/// call; with the manager address and the IO.
+fn setup_load(args: &SetupArgs) -> Result<(CallLoad, Option<SocketAddr>, engine::driver::Io), Error> {
+    if !positive(args.rate) || args.callers == 0 || args.callees == 0 {
+        return Err(Error::Usage("--rate, --callers and --callees must be positive"));
+    }
+    let manager = resolve(&args.common.manager)?;
+    let calls = match args.duration {
+        Some(d) => (d * args.rate).round() as u64,
+        None => args.calls,
+    };
+    if (args.callers as u64) > calls {
+        // A caller with no call would end before the run starts.
+        return Err(Error::CallersExceedCalls { callers: args.callers, calls });
+    }
+    let io = choose_io(&args.common.io)?;
+    let load = CallLoad {
+        rate: args.rate,
+        calls,
+        talk: Duration::from_secs_f64(args.talk),
+        callers: args.callers,
+        callees: args.callees,
+    };
+    Ok((load, manager, io))
+}
+
+fn setup(a: SetupArgs, secret: Secret) -> Result<Run, Error> {
+    let (load, manager, io) = setup_load(&a)?;
+    Ok(Run {
+        scenario: Scenario::Setup(load),
+        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
+        fleet: a.common.fleet(io, Some(&a.tick)),
+        output: a.common.output(),
+    })
+}
+
+fn hostile(h: HostileArgs, secret: Secret) -> Result<Run, Error> {
+    let mut args = h.setup;
+    // Defaults of this scenario where the user left setup's.
+    let given = |flag: &str| std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if !given("--rate") {
+        args.rate = 500.0;
+    }
+    if !given("--duration") && !given("--calls") {
+        args.duration = Some(10.0);
+    }
+    if !given("--talk") {
+        args.talk = 0.0;
+    }
+    let (load, manager, io) = setup_load(&args)?;
+    let external = match (manager, h.manager_pid, h.manager_metrics) {
+        (None, None, None) => None,
+        (Some(addr), Some(pid), Some(url)) => Some(External { addr, pid: Some(pid), metrics_url: Some(url) }),
+        _ => return Err(Error::IncompleteExternalManager),
+    };
+    let attack = Attack { idle: h.idle, half: h.half, churn_rate: h.churn_rate };
+    let mut output = args.common.output();
+    // The two setup runs show no progress line: the attack's threads write nothing either.
+    output.progress = false;
+    Ok(Run {
+        scenario: Scenario::Hostile(Hostile { load, attack }),
+        target: args.common.target(external, args.shards, io, Limits::Production, secret),
+        fleet: args.common.fleet(io, Some(&args.tick)),
+        output,
+    })
+}
+
+fn choose_io(s: &str) -> Result<engine::driver::Io, Error> {
+    engine::driver::Io::choose(s).map_err(Error::IoChoice)
+}
+
+fn resolve(m: &Option<String>) -> Result<Option<SocketAddr>, Error> {
+    match m {
+        None => Ok(None),
+        Some(m) => match m.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            Some(a) => Ok(Some(a)),
+            None => Err(Error::Resolve(m.clone())),
+        },
+    }
+}
+
+fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
+    let clients = match (a.socket_per_session, a.clients) {
+        (true, _) => a.sessions as usize,
+        (false, 0) => 2 * crate::sys::cores(),
+        (false, n) => n,
+    };
+    if a.sessions == 0 || !positive(a.ramp) || !positive(a.duration) {
+        return Err(Error::Usage("--sessions, --ramp and --duration must be positive"));
+    }
+    let manager = resolve(&a.common.manager)?;
+    // Calls ramp up over S / ramp seconds; each lasts that long plus the window plus a
+    // margin, so all S sessions overlap during the window.
+    let ramp_s = a.sessions as f64 / a.ramp;
+    let settle = 1.0;
+    let load = CallLoad {
+        rate: a.ramp,
+        calls: a.sessions,
+        talk: Duration::from_secs_f64(ramp_s + settle + a.duration + settle),
+        callers: clients,
+        callees: clients,
+    };
+    let window = Window { offset: Duration::from_secs_f64(ramp_s + settle), len: Duration::from_secs_f64(a.duration) };
+    let io = choose_io(&a.common.io)?;
+    Ok(Run {
+        scenario: Scenario::Sessions(Sessions { load, window, idle: a.idle }),
+        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
+        fleet: a.common.fleet(io, Some(&a.tick)),
+        output: a.common.output(),
+    })
+}
+
+fn register(a: RegisterArgs, secret: Secret) -> Result<Run, Error> {
+    if a.clients == 0 || !positive(a.rate) || !at_least(a.hold, 0.0) || a.hold > 86_400.0 {
+        return Err(Error::Usage("--clients and --rate must be positive, --hold 0 to 86400"));
+    }
+    let manager = resolve(&a.common.manager)?;
+    let io = choose_io(&a.common.io)?;
+    let external = manager.map(|addr| External { addr, pid: a.manager_pid, metrics_url: None });
+    let scenario = Register {
+        clients: a.clients,
+        rate: a.rate,
+        hold: Duration::from_secs_f64(a.hold),
+        id_prefix: a.id_prefix.clone(),
+    };
+    Ok(Run {
+        scenario: Scenario::Register(scenario),
+        target: a.common.target(external, a.shards, io, Limits::Off, secret),
+        fleet: a.common.fleet(io, None),
+        output: a.common.output(),
+    })
+}
+
+fn audio(a: AudioArgs, secret: Secret) -> Result<Run, Error> {
+    if !(a.duration > 0.0 && a.duration <= 86_400.0) {
+        return Err(Error::Usage("--duration must be within 0..86400 s"));
+    }
+    let manager = resolve(&a.common.manager)?;
+    let io = choose_io(&a.common.io)?;
+    voice::codec::check_frame_ms(a.frame_ms)?;
+    if !(0.0..=100.0).contains(&a.loss) || !(0.0..=1000.0).contains(&a.jitter_ms) {
+        return Err(Error::Usage("--loss must be 0..100 and --jitter-ms 0..1000"));
+    }
+    if a.period_ms < 200 {
+        return Err(Error::Usage("--period-ms must be at least 200"));
+    }
+    let scenario = Audio {
+        frame_ms: a.frame_ms,
+        loss_pct: a.loss,
+        jitter_ms: a.jitter_ms,
+        duration: Duration::from_secs_f64(a.duration),
+        period_ms: a.period_ms,
+        seed: a.seed,
+        min_delay_ms: a.jitter_min_ms,
+    };
+    Ok(Run {
+        scenario: Scenario::AudioLatency(scenario),
+        // One shard: a call between two clients.
+        target: a.common.target(external(manager), 1, io, Limits::Off, secret),
+        fleet: a.common.fleet(io, None),
+        output: a.common.output(),
+    })
+}
+
+fn soak(a: SoakArgs, secret: Secret) -> Result<Run, Error> {
+    if a.sessions == 0
+        || !positive(a.ramp)
+        || !positive(a.duration)
+        || a.duration > 86_400.0
+        || !at_least(a.interval, 1.0)
+        || !at_least(a.churn, 0.0)
+    {
+        return Err(Error::Usage(
+            "--sessions, --ramp and --duration (up to 86400) must be positive, --interval at least 1, --churn not negative",
+        ));
+    }
+    let manager = resolve(&a.common.manager)?;
+    let clients = if a.clients == 0 { 2 * crate::sys::cores() } else { a.clients };
+    // Without churn: S sessions ramped in, held through the steady state. With churn R:
+    // arrivals at R/s, each call lasting S / R s, so S are up once the first have ended.
+    let (rate, calls, talk, ramp_s) = if a.churn > 0.0 {
+        let life = a.sessions as f64 / a.churn;
+        (a.churn, (a.churn * (life + a.duration)).round() as u64, life, life)
+    } else {
+        let ramp_s = a.sessions as f64 / a.ramp;
+        (a.ramp, a.sessions, ramp_s + 1.0 + a.duration + 1.0, ramp_s + 1.0)
+    };
+    let warmup = a.warmup.unwrap_or(ramp_s + a.interval);
+    let load = CallLoad { rate, calls, talk: Duration::from_secs_f64(talk), callers: clients, callees: clients };
+    let window = Window { offset: Duration::from_secs_f64(ramp_s), len: Duration::from_secs_f64(a.duration) };
+    let io = choose_io(&a.common.io)?;
+    let scenario = Soak {
+        load,
+        window,
+        interval: Duration::from_secs_f64(a.interval),
+        warmup: Duration::from_secs_f64(warmup),
+        churn: a.churn,
+    };
+    Ok(Run {
+        scenario: Scenario::Soak(scenario),
+        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
+        fleet: a.common.fleet(io, Some(&a.tick)),
+        output: a.common.output(),
+    })
+}
+
+/// `x > 0`, false for NaN (so `!positive(x)` also refuses NaN).
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
+/// `x >= min`, false for NaN.
+fn at_least(x: f64, min: f64) -> bool {
+    x >= min
+}

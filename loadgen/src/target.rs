@@ -1,0 +1,232 @@
+//! What a run points at, resolved once from the command line: the manager (one to start in
+//! this process, with its configuration, or an external one at an address, with its pid
+//! and metrics URL when given) and the secret its clients mint registration tokens from.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use proto::auth::Secret;
+use proto::wire::frame::{AuthToken, ClientId};
+
+use crate::error::Error;
+use crate::sys;
+
+/// The manager a run's clients register with, and their credentials.
+#[derive(Clone)]
+pub struct Target {
+    /// The manager.
+    pub manager: Manager,
+    /// The manager's secret (`--secret-file`): every client registers with a token minted
+    /// from it, and an embedded manager requires tokens.
+    pub secret: Option<Arc<Secret>>,
+}
+
+/// Where the manager is.
+#[derive(Clone)]
+pub enum Manager {
+    /// Start one in this process, with this configuration.
+    Embedded(Box<manager::ManagerConfig>),
+    /// One that runs elsewhere.
+    External(External),
+}
+
+/// A manager that runs elsewhere (`--manager`).
+#[derive(Debug, Clone)]
+pub struct External {
+    /// Its TCP and UDP address.
+    pub addr: SocketAddr,
+    /// Its process id, to read its memory from /proc (`--manager-pid`).
+    pub pid: Option<u32>,
+    /// Its metrics URL (`manager --metrics`), to read its counters (`--manager-metrics`).
+    pub metrics_url: Option<String>,
+}
+
+/// How an embedded manager is configured beyond its address, shards and IO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limits {
+    /// No limits: every simulated client shares one source address, so no per-source STUN
+    /// limit either.
+    Off,
+    /// The `manager` binary's limits where they apply to a generator's clients (frames per
+    /// second per connection, connections), for `hostile`.
+    Production,
+}
+
+/// The embedded manager's settings taken from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Embedded {
+    /// Its address (port 0): the clients' `--bind-ip`.
+    pub ip: std::net::IpAddr,
+    /// Shard threads (0: one per core).
+    pub shards: usize,
+    /// Its IO: the generator's own (`--io portable` makes the whole run portable).
+    pub io: engine::driver::Io,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+impl Target {
+    /// The target: an external manager at `external`, else one embedded as `embedded` says.
+    pub fn new(external: Option<External>, embedded: Embedded, secret: Option<Arc<Secret>>) -> Target {
+        let manager = match external {
+            Some(e) => Manager::External(e),
+            None => Manager::Embedded(Box::new(embedded_config(embedded, secret.clone()))),
+        };
+        Target { manager, secret }
+    }
+
+    /// The same credentials against a manager already running at `addr` (started by another
+    /// step of this run), as an external one.
+    pub fn running_at(&self, addr: SocketAddr) -> Target {
+        Target {
+            manager: Manager::External(External { addr, pid: None, metrics_url: None }),
+            secret: self.secret.clone(),
+        }
+    }
+
+    /// The external manager, if it is one.
+    pub fn external(&self) -> Option<&External> {
+        match &self.manager {
+            Manager::External(e) => Some(e),
+            Manager::Embedded(_) => None,
+        }
+    }
+
+    /// The external manager's RSS in MiB, read from /proc (when its pid was given).
+    pub fn external_rss_mb(&self) -> Option<f64> {
+        self.external()?.pid.and_then(sys::rss_of)
+    }
+
+    /// Start the embedded manager, or take the external one's address.
+    pub fn connect(&self) -> Result<Connected, Error> {
+        match &self.manager {
+            Manager::Embedded(cfg) => {
+                let m = manager::start((**cfg).clone()).map_err(Error::ManagerStart)?;
+                Ok(Connected { addr: m.local_addr(), embedded: Some(m), external: None })
+            }
+            Manager::External(e) => Ok(Connected { addr: e.addr, embedded: None, external: Some(e.clone()) }),
+        }
+    }
+}
+
+/// A day-long registration token for `id` from `secret`.
+pub fn token_for(secret: Option<&Secret>, id: &ClientId) -> Option<AuthToken> {
+    secret.map(|s| s.mint(id, engine::sys::unix_now() + 86_400))
+}
+
+/// The configuration of an embedded manager: on `ip` (port 0), tokens required if a secret
+/// was given, the STUN rate limit off (the clients share few addresses), and the limits
+/// asked for.
+fn embedded_config(e: Embedded, secret: Option<Arc<Secret>>) -> manager::ManagerConfig {
+    let mut cfg = manager::ManagerConfig {
+        listen: SocketAddr::new(e.ip, 0),
+        shards: e.shards,
+        io: e.io,
+        stun_rate: 0.0,
+        shard: proto::shard::ShardConfig { secret, ..Default::default() },
+        ..Default::default()
+    };
+    if e.limits == Limits::Production {
+        cfg.shard.frames_per_sec = 500.0;
+        cfg.max_connections = 100_000;
+    }
+    cfg
+}
+
+/// The manager of a run, reachable: the embedded one running in this process, or the
+/// external one's address. Dropping it stops an embedded manager.
+pub struct Connected {
+    addr: SocketAddr,
+    embedded: Option<manager::ManagerHandle>,
+    external: Option<External>,
+}
+
+impl Connected {
+    /// The manager's TCP and UDP address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The embedded manager's counters (None for an external one).
+    pub fn stats(&self) -> Option<&Arc<proto::shard::stats::Stats>> {
+        self.embedded.as_ref().map(|m| m.stats())
+    }
+
+    /// The embedded manager's IO, "uring" or "portable" (None for an external one).
+    pub fn io(&self) -> Option<&'static str> {
+        self.embedded.as_ref().map(|m| m.io().as_str())
+    }
+
+    /// True for a manager in this process.
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+
+    /// Connections the embedded manager holds open (None for an external one).
+    pub fn open_connections(&self) -> Option<u64> {
+        let s = self.stats()?;
+        Some(
+            s.connections_accepted
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .wrapping_sub(s.connections_closed.load(std::sync::atomic::Ordering::Relaxed)),
+        )
+    }
+
+    /// "manager ADDR" or "embedded manager on ADDR (IO io)", for a report's first line.
+    pub fn describe(&self) -> String {
+        match self.io() {
+            None => format!("manager {}", self.addr),
+            Some(io) => format!("embedded manager on {} ({io} io)", self.addr),
+        }
+    }
+
+    /// The memory of the manager's process in MiB: this process for an embedded manager,
+    /// else the external one's (from its pid, when given).
+    pub fn process_rss_mb(&self) -> Option<f64> {
+        match &self.external {
+            None => sys::rss_mb(),
+            Some(e) => e.pid.and_then(sys::rss_of),
+        }
+    }
+
+    /// The manager's counters by name (`registrations`, `frames_malformed`, ...): from this
+    /// process, or from the external one's metrics endpoint.
+    pub fn counters(&self) -> Result<HashMap<String, u64>, Error> {
+        if let Some(m) = &self.embedded {
+            return Ok(m.stats().snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+        }
+        match self.external.as_ref().and_then(|e| e.metrics_url.as_deref()) {
+            Some(url) => manager_counters(url),
+            None => Err(Error::NoManagerMetrics),
+        }
+    }
+
+    /// Stop an embedded manager now (dropping does the same).
+    pub fn shutdown(self) {
+        if let Some(m) = self.embedded {
+            m.shutdown();
+        }
+    }
+}
+
+/// A manager's counters read from its metrics endpoint (`manager --metrics`): every
+/// `nullpunch_manager_<name>_total V` line, by name.
+fn manager_counters(url: &str) -> Result<HashMap<String, u64>, Error> {
+    use std::io::{Read, Write};
+    let fetch = |source| Error::MetricsFetch { url: url.to_string(), source };
+    let rest = url.strip_prefix("http://").ok_or_else(|| Error::MetricsUrl(url.to_string()))?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/metrics".into()));
+    let mut s = std::net::TcpStream::connect(host).map_err(fetch)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(fetch)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").map_err(fetch)?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(fetch)?;
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let (name, v) = l.strip_prefix("nullpunch_manager_")?.split_once(' ')?;
+            Some((name.strip_suffix("_total")?.to_string(), v.trim().parse().ok()?))
+        })
+        .collect())
+}
