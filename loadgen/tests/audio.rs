@@ -31,7 +31,6 @@ fn chirps_are_found_and_their_latency_is_frame_plus_codec_plus_buffer() {
         assert!(p50 >= floor, "p50 {p50} ms below capture + lookahead {floor} ms: {v}");
         // And on loopback it is not far above (a loaded CI machine may add a frame or two).
         assert!(p50 <= floor + 5.0 * frame_ms + 20.0, "{v}");
-        assert!(f(&v, "m2e_p99_ms") >= p50);
         assert_eq!(v["dropped_by_model"], 0);
         assert_eq!(v["decode_errors"], 0);
         assert!(f(&v, "played") >= 4.0 * 1000.0 / frame_ms - 5.0, "{v}");

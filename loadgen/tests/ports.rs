@@ -153,17 +153,24 @@ fn calls_work_between_clients_on_different_addresses() {
 
 #[test]
 fn a_run_right_after_another_waits_for_the_ports_its_predecessor_left_in_time_wait() {
-    // Each run leaves 300 client ports per address in TIME_WAIT towards the manager's fixed
-    // port; the next run needs 300 of the 400 again at once. connect() says EADDRNOTAVAIL
-    // until loopback's TIME_WAIT reuse allows them (after a second): a wait, not an error.
+    // 600 clients on two addresses: each run leaves 300 client ports per address in
+    // TIME_WAIT towards the manager's fixed port, and the next run needs 300 of the 400
+    // again at once. connect() says EADDRNOTAVAIL until loopback's TIME_WAIT reuse allows
+    // them (after a second): a wait, not an error.
     let ns = Netns::new("again");
     let _manager = ns.manager();
     for (run, io) in ["uring", "portable", "uring"].into_iter().enumerate() {
-        let (code, v, out) = calls(&ns, io, &["--manager", "127.0.0.1:7000"]);
+        let (code, v, out) = calls(&ns, io, &["--manager", "127.0.0.1:7000", "--source-ips", "2"]);
         let v = v.unwrap_or_else(|| panic!("run {run} ({io}): no JSON summary: {out}"));
         assert_eq!(code, 0, "run {run} ({io}): {out}");
         assert_eq!(v["calls_ok"], 300, "run {run} ({io}): {v}");
-        eprintln!("run {run} ({io}): {} first connections waited for a port", v["port_waits"]);
+        let waits = v["port_waits"].as_u64().unwrap_or_else(|| panic!("run {run}: no port_waits in {v}"));
+        eprintln!("run {run} ({io}): {waits} first connections waited for a port");
+        if run == 0 {
+            assert_eq!(waits, 0, "a fresh namespace has every port free: {v}");
+        } else {
+            assert!(waits > 0, "run {run} found its predecessor's ports free: the wait was not exercised: {v}");
+        }
     }
 }
 

@@ -60,10 +60,15 @@ fn setup_runs_every_call_through_the_full_flow_and_reports_percentiles() {
     assert!(delivered >= 120 * 2 * 20, "{v}");
     assert_eq!(v["loss_ratio"].as_f64().unwrap(), 0.0, "{v}");
     assert_eq!(v["manager_media_packets"], 0, "the embedded manager never saw media: {v}");
-    assert!(v["latency_p99_ms"].as_f64().is_some(), "{v}");
-    for field in ["late_starts", "pps_delivered", "rss_mb", "setup_p90_ms", "start_p99_ms"] {
-        assert!(!v[field].is_null(), "{field} missing: {v}");
+    // One-way media latency on loopback: positive, and milliseconds at most.
+    let lat = v["latency_p99_ms"].as_f64().unwrap();
+    assert!(lat > 0.0 && lat.is_finite(), "{v}");
+    for field in ["pps_delivered", "rss_mb", "setup_p90_ms"] {
+        let x = v[field].as_f64().unwrap_or_else(|| panic!("{field} missing: {v}"));
+        assert!(x > 0.0 && x.is_finite(), "{field}: {v}");
     }
+    assert!(v["setup_p90_ms"].as_f64() <= v["setup_p99_ms"].as_f64(), "{v}");
+    assert!(v["late_starts"].as_u64().is_some() && v["start_p99_ms"].as_f64().is_some_and(|x| x >= 0.0), "{v}");
 }
 
 #[test]
@@ -103,7 +108,8 @@ fn register_holds_every_client_and_reports_rate_latency_and_memory() {
         Some("uring") => assert!(fds < 100, "300 clients on io_uring hold no descriptor each: {v}"),
         other => panic!("io {other:?}: {v}"),
     }
-    assert!(v["rss_per_client_kb"].as_f64().is_some(), "{v}");
+    let per_client = v["rss_per_client_kb"].as_f64().unwrap();
+    assert!(per_client > 0.0 && per_client.is_finite(), "{v}");
 }
 
 #[test]
@@ -294,8 +300,8 @@ fn hostile_connections_do_not_cost_legitimate_calls() {
     // connection), REGISTER repeaters closed for flooding.
     assert_eq!(m["frames_malformed"], a["random_bytes_connections"], "{v}");
     assert_eq!(m["frames_oversized"], a["oversized_prefix_connections"], "{v}");
-    assert!(m["connections_flooding"].as_u64().unwrap() >= 1, "{v}");
-    assert!(m["connections_flooding"].as_u64().unwrap() <= a["repeated_register_connections"].as_u64().unwrap(), "{v}");
+    assert!(a["repeated_register_connections"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(m["connections_flooding"], a["repeated_register_connections"], "every repeater was closed: {v}");
     assert!(
         a["idle_connections"].as_u64().unwrap() >= 300 && a["half_frame_connections"].as_u64().unwrap() >= 100,
         "{v}"
