@@ -132,6 +132,27 @@ struct Conn {
     cancel_sent: bool,
 }
 
+impl Conn {
+    /// A connection the core knows as `id`, just accepted: nothing armed, nothing queued.
+    fn new(id: u64, gen: u32) -> Conn {
+        Conn {
+            id,
+            gen,
+            decoder: FrameDecoder::new(),
+            reading: true,
+            recv_armed: false,
+            inflight: Vec::new(),
+            sent: 0,
+            sending: false,
+            pending: Vec::new(),
+            pending_frames: 0,
+            closing: None,
+            abort: false,
+            cancel_sent: false,
+        }
+    }
+}
+
 /// Everything of a shard but its ring: what a completion may change.
 struct State {
     core: Shard,
@@ -316,21 +337,7 @@ impl State {
         if self.slots.len() <= slot as usize {
             self.slots.resize_with(slot as usize + 1, || None);
         }
-        self.slots[slot as usize] = Some(Conn {
-            id,
-            gen,
-            decoder: FrameDecoder::new(),
-            reading: true,
-            recv_armed: false,
-            inflight: Vec::new(),
-            sent: 0,
-            sending: false,
-            pending: Vec::new(),
-            pending_frames: 0,
-            closing: None,
-            abort: false,
-            cancel_sent: false,
-        });
+        self.slots[slot as usize] = Some(Conn::new(id, gen));
         self.by_id.insert(id, slot);
         // Its receive is armed by the next flush.
         self.dirty.push(slot);
@@ -656,21 +663,7 @@ mod tests {
             st.slots.resize_with(slot as usize + 1, || None);
         }
         let id = 100 + slot as u64;
-        st.slots[slot as usize] = Some(Conn {
-            id,
-            gen: 7,
-            decoder: FrameDecoder::new(),
-            reading: true,
-            recv_armed: false,
-            inflight: Vec::new(),
-            sent: 0,
-            sending: false,
-            pending: Vec::new(),
-            pending_frames: 0,
-            closing: None,
-            abort: false,
-            cancel_sent: false,
-        });
+        st.slots[slot as usize] = Some(Conn::new(id, 7));
         st.by_id.insert(id, slot);
         st.used += 1;
         peer
