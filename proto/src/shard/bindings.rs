@@ -79,6 +79,11 @@ impl BindingTable {
         true
     }
 
+    /// Whether a binding for `tx` is held (fresh or not).
+    pub fn has(&self, tx: &TxId) -> bool {
+        self.map.contains_key(tx)
+    }
+
     /// Take the binding for `tx`, if it is known and fresh at `now`.
     pub fn take(&mut self, tx: &TxId, now: Instant) -> Option<SocketAddr> {
         let (addr, t) = self.map.remove(tx)?;

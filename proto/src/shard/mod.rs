@@ -530,15 +530,24 @@ impl Shard {
                 }
                 let fallback = SocketAddr::new(c.peer.ip(), udp_port);
                 c.state = ConnState::Registering(id.clone());
+                let home = home_shard(&id, self.n);
                 match binding {
+                    // This shard holds the binding: use it at once.
+                    Some(binding) if binding_shard(&binding, self.n) == self.index && self.bindings.has(&binding) => {
+                        let (public, source) = match self.bindings.take(&binding, now) {
+                            Some(addr) => (addr, AddrSource::Stun),
+                            None => (fallback, AddrSource::TcpPeer),
+                        };
+                        self.route(home, ShardMsg::Register { id, conn: me, public, source, max_calls });
+                    }
                     // Through the binding shard's inbox, behind the binding (module docs of
-                    // `bindings`), even when that shard is this one.
+                    // `bindings`), even when that shard is this one: the binding may still
+                    // be on its way there.
                     Some(binding) => self.out.push_back(Output::Shard {
                         to: binding_shard(&binding, self.n),
                         msg: ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls },
                     }),
                     None => {
-                        let home = home_shard(&id, self.n);
                         let source = AddrSource::TcpPeer;
                         self.route(home, ShardMsg::Register { id, conn: me, public: fallback, source, max_calls });
                     }
