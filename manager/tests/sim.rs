@@ -218,3 +218,37 @@ fn a_call_the_callee_never_answers_is_rejected_at_the_ring_timeout() {
     assert_eq!(sim.stats.calls_ring_timeout.load(Ordering::Relaxed), 1);
     assert_eq!(sim.owned_calls(), 0);
 }
+
+#[test]
+fn a_connection_that_closes_while_its_registration_is_resolved_elsewhere_leaves_the_id_offline() {
+    // Clients whose connection closes the moment their REGISTER reached the manager. A
+    // REGISTER naming a STUN binding travels through the binding's shard before it reaches
+    // the id's home; the close's Unregister must not overtake it there, or the directory
+    // keeps pointing at the closed connection: a call to the id then rings a dead
+    // connection (REJECT CalleeGone) instead of being told the id is offline.
+    let mut sim = Sim::new(20, 3, Net::default());
+    let elsewhere = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = elsewhere.clone();
+    sim.close_after = Some(Box::new(move |client, f| match f {
+        Frame::Register { binding: Some(tx), .. } if client < 12 => {
+            // (Shard of the connection: the sim puts client i on shard i % 3.)
+            if proto::shard::bindings::binding_shard(tx, 3) != (client % 3) as u16 {
+                seen.set(seen.get() + 1);
+            }
+            true
+        }
+        _ => false,
+    }));
+    for k in 0..12 {
+        sim.add(&format!("gone{k}"), Plan::Listen, |_| {});
+    }
+    let callers: Vec<usize> =
+        (0..12).map(|k| sim.add(&format!("caller{k}"), Plan::call(&format!("gone{k}"), 2000, 500), |_| {})).collect();
+    sim.run_until(Duration::from_secs(4));
+    assert!(elsewhere.get() >= 4, "only {} of 12 bindings on another shard: the case is not covered", elsewhere.get());
+    for (k, &a) in callers.iter().enumerate() {
+        let r = only(sim.reports(a));
+        assert_eq!(r.reason, EndReason::Unknown(proto::wire::frame::UnknownReason::Offline), "gone{k}: {r:?}");
+    }
+    assert_eq!(sim.stats.calls_rejected.load(Ordering::Relaxed), 0);
+}

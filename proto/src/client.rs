@@ -591,8 +591,10 @@ impl Client {
         self.ping_outstanding = None;
         // Frames queued for the lost connection are dropped (a new one registers afresh).
         self.out.retain(|q| !matches!(q, Queued::Frame(_)));
-        let doomed: Vec<CallHandle> =
+        let mut doomed: Vec<CallHandle> =
             self.calls.iter().filter(|(_, c)| c.state == CallState::Calling).map(|(h, _)| *h).collect();
+        // In handle order, not the map's: the events and frames come out the same every run.
+        doomed.sort_unstable();
         for h in doomed {
             self.end_call(now, h, EndReason::ManagerLost, None);
         }
@@ -780,7 +782,8 @@ impl Client {
 
     /// Hang up every call (e.g. at shutdown) with the given reason sent to the peers.
     pub fn hangup_all(&mut self, now: Instant) {
-        let all: Vec<CallHandle> = self.calls.keys().copied().collect();
+        let mut all: Vec<CallHandle> = self.calls.keys().copied().collect();
+        all.sort_unstable();
         for h in all {
             self.end_call(now, h, EndReason::LocalHangup, Some(HangupReason::Shutdown));
         }

@@ -154,6 +154,9 @@ pub enum Fate {
 pub type FrameFilter = Box<dyn FnMut(&Frame) -> Fate>;
 /// Return false to drop a datagram (from, to, bytes) before it leaves the sender's network.
 pub type DatagramFilter = Box<dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> bool>;
+/// Sees each frame a client's connection delivers to the manager (client index, frame);
+/// true closes that connection right after the shard has handled the frame.
+pub type CloseAfter = Box<dyn FnMut(usize, &Frame) -> bool>;
 
 /// A manager of several shards, its STUN responder, and clients, on one virtual clock.
 pub struct Sim {
@@ -181,6 +184,9 @@ pub struct Sim {
     pub to_client_filter: Option<FrameFilter>,
     /// Return false to drop a datagram (from, to, bytes).
     pub datagram_filter: Option<DatagramFilter>,
+    /// Close a client's connection right after a frame reached the manager (the client goes
+    /// away mid-exchange): the shard is told at once, the client 5 ms later.
+    pub close_after: Option<CloseAfter>,
     /// Datagrams lost to [`Net::udp_loss`].
     pub udp_dropped_by_loss: u64,
     /// Datagrams on the manager's UDP port that were not STUN (media would show here).
@@ -236,6 +242,7 @@ impl Sim {
             next_tick: start,
             to_client_filter: None,
             datagram_filter: None,
+            close_after: None,
             udp_dropped_by_loss: 0,
             manager_udp_non_stun: 0,
             trace: Vec::new(),
@@ -511,8 +518,16 @@ impl Sim {
         match ev {
             Ev::ToManager { client, frame } => {
                 if let Some((s, conn)) = self.clients[client].conn {
+                    let close = self.close_after.as_mut().is_some_and(|f| f(client, &frame));
                     self.shards[s as usize].conn_frame(now, conn, frame);
                     self.pump_shard(s);
+                    if close {
+                        self.by_conn.remove(&(s, conn));
+                        self.clients[client].conn = None;
+                        self.shards[s as usize].conn_closed(now, conn);
+                        self.pump_shard(s);
+                        self.schedule(now + self.net.frame_delay, Ev::Closed { client });
+                    }
                 }
             }
             Ev::ToMute { conn, frame } => {

@@ -180,6 +180,8 @@ pub fn shard_thread(start: ShardStart) {
                     let (tx, rx) = mpsc::channel(conn_queue);
                     let task = tokio::task::spawn_local(conn_task(io.clone(), id, stream, rx)).abort_handle();
                     io.conns.borrow_mut().insert(id, ConnHandle { tx, task });
+                    // A refused connection's ERROR goes out now, not at the next tick.
+                    io.flush();
                 }
                 _ = stop.changed() => break,
             }

@@ -248,8 +248,10 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
         io.wait(until.saturating_duration_since(Instant::now()));
         io.reap(&mut inbox);
     }
-    // Dropping the ring cancels and waits for its operations, then closes it, and with it
-    // every direct descriptor (and the connections).
+    // Close what is left now: cancel and reap every operation, then empty the file table,
+    // so every connection is closed when the thread ends (a dropped ring's table would be
+    // released by the kernel later, in the background).
+    io.ring.close_all(crate::uring::TEARDOWN_BOUND);
 }
 
 impl State {
@@ -332,6 +334,11 @@ impl State {
         let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let before = self.open.opened();
         let id = self.core.conn_opened(now, peer, before);
+        if self.stopping {
+            // An accept that completed after the stop began (its cancellation lost the
+            // race): this connection gets its ERROR Shutdown too.
+            self.core.shutdown();
+        }
         let gen = self.next_gen;
         self.next_gen = self.next_gen % ((1 << (32 - SLOT_BITS)) - 1) + 1;
         if self.slots.len() <= slot as usize {

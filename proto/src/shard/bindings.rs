@@ -10,7 +10,9 @@
 //!
 //! Entries expire after [`BINDING_TTL`]; a part holds at most its bound (further bindings
 //! are counted in `stun_table_full` and not remembered; their REGISTER falls back to the TCP
-//! peer's address).
+//! peer's address). A full part looks for expired entries at most once per
+//! [`FULL_PURGE_EVERY`]: a flood of fresh bindings against a full table costs one scan a
+//! second, not one per binding.
 //!
 //! [`ShardMsg::Binding`]: super::ShardMsg::Binding
 //! [`ShardMsg::Resolve`]: super::ShardMsg::Resolve
@@ -25,6 +27,8 @@ pub const BINDING_TTL: Duration = Duration::from_secs(30);
 pub const MAX_BINDINGS: usize = 1 << 20;
 /// How often a shard drops its expired bindings.
 pub const PURGE_EVERY: Duration = Duration::from_secs(10);
+/// How often a full part of the table looks for expired entries to make room.
+pub const FULL_PURGE_EVERY: Duration = Duration::from_secs(1);
 
 /// A STUN transaction id (RFC 8489 §5: 96 bits).
 pub type TxId = [u8; 12];
@@ -41,12 +45,14 @@ pub fn binding_shard(tx: &TxId, n: u16) -> u16 {
 pub struct BindingTable {
     max: usize,
     map: HashMap<TxId, (SocketAddr, Instant)>,
+    /// When a full table last looked for room.
+    full_purge: Option<Instant>,
 }
 
 impl BindingTable {
     /// A table holding at most `max` bindings.
     pub fn new(max: usize) -> BindingTable {
-        BindingTable { max: max.max(1), map: HashMap::new() }
+        BindingTable { max: max.max(1), map: HashMap::new(), full_purge: None }
     }
 
     /// Bindings held now.
@@ -70,6 +76,10 @@ impl BindingTable {
             }
         }
         if self.map.len() >= self.max && !self.map.contains_key(&tx) {
+            if self.full_purge.is_some_and(|t| now.saturating_duration_since(t) < FULL_PURGE_EVERY) {
+                return false;
+            }
+            self.full_purge = Some(now);
             self.purge(now);
             if self.map.len() >= self.max {
                 return false;
@@ -131,6 +141,25 @@ mod tests {
         assert!(b.insert([3; 12], a, t0 + BINDING_TTL));
         assert_eq!(b.len(), 2);
         assert_eq!(b.take(&[1; 12], t0 + BINDING_TTL), None);
+    }
+
+    #[test]
+    fn a_full_table_looks_for_room_at_most_once_a_second() {
+        let mut b = BindingTable::new(2);
+        let t0 = Instant::now();
+        let a: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        assert!(b.insert([1; 12], a, t0));
+        assert!(b.insert([2; 12], a, t0 + Duration::from_millis(1200)));
+        // Full at 31 s ([1] has expired, [2] not yet): the first newcomer's scan makes room.
+        let t = t0 + BINDING_TTL + Duration::from_secs(1);
+        assert!(b.insert([3; 12], a, t));
+        // Full again, and [2] has expired too, but a scan was made less than a second ago:
+        // refused without one.
+        let t2 = t + Duration::from_millis(500);
+        assert!(!b.insert([4; 12], a, t2));
+        assert_eq!(b.len(), 2, "no scan dropped [2]");
+        // A second later the scan runs again and finds [2] expired.
+        assert!(b.insert([4; 12], a, t + FULL_PURGE_EVERY));
     }
 
     #[test]

@@ -168,7 +168,8 @@ pub enum ShardMsg {
         /// Concurrent call limit.
         max_calls: u16,
     },
-    /// To the home shard: `conn` (which had registered `id`) closed.
+    /// To the home shard (or to the shard resolving the connection's REGISTER, which forwards
+    /// it home behind that REGISTER): `conn` (which had registered `id`) closed.
     Unregister {
         /// Client id.
         id: ClientId,
@@ -290,6 +291,9 @@ struct Conn {
     opened: Instant,
     last_rx: Instant,
     calls: HashSet<CallId>,
+    /// A REGISTER of this connection is being resolved on this shard (the STUN binding's
+    /// owner): until REGISTERED, its Unregister must follow the same way (see `conn_closed`).
+    resolving: Option<u16>,
     closing: bool,
     /// Frame allowance left (token bucket, refilled at `frames_per_sec`).
     allowance: f64,
@@ -436,6 +440,7 @@ impl Shard {
                 opened: now,
                 last_rx: now,
                 calls: HashSet::new(),
+                resolving: None,
                 closing: false,
                 allowance,
                 errors: 0,
@@ -478,11 +483,23 @@ impl Shard {
         let Some(c) = self.conns.remove(&conn) else { return false };
         self.stats.inc(&self.stats.connections_closed);
         let me = ConnRef { shard: self.index, id: conn };
-        for call_id in c.calls {
+        // In call id order, not the set's: the messages come out the same every run.
+        let mut calls: Vec<CallId> = c.calls.into_iter().collect();
+        calls.sort_unstable_by_key(|c| c.0);
+        for call_id in calls {
             self.route(owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
         }
-        if let ConnState::Registering(id) | ConnState::Registered(id) = c.state {
-            self.route(home_shard(&id, self.n), ShardMsg::Unregister { id, conn: me });
+        match (c.state, c.resolving) {
+            // Its Register is on its way through the binding's shard: the Unregister follows
+            // it through that shard's inbox (which forwards it home), so it cannot overtake
+            // the Register and leave the directory pointing at this closed connection.
+            (ConnState::Registering(id), Some(via)) => {
+                self.out.push_back(Output::Shard { to: via, msg: ShardMsg::Unregister { id, conn: me } });
+            }
+            (ConnState::Registering(id) | ConnState::Registered(id), _) => {
+                self.route(home_shard(&id, self.n), ShardMsg::Unregister { id, conn: me });
+            }
+            (ConnState::Open, _) => {}
         }
         true
     }
@@ -543,10 +560,12 @@ impl Shard {
                     // Through the binding shard's inbox, behind the binding (module docs of
                     // `bindings`), even when that shard is this one: the binding may still
                     // be on its way there.
-                    Some(binding) => self.out.push_back(Output::Shard {
-                        to: binding_shard(&binding, self.n),
-                        msg: ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls },
-                    }),
+                    Some(binding) => {
+                        let to = binding_shard(&binding, self.n);
+                        c.resolving = Some(to);
+                        let msg = ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls };
+                        self.out.push_back(Output::Shard { to, msg });
+                    }
                     None => {
                         let source = AddrSource::TcpPeer;
                         self.route(home, ShardMsg::Register { id, conn: me, public: fallback, source, max_calls });
@@ -655,6 +674,12 @@ impl Shard {
                 self.route(conn.shard, ShardMsg::Registered { conn: conn.id, public, source });
             }
             ShardMsg::Unregister { id, conn } => {
+                let home = home_shard(&id, self.n);
+                if home != self.index {
+                    // Sent by way of a binding's shard (`conn_closed`): on to the home shard.
+                    self.route(home, ShardMsg::Unregister { id, conn });
+                    return;
+                }
                 if let Some(e) = self.dir.get_mut(&id) {
                     if e.conn == Some(conn) {
                         // Keep the entry as a tombstone so callers learn "offline" rather than
@@ -748,6 +773,7 @@ impl Shard {
                 let Some(c) = self.conns.get_mut(&conn) else { return };
                 if let ConnState::Registering(id) = &c.state {
                     c.state = ConnState::Registered(id.clone());
+                    c.resolving = None;
                     c.public = Some(public);
                     self.send(conn, Frame::Registered { public, source });
                 }
