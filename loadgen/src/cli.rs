@@ -114,18 +114,45 @@ struct Common {
     /// manager requires tokens.
     #[arg(long, value_name = "PATH")]
     secret_file: Option<std::path::PathBuf>,
-    /// Serve live Prometheus metrics on http://ADDR/metrics while the run lasts (setup,
-    /// sessions and soak): the generator's calls, setup times and packets, and the embedded
-    /// manager's metrics. The address is printed on stderr.
+}
+
+/// Live metrics, for the scenarios that serve them (setup, sessions, soak).
+#[derive(ClapArgs, Debug, Clone, Default)]
+struct MetricsArg {
+    /// Serve live Prometheus metrics on http://ADDR/metrics while the run lasts: the
+    /// generator's calls, setup times and packets, and the embedded manager's metrics. The
+    /// address is printed on stderr (port 0: any free port).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 }
 
 #[derive(ClapArgs, Debug)]
 struct HostileArgs {
-    /// The legitimate load (`setup` options; defaults: 500 calls/s for 10 s, talk 0).
+    /// Shards of the embedded manager (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Legitimate call arrivals per second.
+    #[arg(long, default_value_t = 500.0, value_parser = rate)]
+    rate: f64,
+    /// Legitimate calls per run (instead of --duration).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000_000), conflicts_with = "duration")]
+    calls: Option<u64>,
+    /// Seconds of legitimate arrivals per run (calls = rate x duration).
+    #[arg(long, default_value_t = 10.0, value_parser = secs_positive)]
+    duration: f64,
+    /// Seconds of media per legitimate call (0: hang up at the first two-way media).
+    #[arg(long, default_value_t = 0.0, value_parser = secs_non_negative)]
+    talk: f64,
+    /// Simulated callers (default: 50, or the calls if fewer).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    callers: Option<u64>,
+    /// Simulated callees (each answers any number of calls at once).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    callees: u64,
     #[command(flatten)]
-    setup: SetupArgs,
+    common: Common,
+    #[command(flatten)]
+    tick: Tick,
     /// Idle connections held during the attack.
     #[arg(long, default_value_t = 2000)]
     idle: usize,
@@ -134,8 +161,8 @@ struct HostileArgs {
     half: usize,
     /// New attacking connections per second of each kind (random bytes, oversized prefix,
     /// REGISTER flood).
-    #[arg(long, default_value_t = 50.0)]
-    churn_rate: f64,
+    #[arg(long, alias = "churn-rate", default_value_t = 50.0, value_parser = rate)]
+    attack_rate: f64,
     /// With --manager: the external manager's pid, for its memory.
     #[arg(long, requires = "manager_metrics")]
     manager_pid: Option<u32>,
@@ -150,22 +177,22 @@ struct AudioArgs {
     #[arg(long, default_value_t = 20)]
     frame_ms: u32,
     /// Packets lost, percent (seeded Bernoulli model applied on receipt).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = percent)]
     loss: f64,
     /// Extra arrival delay, uniform 0..this many ms per packet (seeded; packets may reorder).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = jitter_ms)]
     jitter_ms: f64,
     /// Seconds of talk.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, value_parser = secs_positive)]
     duration: f64,
     /// One chirp every this many ms (latencies up to this less 40 ms can be told apart).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(200..=10_000))]
     period_ms: u32,
     /// Seed of the loss and jitter model.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// The jitter buffer's minimum delay, ms.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = jitter_ms)]
     jitter_min_ms: f64,
     #[command(flatten)]
     common: Common,
@@ -184,24 +211,24 @@ struct Tick {
 #[derive(ClapArgs, Debug, Clone)]
 struct SoakArgs {
     /// Concurrent sessions, each two-way at 50 packets/s.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     sessions: u64,
     /// Seconds of steady state (after the ramp).
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, default_value_t = 600.0, value_parser = secs_positive)]
     duration: f64,
-    /// Seconds per sample.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds per sample (at least 1); the growth check needs 3 samples after the warm-up.
+    #[arg(long, default_value_t = 10.0, value_parser = interval_secs)]
     interval: f64,
     /// Calls ended and replaced per second (0: the same sessions throughout). Each call then
     /// lasts sessions / churn seconds, so `sessions` stay up.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = rate_or_zero)]
     churn: f64,
     /// Sessions set up per second while ramping up (without churn).
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, default_value_t = 1000.0, value_parser = rate)]
     ramp: f64,
     /// Seconds from the start not used for the growth check (default: the ramp plus one
     /// interval).
-    #[arg(long)]
+    #[arg(long, value_parser = secs_non_negative)]
     warmup: Option<f64>,
     /// Simulated clients on each side (0: two per core).
     #[arg(long, default_value_t = 0)]
@@ -212,19 +239,21 @@ struct SoakArgs {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
+    metrics: MetricsArg,
+    #[command(flatten)]
     tick: Tick,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
 struct RegisterArgs {
     /// Clients to register.
-    #[arg(long, default_value_t = 1000)]
-    clients: usize,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    clients: u64,
     /// Connects started per second (ramp).
-    #[arg(long, default_value_t = 2000.0)]
+    #[arg(long, default_value_t = 2000.0, value_parser = rate)]
     rate: f64,
     /// Seconds to hold every registration once all are in.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = secs_non_negative)]
     hold: f64,
     /// With an external manager: its process id, to report its memory per registration
     /// (RSS before and after, from /proc).
@@ -244,10 +273,10 @@ struct RegisterArgs {
 #[derive(ClapArgs, Debug, Clone)]
 struct SessionsArgs {
     /// Concurrent sessions (calls), each two-way at 50 packets/s.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     sessions: u64,
     /// Seconds of steady state to measure, once every session is up.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = secs_positive)]
     duration: f64,
     /// Simulated clients on each side; their sessions share each client's one UDP socket
     /// (0: two per core, so no single task carries too large a share).
@@ -259,7 +288,7 @@ struct SessionsArgs {
     #[arg(long, conflicts_with = "clients")]
     socket_per_session: bool,
     /// Sessions set up per second while ramping up.
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, default_value_t = 1000.0, value_parser = rate)]
     ramp: f64,
     /// Shards of the embedded manager (0: one per core).
     #[arg(long, default_value_t = 1)]
@@ -270,6 +299,8 @@ struct SessionsArgs {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
+    metrics: MetricsArg,
+    #[command(flatten)]
     tick: Tick,
 }
 
@@ -279,25 +310,28 @@ struct SetupArgs {
     #[arg(long, default_value_t = 0)]
     shards: usize,
     /// Call arrivals per second.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = rate)]
     rate: f64,
     /// Number of calls (ignored when --duration is given).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     calls: u64,
     /// Run for this many seconds of arrivals instead of a call count (calls = rate x duration).
-    #[arg(long)]
+    #[arg(long, value_parser = secs_positive)]
     duration: Option<f64>,
-    /// Seconds of media per call before the caller hangs up.
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds of media per call before the caller hangs up (0: hang up at the first
+    /// two-way media).
+    #[arg(long, default_value_t = 1.0, value_parser = secs_non_negative)]
     talk: f64,
-    /// Simulated callers.
-    #[arg(long, default_value_t = 50)]
-    callers: usize,
+    /// Simulated callers (default: 50, or the calls if fewer).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    callers: Option<u64>,
     /// Simulated callees (each answers any number of calls at once).
-    #[arg(long, default_value_t = 50)]
-    callees: usize,
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    callees: u64,
     #[command(flatten)]
     common: Common,
+    #[command(flatten)]
+    metrics: MetricsArg,
     #[command(flatten)]
     tick: Tick,
 }
@@ -371,7 +405,7 @@ impl Cli {
             Some(Cmd::Register(a)) => a.common.secret_file.clone(),
             Some(Cmd::Soak(a)) => a.common.secret_file.clone(),
             Some(Cmd::AudioLatency(a)) => a.common.secret_file.clone(),
-            Some(Cmd::Hostile(a)) => a.setup.common.secret_file.clone(),
+            Some(Cmd::Hostile(a)) => a.common.secret_file.clone(),
             _ => None,
         }
     }
@@ -392,15 +426,19 @@ impl Common {
         }
     }
 
-    /// What the run prints and writes; a live progress line only on a terminal, and not
-    /// with --json.
-    fn output(&self) -> Output {
-        Output {
+    /// What the run prints, serves and writes; a live progress line only on a terminal, and
+    /// not with --json. `--out` is checked here, before anything runs: a run is not thrown
+    /// away at its end because its directory cannot be written.
+    fn output(&self, metrics: &MetricsArg) -> Result<Output, Error> {
+        if let Some(dir) = &self.out {
+            check_out(dir)?;
+        }
+        Ok(Output {
             json: self.json,
             dir: self.out.clone(),
             progress: !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            metrics: self.metrics,
-        }
+            metrics: metrics.metrics,
+        })
     }
 
     /// The manager: --manager, else one embedded with `shards` shards on the clients' IP
@@ -417,74 +455,81 @@ impl Common {
     }
 }
 
+/// `--out DIR` must be a directory this process can write: made if missing, refused if it
+/// is a file or cannot take a file.
+fn check_out(dir: &std::path::Path) -> Result<(), Error> {
+    let bad = |reason: String| Error::Out { path: dir.to_path_buf(), reason };
+    if dir.exists() && !dir.is_dir() {
+        return Err(bad("exists and is not a directory".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot be made: {e}")))?;
+    let probe = dir.join(format!(".loadgen-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| bad(format!("cannot be written: {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// An external manager at `addr`, without pid or metrics URL.
 fn external(addr: Option<SocketAddr>) -> Option<External> {
     addr.map(|addr| External { addr, pid: None, metrics_url: None })
 }
 
-/// The `setup` load, checked: rate, callers and callees positive, at most one caller per
-/// call; with the manager address and the IO.
-fn setup_load(args: &SetupArgs) -> Result<(CallLoad, Option<SocketAddr>, engine::driver::Io), Error> {
-    if !positive(args.rate) || args.callers == 0 || args.callees == 0 {
-        return Err(Error::Usage("--rate, --callers and --callees must be positive"));
-    }
-    let manager = resolve(&args.common.manager)?;
-    let calls = match args.duration {
-        Some(d) => (d * args.rate).round() as u64,
-        None => args.calls,
+/// Callers by default: 50, or as many as the calls if fewer (a caller with no call would
+/// end before the run starts).
+const DEFAULT_CALLERS: u64 = 50;
+
+/// A calls load, checked: at most one caller per call.
+fn call_load(rate: f64, calls: u64, talk: f64, callers: Option<u64>, callees: u64) -> Result<CallLoad, Error> {
+    let callers = match callers {
+        Some(c) if c > calls => return Err(Error::CallersExceedCalls { callers: c as usize, calls }),
+        Some(c) => c,
+        None => DEFAULT_CALLERS.min(calls),
     };
-    if (args.callers as u64) > calls {
-        // A caller with no call would end before the run starts.
-        return Err(Error::CallersExceedCalls { callers: args.callers, calls });
-    }
-    let io = choose_io(&args.common.io)?;
-    let load = CallLoad {
-        rate: args.rate,
+    Ok(CallLoad {
+        rate,
         calls,
-        talk: Duration::from_secs_f64(args.talk),
-        callers: args.callers,
-        callees: args.callees,
-    };
-    Ok((load, manager, io))
+        talk: Duration::from_secs_f64(talk),
+        callers: callers as usize,
+        callees: callees as usize,
+    })
+}
+
+/// The calls of a run of `rate` arrivals per second for `duration` seconds (at least one).
+fn calls_in(rate: f64, duration: f64) -> u64 {
+    ((duration * rate).round() as u64).max(1)
 }
 
 fn setup(a: SetupArgs, secret: Secret) -> Result<Run, Error> {
-    let (load, manager, io) = setup_load(&a)?;
+    let manager = resolve(&a.common.manager)?;
+    let calls = a.duration.map_or(a.calls, |d| calls_in(a.rate, d));
+    let load = call_load(a.rate, calls, a.talk, a.callers, a.callees)?;
+    let io = choose_io(&a.common.io)?;
     Ok(Run {
         scenario: Scenario::Setup(load),
         target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, Some(&a.tick)),
-        output: a.common.output(),
+        output: a.common.output(&a.metrics)?,
     })
 }
 
 fn hostile(h: HostileArgs, secret: Secret) -> Result<Run, Error> {
-    let mut args = h.setup;
-    // Defaults of this scenario where the user left setup's.
-    let given = |flag: &str| std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
-    if !given("--rate") {
-        args.rate = 500.0;
-    }
-    if !given("--duration") && !given("--calls") {
-        args.duration = Some(10.0);
-    }
-    if !given("--talk") {
-        args.talk = 0.0;
-    }
-    let (load, manager, io) = setup_load(&args)?;
+    let manager = resolve(&h.common.manager)?;
+    let calls = h.calls.unwrap_or_else(|| calls_in(h.rate, h.duration));
+    let load = call_load(h.rate, calls, h.talk, h.callers, h.callees)?;
+    let io = choose_io(&h.common.io)?;
     let external = match (manager, h.manager_pid, h.manager_metrics) {
         (None, None, None) => None,
         (Some(addr), Some(pid), Some(url)) => Some(External { addr, pid: Some(pid), metrics_url: Some(url) }),
         _ => return Err(Error::IncompleteExternalManager),
     };
-    let attack = Attack { idle: h.idle, half: h.half, churn_rate: h.churn_rate };
-    let mut output = args.common.output();
+    let attack = Attack { idle: h.idle, half: h.half, churn_rate: h.attack_rate };
+    let mut output = h.common.output(&MetricsArg::default())?;
     // The two setup runs show no progress line: the attack's threads write nothing either.
     output.progress = false;
     Ok(Run {
         scenario: Scenario::Hostile(Hostile { load, attack }),
-        target: args.common.target(external, args.shards, io, Limits::Production, secret),
-        fleet: args.common.fleet(io, Some(&args.tick)),
+        target: h.common.target(external, h.shards, io, Limits::Production, secret),
+        fleet: h.common.fleet(io, Some(&h.tick)),
         output,
     })
 }
@@ -509,9 +554,6 @@ fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
         (false, 0) => 2 * crate::sys::cores(),
         (false, n) => n,
     };
-    if a.sessions == 0 || !positive(a.ramp) || !positive(a.duration) {
-        return Err(Error::Usage("--sessions, --ramp and --duration must be positive"));
-    }
     let manager = resolve(&a.common.manager)?;
     // Calls ramp up over S / ramp seconds; each lasts that long plus the window plus a
     // margin, so all S sessions overlap during the window.
@@ -530,19 +572,16 @@ fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
         scenario: Scenario::Sessions(Sessions { load, window, idle: a.idle }),
         target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, Some(&a.tick)),
-        output: a.common.output(),
+        output: a.common.output(&a.metrics)?,
     })
 }
 
 fn register(a: RegisterArgs, secret: Secret) -> Result<Run, Error> {
-    if a.clients == 0 || !positive(a.rate) || !at_least(a.hold, 0.0) || a.hold > 86_400.0 {
-        return Err(Error::Usage("--clients and --rate must be positive, --hold 0 to 86400"));
-    }
     let manager = resolve(&a.common.manager)?;
     let io = choose_io(&a.common.io)?;
     let external = manager.map(|addr| External { addr, pid: a.manager_pid, metrics_url: None });
     let scenario = Register {
-        clients: a.clients,
+        clients: a.clients as usize,
         rate: a.rate,
         hold: Duration::from_secs_f64(a.hold),
         id_prefix: a.id_prefix.clone(),
@@ -551,23 +590,14 @@ fn register(a: RegisterArgs, secret: Secret) -> Result<Run, Error> {
         scenario: Scenario::Register(scenario),
         target: a.common.target(external, a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, None),
-        output: a.common.output(),
+        output: a.common.output(&MetricsArg::default())?,
     })
 }
 
 fn audio(a: AudioArgs, secret: Secret) -> Result<Run, Error> {
-    if !(a.duration > 0.0 && a.duration <= 86_400.0) {
-        return Err(Error::Usage("--duration must be within 0..86400 s"));
-    }
     let manager = resolve(&a.common.manager)?;
     let io = choose_io(&a.common.io)?;
     voice::codec::check_frame_ms(a.frame_ms)?;
-    if !(0.0..=100.0).contains(&a.loss) || !(0.0..=1000.0).contains(&a.jitter_ms) {
-        return Err(Error::Usage("--loss must be 0..100 and --jitter-ms 0..1000"));
-    }
-    if a.period_ms < 200 {
-        return Err(Error::Usage("--period-ms must be at least 200"));
-    }
     let scenario = Audio {
         frame_ms: a.frame_ms,
         loss_pct: a.loss,
@@ -582,22 +612,11 @@ fn audio(a: AudioArgs, secret: Secret) -> Result<Run, Error> {
         // One shard: a call between two clients.
         target: a.common.target(external(manager), 1, io, Limits::Off, secret),
         fleet: a.common.fleet(io, None),
-        output: a.common.output(),
+        output: a.common.output(&MetricsArg::default())?,
     })
 }
 
 fn soak(a: SoakArgs, secret: Secret) -> Result<Run, Error> {
-    if a.sessions == 0
-        || !positive(a.ramp)
-        || !positive(a.duration)
-        || a.duration > 86_400.0
-        || !at_least(a.interval, 1.0)
-        || !at_least(a.churn, 0.0)
-    {
-        return Err(Error::Usage(
-            "--sessions, --ramp and --duration (up to 86400) must be positive, --interval at least 1, --churn not negative",
-        ));
-    }
     let manager = resolve(&a.common.manager)?;
     let clients = if a.clients == 0 { 2 * crate::sys::cores() } else { a.clients };
     // Without churn: S sessions ramped in, held through the steady state. With churn R:
@@ -610,6 +629,23 @@ fn soak(a: SoakArgs, secret: Secret) -> Result<Run, Error> {
         (a.ramp, a.sessions, ramp_s + 1.0 + a.duration + 1.0, ramp_s + 1.0)
     };
     let warmup = a.warmup.unwrap_or(ramp_s + a.interval);
+    // The growth check needs three intervals after the warm-up: refuse now a run that
+    // cannot have them, rather than warn after it.
+    let end = ramp_s + a.duration;
+    let after = crate::calls::intervals_after(end, a.interval, warmup);
+    if after < crate::calls::GROWTH_INTERVALS {
+        let need = (0..)
+            .map(|k| a.duration + k as f64)
+            .find(|d| crate::calls::intervals_after(ramp_s + d, a.interval, warmup) >= crate::calls::GROWTH_INTERVALS)
+            .unwrap_or(a.duration);
+        return Err(Error::Flags(format!(
+            "--duration {} with --interval {} leaves {after} interval(s) after the warm-up ({warmup:.1} s); the growth \
+             check needs {}: use --duration {need} or more, or a shorter --interval",
+            a.duration,
+            a.interval,
+            crate::calls::GROWTH_INTERVALS
+        )));
+    }
     let load = CallLoad { rate, calls, talk: Duration::from_secs_f64(talk), callers: clients, callees: clients };
     let window = Window { offset: Duration::from_secs_f64(ramp_s), len: Duration::from_secs_f64(a.duration) };
     let io = choose_io(&a.common.io)?;
@@ -624,16 +660,88 @@ fn soak(a: SoakArgs, secret: Secret) -> Result<Run, Error> {
         scenario: Scenario::Soak(scenario),
         target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, Some(&a.tick)),
-        output: a.common.output(),
+        output: a.common.output(&a.metrics)?,
     })
 }
 
-/// `x > 0`, false for NaN (so `!positive(x)` also refuses NaN).
-fn positive(x: f64) -> bool {
-    x > 0.0
+// Value parsers: every numeric flag is checked when the command line is read, and clap's
+// message names the flag ("invalid value '-1' for '--talk <TALK>': ...").
+
+/// The longest run any duration flag takes: a day.
+const MAX_SECS: f64 = 86_400.0;
+
+fn number(s: &str) -> Result<f64, String> {
+    let x: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !x.is_finite() {
+        return Err(format!("`{s}` is not a finite number"));
+    }
+    Ok(x)
 }
 
-/// `x >= min`, false for NaN.
-fn at_least(x: f64, min: f64) -> bool {
-    x >= min
+/// Seconds, more than 0 and at most a day.
+fn secs_positive(s: &str) -> Result<f64, String> {
+    let x = number(s)?;
+    if x > 0.0 && x <= MAX_SECS {
+        Ok(x)
+    } else {
+        Err(format!("must be more than 0 and at most {MAX_SECS} seconds"))
+    }
+}
+
+/// Seconds, 0 to a day.
+fn secs_non_negative(s: &str) -> Result<f64, String> {
+    let x = number(s)?;
+    if (0.0..=MAX_SECS).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("must be 0 to {MAX_SECS} seconds"))
+    }
+}
+
+/// A sampling interval: 1 s to a day.
+fn interval_secs(s: &str) -> Result<f64, String> {
+    let x = number(s)?;
+    if (1.0..=MAX_SECS).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("must be 1 to {MAX_SECS} seconds"))
+    }
+}
+
+/// A rate per second: more than 0, at most a million.
+fn rate(s: &str) -> Result<f64, String> {
+    let x = number(s)?;
+    if x > 0.0 && x <= 1e6 {
+        Ok(x)
+    } else {
+        Err("must be more than 0 and at most 1000000 per second".into())
+    }
+}
+
+/// A rate per second, or 0 for none.
+fn rate_or_zero(s: &str) -> Result<f64, String> {
+    if number(s)? == 0.0 {
+        return Ok(0.0);
+    }
+    rate(s)
+}
+
+/// A percentage, 0 to 100.
+fn percent(s: &str) -> Result<f64, String> {
+    let x = number(s)?;
+    if (0.0..=100.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err("must be 0 to 100 (percent)".into())
+    }
+}
+
+/// Milliseconds of jitter or buffer delay, 0 to 1000.
+fn jitter_ms(s: &str) -> Result<f64, String> {
+    let x = number(s)?;
+    if (0.0..=1000.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err("must be 0 to 1000 ms".into())
+    }
 }

@@ -13,9 +13,17 @@ pub enum Error {
     /// `--secret-file` could not be read or is no usable secret (the message names the path).
     #[error("--secret-file {0}")]
     SecretFile(String),
-    /// A flag is outside its range (the message names the flags and their ranges).
+    /// Flags that do not fit together (the message names them and says what would).
     #[error("{0}")]
-    Usage(&'static str),
+    Flags(String),
+    /// `--out` cannot hold the run's files: checked before the run starts.
+    #[error("--out {}: {reason}", path.display())]
+    Out {
+        /// The directory asked for.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `setup` was asked for more callers than calls: a caller with no call would end before
     /// the run starts.
     #[error("--callers ({callers}) is more than the calls to place ({calls}); use at most {calls} callers")]

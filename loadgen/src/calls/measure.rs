@@ -42,6 +42,26 @@ pub fn window(shared: &Shared, t0: Instant, window: Window) -> (WindowStats, Opt
     (stats, sleeper)
 }
 
+/// Intervals after the warm-up the growth check needs.
+pub const GROWTH_INTERVALS: usize = 3;
+
+/// How many of the sampler's intervals of `every` seconds, from 0 to `end` seconds, start
+/// at or after `warmup`: the whole ones, and a last piece of at least half an interval (the
+/// sampler's rule).
+pub fn intervals_after(end: f64, every: f64, warmup: f64) -> usize {
+    let mut n = 0;
+    let mut start = 0.0;
+    while start < end && every > 0.0 {
+        let stop = (start + every).min(end);
+        let whole = stop - start >= every || stop - start >= every / 2.0;
+        if whole && start >= warmup {
+            n += 1;
+        }
+        start = stop;
+    }
+    n
+}
+
 /// One interval of a soak run.
 #[derive(Debug, Clone)]
 pub struct IntervalSample {
@@ -147,7 +167,7 @@ pub fn sampler(
 /// stay flat; what still grows in the second half grows without bound.
 pub fn growth(samples: &[IntervalSample], warmup: Duration) -> Option<(f64, i64, bool)> {
     let after: Vec<&IntervalSample> = samples.iter().filter(|s| s.t_s - s.secs >= warmup.as_secs_f64()).collect();
-    if after.len() < 3 {
+    if after.len() < GROWTH_INTERVALS {
         return None;
     }
     let (first, last) = (after[after.len() / 2], after.last()?);

@@ -22,7 +22,7 @@ use hdrhistogram::Histogram;
 use proto::wire::frame::{CallId, ClientId};
 
 pub use apps::{CallRecord, MediaTotals};
-pub use measure::{growth, IntervalSample, WindowStats};
+pub use measure::{growth, intervals_after, IntervalSample, WindowStats, GROWTH_INTERVALS};
 
 use crate::error::Error;
 use crate::fleet::{self, Carries, Clients, Finished, Fleet, Member, Running, Sources, Spec};

@@ -1,0 +1,114 @@
+//! The command line as a new user meets it: bad values are refused when the command line is
+//! read, with the flag's name and no panic; defaults fit small runs; flags are offered only
+//! where they do something; a run that could not write its results is refused before it
+//! starts.
+
+use std::process::{Command, Output};
+
+mod common;
+
+fn loadgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn bad_numbers_are_refused_with_the_flags_name_and_never_a_panic() {
+    // (args, the flag the message must name)
+    let cases: &[(&[&str], &str)] = &[
+        (&["setup", "--talk=-1"], "--talk"),
+        (&["setup", "--talk", "nan"], "--talk"),
+        (&["setup", "--calls", "0"], "--calls"),
+        (&["setup", "--duration=-1"], "--duration"),
+        (&["setup", "--duration", "1e12"], "--duration"),
+        (&["setup", "--rate", "0"], "--rate"),
+        (&["setup", "--rate", "inf"], "--rate"),
+        (&["setup", "--callers", "0"], "--callers"),
+        (&["sessions", "--sessions", "0"], "--sessions"),
+        (&["sessions", "--duration", "0"], "--duration"),
+        (&["soak", "--interval", "0.5"], "--interval"),
+        (&["soak", "--churn=-3"], "--churn"),
+        (&["register", "--clients", "0"], "--clients"),
+        (&["register", "--hold=-1"], "--hold"),
+        (&["audio-latency", "--loss", "101"], "--loss"),
+        (&["audio-latency", "--period-ms", "50"], "--period-ms"),
+        (&["hostile", "--attack-rate=-1"], "--attack-rate"),
+    ];
+    for (args, flag) in cases {
+        let o = loadgen(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: exit {:?}\n{err}", o.status.code());
+        assert!(err.contains(flag), "{args:?}: the message does not name {flag}:\n{err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}: a refused command line printed a summary");
+    }
+}
+
+#[test]
+fn a_setup_smaller_than_the_default_fleet_runs() {
+    // 5 calls: the default 50 callers shrink to 5 (a caller with no call would end before
+    // the run starts); more callers than calls, asked for, is still refused.
+    let (code, v, err) = common::run(&["setup", "--calls", "5", "--rate", "50", "--talk", "0", "--json"]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["calls_ok"], 5, "{v}");
+    let o = loadgen(&["setup", "--calls", "5", "--callers", "6"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--callers (6) is more than the calls to place (5)"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_soak_too_short_for_its_growth_check_is_refused_before_it_starts() {
+    let o = loadgen(&["soak", "--sessions", "200", "--duration", "20", "--interval", "5"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("leaves 2 interval(s) after the warm-up") && err.contains("use --duration 22 or more"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn an_unusable_out_directory_is_refused_before_the_run() {
+    let file = std::env::temp_dir().join(format!("loadgen-out-is-a-file-{}", std::process::id()));
+    std::fs::write(&file, b"not a directory").unwrap();
+    let o = loadgen(&["setup", "--calls", "600", "--rate", "200", "--talk", "0", "--out", file.to_str().unwrap()]);
+    let err = stderr(&o);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--out") && err.contains("is not a directory"), "{err}");
+    // Refused at once: no run, so no summary and no progress of one.
+    assert!(o.stdout.is_empty(), "{}", String::from_utf8_lossy(&o.stdout));
+    // A directory that does not exist yet is made.
+    let dir = std::env::temp_dir().join(format!("loadgen-out-new-{}/run", std::process::id()));
+    let (code, _, err) =
+        common::run(&["setup", "--calls", "5", "--talk", "0", "--json", "--out", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(dir.join("summary.json").is_file());
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+#[test]
+fn metrics_are_offered_only_where_they_are_served() {
+    for scenario in ["register", "audio-latency", "hostile"] {
+        let o = loadgen(&[scenario, "--metrics", "127.0.0.1:0"]);
+        assert_eq!(o.status.code(), Some(2), "{scenario}");
+        assert!(stderr(&o).contains("unexpected argument '--metrics'"), "{scenario}: {}", stderr(&o));
+    }
+    for scenario in ["setup", "sessions", "soak"] {
+        let help = String::from_utf8_lossy(&loadgen(&[scenario, "--help"]).stdout).to_string();
+        assert!(help.contains("--metrics <ADDR>"), "{scenario} --help:\n{help}");
+    }
+}
+
+#[test]
+fn hostile_help_shows_its_own_defaults() {
+    let help = String::from_utf8_lossy(&loadgen(&["hostile", "--help"]).stdout).to_string();
+    let line = |flag: &str| help.lines().find(|l| l.trim_start().starts_with(flag)).unwrap_or_default().to_string();
+    assert!(line("--rate").contains("[default: 500]"), "{help}");
+    assert!(line("--duration").contains("[default: 10]"), "{help}");
+    assert!(line("--talk").contains("[default: 0]"), "{help}");
+}
