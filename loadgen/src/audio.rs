@@ -323,7 +323,8 @@ pub fn run(a: &Audio, target: &Target, options: &fleet::Options, output: &Output
     let limit = a.duration + Duration::from_secs(20);
     let stopper = fleet.stopper();
     std::thread::spawn(move || {
-        std::thread::sleep(limit);
+        // (Interrupted: the call ends now, and what was heard so far is analysed.)
+        crate::interrupt::sleep_until(Instant::now() + limit);
         stopper.stop();
     });
     for f in fleet.finish()? {

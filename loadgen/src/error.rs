@@ -16,6 +16,10 @@ pub enum Error {
     /// Flags that do not fit together (the message names them and says what would).
     #[error("{0}")]
     Flags(String),
+    /// The run was interrupted where nothing can be reported (before its calls began, or a
+    /// comparison with one of its two runs missing); the message says where.
+    #[error("interrupted {0}")]
+    Interrupted(&'static str),
     /// `--out` cannot hold the run's files: checked before the run starts.
     #[error("--out {}: {reason}", path.display())]
     Out {

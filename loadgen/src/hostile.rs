@@ -324,6 +324,9 @@ pub fn run(h: &Hostile, target: &Target, options: &fleet::Options, output: &Outp
     };
 
     let clean = setup_run("clean")?;
+    if crate::interrupt::interrupted() {
+        return Err(Error::Interrupted("during the clean run: the comparison needs both runs"));
+    }
     let rss_before = manager.process_rss_mb().unwrap_or(0.0);
     let before = manager.counters()?;
     let attackers = Attackers::start(addr, &h.attack, rss_before);
@@ -332,6 +335,9 @@ pub fn run(h: &Hostile, target: &Target, options: &fleet::Options, output: &Outp
     let attacked = setup_run("attacked");
     let (attack, rss_max) = attackers.stop();
     let attacked = attacked?;
+    if crate::interrupt::interrupted() {
+        return Err(Error::Interrupted("during the attacked run: the comparison needs both runs whole"));
+    }
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = manager.process_rss_mb().unwrap_or(0.0);
     let after = manager.counters()?;

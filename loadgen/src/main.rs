@@ -6,6 +6,7 @@ mod cli;
 mod error;
 mod fleet;
 mod hostile;
+mod interrupt;
 mod register;
 mod scenario;
 mod summary;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    interrupt::watch();
     let (result, json) = match command {
         Command::Run(run) => (scenario::run(&run), run.output.json),
         Command::Report { dir, json } => (summary::runs::report(&dir), json),
@@ -36,11 +38,17 @@ fn main() -> ExitCode {
     match result {
         Ok(summary) => {
             summary.print(json);
-            if summary.all_ok {
+            if interrupt::interrupted() {
+                ExitCode::from(interrupt::EXIT_INTERRUPTED)
+            } else if summary.all_ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             }
+        }
+        Err(e @ Error::Interrupted(_)) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::from(interrupt::EXIT_INTERRUPTED)
         }
         Err(e) => fail(&e),
     }

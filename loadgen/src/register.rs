@@ -181,7 +181,8 @@ pub fn run(reg: &Register, target: &Target, options: &fleet::Options, output: &O
     let manager_connections = manager.open_connections();
     let rereg0 = counts.reregistered.load(Ordering::Relaxed);
     let sleeper = sys::Sleeper::start();
-    std::thread::sleep(reg.hold);
+    // (Interrupted: the hold ends at once.)
+    crate::interrupt::sleep_until(Instant::now() + reg.hold);
     let sleeper = sleeper.finish();
     let reregistrations = counts.reregistered.load(Ordering::Relaxed) - rereg0;
     // Held: connections the embedded manager still has open, else registrations not redone.

@@ -26,13 +26,12 @@ pub struct WindowStats {
 /// Measure `window` from `t0` (on this thread, sleeping until it opens): one-way latency is
 /// recorded only inside it, and a 1 ms sleeper measures the host's noise in it.
 pub fn window(shared: &Shared, t0: Instant, window: Window) -> (WindowStats, Option<hdrhistogram::Histogram<u64>>) {
-    if let Some(d) = (t0 + window.offset).checked_duration_since(Instant::now()) {
-        std::thread::sleep(d);
-    }
+    // (Interrupted: the window ends at once, and measures what it had.)
+    crate::interrupt::sleep_until(t0 + window.offset);
     let (rx0, cpu0, w0) = (shared.rx_packets.load(Ordering::Relaxed), engine::sys::cpu_seconds(), Instant::now());
     shared.record_latency.store(true, Ordering::Relaxed);
     let sleeper = sys::Sleeper::start();
-    std::thread::sleep(window.len);
+    crate::interrupt::sleep_until(w0 + window.len);
     shared.record_latency.store(false, Ordering::Relaxed);
     let (rx1, cpu1) = (shared.rx_packets.load(Ordering::Relaxed), engine::sys::cpu_seconds());
     let secs = w0.elapsed().as_secs_f64();

@@ -26,6 +26,7 @@ pub use measure::{growth, intervals_after, IntervalSample, WindowStats, GROWTH_I
 
 use crate::error::Error;
 use crate::fleet::{self, Carries, Clients, Finished, Fleet, Member, Running, Sources, Spec};
+use crate::interrupt;
 use crate::scenario::{CallLoad, Output, Sessions, Soak, Window};
 use crate::summary::{self, hist::new_histogram, Summary};
 use crate::sys;
@@ -280,6 +281,10 @@ fn start_fleet(
 fn wait_for_registration(shared: &Shared, fleet: &mut Running<SimApp>, total: usize) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while shared.registered.load(Ordering::Relaxed) < total {
+        if interrupt::interrupted() {
+            fleet.stop();
+            return Err(Error::Interrupted("before the calls began: nothing measured"));
+        }
         if let Some(e) = fleet.ended_early() {
             return Err(e);
         }
@@ -305,9 +310,9 @@ fn schedule(load: &CallLoad, inboxes: Vec<Arc<Inbox>>, t0: Instant) -> Result<st
             engine::sys::fine_timer_slack();
             for k in 0..calls {
                 let at = t0 + Duration::from_secs_f64(k as f64 / rate);
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
+                // Interrupted: no more calls are placed.
+                if !interrupt::sleep_until(at) {
+                    break;
                 }
                 // Rotate so every caller meets many callees even when the counts are equal.
                 let callee_ix = (k as usize + k as usize / callers) % callees;
@@ -375,11 +380,20 @@ fn finish_calls(
     shared: &Shared,
     callers: usize,
 ) -> Result<(Vec<Finished<SimApp>>, Instant), Error> {
-    while shared.callers_done.load(Ordering::Relaxed) < callers && !fleet.all_ended() && !fleet.failed() {
+    while shared.callers_done.load(Ordering::Relaxed) < callers
+        && !fleet.all_ended()
+        && !fleet.failed()
+        && !interrupt::interrupted()
+    {
         std::thread::sleep(Duration::from_millis(2));
     }
     let calls_done = Instant::now();
     shared.stop_callees.store(true, Ordering::Relaxed);
+    if interrupt::interrupted() {
+        // Callers still have calls to place: stop every member (calls up are hung up and
+        // reported), and keep what was measured.
+        fleet.stop();
+    }
     if let Some(e) = fleet.take_failure() {
         fleet.stop();
         let _ = fleet.finish();
