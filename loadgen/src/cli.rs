@@ -114,6 +114,12 @@ struct Common {
     /// manager requires tokens.
     #[arg(long, value_name = "PATH")]
     secret_file: Option<std::path::PathBuf>,
+    /// Pass only if FIELD OP NUMBER holds for the summary (any numeric field, `a.b` for a
+    /// nested one; OP one of <, <=, >, >=, ==, !=), e.g. 'setup_p99_ms<10' or
+    /// 'loss_ratio<0.0001'. May be given several times. A failed threshold, or a generator
+    /// that could not keep to its plan (`generator_overloaded`), makes the exit status 1.
+    #[arg(long = "threshold", value_name = "EXPR", value_parser = crate::threshold::parse)]
+    thresholds: Vec<crate::threshold::Threshold>,
 }
 
 /// Live metrics, for the scenarios that serve them (setup, sessions, soak).
@@ -438,6 +444,7 @@ impl Common {
             dir: self.out.clone(),
             progress: !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             metrics: metrics.metrics,
+            thresholds: self.thresholds.clone(),
         })
     }
 

@@ -12,6 +12,7 @@ mod scenario;
 mod summary;
 mod sys;
 mod target;
+mod threshold;
 
 use std::process::ExitCode;
 
@@ -30,17 +31,18 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     interrupt::watch();
-    let (result, json) = match command {
-        Command::Run(run) => (scenario::run(&run), run.output.json),
-        Command::Report { dir, json } => (summary::runs::report(&dir), json),
-        Command::Merge { out, runs, json } => (summary::runs::merge(&runs, &out), json),
+    let (result, json, thresholds) = match command {
+        Command::Run(run) => (scenario::run(&run), run.output.json, run.output.thresholds.clone()),
+        Command::Report { dir, json } => (summary::runs::report(&dir), json, Vec::new()),
+        Command::Merge { out, runs, json } => (summary::runs::merge(&runs, &out), json, Vec::new()),
     };
     match result {
-        Ok(summary) => {
+        Ok(mut summary) => {
+            let passed = judge(&mut summary, &thresholds, json);
             summary.print(json);
             if interrupt::interrupted() {
                 ExitCode::from(interrupt::EXIT_INTERRUPTED)
-            } else if summary.all_ok {
+            } else if summary.all_ok && passed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -52,6 +54,38 @@ fn main() -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// Check `thresholds` against the summary: the verdicts go into its JSON (`thresholds`) and
+/// its text (and, with `json`, where stdout holds only the JSON, on stderr). False if one
+/// failed, or if there are thresholds and the generator could not keep to its plan.
+fn judge(summary: &mut summary::Summary, thresholds: &[threshold::Threshold], json: bool) -> bool {
+    if thresholds.is_empty() {
+        return true;
+    }
+    let verdicts = threshold::check(thresholds, &summary.json);
+    let overloaded = summary.json["generator_overloaded"].as_bool().unwrap_or(false);
+    let mut lines: Vec<String> = verdicts.iter().map(|v| threshold::describe(v, &summary.json)).collect();
+    if overloaded {
+        lines.push("thresholds FAILED: the generator could not keep to its plan (generator_overloaded)".into());
+    }
+    let passed = verdicts.iter().all(|v| v.ok) && !overloaded;
+    summary.json["thresholds"] = serde_json::json!({
+        "passed": passed,
+        "checks": verdicts.iter().map(|v| serde_json::json!({
+            "threshold": v.threshold.to_string(),
+            "value": v.actual,
+            "ok": v.ok,
+        })).collect::<Vec<_>>(),
+    });
+    for l in &lines {
+        if json {
+            eprintln!("loadgen: {l}");
+        }
+        summary.text.push_str(l);
+        summary.text.push('\n');
+    }
+    passed
 }
 
 /// Report `e` on stderr; exit status 2.

@@ -34,6 +34,8 @@ pub struct Output {
     pub progress: bool,
     /// Serve live Prometheus metrics here while the run lasts (`--metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Pass/fail criteria on the summary (`--threshold`).
+    pub thresholds: Vec<crate::threshold::Threshold>,
 }
 
 /// The scenarios.

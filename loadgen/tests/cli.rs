@@ -163,3 +163,37 @@ fn ctrl_c_stops_placing_calls_hangs_up_and_keeps_a_partial_summary() {
     assert_eq!(written["calls"], calls);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn thresholds_pass_or_fail_the_run_and_name_themselves() {
+    // Unreachable: exit 1, and the failed threshold named with its value.
+    let o = loadgen(&["setup", "--calls", "100", "--talk", "0", "--threshold", "setup_p99_ms<0.001"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1), "{out}\n{}", stderr(&o));
+    assert!(out.contains("threshold setup_p99_ms<0.001:") && out.contains("FAILED"), "{out}");
+    // Met: exit 0, and the verdicts in the JSON.
+    let (code, v, err) = common::run(&[
+        "setup",
+        "--calls",
+        "100",
+        "--talk",
+        "0",
+        "--json",
+        "--threshold",
+        "setup_p99_ms<5000",
+        "--threshold",
+        "calls_failed==0",
+    ]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["thresholds"]["passed"], true, "{v}");
+    assert_eq!(v["thresholds"]["checks"].as_array().map(|a| a.len()), Some(2), "{v}");
+    // A field the summary does not have fails, and the message lists the ones it has.
+    let o = loadgen(&["setup", "--calls", "20", "--talk", "0", "--threshold", "setup_p99<10"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out.contains("no numeric field `setup_p99`") && out.contains("setup_p99_ms"), "{out}");
+    // A malformed expression is refused before the run.
+    let o = loadgen(&["setup", "--threshold", "setup_p99_ms"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--threshold"), "{}", stderr(&o));
+}

@@ -404,6 +404,10 @@ fn json(
         "fd_growth": grown.map(|g| g.1),
         "growth_ok": grown.map(|g| g.2),
     });
+    // The generator could not drive the run as planned (starts more than 5 ms late for over
+    // 1% of the calls, or media frames skipped): thresholds fail on it.
+    json["generator_overloaded"] =
+        serde_json::json!(p.very_late as f64 > records.len() as f64 * 0.01 || m.frames_skipped > 0);
     // First connections that waited for a local port (a previous run's TIME_WAITs).
     json["port_waits"] = m.port_waits.into();
     json["manager_io"] = m.manager_io.into();
