@@ -122,7 +122,7 @@ struct Common {
     thresholds: Vec<crate::threshold::Threshold>,
 }
 
-/// Live metrics, for the scenarios that serve them (setup, sessions, soak).
+/// Live output, for the calls scenarios (setup, sessions, soak).
 #[derive(ClapArgs, Debug, Clone, Default)]
 struct MetricsArg {
     /// Serve live Prometheus metrics on http://ADDR/metrics while the run lasts: the
@@ -130,6 +130,18 @@ struct MetricsArg {
     /// address is printed on stderr (port 0: any free port).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Also write the live lines as CSV rows into FILE, one per interval as it ends.
+    #[arg(long, value_name = "FILE")]
+    live_csv: Option<PathBuf>,
+}
+
+/// How often `setup` and `sessions` print a live line (`soak` prints one per --interval).
+#[derive(ClapArgs, Debug, Clone)]
+struct LiveEvery {
+    /// Print a line every SECS seconds while the run lasts (calls placed, ended, setup p50 and
+    /// p99, media rate), on stdout (on stderr with --json); 0: none.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = secs_non_negative)]
+    live_every: f64,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -307,6 +319,8 @@ struct SessionsArgs {
     #[command(flatten)]
     metrics: MetricsArg,
     #[command(flatten)]
+    live: LiveEvery,
+    #[command(flatten)]
     tick: Tick,
 }
 
@@ -338,6 +352,8 @@ struct SetupArgs {
     common: Common,
     #[command(flatten)]
     metrics: MetricsArg,
+    #[command(flatten)]
+    live: LiveEvery,
     #[command(flatten)]
     tick: Tick,
 }
@@ -435,7 +451,7 @@ impl Common {
     /// What the run prints, serves and writes; a live progress line only on a terminal, and
     /// not with --json. `--out` is checked here, before anything runs: a run is not thrown
     /// away at its end because its directory cannot be written.
-    fn output(&self, metrics: &MetricsArg) -> Result<Output, Error> {
+    fn output(&self, metrics: &MetricsArg, live_every: Option<f64>) -> Result<Output, Error> {
         if let Some(dir) = &self.out {
             check_out(dir)?;
         }
@@ -445,6 +461,8 @@ impl Common {
             progress: !self.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             metrics: metrics.metrics,
             thresholds: self.thresholds.clone(),
+            live_every: live_every.filter(|s| *s > 0.0).map(Duration::from_secs_f64),
+            live_csv: metrics.live_csv.clone(),
         })
     }
 
@@ -515,7 +533,7 @@ fn setup(a: SetupArgs, secret: Secret) -> Result<Run, Error> {
         scenario: Scenario::Setup(load),
         target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, Some(&a.tick)),
-        output: a.common.output(&a.metrics)?,
+        output: a.common.output(&a.metrics, Some(a.live.live_every))?,
     })
 }
 
@@ -530,7 +548,7 @@ fn hostile(h: HostileArgs, secret: Secret) -> Result<Run, Error> {
         _ => return Err(Error::IncompleteExternalManager),
     };
     let attack = Attack { idle: h.idle, half: h.half, churn_rate: h.attack_rate };
-    let mut output = h.common.output(&MetricsArg::default())?;
+    let mut output = h.common.output(&MetricsArg::default(), None)?;
     // The two setup runs show no progress line: the attack's threads write nothing either.
     output.progress = false;
     Ok(Run {
@@ -579,7 +597,7 @@ fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
         scenario: Scenario::Sessions(Sessions { load, window, idle: a.idle }),
         target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, Some(&a.tick)),
-        output: a.common.output(&a.metrics)?,
+        output: a.common.output(&a.metrics, Some(a.live.live_every))?,
     })
 }
 
@@ -597,7 +615,7 @@ fn register(a: RegisterArgs, secret: Secret) -> Result<Run, Error> {
         scenario: Scenario::Register(scenario),
         target: a.common.target(external, a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, None),
-        output: a.common.output(&MetricsArg::default())?,
+        output: a.common.output(&MetricsArg::default(), None)?,
     })
 }
 
@@ -619,7 +637,7 @@ fn audio(a: AudioArgs, secret: Secret) -> Result<Run, Error> {
         // One shard: a call between two clients.
         target: a.common.target(external(manager), 1, io, Limits::Off, secret),
         fleet: a.common.fleet(io, None),
-        output: a.common.output(&MetricsArg::default())?,
+        output: a.common.output(&MetricsArg::default(), None)?,
     })
 }
 
@@ -667,7 +685,7 @@ fn soak(a: SoakArgs, secret: Secret) -> Result<Run, Error> {
         scenario: Scenario::Soak(scenario),
         target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
         fleet: a.common.fleet(io, Some(&a.tick)),
-        output: a.common.output(&a.metrics)?,
+        output: a.common.output(&a.metrics, None)?,
     })
 }
 

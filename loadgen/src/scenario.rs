@@ -36,6 +36,10 @@ pub struct Output {
     pub metrics: Option<SocketAddr>,
     /// Pass/fail criteria on the summary (`--threshold`).
     pub thresholds: Vec<crate::threshold::Threshold>,
+    /// A live line every this often (`setup`, `sessions`; `soak` has one per interval).
+    pub live_every: Option<Duration>,
+    /// The live rows also go into this CSV file (`--live-csv`).
+    pub live_csv: Option<PathBuf>,
 }
 
 /// The scenarios.

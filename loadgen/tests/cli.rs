@@ -197,3 +197,77 @@ fn thresholds_pass_or_fail_the_run_and_name_themselves() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--threshold"), "{}", stderr(&o));
 }
+
+/// Run `loadgen ARGS` with stdout piped, and every stdout line with the time it arrived.
+fn lines_as_they_come(args: &[&str]) -> (Option<i32>, Vec<(std::time::Instant, String)>) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start loadgen");
+    let out = child.stdout.take().unwrap();
+    let lines: Vec<(std::time::Instant, String)> =
+        std::io::BufReader::new(out).lines().map_while(Result::ok).map(|l| (std::time::Instant::now(), l)).collect();
+    (child.wait().unwrap().code(), lines)
+}
+
+/// The live lines' `t=` (seconds from the run's start) and arrival times.
+fn live_times(lines: &[(std::time::Instant, String)]) -> Vec<(f64, std::time::Instant)> {
+    lines
+        .iter()
+        .filter_map(|(at, l)| {
+            let t = l.strip_prefix("live t=")?.split('s').next()?.trim().parse::<f64>().ok()?;
+            Some((t, *at))
+        })
+        .collect()
+}
+
+#[test]
+fn a_piped_soak_prints_each_interval_within_a_second_of_its_end() {
+    let (code, lines) = lines_as_they_come(&["soak", "--sessions", "100", "--duration", "30", "--interval", "5"]);
+    assert_eq!(code, Some(0), "{lines:?}");
+    let live = live_times(&lines);
+    assert!(live.len() >= 6, "30 s in 5 s intervals: {lines:?}");
+    // Each line's arrival, less its interval's end: the same within a second for all (the
+    // first may be late by up to a second, so compare with the earliest).
+    let offsets: Vec<f64> =
+        live.iter().map(|(t, at)| at.duration_since(live[0].1).as_secs_f64() - (t - live[0].0)).collect();
+    let earliest = offsets.iter().cloned().fold(f64::INFINITY, f64::min);
+    for ((t, _), o) in live.iter().zip(&offsets) {
+        assert!(o - earliest < 1.0, "the interval ending at {t} s came {:.2} s late: {offsets:?}", o - earliest);
+    }
+    // And they came while the run lasted, not with its summary.
+    let summary_at = lines.last().unwrap().0;
+    assert!(summary_at.duration_since(live[0].1).as_secs_f64() > 20.0, "{lines:?}");
+}
+
+#[test]
+fn setup_prints_live_lines_and_writes_them_as_csv() {
+    let csv = std::env::temp_dir().join(format!("loadgen-live-{}.csv", std::process::id()));
+    let args = [
+        "setup",
+        "--rate",
+        "200",
+        "--duration",
+        "4",
+        "--talk",
+        "0",
+        "--live-every",
+        "1",
+        "--live-csv",
+        csv.to_str().unwrap(),
+    ];
+    let (code, lines) = lines_as_they_come(&args);
+    assert_eq!(code, Some(0));
+    let live = live_times(&lines);
+    assert!(live.len() >= 3, "{lines:?}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let _ = std::fs::remove_file(&csv);
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "t_s,placed,rate_per_s,ok,failed,setup_p50_ms,setup_p99_ms,media_pps");
+    assert_eq!(rows.len() - 1, live.len(), "one CSV row per live line: {text}");
+    let placed: u64 = rows[1..].iter().map(|r| r.split(',').nth(1).unwrap().parse::<u64>().unwrap()).sum();
+    assert_eq!(placed, 800, "every call placed is in exactly one row: {text}");
+}

@@ -79,6 +79,8 @@ pub struct Shared {
     /// Setup times of successful calls (planned start to two-way media), for the metrics
     /// endpoint.
     pub setup_time: proto::shard::stats::LatencyHistogram,
+    /// The same, since the last live line (swapped out by the live thread).
+    pub live_setup: Mutex<Histogram<u64>>,
     /// The manager refused a registration (ERROR Unauthorized): its message.
     pub refused: Mutex<Option<String>>,
     /// First connections that waited for a free local port (summed at registration).
@@ -143,6 +145,7 @@ impl Shared {
             stop_callees: AtomicBool::new(false),
             incoming: Mutex::new(HashMap::new()),
             setup_time: Default::default(),
+            live_setup: Mutex::new(new_histogram()),
             refused: Mutex::new(None),
             port_waits: AtomicU64::new(0),
         }
@@ -276,7 +279,9 @@ impl App for CallerApp {
                     let counter = if ok { &self.shared.ended_ok } else { &self.shared.ended_failed };
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let (true, Some(f)) = (ok, r.flowing) {
-                        self.shared.setup_time.record(f.saturating_duration_since(r.planned));
+                        let setup = f.saturating_duration_since(r.planned);
+                        self.shared.setup_time.record(setup);
+                        record(&mut self.shared.live_setup.lock().unwrap_or_else(|e| e.into_inner()), setup);
                     }
                     if r.outcome.is_none() && r.flowing.is_none() {
                         r.outcome = Some("no packet from the callee".into());

@@ -96,6 +96,7 @@ pub fn sampler(
     t0: Instant,
     every: Duration,
     until: Option<Instant>,
+    live: &super::live::Live,
 ) -> Vec<IntervalSample> {
     let Some(iv) = &shared.intervals else { return Vec::new() };
     if let Some(d) = t0.checked_duration_since(Instant::now()) {
@@ -152,6 +153,9 @@ pub fn sampler(
             fds: sys::open_fds(),
             cores: (cpu - cpu0) / secs,
         });
+        if let Some(s) = out.last() {
+            live.interval(s);
+        }
         (rx0, tx0, cpu0, start) = (rx, tx, cpu, now);
         if stopping {
             break;
@@ -176,15 +180,21 @@ pub fn growth(samples: &[IntervalSample], warmup: Duration) -> Option<(f64, i64,
     Some((rss, fds, ok))
 }
 
-/// Live progress on stderr until every call has ended: elapsed time, calls placed against
-/// the plan, the achieved start rate, calls ended well and not.
-pub fn progress_line(shared: &Shared, done: &AtomicBool, t0: Instant, calls: u64, rate: f64) {
+/// The progress bar of a run of `calls` calls (on stderr).
+pub fn progress_bar(calls: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(calls);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} calls placed  {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    bar
+}
+
+/// Live progress on stderr until every call has ended: elapsed time, calls placed against
+/// the plan, the achieved start rate, calls ended well and not.
+pub fn progress_line(bar: &indicatif::ProgressBar, shared: &Shared, done: &AtomicBool, t0: Instant, rate: f64) {
+    let calls = bar.length().unwrap_or(u64::MAX);
     loop {
         let placed = shared.placed.load(Ordering::Relaxed);
         let (ok, failed) = (shared.ended_ok.load(Ordering::Relaxed), shared.ended_failed.load(Ordering::Relaxed));
@@ -198,6 +208,52 @@ pub fn progress_line(shared: &Shared, done: &AtomicBool, t0: Instant, calls: u64
         std::thread::sleep(Duration::from_millis(200));
     }
     bar.finish_and_clear();
+}
+
+/// A live line every `every` until the calls have ended: what happened since the last one.
+pub fn live_lines(shared: &Shared, done: &AtomicBool, t0: Instant, every: Duration, live: &super::live::Live) {
+    let mut last = (0u64, 0u64, 0u64, shared.rx_packets.load(Ordering::Relaxed), t0);
+    crate::interrupt::sleep_until(t0);
+    // Whatever was recorded before t0 is not an interval's.
+    shared.live_setup.lock().unwrap_or_else(|e| e.into_inner()).reset();
+    let mut next = t0 + every;
+    loop {
+        while Instant::now() < next && !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20).min(next.saturating_duration_since(Instant::now())));
+        }
+        let now = Instant::now();
+        let stopping = done.load(Ordering::Relaxed);
+        let secs = now.duration_since(last.4).as_secs_f64();
+        if stopping && secs < every.as_secs_f64() / 2.0 {
+            break;
+        }
+        let (placed, ok, failed, rx) = (
+            shared.placed.load(Ordering::Relaxed),
+            shared.ended_ok.load(Ordering::Relaxed),
+            shared.ended_failed.load(Ordering::Relaxed),
+            shared.rx_packets.load(Ordering::Relaxed),
+        );
+        let setup = {
+            let mut h = shared.live_setup.lock().unwrap_or_else(|e| e.into_inner());
+            let quantiles = [hist::ms_at(&h, 0.5), hist::ms_at(&h, 0.99)];
+            h.reset();
+            quantiles
+        };
+        live.calls(&super::live::CallsRow {
+            t_s: now.duration_since(t0).as_secs_f64(),
+            placed: placed - last.0,
+            rate: (placed - last.0) as f64 / secs,
+            ok: ok - last.1,
+            failed: failed - last.2,
+            setup_ms: setup,
+            pps: (rx - last.3) as f64 / secs,
+        });
+        last = (placed, ok, failed, rx, now);
+        next = now + every;
+        if stopping {
+            break;
+        }
+    }
 }
 
 /// The generator's live metrics, and the embedded manager's after them.

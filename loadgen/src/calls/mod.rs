@@ -11,6 +11,7 @@
 //! intervals and checks for growth.
 
 mod apps;
+mod live;
 mod measure;
 
 use std::collections::HashMap;
@@ -136,6 +137,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     let clients = load.callers + load.callees;
     check_descriptors(clients)?;
     let sources = Sources::plan(options.bind_ip, clients, options.source_ips)?;
+    let live = Arc::new(live::Live::new(output.json, output.live_csv.as_deref())?);
     let manager = target.connect()?;
     let shared = Arc::new(Shared::new(calls.window().is_none(), calls.idle(), calls.interval().is_some()));
     let _metrics = serve_metrics(output, &shared, &manager)?;
@@ -153,7 +155,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     let run_sleeper = calls.window().is_none().then(sys::Sleeper::start);
     let t0 = Instant::now() + Duration::from_millis(100);
     let scheduler = schedule(load, inboxes, t0)?;
-    let watchers = Watchers::start(calls, output, &shared, t0);
+    let watchers = Watchers::start(calls, output, &shared, &live, t0);
     let finished = finish_calls(fleet, &shared, load.callers);
     watchers.done.store(true, Ordering::Relaxed);
     let (finished, calls_done) = finished?;
@@ -323,36 +325,44 @@ fn schedule(load: &CallLoad, inboxes: Vec<Arc<Inbox>>, t0: Instant) -> Result<st
         .map_err(|source| Error::Thread { name, source })
 }
 
-/// The threads that watch a run while it lasts: the soak's interval sampler, the progress
-/// line, and the steady-state window.
+/// The threads that watch a run while it lasts: the soak's interval sampler, the live lines,
+/// the progress line, and the steady-state window.
 struct Watchers {
     /// Set once the calls have ended.
     done: Arc<AtomicBool>,
     sampler: Option<std::thread::JoinHandle<Vec<IntervalSample>>>,
+    live: Option<std::thread::JoinHandle<()>>,
     progress: Option<std::thread::JoinHandle<()>>,
     window: Option<std::thread::JoinHandle<(WindowStats, Option<Histogram<u64>>)>>,
 }
 
 impl Watchers {
-    fn start(calls: Calls<'_>, output: &Output, shared: &Arc<Shared>, t0: Instant) -> Watchers {
+    fn start(calls: Calls<'_>, output: &Output, shared: &Arc<Shared>, live: &Arc<live::Live>, t0: Instant) -> Watchers {
         let done = Arc::new(AtomicBool::new(false));
         let window = calls.window();
+        let bar = output.progress.then(|| measure::progress_bar(calls.load().calls));
+        live.above(bar.clone());
         let sampler = calls.interval().map(|every| {
-            let (shared, done) = (shared.clone(), done.clone());
+            let (shared, done, live) = (shared.clone(), done.clone(), live.clone());
             // Sample until the steady state ends, not through the teardown.
             let until = window.map(|w| t0 + w.offset + w.len);
-            std::thread::spawn(move || measure::sampler(&shared, &done, t0, every, until))
+            std::thread::spawn(move || measure::sampler(&shared, &done, t0, every, until, &live))
         });
-        let progress = output.progress.then(|| {
+        // (A soak's live lines are its intervals.)
+        let live = output.live_every.filter(|_| calls.interval().is_none()).map(|every| {
+            let (shared, done, live) = (shared.clone(), done.clone(), live.clone());
+            std::thread::spawn(move || measure::live_lines(&shared, &done, t0, every, &live))
+        });
+        let progress = bar.map(|bar| {
             let (shared, done) = (shared.clone(), done.clone());
-            let (calls, rate) = (calls.load().calls, calls.load().rate);
-            std::thread::spawn(move || measure::progress_line(&shared, &done, t0, calls, rate))
+            let rate = calls.load().rate;
+            std::thread::spawn(move || measure::progress_line(&bar, &shared, &done, t0, rate))
         });
         let window = window.map(|w| {
             let shared = shared.clone();
             std::thread::spawn(move || measure::window(&shared, t0, w))
         });
-        Watchers { done, sampler, progress, window }
+        Watchers { done, sampler, live, progress, window }
     }
 
     /// Wait for the threads: the intervals, and the window with its host noise.
@@ -360,6 +370,9 @@ impl Watchers {
     fn join(self) -> Result<(Vec<IntervalSample>, Option<(WindowStats, Option<Histogram<u64>>)>), Error> {
         if let Some(p) = self.progress {
             let _ = p.join();
+        }
+        if let Some(l) = self.live {
+            let _ = l.join();
         }
         let samples = match self.sampler {
             Some(t) => t.join().map_err(|_| Error::Panicked("the sampler thread"))?,
