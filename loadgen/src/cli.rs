@@ -11,6 +11,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 
 use crate::error::Error;
 use crate::fleet;
+use crate::plan::{Arrivals, Plan, TalkDist};
 use crate::scenario::{Attack, Audio, CallLoad, Hostile, Output, Register, Run, Scenario, Sessions, Soak, Window};
 use crate::target::{Embedded, External, Limits, Target};
 
@@ -349,6 +350,8 @@ struct SetupArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     callees: u64,
     #[command(flatten)]
+    shape: Shape,
+    #[command(flatten)]
     common: Common,
     #[command(flatten)]
     metrics: MetricsArg,
@@ -356,6 +359,31 @@ struct SetupArgs {
     live: LiveEvery,
     #[command(flatten)]
     tick: Tick,
+}
+
+/// The shape of a `setup` load beyond a constant even rate.
+#[derive(ClapArgs, Debug, Clone)]
+struct Shape {
+    /// Ramp the arrival rate in stages instead of --rate/--calls/--duration: DURATION:RATE,...
+    /// each stage moving linearly from the previous stage's rate (0 at the start) to its
+    /// own, e.g. 30s:1000,60s:1000,30s:0 (up, hold, down). Durations as 30, 30s or 2m.
+    #[arg(long, value_name = "STAGES", value_parser = crate::plan::parse_stages_arg, conflicts_with_all = ["rate", "calls", "duration"])]
+    stages: Option<crate::plan::Stages>,
+    /// How arrivals spread at the rate: even (one every 1/rate s) or poisson (exponential
+    /// gaps of mean 1/rate, seeded with --seed).
+    #[arg(long, value_name = "KIND", default_value = "even", value_parser = ["even", "poisson"])]
+    arrivals: String,
+    /// How long each call talks, around --talk: fixed, exp (exponential of mean --talk) or
+    /// uniform (0 to twice --talk), seeded with --seed.
+    #[arg(long, value_name = "KIND", default_value = "fixed", value_parser = ["fixed", "exp", "uniform"])]
+    talk_dist: String,
+    /// Seed of Poisson arrivals and drawn talk times.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Calls up at once at most (like SIPp's -l): a call due while this many are up waits
+    /// for one to end, and the wait counts as lateness (the plan stays open-loop).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    max_concurrent: Option<u64>,
 }
 
 impl Default for SetupArgs {
@@ -510,13 +538,33 @@ fn call_load(rate: f64, calls: u64, talk: f64, callers: Option<u64>, callees: u6
         Some(c) => c,
         None => DEFAULT_CALLERS.min(calls),
     };
-    Ok(CallLoad {
-        rate,
-        calls,
-        talk: Duration::from_secs_f64(talk),
-        callers: callers as usize,
-        callees: callees as usize,
-    })
+    Ok(CallLoad::even(rate, calls, Duration::from_secs_f64(talk), callers as usize, callees as usize))
+}
+
+/// `setup`'s load with its shape: stages or a constant rate, even or Poisson arrivals, drawn
+/// talk times, a cap on calls up at once.
+fn shaped_load(a: &SetupArgs) -> Result<CallLoad, Error> {
+    let arrivals = match a.shape.arrivals.as_str() {
+        "poisson" => Arrivals::Poisson { seed: a.shape.seed },
+        _ => Arrivals::Even,
+    };
+    let plan = match &a.shape.stages {
+        Some(stages) => Plan::stages(stages.0.clone(), arrivals),
+        None => Plan::constant(a.rate, a.duration.map_or(a.calls, |d| calls_in(a.rate, d)), arrivals),
+    };
+    if plan.calls == 0 {
+        return Err(Error::Flags("--stages: the stages place no call (every rate is 0)".into()));
+    }
+    let mut load = call_load(plan.mean_rate(), plan.calls, a.talk, a.callers, a.callees)?;
+    load.talk_dist = match a.shape.talk_dist.as_str() {
+        "exp" => TalkDist::Exponential,
+        "uniform" => TalkDist::Uniform,
+        _ => TalkDist::Fixed,
+    };
+    load.plan = plan;
+    load.seed = a.shape.seed;
+    load.max_concurrent = a.shape.max_concurrent;
+    Ok(load)
 }
 
 /// The calls of a run of `rate` arrivals per second for `duration` seconds (at least one).
@@ -526,8 +574,7 @@ fn calls_in(rate: f64, duration: f64) -> u64 {
 
 fn setup(a: SetupArgs, secret: Secret) -> Result<Run, Error> {
     let manager = resolve(&a.common.manager)?;
-    let calls = a.duration.map_or(a.calls, |d| calls_in(a.rate, d));
-    let load = call_load(a.rate, calls, a.talk, a.callers, a.callees)?;
+    let load = shaped_load(&a)?;
     let io = choose_io(&a.common.io)?;
     Ok(Run {
         scenario: Scenario::Setup(load),
@@ -584,13 +631,8 @@ fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
     // margin, so all S sessions overlap during the window.
     let ramp_s = a.sessions as f64 / a.ramp;
     let settle = 1.0;
-    let load = CallLoad {
-        rate: a.ramp,
-        calls: a.sessions,
-        talk: Duration::from_secs_f64(ramp_s + settle + a.duration + settle),
-        callers: clients,
-        callees: clients,
-    };
+    let talk = Duration::from_secs_f64(ramp_s + settle + a.duration + settle);
+    let load = CallLoad::even(a.ramp, a.sessions, talk, clients, clients);
     let window = Window { offset: Duration::from_secs_f64(ramp_s + settle), len: Duration::from_secs_f64(a.duration) };
     let io = choose_io(&a.common.io)?;
     Ok(Run {
@@ -671,7 +713,7 @@ fn soak(a: SoakArgs, secret: Secret) -> Result<Run, Error> {
             crate::calls::GROWTH_INTERVALS
         )));
     }
-    let load = CallLoad { rate, calls, talk: Duration::from_secs_f64(talk), callers: clients, callees: clients };
+    let load = CallLoad::even(rate, calls, Duration::from_secs_f64(talk), clients, clients);
     let window = Window { offset: Duration::from_secs_f64(ramp_s), len: Duration::from_secs_f64(a.duration) };
     let io = choose_io(&a.common.io)?;
     let scenario = Soak {

@@ -7,6 +7,7 @@ mod error;
 mod fleet;
 mod hostile;
 mod interrupt;
+mod plan;
 mod register;
 mod scenario;
 mod summary;

@@ -59,20 +59,48 @@ pub enum Scenario {
     Hostile(Hostile),
 }
 
-/// The calls of a `setup`, `sessions` or `soak` run: call `k` is planned at
-/// `t0 + k / rate`, placed by caller `k % callers` to callee `(k + k / callers) % callees`.
+/// The calls of a `setup`, `sessions` or `soak` run: call `k` is planned by the `plan` (at
+/// `t0 + k / rate` for an even constant rate), placed by caller `k % callers` to callee
+/// `(k + k / callers) % callees`.
 #[derive(Debug, Clone)]
 pub struct CallLoad {
-    /// Call arrivals per second.
+    /// Call arrivals per second (the plan's mean rate).
     pub rate: f64,
     /// Number of calls.
     pub calls: u64,
-    /// Media time per call before the caller hangs up (zero: at the first two-way media).
+    /// Media time per call before the caller hangs up (zero: at the first two-way media);
+    /// the mean, if `talk_dist` draws it per call.
     pub talk: Duration,
     /// Simulated callers.
     pub callers: usize,
     /// Simulated callees (each answers any number of calls at once).
     pub callees: usize,
+    /// When each call is due.
+    pub plan: crate::plan::Plan,
+    /// How each call's talk time is drawn (seeded with `seed`).
+    pub talk_dist: crate::plan::TalkDist,
+    /// Seeds the talk times (and Poisson arrivals).
+    pub seed: u64,
+    /// Calls up at once at most (SIPp's -l): a call due while this many are up waits, and
+    /// its wait counts as lateness.
+    pub max_concurrent: Option<u64>,
+}
+
+impl CallLoad {
+    /// `calls` calls evenly at `rate`, each talking `talk`.
+    pub fn even(rate: f64, calls: u64, talk: Duration, callers: usize, callees: usize) -> CallLoad {
+        CallLoad {
+            rate,
+            calls,
+            talk,
+            callers,
+            callees,
+            plan: crate::plan::Plan::constant(rate, calls, crate::plan::Arrivals::Even),
+            talk_dist: crate::plan::TalkDist::Fixed,
+            seed: 1,
+            max_concurrent: None,
+        }
+    }
 }
 
 /// The steady-state window of a `sessions` or `soak` run, in which delivered packets, CPU

@@ -271,3 +271,60 @@ fn setup_prints_live_lines_and_writes_them_as_csv() {
     let placed: u64 = rows[1..].iter().map(|r| r.split(',').nth(1).unwrap().parse::<u64>().unwrap()).sum();
     assert_eq!(placed, 800, "every call placed is in exactly one row: {text}");
 }
+
+#[test]
+fn load_shapes_ramp_spread_and_cap_the_calls() {
+    // Stages: up to 200/s over 2 s, hold 2 s, down over 2 s: 800 calls, placed as the ramp says.
+    let csv = std::env::temp_dir().join(format!("loadgen-stages-{}.csv", std::process::id()));
+    let args = [
+        "setup",
+        "--stages",
+        "2s:200,2s:200,2s:0",
+        "--talk",
+        "0",
+        "--live-every",
+        "1",
+        "--live-csv",
+        csv.to_str().unwrap(),
+        "--json",
+    ];
+    let (code, v, err) = common::run(&args);
+    let text = std::fs::read_to_string(&csv).unwrap_or_default();
+    let _ = std::fs::remove_file(&csv);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!((v["calls"].as_u64(), v["calls_ok"].as_u64()), (Some(800), Some(800)), "{v}");
+    let placed: Vec<u64> = text.lines().skip(1).map(|r| r.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    // Seconds 1 and 2 ramp (about 50 and 150), 3 and 4 hold (200 each).
+    assert!(placed.len() >= 6 && placed[0] < 100 && placed[2] > 180 && placed[3] > 180, "{text}");
+
+    // Poisson arrivals: the same count and mean rate, uneven gaps.
+    let (code, v, err) =
+        common::run(&["setup", "--rate", "200", "--duration", "3", "--arrivals", "poisson", "--talk", "0", "--json"]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["calls_ok"], 600, "{v}");
+    let rate = v["achieved_rate"].as_f64().unwrap();
+    assert!((150.0..250.0).contains(&rate), "{v}");
+
+    // A cap on calls up at once: 400 calls/s of 1 s each need about 400 up; 50 allowed, so
+    // calls wait for room and their waits show as lateness (measured from the plan).
+    let capped = |cap: &str| {
+        let (code, v, err) = common::run(&[
+            "setup",
+            "--rate",
+            "400",
+            "--duration",
+            "2",
+            "--talk",
+            "1",
+            "--max-concurrent",
+            cap,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{v}\n{err}");
+        assert_eq!(v["calls_ok"], 800, "{v}");
+        v["start_lateness_p99_ms"].as_f64().unwrap()
+    };
+    let (tight, loose) = (capped("50"), capped("100000"));
+    assert!(tight > 1000.0, "50 at once: the last calls wait seconds, p99 lateness {tight} ms");
+    assert!(loose < 100.0, "no real cap: p99 lateness {loose} ms");
+}

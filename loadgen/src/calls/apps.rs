@@ -30,6 +30,8 @@ pub struct CallRecord {
     pub start: Option<Instant>,
     /// Two-way media: the first packet from the callee.
     pub flowing: Option<Instant>,
+    /// How long it was to talk.
+    pub talk: Duration,
     /// Why it failed (None: it succeeded).
     pub outcome: Option<String>,
 }
@@ -108,7 +110,7 @@ impl Default for IntervalRec {
 
 /// Calls the scheduler thread has released to one caller, at their planned time.
 pub struct Inbox {
-    due: Mutex<VecDeque<(Instant, ClientId)>>,
+    due: Mutex<VecDeque<(Instant, ClientId, Duration)>>,
     /// Wakes the caller.
     pub wake: Arc<Wake>,
 }
@@ -119,14 +121,19 @@ impl Inbox {
         Ok(Inbox { due: Mutex::new(VecDeque::new()), wake: Wake::new(io)? })
     }
 
-    /// Release call to `callee`, planned at `planned`, and wake the caller.
-    pub fn release(&self, planned: Instant, callee: ClientId) {
-        self.due.lock().unwrap_or_else(|e| e.into_inner()).push_back((planned, callee));
+    /// Release call to `callee`, planned at `planned`, to talk `talk`, and wake the caller.
+    pub fn release(&self, planned: Instant, callee: ClientId, talk: Duration) {
+        self.due.lock().unwrap_or_else(|e| e.into_inner()).push_back((planned, callee, talk));
         self.wake.notify();
     }
 }
 
 impl Shared {
+    /// Calls ended so far, well or not.
+    pub fn ended(&self) -> u64 {
+        self.ended_ok.load(Ordering::Relaxed) + self.ended_failed.load(Ordering::Relaxed)
+    }
+
     /// Shared state for a run: one-way latency recorded from the start (`record_latency`)
     /// or only once a window opens; sessions `idle` (no media); `sampled` at intervals.
     pub fn new(record_latency: bool, idle: bool, sampled: bool) -> Shared {
@@ -250,13 +257,15 @@ impl App for CallerApp {
         match event {
             Event::Registered { .. } => self.shared.count_registration(&mut self.counted_registration, ctx.counters()),
             Event::Started { handle, call_id, .. } => {
+                let mut talk = self.talk;
                 if let Some(r) = self.inflight.get_mut(&handle) {
                     r.start = Some(ctx.now);
                     r.call_id = Some(call_id);
+                    talk = r.talk;
                 }
-                let end = ctx.now + self.talk;
+                let end = ctx.now + talk;
                 // No talk time: hang up at the first two-way media (in on_media).
-                self.streams.start(handle, ctx.now, (!self.talk.is_zero()).then_some(end));
+                self.streams.start(handle, ctx.now, (!talk.is_zero()).then_some(end));
                 if self.shared.idle {
                     self.streams.pause(handle, ctx.now, end);
                 }
@@ -297,7 +306,8 @@ impl App for CallerApp {
     fn on_media(&mut self, ctx: &mut Ctx<'_>, p: Received<'_>) {
         let first = self.first_media(ctx.now, p.handle);
         on_media_common(&self.shared, &mut self.latency, &mut self.transit, ctx.now, &p);
-        if first && self.talk.is_zero() {
+        let talk = self.inflight.get(&p.handle).map_or(self.talk, |r| r.talk);
+        if first && talk.is_zero() {
             self.streams.stop(p.handle);
             let _ = ctx.client.hangup(ctx.now, p.handle);
         }
@@ -310,12 +320,13 @@ impl App for CallerApp {
     fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
         // Calls released by the scheduler; `ctx.now` was read after the wake-up, so a call's
         // lateness includes the time this task took to run.
-        let due: Vec<(Instant, ClientId)> =
+        let due: Vec<(Instant, ClientId, Duration)> =
             self.inbox.due.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
-        for (planned, callee) in due {
+        for (planned, callee, talk) in due {
             self.remaining -= 1;
             self.shared.placed.fetch_add(1, Ordering::Relaxed);
-            let mut r = CallRecord { planned, sent: ctx.now, call_id: None, start: None, flowing: None, outcome: None };
+            let mut r =
+                CallRecord { planned, sent: ctx.now, call_id: None, start: None, flowing: None, talk, outcome: None };
             match ctx.client.call(ctx.now, callee) {
                 Ok(h) => {
                     self.inflight.insert(h, r);

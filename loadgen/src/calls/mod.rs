@@ -154,7 +154,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     // The whole run's host noise for `setup`; `sessions` and `soak` measure inside their window.
     let run_sleeper = calls.window().is_none().then(sys::Sleeper::start);
     let t0 = Instant::now() + Duration::from_millis(100);
-    let scheduler = schedule(load, inboxes, t0)?;
+    let scheduler = schedule(load, inboxes, shared.clone(), t0)?;
     let watchers = Watchers::start(calls, output, &shared, &live, t0);
     let finished = finish_calls(fleet, &shared, load.callers);
     watchers.done.store(true, Ordering::Relaxed);
@@ -301,25 +301,42 @@ fn wait_for_registration(shared: &Shared, fleet: &mut Running<SimApp>, total: us
     Ok(())
 }
 
-/// The open-loop plan, on a thread of its own with a fine timer: call `k` is released at
-/// `t0 + k / rate` to caller `k % callers`, for callee `(k + k / callers) % callees`.
-fn schedule(load: &CallLoad, inboxes: Vec<Arc<Inbox>>, t0: Instant) -> Result<std::thread::JoinHandle<()>, Error> {
-    let (calls, rate, callers, callees) = (load.calls, load.rate, load.callers, load.callees);
+/// The open-loop plan, on a thread of its own with a fine timer: call `k` is released at its
+/// planned time (`t0 + k / rate` for an even constant rate) to caller `k % callers`, for
+/// callee `(k + k / callers) % callees`, with its talk time. With a cap on calls up at once,
+/// a call due while the cap is reached waits for one to end; it is still measured from its
+/// planned time.
+fn schedule(
+    load: &CallLoad,
+    inboxes: Vec<Arc<Inbox>>,
+    shared: Arc<Shared>,
+    t0: Instant,
+) -> Result<std::thread::JoinHandle<()>, Error> {
+    let (callers, callees, cap) = (load.callers, load.callees, load.max_concurrent);
+    let plan = load.plan.clone();
+    let mut talk = crate::plan::Talk::new(load.talk, load.talk_dist, load.seed);
     let name = "schedule".to_string();
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
             engine::sys::fine_timer_slack();
-            for k in 0..calls {
-                let at = t0 + Duration::from_secs_f64(k as f64 / rate);
+            for (k, offset) in plan.offsets().enumerate() {
+                let at = t0 + offset;
                 // Interrupted: no more calls are placed.
                 if !interrupt::sleep_until(at) {
                     break;
                 }
+                if let Some(cap) = cap {
+                    while (k as u64).saturating_sub(shared.ended()) >= cap {
+                        if !interrupt::sleep_until(Instant::now() + Duration::from_micros(200)) {
+                            return;
+                        }
+                    }
+                }
                 // Rotate so every caller meets many callees even when the counts are equal.
-                let callee_ix = (k as usize + k as usize / callers) % callees;
+                let callee_ix = (k + k / callers) % callees;
                 let callee = ClientId::new(format!("callee-{callee_ix}")).expect("valid id");
-                inboxes[k as usize % callers].release(at, callee);
+                inboxes[k % callers].release(at, callee, talk.next());
             }
         })
         .map_err(|source| Error::Thread { name, source })
