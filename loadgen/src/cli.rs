@@ -253,7 +253,7 @@ struct SoakArgs {
     #[arg(long, default_value_t = 0)]
     clients: usize,
     /// Shards of the embedded manager (0: one per core).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 0)]
     shards: usize,
     #[command(flatten)]
     common: Common,
@@ -310,7 +310,7 @@ struct SessionsArgs {
     #[arg(long, default_value_t = 1000.0, value_parser = rate)]
     ramp: f64,
     /// Shards of the embedded manager (0: one per core).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 0)]
     shards: usize,
     /// Hold the sessions without media, by keepalives alone (measures memory per session).
     #[arg(long)]

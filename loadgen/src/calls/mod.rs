@@ -209,7 +209,7 @@ fn check_descriptors(clients: usize) -> Result<(), Error> {
 }
 
 /// Serve the generator's live metrics (and the embedded manager's) if asked; the address
-/// goes to stderr.
+/// is printed first.
 fn serve_metrics(
     output: &Output,
     shared: &Arc<Shared>,
@@ -219,7 +219,14 @@ fn serve_metrics(
     let (sh, mgr) = (shared.clone(), manager.stats().cloned());
     let render = move || measure::render_metrics(&sh, mgr.as_deref());
     let m = manager::metrics::serve(addr, Arc::new(render)).map_err(|source| Error::MetricsServe { addr, source })?;
-    eprintln!("metrics http://{}/metrics", m.local_addr());
+    // As the manager does: on stdout (on stderr with --json, where stdout holds the summary).
+    let line = format!("metrics http://{}/metrics", m.local_addr());
+    if output.json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
     Ok(Some(m))
 }
 
