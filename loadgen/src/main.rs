@@ -35,7 +35,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(summary) => {
-            summary.print(json);
+            // The summary first: files that cannot be written must not cost it.
+            if let Err(e) = summary.print_then_write(json) {
+                return fail(&e);
+            }
             if summary.all_ok {
                 ExitCode::SUCCESS
             } else {

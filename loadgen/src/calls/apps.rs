@@ -32,6 +32,9 @@ pub struct CallRecord {
     pub flowing: Option<Instant>,
     /// Why it failed (None: it succeeded).
     pub outcome: Option<String>,
+    /// RFC 3550 interarrival jitter J of the media the caller received, ms, at the call's
+    /// end (None: fewer than two packets, J needs two transit times).
+    pub jitter_ms: Option<f64>,
 }
 
 /// Media packets of the calls a client saw end (from their RFC 3550 reports).
@@ -273,6 +276,7 @@ impl App for CallerApp {
                     // callee's packets arrived) and lasted until the planned hang-up.
                     let ok = if self.shared.idle { rep.reason.is_success() } else { rep.succeeded() };
                     r.outcome = (!ok).then(|| rep.reason.describe());
+                    r.jitter_ms = (rep.received >= 2).then_some(rep.jitter_ms);
                     let counter = if ok { &self.shared.ended_ok } else { &self.shared.ended_failed };
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let (true, Some(f)) = (ok, r.flowing) {
@@ -310,7 +314,15 @@ impl App for CallerApp {
         for (planned, callee) in due {
             self.remaining -= 1;
             self.shared.placed.fetch_add(1, Ordering::Relaxed);
-            let mut r = CallRecord { planned, sent: ctx.now, call_id: None, start: None, flowing: None, outcome: None };
+            let mut r = CallRecord {
+                planned,
+                sent: ctx.now,
+                call_id: None,
+                start: None,
+                flowing: None,
+                outcome: None,
+                jitter_ms: None,
+            };
             match ctx.client.call(ctx.now, callee) {
                 Ok(h) => {
                     self.inflight.insert(h, r);
