@@ -10,9 +10,7 @@ use hdrhistogram::Histogram;
 
 use super::files::{self, Record};
 use super::hist::{self, new_histogram, record};
-use super::metric::{
-    CALL_TO_INCOMING, INCOMING_TO_START, JITTER, MEDIA_LATENCY, PLAN_TO_START, SETUP, START_TO_MEDIA,
-};
+use super::metric::{CALL_TO_INCOMING, INCOMING_TO_START, JITTER, MEDIA_LATENCY, PLAN_TO_START, SETUP, START_TO_MEDIA};
 use super::{Span, Summary};
 use crate::calls::{growth, Calls, IntervalSample, Measured};
 use crate::error::Error;
@@ -476,7 +474,14 @@ fn title(calls: Calls<'_>, options: &fleet::Options, m: &Measured, p: &Phases) -
 
 /// What `--out` records: the summary, the histograms and their plot, and the soak's
 /// intervals.
-fn record_of(dir: &std::path::Path, m: &Measured, p: Phases, json: &serde_json::Value, title: &str, span: &Span) -> Record {
+fn record_of(
+    dir: &std::path::Path,
+    m: &Measured,
+    p: Phases,
+    json: &serde_json::Value,
+    title: &str,
+    span: &Span,
+) -> Record {
     let mut r = Record::new(dir, json.clone(), title, span.started_at);
     r.histograms = vec![
         (SETUP, p.setup),

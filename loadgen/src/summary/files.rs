@@ -2,7 +2,10 @@
 //! `.hgrm` percentile table (the HdrHistogram text format, values in milliseconds) and an
 //! `.hlog` interval log (the HdrHistogram log format: the full histogram, values in
 //! microseconds, which `loadgen report` and `loadgen merge` read back), and `latency.svg`,
-//! the percentile curves of all metrics on one plot.
+//! the percentile curves of all metrics on one plot; a soak's intervals (`intervals.csv`,
+//! `intervals.svg`, `media_latency_intervals.hlog`); `hostile`'s `report.txt` and the runs
+//! under it. A scenario describes all of it in a [`Record`], written after its summary is
+//! printed.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -65,7 +68,8 @@ impl Record {
     pub fn write(&self) -> Result<(), Error> {
         let dir = &self.dir;
         std::fs::create_dir_all(dir).map_err(Error::write(dir))?;
-        let file = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(Error::write(dir.join(name)));
+        let file =
+            |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(Error::write(dir.join(name)));
         file("command.txt", format!("{}\n", self.command.trim_end()).as_bytes())?;
         file("machine.txt", self.machine.as_bytes())?;
         let summary = serde_json::to_string_pretty(&self.summary).expect("a JSON value serializes");
@@ -79,7 +83,8 @@ impl Record {
         }
         if !self.histograms.is_empty() {
             let path = dir.join("latency.svg");
-            plot(&path, &self.histograms, &self.title).map_err(|e| Error::write(&path)(std::io::Error::other(e.to_string())))?;
+            plot(&path, &self.histograms, &self.title)
+                .map_err(|e| Error::write(&path)(std::io::Error::other(e.to_string())))?;
         }
         if !self.intervals.is_empty() {
             write_intervals(dir, &self.intervals, &self.title, self.started_at)?;
@@ -174,7 +179,7 @@ fn plot(path: &Path, metrics: &[(Metric, Histogram<u64>)], title: &str) -> Resul
         })
         .x_labels(6)
         .draw()?;
-    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK, RGBColor(230, 140, 0), RGBColor(128, 128, 128)];
     for (i, (m, h)) in metrics.iter().enumerate() {
         if h.is_empty() {
             continue;
@@ -277,7 +282,8 @@ fn write_intervals(dir: &Path, rows: &[IntervalSample], title: &str, start: Syst
     let path = |name: &str| dir.join(name);
     std::fs::write(path("intervals.csv"), csv).map_err(Error::write(path("intervals.csv")))?;
     let hlog = interval_hlog(rows, start).map_err(Error::write(path("media_latency_intervals.hlog")))?;
-    std::fs::write(path("media_latency_intervals.hlog"), hlog).map_err(Error::write(path("media_latency_intervals.hlog")))?;
+    std::fs::write(path("media_latency_intervals.hlog"), hlog)
+        .map_err(Error::write(path("media_latency_intervals.hlog")))?;
     plot_intervals(&path("intervals.svg"), rows, title)
         .map_err(|e| Error::write(path("intervals.svg"))(std::io::Error::other(e.to_string())))
 }
@@ -362,6 +368,8 @@ fn plot_intervals(path: &Path, rows: &[IntervalSample], title: &str) -> Result<(
         let mut chart = ChartBuilder::on(area)
             .caption(panel.caption, ("sans-serif", 16))
             .margin(10)
+            // Room for the right half of the last x label, centred on the axis' end.
+            .margin_right(25)
             .x_label_area_size(30)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..tmax, 0.0..ymax)?;

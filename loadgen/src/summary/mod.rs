@@ -87,12 +87,8 @@ impl Span {
             s.push_str("INTERRUPTED: partial results\n");
         }
         let secs = self.ended_at.duration_since(self.started_at).unwrap_or_default().as_secs_f64();
-        let _ = writeln!(
-            s,
-            "run: {} to {} ({secs:.1} s)",
-            clock::rfc3339(self.started_at),
-            clock::rfc3339(self.ended_at)
-        );
+        let _ =
+            writeln!(s, "run: {} to {} ({secs:.1} s)", clock::rfc3339(self.started_at), clock::rfc3339(self.ended_at));
         s
     }
 

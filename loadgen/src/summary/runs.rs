@@ -165,12 +165,7 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<Summary, Error> {
     let summaries: Vec<Value> = runs.iter().map(|d| summary(d)).collect::<Result<_, _>>()?;
     let first = scenario_of(&summaries[0]);
     if let Some((d, s)) = runs.iter().zip(&summaries).find(|(_, s)| scenario_of(s) != first) {
-        return Err(Error::MergeMixed {
-            dir: d.clone(),
-            scenario: scenario_of(s),
-            first_dir: runs[0].clone(),
-            first,
-        });
+        return Err(Error::MergeMixed { dir: d.clone(), scenario: scenario_of(s), first_dir: runs[0].clone(), first });
     }
     // Histograms present in every run, added.
     let mut merged: Vec<(Metric, Histogram<u64>)> = Vec::new();
