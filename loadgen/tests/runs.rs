@@ -196,10 +196,6 @@ fn merge_refuses_runs_of_two_scenarios_naming_each_and_the_same_run_twice() {
         let o = loadgen(&["merge", "--out", out.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap()]);
         (o.status.code(), text(&o.stderr))
     };
-    let (code, err) = merge(&r.setup.dir, &r.soak.dir);
-    assert_eq!(code, Some(2), "{err}");
-    let (setup, soak) = (r.setup.dir.display(), r.soak.dir.display());
-    assert!(err.contains(&format!("{soak} (a soak run)")) && err.contains(&format!("{setup} (a setup run)")), "{err}");
     // A soak recorded before the soak named itself (its summary.json says `sessions`) is a
     // soak all the same: refused beside a sessions run, and named a soak.
     let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results");
@@ -213,6 +209,11 @@ fn merge_refuses_runs_of_two_scenarios_naming_each_and_the_same_run_twice() {
     let (code, err) = merge(&r.setup.dir, &again);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("same run"), "{err}");
+    // Runs of two scenarios, each named with its own.
+    let (code, err) = merge(&r.setup.dir, &r.soak.dir);
+    assert_eq!(code, Some(2), "{err}");
+    let (setup, soak) = (r.setup.dir.display(), r.soak.dir.display());
+    assert!(err.contains(&format!("{soak} (a soak run)")) && err.contains(&format!("{setup} (a setup run)")), "{err}");
     // And a merge into one of its runs would overwrite it.
     let o = loadgen(&[
         "merge",
