@@ -511,3 +511,71 @@ fn interval_json(x: &IntervalSample) -> serde_json::Value {
         "cores": (x.cores * 1000.0).round() / 1000.0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::calls::{CallRecord, MediaTotals};
+    use crate::scenario::CallLoad;
+
+    /// What a one-call setup run measured, `interrupted` or not.
+    fn measured(interrupted: bool) -> Measured {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let call = CallRecord {
+            planned: t0,
+            sent: t0,
+            call_id: None,
+            start: Some(at(1)),
+            flowing: Some(at(2)),
+            outcome: None,
+            jitter_ms: Some(0.25),
+        };
+        Measured {
+            records: vec![call],
+            incoming: Default::default(),
+            media_latency: new_histogram(),
+            media: MediaTotals::default(),
+            frames_skipped: 0,
+            registered_in: Duration::from_millis(5),
+            t0,
+            calls_done: at(1000),
+            window: None,
+            rss_registered_mb: None,
+            rss_mb: None,
+            sleeper: None,
+            samples: Vec::new(),
+            wall: Duration::from_secs(1),
+            cpu: 0.1,
+            manager: "manager 127.0.0.1:1".into(),
+            manager_media: None,
+            manager_io: None,
+            port_waits: 0,
+            source_ips: 1,
+            interrupted,
+        }
+    }
+
+    #[test]
+    fn an_interrupted_run_says_so_and_misses_its_goal() {
+        let load = CallLoad { rate: 1.0, calls: 1, talk: Duration::ZERO, callers: 1, callees: 1 };
+        let options = fleet::Options {
+            io: engine::driver::Io::Portable,
+            bind_ip: [127, 0, 0, 1].into(),
+            source_ips: 0,
+            threads: 1,
+            tick: Duration::from_micros(250),
+        };
+        let output = Output { json: false, dir: None, progress: false, metrics: None };
+        for interrupted in [false, true] {
+            let s = summarize(Calls::Setup(&load), &options, &output, &measured(interrupted)).unwrap();
+            assert_eq!(s.json["interrupted"], interrupted, "{}", s.json);
+            assert_eq!(s.text.contains("INTERRUPTED: partial results\n"), interrupted, "{}", s.text);
+            assert_eq!(s.all_ok, !interrupted, "a partial run did not meet its goal");
+            assert!(s.json["started_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", s.json);
+            assert_eq!(s.json["jitter_p50_ms"], 0.25, "{}", s.json);
+        }
+    }
+}
