@@ -262,6 +262,12 @@ pub struct Measured {
     pub dropped_by_model: u64,
     /// How the call ended.
     pub call_end: Option<String>,
+    /// When the caller's capture started.
+    pub started: Instant,
+    /// When both sides had ended.
+    pub ended: Instant,
+    /// The run was stopped before its end (its summary says `INTERRUPTED: partial results`).
+    pub interrupted: bool,
 }
 
 /// Run the measurement.
@@ -330,15 +336,16 @@ pub fn run(a: &Audio, target: &Target, options: &fleet::Options, output: &Output
     for f in fleet.finish()? {
         f.result?;
     }
+    let ended = Instant::now();
     drop(manager);
     let s = std::mem::take(&mut *shared.lock().unwrap());
-    let measured = analyse(a, s, &burst, period)?;
+    let measured = analyse(a, s, &burst, period, ended)?;
     summary::audio::summarize(a, options, output, &measured)
 }
 
 /// Find each chirp in the played audio: its mouth-to-ear latency is where it plays minus
-/// where it was spoken.
-fn analyse(a: &Audio, s: Shared, burst: &[i16], period: usize) -> Result<Measured, Error> {
+/// where it was spoken. The run ended at `ended`.
+fn analyse(a: &Audio, s: Shared, burst: &[i16], period: usize, ended: Instant) -> Result<Measured, Error> {
     let (Some(cap), Some(out0)) = (s.capture_start, s.output_start) else {
         return Err(Error::NoAudio(s.call_end.unwrap_or_else(|| "no call".into())));
     };
@@ -381,5 +388,8 @@ fn analyse(a: &Audio, s: Shared, burst: &[i16], period: usize) -> Result<Measure
         frames_sent: s.frames_sent,
         dropped_by_model: s.dropped_by_model,
         call_end: s.call_end,
+        started: cap,
+        ended,
+        interrupted: crate::interrupt::interrupted(),
     })
 }

@@ -287,15 +287,28 @@ pub enum Error {
     #[error("merge needs at least two runs")]
     MergeTooFew,
     /// `merge` was given runs of different scenarios.
-    #[error("{dir} is a {scenario} run, the first is a {first} run: merge runs of one scenario")]
+    #[error("cannot merge {dir} (a {scenario} run) with {first_dir} (a {first} run): merge runs of one scenario")]
     MergeMixed {
         /// The run that differs.
         dir: PathBuf,
         /// Its scenario.
         scenario: String,
+        /// The first run.
+        first_dir: PathBuf,
         /// The first run's scenario.
         first: String,
     },
+    /// `merge` was given the same run twice.
+    #[error("{again} is the same run as {first}: merge distinct runs (a run given twice would count twice)")]
+    MergeSameRun {
+        /// The run as first given.
+        first: PathBuf,
+        /// The same run, given again.
+        again: PathBuf,
+    },
+    /// `merge --out` names one of the runs to merge.
+    #[error("--out {0} is one of the runs to merge: write the merged run elsewhere")]
+    MergeIntoRun(PathBuf),
     /// The runs to merge have no `.hlog` metric in common.
     #[error("the runs share no .hlog metric")]
     MergeNothingShared,

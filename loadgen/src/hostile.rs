@@ -103,6 +103,12 @@ pub struct Measured {
     pub rss_max_mb: f64,
     /// RSS after the attack, MiB.
     pub rss_after_mb: f64,
+    /// The start of the clean run.
+    pub started: Instant,
+    /// The end of the attacked run and the memory reading after it.
+    pub ended: Instant,
+    /// The run was stopped before its end (its summary says `INTERRUPTED: partial results`).
+    pub interrupted: bool,
 }
 
 fn connect(addr: SocketAddr, c: &AttackCounts) -> Option<TcpStream> {
@@ -323,6 +329,7 @@ pub fn run(h: &Hostile, target: &Target, options: &fleet::Options, output: &Outp
         calls::run(Calls::Setup(&h.load), &legitimate, options, &out)
     };
 
+    let started = Instant::now();
     let clean = setup_run("clean")?;
     if crate::interrupt::interrupted() {
         return Err(Error::Interrupted("during the clean run: the comparison needs both runs"));
@@ -341,6 +348,7 @@ pub fn run(h: &Hostile, target: &Target, options: &fleet::Options, output: &Outp
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = manager.process_rss_mb().unwrap_or(0.0);
     let after = manager.counters()?;
+    let ended = Instant::now();
     let memory_of =
         if manager.is_embedded() { "whole process: manager, generator and attackers" } else { "the manager process" };
     let measured = Measured {
@@ -353,8 +361,11 @@ pub fn run(h: &Hostile, target: &Target, options: &fleet::Options, output: &Outp
         rss_before_mb: rss_before,
         rss_max_mb: rss_max,
         rss_after_mb: rss_after,
+        started,
+        ended,
+        interrupted: crate::interrupt::interrupted(),
     };
-    let summary = summary::hostile::summarize(output, &measured)?;
+    let summary = summary::hostile::summarize(output, measured)?;
     manager.shutdown();
     Ok(summary)
 }

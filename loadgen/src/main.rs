@@ -40,7 +40,10 @@ fn main() -> ExitCode {
     match result {
         Ok(mut summary) => {
             let passed = judge(&mut summary, &thresholds, json);
-            summary.print(json);
+            // The summary first: files that cannot be written must not cost it.
+            if let Err(e) = summary.print_then_write(json) {
+                return fail(&e);
+            }
             if interrupt::interrupted() {
                 ExitCode::from(interrupt::EXIT_INTERRUPTED)
             } else if summary.all_ok && passed {
@@ -71,7 +74,7 @@ fn judge(summary: &mut summary::Summary, thresholds: &[threshold::Threshold], js
         lines.push("thresholds FAILED: the generator could not keep to its plan (generator_overloaded)".into());
     }
     let passed = verdicts.iter().all(|v| v.ok) && !overloaded;
-    summary.json["thresholds"] = serde_json::json!({
+    let verdicts_json = serde_json::json!({
         "passed": passed,
         "checks": verdicts.iter().map(|v| serde_json::json!({
             "threshold": v.threshold.to_string(),
@@ -79,6 +82,11 @@ fn judge(summary: &mut summary::Summary, thresholds: &[threshold::Threshold], js
             "ok": v.ok,
         })).collect::<Vec<_>>(),
     });
+    // In what is printed and in what --out writes.
+    if let Some(record) = summary.record.as_mut() {
+        record.summary["thresholds"] = verdicts_json.clone();
+    }
+    summary.json["thresholds"] = verdicts_json;
     for l in &lines {
         if json {
             eprintln!("loadgen: {l}");

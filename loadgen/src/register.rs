@@ -115,6 +115,12 @@ pub struct Measured {
     pub cpu: f64,
     /// The host noise a 1 ms sleeper saw during the hold.
     pub sleeper: Option<Histogram<u64>>,
+    /// The plan's start (the first client's planned connect).
+    pub t0: Instant,
+    /// The end of the hold.
+    pub ended: Instant,
+    /// The run was stopped before its end (its summary says `INTERRUPTED: partial results`).
+    pub interrupted: bool,
 }
 
 /// Run the scenario.
@@ -183,6 +189,7 @@ pub fn run(reg: &Register, target: &Target, options: &fleet::Options, output: &O
     let sleeper = sys::Sleeper::start();
     // (Interrupted: the hold ends at once.)
     crate::interrupt::sleep_until(Instant::now() + reg.hold);
+    let ended = Instant::now();
     let sleeper = sleeper.finish();
     let reregistrations = counts.reregistered.load(Ordering::Relaxed) - rereg0;
     // Held: connections the embedded manager still has open, else registrations not redone.
@@ -230,6 +237,9 @@ pub fn run(reg: &Register, target: &Target, options: &fleet::Options, output: &O
         open_fds: fds_up,
         cpu,
         sleeper,
+        t0,
+        ended,
+        interrupted: crate::interrupt::interrupted(),
     };
     summary::register::summarize(reg, options, output, &measured)
 }

@@ -24,7 +24,7 @@ pub struct Run {
 }
 
 /// What a run prints, serves and writes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Output {
     /// Print only the summary as one JSON object (`--json`).
     pub json: bool,

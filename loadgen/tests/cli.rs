@@ -157,10 +157,11 @@ fn ctrl_c_stops_placing_calls_hangs_up_and_keeps_a_partial_summary() {
     let calls = v["calls"].as_u64().unwrap();
     assert!(calls > 100 && calls < 4000, "{v}");
     assert_eq!(v["calls_ok"].as_u64().unwrap() + v["calls_failed"].as_u64().unwrap(), calls, "{v}");
-    // The files are written too.
+    assert_eq!(v["interrupted"], true, "{v}");
+    // The files are written too, marked the same way.
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(written["calls"], calls);
+    assert_eq!((written["calls"].as_u64(), written["interrupted"].as_bool()), (Some(calls), Some(true)));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -186,6 +187,7 @@ fn thresholds_pass_or_fail_the_run_and_name_themselves() {
     ]);
     assert_eq!(code, 0, "{v}\n{err}");
     assert_eq!(v["thresholds"]["passed"], true, "{v}");
+    assert_eq!(v["generator_overloaded"], false, "{v}");
     assert_eq!(v["thresholds"]["checks"].as_array().map(|a| a.len()), Some(2), "{v}");
     // A field the summary does not have fails, and the message lists the ones it has.
     let o = loadgen(&["setup", "--calls", "20", "--talk", "0", "--threshold", "setup_p99<10"]);

@@ -34,6 +34,9 @@ pub struct CallRecord {
     pub talk: Duration,
     /// Why it failed (None: it succeeded).
     pub outcome: Option<String>,
+    /// RFC 3550 interarrival jitter J of the media the caller received, ms, at the call's
+    /// end (None: fewer than two packets, J needs two transit times).
+    pub jitter_ms: Option<f64>,
 }
 
 /// Media packets of the calls a client saw end (from their RFC 3550 reports).
@@ -285,6 +288,7 @@ impl App for CallerApp {
                     // callee's packets arrived) and lasted until the planned hang-up.
                     let ok = if self.shared.idle { rep.reason.is_success() } else { rep.succeeded() };
                     r.outcome = (!ok).then(|| rep.reason.describe());
+                    r.jitter_ms = (rep.received >= 2).then_some(rep.jitter_ms);
                     let counter = if ok { &self.shared.ended_ok } else { &self.shared.ended_failed };
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let (true, Some(f)) = (ok, r.flowing) {
@@ -325,8 +329,16 @@ impl App for CallerApp {
         for (planned, callee, talk) in due {
             self.remaining -= 1;
             self.shared.placed.fetch_add(1, Ordering::Relaxed);
-            let mut r =
-                CallRecord { planned, sent: ctx.now, call_id: None, start: None, flowing: None, talk, outcome: None };
+            let mut r = CallRecord {
+                planned,
+                sent: ctx.now,
+                call_id: None,
+                start: None,
+                flowing: None,
+                talk,
+                outcome: None,
+                jitter_ms: None,
+            };
             match ctx.client.call(ctx.now, callee) {
                 Ok(h) => {
                     self.inflight.insert(h, r);

@@ -129,6 +129,8 @@ pub struct Measured {
     pub port_waits: u64,
     /// Source addresses the clients were spread over.
     pub source_ips: usize,
+    /// The run was stopped before its end (its summary says `INTERRUPTED: partial results`).
+    pub interrupted: bool,
 }
 
 /// Run `calls` against `target`.
@@ -193,6 +195,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
         manager_io,
         port_waits: shared.port_waits.load(Ordering::Relaxed),
         source_ips: sources.len(),
+        interrupted: crate::interrupt::interrupted(),
     };
     summary::calls::summarize(calls, options, output, &measured)
 }

@@ -3,15 +3,15 @@
 
 use hdrhistogram::Histogram;
 
-use super::files;
+use super::files::Record;
 use super::metric::{MOUTH_TO_EAR, TRANSIT};
-use super::Summary;
+use super::{Span, Summary};
 use crate::audio::Measured;
 use crate::error::Error;
 use crate::fleet;
 use crate::scenario::{Audio, Output};
 
-/// The summary of `a`, from what it measured; `--out` writes it with its histograms.
+/// The summary of `a`, from what it measured, and with `--out` the record to write.
 pub fn summarize(a: &Audio, options: &fleet::Options, output: &Output, m: &Measured) -> Result<Summary, Error> {
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let (m2e, transit, send_late, rx, lookahead_ms) = (&m.m2e, &m.transit, &m.send_late, &m.receiver, m.lookahead_ms);
@@ -21,7 +21,8 @@ pub fn summarize(a: &Audio, options: &fleet::Options, output: &Output, m: &Measu
     // frame's trip to the jitter buffer (sender lateness + network + simulated jitter), and
     // the rest: time waiting in the buffer for its tick (decode is under 0.1 ms).
     let buffer_ms = p50 - a.frame_ms as f64 - lookahead_ms - ms(transit, 0.5);
-    let json = serde_json::json!({
+    let span = Span::new(m.started, m.ended, m.interrupted);
+    let mut json = serde_json::json!({
         "scenario": "audio-latency",
         "frame_ms": a.frame_ms,
         "loss_pct": a.loss_pct,
@@ -59,6 +60,7 @@ pub fn summarize(a: &Audio, options: &fleet::Options, output: &Output, m: &Measu
     });
     let text = format!(
         "audio-latency: {} ms frames, loss {}%, jitter 0-{} ms, {} io\n\
+         {}\
          mouth-to-ear: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} chirps found, {} missing)\n\
          where the median goes: capture {} ms + codec lookahead {:.1} ms + transit {:.1} ms (sender late {:.1}) + jitter buffer and tick {:.1} ms\n\
          jitter buffer: played {}, concealed {}, lost {}, late {}, expands {}, accelerates {}, target {:.1} ms, delay {:.1} ms\n",
@@ -66,6 +68,7 @@ pub fn summarize(a: &Audio, options: &fleet::Options, output: &Output, m: &Measu
         a.loss_pct,
         a.jitter_ms,
         options.io.as_str(),
+        span.text(),
         p50,
         ms(m2e, 0.9),
         ms(m2e, 0.99),
@@ -86,17 +89,19 @@ pub fn summarize(a: &Audio, options: &fleet::Options, output: &Output, m: &Measu
         rx.jitter.target_us as f64 / 1000.0,
         rx.jitter.delay_us as f64 / 1000.0,
     );
-    if let Some(dir) = &output.dir {
-        files::write_run(
-            dir,
-            &json,
-            &[(MOUTH_TO_EAR, m2e), (TRANSIT, transit)],
-            &format!(
-                "mouth-to-ear latency, {} ms frames, loss {}%, jitter 0-{} ms",
-                a.frame_ms, a.loss_pct, a.jitter_ms
-            ),
-        )
-        .map_err(Error::write(dir))?;
-    }
-    Ok(Summary { json, text, all_ok: missing * 10 <= found + missing })
+    span.set_in(&mut json);
+    let record = output.dir.as_deref().map(|dir| {
+        let title = format!(
+            "mouth-to-ear latency, {} ms frames, loss {}%, jitter 0-{} ms, {} io",
+            a.frame_ms,
+            a.loss_pct,
+            a.jitter_ms,
+            options.io.as_str()
+        );
+        let mut r = Record::new(dir, json.clone(), &title, span.started_at);
+        r.histograms = vec![(MOUTH_TO_EAR, m2e.clone()), (TRANSIT, transit.clone())];
+        r
+    });
+    let all_ok = missing * 10 <= found + missing && !m.interrupted;
+    Ok(Summary { json, text, all_ok, record })
 }

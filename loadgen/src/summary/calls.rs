@@ -8,29 +8,30 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use super::files;
+use super::files::{self, Record};
 use super::hist::{self, new_histogram, record};
-use super::metric::{CALL_TO_INCOMING, INCOMING_TO_START, MEDIA_LATENCY, PLAN_TO_START, SETUP, START_TO_MEDIA};
-use super::Summary;
+use super::metric::{CALL_TO_INCOMING, INCOMING_TO_START, JITTER, MEDIA_LATENCY, PLAN_TO_START, SETUP, START_TO_MEDIA};
+use super::{Span, Summary};
 use crate::calls::{growth, Calls, IntervalSample, Measured};
 use crate::error::Error;
 use crate::fleet;
 use crate::scenario::{Output, Soak};
 use crate::sys;
 
-/// The summary of `calls`, from what it measured; `--out` writes it with its histograms.
+/// The summary of `calls`, from what it measured, and with `--out` the record to write.
 pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m: &Measured) -> Result<Summary, Error> {
     let p = phases(m);
     let f = figures(calls, m, &p);
+    let span = Span::new(m.t0, m.calls_done, m.interrupted);
     let warnings = warnings(calls, m, &p, &f);
-    let mut text = text(calls, options, m, &p, &f, &warnings);
-    let json = json(calls, options, m, &p, &f, warnings);
-    if let Some(dir) = &output.dir {
-        write(calls, dir, m, &p, &json)?;
-        let _ = writeln!(text, "results written to {}", dir.display());
-    }
+    let text = text(calls, options, m, &p, &f, &span, &warnings);
+    let mut json = json(calls, options, m, &p, &f, warnings);
+    span.set_in(&mut json);
     let growth_ok = calls.interval().is_none() || f.grown.is_some_and(|g| g.2);
-    Ok(Summary { json, text, all_ok: p.failed() == 0 && !m.records.is_empty() && growth_ok })
+    let all_ok = p.failed() == 0 && !m.records.is_empty() && growth_ok && !m.interrupted;
+    let title = title(calls, options, m, &p);
+    let record = output.dir.as_deref().map(|dir| record_of(dir, m, p, &json, &title, &span));
+    Ok(Summary { json, text, all_ok, record })
 }
 
 /// The calls by phase, each timed from its planned start, and the failures by cause.
@@ -47,6 +48,8 @@ struct Phases {
     start_media: Histogram<u64>,
     /// Planned start to CALL: the generator's own lateness.
     lateness: Histogram<u64>,
+    /// RFC 3550 jitter J of the media each caller received, one value per call.
+    jitter: Histogram<u64>,
     /// Failed calls by cause.
     failures: BTreeMap<String, u64>,
     /// Calls that succeeded.
@@ -74,6 +77,7 @@ fn phases(m: &Measured) -> Phases {
         incoming_start: new_histogram(),
         start_media: new_histogram(),
         lateness: new_histogram(),
+        jitter: new_histogram(),
         failures: BTreeMap::new(),
         ok: 0,
         late: 0,
@@ -88,6 +92,9 @@ fn phases(m: &Measured) -> Phases {
         }
         if l > Duration::from_millis(5) {
             p.very_late += 1;
+        }
+        if let Some(j) = r.jitter_ms.filter(|j| j.is_finite() && *j >= 0.0) {
+            record(&mut p.jitter, Duration::from_secs_f64(j / 1000.0));
         }
         match (&r.outcome, r.start, r.flowing) {
             (None, Some(start), Some(flowing)) => {
@@ -122,7 +129,12 @@ struct Figures {
     warmup: Duration,
     /// The soak's growth: RSS (MB), descriptors, and whether it is bounded.
     grown: Option<(f64, i64, bool)>,
-    /// RSS per session in the window, KiB.
+    /// Sessions up at once in the window: the calls, or with churn the calls' rate times
+    /// their length.
+    sessions: u64,
+    /// The RSS growth from registration (no call yet) to the window's end, over the
+    /// sessions up: an average per session, KiB. It includes the buffers the first media
+    /// filled (fixed, whatever the sessions), so one more session costs less.
     per_session_kb: Option<f64>,
     /// Host stalls over 5 ms seen by the sleeper.
     stalls_5ms: u64,
@@ -142,10 +154,15 @@ fn figures(calls: Calls<'_>, m: &Measured, p: &Phases) -> Figures {
         Calls::Soak(s) => s.warmup,
         _ => Duration::ZERO,
     };
-    // Memory per session: RSS with every session up, over the RSS after registration
-    // (both sides' client state, the manager's call records, the generator's bookkeeping).
+    let sessions = match calls {
+        Calls::Soak(s) if s.churn > 0.0 => (s.churn * s.load.talk.as_secs_f64()).round() as u64,
+        _ => p.calls,
+    };
+    // Memory per session: the RSS growth from registration to the window's end (both sides'
+    // client state, the manager's call records, the generator's bookkeeping, and the
+    // receive and send buffers the media touched for the first time) over the sessions.
     let per_session_kb = match (m.window.and_then(|w| w.rss_mb), m.rss_registered_mb) {
-        (Some(up), Some(base)) if p.calls > 0 => Some((up - base) * 1024.0 / p.calls as f64),
+        (Some(up), Some(base)) if sessions > 0 => Some((up - base) * 1024.0 / sessions as f64),
         _ => None,
     };
     Figures {
@@ -159,6 +176,7 @@ fn figures(calls: Calls<'_>, m: &Measured, p: &Phases) -> Figures {
         },
         warmup,
         grown: calls.interval().and_then(|_| growth(&m.samples, warmup)),
+        sessions,
         per_session_kb,
         // Host noise seen by a 1 ms sleeper thread: stalls over 5 ms.
         stalls_5ms: sys::stalls_over_5ms(m.sleeper.as_ref()),
@@ -218,6 +236,7 @@ fn text(
     m: &Measured,
     p: &Phases,
     f: &Figures,
+    span: &Span,
     warnings: &[String],
 ) -> String {
     let load = calls.load();
@@ -226,13 +245,13 @@ fn text(
     let (ok, failed, late, failures, lateness) = (p.ok, p.failed(), p.late, &p.failures, &p.lateness);
     let (setup, to_start, call_incoming) = (&p.setup, &p.to_start, &p.call_incoming);
     let (incoming_start, start_media) = (&p.incoming_start, &p.start_media);
-    let (grown, warmup, loss, per_session_kb, cpu_share, stalls_5ms) =
-        (f.grown, f.warmup, f.loss, f.per_session_kb, f.cpu_share, f.stalls_5ms);
+    let (grown, warmup, loss, cpu_share, stalls_5ms) = (f.grown, f.warmup, f.loss, f.cpu_share, f.stalls_5ms);
     let mut text = String::new();
     let where_ = &m.manager;
     let _ = writeln!(
         text,
-        "nullpunch loadgen setup: {} calls at {}/s, {where_}, {} callers -> {} callees, {:.1} s of media per call, {} io",
+        "nullpunch loadgen {}: {} calls at {}/s, {where_}, {} callers -> {} callees, {:.1} s of media per call, {} io",
+        calls.name(),
         load.calls,
         load.rate,
         load.callers,
@@ -240,6 +259,7 @@ fn text(
         load.talk.as_secs_f64(),
         options.io.as_str()
     );
+    text.push_str(&span.text());
     let _ = writeln!(
         text,
         "registered {} clients in {:.0} ms",
@@ -257,24 +277,25 @@ fn text(
         let _ = writeln!(text, "  failed: {n} x {why}");
     }
     let _ = writeln!(text, "{}", hist::header());
-    let _ = writeln!(text, "{}", hist::line("setup (plan -> 2-way media)", setup));
-    let _ = writeln!(text, "{}", hist::line("  plan -> START", to_start));
-    let _ = writeln!(text, "{}", hist::line("  CALL -> INCOMING", call_incoming));
-    let _ = writeln!(text, "{}", hist::line("  INCOMING -> START", incoming_start));
-    let _ = writeln!(text, "{}", hist::line("  START -> 2-way media", start_media));
-    let _ = writeln!(text, "{}", hist::line("media one-way latency", media_latency));
+    let _ = writeln!(text, "{}", hist::line(SETUP.label, setup));
+    let _ = writeln!(text, "{}", hist::line(&format!("  {}", PLAN_TO_START.label), to_start));
+    let _ = writeln!(text, "{}", hist::line(&format!("  {}", CALL_TO_INCOMING.label), call_incoming));
+    let _ = writeln!(text, "{}", hist::line(&format!("  {}", INCOMING_TO_START.label), incoming_start));
+    let _ = writeln!(text, "{}", hist::line(&format!("  {}", START_TO_MEDIA.label), start_media));
+    let _ = writeln!(text, "{}", hist::line(MEDIA_LATENCY.label, media_latency));
+    let _ = writeln!(text, "{}", hist::line(JITTER.label, &p.jitter));
     if !samples.is_empty() {
         let _ = writeln!(
             text,
-            "intervals:     t s   delivered/s      loss  jitter ms   p50 ms   p99 ms   max ms   rss MB    fds  cores"
+            "intervals:     t s   delivered/s    loss %  jitter ms   p50 ms   p99 ms   max ms   rss MB    fds  cores"
         );
         for x in samples {
             let _ = writeln!(
                 text,
-                "           {:>7.1}  {:>12.0}  {:>8.5}  {:>9.3}  {:>7.3}  {:>7.3}  {:>7.3}  {:>7.1}  {:>5}  {:>5.2}",
+                "           {:>7.1}  {:>12.0}  {:>8.4}  {:>9.3}  {:>7.3}  {:>7.3}  {:>7.3}  {:>7.1}  {:>5}  {:>5.2}",
                 x.t_s,
                 x.pps,
-                x.loss,
+                files::loss_pct(x),
                 x.jitter_ms.unwrap_or(0.0),
                 x.latency_ms[0].unwrap_or(0.0),
                 x.latency_ms[1].unwrap_or(0.0),
@@ -305,19 +326,30 @@ fn text(
     if let Some(w) = window {
         let _ = writeln!(
             text,
-            "steady state ({} {}sessions, {:.1} s window): {:.0} packets/s delivered, {:.2} cores busy, rss {:.1} MB ({:.2} KiB per session)",
-            records.len(),
+            "steady state ({} {}sessions, {:.1} s window): {:.0} packets/s delivered, {:.2} cores busy",
+            f.sessions,
             if calls.idle() { "idle " } else { "" },
             w.secs,
             w.pps,
             w.cores,
-            w.rss_mb.unwrap_or(0.0),
-            per_session_kb.unwrap_or(0.0)
         );
+        if let (Some(up), Some(base), Some(per)) = (w.rss_mb, m.rss_registered_mb, f.per_session_kb) {
+            let _ = writeln!(
+                text,
+                "memory: rss {up:.1} MB at the window's end, {base:.1} MB once the clients had registered: \
+                 {:+.1} MB, {per:.2} KiB per session on average{}",
+                up - base,
+                if calls.idle() {
+                    ""
+                } else {
+                    " (with the buffers the first media filled, whatever the sessions: one more session costs less)"
+                }
+            );
+        }
     }
     let _ = writeln!(
         text,
-        "generator: {:.2} s wall, {:.2} s CPU ({:.0}% of {} cores), rss {:.1} MB",
+        "generator: {:.2} s wall, {:.2} s CPU ({:.0}% of {} cores), rss {:.1} MB at the end (clients stopped)",
         m.wall.as_secs_f64(),
         m.cpu,
         cpu_share * 100.0,
@@ -408,6 +440,11 @@ fn json(
     // 1% of the calls, or media frames skipped): thresholds fail on it.
     json["generator_overloaded"] =
         serde_json::json!(p.very_late as f64 > records.len() as f64 * 0.01 || m.frames_skipped > 0);
+    // RFC 3550 jitter J of the media each caller received, over the calls.
+    json["jitter_p50_ms"] = hist::num(hist::ms_at(&p.jitter, 0.5));
+    json["jitter_p99_ms"] = hist::num(hist::ms_at(&p.jitter, 0.99));
+    // The baseline of `rss_per_session_kb`.
+    json["rss_registered_mb"] = hist::num(window.and(m.rss_registered_mb));
     // First connections that waited for a local port (a previous run's TIME_WAITs).
     json["port_waits"] = m.port_waits.into();
     json["manager_io"] = m.manager_io.into();
@@ -417,38 +454,50 @@ fn json(
     json
 }
 
-/// Write the run's files: summary, histograms and plot, and the soak's intervals.
-fn write(
-    calls: Calls<'_>,
+/// The plots' title: the scenario and its parameters.
+fn title(calls: Calls<'_>, options: &fleet::Options, m: &Measured, p: &Phases) -> String {
+    let (load, io, ok) = (calls.load(), options.io.as_str(), p.ok);
+    let held = m.window.map_or(0.0, |w| w.secs);
+    match calls {
+        Calls::Soak(s) => format!(
+            "soak, {} calls set up at {}/s{}, held {held:.0} s, {} s intervals, {io} io ({ok} ok)",
+            load.calls,
+            load.rate,
+            if s.churn > 0.0 { format!(" (churn {}/s)", s.churn) } else { String::new() },
+            s.interval.as_secs_f64(),
+        ),
+        Calls::Sessions(s) => format!(
+            "sessions{}, {} calls set up at {}/s, held {held:.0} s, {io} io ({ok} ok)",
+            if s.idle { " (idle)" } else { "" },
+            load.calls,
+            load.rate,
+        ),
+        Calls::Setup(_) => format!("call setup, {} calls at {}/s, {io} io ({ok} ok)", load.calls, load.rate),
+    }
+}
+
+/// What `--out` records: the summary, the histograms and their plot, and the soak's
+/// intervals.
+fn record_of(
     dir: &std::path::Path,
     m: &Measured,
-    p: &Phases,
+    p: Phases,
     json: &serde_json::Value,
-) -> Result<(), Error> {
-    let (load, window, samples, ok) = (calls.load(), m.window, &m.samples, p.ok);
-    let metrics = [
-        (SETUP, &p.setup),
-        (PLAN_TO_START, &p.to_start),
-        (CALL_TO_INCOMING, &p.call_incoming),
-        (INCOMING_TO_START, &p.incoming_start),
-        (START_TO_MEDIA, &p.start_media),
-        (MEDIA_LATENCY, &m.media_latency),
+    title: &str,
+    span: &Span,
+) -> Record {
+    let mut r = Record::new(dir, json.clone(), title, span.started_at);
+    r.histograms = vec![
+        (SETUP, p.setup),
+        (PLAN_TO_START, p.to_start),
+        (CALL_TO_INCOMING, p.call_incoming),
+        (INCOMING_TO_START, p.incoming_start),
+        (START_TO_MEDIA, p.start_media),
+        (MEDIA_LATENCY, m.media_latency.clone()),
+        (JITTER, p.jitter),
     ];
-    let held = window.map_or(0.0, |w| w.secs);
-    let title = match calls {
-        Calls::Soak(_) => {
-            format!("soak, {} calls set up at {}/s, held {:.0} s ({} ok)", load.calls, load.rate, held, ok)
-        }
-        Calls::Sessions(_) => {
-            format!("sessions, {} calls set up at {}/s, held {:.0} s ({} ok)", load.calls, load.rate, held, ok)
-        }
-        Calls::Setup(_) => format!("call setup, {} calls at {}/s ({} ok)", load.calls, load.rate, ok),
-    };
-    files::write_run(dir, json, &metrics, &title).map_err(Error::write(dir))?;
-    if !samples.is_empty() {
-        files::write_intervals(dir, samples).map_err(Error::write(dir))?;
-    }
-    Ok(())
+    r.intervals = m.samples.clone();
+    r
 }
 
 /// One soak interval in the summary JSON.
@@ -465,4 +514,73 @@ fn interval_json(x: &IntervalSample) -> serde_json::Value {
         "fds": x.fds,
         "cores": (x.cores * 1000.0).round() / 1000.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::calls::{CallRecord, MediaTotals};
+    use crate::scenario::CallLoad;
+
+    /// What a one-call setup run measured, `interrupted` or not.
+    fn measured(interrupted: bool) -> Measured {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let call = CallRecord {
+            planned: t0,
+            sent: t0,
+            call_id: None,
+            start: Some(at(1)),
+            flowing: Some(at(2)),
+            talk: Duration::ZERO,
+            outcome: None,
+            jitter_ms: Some(0.25),
+        };
+        Measured {
+            records: vec![call],
+            incoming: Default::default(),
+            media_latency: new_histogram(),
+            media: MediaTotals::default(),
+            frames_skipped: 0,
+            registered_in: Duration::from_millis(5),
+            t0,
+            calls_done: at(1000),
+            window: None,
+            rss_registered_mb: None,
+            rss_mb: None,
+            sleeper: None,
+            samples: Vec::new(),
+            wall: Duration::from_secs(1),
+            cpu: 0.1,
+            manager: "manager 127.0.0.1:1".into(),
+            manager_media: None,
+            manager_io: None,
+            port_waits: 0,
+            source_ips: 1,
+            interrupted,
+        }
+    }
+
+    #[test]
+    fn an_interrupted_run_says_so_and_misses_its_goal() {
+        let load = CallLoad::even(1.0, 1, Duration::ZERO, 1, 1);
+        let options = fleet::Options {
+            io: engine::driver::Io::Portable,
+            bind_ip: [127, 0, 0, 1].into(),
+            source_ips: 0,
+            threads: 1,
+            tick: Duration::from_micros(250),
+        };
+        let output = Output::default();
+        for interrupted in [false, true] {
+            let s = summarize(Calls::Setup(&load), &options, &output, &measured(interrupted)).unwrap();
+            assert_eq!(s.json["interrupted"], interrupted, "{}", s.json);
+            assert_eq!(s.text.contains("INTERRUPTED: partial results\n"), interrupted, "{}", s.text);
+            assert_eq!(s.all_ok, !interrupted, "a partial run did not meet its goal");
+            assert!(s.json["started_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", s.json);
+            assert_eq!(s.json["jitter_p50_ms"], 0.25, "{}", s.json);
+        }
+    }
 }

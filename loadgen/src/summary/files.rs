@@ -2,10 +2,14 @@
 //! `.hgrm` percentile table (the HdrHistogram text format, values in milliseconds) and an
 //! `.hlog` interval log (the HdrHistogram log format: the full histogram, values in
 //! microseconds, which `loadgen report` and `loadgen merge` read back), and `latency.svg`,
-//! the percentile curves of all metrics on one plot.
+//! the percentile curves of all metrics on one plot; a soak's intervals (`intervals.csv`,
+//! `intervals.svg`, `media_latency_intervals.hlog`); `hostile`'s `report.txt` and the runs
+//! under it. A scenario describes all of it in a [`Record`], written after its summary is
+//! printed.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
@@ -15,31 +19,81 @@ use crate::calls::IntervalSample;
 use crate::error::Error;
 use crate::sys;
 
-/// Write the run's files into `dir` (created if needed).
-pub fn write_run(
-    dir: &Path,
-    summary: &serde_json::Value,
-    metrics: &[(Metric, &Histogram<u64>)],
-    title: &str,
-) -> std::io::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    write_summary(dir, &shell_words(&args), summary)?;
-    let start = std::time::SystemTime::now();
-    for (m, h) in metrics {
-        std::fs::write(dir.join(format!("{}.hgrm", m.stem)), hgrm(h))?;
-        write_hlog(&dir.join(format!("{}.hlog", m.stem)), m.label, h, start)?;
-    }
-    plot(&dir.join("latency.svg"), metrics, title).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(())
+/// What a run's `--out` directory gets. A scenario builds it with its summary; it is
+/// written once the summary is printed ([`super::Summary::print_then_write`]).
+pub struct Record {
+    /// The directory (created if needed).
+    pub dir: PathBuf,
+    /// `command.txt`: the command line.
+    pub command: String,
+    /// `machine.txt`: cores, memory, kernel and CPU model.
+    pub machine: String,
+    /// `summary.json`: the summary JSON, pretty-printed.
+    pub summary: serde_json::Value,
+    /// The run's start: the `StartTime` of its `.hlog` files.
+    pub started_at: SystemTime,
+    /// Per metric an `.hgrm` and an `.hlog` file, and `latency.svg` with them all.
+    pub histograms: Vec<(Metric, Histogram<u64>)>,
+    /// The plots' title: the scenario and its parameters.
+    pub title: String,
+    /// The soak's intervals: `intervals.csv`, `intervals.svg` and
+    /// `media_latency_intervals.hlog`.
+    pub intervals: Vec<IntervalSample>,
+    /// `report.txt`: the text report (`hostile`).
+    pub report: Option<String>,
+    /// Runs recorded in subdirectories of `dir` (`hostile`'s `clean/` and `attacked/`).
+    pub runs: Vec<Record>,
 }
 
-/// Create `dir` and write `command.txt` (`command`), `machine.txt` and `summary.json`.
-pub fn write_summary(dir: &Path, command: &str, summary: &serde_json::Value) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("command.txt"), format!("{command}\n"))?;
-    std::fs::write(dir.join("machine.txt"), machine())?;
-    std::fs::write(dir.join("summary.json"), format!("{}\n", serde_json::to_string_pretty(summary)?))?;
-    Ok(())
+impl Record {
+    /// The record of a run of this process into `dir`: its command line, this machine, the
+    /// summary JSON `summary`, and plots titled `title`; no histograms yet.
+    pub fn new(dir: &Path, summary: serde_json::Value, title: &str, started_at: SystemTime) -> Record {
+        let args: Vec<String> = std::env::args().collect();
+        Record {
+            dir: dir.to_path_buf(),
+            command: shell_words(&args),
+            machine: machine(),
+            summary,
+            started_at,
+            histograms: Vec::new(),
+            title: title.to_string(),
+            intervals: Vec::new(),
+            report: None,
+            runs: Vec::new(),
+        }
+    }
+
+    /// Write the files into `dir`, created if needed, and the subdirectories' runs.
+    pub fn write(&self) -> Result<(), Error> {
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir).map_err(Error::write(dir))?;
+        let file =
+            |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(Error::write(dir.join(name)));
+        file("command.txt", format!("{}\n", self.command.trim_end()).as_bytes())?;
+        file("machine.txt", self.machine.as_bytes())?;
+        let summary = serde_json::to_string_pretty(&self.summary).expect("a JSON value serializes");
+        file("summary.json", format!("{summary}\n").as_bytes())?;
+        if let Some(report) = &self.report {
+            file("report.txt", report.as_bytes())?;
+        }
+        for (m, h) in &self.histograms {
+            file(&format!("{}.hgrm", m.stem), hgrm(h).as_bytes())?;
+            file(&format!("{}.hlog", m.stem), &hlog(m.label, h, self.started_at).map_err(Error::write(dir))?)?;
+        }
+        if !self.histograms.is_empty() {
+            let path = dir.join("latency.svg");
+            plot(&path, &self.histograms, &self.title)
+                .map_err(|e| Error::write(&path)(std::io::Error::other(e.to_string())))?;
+        }
+        if !self.intervals.is_empty() {
+            write_intervals(dir, &self.intervals, &self.title, self.started_at)?;
+        }
+        for run in &self.runs {
+            run.write()?;
+        }
+        Ok(())
+    }
 }
 
 /// The command line, quoted for a shell where an argument needs it.
@@ -96,18 +150,23 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
     s
 }
 
-/// Percentile curves: x is 1/(1-percentile) on a log axis (50%, 90%, 99%, 99.9%, 99.99%),
-/// y is milliseconds.
-fn plot(path: &Path, metrics: &[(Metric, &Histogram<u64>)], title: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// The x axis of the percentile plot: 1/(1-percentile) on a log scale, from 0% to 99.999%.
+const PERCENTILE_X_MAX: f64 = 100_000.0;
+
+/// Percentile curves: x is 1/(1-percentile) on a log axis (0%, 90%, 99%, 99.9%, 99.99%,
+/// 99.999%), y is milliseconds.
+fn plot(path: &Path, metrics: &[(Metric, Histogram<u64>)], title: &str) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let ymax = metrics.iter().filter(|(_, h)| !h.is_empty()).map(|(_, h)| h.max() as f64 / 1000.0).fold(0.1, f64::max);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
+        // The last x label (99.999%) is centred on the axis' end: room for its right half.
+        .margin_right(45)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d((1.0f64..100_000.0).log_scale(), 0.0..ymax * 1.1)?;
+        .build_cartesian_2d((1.0f64..PERCENTILE_X_MAX).log_scale(), 0.0..ymax * 1.1)?;
     chart
         .configure_mesh()
         .x_desc("percentile")
@@ -120,13 +179,13 @@ fn plot(path: &Path, metrics: &[(Metric, &Histogram<u64>)], title: &str) -> Resu
         })
         .x_labels(6)
         .draw()?;
-    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK, RGBColor(230, 140, 0), RGBColor(128, 128, 128)];
     for (i, (m, h)) in metrics.iter().enumerate() {
         if h.is_empty() {
             continue;
         }
         // The last point (the max) is drawn at 1/(1-q) = 2n, as HdrHistogram's plotter does.
-        let last_x = (2.0 * h.len() as f64).min(100_000.0);
+        let last_x = (2.0 * h.len() as f64).min(PERCENTILE_X_MAX);
         let pts: Vec<(f64, f64)> = h
             .iter_quantiles(5)
             .map(|v| {
@@ -151,8 +210,9 @@ fn plot(path: &Path, metrics: &[(Metric, &Histogram<u64>)], title: &str) -> Resu
     Ok(())
 }
 
-/// Write `h` as a one-interval HdrHistogram log (tag: the metric's label, without spaces).
-pub fn write_hlog(path: &Path, label: &str, h: &Histogram<u64>, start: std::time::SystemTime) -> std::io::Result<()> {
+/// `h` as a one-interval HdrHistogram log (tag: the metric's label, without spaces) that
+/// starts at `start`.
+fn hlog(label: &str, h: &Histogram<u64>, start: SystemTime) -> std::io::Result<Vec<u8>> {
     use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
     let mut out = Vec::new();
     let mut ser = hdrhistogram::serialization::V2DeflateSerializer::new();
@@ -166,11 +226,10 @@ pub fn write_hlog(path: &Path, label: &str, h: &Histogram<u64>, start: std::time
     w.write_histogram(h, std::time::Duration::ZERO, std::time::Duration::ZERO, Tag::new(&tag))
         .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
     drop(w);
-    std::fs::write(path, out)
+    Ok(out)
 }
 
-/// Every histogram in an HdrHistogram log, added together (a log written by
-/// [`write_hlog`] has one).
+/// Every histogram in an HdrHistogram log, added together (a run's `.hlog` file has one).
 pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, Error> {
     use base64::Engine as _;
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
@@ -195,21 +254,22 @@ pub fn read_hlog(path: &Path) -> Result<Histogram<u64>, Error> {
     Ok(total)
 }
 
-/// `intervals.csv`, `intervals.svg` (delivered packets/s, loss, latency p50 and p99, CPU, RSS
-/// and open descriptors over time) and
-/// `media_latency_intervals.hlog` (one histogram per interval, HdrHistogram log format).
-pub fn write_intervals(dir: &Path, rows: &[IntervalSample]) -> std::io::Result<()> {
+/// `intervals.csv` (loss in percent, `loss_pct`), `intervals.svg` (delivered packets/s,
+/// loss, latency p50 and p99, CPU, RSS and open descriptors over time, titled `title`) and
+/// `media_latency_intervals.hlog` (one histogram per interval, HdrHistogram log format,
+/// starting at `start`).
+fn write_intervals(dir: &Path, rows: &[IntervalSample], title: &str, start: SystemTime) -> Result<(), Error> {
     let mut csv =
-        String::from("t_s,secs,pps,loss,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
+        String::from("t_s,secs,pps,loss_pct,jitter_ms,latency_p50_ms,latency_p99_ms,latency_max_ms,rss_mb,fds,cores\n");
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
     for r in rows {
         let _ = writeln!(
             csv,
-            "{:.1},{:.2},{:.0},{:.6},{},{},{},{},{},{},{:.3}",
+            "{:.1},{:.2},{:.0},{:.4},{},{},{},{},{},{},{:.3}",
             r.t_s,
             r.secs,
             r.pps,
-            r.loss,
+            loss_pct(r),
             r.jitter_ms.map(|j| format!("{j:.3}")).unwrap_or_default(),
             ms(r.latency_ms[0]),
             ms(r.latency_ms[1]),
@@ -219,30 +279,42 @@ pub fn write_intervals(dir: &Path, rows: &[IntervalSample]) -> std::io::Result<(
             r.cores
         );
     }
-    std::fs::write(dir.join("intervals.csv"), csv)?;
-    // The interval log: each interval's histogram at its start offset.
-    {
-        use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
-        let mut out = Vec::new();
-        let mut ser = hdrhistogram::serialization::V2DeflateSerializer::new();
-        let mut b = IntervalLogWriterBuilder::new();
-        b.add_comment("nullpunch loadgen: media one-way latency per interval (values in microseconds)")
-            .with_start_time(std::time::SystemTime::now())
-            .with_max_value_divisor(1000.0);
-        let mut w = b.begin_log_with(&mut out, &mut ser)?;
-        let mut de = hdrhistogram::serialization::Deserializer::new();
-        for r in rows {
-            let h: Histogram<u64> = de
-                .deserialize(&mut std::io::Cursor::new(&r.latency_hist))
-                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-            let start = std::time::Duration::from_secs_f64((r.t_s - r.secs).max(0.0));
-            w.write_histogram(&h, start, std::time::Duration::from_secs_f64(r.secs), Tag::new("media_latency"))
-                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        }
-        drop(w);
-        std::fs::write(dir.join("media_latency_intervals.hlog"), out)?;
+    let path = |name: &str| dir.join(name);
+    std::fs::write(path("intervals.csv"), csv).map_err(Error::write(path("intervals.csv")))?;
+    let hlog = interval_hlog(rows, start).map_err(Error::write(path("media_latency_intervals.hlog")))?;
+    std::fs::write(path("media_latency_intervals.hlog"), hlog)
+        .map_err(Error::write(path("media_latency_intervals.hlog")))?;
+    plot_intervals(&path("intervals.svg"), rows, title)
+        .map_err(|e| Error::write(path("intervals.svg"))(std::io::Error::other(e.to_string())))
+}
+
+/// The interval's loss in percent of the frames sent in it: the text report, the CSV and the
+/// plot all show this.
+pub fn loss_pct(r: &IntervalSample) -> f64 {
+    r.loss.max(0.0) * 100.0
+}
+
+/// The interval log: each interval's histogram at its start offset.
+fn interval_hlog(rows: &[IntervalSample], start: SystemTime) -> std::io::Result<Vec<u8>> {
+    use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+    let mut out = Vec::new();
+    let mut ser = hdrhistogram::serialization::V2DeflateSerializer::new();
+    let mut b = IntervalLogWriterBuilder::new();
+    b.add_comment("nullpunch loadgen: media one-way latency per interval (values in microseconds)")
+        .with_start_time(start)
+        .with_max_value_divisor(1000.0);
+    let mut w = b.begin_log_with(&mut out, &mut ser)?;
+    let mut de = hdrhistogram::serialization::Deserializer::new();
+    for r in rows {
+        let h: Histogram<u64> = de
+            .deserialize(&mut std::io::Cursor::new(&r.latency_hist))
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let start = std::time::Duration::from_secs_f64((r.t_s - r.secs).max(0.0));
+        w.write_histogram(&h, start, std::time::Duration::from_secs_f64(r.secs), Tag::new("media_latency"))
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
     }
-    plot_intervals(&dir.join("intervals.svg"), rows).map_err(|e| std::io::Error::other(e.to_string()))
+    drop(w);
+    Ok(out)
 }
 
 /// One line of an interval plot: its legend, its colour and how to read it from a row.
@@ -262,8 +334,8 @@ struct Panel {
 const INTERVAL_PANELS: [Panel; 6] = [
     Panel { caption: "packets/s delivered", lines: &[Line { name: "pps", color: BLUE, value: |r| Some(r.pps) }] },
     Panel {
-        caption: "not delivered by the interval's end (in flight included), % of sent",
-        lines: &[Line { name: "loss", color: MAGENTA, value: |r| Some(r.loss.max(0.0) * 100.0) }],
+        caption: "loss: not delivered by the interval's end (in flight included), % of sent",
+        lines: &[Line { name: "loss %", color: MAGENTA, value: |r| Some(loss_pct(r)) }],
     },
     Panel {
         caption: "one-way latency, ms",
@@ -280,9 +352,10 @@ const INTERVAL_PANELS: [Panel; 6] = [
     },
 ];
 
-fn plot_intervals(path: &Path, rows: &[IntervalSample]) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (900, 1320)).into_drawing_area();
+fn plot_intervals(path: &Path, rows: &[IntervalSample], title: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (900, 1360)).into_drawing_area();
     root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 20))?;
     let areas = root.split_evenly((INTERVAL_PANELS.len(), 1));
     let tmax = rows.iter().map(|r| r.t_s).fold(1.0, f64::max);
     for (area, panel) in areas.iter().zip(INTERVAL_PANELS.iter()) {
@@ -295,6 +368,8 @@ fn plot_intervals(path: &Path, rows: &[IntervalSample]) -> Result<(), Box<dyn st
         let mut chart = ChartBuilder::on(area)
             .caption(panel.caption, ("sans-serif", 16))
             .margin(10)
+            // Room for the right half of the last x label, centred on the axis' end.
+            .margin_right(25)
             .x_label_area_size(30)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..tmax, 0.0..ymax)?;

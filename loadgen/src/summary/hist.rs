@@ -26,10 +26,10 @@ pub fn max_ms(h: &Histogram<u64>) -> Option<f64> {
 /// One line: count, p50, p90, p99, p99.9, max (ms).
 pub fn line(name: &str, h: &Histogram<u64>) -> String {
     if h.is_empty() {
-        return format!("{name:<26} {:>8}", 0);
+        return format!("{name:<30} {:>8}", 0);
     }
     format!(
-        "{name:<26} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+        "{name:<30} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
         h.len(),
         ms_at(h, 0.50).unwrap(),
         ms_at(h, 0.90).unwrap(),
@@ -41,7 +41,7 @@ pub fn line(name: &str, h: &Histogram<u64>) -> String {
 
 /// The table header matching [`line`].
 pub fn header() -> String {
-    format!("{:<26} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}", "(ms)", "count", "p50", "p90", "p99", "p99.9", "max")
+    format!("{:<30} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}", "(ms)", "count", "p50", "p90", "p99", "p99.9", "max")
 }
 
 /// A JSON number or null.

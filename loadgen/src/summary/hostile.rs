@@ -3,15 +3,19 @@
 
 use std::collections::HashMap;
 
-use super::files;
-use super::Summary;
+use super::files::Record;
+use super::{Span, Summary};
 use crate::error::Error;
 use crate::hostile::Measured;
 use crate::scenario::Output;
 
-/// The summary of a `hostile` run, from what it measured; `--out` writes it (with
-/// `report.txt`; the two setup runs wrote theirs under `clean/` and `attacked/`).
-pub fn summarize(output: &Output, m: &Measured) -> Result<Summary, Error> {
+/// The summary of a `hostile` run, from what it measured, and with `--out` the record to
+/// write: the summary and `report.txt`, and the two setup runs' records under `clean/` and
+/// `attacked/`.
+pub fn summarize(output: &Output, mut m: Measured) -> Result<Summary, Error> {
+    let runs: Vec<Record> = [m.clean.record.take(), m.attacked.record.take()].into_iter().flatten().collect();
+    let interrupted = m.interrupted || [&m.clean, &m.attacked].iter().any(|s| s.json["interrupted"] == true);
+    let span = Span::new(m.started, m.ended, interrupted);
     let (clean, attacked, counts, memory_of) = (&m.clean, &m.attacked, &m.attack, m.memory_of);
     let (rss_before, rss_max, rss_after) = (m.rss_before_mb, m.rss_max_mb, m.rss_after_mb);
     let get = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
@@ -22,8 +26,9 @@ pub fn summarize(output: &Output, m: &Measured) -> Result<Summary, Error> {
     let (p99_clean, p99_attacked) = (num(&clean.json, "setup_p99_ms"), num(&attacked.json, "setup_p99_ms"));
     let ratio = p99_attacked / p99_clean;
     let failed = num(&clean.json, "calls_failed") + num(&attacked.json, "calls_failed");
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "scenario": "hostile",
+        "io": clean.json["io"],
         "calls_ok": attacked.json["calls_ok"],
         "calls_failed": attacked.json["calls_failed"],
         "late_starts": attacked.json["late_starts"],
@@ -64,11 +69,13 @@ pub fn summarize(output: &Output, m: &Measured) -> Result<Summary, Error> {
     });
     let text = format!(
         "hostile: the same setup run clean, then under attack, one manager (production limits)\n\
+         {}\
          clean:    {} ok, {} failed; setup p50 {:.3} ms, p99 {:.3} ms\n\
          attacked: {} ok, {} failed; setup p50 {:.3} ms, p99 {:.3} ms  (p99 ratio {:.2}, limit 2.00)\n\
          attack: {} random-byte, {} oversized-prefix, {} register-flood, {} repeated-register connections; {} half-frame and {} idle connections held\n\
          manager: {} connections, {} malformed, {} oversized, {} timed out, {} closed for flooding, {} registrations; {} open after\n\
          memory ({}): {:.1} MB before, {:.1} MB at most during, {:.1} MB after the attack\n",
+        span.text(),
         clean.json["calls_ok"],
         clean.json["calls_failed"],
         num(&clean.json, "setup_p50_ms"),
@@ -96,11 +103,13 @@ pub fn summarize(output: &Output, m: &Measured) -> Result<Summary, Error> {
         rss_max,
         rss_after,
     );
-    if let Some(dir) = &output.dir {
-        let args: Vec<String> = std::env::args().collect();
-        files::write_summary(dir, &args.join(" "), &json).map_err(Error::write(dir))?;
-        std::fs::write(dir.join("report.txt"), &text).map_err(Error::write(dir))?;
-    }
-    let all_ok = failed == 0.0 && ratio <= 2.0;
-    Ok(Summary { json, text, all_ok })
+    span.set_in(&mut json);
+    let record = output.dir.as_deref().map(|dir| {
+        let mut r = Record::new(dir, json.clone(), "hostile", span.started_at);
+        r.report = Some(text.clone());
+        r.runs = runs;
+        r
+    });
+    let all_ok = failed == 0.0 && ratio <= 2.0 && !interrupted;
+    Ok(Summary { json, text, all_ok, record })
 }

@@ -23,6 +23,9 @@ pub const INCOMING_TO_START: Metric = Metric { stem: "incoming_to_start", label:
 pub const START_TO_MEDIA: Metric = Metric { stem: "start_to_media", label: "START -> 2-way media" };
 /// One-way media latency.
 pub const MEDIA_LATENCY: Metric = Metric { stem: "media_latency", label: "media one-way latency" };
+/// RFC 3550 interarrival jitter J of the media a caller received, one value per call (at
+/// its end).
+pub const JITTER: Metric = Metric { stem: "jitter", label: "call jitter (RFC 3550 J)" };
 /// Registration: planned connect to REGISTERED.
 pub const REGISTER: Metric = Metric { stem: "register", label: "register (plan -> REGISTERED)" };
 /// Mouth-to-ear latency (`audio-latency`).
@@ -30,6 +33,16 @@ pub const MOUTH_TO_EAR: Metric = Metric { stem: "m2e", label: "mouth-to-ear" };
 /// Audio frame end to arrival at the jitter buffer (`audio-latency`).
 pub const TRANSIT: Metric = Metric { stem: "transit", label: "frame end to jitter buffer" };
 
-/// What `report` and `merge` read back, in report order.
-pub const RECORDED: [Metric; 7] =
-    [SETUP, PLAN_TO_START, CALL_TO_INCOMING, INCOMING_TO_START, START_TO_MEDIA, MEDIA_LATENCY, REGISTER];
+/// What `report` and `merge` read back, in report order: every metric a scenario records.
+pub const RECORDED: [Metric; 10] = [
+    SETUP,
+    PLAN_TO_START,
+    CALL_TO_INCOMING,
+    INCOMING_TO_START,
+    START_TO_MEDIA,
+    MEDIA_LATENCY,
+    JITTER,
+    REGISTER,
+    MOUTH_TO_EAR,
+    TRANSIT,
+];

@@ -3,22 +3,23 @@
 
 use std::fmt::Write;
 
-use super::files;
+use super::files::Record;
 use super::hist;
 use super::metric::REGISTER;
-use super::Summary;
+use super::{Span, Summary};
 use crate::error::Error;
 use crate::fleet;
 use crate::register::Measured;
 use crate::scenario::{Output, Register};
 
-/// The summary of `reg`, from what it measured; `--out` writes it with its histogram.
+/// The summary of `reg`, from what it measured, and with `--out` the record to write.
 pub fn summarize(reg: &Register, options: &fleet::Options, output: &Output, m: &Measured) -> Result<Summary, Error> {
     let (registered, held, failed, latency, sources) = (m.registered, m.held, &m.failed, &m.latency, &m.sources);
     let (rss_up, per_client_kb, manager_per_reg_kb) = (m.rss_up_mb, m.per_client_kb, m.manager_per_registration_kb);
     let (fds_up, disconnects, public_ips, cpu, sleeper) = (m.open_fds, m.disconnects, m.public_ips, m.cpu, &m.sleeper);
     let (manager_conns, manager_io) = (m.manager_connections, m.manager_io);
     let span = m.span.as_secs_f64().max(1e-9);
+    let run = Span::new(m.t0, m.ended, m.interrupted);
     let mut warnings = Vec::new();
     if registered + failed.len() < reg.clients {
         warnings.push(format!("only {registered} of {} clients registered within 30 s of the ramp's end", reg.clients));
@@ -43,6 +44,7 @@ pub fn summarize(reg: &Register, options: &fleet::Options, output: &Output, m: &
         sources.describe(),
         options.io.as_str()
     );
+    text.push_str(&run.text());
     let _ = writeln!(
         text,
         "registered {registered} of {} in {:.2} s ({:.0}/s); {} still registered after {:.0} s held, {} re-registrations, {} disconnects",
@@ -71,7 +73,7 @@ pub fn summarize(reg: &Register, options: &fleet::Options, output: &Output, m: &
     for w in &warnings {
         let _ = writeln!(text, "WARNING: {w}");
     }
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "scenario": "register",
         "io": options.io.as_str(),
         "clients": reg.clients,
@@ -107,12 +109,13 @@ pub fn summarize(reg: &Register, options: &fleet::Options, output: &Output, m: &
         "sleeper_stalls_over_5ms": stalls,
         "warnings": warnings,
     });
-    if let Some(dir) = &output.dir {
-        let metrics = [(REGISTER, latency)];
-        let title = format!("registration, {} clients at {}/s", reg.clients, reg.rate);
-        files::write_run(dir, &json, &metrics, &title).map_err(Error::write(dir))?;
-        let _ = writeln!(text, "results written to {}", dir.display());
-    }
-    let all_ok = registered == reg.clients && held == reg.clients && failed.is_empty();
-    Ok(Summary { json, text, all_ok })
+    run.set_in(&mut json);
+    let record = output.dir.as_deref().map(|dir| {
+        let title = format!("registration, {} clients at {}/s, {} io", reg.clients, reg.rate, options.io.as_str());
+        let mut r = Record::new(dir, json.clone(), &title, run.started_at);
+        r.histograms = vec![(REGISTER, latency.clone())];
+        r
+    });
+    let all_ok = registered == reg.clients && held == reg.clients && failed.is_empty() && !m.interrupted;
+    Ok(Summary { json, text, all_ok, record })
 }
