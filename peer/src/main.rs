@@ -451,9 +451,10 @@ impl BadFrames {
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         use tracing_subscriber::Layer;
-        self.clone().with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        let warnings = tracing_subscriber::filter::filter_fn(|m| {
             *m.level() == tracing::Level::WARN && m.target().starts_with("engine::")
-        }))
+        });
+        self.clone().with_filter(warnings.with_max_level_hint(tracing::Level::WARN))
     }
 }
 
