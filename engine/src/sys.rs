@@ -128,3 +128,26 @@ pub fn read_secret(path: &std::path::Path) -> Result<proto::auth::Secret, String
     let b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     proto::auth::Secret::from_file_contents(b).map_err(|e| format!("{}: {e}", path.display()))
 }
+
+/// The log layer [`init_logging`] installs, for a binary that adds layers of its own: text
+/// lines on stderr, filtered by `RUST_LOG` if it is set (else by `default_filter`, e.g.
+/// `"warn"` or `"info"`), with ANSI colours only when stderr is a terminal and `NO_COLOR`
+/// is unset, so a log redirected to a file or a pipe carries no escape codes.
+pub fn log_layer<S>(default_filter: &str) -> impl tracing_subscriber::Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour).with_filter(filter)
+}
+
+/// Install the process's logger: [`log_layer`] alone. Call it once, first thing in `main`.
+pub fn init_logging(default_filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry().with(log_layer(default_filter)).init();
+}

@@ -97,16 +97,11 @@ fn check_pair(a: Mode, b: Mode) {
     // ---- Check 1: negative control. Without the null packet the callee's firewall drops
     // everything the caller sends.
     let r2_before = lab.counters(Host::R2).unwrap();
-    let bob = peer(
-        &lab,
-        Host::B,
-        "bob",
-        41002,
-        &["--setup-timeout-secs", "2", "listen", "--calls", "1", "--no-null", "--json"],
-    );
+    let bob =
+        peer(&lab, Host::B, "bob", 41002, &["--setup-timeout", "2", "listen", "--calls", "1", "--no-null", "--json"]);
     settle();
     let alice =
-        peer(&lab, Host::A, "alice", 40002, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "4", "--json"]);
+        peer(&lab, Host::A, "alice", 40002, &["--setup-timeout", "2", "call", "bob", "--duration", "4", "--json"]);
     let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
     let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
     assert_ne!(oa.code, 0, "{pair}: the call must fail without the null packet: {ca}");
@@ -187,7 +182,7 @@ fn idle_call(lab: &Lab, port_a: u16, port_b: u16, keepalive: &str) -> (u64, u64,
         Host::B,
         "bob",
         port_b,
-        &["--keepalive-secs", keepalive, "--pause", "2,12", "listen", "--calls", "1", "--json"],
+        &["--keepalive", keepalive, "--pause", "2,12", "listen", "--calls", "1", "--json"],
     );
     settle();
     let alice = peer(
@@ -195,7 +190,7 @@ fn idle_call(lab: &Lab, port_a: u16, port_b: u16, keepalive: &str) -> (u64, u64,
         Host::A,
         "alice",
         port_a,
-        &["--keepalive-secs", keepalive, "--pause", "2,10", "call", "bob", "--duration", "16", "--json"],
+        &["--keepalive", keepalive, "--pause", "2,10", "call", "bob", "--duration", "16", "--json"],
     );
     let (oa, ob) = (alice.finish(Duration::from_secs(40)), bob.finish(Duration::from_secs(10)));
     let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
@@ -246,10 +241,10 @@ fn without_keepalives_an_idle_window_closes() {
 fn a_fully_random_nat_defeats_the_simple_punch() {
     let lab = Lab::up(Mode::Fw, Mode::NatRandom).expect("lab up");
     let m = lab.start_manager().expect("manager");
-    let bob = peer(&lab, Host::B, "bob", 41001, &["--setup-timeout-secs", "2", "listen", "--calls", "1", "--json"]);
+    let bob = peer(&lab, Host::B, "bob", 41001, &["--setup-timeout", "2", "listen", "--calls", "1", "--json"]);
     settle();
     let alice =
-        peer(&lab, Host::A, "alice", 40001, &["--setup-timeout-secs", "2", "call", "bob", "--duration", "3", "--json"]);
+        peer(&lab, Host::A, "alice", 40001, &["--setup-timeout", "2", "call", "bob", "--duration", "3", "--json"]);
     let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
     let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
     assert_ne!(oa.code, 0, "{ca}");

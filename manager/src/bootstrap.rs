@@ -121,12 +121,57 @@ impl Drop for ManagerHandle {
     }
 }
 
+/// Attempts a start on port 0 makes at most. Each takes a new port from the kernel for TCP
+/// and then binds UDP to the same number, which another socket may hold already.
+pub const PORT_0_ATTEMPTS: usize = 16;
+
 /// Start a manager: bind, spawn the shard threads and the STUN responder, return at once.
+///
+/// With port 0 the first shard's TCP listener takes a free port from the kernel and the
+/// other shards and the UDP socket bind the same number. When one of those finds it taken
+/// (`AddrInUse`), the start is undone and tried again on a new port, up to
+/// [`PORT_0_ATTEMPTS`] times, so no caller needs a retry loop of its own. A fixed port is
+/// tried once.
 pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
+    start_with(cfg, &mut |a| UdpSocket::bind(a))
+}
+
+/// [`start`] with the UDP bind given (a test makes it fail).
+fn start_with(
+    cfg: ManagerConfig,
+    bind_udp: &mut dyn FnMut(SocketAddr) -> io::Result<UdpSocket>,
+) -> io::Result<ManagerHandle> {
+    if cfg.listen.port() != 0 {
+        return start_once(&cfg, bind_udp);
+    }
+    for attempt in 1..=PORT_0_ATTEMPTS {
+        match start_once(&cfg, bind_udp) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempt < PORT_0_ATTEMPTS => {
+                tracing::debug!(attempt, "port 0: the port the kernel gave TCP is taken for UDP ({e}); trying another");
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "port 0: each of {PORT_0_ATTEMPTS} ports the kernel offered for TCP was taken for UDP: {e}"
+                    ),
+                ));
+            }
+            r => return r,
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// One start: on failure everything it started is stopped again (the handle's drop).
+fn start_once(
+    cfg: &ManagerConfig,
+    bind_udp: &mut dyn FnMut(SocketAddr) -> io::Result<UdpSocket>,
+) -> io::Result<ManagerHandle> {
     let n =
         if cfg.shards == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.shards };
     if n > u16::MAX as usize {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many shards"));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{n} shards: at most {}", u16::MAX)));
     }
     let stats = Arc::new(Stats::default());
     let open = Arc::new(OpenConns::default());
@@ -170,7 +215,7 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
     // The UDP socket (no SO_REUSEPORT) claims a fixed port first: it is what keeps a second
     // manager from binding the same TCP port through SO_REUSEPORT and silently taking half
     // the connections. With port 0, shard 0 picks the port and UDP follows it.
-    let mut udp = if cfg.listen.port() != 0 { Some(UdpSocket::bind(cfg.listen)?) } else { None };
+    let mut udp = if cfg.listen.port() != 0 { Some(bind_udp(cfg.listen)?) } else { None };
     // Shard 0 binds first so that with port 0 the others (and UDP) use the port it got.
     let mut addr = cfg.listen;
     for (i, inbox) in rxs.iter_mut().enumerate() {
@@ -206,7 +251,7 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
     handle.addr = addr;
     let udp = match udp.take() {
         Some(u) => u,
-        None => UdpSocket::bind(addr)?,
+        None => bind_udp(addr)?,
     };
     let rate = cfg.stun_rate;
     let t = std::thread::Builder::new()
@@ -217,3 +262,62 @@ pub fn start(cfg: ManagerConfig) -> io::Result<ManagerHandle> {
 }
 
 pub use engine::sys::raise_nofile;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port_0() -> ManagerConfig {
+        ManagerConfig { listen: "127.0.0.1:0".parse().unwrap(), shards: 2, io: Io::Portable, ..Default::default() }
+    }
+
+    #[test]
+    fn a_port_0_start_takes_a_new_port_when_udp_finds_its_port_taken() {
+        let mut tried = Vec::new();
+        let h = start_with(port_0(), &mut |a| {
+            tried.push(a);
+            if tried.len() <= 3 {
+                Err(io::ErrorKind::AddrInUse.into())
+            } else {
+                UdpSocket::bind(a)
+            }
+        })
+        .expect("the fourth port is free");
+        assert_eq!(tried.len(), 4, "{tried:?}");
+        assert_eq!(h.local_addr(), tried[3]);
+        // The manager that started serves TCP on that port; the undone attempts left no
+        // listener behind.
+        std::net::TcpStream::connect(h.local_addr()).expect("the started manager accepts");
+        for a in &tried[..3] {
+            if *a != h.local_addr() {
+                assert!(std::net::TcpStream::connect(a).is_err(), "attempt on {a} was not undone");
+            }
+        }
+        h.shutdown();
+    }
+
+    #[test]
+    fn a_port_0_start_gives_up_after_its_attempts_and_a_fixed_port_is_tried_once() {
+        let mut n = 0;
+        let e = start_with(port_0(), &mut |_| {
+            n += 1;
+            Err(io::ErrorKind::AddrInUse.into())
+        })
+        .err()
+        .expect("every port taken");
+        assert_eq!(n, PORT_0_ATTEMPTS);
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("taken for UDP"), "{e}");
+
+        let fixed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut n = 0;
+        let cfg = ManagerConfig { listen: fixed, ..port_0() };
+        let e = start_with(cfg, &mut |_| {
+            n += 1;
+            Err(io::ErrorKind::AddrInUse.into())
+        })
+        .err()
+        .expect("taken");
+        assert_eq!((n, e.kind()), (1, io::ErrorKind::AddrInUse));
+    }
+}

@@ -14,51 +14,57 @@ use proto::shard::ShardConfig;
 /// it can hand out each client's public UDP address. It never carries media: the counter
 /// `udp_media` in its statistics counts any media packet that reached it.
 ///
-/// On start it prints `listening ADDR` on stdout; on SIGINT/SIGTERM it closes every
-/// connection and prints its counters as one JSON line on stdout.
+/// On start it prints `listening ADDR` on stdout (and, with --metrics, `metrics
+/// http://ADDR/metrics`); on SIGINT/SIGTERM it closes every connection and prints its
+/// counters as one JSON line on stdout.
+///
+/// Exit status: 0 after a clean stop, 2 on a usage or set-up error (a bad flag, an address
+/// in use, an address it cannot bind).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// TCP and UDP address to listen on (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:7480")]
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:7480", value_parser = listen_addr)]
     listen: SocketAddr,
-    /// Shards (threads); 0 means one per core.
-    #[arg(long, default_value_t = 0)]
+    /// Shards (threads), 1 to 1024; 0 means one per core.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = shards)]
     shards: usize,
-    /// Seconds a callee has to answer (PUNCHED) before the call is rejected.
-    #[arg(long, default_value_t = 4)]
-    ring_timeout: u64,
-    /// Seconds of silence after which a connection is closed (clients PING every 10 s).
-    #[arg(long, default_value_t = 45)]
-    idle_timeout: u64,
-    /// Print the counters as JSON on stderr every SECS seconds (0: only at exit).
-    #[arg(long, default_value_t = 0)]
+    /// Seconds a callee has to answer (PUNCHED) before the call is rejected (0.01 to 86400).
+    #[arg(long, value_name = "SECS", default_value = "4", value_parser = seconds)]
+    ring_timeout: Duration,
+    /// Seconds of silence after which a connection is closed (clients PING every 10 s; 0.01
+    /// to 86400).
+    #[arg(long, value_name = "SECS", default_value = "45", value_parser = seconds)]
+    idle_timeout: Duration,
+    /// Print the counters as JSON on stderr every SECS seconds (0: only at exit; at most
+    /// 86400).
+    #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     stats_every: u64,
     /// Connections the manager holds at most; more are refused with ERROR TooManyConnections
-    /// (0: no limit; the process's descriptor limit applies anyway).
-    #[arg(long, default_value_t = 100_000)]
+    /// (0: no limit; the process's descriptor limit applies anyway; at most 100000000).
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = count::<100_000_000>)]
     max_connections: usize,
     /// Frames per second one connection may send on average (bursts of twice that); a
     /// connection over it is closed with ERROR RateLimited (0: no limit).
-    #[arg(long, default_value_t = 500.0)]
+    #[arg(long, value_name = "N", default_value_t = 500.0, value_parser = rate)]
     frames_per_sec: f64,
     /// Calls one connection may be party to at once; a CALL beyond is rejected with
-    /// CallerLimit (0: no limit). A load generator multiplexing many calls per client may
-    /// need 0.
-    #[arg(long, default_value_t = 1000)]
+    /// CallerLimit (0: no limit; at most 1000000). A load generator multiplexing many calls
+    /// per client may need 0.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = count::<1_000_000>)]
     max_calls_per_conn: usize,
     /// Serve Prometheus metrics on http://ADDR/metrics (port 0: any free port; the address
     /// is printed on stdout as `metrics http://ADDR/metrics` after the `listening` line).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "IP:PORT", value_parser = listen_addr)]
     metrics: Option<SocketAddr>,
     /// STUN answers per second per source IP (bursts of twice that); 0: no limit. Keep it
     /// high when many clients share one address (a load generator, a large NAT).
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, value_name = "N", default_value_t = 1000.0, value_parser = rate)]
     stun_rate: f64,
     /// The shards' TCP IO: `uring` (connections in io_uring direct descriptors, which do not
     /// count against the process's descriptor table), `portable` (tokio), or `auto` (uring
     /// where it can be set up; the NULLPUNCH_IO environment variable overrides auto).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["uring", "portable", "auto"])]
     io: String,
     /// Require a token in every REGISTER, minted with the secret in this file (at least 16
     /// bytes; one trailing newline is ignored). Without it, any client may register any id.
@@ -71,14 +77,57 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Print a registration token for ID (needs --secret-file), for `peer --token`.
+    #[command(allow_negative_numbers = true)]
     Token {
         /// The client id the token is for.
         #[arg(long)]
         id: String,
-        /// Seconds it stays valid.
-        #[arg(long, default_value_t = 86_400)]
+        /// Seconds it stays valid (1 to 315360000, ten years).
+        #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
         ttl: u64,
     },
+}
+
+/// `IP:PORT` to listen on.
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected IP:PORT (e.g. 0.0.0.0:7480 for every interface, 127.0.0.1:0 for any free port)".into())
+}
+
+/// Shards: 1 to [`MAX_SHARDS`], or 0 for one per core.
+fn shards(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_SHARDS => Ok(n),
+        _ => Err(format!("give 1 to {MAX_SHARDS} shards, or 0 for one per core")),
+    }
+}
+
+/// The most shards `--shards` takes: far more threads than any machine's cores.
+const MAX_SHARDS: usize = 1024;
+
+/// A duration in seconds: finite, from 10 ms to one day.
+fn seconds(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.01..=86_400.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        _ => Err("expected a number of seconds from 0.01 to 86400".into()),
+    }
+}
+
+/// A rate per second: finite and not negative (0: no limit), at most a billion.
+fn rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1e9).contains(&v) => Ok(v),
+        _ => Err("expected a rate per second from 0 (no limit) to 1000000000".into()),
+    }
+}
+
+/// A count from 0 (no limit) to `MAX`.
+fn count<const MAX: usize>(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= MAX => Ok(n),
+        _ => Err(format!("expected a count from 0 (no limit) to {MAX}")),
+    }
 }
 
 /// Descriptors kept for everything but client connections: listeners, the STUN socket,
@@ -131,10 +180,7 @@ fn connection_cap(configured: usize, io: manager::Io, shards: usize) -> usize {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    engine::sys::init_logging("info");
     let args = Args::parse();
     let secret = match &args.secret_file {
         Some(p) => match engine::sys::read_secret(p) {
@@ -181,14 +227,14 @@ fn main() {
         listen: args.listen,
         shards: args.shards,
         shard: ShardConfig {
-            ring_timeout: Duration::from_secs(args.ring_timeout),
-            idle_timeout: Duration::from_secs(args.idle_timeout),
+            ring_timeout: args.ring_timeout,
+            idle_timeout: args.idle_timeout,
             secret,
-            frames_per_sec: args.frames_per_sec.max(0.0),
+            frames_per_sec: args.frames_per_sec,
             max_calls_per_conn: args.max_calls_per_conn,
             ..ShardConfig::default()
         },
-        stun_rate: args.stun_rate.max(0.0),
+        stun_rate: args.stun_rate,
         max_connections: connection_cap(args.max_connections, io, args.shards),
         ..ManagerConfig::default()
     };
@@ -196,7 +242,7 @@ fn main() {
         Ok(h) => h,
         Err(e) => {
             eprintln!("manager: cannot listen on {}: {e}", args.listen);
-            std::process::exit(1);
+            std::process::exit(2);
         }
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -218,7 +264,7 @@ fn main() {
                     }
                     Err(e) => {
                         eprintln!("manager: cannot serve metrics on {addr}: {e}");
-                        std::process::exit(1);
+                        std::process::exit(2);
                     }
                 }
             }

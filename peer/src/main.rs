@@ -1,7 +1,8 @@
 //! `peer`: the nullpunch voice client.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -17,14 +18,19 @@ use media::{AudioIn, AudioOut, Media, MediaConfig, Waker};
 /// nullpunch voice client: registers with a manager, then calls or answers, and streams RTP
 /// media straight to the other peer through the window its null packet opened.
 ///
+/// Durations are in seconds unless the flag's name says otherwise (`--frame-ms`).
+///
 /// Exit status: 0 when every call succeeded, 1 when a call failed (the phase that failed is
-/// printed on stderr), 2 on a usage, network or manager error.
+/// printed on stderr), 2 on a usage or set-up error (a bad flag, a UDP address it cannot
+/// bind, a manager it cannot reach or that does not register it within --register-timeout,
+/// a refused token).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
-    /// Manager address (TCP signalling; its UDP port with the same number answers STUN).
-    #[arg(long, value_name = "HOST:PORT")]
-    manager: String,
+    /// Manager address (TCP signalling; its UDP port with the same number answers STUN). A
+    /// name with an IPv4 address resolves to that.
+    #[arg(long, value_name = "HOST:PORT", value_parser = engine::addr::manager_addr)]
+    manager: SocketAddr,
     /// This client's id (1-64 bytes, no spaces).
     #[arg(long)]
     id: String,
@@ -39,40 +45,47 @@ struct Args {
     json: bool,
     /// Send a keepalive null packet after this many seconds without sending (keep under the
     /// routers' conntrack UDP timeout; Linux default 30 s).
-    #[arg(long, default_value_t = 15.0, global = true, value_parser = seconds)]
-    keepalive_secs: f64,
+    #[arg(long, value_name = "SECS", default_value_t = 15.0, global = true, value_parser = seconds, alias = "keepalive-secs")]
+    keepalive: f64,
     /// End a call when nothing arrived from the peer for this many seconds.
-    #[arg(long, default_value_t = 35.0, global = true, value_parser = seconds)]
-    media_timeout_secs: f64,
+    #[arg(long, value_name = "SECS", default_value_t = 35.0, global = true, value_parser = seconds, alias = "media-timeout-secs")]
+    media_timeout: f64,
     /// Seconds to wait for START (caller) or for the peer's first packet.
-    #[arg(long, default_value_t = 5.0, global = true, value_parser = seconds)]
-    setup_timeout_secs: f64,
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, global = true, value_parser = seconds, alias = "setup-timeout-secs")]
+    setup_timeout: f64,
+    /// Give up (exit status 2, saying what the address answered) if the manager has not
+    /// registered this client within this many seconds of the start. Once registered, later
+    /// reconnects wait as long as they need.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, global = true, value_parser = seconds, alias = "register-timeout-secs")]
+    register_timeout: f64,
     /// UDP IO: uring (the io_uring driver), portable (tokio + quinn-udp), or auto (uring
     /// where it can be set up, else portable; the NULLPUNCH_IO environment variable
     /// overrides auto).
-    #[arg(long, default_value = "auto", global = true)]
+    #[arg(long, default_value = "auto", global = true, value_parser = ["uring", "portable", "auto"])]
     io: String,
     /// Pause sending media AT seconds into each call for FOR seconds (keepalive null packets
     /// still go out): tests that an idle path stays open through the firewalls.
-    #[arg(long, value_name = "AT,FOR", value_parser = parse_pause, global = true)]
+    #[arg(long, value_name = "AT,FOR", value_parser = parse_pause, global = true, allow_hyphen_values = true)]
     pause: Option<(f64, f64)>,
     /// Audio to send: wav:PATH (48 kHz WAV, then silence), tone (440 Hz), chirp (a 30 ms
     /// chirp every 500 ms), silence, or device[:NAME] (the PulseAudio microphone). Without
     /// it (and without --rtp-in), calls carry synthetic frames.
     #[arg(long, value_name = "SPEC", value_parser = media::parse_audio_in, global = true)]
     audio_in: Option<AudioIn>,
-    /// Where received Opus audio is played: wav:PATH (48 kHz mono WAV) or device[:NAME] (the
-    /// PulseAudio speaker).
+    /// Where received Opus audio is played: wav:PATH (48 kHz mono WAV, one file per call:
+    /// PATH for the first, then PATH with -2, -3, ... before its extension) or device[:NAME]
+    /// (the PulseAudio speaker).
     #[arg(long, value_name = "SPEC", value_parser = media::parse_audio_out, global = true)]
     audio_out: Option<AudioOut>,
     /// `device`: the sound device both ways (same as --audio-in device --audio-out device).
     #[arg(long, value_name = "device", value_parser = ["device"], global = true)]
     audio: Option<String>,
     /// Opus frame duration, ms: 10, 20, 40 or 60.
-    #[arg(long, default_value_t = 20, global = true)]
+    #[arg(long, default_value_t = 20, global = true, value_parser = frame_ms)]
     frame_ms: u32,
-    /// Smallest jitter buffer delay, ms (the buffer adds what the measured jitter needs).
-    #[arg(long, default_value_t = 5.0, global = true)]
+    /// Smallest jitter buffer delay, ms, 0 to 1000 (the buffer adds what the measured jitter
+    /// needs).
+    #[arg(long, default_value_t = 5.0, global = true, value_parser = jitter_ms)]
     jitter_min_ms: f64,
     /// Forward RTP that a local program (ffmpeg, GStreamer) sends to this UDP address (or
     /// port on 127.0.0.1) to the peer through the punched path, instead of our own audio.
@@ -107,9 +120,10 @@ fn parse_local_addr(s: &str) -> Result<SocketAddr, String> {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Register and answer incoming calls: send the null packet, reply PUNCHED, exchange media.
+    #[command(allow_negative_numbers = true)]
     Listen {
-        /// Exit after this many calls have ended.
-        #[arg(long)]
+        /// Exit after this many calls have ended (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         calls: Option<u32>,
         /// Exit after this many seconds (open calls are hung up).
         #[arg(long, value_parser = seconds)]
@@ -120,6 +134,7 @@ enum Cmd {
         no_null: bool,
     },
     /// Call CALLEE, wait for START, stream media directly to it, then hang up.
+    #[command(allow_negative_numbers = true)]
     Call {
         /// The callee's id.
         callee: String,
@@ -131,6 +146,18 @@ enum Cmd {
 
 struct PeerApp {
     json: bool,
+    /// The manager's address, for messages.
+    manager: SocketAddr,
+    /// `--register-timeout`.
+    register_timeout: Duration,
+    /// Until the first REGISTERED: when to give up waiting for it.
+    register_by: Option<Instant>,
+    /// A manager ERROR that came before the first REGISTERED.
+    refused: Option<String>,
+    /// No STUN answer came from the manager's UDP port.
+    stun_unanswered: bool,
+    /// What the driver last found undecodable on the manager connection.
+    bad_frames: BadFrames,
     role_caller: Option<(ClientId, Duration)>,
     /// How the manager learned our public address (from REGISTERED).
     local_source: Option<&'static str>,
@@ -143,6 +170,32 @@ struct PeerApp {
 }
 
 impl PeerApp {
+    /// Why the manager has not registered us, from what the connection saw (`c`: the
+    /// driver's counters).
+    fn not_registered(&self, c: &driver::DriverCounters) -> String {
+        let what = if let Some(e) = &self.refused {
+            format!("it answered ERROR {e}")
+        } else if c.frame_errors > 0 {
+            let detail = match self.bad_frames.last() {
+                Some(d) => explain_bad_frame(d),
+                None => format!("{} of its replies did not decode", c.frame_errors),
+            };
+            format!("what it sent is not nullpunch signalling ({detail})")
+        } else if c.disconnects > 0 {
+            let times = if c.disconnects == 1 { "once".to_string() } else { format!("{} times", c.disconnects) };
+            format!("it closed the connection without answering ({times})")
+        } else if self.stun_unanswered {
+            "it accepted the connection but never answered (nor did anything answer STUN on its UDP port)".to_string()
+        } else {
+            "it accepted the connection but never answered".to_string()
+        };
+        format!(
+            "the manager at {} did not register us within {} s: {what}",
+            self.manager,
+            self.register_timeout.as_secs_f64()
+        )
+    }
+
     /// `c`: the client's drop counters so far (the process's, over all its calls).
     fn report(&mut self, r: &CallReport, m: Option<media::MediaReport>, c: &proto::client::ClientCounters) {
         let ok = r.succeeded();
@@ -169,7 +222,9 @@ impl PeerApp {
                 "local": r.local.map(|a| a.to_string()),
                 "local_source": self.local_source,
                 "peer": r.peer.map(|a| a.to_string()),
-                "setup_ms": ms(r.setup),
+                // Setup as loadgen measures it: the call's start to two-way media.
+                "setup_ms": ms(r.first_media),
+                "signalling_ms": ms(r.setup),
                 "first_media_ms": ms(r.first_media),
                 "duration_ms": r.duration.as_secs_f64() * 1000.0,
                 "sent": r.sent,
@@ -193,13 +248,14 @@ impl PeerApp {
             println!("{v}");
         } else {
             println!(
-                "call {} {} with {} ({} <-> {}): {}; setup {} ms, sent {}, received {}, lost {}, jitter {:.2} ms",
+                "call {} {} with {} ({} <-> {}): {}; setup {} ms (signalling {} ms), sent {}, received {}, lost {}, jitter {:.2} ms",
                 r.call_id.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                 r.role.as_str(),
                 r.peer_id,
                 r.local.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
                 r.peer.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
                 if ok { "ok".to_string() } else { r.reason.describe() },
+                r.first_media.map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into()),
                 r.setup.map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into()),
                 r.sent,
                 r.received,
@@ -216,13 +272,28 @@ impl PeerApp {
     }
 }
 
+/// Opus frame duration in ms: 10, 20, 40 or 60.
+fn frame_ms(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(ms @ (10 | 20 | 40 | 60)) => Ok(ms),
+        _ => Err("expected 10, 20, 40 or 60 (ms)".into()),
+    }
+}
+
+/// A delay in ms, from 0 to one second.
+fn jitter_ms(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1000.0).contains(&v) => Ok(v),
+        _ => Err("expected a number of ms from 0 to 1000".into()),
+    }
+}
+
 /// A duration in seconds: finite, from 10 ms to one day.
 fn seconds(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(0.01..=86_400.0).contains(&v) {
-        return Err(format!("{v} s is outside 0.01 ..= 86400"));
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.01..=86_400.0).contains(&v) => Ok(v),
+        _ => Err("expected a number of seconds from 0.01 to 86400".into()),
     }
-    Ok(v)
 }
 
 fn parse_pause(s: &str) -> Result<(f64, f64), String> {
@@ -230,7 +301,7 @@ fn parse_pause(s: &str) -> Result<(f64, f64), String> {
     let at: f64 = a.trim().parse().map_err(|_| format!("bad AT {a:?}"))?;
     let dur: f64 = b.trim().parse().map_err(|_| format!("bad FOR {b:?}"))?;
     if !(0.0..=86_400.0).contains(&at) || !(0.0..=86_400.0).contains(&dur) {
-        return Err("AT and FOR must be within 0 ..= 86400 seconds".into());
+        return Err("AT and FOR must be from 0 to 86400 seconds".into());
     }
     Ok((at, dur))
 }
@@ -259,6 +330,7 @@ impl App for PeerApp {
         match event {
             Event::Registered { public, source } => {
                 tracing::info!(%public, %source, "registered");
+                self.register_by = None;
                 self.local_source = Some(match source {
                     proto::wire::frame::AddrSource::Stun => "stun",
                     proto::wire::frame::AddrSource::TcpPeer => "tcp-peer",
@@ -298,6 +370,9 @@ impl App for PeerApp {
             }
             Event::ManagerError { code, message } => {
                 eprintln!("peer: manager error {code}: {message}");
+                if self.register_by.is_some() {
+                    self.refused = Some(format!("{code}: {message}"));
+                }
                 if code == ErrorCode::Unauthorized {
                     // Retrying with the same token cannot succeed.
                     self.fatal = Some(format!("the manager refused our registration: {message}"));
@@ -310,7 +385,10 @@ impl App for PeerApp {
             }
             Event::Discovered { mapped } => match mapped {
                 Some(a) => tracing::info!(mapped = %a, "public UDP address discovered by STUN"),
-                None => tracing::warn!("no STUN answer from the manager; it will use the TCP peer address"),
+                None => {
+                    self.stun_unanswered = true;
+                    tracing::warn!("no STUN answer from the manager; it will use the TCP peer address")
+                }
             },
             Event::ManagerUnresponsive => tracing::warn!("manager does not answer PING"),
         }
@@ -321,11 +399,18 @@ impl App for PeerApp {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        self.media.next_wakeup().into_iter().chain(self.deadline).min()
+        self.media.next_wakeup().into_iter().chain(self.deadline).chain(self.register_by).min()
     }
 
     fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
         let now = ctx.now;
+        if self.register_by.is_some_and(|d| now >= d) {
+            self.register_by = None;
+            self.fatal = Some(self.not_registered(ctx.counters()));
+            ctx.client.hangup_all(now);
+            self.done = true;
+            return;
+        }
         if self.deadline.is_some_and(|d| now >= d) {
             self.deadline = None;
             ctx.client.hangup_all(now);
@@ -345,11 +430,74 @@ impl App for PeerApp {
     }
 }
 
+/// What the driver last found undecodable on the manager connection. The drivers tell of
+/// such a frame only in their log (`bad frame from manager: ...`, then they reconnect) and
+/// their `frame_errors` counter, so this log layer keeps the message for the registration
+/// deadline's explanation.
+#[derive(Clone, Default)]
+struct BadFrames(Arc<Mutex<Option<String>>>);
+
+/// The drivers' log message for a frame that did not decode, up to the error.
+const BAD_FRAME_LOG: &str = "bad frame from manager: ";
+
+impl BadFrames {
+    fn last(&self) -> Option<String> {
+        self.0.lock().expect("bad frame lock").clone()
+    }
+
+    /// This as a log layer that sees the engine's warnings, whatever `RUST_LOG` says.
+    fn layer<S>(&self) -> impl tracing_subscriber::Layer<S>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use tracing_subscriber::Layer;
+        let warnings = tracing_subscriber::filter::filter_fn(|m| {
+            *m.level() == tracing::Level::WARN && m.target().starts_with("engine::")
+        });
+        self.clone().with_filter(warnings.with_max_level_hint(tracing::Level::WARN))
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for BadFrames {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(Option<String>);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = Some(format!("{value:?}"));
+                }
+            }
+        }
+        let mut m = Message(None);
+        event.record(&mut m);
+        if let Some(error) = m.0.as_deref().and_then(|t| t.strip_prefix(BAD_FRAME_LOG)) {
+            *self.0.lock().expect("bad frame lock") = Some(error.to_string());
+        }
+    }
+}
+
+/// A frame error, with the length prefix shown as text when its two bytes are printable:
+/// `frame length 18516` is "HT", the start of an HTTP server's answer.
+fn explain_bad_frame(error: String) -> String {
+    let len =
+        error.strip_prefix("frame length ").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok());
+    match len.map(u16::to_be_bytes) {
+        Some(b) if b.iter().all(|c| c.is_ascii_graphic() || *c == b' ') => {
+            let text = String::from_utf8_lossy(&b);
+            let guess = if text == "HT" { ", as an HTTP answer begins" } else { "" };
+            format!("{error}; as text those 2 bytes read \"{text}\"{guess}")
+        }
+        _ => error,
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let bad_frames = BadFrames::default();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry().with(engine::sys::log_layer("warn")).with(bad_frames.layer()).init();
+    }
     let args = Args::parse();
     let id = match ClientId::new(args.id.clone()) {
         Ok(id) => id,
@@ -358,18 +506,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let manager = match args.manager.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-        Some(a) => a,
-        None => {
-            eprintln!("peer: cannot resolve manager address {:?}", args.manager);
-            return ExitCode::from(2);
-        }
-    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(run(args, id, manager))
+    rt.block_on(run(args, id, bad_frames))
 }
 
-async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
+async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
+    let manager = args.manager;
     let io = match engine::driver::Io::choose(&args.io) {
         Ok(io) => io,
         Err(e) => {
@@ -389,10 +531,10 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
     let mut cfg = ClientConfig::new(id, local.port());
     cfg.stun_server = Some(manager);
     cfg.auth = args.token;
-    cfg.keepalive_interval = Duration::from_secs_f64(args.keepalive_secs);
-    cfg.media_timeout = Duration::from_secs_f64(args.media_timeout_secs);
-    cfg.start_timeout = Duration::from_secs_f64(args.setup_timeout_secs);
-    cfg.first_media_timeout = Duration::from_secs_f64(args.setup_timeout_secs);
+    cfg.keepalive_interval = Duration::from_secs_f64(args.keepalive);
+    cfg.media_timeout = Duration::from_secs_f64(args.media_timeout);
+    cfg.start_timeout = Duration::from_secs_f64(args.setup_timeout);
+    cfg.first_media_timeout = Duration::from_secs_f64(args.setup_timeout);
     let now = Instant::now();
     // The sound device, if asked for; it stays on this thread (cpal streams are not Send).
     let (audio_in, audio_out) = match args.audio.as_deref() {
@@ -475,8 +617,15 @@ async fn run(args: Args, id: ClientId, manager: SocketAddr) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let register_timeout = Duration::from_secs_f64(args.register_timeout);
     let mut app = PeerApp {
         json: args.json,
+        manager,
+        register_timeout,
+        register_by: Some(now + register_timeout),
+        refused: None,
+        stun_unanswered: false,
+        bad_frames,
         role_caller: None,
         local_source: None,
         calls_left: None,

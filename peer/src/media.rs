@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,7 +34,8 @@ pub enum AudioIn {
 /// Where received audio goes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AudioOut {
-    /// A WAV file (48 kHz mono), from the first played frame.
+    /// WAV files (48 kHz mono), one per call from its first played frame: the path for the
+    /// first call, then the path with `-2`, `-3`, ... before its extension ([`numbered`]).
     Wav(PathBuf),
     /// The sound device's speaker (PulseAudio), by name or the default.
     Device(Option<String>),
@@ -224,8 +225,31 @@ impl Drop for RtpIn {
 
 enum Sink {
     None,
-    Wav(voice::wav::WavWriter),
+    /// One WAV file per call.
+    Wav {
+        /// `--audio-out wav:PATH`.
+        base: PathBuf,
+        /// The first call's file, made at start-up (so a path that cannot be written is an
+        /// error at once), until that call takes it.
+        first: Option<voice::wav::WavWriter>,
+        /// Calls that took a file so far.
+        calls: u32,
+    },
     Device(Pcm),
+}
+
+/// The WAV file of the `k`-th call (from 1): `base` for the first, then `-k` inserted
+/// before the extension (`heard.wav`, `heard-2.wav`, `heard-3.wav`; `out` gives `out-2`).
+pub fn numbered(base: &Path, k: u32) -> PathBuf {
+    if k <= 1 {
+        return base.to_path_buf();
+    }
+    let stem = base.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match base.extension() {
+        Some(ext) => format!("{stem}-{k}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{k}"),
+    };
+    base.with_file_name(name)
 }
 
 struct CallMedia {
@@ -237,6 +261,8 @@ struct CallMedia {
     forwarding: bool,
     hangup_at: Option<Instant>,
     receiver: Option<Receiver>,
+    /// This call's WAV file (`--audio-out wav:`).
+    wav: Option<voice::wav::WavWriter>,
     frames_sent: u64,
     frames_skipped: u64,
 }
@@ -320,9 +346,11 @@ impl Media {
             _ => None,
         };
         let sink = match &cfg.audio_out {
-            Some(AudioOut::Wav(p)) => {
-                Sink::Wav(voice::wav::WavWriter::create(p, voice::SAMPLE_RATE).map_err(|e| e.to_string())?)
-            }
+            Some(AudioOut::Wav(p)) => Sink::Wav {
+                base: p.clone(),
+                first: Some(voice::wav::WavWriter::create(p, voice::SAMPLE_RATE).map_err(|e| e.to_string())?),
+                calls: 0,
+            },
             Some(AudioOut::Device(_)) => Sink::Device(playback.ok_or("no playback device")?),
             None => Sink::None,
         };
@@ -413,17 +441,50 @@ impl Media {
             }
         }
         let receiver = self.new_receiver();
+        let wav = match &mut self.sink {
+            Sink::Wav { base, first, calls } => {
+                *calls += 1;
+                match first.take() {
+                    Some(w) => Some(w),
+                    None => {
+                        let path = numbered(base, *calls);
+                        match voice::wav::WavWriter::create(&path, voice::SAMPLE_RATE) {
+                            Ok(w) => Some(w),
+                            Err(e) => {
+                                self.fatal.get_or_insert(e.to_string());
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+            _ => None,
+        };
         let device_clocked = matches!(self.cfg.audio_in, Some(AudioIn::Device(_)));
         self.calls.insert(
             handle,
-            CallMedia { sender, device_clocked, forwarding, hangup_at, receiver, frames_sent: 0, frames_skipped: 0 },
+            CallMedia {
+                sender,
+                device_clocked,
+                forwarding,
+                hangup_at,
+                receiver,
+                wav,
+                frames_sent: 0,
+                frames_skipped: 0,
+            },
         );
     }
 
     /// The call ended: its media summary.
     pub fn end(&mut self, handle: CallHandle) -> Option<MediaReport> {
         self.synthetic.stop(handle);
-        let c = self.calls.remove(&handle)?;
+        let mut c = self.calls.remove(&handle)?;
+        if let Some(w) = c.wav.take() {
+            if let Err(e) = w.finish() {
+                self.fatal.get_or_insert(e.to_string());
+            }
+        }
         let mut r = MediaReport {
             sent_kind: if c.forwarding {
                 "forwarded"
@@ -551,8 +612,8 @@ impl Media {
                     rx.tick(&mut self.pcm);
                     match &mut self.sink {
                         Sink::None => {}
-                        Sink::Wav(w) => {
-                            if let Err(e) = w.write(&self.pcm) {
+                        Sink::Wav { .. } => {
+                            if let Some(Err(e)) = c.wav.as_mut().map(|w| w.write(&self.pcm)) {
                                 self.fatal.get_or_insert(e.to_string());
                             }
                         }
@@ -615,17 +676,22 @@ impl Media {
     }
 
     fn flush(&mut self) {
-        if let Sink::Wav(w) = &mut self.sink {
+        for w in self.calls.values_mut().filter_map(|c| c.wav.as_mut()) {
             if let Err(e) = w.flush() {
                 self.fatal.get_or_insert(e.to_string());
             }
         }
     }
 
-    /// Finish the sinks (the WAV header gets its final sizes).
+    /// Finish the sinks (each WAV header gets its final sizes; with no call, the first
+    /// file stays, empty).
     pub fn finish(&mut self) -> Result<(), String> {
         self.rtp_in = None;
-        if let Sink::Wav(w) = std::mem::replace(&mut self.sink, Sink::None) {
+        let mut files: Vec<voice::wav::WavWriter> = self.calls.values_mut().filter_map(|c| c.wav.take()).collect();
+        if let Sink::Wav { first: Some(w), .. } = std::mem::replace(&mut self.sink, Sink::None) {
+            files.push(w);
+        }
+        for w in files {
             w.finish().map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -643,5 +709,21 @@ fn send_frame(sender: &mut Sender, ctx: &mut Ctx<'_>, h: CallHandle, payload: &m
             tracing::warn!("opus encode: {e}");
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered;
+    use std::path::Path;
+
+    #[test]
+    fn each_call_after_the_first_gets_its_number_before_the_extension() {
+        let n = |p: &str, k| numbered(Path::new(p), k).display().to_string();
+        assert_eq!(n("heard.wav", 1), "heard.wav");
+        assert_eq!(n("heard.wav", 2), "heard-2.wav");
+        assert_eq!(n("/tmp/x.y/heard.wav", 3), "/tmp/x.y/heard-3.wav");
+        assert_eq!(n("out", 2), "out-2");
+        assert_eq!(n("a.b.wav", 10), "a.b-10.wav");
     }
 }

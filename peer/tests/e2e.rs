@@ -31,7 +31,13 @@ fn a_three_second_call_carries_media_both_ways_and_never_touches_the_manager() {
         assert!((140..=160).contains(&received), "{who} received {received}: {r}");
         assert_eq!(r["lost"], 0, "{who}: {r}");
         assert!(r["sent"].as_u64().unwrap() >= 140, "{who}: {r}");
-        assert!(r["setup_ms"].as_f64().unwrap() < 1000.0, "{who}: {r}");
+        // Setup: the call's start to two-way media (the first packet from the peer), as
+        // loadgen measures it; signalling is its part up to START (caller) or up to the
+        // caller's first packet (callee).
+        let (setup, signalling) = (r["setup_ms"].as_f64().unwrap(), r["signalling_ms"].as_f64().unwrap());
+        assert!(setup < 1000.0, "{who}: {r}");
+        assert_eq!(r["setup_ms"], r["first_media_ms"], "{who}: {r}");
+        assert!(signalling > 0.0 && signalling <= setup, "{who}: {r}");
         assert!(r["jitter_ms"].as_f64().unwrap() < 20.0, "{who}: {r}");
     }
     // Each side's view of the other is the other's own public address.
@@ -329,7 +335,7 @@ fn a_peer_that_vanishes_mid_call_is_detected_by_media_timeout() {
     let m = start_manager();
     let bob = peer(&m.addr, "bob", &["listen", "--calls", "1", "--json"]);
     settle();
-    let alice = peer(&m.addr, "alice", &["--media-timeout-secs", "1", "call", "bob", "--duration", "30", "--json"]);
+    let alice = peer(&m.addr, "alice", &["--media-timeout", "1", "call", "bob", "--duration", "30", "--json"]);
     std::thread::sleep(Duration::from_millis(1500));
     // Bob dies without a word (SIGKILL: no HANGUP).
     let mut bob = bob;
@@ -363,5 +369,31 @@ fn sigterm_ends_a_peers_open_call_with_hangup_shutdown() {
     let (a, b) = (json_line(&out_a), json_line(&out_b));
     assert_eq!(b["result"], "ok", "{b}");
     assert_eq!(a["result"], "remote hangup (Shutdown)", "{a}");
+    m.stop();
+}
+
+#[test]
+fn a_listener_writes_each_calls_audio_to_its_own_wav_file() {
+    let dir = Scratch::new("wav-per-call");
+    let heard = dir.path("heard.wav");
+    let m = start_manager();
+    let bob = peer(&m.addr, "bob", &["--audio-out", &format!("wav:{heard}"), "listen", "--calls", "2", "--json"]);
+    settle();
+    for who in ["alice", "carol"] {
+        let caller = peer(&m.addr, who, &["--audio-in", "tone", "call", "bob", "--duration", "1", "--json"]);
+        let (code, _, err) = caller.finish(Duration::from_secs(20));
+        assert_eq!(code, 0, "{who}: {err}");
+    }
+    let (code, _, err) = bob.finish(Duration::from_secs(10));
+    assert_eq!(code, 0, "bob: {err}");
+    // One file per call: heard.wav, then heard-2.wav; each holds about one second of tone.
+    for f in ["heard.wav", "heard-2.wav"] {
+        let w = voice::wav::read(std::path::Path::new(&dir.path(f))).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let secs = w.samples.len() as f64 / w.rate as f64;
+        assert!((0.7..1.5).contains(&secs), "{f}: {secs:.2} s of audio");
+        let loud = w.samples.iter().filter(|s| s.unsigned_abs() > 1000).count();
+        assert!(loud > w.samples.len() / 4, "{f}: the tone is there ({loud} of {} samples)", w.samples.len());
+    }
+    assert!(!std::path::Path::new(&dir.path("heard-3.wav")).exists());
     m.stop();
 }

@@ -20,7 +20,7 @@ fn run_cell(a: Mode, b: Mode, calls: u16) -> Result<Cell, String> {
     let lab = Lab::up(a, b)?;
     let m = lab.start_manager()?;
     let n = calls.to_string();
-    let bob = lab.peer(Host::B, "bob", 41000, &["--setup-timeout-secs", "2", "listen", "--calls", &n, "--json"])?;
+    let bob = lab.peer(Host::B, "bob", 41000, &["--setup-timeout", "2", "listen", "--calls", &n, "--json"])?;
     std::thread::sleep(Duration::from_millis(400));
     let mut cell = Cell {
         a,
@@ -33,12 +33,7 @@ fn run_cell(a: Mode, b: Mode, calls: u16) -> Result<Cell, String> {
     for i in 0..calls {
         // A fresh caller port per call: each call punches a new window.
         let o = lab
-            .peer(
-                Host::A,
-                "alice",
-                40000 + i,
-                &["--setup-timeout-secs", "2", "call", "bob", "--duration", "0.3", "--json"],
-            )?
+            .peer(Host::A, "alice", 40000 + i, &["--setup-timeout", "2", "call", "bob", "--duration", "0.3", "--json"])?
             .finish(Duration::from_secs(20));
         match o.calls.first() {
             Some(c) if c["result"] == "ok" => {
