@@ -2,7 +2,7 @@
 //! a checked [`Run`] (a scenario, its target, how its clients run, what it writes) or a
 //! command on recorded runs.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -610,14 +610,10 @@ fn choose_io(s: &str) -> Result<engine::driver::Io, Error> {
     engine::driver::Io::choose(s).map_err(Error::IoChoice)
 }
 
+/// `--manager HOST:PORT`, checked and resolved (`engine::addr`: the message says what is
+/// wrong: no port, a bad port, a name that does not resolve).
 fn resolve(m: &Option<String>) -> Result<Option<SocketAddr>, Error> {
-    match m {
-        None => Ok(None),
-        Some(m) => match m.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-            Some(a) => Ok(Some(a)),
-            None => Err(Error::Resolve(m.clone())),
-        },
-    }
+    m.as_deref().map(engine::addr::manager_addr).transpose().map_err(|e| Error::Resolve(e.to_string()))
 }
 
 fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {

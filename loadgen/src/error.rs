@@ -43,8 +43,8 @@ pub enum Error {
     /// `--io` names no driver this machine can run (the driver's own explanation).
     #[error("{0}")]
     IoChoice(String),
-    /// `--manager` does not resolve to an address.
-    #[error("cannot resolve manager address {0:?}")]
+    /// `--manager` is no usable address (the message says why).
+    #[error("--manager {0}")]
     Resolve(String),
     /// The descriptor limit is too low for the clients.
     #[error("{clients} clients need about {need} file descriptors; RLIMIT_NOFILE is {limit}")]

@@ -23,10 +23,7 @@ use cli::{Cli, Command};
 use error::Error;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    engine::sys::init_logging("warn");
     let command = match Cli::parse().command() {
         Ok(c) => c,
         Err(e) => return fail(&e),

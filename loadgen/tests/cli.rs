@@ -330,3 +330,16 @@ fn load_shapes_ramp_spread_and_cap_the_calls() {
     assert!(tight > 1000.0, "50 at once: the last calls wait seconds, p99 lateness {tight} ms");
     assert!(loose < 100.0, "no real cap: p99 lateness {loose} ms");
 }
+
+#[test]
+fn a_bad_manager_address_says_what_is_wrong() {
+    for (addr, says) in [
+        ("127.0.0.1:99999", "99999 is not a port"),
+        ("localhost", "has no port: give HOST:PORT"),
+        ("nosuch.invalid:7480", "cannot resolve `nosuch.invalid`"),
+    ] {
+        let o = loadgen(&["setup", "--manager", addr]);
+        assert_eq!(o.status.code(), Some(2), "{addr}");
+        assert!(stderr(&o).contains(says), "{addr}: {}", stderr(&o));
+    }
+}
