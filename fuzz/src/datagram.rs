@@ -278,10 +278,10 @@ pub fn check_parsers(d: &[u8]) {
                 // What the manager's responder does with a request: answer with the source.
                 let n = stun::emit_binding_success(&txid, stranger(), &mut b);
                 let answer = stun::parse(&b[..n]).expect("emitted binding success does not parse");
-                assert_eq!(answer, StunMessage::BindingSuccess { txid, mapped: stranger() });
+                assert_eq!(answer, StunMessage::BindingSuccess { txid, mapped: stranger(), other: None });
                 stun::emit_binding_request(&txid, &mut b)
             }
-            StunMessage::BindingSuccess { txid, mapped } => stun::emit_binding_success(&txid, mapped, &mut b),
+            StunMessage::BindingSuccess { txid, mapped, other } => stun::emit_binding_success_with(&txid, mapped, other, &mut b),
         };
         assert_eq!(stun::parse(&b[..n]), Ok(m), "STUN message re-emits differently");
     }

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 pub use engine::driver::Io;
 #[cfg(target_os = "linux")]
 use engine::reactor::Wake;
+use engine::shard::stun::StunSocket;
 use engine::shard::{OpenConns, Peer, ShardStart};
 use proto::shard::stats::Stats;
 use proto::shard::{ShardConfig, ShardInit, ShardMsg};
@@ -47,6 +48,34 @@ pub struct ManagerConfig {
     /// The shards' TCP IO: io_uring (connections in direct descriptors, not in the process's
     /// descriptor table) or tokio. io_uring falls back to tokio where a ring cannot be set up.
     pub io: Io,
+    /// A second STUN port on the listen address, so that clients can compare their mappings
+    /// towards two destinations (NAT classification).
+    pub alt_port: AltPort,
+    /// A STUN address on a second IP (RFC 5780's alternate address), if the host has one.
+    pub alt_listen: Option<SocketAddr>,
+}
+
+/// The manager's alternate STUN port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AltPort {
+    /// None: clients cannot tell an endpoint-independent NAT from one that maps per
+    /// destination (they report their class as unknown).
+    Off,
+    /// The listen port + 1 (the default).
+    Next,
+    /// This port (0: any free one).
+    Port(u16),
+}
+
+impl std::str::FromStr for AltPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(AltPort::Off),
+            "next" => Ok(AltPort::Next),
+            p => p.parse().map(AltPort::Port).map_err(|_| format!("`{s}`: a port number, `next` or `off`")),
+        }
+    }
 }
 
 impl Default for ManagerConfig {
@@ -60,6 +89,8 @@ impl Default for ManagerConfig {
             max_connections: 0,
             // `auto` (NULLPUNCH_IO if set, so a test suite can force either).
             io: Io::choose("auto").unwrap_or(Io::Portable),
+            alt_port: AltPort::Next,
+            alt_listen: None,
         }
     }
 }
@@ -67,6 +98,7 @@ impl Default for ManagerConfig {
 /// A running manager.
 pub struct ManagerHandle {
     addr: SocketAddr,
+    alt_addrs: Vec<SocketAddr>,
     shards: usize,
     stats: Arc<Stats>,
     stop_tx: watch::Sender<bool>,
@@ -81,6 +113,11 @@ impl ManagerHandle {
     /// The TCP and UDP address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The alternate STUN addresses (the alternate port first, then the alternate IP's).
+    pub fn alt_addrs(&self) -> &[SocketAddr] {
+        &self.alt_addrs
     }
 
     /// Number of shards.
@@ -204,6 +241,7 @@ fn start_once(
     let token_key = engine::entropy::key32();
     let mut handle = ManagerHandle {
         addr: cfg.listen,
+        alt_addrs: Vec::new(),
         shards: n,
         stats: stats.clone(),
         stop_tx,
@@ -253,12 +291,48 @@ fn start_once(
         Some(u) => u,
         None => bind_udp(addr)?,
     };
+    // The alternate STUN sockets. Each answer names the next address (OTHER-ADDRESS), so a
+    // client that asks the main port learns them all: main -> alternate IP -> alternate port.
+    let alt_port = match cfg.alt_port {
+        AltPort::Off => None,
+        AltPort::Port(p) => Some(p),
+        AltPort::Next => Some(addr.port().checked_add(1).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "--alt-port next: the listen port is 65535; give a port")
+        })?),
+    };
+    let alt_port_sock = match alt_port {
+        Some(p) => Some(bind_alt(SocketAddr::new(addr.ip(), p), "--alt-port")?),
+        None => None,
+    };
+    let alt_ip_sock = match cfg.alt_listen {
+        Some(a) => Some(bind_alt(a, "--alt-listen")?),
+        None => None,
+    };
+    let port_addr = alt_port_sock.as_ref().map(|s| s.local_addr()).transpose()?;
+    let ip_addr = alt_ip_sock.as_ref().map(|s| s.local_addr()).transpose()?;
+    handle.alt_addrs = port_addr.into_iter().chain(ip_addr).collect();
     let rate = cfg.stun_rate;
-    let t = std::thread::Builder::new()
-        .name("stun".into())
-        .spawn(move || engine::shard::stun::stun_thread(udp, txs, stats, stop_udp, rate))?;
-    handle.threads.push(t);
+    let mut sockets = vec![("stun", StunSocket { sock: udp, other: ip_addr.or(port_addr), shards: txs })];
+    if let Some(sock) = alt_ip_sock {
+        sockets.push(("stun-alt-ip", StunSocket { sock, other: port_addr, shards: Vec::new() }));
+    }
+    if let Some(sock) = alt_port_sock {
+        sockets.push(("stun-alt-port", StunSocket { sock, other: None, shards: Vec::new() }));
+    }
+    for (name, s) in sockets {
+        let (stats, stop) = (stats.clone(), stop_udp.clone());
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || engine::shard::stun::stun_thread(s, stats, stop, rate))?;
+        handle.threads.push(t);
+    }
     Ok(handle)
+}
+
+/// Bind an alternate STUN socket; the error names the flag (with port 0 an `AddrInUse` makes
+/// the start try another port, as for the main socket).
+fn bind_alt(a: SocketAddr, flag: &str) -> io::Result<UdpSocket> {
+    UdpSocket::bind(a).map_err(|e| io::Error::new(e.kind(), format!("{flag}: cannot bind {a}: {e}")))
 }
 
 pub use engine::sys::raise_nofile;

@@ -16,4 +16,4 @@
 pub mod bootstrap;
 pub mod metrics;
 
-pub use bootstrap::{raise_nofile, start, Io, ManagerConfig, ManagerHandle};
+pub use bootstrap::{raise_nofile, start, AltPort, Io, ManagerConfig, ManagerHandle};

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use manager::{start, ManagerConfig};
+use manager::{start, AltPort, ManagerConfig};
 use proto::shard::ShardConfig;
 
 /// nullpunch rendezvous server.
@@ -61,6 +61,15 @@ struct Args {
     /// high when many clients share one address (a load generator, a large NAT).
     #[arg(long, value_name = "N", default_value_t = 1000.0, value_parser = rate)]
     stun_rate: f64,
+    /// A second STUN port on the listen address, for NAT classification: clients compare
+    /// their mappings towards both ports (`next`: the listen port + 1; a port, 0 for any
+    /// free one; `off`: clients report their NAT class as unknown).
+    #[arg(long, value_name = "PORT", default_value = "next", value_parser = alt_port)]
+    alt_port: AltPort,
+    /// A STUN address on a second IP of this host (RFC 5780's alternate address): clients
+    /// then also see whether their NAT maps per destination IP.
+    #[arg(long, value_name = "IP:PORT", value_parser = listen_addr)]
+    alt_listen: Option<SocketAddr>,
     /// The shards' TCP IO: `uring` (connections in io_uring direct descriptors, which do not
     /// count against the process's descriptor table), `portable` (tokio), or `auto` (uring
     /// where it can be set up; the NULLPUNCH_IO environment variable overrides auto).
@@ -93,6 +102,11 @@ fn listen_addr(s: &str) -> Result<SocketAddr, String> {
     s.trim()
         .parse()
         .map_err(|_| "expected IP:PORT (e.g. 0.0.0.0:7480 for every interface, 127.0.0.1:0 for any free port)".into())
+}
+
+/// `next`, `off` or a port.
+fn alt_port(s: &str) -> Result<AltPort, String> {
+    s.trim().parse()
 }
 
 /// Shards: 1 to [`MAX_SHARDS`], or 0 for one per core.
@@ -235,6 +249,8 @@ fn main() {
             ..ShardConfig::default()
         },
         stun_rate: args.stun_rate,
+        alt_port: args.alt_port,
+        alt_listen: args.alt_listen,
         max_connections: connection_cap(args.max_connections, io, args.shards),
         ..ManagerConfig::default()
     };
@@ -270,7 +286,7 @@ fn main() {
             }
             None => None,
         };
-        tracing::info!(addr = %handle.local_addr(), shards = handle.shards(), io = handle.io().as_str(), "manager listening on tcp and udp");
+        tracing::info!(addr = %handle.local_addr(), alt = ?handle.alt_addrs(), shards = handle.shards(), io = handle.io().as_str(), "manager listening on tcp and udp");
         let mut every = tokio::time::interval(Duration::from_secs(args.stats_every.max(1)));
         every.tick().await;
         loop {

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use manager::{ManagerConfig, ManagerHandle};
+use manager::{AltPort, ManagerConfig, ManagerHandle};
 use proto::shard::stats::Stats;
 use proto::shard::{home_shard, owner_shard, ShardConfig};
 use proto::wire::frame::{
@@ -261,7 +261,7 @@ fn stun_bind(m: &ManagerHandle, txid: [u8; 12]) -> UdpSocket {
         let Ok((len, from)) = sock.recv_from(&mut buf) else { continue };
         assert_eq!(from, m.local_addr(), "the answer comes from the manager's port");
         match stun::parse(&buf[..len]) {
-            Ok(StunMessage::BindingSuccess { txid: t, mapped }) => {
+            Ok(StunMessage::BindingSuccess { txid: t, mapped, .. }) => {
                 assert_eq!(t, txid, "same transaction id");
                 assert_eq!(mapped, sock.local_addr().unwrap(), "mapped address is the request's source");
                 return sock;
@@ -272,7 +272,68 @@ fn stun_bind(m: &ManagerHandle, txid: [u8; 12]) -> UdpSocket {
     panic!("no STUN answer");
 }
 
+/// Ask `to` for a binding from `sock`; (mapped, other).
+fn stun_ask(sock: &UdpSocket, to: SocketAddr, txid: [u8; 12]) -> (SocketAddr, Option<SocketAddr>) {
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut req = [0u8; stun::REQUEST_LEN];
+    let n = stun::emit_binding_request(&txid, &mut req);
+    let mut buf = [0u8; 512];
+    for _ in 0..5 {
+        sock.send_to(&req[..n], to).unwrap();
+        let Ok((len, from)) = sock.recv_from(&mut buf) else { continue };
+        assert_eq!(from, to, "the answer comes from the address asked");
+        match stun::parse(&buf[..len]) {
+            Ok(StunMessage::BindingSuccess { txid: t, mapped, other }) if t == txid => return (mapped, other),
+            other => panic!("expected a binding success response, got {other:?}"),
+        }
+    }
+    panic!("no STUN answer from {to}");
+}
+
 // ---------------------------------------------------------------- STUN and registration
+
+#[test]
+fn each_stun_answer_names_the_next_address_and_alternate_bindings_are_not_kept() {
+    // Main port -> alternate IP -> alternate port (the listen port + 1) -> none: a client that
+    // asks the main port learns every destination it can compare its mappings towards.
+    let m = start_on_any_port(ManagerConfig {
+        shards: SHARDS as usize,
+        alt_listen: Some("127.0.0.2:0".parse().unwrap()),
+        ..Default::default()
+    });
+    let main = m.local_addr();
+    let [alt_port, alt_ip] = m.alt_addrs() else { panic!("two alternates: {:?}", m.alt_addrs()) };
+    assert_eq!(*alt_port, SocketAddr::new(main.ip(), main.port() + 1));
+    assert_eq!(alt_ip.ip(), "127.0.0.2".parse::<std::net::IpAddr>().unwrap());
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let me = sock.local_addr().unwrap();
+    let mut chain = vec![main];
+    let mut next = Some(main);
+    while let Some(to) = next {
+        let (mapped, other) = stun_ask(&sock, to, [chain.len() as u8; 12]);
+        assert_eq!(mapped, me, "no NAT on loopback: the mapping is the socket");
+        next = other;
+        chain.extend(other);
+        assert!(chain.len() <= 3, "the chain ends: {chain:?}");
+    }
+    assert_eq!(chain, vec![main, *alt_ip, *alt_port]);
+    assert_eq!(get(&m.stats().stun_requests), 3);
+    assert_eq!(get(&m.stats().stun_alt_requests), 2);
+
+    // A binding learnt on an alternate address is not one a REGISTER can name.
+    let mut a = Client::connect(&m, "alice");
+    let (public, source) = a.register_with(&id("alice"), 9, 1, Some([2; 12]));
+    assert_eq!((public, source), (SocketAddr::new(LOCALHOST, 9), AddrSource::TcpPeer));
+    m.shutdown();
+}
+
+#[test]
+fn with_alt_port_off_the_answer_names_no_other_address() {
+    let m = start_on_any_port(ManagerConfig { shards: 1, alt_port: AltPort::Off, ..Default::default() });
+    assert!(m.alt_addrs().is_empty());
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(stun_ask(&sock, m.local_addr(), [7; 12]), (sock.local_addr().unwrap(), None));
+}
 
 #[test]
 fn stun_binding_gives_the_public_address_used_by_register() {

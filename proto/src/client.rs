@@ -976,7 +976,7 @@ impl Client {
 
     fn on_stun(&mut self, _now: Instant, from: SocketAddr, data: &[u8]) {
         match stun::parse(data) {
-            Ok(StunMessage::BindingSuccess { txid, mapped })
+            Ok(StunMessage::BindingSuccess { txid, mapped, .. })
                 if txid == self.txid
                     && Some(from) == self.cfg.stun_server
                     && matches!(self.reg, RegState::Discovering { .. }) =>

@@ -42,6 +42,10 @@ use proto::wire::stun;
 pub const MANAGER_UDP: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 1)), 7480);
 
+/// The manager's alternate STUN port in the simulation (named in the main port's answers).
+pub const MANAGER_UDP_ALT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 1)), 7481);
+
 /// The wall-clock time (seconds since the Unix epoch) at virtual time zero.
 pub const UNIX_START: u64 = 1_800_000_000;
 
@@ -493,16 +497,22 @@ impl Sim {
         }
     }
 
-    /// The manager's UDP port: the real responder decides; the binding goes to its shard
-    /// before the answer leaves, as in the manager.
-    fn manager_udp(&mut self, from: SocketAddr, data: &[u8]) {
+    /// The manager's UDP ports: the real responder decides; on the main port the binding
+    /// goes to its shard before the answer leaves, as in the manager.
+    fn manager_udp(&mut self, at: SocketAddr, from: SocketAddr, data: &[u8]) {
         let mut out = [0u8; stun::MAX_RESPONSE_LEN];
-        match respond(&mut self.stun_limiter, self.now, from, data, &mut out) {
+        let main = at == MANAGER_UDP;
+        let other = main.then_some(MANAGER_UDP_ALT);
+        match respond(&mut self.stun_limiter, self.now, from, data, other, &mut out) {
             StunReply::Answer { len, txid } => {
-                let to = binding_shard(&txid, self.shards.len() as u16);
-                self.schedule(self.now, Ev::Shard { to, msg: ShardMsg::Binding { txid, from } });
+                if main {
+                    let to = binding_shard(&txid, self.shards.len() as u16);
+                    self.schedule(self.now, Ev::Shard { to, msg: ShardMsg::Binding { txid, from } });
+                } else {
+                    self.stats.inc(&self.stats.stun_alt_requests);
+                }
                 self.stats.inc(&self.stats.stun_requests);
-                self.send_datagram(MANAGER_UDP, from, &out[..len]);
+                self.send_datagram(at, from, &out[..len]);
             }
             StunReply::Dropped(why) => {
                 why.count(&self.stats);
@@ -548,8 +558,8 @@ impl Sim {
                 self.pump_shard(to);
             }
             Ev::Datagram { from, to, data } => {
-                if to == MANAGER_UDP {
-                    return self.manager_udp(from, &data);
+                if to == MANAGER_UDP || to == MANAGER_UDP_ALT {
+                    return self.manager_udp(to, from, &data);
                 }
                 let Some(&i) = self.by_udp.get(&to) else { return };
                 if self.net.firewalls {

@@ -1,11 +1,12 @@
-//! The thread that answers STUN on the manager's UDP port: IO only. What to answer is
-//! [`proto::shard::stun::respond`]; the thread owns the per-source rate limiter it decides
-//! with, sends each answered binding to the shard that holds it
+//! The threads that answer STUN on the manager's UDP ports: IO only. What to answer is
+//! [`proto::shard::stun::respond`]; each thread owns the per-source rate limiter it decides
+//! with. The thread of the main port sends each answered binding to the shard that holds it
 //! ([`proto::shard::bindings::binding_shard`]) *before* the answer leaves (so the binding is
 //! in that shard's inbox before the client can send the REGISTER that names it), then sends
-//! the answer.
+//! the answer. The threads of the alternate addresses (NAT classification, RFC 5780 in
+//! spirit) only answer: a client's peers reach it at its mapping towards the main port.
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,9 +29,21 @@ pub const STUN_SOCKET_BUFFER: usize = 4 << 20;
 /// How often the thread looks at its stop flag while no datagram arrives.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
-/// Answer STUN on `sock` until `stop` is set. `rate`: answers per second per source IP, with
-/// bursts of twice that (0: no limit). `shards`: every shard's inbox, by index.
-pub fn stun_thread(sock: UdpSocket, shards: Vec<Peer>, stats: Arc<Stats>, stop: Arc<AtomicBool>, rate: f64) {
+/// One STUN socket of the manager and what its answers carry.
+pub struct StunSocket {
+    /// The bound socket.
+    pub sock: UdpSocket,
+    /// The next STUN address, named in each answer (OTHER-ADDRESS), if any.
+    pub other: Option<SocketAddr>,
+    /// Every shard's inbox, by index, for the main port (whose bindings REGISTER names);
+    /// empty for an alternate address, whose bindings are not kept.
+    pub shards: Vec<Peer>,
+}
+
+/// Answer STUN on `s.sock` until `stop` is set. `rate`: answers per second per source IP,
+/// with bursts of twice that (0: no limit).
+pub fn stun_thread(s: StunSocket, stats: Arc<Stats>, stop: Arc<AtomicBool>, rate: f64) {
+    let StunSocket { sock, other, shards } = s;
     if let Err(e) = sock.set_read_timeout(Some(STOP_CHECK)) {
         tracing::error!("stun socket: {e}; not answering STUN");
         return;
@@ -45,9 +58,13 @@ pub fn stun_thread(sock: UdpSocket, shards: Vec<Peer>, stats: Arc<Stats>, stop: 
             Ok(x) => x,
             Err(_) => continue, // timeout (to check `stop`) or a transient ICMP error
         };
-        match respond(&mut limiter, Instant::now(), from, &buf[..len], &mut out) {
+        match respond(&mut limiter, Instant::now(), from, &buf[..len], other, &mut out) {
             StunReply::Answer { len, txid } => {
-                shards[binding_shard(&txid, n) as usize].send(ShardMsg::Binding { txid, from });
+                if n > 0 {
+                    shards[binding_shard(&txid, n) as usize].send(ShardMsg::Binding { txid, from });
+                } else {
+                    stats.inc(&stats.stun_alt_requests);
+                }
                 // Counted before the answer leaves, so whoever holds the answer sees the count.
                 stats.inc(&stats.stun_requests);
                 let _ = sock.send_to(&out[..len], from);

@@ -120,8 +120,10 @@ stats! {
     calls_ring_timeout,
     /// HANGUP/REJECT for calls no longer known (late or duplicate).
     hangups_unknown_call,
-    /// STUN binding requests answered.
+    /// STUN binding requests answered (on every STUN address).
     stun_requests,
+    /// Of those, on the alternate addresses (--alt-port, --alt-listen): NAT classification probes.
+    stun_alt_requests,
     /// STUN bindings not remembered because the table was full.
     stun_table_full,
     /// STUN binding requests not answered: their source IP was over its rate.

@@ -59,21 +59,27 @@ impl StunDrop {
 }
 
 /// Answer one datagram `data` from `from` received at `now`: a Binding Request gets a
-/// Binding Success Response (RFC 8489 §6.3.1) carrying `from` in XOR-MAPPED-ADDRESS, written
-/// into `out`, unless the answer would be more than twice the request (no amplifier: 32
-/// bytes for IPv4, 44 for IPv6; nullpunch's own requests are 36) or the source is over its
-/// rate. Everything else is dropped with its reason.
+/// Binding Success Response (RFC 8489 §6.3.1) carrying `from` in XOR-MAPPED-ADDRESS, and
+/// `other` (the next of the manager's STUN addresses, RFC 5780's OTHER-ADDRESS) if given,
+/// written into `out`, unless the answer would be more than twice the request (no
+/// amplifier: 32 bytes for IPv4, 44 for IPv6, 12 or 24 more with `other`, which is left out
+/// where it would make the answer too large; nullpunch's own requests are 36) or the source
+/// is over its rate. Everything else is dropped with its reason.
 pub fn respond(
     limiter: &mut StunLimiter,
     now: Instant,
     from: SocketAddr,
     data: &[u8],
+    other: Option<SocketAddr>,
     out: &mut [u8; stun::MAX_RESPONSE_LEN],
 ) -> StunReply {
     match classify(data) {
         DatagramKind::Stun => match stun::parse(data) {
             Ok(StunMessage::BindingRequest { txid }) => {
-                let len = stun::emit_binding_success(&txid, from, out);
+                let mut len = stun::emit_binding_success_with(&txid, from, other, out);
+                if len > 2 * data.len() && other.is_some() {
+                    len = stun::emit_binding_success(&txid, from, out);
+                }
                 if len > 2 * data.len() {
                     StunReply::Dropped(StunDrop::TooSmall)
                 } else if !limiter.allow(from.ip(), now) {
@@ -104,10 +110,26 @@ mod tests {
         let mut lim = StunLimiter::new(0.0, 0.0);
         let from: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let mut out = [0u8; stun::MAX_RESPONSE_LEN];
-        let r = respond(&mut lim, Instant::now(), from, &request([3; 12]), &mut out);
+        let r = respond(&mut lim, Instant::now(), from, &request([3; 12]), None, &mut out);
         let StunReply::Answer { len, txid } = r else { panic!("{r:?}") };
         assert_eq!(txid, [3; 12]);
-        assert_eq!(stun::parse(&out[..len]), Ok(StunMessage::BindingSuccess { txid, mapped: from }));
+        assert_eq!(stun::parse(&out[..len]), Ok(StunMessage::BindingSuccess { txid, mapped: from, other: None }));
+    }
+
+    #[test]
+    fn the_answer_names_the_other_address_when_there_is_one() {
+        let mut lim = StunLimiter::new(0.0, 0.0);
+        let mut out = [0u8; stun::MAX_RESPONSE_LEN];
+        for (from, other) in [("192.0.2.7:40000", "198.51.100.1:7481"), ("[2001:db8::7]:40000", "[2001:db8::1]:7481")] {
+            let (from, other): (SocketAddr, SocketAddr) = (from.parse().unwrap(), other.parse().unwrap());
+            // nullpunch's own 36-byte request still gets the longer answer (at most 68 bytes).
+            let r = respond(&mut lim, Instant::now(), from, &request([3; 12]), Some(other), &mut out);
+            let StunReply::Answer { len, txid } = r else { panic!("{r:?}") };
+            assert_eq!(
+                stun::parse(&out[..len]),
+                Ok(StunMessage::BindingSuccess { txid, mapped: from, other: Some(other) })
+            );
+        }
     }
 
     #[test]
@@ -121,15 +143,24 @@ mod tests {
         let bare = &request([1; 12])[..stun::HEADER_LEN];
         let mut bare = bare.to_vec();
         bare[2..4].copy_from_slice(&0u16.to_be_bytes());
-        assert_eq!(respond(&mut lim, now, v6, &bare, &mut out), StunReply::Dropped(StunDrop::TooSmall));
-        assert!(matches!(respond(&mut lim, now, v4, &request([2; 12]), &mut out), StunReply::Answer { .. }));
-        assert_eq!(respond(&mut lim, now, v4, &request([3; 12]), &mut out), StunReply::Dropped(StunDrop::RateLimited));
-        assert_eq!(respond(&mut lim, now, v4, &[0u8; 0], &mut out), StunReply::Dropped(StunDrop::NotStun));
+        assert_eq!(respond(&mut lim, now, v6, &bare, None, &mut out), StunReply::Dropped(StunDrop::TooSmall));
+        assert!(matches!(respond(&mut lim, now, v4, &request([2; 12]), None, &mut out), StunReply::Answer { .. }));
+        assert_eq!(
+            respond(&mut lim, now, v4, &request([3; 12]), None, &mut out),
+            StunReply::Dropped(StunDrop::RateLimited)
+        );
+        assert_eq!(respond(&mut lim, now, v4, &[0u8; 0], None, &mut out), StunReply::Dropped(StunDrop::NotStun));
+        // A bare IPv4 request still gets its 32-byte answer, without the other address.
+        let mut lim = StunLimiter::new(0.0, 0.0);
+        let bare4 = &bare[..];
+        let other = Some("198.51.100.1:7481".parse().unwrap());
+        let StunReply::Answer { len, txid } = respond(&mut lim, now, v4, bare4, other, &mut out) else { panic!() };
+        assert_eq!(stun::parse(&out[..len]), Ok(StunMessage::BindingSuccess { txid, mapped: v4, other: None }));
         let rtp = [0x80u8, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
-        assert_eq!(respond(&mut lim, now, v4, &rtp, &mut out), StunReply::Dropped(StunDrop::Media));
+        assert_eq!(respond(&mut lim, now, v4, &rtp, None, &mut out), StunReply::Dropped(StunDrop::Media));
         let mut broken = request([4; 12]);
         broken[3] = 7; // a length that disagrees with the datagram
-        assert_eq!(respond(&mut lim, now, v4, &broken, &mut out), StunReply::Dropped(StunDrop::Malformed));
+        assert_eq!(respond(&mut lim, now, v4, &broken, None, &mut out), StunReply::Dropped(StunDrop::Malformed));
     }
 
     #[test]

@@ -18,8 +18,11 @@ pub const BINDING_SUCCESS: u16 = 0x0101;
 pub const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 /// Size of the STUN header.
 pub const HEADER_LEN: usize = 20;
-/// Largest response this module emits (IPv6 XOR-MAPPED-ADDRESS).
-pub const MAX_RESPONSE_LEN: usize = HEADER_LEN + 4 + 20;
+/// OTHER-ADDRESS attribute type (RFC 5780 section 7.4): the server's alternate address, to
+/// which a client sends Binding Requests to learn how its NAT maps other destinations.
+pub const ATTR_OTHER_ADDRESS: u16 = 0x802C;
+/// Largest response this module emits (IPv6 XOR-MAPPED-ADDRESS and IPv6 OTHER-ADDRESS).
+pub const MAX_RESPONSE_LEN: usize = HEADER_LEN + 4 + 20 + 4 + 20;
 
 /// A STUN transaction id.
 pub type TransactionId = [u8; 12];
@@ -61,6 +64,8 @@ pub enum StunMessage {
         txid: TransactionId,
         /// The address the server saw the request come from.
         mapped: SocketAddr,
+        /// The server's alternate address (OTHER-ADDRESS), if it has one.
+        other: Option<SocketAddr>,
     },
 }
 
@@ -87,6 +92,37 @@ pub fn emit_binding_request(txid: &TransactionId, buf: &mut [u8]) -> usize {
 /// Write a Binding Success Response carrying `mapped` into `buf` (at least
 /// [`MAX_RESPONSE_LEN`] bytes); returns its length (32 for IPv4, 44 for IPv6).
 pub fn emit_binding_success(txid: &TransactionId, mapped: SocketAddr, buf: &mut [u8]) -> usize {
+    emit_binding_success_with(txid, mapped, None, buf)
+}
+
+/// Like [`emit_binding_success`], with an OTHER-ADDRESS attribute naming `other` after the
+/// XOR-MAPPED-ADDRESS if given (12 more bytes for IPv4, 24 for IPv6).
+pub fn emit_binding_success_with(
+    txid: &TransactionId,
+    mapped: SocketAddr,
+    other: Option<SocketAddr>,
+    buf: &mut [u8],
+) -> usize {
+    let n = emit_mapped(txid, mapped, buf);
+    let Some(o) = other else { return n };
+    let (fam, octets): (u8, Vec<u8>) = match o.ip() {
+        IpAddr::V4(ip) => (1, ip.octets().to_vec()),
+        IpAddr::V6(ip) => (2, ip.octets().to_vec()),
+    };
+    let attr_len = 4 + octets.len();
+    let a = &mut buf[n..n + 4 + attr_len];
+    a[0..2].copy_from_slice(&ATTR_OTHER_ADDRESS.to_be_bytes());
+    a[2..4].copy_from_slice(&(attr_len as u16).to_be_bytes());
+    a[4] = 0;
+    a[5] = fam;
+    a[6..8].copy_from_slice(&o.port().to_be_bytes());
+    a[8..8 + octets.len()].copy_from_slice(&octets);
+    let total = n + 4 + attr_len;
+    buf[2..4].copy_from_slice(&((total - HEADER_LEN) as u16).to_be_bytes());
+    total
+}
+
+fn emit_mapped(txid: &TransactionId, mapped: SocketAddr, buf: &mut [u8]) -> usize {
     let (fam, addr_len) = match mapped.ip() {
         IpAddr::V4(_) => (1u8, 4usize),
         IpAddr::V6(_) => (2u8, 16usize),
@@ -148,6 +184,7 @@ pub fn parse(buf: &[u8]) -> Result<StunMessage, StunError> {
     let mut txid = [0u8; 12];
     txid.copy_from_slice(&buf[8..20]);
     let mut mapped = None;
+    let mut other = None;
     let mut attrs = &buf[HEADER_LEN..];
     while !attrs.is_empty() {
         if attrs.len() < 4 {
@@ -162,6 +199,8 @@ pub fn parse(buf: &[u8]) -> Result<StunMessage, StunError> {
         let value = &attrs[4..4 + al];
         match at {
             ATTR_XOR_MAPPED_ADDRESS => mapped = Some(parse_xor_mapped(value, &txid)?),
+            // Ignored if malformed: it only ever adds a measurement.
+            ATTR_OTHER_ADDRESS => other = parse_plain_address(value),
             // Comprehension-optional attributes (0x8000..) are ignored (RFC 8489 section 14).
             a if a >= 0x8000 => {}
             a if ty == BINDING_REQUEST => return Err(StunError::UnknownRequiredAttribute(a)),
@@ -171,8 +210,20 @@ pub fn parse(buf: &[u8]) -> Result<StunMessage, StunError> {
     }
     match ty {
         BINDING_REQUEST => Ok(StunMessage::BindingRequest { txid }),
-        BINDING_SUCCESS => Ok(StunMessage::BindingSuccess { txid, mapped: mapped.ok_or(StunError::NoMappedAddress)? }),
+        BINDING_SUCCESS => {
+            Ok(StunMessage::BindingSuccess { txid, mapped: mapped.ok_or(StunError::NoMappedAddress)?, other })
+        }
         other => Err(StunError::UnsupportedType(other)),
+    }
+}
+
+/// A MAPPED-ADDRESS-format value (RFC 8489 section 14.1), as OTHER-ADDRESS carries it.
+fn parse_plain_address(v: &[u8]) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes([*v.get(2)?, *v.get(3)?]);
+    match (v[1], v.len()) {
+        (1, 8) => Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(v[4], v[5], v[6], v[7])), port)),
+        (2, 20) => Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&v[4..20]).ok()?)), port)),
+        _ => None,
     }
 }
 
@@ -207,6 +258,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn other_address_round_trips_for_both_families() {
+        let txid = [5u8; 12];
+        for (mapped, other) in [("192.0.2.1:40000", "198.51.100.1:7481"), ("[2001:db8::1]:40000", "[2001:db8::9]:7481")]
+        {
+            let (mapped, other): (SocketAddr, SocketAddr) = (mapped.parse().unwrap(), other.parse().unwrap());
+            let mut buf = [0u8; MAX_RESPONSE_LEN];
+            let n = emit_binding_success_with(&txid, mapped, Some(other), &mut buf);
+            assert_eq!(
+                n,
+                emit_binding_success(&txid, mapped, &mut [0u8; MAX_RESPONSE_LEN])
+                    + 4
+                    + if mapped.is_ipv4() { 8 } else { 20 }
+            );
+            assert_eq!(parse(&buf[..n]), Ok(StunMessage::BindingSuccess { txid, mapped, other: Some(other) }));
+        }
+    }
+
+    #[test]
     fn rfc5769_ipv4_response_vector_decodes() {
         // RFC 5769 section 2.2 sample response, reduced to header + XOR-MAPPED-ADDRESS
         // (its other attributes are comprehension-optional or integrity ones we skip).
@@ -215,7 +284,7 @@ mod tests {
         msg.extend_from_slice(&txid);
         msg.extend_from_slice(&[0x00, 0x20, 0x00, 0x08, 0x00, 0x01, 0xa1, 0x47, 0xe1, 0x12, 0xa6, 0x43]);
         let m = parse(&msg).unwrap();
-        assert_eq!(m, StunMessage::BindingSuccess { txid, mapped: "192.0.2.1:32853".parse().unwrap() });
+        assert_eq!(m, StunMessage::BindingSuccess { txid, mapped: "192.0.2.1:32853".parse().unwrap(), other: None });
         // And we emit exactly those bytes.
         let mut buf = [0u8; MAX_RESPONSE_LEN];
         let n = emit_binding_success(&txid, "192.0.2.1:32853".parse().unwrap(), &mut buf);
@@ -233,7 +302,7 @@ mod tests {
             0xf4, 0xb5, 0xbe, 0xd2, 0xb9, 0xd9,
         ]);
         let want: SocketAddr = "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap();
-        assert_eq!(parse(&msg).unwrap(), StunMessage::BindingSuccess { txid, mapped: want });
+        assert_eq!(parse(&msg).unwrap(), StunMessage::BindingSuccess { txid, mapped: want, other: None });
         let mut buf = [0u8; MAX_RESPONSE_LEN];
         let n = emit_binding_success(&txid, want, &mut buf);
         assert_eq!(&buf[..n], &msg[..]);
