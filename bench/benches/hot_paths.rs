@@ -63,6 +63,7 @@ fn session_lookup(c: &mut Criterion) {
                 token,
                 caller: ClientId::new(format!("c{i}")).unwrap(),
                 caller_addr,
+                caller_nat: proto::nat::NatClass::Unknown,
             },
         );
         peers.push((caller_addr, token as u32));

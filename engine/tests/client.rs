@@ -67,7 +67,13 @@ fn callee_addr() -> SocketAddr {
 }
 
 fn incoming_frame() -> Frame {
-    Frame::Incoming { call_id: CALL_ID, token: TOKEN, caller: id("alice"), caller_addr: caller_addr() }
+    Frame::Incoming {
+        call_id: CALL_ID,
+        token: TOKEN,
+        caller: id("alice"),
+        caller_addr: caller_addr(),
+        caller_nat: proto::nat::NatClass::Unknown,
+    }
 }
 
 fn rtp(ssrc: u32, seq: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
@@ -204,7 +210,13 @@ impl T {
         t.drain();
         let out = t.frame(
             start_ms,
-            Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() },
+            Frame::Start {
+                call_ref: h.0,
+                call_id: CALL_ID,
+                token: TOKEN,
+                callee_addr: callee_addr(),
+                callee_nat: proto::nat::NatClass::Unknown,
+            },
         );
         assert!(matches!(out.events[..], [Event::Started { .. }]), "{out:?}");
         (t, h)
@@ -336,9 +348,19 @@ fn unanswered_discovery_retries_four_times_then_registers_without_binding() {
     // At 1000 ms: give up, report it, register without a binding.
     assert_eq!(
         log.frames,
-        vec![(1_000, Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None, auth: None })]
+        vec![(
+            1_000,
+            Frame::Register {
+                id: id("bob"),
+                udp_port: LOCAL_PORT,
+                max_calls: 1,
+                binding: None,
+                auth: None,
+                nat: proto::nat::NatClass::Unknown
+            }
+        )]
     );
-    assert!(matches!(log.events[..], [(1_000, Event::Discovered { mapped: None })]), "{:?}", log.events);
+    assert!(matches!(log.events[..], [(1_000, Event::Discovered { mapped: None, .. })]), "{:?}", log.events);
     // Only the ping timer is left.
     assert_eq!(t.next_timeout(), Some(10_000));
 
@@ -382,9 +404,16 @@ fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
     let out = t.drain();
     assert_eq!(
         out.frames,
-        vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: Some(txid), auth: None }]
+        vec![Frame::Register {
+            id: id("bob"),
+            udp_port: LOCAL_PORT,
+            max_calls: 1,
+            binding: Some(txid),
+            auth: None,
+            nat: proto::nat::NatClass::Unknown
+        }]
     );
-    assert!(matches!(out.events[..], [Event::Discovered { mapped: Some(m) }] if m == mapped), "{out:?}");
+    assert!(matches!(out.events[..], [Event::Discovered { mapped: Some(m), .. }] if m == mapped), "{out:?}");
     assert!(out.dgrams.is_empty());
 
     // Discovery is over: no more requests, and a duplicate answer changes nothing.
@@ -410,7 +439,14 @@ fn without_a_stun_server_register_goes_out_at_once() {
     let out = t.drain();
     assert_eq!(
         out.frames,
-        vec![Frame::Register { id: id("bob"), udp_port: LOCAL_PORT, max_calls: 1, binding: None, auth: None }]
+        vec![Frame::Register {
+            id: id("bob"),
+            udp_port: LOCAL_PORT,
+            max_calls: 1,
+            binding: None,
+            auth: None,
+            nat: proto::nat::NatClass::Unknown
+        }]
     );
     assert!(out.dgrams.is_empty(), "no STUN without a server");
     assert!(out.events.is_empty(), "no Discovered event without discovery: {out:?}");
@@ -595,7 +631,16 @@ fn caller_sends_one_null_on_start_and_streams_then_no_media_ends_it() {
     assert_eq!(t.c.peer_addr(h), None);
     assert_eq!(t.send(100, h, b"x", 960), Err(ClientError::NoPath(h)));
 
-    let out = t.frame(200, Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() });
+    let out = t.frame(
+        200,
+        Frame::Start {
+            call_ref: h.0,
+            call_id: CALL_ID,
+            token: TOKEN,
+            callee_addr: callee_addr(),
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
+    );
     assert!(out.frames.is_empty(), "{out:?}");
     assert!(
         matches!(out.events[..], [Event::Started { handle, call_id: CALL_ID, peer }] if handle == h && peer == callee_addr()),
@@ -653,14 +698,32 @@ fn callers_path_is_two_way_at_the_callees_null_packet() {
 #[test]
 fn start_for_an_unknown_call_ref_is_hung_up_and_a_duplicate_start_ignored() {
     let (mut t, h) = T::placed_call(0);
-    let out = t.frame(10, Frame::Start { call_ref: 999, call_id: CallId(77), token: 5, callee_addr: callee_addr() });
+    let out = t.frame(
+        10,
+        Frame::Start {
+            call_ref: 999,
+            call_id: CallId(77),
+            token: 5,
+            callee_addr: callee_addr(),
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
+    );
     assert_eq!(out.frames, vec![Frame::Hangup { call_id: CallId(77), reason: HangupReason::Timeout }]);
     assert!(out.dgrams.is_empty() && out.events.is_empty(), "{out:?}");
     assert_eq!(t.c.counters().frames_unexpected, 1);
     assert_eq!(t.c.active_calls(), 1);
 
     // The START of the live call again: the call id is known, so no HANGUP either.
-    let out = t.frame(20, Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() });
+    let out = t.frame(
+        20,
+        Frame::Start {
+            call_ref: h.0,
+            call_id: CALL_ID,
+            token: TOKEN,
+            callee_addr: callee_addr(),
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
+    );
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(t.c.counters().frames_unexpected, 2);
 }
@@ -680,8 +743,16 @@ fn no_start_within_start_timeout_ends_the_call_without_hangup() {
     assert_eq!(t.c.active_calls(), 0);
 
     // The START arrives late: the manager is told to end the call.
-    let out =
-        t.frame(5_100, Frame::Start { call_ref: h.0, call_id: CALL_ID, token: TOKEN, callee_addr: callee_addr() });
+    let out = t.frame(
+        5_100,
+        Frame::Start {
+            call_ref: h.0,
+            call_id: CALL_ID,
+            token: TOKEN,
+            callee_addr: callee_addr(),
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
+    );
     assert_eq!(out.frames, vec![Frame::Hangup { call_id: CALL_ID, reason: HangupReason::Timeout }]);
     assert!(out.dgrams.is_empty() && out.events.is_empty());
     assert_eq!(t.c.counters().frames_unexpected, 1);

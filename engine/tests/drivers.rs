@@ -516,6 +516,7 @@ fn nulls_leave_before_punched(io: Io) {
             token: 1000 + i,
             caller: caller_id,
             caller_addr: caller.local_addr().unwrap(),
+            caller_nat: proto::nat::NatClass::Unknown,
         }
         .encode(&mut out);
     }

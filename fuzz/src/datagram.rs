@@ -125,7 +125,7 @@ impl Harness {
                 call_id: CALLEE_CALL_ID,
                 token: CALLEE_TOKEN,
                 caller: id("alice"),
-                caller_addr: caller_addr(),
+                caller_addr: caller_addr(), caller_nat: proto::nat::NatClass::Unknown
             },
         );
         let handle = c.call(t0, id("bob")).expect("registered client can call");
@@ -135,7 +135,7 @@ impl Harness {
                 call_ref: handle.0,
                 call_id: CALLER_CALL_ID,
                 token: CALLER_TOKEN,
-                callee_addr: callee_addr(),
+                callee_addr: callee_addr(), callee_nat: proto::nat::NatClass::Unknown
             },
         );
         assert_eq!(c.active_calls(), 2, "both calls should be up");
@@ -175,7 +175,7 @@ impl Harness {
                             self.ended += 1;
                         }
                         Event::MediaFlowing { .. } => self.media_flowing += 1,
-                        Event::Discovered { mapped: Some(_) } => self.discovered += 1,
+                        Event::Discovered { mapped: Some(_), .. } => self.discovered += 1,
                         _ => {}
                     },
                     Output::Timeout(_) => break,

@@ -217,8 +217,15 @@ fn churn(
 
 fn register_bytes(id: &str) -> Vec<u8> {
     let mut b = Vec::new();
-    Frame::Register { id: ClientId::new(id).expect("valid id"), udp_port: 9, max_calls: 1, binding: None, auth: None }
-        .encode(&mut b);
+    Frame::Register {
+        id: ClientId::new(id).expect("valid id"),
+        udp_port: 9,
+        max_calls: 1,
+        binding: None,
+        auth: None,
+        nat: proto::nat::NatClass::Unknown,
+    }
+    .encode(&mut b);
     b
 }
 

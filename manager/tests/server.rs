@@ -220,7 +220,14 @@ impl Client {
         max_calls: u16,
         binding: Option<[u8; 12]>,
     ) -> (SocketAddr, AddrSource) {
-        self.send(&Frame::Register { id: who.clone(), udp_port, max_calls, binding, auth: None });
+        self.send(&Frame::Register {
+            id: who.clone(),
+            udp_port,
+            max_calls,
+            binding,
+            auth: None,
+            nat: proto::nat::NatClass::Unknown,
+        });
         match self.recv() {
             Frame::Registered { public, source } => (public, source),
             other => panic!("{}: expected REGISTERED, got {other:?}", self.name),
@@ -236,7 +243,7 @@ impl Client {
     #[track_caller]
     fn expect_incoming(&mut self, caller: &ClientId, caller_addr: SocketAddr) -> (CallId, u64) {
         match self.recv() {
-            Frame::Incoming { call_id, token, caller: c, caller_addr: a } => {
+            Frame::Incoming { call_id, token, caller: c, caller_addr: a, .. } => {
                 assert_eq!(&c, caller, "{}: INCOMING caller", self.name);
                 assert_eq!(a, caller_addr, "{}: INCOMING caller_addr", self.name);
                 assert_ne!(call_id, CallId(0), "{}: call id 0 means none", self.name);
@@ -398,7 +405,14 @@ fn register_twice_on_one_connection_is_unexpected_but_not_fatal() {
     let m = manager();
     let mut a = Client::connect(&m, "alice");
     a.register(&id("alice"), 1000);
-    a.send(&Frame::Register { id: id("alice2"), udp_port: 1001, max_calls: 1, binding: None, auth: None });
+    a.send(&Frame::Register {
+        id: id("alice2"),
+        udp_port: 1001,
+        max_calls: 1,
+        binding: None,
+        auth: None,
+        nat: proto::nat::NatClass::Unknown,
+    });
     a.expect_error(ErrorCode::Unexpected);
     a.ping(1);
     // A manager-to-client frame from a client is unexpected too.
@@ -425,7 +439,7 @@ fn full_call(alice_id: &ClientId, bob_id: &ClientId, bob_hangs_up: bool) {
 
     bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port() });
     match alice.recv() {
-        Frame::Start { call_ref, call_id: c, token: t, callee_addr } => {
+        Frame::Start { call_ref, call_id: c, token: t, callee_addr, .. } => {
             assert_eq!(call_ref, 7);
             assert_eq!(c, call_id);
             assert_eq!(t, token, "START and INCOMING carry the same token");
@@ -498,7 +512,10 @@ fn start_gives_the_stun_address_of_a_callee_registered_with_a_binding() {
     let (call_id, token) = bob.expect_incoming(&id("alice"), alice_pub);
     // The port in PUNCHED is the local one; the STUN-mapped address wins.
     bob.send(&Frame::Punched { call_id, udp_port: 9 });
-    assert_eq!(alice.recv(), Frame::Start { call_ref: 1, call_id, token, callee_addr: bob_pub });
+    assert_eq!(
+        alice.recv(),
+        Frame::Start { call_ref: 1, call_id, token, callee_addr: bob_pub, callee_nat: proto::nat::NatClass::Unknown }
+    );
 }
 
 #[test]
@@ -594,7 +611,10 @@ fn duplicate_registration_replaces_the_older_connection() {
     caller.call(5, &id("dup"));
     let (call_id, token) = b.expect_incoming(&id("caller"), caller_pub);
     b.send(&Frame::Punched { call_id, udp_port: 2 });
-    assert_eq!(caller.recv(), Frame::Start { call_ref: 5, call_id, token, callee_addr: b_pub });
+    assert_eq!(
+        caller.recv(),
+        Frame::Start { call_ref: 5, call_id, token, callee_addr: b_pub, callee_nat: proto::nat::NatClass::Unknown }
+    );
 
     let s = m.stats();
     assert_eq!(get(&s.registrations), 3);
@@ -1028,7 +1048,14 @@ fn secured() -> (ManagerHandle, std::sync::Arc<proto::auth::Secret>) {
 }
 
 fn register_frame(who: &str, auth: Option<proto::wire::frame::AuthToken>) -> Frame {
-    Frame::Register { id: id(who), udp_port: 5000, max_calls: 1, binding: None, auth }
+    Frame::Register {
+        id: id(who),
+        udp_port: 5000,
+        max_calls: 1,
+        binding: None,
+        auth,
+        nat: proto::nat::NatClass::Unknown,
+    }
 }
 
 #[test]

@@ -222,6 +222,11 @@ impl PeerApp {
                 "local": r.local.map(|a| a.to_string()),
                 "local_source": self.local_source,
                 "peer": r.peer.map(|a| a.to_string()),
+                "nat_class": r.nat.as_str(),
+                "nat_step": nat_step(r.nat),
+                "peer_nat_class": r.peer_nat.as_str(),
+                "peer_nat_step": nat_step(r.peer_nat),
+                "strategy": r.strategy.as_str(),
                 // Setup as loadgen measures it: the call's start to two-way media.
                 "setup_ms": ms(r.first_media),
                 "signalling_ms": ms(r.setup),
@@ -248,12 +253,15 @@ impl PeerApp {
             println!("{v}");
         } else {
             println!(
-                "call {} {} with {} ({} <-> {}): {}; setup {} ms (signalling {} ms), sent {}, received {}, lost {}, jitter {:.2} ms",
+                "call {} {} with {} ({} <-> {}; nat {} <-> {}, {}): {}; setup {} ms (signalling {} ms), sent {}, received {}, lost {}, jitter {:.2} ms",
                 r.call_id.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                 r.role.as_str(),
                 r.peer_id,
                 r.local.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
                 r.peer.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
+                r.nat,
+                r.peer_nat,
+                r.strategy.as_str(),
                 if ok { "ok".to_string() } else { r.reason.describe() },
                 r.first_media.map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into()),
                 r.setup.map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into()),
@@ -306,6 +314,14 @@ fn parse_pause(s: &str) -> Result<(f64, f64), String> {
     Ok((at, dur))
 }
 
+/// A sequential NAT's port step, for JSON (null for the other classes).
+fn nat_step(n: proto::nat::NatClass) -> Option<i16> {
+    match n {
+        proto::nat::NatClass::Sequential { delta } => Some(delta),
+        _ => None,
+    }
+}
+
 /// The phase that failed, in the words a person debugging a firewall needs: judged from
 /// what was sent and received, whichever side's timer ended the call.
 fn failed_phase(r: &CallReport) -> &'static str {
@@ -313,6 +329,7 @@ fn failed_phase(r: &CallReport) -> &'static str {
         EndReason::NoStart => "no START (the callee never answered, or the manager lost it)",
         EndReason::Unknown(_) => "no INCOMING (callee unknown)",
         EndReason::Busy => "no INCOMING (callee busy)",
+        EndReason::Rejected(proto::wire::frame::RejectReason::NoPath) => "no relay-free path (refused before INCOMING)",
         EndReason::Rejected(_) => "rejected",
         EndReason::ManagerLost => "manager lost during setup",
         _ if r.received == 0 && r.role == proto::client::Role::Callee && r.nulls_sent == 0 => {
@@ -383,8 +400,8 @@ impl App for PeerApp {
                     self.done = true;
                 }
             }
-            Event::Discovered { mapped } => match mapped {
-                Some(a) => tracing::info!(mapped = %a, "public UDP address discovered by STUN"),
+            Event::Discovered { mapped, nat, mappings } => match mapped {
+                Some(a) => tracing::info!(mapped = %a, %nat, ?mappings, "public UDP address discovered by STUN"),
                 None => {
                     self.stun_unanswered = true;
                     tracing::warn!("no STUN answer from the manager; it will use the TCP peer address")

@@ -32,6 +32,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::nat::{self, NatClass, Strategy};
 use crate::rng::Rng;
 use crate::stats::RtpReceiverStats;
 use crate::wire::frame::{
@@ -82,6 +83,12 @@ pub struct ClientConfig {
     pub stun_attempts: u32,
     /// Interval between STUN attempts.
     pub stun_interval: Duration,
+    /// After discovery, classify the NAT ([`crate::nat`]): ask each further STUN address the
+    /// manager's answers name (at most two) and send the class in REGISTER. Registration
+    /// waits for those answers: one round trip each. An address that does not answer is
+    /// asked twice, each time waiting twice the first answer's round trip plus 10 ms (at
+    /// least 20 ms, at most `stun_interval`), and then left out of the class.
+    pub nat_probe: bool,
     /// Send the null packet when answering (false: the negative control `--no-null`).
     pub send_null: bool,
     /// Null packet re-sends after the first one, while waiting for the caller's first packet.
@@ -116,6 +123,7 @@ impl ClientConfig {
             stun_server: None,
             stun_attempts: 4,
             stun_interval: Duration::from_millis(250),
+            nat_probe: true,
             send_null: true,
             null_retries: 6,
             null_retry_initial: Duration::from_millis(50),
@@ -180,6 +188,7 @@ impl EndReason {
         match self {
             EndReason::LocalHangup => "hung up".into(),
             EndReason::RemoteHangup(r) => format!("remote hangup ({r})"),
+            EndReason::Rejected(RejectReason::NoPath) => format!("rejected ({})", nat::NO_PATH_REASON),
             EndReason::Rejected(r) => format!("rejected ({r})"),
             EndReason::Busy => "callee busy".into(),
             EndReason::Unknown(UnknownReason::NeverRegistered) => "unknown callee (never registered)".into(),
@@ -207,6 +216,13 @@ pub struct CallReport {
     pub local: Option<SocketAddr>,
     /// The peer's public UDP address.
     pub peer: Option<SocketAddr>,
+    /// This client's NAT class, as sent in REGISTER.
+    pub nat: NatClass,
+    /// The peer's NAT class, as the manager passed it on (INCOMING or START).
+    pub peer_nat: NatClass,
+    /// How the path was made ([`nat::strategy`] of caller and callee classes; for a call
+    /// that never reached INCOMING or START, from this side's class alone).
+    pub strategy: Strategy,
     /// Caller: CALL sent to START received. Callee: INCOMING to the first media (RTP)
     /// packet received.
     pub setup: Option<Duration>,
@@ -247,10 +263,14 @@ pub enum Event {
         /// How the manager learned it.
         source: AddrSource,
     },
-    /// STUN discovery finished (before REGISTER).
+    /// STUN discovery (and NAT classification) finished (before REGISTER).
     Discovered {
         /// The mapped address, or `None` if every attempt went unanswered.
         mapped: Option<SocketAddr>,
+        /// The NAT class measured (unknown without a second STUN address).
+        nat: NatClass,
+        /// The mappings towards each STUN address that answered, in the order asked.
+        mappings: Vec<SocketAddr>,
     },
     /// An incoming call was answered (null packet sent, PUNCHED replied).
     Incoming {
@@ -406,6 +426,7 @@ struct Call {
     call_id: Option<CallId>,
     token: u64,
     peer_addr: Option<SocketAddr>,
+    peer_nat: NatClass,
     created: Instant,
     setup_done: Option<Instant>,
     first_rx: Option<Instant>,
@@ -452,10 +473,53 @@ impl Call {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RegState {
     Disconnected,
-    Discovering { attempts: u32, next: Instant },
+    Discovering {
+        attempts: u32,
+        next: Instant,
+    },
+    /// Asking the further STUN address `probe.to` (NAT classification).
+    Probing {
+        attempts: u32,
+        next: Instant,
+    },
     Registering,
     Registered,
 }
+
+/// The NAT classification in progress: the STUN addresses asked and the mappings they saw.
+#[derive(Debug, Clone)]
+struct Probe {
+    /// The address being asked now.
+    to: SocketAddr,
+    txid: TransactionId,
+    /// Every STUN address asked so far (the main one first).
+    asked: Vec<SocketAddr>,
+    /// The mapping each answer reported, in the order asked.
+    mappings: Vec<SocketAddr>,
+    /// How long to wait for each answer.
+    wait: Duration,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            to: SocketAddr::from(([0, 0, 0, 0], 0)),
+            txid: [0; 12],
+            asked: Vec::new(),
+            mappings: Vec::new(),
+            wait: PROBE_WAIT_MIN,
+        }
+    }
+}
+
+/// STUN addresses a client asks at most: the main port, the alternate IP, the alternate port.
+const MAX_STUN_ADDRESSES: usize = 3;
+
+/// Requests to one further STUN address before classifying without it.
+const PROBE_ATTEMPTS: u32 = 2;
+
+/// The shortest wait for a further STUN address's answer.
+const PROBE_WAIT_MIN: Duration = Duration::from_millis(20);
 
 /// A small control datagram queued for sending (null or STUN): fixed size, no allocation.
 #[derive(Debug, Clone, Copy)]
@@ -477,6 +541,8 @@ pub struct Client {
     txid: TransactionId,
     mapped: Option<SocketAddr>,
     public: Option<SocketAddr>,
+    nat: NatClass,
+    probe: Probe,
     calls: HashMap<CallHandle, Call>,
     by_call_id: HashMap<CallId, CallHandle>,
     by_ssrc: HashMap<u32, CallHandle>,
@@ -517,6 +583,8 @@ impl Client {
             txid: [0; 12],
             mapped: None,
             public: None,
+            nat: NatClass::Unknown,
+            probe: Probe::default(),
             calls: HashMap::new(),
             by_call_id: HashMap::new(),
             by_ssrc: HashMap::new(),
@@ -543,6 +611,11 @@ impl Client {
     /// The public UDP address from the last REGISTERED.
     pub fn public_addr(&self) -> Option<SocketAddr> {
         self.public
+    }
+
+    /// This client's NAT class as measured at the last discovery (sent in REGISTER).
+    pub fn nat_class(&self) -> NatClass {
+        self.nat
     }
 
     /// Drop and anomaly counters.
@@ -612,11 +685,11 @@ impl Client {
                 self.public = Some(public);
                 self.push_event(Event::Registered { public, source });
             }
-            Frame::Incoming { call_id, token, caller, caller_addr } => {
-                self.on_incoming(now, call_id, token, caller, caller_addr)
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat } => {
+                self.on_incoming(now, call_id, token, caller, (caller_addr, caller_nat))
             }
-            Frame::Start { call_ref, call_id, token, callee_addr } => {
-                self.on_start(now, CallHandle(call_ref), call_id, token, callee_addr)
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat } => {
+                self.on_start(now, CallHandle(call_ref), call_id, token, (callee_addr, callee_nat))
             }
             Frame::Reject { call_ref, call_id, reason } => {
                 let h = self.caller_pending(call_ref).or_else(|| self.by_call_id.get(&call_id).copied());
@@ -677,10 +750,10 @@ impl Client {
 
     /// Run the timers that are due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let RegState::Discovering { next, .. } = self.reg {
-            if now >= next {
-                self.stun_step(now);
-            }
+        match self.reg {
+            RegState::Discovering { next, .. } if now >= next => self.stun_step(now),
+            RegState::Probing { next, .. } if now >= next => self.probe_step(now),
+            _ => {}
         }
         if let Some(t) = self.next_ping {
             if now >= t {
@@ -888,7 +961,7 @@ impl Client {
         }
         let call = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let discovery = match self.reg {
-            RegState::Discovering { next, .. } => Some(next),
+            RegState::Discovering { next, .. } | RegState::Probing { next, .. } => Some(next),
             _ => None,
         };
         [discovery, self.next_ping, call].into_iter().flatten().min()
@@ -922,6 +995,7 @@ impl Client {
             call_id,
             token,
             peer_addr,
+            peer_nat: NatClass::Unknown,
             created: now,
             setup_done: None,
             first_rx: None,
@@ -953,7 +1027,8 @@ impl Client {
         let RegState::Discovering { attempts, .. } = self.reg else { return };
         let Some(server) = self.cfg.stun_server else { return };
         if attempts >= self.cfg.stun_attempts {
-            self.push_event(Event::Discovered { mapped: None });
+            self.nat = NatClass::Unknown;
+            self.push_event(Event::Discovered { mapped: None, nat: NatClass::Unknown, mappings: Vec::new() });
             self.send_register(false);
             return;
         }
@@ -971,26 +1046,88 @@ impl Client {
             max_calls: self.cfg.max_calls,
             binding: with_binding.then_some(self.txid),
             auth: self.cfg.auth,
+            nat: self.nat,
         });
     }
 
-    fn on_stun(&mut self, _now: Instant, from: SocketAddr, data: &[u8]) {
+    fn on_stun(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         match stun::parse(data) {
-            Ok(StunMessage::BindingSuccess { txid, mapped, .. })
+            Ok(StunMessage::BindingSuccess { txid, mapped, other })
                 if txid == self.txid
                     && Some(from) == self.cfg.stun_server
                     && matches!(self.reg, RegState::Discovering { .. }) =>
             {
+                let RegState::Discovering { next, .. } = self.reg else { unreachable!("matched above") };
+                // The round trip since the last request (`next` is one interval after it).
+                let rtt = now.saturating_duration_since(next.checked_sub(self.cfg.stun_interval).unwrap_or(next));
+                let wait =
+                    (rtt * 2 + PROBE_WAIT_MIN / 2).clamp(PROBE_WAIT_MIN, self.cfg.stun_interval.max(PROBE_WAIT_MIN));
                 self.mapped = Some(mapped);
-                self.push_event(Event::Discovered { mapped: Some(mapped) });
-                self.send_register(true);
+                self.probe = Probe { asked: vec![from], mappings: vec![mapped], wait, ..Probe::default() };
+                self.probe_next(now, from, other);
+            }
+            Ok(StunMessage::BindingSuccess { txid, mapped, other })
+                if txid == self.probe.txid && from == self.probe.to && matches!(self.reg, RegState::Probing { .. }) =>
+            {
+                self.probe.mappings.push(mapped);
+                self.probe_next(now, from, other);
             }
             Ok(_) => self.counters.stun_unexpected += 1,
             Err(_) => self.counters.dgram_malformed += 1,
         }
     }
 
-    fn on_incoming(&mut self, now: Instant, call_id: CallId, token: u64, caller: ClientId, caller_addr: SocketAddr) {
+    /// After an answer from `from` that named `other`: ask `other` next if it is new and
+    /// there is room, else classify and register.
+    fn probe_next(&mut self, now: Instant, from: SocketAddr, other: Option<SocketAddr>) {
+        // An unspecified IP (a manager listening on every address) means the IP just asked.
+        let other = other.map(|o| if o.ip().is_unspecified() { SocketAddr::new(from.ip(), o.port()) } else { o });
+        match other {
+            Some(to)
+                if self.cfg.nat_probe
+                    && self.probe.asked.len() < MAX_STUN_ADDRESSES
+                    && !self.probe.asked.contains(&to)
+                    && to.is_ipv4() == from.is_ipv4() =>
+            {
+                self.probe.asked.push(to);
+                self.probe.to = to;
+                // A transaction id of its own, so an answer is never taken for another's.
+                self.probe.txid = self.txid;
+                self.probe.txid[11] ^= self.probe.asked.len() as u8;
+                self.reg = RegState::Probing { attempts: 0, next: now };
+                self.probe_step(now);
+            }
+            _ => self.finish_discovery(),
+        }
+    }
+
+    fn probe_step(&mut self, now: Instant) {
+        let RegState::Probing { attempts, .. } = self.reg else { return };
+        if attempts >= PROBE_ATTEMPTS {
+            // This address does not answer: classify with what came.
+            return self.finish_discovery();
+        }
+        let mut d = SmallDatagram { to: self.probe.to, len: 0, data: [0; SMALL_DATAGRAM] };
+        d.len = stun::emit_binding_request(&self.probe.txid, &mut d.data) as u8;
+        self.out.push_back(Queued::Datagram(d));
+        self.reg = RegState::Probing { attempts: attempts + 1, next: now + self.probe.wait };
+    }
+
+    fn finish_discovery(&mut self) {
+        let mappings = std::mem::take(&mut self.probe.mappings);
+        self.nat = nat::classify(&mappings);
+        self.push_event(Event::Discovered { mapped: self.mapped, nat: self.nat, mappings });
+        self.send_register(true);
+    }
+
+    fn on_incoming(
+        &mut self,
+        now: Instant,
+        call_id: CallId,
+        token: u64,
+        caller: ClientId,
+        (caller_addr, caller_nat): (SocketAddr, NatClass),
+    ) {
         if self.by_call_id.contains_key(&call_id) {
             // A duplicate INCOMING: the call is already answered.
             self.counters.frames_unexpected += 1;
@@ -998,6 +1135,7 @@ impl Client {
         }
         let h = self.alloc_handle();
         let mut c = self.new_call(now, Role::Callee, caller.clone(), Some(call_id), token, Some(caller_addr));
+        c.peer_nat = caller_nat;
         let (tx, rx) = Call::ssrcs(Role::Callee, token);
         c.ssrc_tx = tx;
         c.state = CallState::Punching;
@@ -1015,7 +1153,14 @@ impl Client {
         self.push_event(Event::Incoming { handle: h, call_id, caller, caller_addr });
     }
 
-    fn on_start(&mut self, now: Instant, h: CallHandle, call_id: CallId, token: u64, callee_addr: SocketAddr) {
+    fn on_start(
+        &mut self,
+        now: Instant,
+        h: CallHandle,
+        call_id: CallId,
+        token: u64,
+        (callee_addr, callee_nat): (SocketAddr, NatClass),
+    ) {
         let pending = self.calls.get(&h).is_some_and(|c| c.role == Role::Caller && c.state == CallState::Calling);
         if !pending {
             if !self.by_call_id.contains_key(&call_id) {
@@ -1030,6 +1175,7 @@ impl Client {
         c.call_id = Some(call_id);
         c.token = token;
         c.peer_addr = Some(callee_addr);
+        c.peer_nat = callee_nat;
         c.ssrc_tx = tx;
         c.state = CallState::Media;
         c.setup_done = Some(now);
@@ -1134,6 +1280,14 @@ impl Client {
             peer_id: c.peer_id,
             local: self.public,
             peer: c.peer_addr,
+            nat: self.nat,
+            peer_nat: c.peer_nat,
+            strategy: match (c.role, reason) {
+                // Refused before either side learnt the other's class.
+                (_, EndReason::Rejected(RejectReason::NoPath)) => Strategy::NoPath,
+                (Role::Caller, _) => nat::strategy(self.nat, c.peer_nat),
+                (Role::Callee, _) => nat::strategy(c.peer_nat, self.nat),
+            },
             setup: match c.role {
                 Role::Caller => c.setup_done.map(|t| t - c.created),
                 Role::Callee => c.first_rtp_rx.map(|t| t - c.created),

@@ -10,6 +10,8 @@
 //! * [`client`]: the client state machine: public-address discovery, registration, calls as
 //!   caller and callee (null packet, START, media, keepalive, hangup).
 //! * [`shard`]: the manager's shard core: directory, calls, routing between shards, limits.
+//! * [`nat`]: NAT classes (how a client's router maps its socket) and the traversal strategy
+//!   two classes leave.
 //! * [`reconnect`]: the client's policy for its manager connection (timeouts, back-off,
 //!   waiting for a local port), which every driver follows.
 //! * [`auth`]: registration tokens (HMAC-SHA256 over id and expiry).
@@ -22,6 +24,7 @@
 pub mod auth;
 pub mod client;
 pub mod media;
+pub mod nat;
 pub mod reconnect;
 pub mod rng;
 pub mod shard;

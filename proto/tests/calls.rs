@@ -216,7 +216,7 @@ fn the_same_seed_gives_the_same_run() {
         let c = sim.add("c", Plan::Listen, |_| {});
         let mut callers = Vec::new();
         for (i, callee) in ["b", "c", "b", "c"].iter().enumerate() {
-            callers.push(sim.add(&format!("a{i}"), Plan::call(callee, 300 + 7 * i as u64, 2000), |_| {}));
+            callers.push(sim.add(&format!("a{i}"), Plan::call(callee, 800 + 7 * i as u64, 2000), |_| {}));
         }
         sim.run_until(Duration::from_secs(5));
         let (ra, rb) = (only(sim.reports(callers[0])), &sim.reports(b)[0]);

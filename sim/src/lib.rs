@@ -88,12 +88,33 @@ impl Plan {
     }
 }
 
+/// The NAT in front of a simulated client (its firewall filters either way: a datagram from
+/// outside passes only from an address the client sent to, to the mapping it used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimNat {
+    /// No NAT: the client's address is public.
+    None,
+    /// One public address for every destination (the local port kept).
+    EndpointIndependent,
+    /// A new public port per destination, each this step after the last.
+    Sequential(i16),
+    /// A new public port per destination, drawn at random (seeded).
+    Random,
+}
+
 /// One simulated client: the real state machine, its address, and its firewall.
 pub struct SimClient {
     /// The client state machine.
     pub client: Client,
-    /// Its UDP address (public: there is no NAT in this model).
+    /// Its UDP address (local; also public when [`SimClient::nat`] is [`SimNat::None`]).
     pub udp: SocketAddr,
+    /// The NAT in front of it.
+    pub nat: SimNat,
+    /// The NAT's public IP (the client's own IP without NAT).
+    pub public_ip: std::net::IpAddr,
+    /// The NAT's mappings: remote address -> public address used towards it.
+    pub mappings: HashMap<SocketAddr, SocketAddr>,
+    next_port: u16,
     conn: Option<(u16, u64)>,
     plan: Plan,
     placed: bool,
@@ -177,6 +198,8 @@ pub struct Sim {
     /// The clients, by the index [`Sim::add`] returned.
     pub clients: Vec<SimClient>,
     by_udp: HashMap<SocketAddr, usize>,
+    /// NAT mappings (public addresses) -> client.
+    by_public: HashMap<SocketAddr, usize>,
     by_conn: HashMap<(u16, u64), usize>,
     /// Connections with no client behind them ([`Sim::connect_mute`]).
     mutes: Vec<(u16, u64)>,
@@ -238,6 +261,7 @@ impl Sim {
             stun_limiter: StunLimiter::new(0.0, 0.0),
             clients: Vec::new(),
             by_udp: HashMap::new(),
+            by_public: HashMap::new(),
             by_conn: HashMap::new(),
             mutes: Vec::new(),
             queue: BinaryHeap::new(),
@@ -276,8 +300,20 @@ impl Sim {
     /// Add a client `id` that follows `plan`, after `tweak` has adjusted its configuration;
     /// it connects to a shard at once. Returns its index.
     pub fn add(&mut self, id: &str, plan: Plan, tweak: impl FnOnce(&mut ClientConfig)) -> usize {
+        self.add_behind(id, SimNat::None, plan, tweak)
+    }
+
+    /// As [`Sim::add`], behind a NAT of kind `nat` with a public IP of its own
+    /// (198.18.x.y; the client's local address is then 10.x.y.2).
+    pub fn add_behind(&mut self, id: &str, nat: SimNat, plan: Plan, tweak: impl FnOnce(&mut ClientConfig)) -> usize {
         let i = self.clients.len();
-        let udp: SocketAddr = format!("203.0.113.{}:{}", 1 + i / 200, 40000 + i % 200).parse().unwrap();
+        let (udp, public_ip): (SocketAddr, std::net::IpAddr) = if nat == SimNat::None {
+            let udp: SocketAddr = format!("203.0.113.{}:{}", 1 + i / 200, 40000 + i % 200).parse().unwrap();
+            (udp, udp.ip())
+        } else {
+            let (hi, lo) = (i / 256, i % 256);
+            (format!("10.{hi}.{lo}.2:40000").parse().unwrap(), format!("198.18.{hi}.{lo}").parse().unwrap())
+        };
         let mut cfg = ClientConfig::new(ClientId::new(id).expect("a valid client id"), udp.port());
         cfg.stun_server = Some(MANAGER_UDP);
         cfg.max_calls = 4;
@@ -286,6 +322,10 @@ impl Sim {
         self.clients.push(SimClient {
             client: Client::new(cfg, seed),
             udp,
+            nat,
+            public_ip,
+            mappings: HashMap::new(),
+            next_port: 20000,
             conn: None,
             plan,
             placed: false,
@@ -296,9 +336,9 @@ impl Sim {
             firewall_drops: 0,
         });
         self.by_udp.insert(udp, i);
-        // Connect: the TCP peer address is the client's IP with an ephemeral port.
+        // Connect: the TCP peer address is the client's public IP with an ephemeral port.
         let shard = (i % self.shards.len()) as u16;
-        let peer = SocketAddr::new(udp.ip(), 50000 + i as u16);
+        let peer = SocketAddr::new(public_ip, 50000 + i as u16);
         let open: usize = self.shards.iter().map(|s| s.open_connections()).sum();
         let conn = self.shards[shard as usize].conn_opened(self.now, peer, open);
         self.clients[i].conn = Some((shard, conn));
@@ -326,6 +366,35 @@ impl Sim {
     /// The wall-clock time at virtual now.
     pub fn unix_now(&self) -> u64 {
         UNIX_START + self.now.duration_since(self.start).as_secs()
+    }
+
+    /// The public source of client `i`'s datagram to `to` (made on first use).
+    fn map_outbound(&mut self, i: usize, to: SocketAddr) -> SocketAddr {
+        let c = &mut self.clients[i];
+        if c.nat == SimNat::None {
+            return c.udp;
+        }
+        if let Some(&m) = c.mappings.get(&to) {
+            return m;
+        }
+        let port = match c.nat {
+            SimNat::None => unreachable!("handled above"),
+            SimNat::EndpointIndependent => c.udp.port(),
+            SimNat::Sequential(step) => {
+                c.next_port = c.next_port.wrapping_add_signed(step);
+                c.next_port
+            }
+            SimNat::Random => loop {
+                let p = 1024 + self.rng.below(64_512) as u16;
+                if !c.mappings.values().any(|m| m.port() == p) {
+                    break p;
+                }
+            },
+        };
+        let m = SocketAddr::new(c.public_ip, port);
+        c.mappings.insert(to, m);
+        self.by_public.insert(m, i);
+        m
     }
 
     fn schedule(&mut self, at: Instant, ev: Ev) {
@@ -382,9 +451,12 @@ impl Sim {
                 return;
             }
         }
+        let mut from = from;
         if let Some(&i) = self.by_udp.get(&from) {
-            // Outbound opens or refreshes the flow in the sender's firewall.
+            // Outbound opens or refreshes the flow in the sender's firewall, and its NAT maps
+            // the source.
             self.clients[i].flows.insert(to, self.now);
+            from = self.map_outbound(i, to);
         }
         // Random loss happens on the way, after the sender's firewall.
         if self.net.udp_loss > 0.0 && self.rng.chance(self.net.udp_loss) {
@@ -561,7 +633,18 @@ impl Sim {
                 if to == MANAGER_UDP || to == MANAGER_UDP_ALT {
                     return self.manager_udp(to, from, &data);
                 }
-                let Some(&i) = self.by_udp.get(&to) else { return };
+                let i = match self.by_public.get(&to) {
+                    Some(&i) => i,
+                    None => match self.by_udp.get(&to) {
+                        Some(&i) if self.clients[i].nat == SimNat::None => i,
+                        _ => return,
+                    },
+                };
+                // A NAT passes a datagram in only on the mapping made towards its source.
+                if self.clients[i].nat != SimNat::None && self.clients[i].mappings.get(&from) != Some(&to) {
+                    self.clients[i].firewall_drops += 1;
+                    return;
+                }
                 if self.net.firewalls {
                     let fresh = self.clients[i]
                         .flows

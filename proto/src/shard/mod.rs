@@ -26,6 +26,7 @@ pub mod stats;
 pub mod stun;
 pub mod stun_limit;
 
+use crate::nat::{self, NatClass, Strategy};
 use crate::rng::Rng;
 use crate::wire::frame::{
     AddrSource, CallId, ClientId, ErrorCode, Frame, FrameError, HangupReason, RejectReason, UnknownReason,
@@ -154,6 +155,8 @@ pub enum ShardMsg {
         fallback: SocketAddr,
         /// Concurrent call limit.
         max_calls: u16,
+        /// The client's NAT class.
+        nat: NatClass,
     },
     /// To the id's home shard: bind `id` to `conn`.
     Register {
@@ -167,6 +170,8 @@ pub enum ShardMsg {
         source: AddrSource,
         /// Concurrent call limit.
         max_calls: u16,
+        /// The client's NAT class.
+        nat: NatClass,
     },
     /// To the home shard (or to the shard resolving the connection's REGISTER, which forwards
     /// it home behind that REGISTER): `conn` (which had registered `id`) closed.
@@ -184,6 +189,8 @@ pub enum ShardMsg {
         caller_conn: ConnRef,
         /// Caller's public UDP address.
         caller_addr: SocketAddr,
+        /// Caller's NAT class.
+        caller_nat: NatClass,
         /// Caller's reference.
         call_ref: u32,
         /// Callee id.
@@ -288,6 +295,8 @@ struct Conn {
     peer: SocketAddr,
     state: ConnState,
     public: Option<SocketAddr>,
+    /// The NAT class its REGISTER named.
+    nat: NatClass,
     opened: Instant,
     last_rx: Instant,
     calls: HashSet<CallId>,
@@ -306,6 +315,7 @@ struct Entry {
     conn: Option<ConnRef>,
     public: SocketAddr,
     source: AddrSource,
+    nat: NatClass,
     max_calls: u16,
     active_calls: u32,
 }
@@ -324,6 +334,7 @@ struct CallRec {
     callee_conn: ConnRef,
     callee_addr: SocketAddr,
     callee_source: AddrSource,
+    callee_nat: NatClass,
     token: u64,
     state: CallState,
     /// When the owner shard took the CALL.
@@ -437,6 +448,7 @@ impl Shard {
                 peer,
                 state: ConnState::Open,
                 public: None,
+                nat: NatClass::Unknown,
                 opened: now,
                 last_rx: now,
                 calls: HashSet::new(),
@@ -527,7 +539,7 @@ impl Shard {
         match frame {
             Frame::Ping { nonce } => self.send(conn, Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
-            Frame::Register { id, udp_port, max_calls, binding, auth } => {
+            Frame::Register { id, udp_port, max_calls, binding, auth, nat } => {
                 if c.state != ConnState::Open {
                     self.unexpected(conn, "REGISTER on an already registered connection");
                     return;
@@ -547,6 +559,7 @@ impl Shard {
                 }
                 let fallback = SocketAddr::new(c.peer.ip(), udp_port);
                 c.state = ConnState::Registering(id.clone());
+                c.nat = nat;
                 let home = home_shard(&id, self.n);
                 match binding {
                     // This shard holds the binding: use it at once.
@@ -555,7 +568,7 @@ impl Shard {
                             Some(addr) => (addr, AddrSource::Stun),
                             None => (fallback, AddrSource::TcpPeer),
                         };
-                        self.route(home, ShardMsg::Register { id, conn: me, public, source, max_calls });
+                        self.route(home, ShardMsg::Register { id, conn: me, public, source, max_calls, nat });
                     }
                     // Through the binding shard's inbox, behind the binding (module docs of
                     // `bindings`), even when that shard is this one: the binding may still
@@ -563,12 +576,13 @@ impl Shard {
                     Some(binding) => {
                         let to = binding_shard(&binding, self.n);
                         c.resolving = Some(to);
-                        let msg = ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls };
+                        let msg = ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls, nat };
                         self.out.push_back(Output::Shard { to, msg });
                     }
                     None => {
                         let source = AddrSource::TcpPeer;
-                        self.route(home, ShardMsg::Register { id, conn: me, public: fallback, source, max_calls });
+                        let msg = ShardMsg::Register { id, conn: me, public: fallback, source, max_calls, nat };
+                        self.route(home, msg);
                     }
                 }
             }
@@ -590,8 +604,12 @@ impl Shard {
                     return;
                 }
                 let caller_addr = c.public.expect("registered connections have a public address");
+                let caller_nat = c.nat;
                 let home = home_shard(&callee, self.n);
-                self.route(home, ShardMsg::CallReq { caller, caller_conn: me, caller_addr, call_ref, callee });
+                self.route(
+                    home,
+                    ShardMsg::CallReq { caller, caller_conn: me, caller_addr, caller_nat, call_ref, callee },
+                );
             }
             Frame::Punched { call_id, udp_port } => {
                 if !matches!(c.state, ConnState::Registered(_)) {
@@ -646,25 +664,27 @@ impl Shard {
                     self.stats.inc(&self.stats.stun_table_full);
                 }
             }
-            ShardMsg::Resolve { binding, id, conn, fallback, max_calls } => {
+            ShardMsg::Resolve { binding, id, conn, fallback, max_calls, nat } => {
                 let (public, source) = match self.bindings.take(&binding, now) {
                     Some(addr) => (addr, AddrSource::Stun),
                     None => (fallback, AddrSource::TcpPeer),
                 };
-                self.route(home_shard(&id, self.n), ShardMsg::Register { id, conn, public, source, max_calls });
+                self.route(home_shard(&id, self.n), ShardMsg::Register { id, conn, public, source, max_calls, nat });
             }
-            ShardMsg::Register { id, conn, public, source, max_calls } => {
+            ShardMsg::Register { id, conn, public, source, max_calls, nat } => {
                 self.stats.inc(&self.stats.registrations);
                 let entry = self.dir.entry(id.clone()).or_insert(Entry {
                     conn: None,
                     public,
                     source,
+                    nat,
                     max_calls,
                     active_calls: 0,
                 });
                 let old = entry.conn.replace(conn);
                 entry.public = public;
                 entry.source = source;
+                entry.nat = nat;
                 entry.max_calls = max_calls;
                 if let Some(old) = old.filter(|o| *o != conn) {
                     self.stats.inc(&self.stats.registrations_replaced);
@@ -688,8 +708,8 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::CallReq { caller, caller_conn, caller_addr, call_ref, callee } => {
-                self.on_call_req(now, caller, caller_conn, caller_addr, call_ref, callee)
+            ShardMsg::CallReq { caller, caller_conn, caller_addr, caller_nat, call_ref, callee } => {
+                self.on_call_req(now, caller, (caller_conn, caller_addr, caller_nat), call_ref, callee)
             }
             ShardMsg::Punched { call_id, conn, udp_port } => self.on_punched(call_id, conn, udp_port),
             ShardMsg::Hangup { call_id, conn, reason } => {
@@ -849,31 +869,36 @@ impl Shard {
         &mut self,
         now: Instant,
         caller: ClientId,
-        caller_conn: ConnRef,
-        caller_addr: SocketAddr,
+        (caller_conn, caller_addr, caller_nat): (ConnRef, SocketAddr, NatClass),
         call_ref: u32,
         callee: ClientId,
     ) {
-        let reply = |f: Frame| (caller_conn, f);
         let refusal = match self.dir.get(&callee) {
             None => Some(Frame::Unknown { call_ref, reason: UnknownReason::NeverRegistered }),
             Some(e) if e.conn.is_none() => Some(Frame::Unknown { call_ref, reason: UnknownReason::Offline }),
             Some(e) if e.active_calls >= e.max_calls as u32 => Some(Frame::Busy { call_ref }),
+            Some(e) if nat::strategy(caller_nat, e.nat) == Strategy::NoPath => {
+                Some(Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::NoPath })
+            }
             Some(_) => None,
         };
         if let Some(f) = refusal {
             match f {
                 Frame::Busy { .. } => self.stats.inc(&self.stats.calls_busy),
+                Frame::Reject { .. } => {
+                    self.stats.inc(&self.stats.calls_rejected);
+                    self.stats.inc(&self.stats.calls_no_path);
+                }
                 _ => self.stats.inc(&self.stats.calls_unknown),
             }
-            let (c, f) = reply(f);
-            self.deliver(c, Some(f), Track::None);
+            self.deliver(caller_conn, Some(f), Track::None);
             return;
         }
+        self.stats.inc(&self.stats.calls_direct);
         let e = self.dir.get_mut(&callee).expect("checked above");
         e.active_calls += 1;
         let callee_conn = e.conn.expect("checked above");
-        let (callee_addr, callee_source) = (e.public, e.source);
+        let (callee_addr, callee_source, callee_nat) = (e.public, e.source, e.nat);
         let call_id = CallId(((self.index as u64) << 48) | (self.next_call & 0xFFFF_FFFF_FFFF));
         self.next_call += 1;
         let token = call_token(&self.token_key, call_id);
@@ -886,13 +911,14 @@ impl Shard {
                 callee_conn,
                 callee_addr,
                 callee_source,
+                callee_nat,
                 token,
                 state: CallState::Ringing { deadline: now + self.cfg.ring_timeout },
                 requested: now,
             },
         );
         self.deliver(caller_conn, None, Track::Add(call_id));
-        let f = Frame::Incoming { call_id, token, caller, caller_addr };
+        let f = Frame::Incoming { call_id, token, caller, caller_addr, caller_nat };
         self.deliver(callee_conn, Some(f), Track::Add(call_id));
     }
 
@@ -915,7 +941,8 @@ impl Shard {
         if rec.callee_source == AddrSource::TcpPeer {
             callee_addr.set_port(udp_port);
         }
-        let f = Frame::Start { call_ref: rec.call_ref, call_id, token: rec.token, callee_addr };
+        let f =
+            Frame::Start { call_ref: rec.call_ref, call_id, token: rec.token, callee_addr, callee_nat: rec.callee_nat };
         let caller_conn = rec.caller_conn;
         self.stats.inc(&self.stats.calls_started);
         if let Some(now) = self.now {

@@ -112,6 +112,11 @@ stats! {
     calls_unknown,
     /// Calls answered BUSY.
     calls_busy,
+    /// Calls put through with the direct strategy (the callee's null packet, then media).
+    calls_direct,
+    /// Calls refused at once with REJECT NoPath: both sides randomise ports and neither has
+    /// a port mapping (also counted in `calls_rejected`).
+    calls_no_path,
     /// Calls rejected (self-call, declined, callee gone, caller limit).
     calls_rejected,
     /// Of those, because the caller was at its concurrent-call limit (REJECT CallerLimit).

@@ -12,6 +12,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::nat::NatClass;
+
 /// Protocol version carried in every frame.
 pub const VERSION: u8 = 1;
 /// Largest allowed value of the length prefix (bytes after the prefix).
@@ -214,6 +216,9 @@ code_enum! {
         CallerLimit = 4,
         /// The call_ref is already in use by a pending call of this caller.
         DuplicateRef = 5,
+        /// No relay-free path: both sides randomise ports and neither has a port mapping
+        /// ([`crate::nat::NO_PATH_REASON`]).
+        NoPath = 6,
     }
 }
 
@@ -292,6 +297,9 @@ pub enum Frame {
         binding: Option<[u8; 12]>,
         /// Proof that the client may use `id` (required by a manager with a secret).
         auth: Option<AuthToken>,
+        /// How the client's NAT maps its UDP socket (measured against the manager's STUN
+        /// addresses); [`NatClass::Unknown`] is sent as nothing.
+        nat: NatClass,
     },
     /// Manager -> client: registration accepted; the public UDP address the manager observed.
     Registered {
@@ -318,6 +326,8 @@ pub enum Frame {
         caller: ClientId,
         /// The caller's public UDP address.
         caller_addr: Addr,
+        /// The caller's NAT class (from its REGISTER).
+        caller_nat: NatClass,
     },
     /// Callee -> manager: the null packet was sent from `udp_port`.
     Punched {
@@ -336,6 +346,8 @@ pub enum Frame {
         token: u64,
         /// The callee's public UDP address.
         callee_addr: Addr,
+        /// The callee's NAT class (from its REGISTER).
+        callee_nat: NatClass,
     },
     /// Manager -> caller: the call was rejected (or callee -> manager: decline `call_id`).
     Reject {
@@ -432,7 +444,7 @@ impl Frame {
         let start = out.len();
         out.extend_from_slice(&[0, 0, VERSION, self.type_byte()]);
         match self {
-            Frame::Register { id, udp_port, max_calls, binding, auth } => {
+            Frame::Register { id, udp_port, max_calls, binding, auth, nat } => {
                 put_id(out, id);
                 out.extend_from_slice(&udp_port.to_be_bytes());
                 out.extend_from_slice(&max_calls.to_be_bytes());
@@ -450,6 +462,11 @@ impl Frame {
                     out.extend_from_slice(&a.expires_unix.to_be_bytes());
                     out.extend_from_slice(&a.mac);
                 }
+                // Then, also optional, tag 2: the NAT class.
+                if *nat != NatClass::Unknown {
+                    out.push(2);
+                    put_nat(out, *nat);
+                }
             }
             Frame::Registered { public, source } => {
                 put_addr(out, public);
@@ -459,21 +476,27 @@ impl Frame {
                 out.extend_from_slice(&call_ref.to_be_bytes());
                 put_id(out, callee);
             }
-            Frame::Incoming { call_id, token, caller, caller_addr } => {
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat } => {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&token.to_be_bytes());
                 put_id(out, caller);
                 put_addr(out, caller_addr);
+                if *caller_nat != NatClass::Unknown {
+                    put_nat(out, *caller_nat);
+                }
             }
             Frame::Punched { call_id, udp_port } => {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&udp_port.to_be_bytes());
             }
-            Frame::Start { call_ref, call_id, token, callee_addr } => {
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&token.to_be_bytes());
                 put_addr(out, callee_addr);
+                if *callee_nat != NatClass::Unknown {
+                    put_nat(out, *callee_nat);
+                }
             }
             Frame::Reject { call_ref, call_id, reason } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
@@ -553,25 +576,41 @@ impl Frame {
                     1 => Some(r.array::<12>()?),
                     v => return Err(FrameError::BadCode { field: "binding flag", value: v as u16 }),
                 };
-                let auth = if r.b.is_empty() {
-                    None
-                } else {
-                    match r.u8()? {
-                        1 => Some(AuthToken { expires_unix: r.u64()?, mac: r.array::<32>()? }),
-                        v => return Err(FrameError::BadCode { field: "auth flag", value: v as u16 }),
+                // Optional tagged fields, each at most once, in tag order: 1 auth, 2 NAT class.
+                let mut auth = None;
+                let mut nat = NatClass::Unknown;
+                let mut last_tag = 0;
+                while !r.b.is_empty() {
+                    let tag = r.u8()?;
+                    if tag <= last_tag {
+                        return Err(FrameError::BadCode { field: "register field tag", value: tag as u16 });
                     }
-                };
-                Frame::Register { id, udp_port, max_calls, binding, auth }
+                    last_tag = tag;
+                    match tag {
+                        1 => auth = Some(AuthToken { expires_unix: r.u64()?, mac: r.array::<32>()? }),
+                        2 => nat = r.nat_known()?,
+                        v => return Err(FrameError::BadCode { field: "register field tag", value: v as u16 }),
+                    }
+                }
+                Frame::Register { id, udp_port, max_calls, binding, auth, nat }
             }
             ty::REGISTERED => Frame::Registered { public: r.addr()?, source: AddrSource::from_code(r.u8()?)? },
             ty::CALL => Frame::Call { call_ref: r.u32()?, callee: r.id()? },
-            ty::INCOMING => {
-                Frame::Incoming { call_id: CallId(r.u64()?), token: r.u64()?, caller: r.id()?, caller_addr: r.addr()? }
-            }
+            ty::INCOMING => Frame::Incoming {
+                call_id: CallId(r.u64()?),
+                token: r.u64()?,
+                caller: r.id()?,
+                caller_addr: r.addr()?,
+                caller_nat: r.nat_opt()?,
+            },
             ty::PUNCHED => Frame::Punched { call_id: CallId(r.u64()?), udp_port: r.u16()? },
-            ty::START => {
-                Frame::Start { call_ref: r.u32()?, call_id: CallId(r.u64()?), token: r.u64()?, callee_addr: r.addr()? }
-            }
+            ty::START => Frame::Start {
+                call_ref: r.u32()?,
+                call_id: CallId(r.u64()?),
+                token: r.u64()?,
+                callee_addr: r.addr()?,
+                callee_nat: r.nat_opt()?,
+            },
             ty::REJECT => Frame::Reject {
                 call_ref: r.u32()?,
                 call_id: CallId(r.u64()?),
@@ -626,6 +665,12 @@ fn put_id(out: &mut Vec<u8>, id: &ClientId) {
     out.extend_from_slice(id.0.as_bytes());
 }
 
+/// A NAT class: code (1 byte) and step (i16).
+fn put_nat(out: &mut Vec<u8>, n: NatClass) {
+    out.push(n.code());
+    out.extend_from_slice(&n.wire_delta().to_be_bytes());
+}
+
 fn put_addr(out: &mut Vec<u8>, a: &Addr) {
     match a.ip() {
         IpAddr::V4(ip) => {
@@ -677,6 +722,23 @@ impl<'a> Reader<'a> {
         let raw = self.take(n)?;
         let s = std::str::from_utf8(raw).map_err(|_| FrameError::BadId)?;
         ClientId::new(s)
+    }
+    /// A NAT class that is sent (not unknown: unknown is sent as nothing).
+    fn nat_known(&mut self) -> Result<NatClass, FrameError> {
+        let code = self.u8()?;
+        let delta = i16::from_be_bytes(self.array()?);
+        match NatClass::from_wire(code, delta) {
+            Some(n) if n != NatClass::Unknown => Ok(n),
+            _ => Err(FrameError::BadCode { field: "nat class", value: code as u16 }),
+        }
+    }
+    /// A trailing NAT class, absent meaning unknown.
+    fn nat_opt(&mut self) -> Result<NatClass, FrameError> {
+        if self.b.is_empty() {
+            Ok(NatClass::Unknown)
+        } else {
+            self.nat_known()
+        }
     }
     fn addr(&mut self) -> Result<Addr, FrameError> {
         let fam = self.u8()?;
@@ -750,22 +812,73 @@ mod tests {
         let v4: Addr = "203.0.113.7:40000".parse().unwrap();
         let v6: Addr = "[2001:db8::1]:5004".parse().unwrap();
         vec![
-            Frame::Register { id: id("alice"), udp_port: 40000, max_calls: 1, binding: Some([7; 12]), auth: None },
-            Frame::Register { id: id("b"), udp_port: 1, max_calls: 500, binding: None, auth: None },
+            Frame::Register {
+                id: id("alice"),
+                udp_port: 40000,
+                max_calls: 1,
+                binding: Some([7; 12]),
+                auth: None,
+                nat: NatClass::Unknown,
+            },
+            Frame::Register {
+                id: id("b"),
+                udp_port: 1,
+                max_calls: 500,
+                binding: None,
+                auth: None,
+                nat: NatClass::Unknown,
+            },
             Frame::Register {
                 id: id("c"),
                 udp_port: 2,
                 max_calls: 1,
                 binding: None,
                 auth: Some(AuthToken { expires_unix: 1_800_000_000, mac: [0xA5; 32] }),
+                nat: NatClass::Unknown,
             },
+            Frame::Register {
+                id: id("d"),
+                udp_port: 3,
+                max_calls: 1,
+                binding: Some([8; 12]),
+                auth: Some(AuthToken { expires_unix: 1_800_000_000, mac: [0x5A; 32] }),
+                nat: NatClass::Sequential { delta: -2 },
+            },
+            Frame::Register {
+                id: id("e"),
+                udp_port: 4,
+                max_calls: 1,
+                binding: None,
+                auth: None,
+                nat: NatClass::Random,
+            },
+            Frame::Incoming {
+                call_id: CallId(2),
+                token: 1,
+                caller: id("e"),
+                caller_addr: v4,
+                caller_nat: NatClass::EndpointIndependent,
+            },
+            Frame::Start { call_ref: 2, call_id: CallId(4), token: 6, callee_addr: v4, callee_nat: NatClass::Random },
             Frame::Registered { public: v4, source: AddrSource::Stun },
             Frame::Registered { public: v6, source: AddrSource::TcpPeer },
             Frame::Call { call_ref: 9, callee: id("bob") },
-            Frame::Incoming { call_id: CallId(u64::MAX), token: 42, caller: id("alice"), caller_addr: v4 },
-            Frame::Incoming { call_id: CallId(1), token: 0, caller: id("ü-über"), caller_addr: v6 },
+            Frame::Incoming {
+                call_id: CallId(u64::MAX),
+                token: 42,
+                caller: id("alice"),
+                caller_addr: v4,
+                caller_nat: NatClass::Unknown,
+            },
+            Frame::Incoming {
+                call_id: CallId(1),
+                token: 0,
+                caller: id("ü-über"),
+                caller_addr: v6,
+                caller_nat: NatClass::Unknown,
+            },
             Frame::Punched { call_id: CallId(3), udp_port: 5004 },
-            Frame::Start { call_ref: 1, call_id: CallId(3), token: 5, callee_addr: v6 },
+            Frame::Start { call_ref: 1, call_id: CallId(3), token: 5, callee_addr: v6, callee_nat: NatClass::Unknown },
             Frame::Reject { call_ref: 0, call_id: CallId(3), reason: RejectReason::Timeout },
             Frame::Busy { call_ref: u32::MAX },
             Frame::Unknown { call_ref: 2, reason: UnknownReason::Offline },
@@ -792,7 +905,14 @@ mod tests {
 
     #[test]
     fn register_bytes_match_the_documented_layout() {
-        let f = Frame::Register { id: id("ab"), udp_port: 0x1234, max_calls: 2, binding: None, auth: None };
+        let f = Frame::Register {
+            id: id("ab"),
+            udp_port: 0x1234,
+            max_calls: 2,
+            binding: None,
+            auth: None,
+            nat: NatClass::Unknown,
+        };
         let mut buf = Vec::new();
         f.encode(&mut buf);
         assert_eq!(buf, [0, 10, 1, 0x01, 2, b'a', b'b', 0x12, 0x34, 0, 2, 0]);
@@ -805,17 +925,25 @@ mod tests {
     #[test]
     fn register_with_a_token_appends_flag_expiry_and_mac() {
         let auth = AuthToken { expires_unix: 0x0102030405060708, mac: [9; 32] };
-        let f = Frame::Register { id: id("ab"), udp_port: 0x1234, max_calls: 2, binding: None, auth: Some(auth) };
+        let f = Frame::Register {
+            id: id("ab"),
+            udp_port: 0x1234,
+            max_calls: 2,
+            binding: None,
+            auth: Some(auth),
+            nat: NatClass::Unknown,
+        };
         let mut buf = Vec::new();
         f.encode(&mut buf);
         let mut want = vec![0, 51, 1, 0x01, 2, b'a', b'b', 0x12, 0x34, 0, 2, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8];
         want.extend_from_slice(&[9; 32]);
         assert_eq!(buf, want);
         assert_eq!(Frame::decode_body(&buf[2..]).unwrap(), f);
-        // Any flag but 1 is malformed; a flag without the token is truncated.
+        // An unknown tag is malformed; a tag without the token is truncated.
         let mut bad = buf.clone();
-        bad[12] = 2;
-        assert!(matches!(Frame::decode_body(&bad[2..]), Err(FrameError::BadCode { field: "auth flag", value: 2 })));
+        bad[12] = 3;
+        let err = Frame::decode_body(&bad[2..]);
+        assert!(matches!(err, Err(FrameError::BadCode { field: "register field tag", value: 3 })), "{err:?}");
         assert!(matches!(Frame::decode_body(&buf[2..14]), Err(FrameError::Truncated { .. })));
         // The text form round-trips; the MAC never shows in Debug.
         let text = auth.to_string();
@@ -839,19 +967,80 @@ mod tests {
                 if cut >= 4 {
                     let mut short = buf[..cut].to_vec();
                     short[..2].copy_from_slice(&((cut - 2) as u16).to_be_bytes());
-                    // REGISTER's token is optional and last: cut just before it, the frame
-                    // is a valid REGISTER without a token.
-                    if let Frame::Register { auth: Some(_), .. } = &f {
-                        if let Ok(Some((Frame::Register { auth: None, .. }, n))) = Frame::decode(&short) {
-                            assert_eq!(n + 41, buf.len(), "{f:?} cut at {cut}");
-                            continue;
-                        }
+                    // REGISTER's token and NAT class, and INCOMING's and START's NAT class,
+                    // are optional and last: cut just before one, the frame is valid
+                    // without it (and what is left encodes to exactly the cut bytes).
+                    if let Ok(Some((g, n))) = Frame::decode(&short) {
+                        assert_eq!(n, cut, "{f:?} cut at {cut}");
+                        assert!(without_optional_fields(&f).contains(&g), "{f:?} cut at {cut} decoded as {g:?}");
+                        continue;
                     }
                     let err = Frame::decode(&short).unwrap_err();
                     assert!(matches!(err, FrameError::Truncated { .. }), "{f:?} cut at {cut}: {err:?}");
                 }
             }
         }
+    }
+
+    /// `f` and the frames it becomes with trailing optional fields left out.
+    fn without_optional_fields(f: &Frame) -> Vec<Frame> {
+        let mut out = vec![f.clone()];
+        match f.clone() {
+            Frame::Register { id, udp_port, max_calls, binding, auth, .. } => {
+                out.push(Frame::Register {
+                    id: id.clone(),
+                    udp_port,
+                    max_calls,
+                    binding,
+                    auth,
+                    nat: NatClass::Unknown,
+                });
+                out.push(Frame::Register { id, udp_port, max_calls, binding, auth: None, nat: NatClass::Unknown });
+            }
+            Frame::Incoming { call_id, token, caller, caller_addr, .. } => {
+                out.push(Frame::Incoming { call_id, token, caller, caller_addr, caller_nat: NatClass::Unknown })
+            }
+            Frame::Start { call_ref, call_id, token, callee_addr, .. } => {
+                out.push(Frame::Start { call_ref, call_id, token, callee_addr, callee_nat: NatClass::Unknown })
+            }
+            _ => {}
+        }
+        out
+    }
+
+    #[test]
+    fn nat_classes_are_tagged_after_the_token_and_checked() {
+        let f = Frame::Register {
+            id: id("ab"),
+            udp_port: 0x1234,
+            max_calls: 2,
+            binding: None,
+            auth: None,
+            nat: NatClass::Sequential { delta: -2 },
+        };
+        let mut buf = Vec::new();
+        f.encode(&mut buf);
+        assert_eq!(buf, vec![0, 14, 1, 0x01, 2, b'a', b'b', 0x12, 0x34, 0, 2, 0, 2, 2, 0xFF, 0xFE]);
+        assert_eq!(Frame::decode_body(&buf[2..]).unwrap(), f);
+        // A class with a step it does not have, an unknown code, and "unknown" sent
+        // explicitly (it is sent as nothing) are malformed.
+        for (code, delta) in [(1u8, [0, 1]), (4, [0, 0]), (0, [0, 0])] {
+            let mut bad = buf.clone();
+            bad[13] = code;
+            bad[14..16].copy_from_slice(&delta);
+            let err = Frame::decode_body(&bad[2..]);
+            assert!(matches!(err, Err(FrameError::BadCode { field: "nat class", .. })), "{err:?}");
+        }
+        // Tags out of order (the NAT class before the token) or repeated are malformed.
+        let mut twice = buf.clone();
+        twice.extend_from_slice(&[2, 3, 0, 0]);
+        let err = Frame::decode_body(&twice[2..]);
+        assert!(matches!(err, Err(FrameError::BadCode { field: "register field tag", value: 2 })), "{err:?}");
+        let mut swapped = buf[..12].to_vec();
+        swapped.extend_from_slice(&[2, 3, 0, 0, 1]);
+        swapped.extend_from_slice(&[0; 40]);
+        let err = Frame::decode_body(&swapped[2..]);
+        assert!(matches!(err, Err(FrameError::BadCode { field: "register field tag", value: 1 })), "{err:?}");
     }
 
     #[test]
@@ -864,9 +1053,14 @@ mod tests {
             buf[..2].copy_from_slice(&(len as u16).to_be_bytes());
             let err = Frame::decode(&buf).unwrap_err();
             match f {
-                // After a REGISTER without a token, the next byte is read as the token flag.
-                Frame::Register { auth: None, .. } => {
-                    assert!(matches!(err, FrameError::BadCode { field: "auth flag", value: 0xAA }), "{err:?}")
+                // After a REGISTER the next byte is read as a field tag.
+                Frame::Register { .. } => {
+                    assert!(matches!(err, FrameError::BadCode { field: "register field tag", value: 0xAA }), "{err:?}")
+                }
+                // After an INCOMING or START without a NAT class, as the start of one.
+                Frame::Incoming { caller_nat: NatClass::Unknown, .. }
+                | Frame::Start { callee_nat: NatClass::Unknown, .. } => {
+                    assert!(matches!(err, FrameError::Truncated { .. }), "{f:?}: {err:?}")
                 }
                 _ => assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}"),
             }
