@@ -125,7 +125,8 @@ impl Harness {
                 call_id: CALLEE_CALL_ID,
                 token: CALLEE_TOKEN,
                 caller: id("alice"),
-                caller_addr: caller_addr(), caller_nat: proto::nat::NatClass::Unknown
+                caller_addr: caller_addr(),
+                caller_nat: proto::nat::NatClass::Unknown,
             },
         );
         let handle = c.call(t0, id("bob")).expect("registered client can call");
@@ -135,7 +136,8 @@ impl Harness {
                 call_ref: handle.0,
                 call_id: CALLER_CALL_ID,
                 token: CALLER_TOKEN,
-                callee_addr: callee_addr(), callee_nat: proto::nat::NatClass::Unknown
+                callee_addr: callee_addr(),
+                callee_nat: proto::nat::NatClass::Unknown,
             },
         );
         assert_eq!(c.active_calls(), 2, "both calls should be up");
@@ -281,7 +283,9 @@ pub fn check_parsers(d: &[u8]) {
                 assert_eq!(answer, StunMessage::BindingSuccess { txid, mapped: stranger(), other: None });
                 stun::emit_binding_request(&txid, &mut b)
             }
-            StunMessage::BindingSuccess { txid, mapped, other } => stun::emit_binding_success_with(&txid, mapped, other, &mut b),
+            StunMessage::BindingSuccess { txid, mapped, other } => {
+                stun::emit_binding_success_with(&txid, mapped, other, &mut b)
+            }
         };
         assert_eq!(stun::parse(&b[..n]), Ok(m), "STUN message re-emits differently");
     }

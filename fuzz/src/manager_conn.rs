@@ -172,7 +172,18 @@ impl Sim {
                 Ok(Some(Frame::Register { id: cid, udp_port, max_calls, binding, auth, .. })) if sign => {
                     let expiry = auth.map_or(u64::MAX, |t| t.expires_unix);
                     let auth = Some(self.secret.mint(&cid, expiry));
-                    core.conn_frame(self.now, id, Frame::Register { id: cid, udp_port, max_calls, binding, auth, nat: proto::nat::NatClass::Unknown })
+                    core.conn_frame(
+                        self.now,
+                        id,
+                        Frame::Register {
+                            id: cid,
+                            udp_port,
+                            max_calls,
+                            binding,
+                            auth,
+                            nat: proto::nat::NatClass::Unknown,
+                        },
+                    )
                 }
                 Ok(Some(f)) => core.conn_frame(self.now, id, f),
                 Ok(None) => break,
