@@ -11,7 +11,8 @@
 # Topology (names are PREFIX + name; several labs can run side by side):
 #
 #   a 10.1.0.2 --lan0-- r1 --wan0 198.18.0.11--+
-#                                              +-- br0 (inet) -- mgr 198.18.0.1 (manager on :80)
+#                                              +-- br0 (inet) -- mgr 198.18.0.1 (manager on :80, STUN also
+#                                              |                    on :81 and 198.18.0.2:80)
 #   b 10.2.0.2 --lan0-- r2 --wan0 198.18.0.12--+
 #
 # Each router: forward policy drop; established/related accepted; from the LAN only TCP to
@@ -98,6 +99,9 @@ up() {
         nsx "$h" ip link set "$dev" up
     done
     nsx mgr ip addr add 198.18.0.1/24 dev eth0
+    # A second address: the manager's alternate STUN address (--alt-listen), so clients
+    # see their mapping towards three destinations (two addresses, two ports).
+    nsx mgr ip addr add 198.18.0.2/24 dev eth0
     nsx r1 ip addr add 198.18.0.11/24 dev wan0
     nsx r2 ip addr add 198.18.0.12/24 dev wan0
     # LANs.

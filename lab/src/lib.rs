@@ -43,6 +43,8 @@ impl Mode {
 /// The manager's address in the lab (TCP and UDP port 80: signalling passes where only web
 /// traffic may leave the LAN).
 pub const MANAGER: &str = "198.18.0.1:80";
+/// The manager's alternate STUN address (a second IP on its host; the alternate port is 81).
+pub const MANAGER_ALT: &str = "198.18.0.2:80";
 /// Client A's LAN address (behind r1).
 pub const A_IP: &str = "10.1.0.2";
 /// Client B's LAN address (behind r2).
@@ -148,7 +150,7 @@ impl Lab {
     pub fn start_manager(&self) -> Result<ManagerProc> {
         let mut child = self
             .cmd(Host::Mgr, binary("manager")?)
-            .args(["--listen", MANAGER, "--shards", "2"])
+            .args(["--listen", MANAGER, "--alt-listen", MANAGER_ALT, "--shards", "2"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

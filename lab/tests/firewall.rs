@@ -83,6 +83,14 @@ fn check_pair(a: Mode, b: Mode) {
     assert!(s(&cb, "local").starts_with(&format!("{want_b_ip}:")), "{pair}: bob's public address {cb}");
     assert_eq!(s(&cb, "peer"), a_pub, "{pair}: bob sent to where the manager said alice is");
     assert_eq!(s(&ca, "peer"), s(&cb, "local"), "{pair}: alice sent to where the manager said bob is");
+    // Both routers keep the port (or do not translate): each side classified itself as
+    // endpoint-independent from its mappings towards the manager's three STUN addresses,
+    // learned the other's class, and the call went direct.
+    for (who, c) in [("alice", &ca), ("bob", &cb)] {
+        assert_eq!(s(c, "nat_class"), "endpoint-independent", "{pair} {who}: {c}");
+        assert_eq!(s(c, "peer_nat_class"), "endpoint-independent", "{pair} {who}: {c}");
+        assert_eq!(s(c, "strategy"), "direct", "{pair} {who}: {c}");
+    }
     let b_pub = s(&cb, "local").to_string();
     let (b_ip, b_port) = b_pub.split_once(':').unwrap();
     let ct_r1 = lab.conntrack_udp(Host::R1).unwrap();
@@ -167,6 +175,8 @@ fn check_pair(a: Mode, b: Mode) {
 
     // Check 2, the manager's side: it never saw a media packet.
     let stats = m.stop().unwrap();
+    assert_eq!(stats["calls_no_path"], 0, "{pair}: {stats}");
+    assert!(stats["calls_direct"].as_u64().unwrap_or(0) >= 32, "{pair}: {stats}");
     assert_eq!(stats["udp_media"], 0, "{pair}: {stats}");
     assert_eq!(stats["udp_non_stun"], 0, "{pair}: {stats}");
 }
@@ -251,4 +261,40 @@ fn a_fully_random_nat_defeats_the_simple_punch() {
     assert_eq!(u(&cb, "received"), 0, "{cb}");
     assert!(s(&ca, "failed_phase").contains("no media") || s(&ca, "failed_phase").contains("one way"), "{ca}");
     m.stop().unwrap();
+}
+
+/// Both routers randomise ports and neither offers a mapping: no relay-free path exists.
+/// Each side classifies itself as random at registration, and the manager refuses the call
+/// at once with the reason instead of letting both sides spray probes; the caller reports it
+/// well within 5 s and the manager counts it.
+#[test]
+fn random_to_random_fails_fast_with_the_reason() {
+    let lab = Lab::up(Mode::NatRandom, Mode::NatRandom).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let bob = peer(&lab, Host::B, "bob", 41001, &["listen", "--calls", "1", "--json"]);
+    settle();
+    let started = std::time::Instant::now();
+    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "bob", "--duration", "3", "--json"]);
+    let oa = alice.finish(Duration::from_secs(20));
+    let took = started.elapsed();
+    let ob = bob.finish(Duration::from_millis(100));
+    let ca = one(&oa, "alice");
+    assert_eq!(oa.code, 1, "alice: {ca} {}", oa.stderr);
+    assert!(took < Duration::from_secs(5), "the refusal took {took:?}: {ca}");
+    assert!(s(&ca, "result").contains("no relay-free path: both sides randomise ports"), "{ca}");
+    assert_eq!(s(&ca, "nat_class"), "random", "{ca}");
+    assert_eq!(s(&ca, "peer_nat_class"), "random", "{ca}");
+    assert_eq!(s(&ca, "strategy"), "none", "{ca}");
+    assert!(s(&ca, "failed_phase").contains("no relay-free path"), "{ca}");
+    assert!(
+        oa.stderr.contains("no relay-free path: both sides randomise ports and no port mapping"),
+        "alice: {}",
+        oa.stderr
+    );
+    assert_eq!(u(&ca, "sent"), 0, "alice sprayed media: {ca}");
+    // Bob never heard of the call: no INCOMING, so no null packets and no report.
+    assert!(ob.calls.is_empty(), "bob: {:?}", ob.calls);
+    let stats = m.stop().unwrap();
+    assert_eq!(stats["calls_no_path"], 1, "{stats}");
+    assert_eq!(stats["calls_direct"], 0, "{stats}");
 }

@@ -1281,7 +1281,8 @@ impl Client {
             local: self.public,
             peer: c.peer_addr,
             nat: self.nat,
-            peer_nat: c.peer_nat,
+            // The manager refuses a call for want of a path only when both sides randomise.
+            peer_nat: if reason == EndReason::Rejected(RejectReason::NoPath) { NatClass::Random } else { c.peer_nat },
             strategy: match (c.role, reason) {
                 // Refused before either side learnt the other's class.
                 (_, EndReason::Rejected(RejectReason::NoPath)) => Strategy::NoPath,

@@ -65,7 +65,7 @@ fn random_against_random_is_refused_at_once_with_the_reason_and_counted() {
     sim.run_until(Duration::from_secs(2));
     let ra = &sim.reports(a)[0];
     assert_eq!(ra.reason, EndReason::Rejected(RejectReason::NoPath), "{ra:#?}");
-    assert_eq!((ra.nat, ra.strategy), (NatClass::Random, Strategy::NoPath));
+    assert_eq!((ra.nat, ra.peer_nat, ra.strategy), (NatClass::Random, NatClass::Random, Strategy::NoPath));
     // CALL at 300 ms, REJECT 10 ms later: no INCOMING, no probe, nothing sent to bob.
     let rejected = sim.frame_times(a, |f| matches!(f, Frame::Reject { reason: RejectReason::NoPath, .. }));
     assert_eq!(rejected, vec![Duration::from_millis(310)]);
