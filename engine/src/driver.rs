@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 
-use proto::client::{CallHandle, Client, ClientError, Event, Output, Received, Transmit};
+use proto::client::{CallHandle, Client, ClientError, Event, Output, Received, SocketId, Transmit};
 use proto::reconnect::{ConnectError, GiveUp, Next, Reconnect, CONNECT_TIMEOUT};
 use proto::rng::Rng;
 use proto::wire::frame::FrameDecoder;
@@ -163,18 +163,39 @@ impl Io {
 
 /// Where the app's and the client's datagrams go.
 pub(crate) enum Out<'a> {
-    Tokio(&'a UdpSocket, &'a quinn_udp::UdpSocketState),
-    /// The thread's ring, sending from the unit's socket.
+    Tokio(&'a UdpSocket, &'a quinn_udp::UdpSocketState, &'a mut crate::search::TokioSockets),
+    /// The thread's ring, sending from the unit's socket (or its search sockets).
     #[cfg(target_os = "linux")]
-    Ring(&'a mut crate::uring::Ring, crate::uring::Sock),
+    Ring(&'a mut crate::uring::Ring, crate::uring::Sock, &'a mut crate::search::RingSockets),
 }
 
 impl Out<'_> {
     pub(crate) fn reborrow(&mut self) -> Out<'_> {
         match self {
-            Out::Tokio(u, st) => Out::Tokio(u, st),
+            Out::Tokio(u, st, x) => Out::Tokio(u, st, x),
             #[cfg(target_os = "linux")]
-            Out::Ring(r, fd) => Out::Ring(r, *fd),
+            Out::Ring(r, fd, x) => Out::Ring(r, *fd, x),
+        }
+    }
+
+    /// Open a search socket; false if it could not be.
+    fn open(&mut self, id: SocketId) -> bool {
+        let r = match self {
+            Out::Tokio(_, _, x) => x.open(id),
+            #[cfg(target_os = "linux")]
+            Out::Ring(r, _, x) => x.open(r, id),
+        };
+        if let Err(e) = &r {
+            tracing::warn!("cannot open a search socket: {e}");
+        }
+        r.is_ok()
+    }
+
+    fn close(&mut self, id: SocketId) {
+        match self {
+            Out::Tokio(_, _, x) => x.close(id),
+            #[cfg(target_os = "linux")]
+            Out::Ring(r, _, x) => x.close(r, id),
         }
     }
 }
@@ -249,7 +270,7 @@ impl Ctx<'_> {
     /// `duration_rtp_ts`. A full socket buffer drops the packet and counts it.
     pub fn send_media(&mut self, handle: CallHandle, payload: &[u8], duration_rtp_ts: u32) -> Result<(), ClientError> {
         let t = self.client.send_media(self.now, handle, payload, duration_rtp_ts, self.buf)?;
-        send(&mut self.out, &self.buf[..t.len], t.to, self.counters);
+        send(&mut self.out, t.from, &self.buf[..t.len], t.to, self.counters);
         Ok(())
     }
 
@@ -263,7 +284,7 @@ impl Ctx<'_> {
         duration_rtp_ts: u32,
     ) -> Result<(), ClientError> {
         let t = self.client.send_rtp(self.now, handle, fields, payload, duration_rtp_ts, self.buf)?;
-        send(&mut self.out, &self.buf[..t.len], t.to, self.counters);
+        send(&mut self.out, t.from, &self.buf[..t.len], t.to, self.counters);
         Ok(())
     }
 
@@ -291,15 +312,18 @@ pub trait App {
     fn on_failed(&mut self, _error: &DriverError) {}
 }
 
-pub(crate) fn send(out: &mut Out<'_>, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
+pub(crate) fn send(out: &mut Out<'_>, from: SocketId, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
     let ok = match out {
-        Out::Tokio(udp, state) => {
+        Out::Tokio(udp, state, _) if from == SocketId::MAIN => {
             let t =
                 quinn_udp::Transmit { destination: to, ecn: None, contents: data, segment_size: None, src_ip: None };
             state.try_send((*udp).into(), &t).is_ok()
         }
+        Out::Tokio(_, _, x) => x.send(from, data, to),
         #[cfg(target_os = "linux")]
-        Out::Ring(ring, fd) => ring.send_copy_from(*fd, data, to),
+        Out::Ring(ring, fd, _) if from == SocketId::MAIN => ring.send_copy_from(*fd, data, to),
+        #[cfg(target_os = "linux")]
+        Out::Ring(ring, _, x) => x.sock(from).is_some_and(|s| ring.send_copy_from(s, data, to)),
     };
     if ok {
         c.udp_sent += 1;
@@ -424,6 +448,9 @@ pub async fn run_with_wake<A: App>(
     let mut rbuf = vec![0u8; 16 * 1024];
     let mut wbuf: Vec<u8> = Vec::with_capacity(4096);
     let state = quinn_udp::UdpSocketState::new(udp.into()).map_err(DriverError::Udp)?;
+    // A birthday search's sockets, and the buffer they receive into.
+    let mut search = crate::search::TokioSockets { ip: udp.local_addr().ok().map(|a| a.ip()), ..Default::default() };
+    let mut search_buf = vec![0u8; MAX_DATAGRAM];
     let mut sbuf = vec![0u8; MAX_DATAGRAM];
     let mut next_connect: Option<Instant> = None;
     // A reconnect in flight: its own select branch, so media and timers go on meanwhile.
@@ -433,7 +460,7 @@ pub async fn run_with_wake<A: App>(
 
     loop {
         let now = Instant::now();
-        drain(client, app, Out::Tokio(udp, &state), &mut sbuf, &mut wbuf, &mut counters, now);
+        drain(client, app, Out::Tokio(udp, &state, &mut search), &mut sbuf, &mut wbuf, &mut counters, now);
         if let Some((_, wr)) = tcp.as_mut() {
             if !wbuf.is_empty() {
                 let res = wr.write_all(&wbuf).await;
@@ -473,7 +500,7 @@ pub async fn run_with_wake<A: App>(
         tokio::select! {
             _ = async { wake.as_ref().unwrap().notified().await }, if wake.is_some() => {
                 let now = Instant::now();
-                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state), buf: &mut sbuf, counters: &mut counters };
+                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
                 app.on_wakeup(&mut ctx);
             }
             r = async { connecting.as_mut().unwrap().await }, if connecting.is_some() => {
@@ -539,7 +566,7 @@ pub async fn run_with_wake<A: App>(
                             for d in data.chunks(m.stride.max(1)) {
                                 counters.udp_received += 1;
                                 if let Some(pkt) = client.handle_datagram(now, m.addr, d) {
-                                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state), buf: &mut sbuf, counters: &mut counters };
+                                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
                                     app.on_media(&mut ctx, pkt);
                                 }
                             }
@@ -559,11 +586,25 @@ pub async fn run_with_wake<A: App>(
                     }
                 }
             }
+            (id, r) = search.recv(&mut search_buf), if !search.socks.is_empty() => {
+                let now = Instant::now();
+                match r {
+                    Ok((n, from)) => {
+                        counters.udp_received += 1;
+                        if let Some(pkt) = client.handle_datagram_on(now, id, from, &search_buf[..n]) {
+                            let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
+                            app.on_media(&mut ctx, pkt);
+                        }
+                    }
+                    // ICMP errors and the like on one search socket: count, go on.
+                    Err(_) => counters.udp_send_errors += 1,
+                }
+            }
             _ = sleep => {
                 let now = Instant::now();
                 client.handle_timeout(now);
                 if app.next_wakeup().is_some_and(|t| now >= t) {
-                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state), buf: &mut sbuf, counters: &mut counters };
+                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
                     app.on_wakeup(&mut ctx);
                 }
                 if next_connect.is_some_and(|t| now >= t) {
@@ -607,7 +648,13 @@ pub(crate) fn drain<A: App>(
     loop {
         match client.poll_output(sbuf) {
             Ok(Output::Frame(f)) => f.encode(wbuf),
-            Ok(Output::Transmit(Transmit { to, len })) => send(&mut out, &sbuf[..len], to, counters),
+            Ok(Output::Transmit(Transmit { from, to, len })) => send(&mut out, from, &sbuf[..len], to, counters),
+            Ok(Output::OpenSocket(id)) => {
+                if !out.open(id) {
+                    client.handle_socket_failed(now, id);
+                }
+            }
+            Ok(Output::CloseSocket(id)) => out.close(id),
             Ok(Output::Event(ev)) => {
                 let mut ctx =
                     Ctx { client: &mut *client, now, out: out.reborrow(), buf: &mut *sbuf, counters: &mut *counters };

@@ -24,6 +24,7 @@ pub mod driver;
 pub mod entropy;
 #[cfg(target_os = "linux")]
 pub mod reactor;
+mod search;
 pub mod shard;
 pub mod sys;
 #[cfg(target_os = "linux")]

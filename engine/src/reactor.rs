@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Out, MAX_DATAGRAM};
 use crate::uring::{Completion, Pending, Ring, Sock};
-use proto::client::Client;
+use proto::client::{Client, SocketId};
 use proto::reconnect::{Next, Reconnect, CONNECT_TIMEOUT};
 use proto::rng::Rng;
 use proto::wire::frame::FrameDecoder;
@@ -239,6 +239,8 @@ struct Slot<A> {
     app: A,
     /// The UDP socket's local address (the socket itself is in the ring's file table).
     local: Option<SocketAddr>,
+    /// A birthday search's sockets.
+    search: crate::search::RingSockets,
     /// Its index in the ring's receiving sockets.
     sock: u32,
     wake: Option<Arc<Wake>>,
@@ -304,7 +306,8 @@ pub struct Reactor<'s, A> {
     stop_wake: Option<Arc<Wake>>,
     capacity: usize,
     slots: Vec<Slot<A>>,
-    sock_unit: Vec<u32>,
+    /// Ring socket index -> (unit, which of its sockets).
+    sock_unit: Vec<(u32, SocketId)>,
     heap: BinaryHeap<Reverse<(Instant, u32)>>,
     dirty: Vec<u32>,
     /// File-table entries to empty once the turn's submission is made (their cancellations
@@ -391,10 +394,7 @@ impl<'s, A: App> Reactor<'s, A> {
         let local = u.udp.local_addr().ok();
         self.ring.install(udp_entry(ix), OwnedFd::from(u.udp)).map_err(DriverError::Udp)?;
         let sock = self.ring.add_socket(Sock::Fixed(udp_entry(ix))).map_err(DriverError::Udp)?;
-        if self.sock_unit.len() <= sock as usize {
-            self.sock_unit.resize(sock as usize + 1, u32::MAX);
-        }
-        self.sock_unit[sock as usize] = ix;
+        self.map_socket(sock, ix, SocketId::MAIN);
         if let Some(w) = &u.wake {
             self.ring.poll(w.fd.as_raw_fd(), libc::POLLIN as u32, token(ix, 0, TK_WAKE)).map_err(DriverError::Udp)?;
         }
@@ -403,6 +403,7 @@ impl<'s, A: App> Reactor<'s, A> {
             client: u.client,
             app: u.app,
             local,
+            search: crate::search::RingSockets { ip: local.map(|a| a.ip()), ..Default::default() },
             sock,
             wake: u.wake,
             tcp: Tcp::Down { retry_at: u.connect_at.unwrap_or(now) },
@@ -496,17 +497,21 @@ impl<'s, A: App> Reactor<'s, A> {
             let now = Instant::now();
             // 2. Feed.
             for &(sock, from, off, len) in &rx {
-                let Some(&u) = r.sock_unit.get(sock as usize) else { continue };
+                let Some(&(u, id)) = r.sock_unit.get(sock as usize) else { continue };
+                if u == u32::MAX {
+                    continue;
+                }
                 let s = &mut r.slots[u as usize];
                 if s.done.is_some() {
                     continue;
                 }
                 s.counters.udp_received += 1;
-                if let Some(pkt) = s.client.handle_datagram(now, from, &rx_bytes[off as usize..(off + len) as usize]) {
+                let data = &rx_bytes[off as usize..(off + len) as usize];
+                if let Some(pkt) = s.client.handle_datagram_on(now, id, from, data) {
                     let mut ctx = Ctx {
                         client: &mut s.client,
                         now,
-                        out: Out::Ring(&mut r.ring, Sock::Fixed(udp_entry(u))),
+                        out: Out::Ring(&mut r.ring, Sock::Fixed(udp_entry(u)), &mut s.search),
                         buf: &mut r.sbuf,
                         counters: &mut s.counters,
                     };
@@ -671,13 +676,21 @@ impl<'s, A: App> Reactor<'s, A> {
         }
     }
 
+    /// Datagrams on ring socket `sock` belong to unit `u`'s socket `id`.
+    fn map_socket(&mut self, sock: u32, u: u32, id: SocketId) {
+        if self.sock_unit.len() <= sock as usize {
+            self.sock_unit.resize(sock as usize + 1, (u32::MAX, SocketId::MAIN));
+        }
+        self.sock_unit[sock as usize] = (u, id);
+    }
+
     /// Run unit `u`'s app wake-up; its sends go through the ring.
     fn app_wakeup(&mut self, u: u32, now: Instant) {
         let s = &mut self.slots[u as usize];
         let mut ctx = Ctx {
             client: &mut s.client,
             now,
-            out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u))),
+            out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u)), &mut s.search),
             buf: &mut self.sbuf,
             counters: &mut s.counters,
         };
@@ -984,7 +997,7 @@ impl<'s, A: App> Reactor<'s, A> {
             driver::drain(
                 &mut s.client,
                 &mut s.app,
-                Out::Ring(&mut self.ring, out),
+                Out::Ring(&mut self.ring, out, &mut s.search),
                 &mut self.sbuf,
                 &mut s.wbuf,
                 &mut s.counters,
@@ -1001,12 +1014,17 @@ impl<'s, A: App> Reactor<'s, A> {
                 driver::drain(
                     &mut s.client,
                     &mut s.app,
-                    Out::Ring(&mut self.ring, out),
+                    Out::Ring(&mut self.ring, out, &mut s.search),
                     &mut self.sbuf,
                     &mut s.wbuf,
                     &mut s.counters,
                     now,
                 );
+            }
+            // Search sockets opened during the drain receive from the next reap on.
+            let added = std::mem::take(&mut self.slots[u as usize].search.added);
+            for (sock, id) in added {
+                self.map_socket(sock, u, id);
             }
             if !self.slots[u as usize].wbuf.is_empty() {
                 // Datagrams before the frames that follow them: the callee's null packet must
@@ -1080,6 +1098,7 @@ impl<'s, A: App> Reactor<'s, A> {
             let _ = self.ring.cancel_poll(token(u, 0, TK_WAKE));
         }
         let sock = s.sock;
+        s.search.close_all(&mut self.ring);
         let _ = self.ring.remove_socket(sock);
         // The connection closes once its last frames are out (a HANGUP, say): at once if
         // nothing is being sent, else when that send completes. The manager sees the end of

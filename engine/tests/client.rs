@@ -85,7 +85,7 @@ fn rtp(ssrc: u32, seq: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
 
 fn null(call_id: CallId, token: u64, keepalive: bool, from_caller: bool) -> Vec<u8> {
     let mut b = vec![0u8; 20];
-    NullPacket { call_id, token, keepalive, from_caller }.emit(&mut b);
+    NullPacket { call_id, token, keepalive, from_caller, probe: false }.emit(&mut b);
     b
 }
 
@@ -234,6 +234,7 @@ impl T {
                 Output::Frame(f) => out.frames.push(f),
                 Output::Transmit(tx) => out.dgrams.push((tx.to, buf[..tx.len].to_vec())),
                 Output::Event(e) => out.events.push(e),
+                Output::OpenSocket(s) | Output::CloseSocket(s) => panic!("a direct call opened or closed {s:?}"),
                 Output::Timeout(t) => {
                     assert_eq!(t, self.c.poll_timeout(), "Output::Timeout is the next deadline");
                     break;
@@ -495,7 +496,7 @@ fn callee_punches_at_once_and_resends_with_backoff_until_no_media() {
     assert_eq!(out.dgrams[0].0, caller_addr());
     assert_eq!(
         parse_null(&out.dgrams[0].1),
-        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: false }
+        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: false, probe: false }
     );
     assert_eq!(out.frames, vec![Frame::Punched { call_id: CALL_ID, udp_port: LOCAL_PORT }]);
     let h = match &out.events[..] {
@@ -513,7 +514,10 @@ fn callee_punches_at_once_and_resends_with_backoff_until_no_media() {
     assert_eq!(log.dgram_times(), vec![50, 150, 350, 750, 1_550, 3_150]);
     for (_, to, p) in log.nulls() {
         assert_eq!(to, caller_addr());
-        assert_eq!(p, NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: false });
+        assert_eq!(
+            p,
+            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: false, probe: false }
+        );
     }
     assert!(log.frames.is_empty() && log.events.is_empty(), "{log:?}");
     assert_eq!(t.c.active_calls(), 1);
@@ -606,7 +610,7 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
         vec![(
             15_140,
             caller_addr(),
-            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false }
+            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false, probe: false }
         )]
     );
 
@@ -650,7 +654,7 @@ fn caller_sends_one_null_on_start_and_streams_then_no_media_ends_it() {
     assert_eq!(out.dgrams[0].0, callee_addr());
     assert_eq!(
         parse_null(&out.dgrams[0].1),
-        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: true }
+        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: true, probe: false }
     );
     assert!(t.c.can_send(h));
     assert_eq!(t.c.peer_addr(h), Some(callee_addr()));
@@ -819,7 +823,7 @@ fn keepalive_after_send_silence_and_peer_gone_after_receive_silence() {
     assert_eq!(log.dgram_times(), vec![15_000, 30_000, 45_000, 60_000, 76_000, 91_000, 106_000]);
     for (_, to, p) in log.nulls() {
         assert_eq!(to, callee_addr());
-        assert_eq!(p, NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: true });
+        assert_eq!(p, NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: true, probe: false });
     }
 
     // Nothing from the peer since 80 020 ms: PeerGone 35 s later.
@@ -869,6 +873,8 @@ fn bad_datagrams_are_counted_and_dropped() {
             rtcp: 1,
             stun_unexpected: 0,
             frames_unexpected: 0,
+            sockets_failed: 0,
+            relatched: 0,
         }
     );
     assert!(t.drain().is_empty(), "none of that is a packet from the peer");
@@ -1097,7 +1103,7 @@ fn disconnect_ends_calls_waiting_for_start_but_established_calls_go_on() {
         vec![(
             16_000,
             caller_addr(),
-            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false }
+            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false, probe: false }
         )]
     );
     // Media timeout still applies; with no manager there is no HANGUP to send.
@@ -1177,6 +1183,7 @@ fn incoming_outputs_leave_in_wire_order_null_before_punched() {
             Output::Frame(f) => panic!("unexpected frame {f:?}"),
             Output::Event(Event::Incoming { .. }) => kinds.push("Incoming"),
             Output::Event(e) => panic!("unexpected event {e:?}"),
+            Output::OpenSocket(s) | Output::CloseSocket(s) => panic!("unexpected socket {s:?}"),
             Output::Timeout(t) => {
                 assert!(t.is_some(), "the null re-send timer is armed");
                 break;

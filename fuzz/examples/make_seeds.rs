@@ -117,11 +117,13 @@ fn datagram(dir: &Path) {
     let mut b = [0u8; 64];
     // The callee call's peer (the caller) punches / sends media with the caller SSRC.
     let n =
-        NullPacket { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, keepalive: false, from_caller: true }.emit(&mut b);
+        NullPacket { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, keepalive: false, from_caller: true, probe: false }
+            .emit(&mut b);
     let null_from_caller = b[..n].to_vec();
     write(dir, "null-punch", &null_from_caller);
     let n =
-        NullPacket { call_id: CALLER_CALL_ID, token: CALLER_TOKEN, keepalive: true, from_caller: false }.emit(&mut b);
+        NullPacket { call_id: CALLER_CALL_ID, token: CALLER_TOKEN, keepalive: true, from_caller: false, probe: false }
+            .emit(&mut b);
     let null_from_callee = b[..n].to_vec();
     let rtp = |ssrc: u32, seq: u16, ts: u32, payload: &[u8]| {
         let mut p = vec![0u8; 12 + payload.len()];

@@ -171,6 +171,9 @@ impl Harness {
                         }
                         self.sent.push((t.to, d.to_vec()));
                     }
+                    Output::OpenSocket(s) | Output::CloseSocket(s) => {
+                        panic!("a datagram made a direct call open or close socket {s:?}")
+                    }
                     Output::Event(e) => match e {
                         Event::Ended(r) => {
                             assert!(r.jitter_ms.is_finite() && r.jitter_ms >= 0.0, "jitter {}", r.jitter_ms);

@@ -203,6 +203,17 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Empty both routers' conntrack tables (each call of a measurement starts cold).
+    pub fn flush_conntrack(&self) -> Result<()> {
+        for r in [Host::R1, Host::R2] {
+            let out = self.cmd(r, "conntrack").arg("-F").output().map_err(|e| format!("conntrack -F: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("conntrack -F in {}: {}", r.name(), String::from_utf8_lossy(&out.stderr)));
+            }
+        }
+        Ok(())
+    }
+
     /// Drop `pct`% of the UDP a router forwards (0 clears).
     pub fn set_loss(&self, r: Host, pct: u32) -> Result<()> {
         run(Command::new(script()).args(["loss", &self.prefix, r.name(), &pct.to_string()])).map(|_| ())

@@ -105,6 +105,20 @@ struct Args {
     /// The received stream's payload type in the SDP, and the payload type of our Opus.
     #[arg(long, default_value_t = 111, value_parser = clap::value_parser!(u8).range(0..=127), global = true)]
     rtp_pt: u8,
+    /// Birthday search (one side's NAT randomises ports): sockets the hard side opens, one
+    /// NAT mapping each, 1 to 1024.
+    #[arg(long, value_name = "N", default_value_t = 256, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    birthday_sockets: u16,
+    /// Birthday search: probes per second the easy side sends to ports of the hard side's
+    /// IP, 1 to 10000 (each is a conntrack entry on both routers it crosses).
+    #[arg(long, value_name = "PER_SEC", default_value_t = 100, global = true, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    birthday_rate: u32,
+    /// Birthday search: probes per round, after which the easy side pauses 5 s, 1 to 64512.
+    #[arg(long, value_name = "N", default_value_t = 2048, global = true, value_parser = clap::value_parser!(u32).range(1..=64_512))]
+    birthday_budget: u32,
+    /// Birthday search: seconds from START or INCOMING to give up finding a port pair.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, global = true, value_parser = seconds)]
+    birthday_timeout: f64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -227,6 +241,9 @@ impl PeerApp {
                 "peer_nat_class": r.peer_nat.as_str(),
                 "peer_nat_step": nat_step(r.peer_nat),
                 "strategy": r.strategy.as_str(),
+                "probes_sent": r.probes_sent,
+                "sockets_opened": r.sockets_opened,
+                "pair_found_here": r.found_here,
                 // Setup as loadgen measures it: the call's start to two-way media.
                 "setup_ms": ms(r.first_media),
                 "signalling_ms": ms(r.setup),
@@ -270,6 +287,14 @@ impl PeerApp {
                 r.lost,
                 r.jitter_ms
             );
+            if r.strategy.searches() {
+                println!(
+                    "  search: {} probes sent, {} sockets opened, pair found {}",
+                    r.probes_sent,
+                    r.sockets_opened,
+                    if r.found_here { "here" } else { "by the peer" }
+                );
+            }
             if let Some(m) = m.filter(|m| m.played + m.concealed > 0 || m.sent_kind != "synthetic") {
                 println!(
                     "  media: sent {} ({} opus frames); played {}, concealed {}, lost {}, late {}, buffer {:.1} ms (target {:.1}), expands {}, accelerates {}",
@@ -332,6 +357,7 @@ fn failed_phase(r: &CallReport) -> &'static str {
         EndReason::Rejected(proto::wire::frame::RejectReason::NoPath) => "no relay-free path (refused before INCOMING)",
         EndReason::Rejected(_) => "rejected",
         EndReason::ManagerLost => "manager lost during setup",
+        EndReason::NoPairFound => "no port pair found by the birthday search (--birthday-timeout)",
         _ if r.received == 0 && r.role == proto::client::Role::Callee && r.nulls_sent == 0 => {
             "no media (no null packet was sent: --no-null)"
         }
@@ -552,6 +578,10 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
     cfg.media_timeout = Duration::from_secs_f64(args.media_timeout);
     cfg.start_timeout = Duration::from_secs_f64(args.setup_timeout);
     cfg.first_media_timeout = Duration::from_secs_f64(args.setup_timeout);
+    cfg.birthday_sockets = args.birthday_sockets;
+    cfg.birthday_rate = args.birthday_rate;
+    cfg.birthday_budget = args.birthday_budget;
+    cfg.birthday_timeout = Duration::from_secs_f64(args.birthday_timeout);
     let now = Instant::now();
     // The sound device, if asked for; it stays on this thread (cpal streams are not Send).
     let (audio_in, audio_out) = match args.audio.as_deref() {

@@ -111,6 +111,21 @@ pub struct ClientConfig {
     pub payload_type: u8,
     /// Registration token for a manager that requires one (`manager token`).
     pub auth: Option<AuthToken>,
+    /// Birthday search, hard side: sockets opened, each sending a probe to the easy side.
+    pub birthday_sockets: u16,
+    /// Birthday search, easy side: probes per second to ports of the hard side's IP.
+    pub birthday_rate: u32,
+    /// Birthday search, easy side: probes per round; then a pause of `birthday_pause`.
+    pub birthday_budget: u32,
+    /// Birthday search, easy side: the pause between rounds (the routers' conntrack
+    /// entries of the round age meanwhile).
+    pub birthday_pause: Duration,
+    /// A birthday search (START or INCOMING to the first packet from the peer) gives up
+    /// after this long; it replaces `first_media_timeout` for such calls.
+    pub birthday_timeout: Duration,
+    /// Birthday search, hard side: re-send every socket's probe this often, so the NAT
+    /// mappings (and the easy side's window for them) stay open while the search runs.
+    pub birthday_repunch: Duration,
 }
 
 impl ClientConfig {
@@ -135,6 +150,12 @@ impl ClientConfig {
             clock_hz: OPUS_CLOCK_HZ,
             payload_type: OPUS_PAYLOAD_TYPE,
             auth: None,
+            birthday_sockets: 256,
+            birthday_rate: 100,
+            birthday_budget: 2048,
+            birthday_pause: Duration::from_secs(5),
+            birthday_timeout: Duration::from_secs(30),
+            birthday_repunch: Duration::from_secs(10),
         }
     }
 }
@@ -160,6 +181,8 @@ pub enum EndReason {
     PeerGone,
     /// The manager connection was lost before the call was set up.
     ManagerLost,
+    /// A birthday search ended without finding a port pair (`birthday_timeout`).
+    NoPairFound,
 }
 
 impl EndReason {
@@ -180,6 +203,7 @@ impl EndReason {
             EndReason::NoMedia => Some("no media"),
             EndReason::PeerGone => Some("media stopped"),
             EndReason::ManagerLost => Some("manager lost"),
+            EndReason::NoPairFound => Some("no port pair found"),
         }
     }
 
@@ -197,6 +221,7 @@ impl EndReason {
             EndReason::NoMedia => "no media from the peer".into(),
             EndReason::PeerGone => "peer stopped sending".into(),
             EndReason::ManagerLost => "manager connection lost during setup".into(),
+            EndReason::NoPairFound => "the birthday search found no port pair in time".into(),
         }
     }
 }
@@ -242,6 +267,15 @@ pub struct CallReport {
     pub nulls_sent: u64,
     /// Null packets received from the peer.
     pub nulls_received: u64,
+    /// Birthday search: probes this side sent (easy side: one per port of the peer's IP
+    /// tried; hard side: one per socket and re-send). Each is a conntrack entry on the
+    /// routers it leaves through.
+    pub probes_sent: u64,
+    /// Birthday search, hard side: sockets opened.
+    pub sockets_opened: u32,
+    /// Birthday search: the pair was found by this side hearing the peer (the other side's
+    /// probe or punch arrived) rather than by the peer's confirmation.
+    pub found_here: bool,
     /// Why it ended.
     pub reason: EndReason,
 }
@@ -319,6 +353,12 @@ pub enum Output {
     Transmit(Transmit),
     /// An event for the application.
     Event(Event),
+    /// Open another UDP socket on the main socket's local IP with a port of the system's
+    /// choice, and feed what it receives to [`Client::handle_datagram_on`] with this id
+    /// (a birthday search). If it cannot be opened, tell [`Client::handle_socket_failed`].
+    OpenSocket(SocketId),
+    /// Close a socket opened by [`Output::OpenSocket`].
+    CloseSocket(SocketId),
     /// Nothing more is queued; call [`Client::handle_timeout`] at this time (`None`: no
     /// timer is armed).
     Timeout(Option<Instant>),
@@ -333,11 +373,25 @@ enum Queued {
     Frame(Frame),
     Datagram(SmallDatagram),
     Event(Event),
+    Open(SocketId),
+    Close(SocketId),
+}
+
+/// One of the client's UDP sockets: [`SocketId::MAIN`] is the one registered with the
+/// manager; others are opened for a birthday search ([`Output::OpenSocket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub u32);
+
+impl SocketId {
+    /// The client's own socket.
+    pub const MAIN: SocketId = SocketId(0);
 }
 
 /// A datagram to send: `len` bytes at the start of the caller's buffer, to `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
+    /// The socket to send from.
+    pub from: SocketId,
     /// Destination.
     pub to: SocketAddr,
     /// Bytes written to the buffer.
@@ -406,6 +460,11 @@ pub struct ClientCounters {
     pub stun_unexpected: u64,
     /// Frames that were valid but unexpected (duplicates, unknown calls, late answers).
     pub frames_unexpected: u64,
+    /// Search sockets the driver could not open ([`Client::handle_socket_failed`]).
+    pub sockets_failed: u64,
+    /// Birthday searches where two pairs were found at once and this (easy) side moved to
+    /// the one the hard side confirmed.
+    pub relatched: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,6 +475,8 @@ enum CallState {
     Punching,
     /// Path known; media may flow. `two_way` once a packet from the peer arrived.
     Media,
+    /// A birthday search for a port pair is under way (after START or INCOMING).
+    Searching,
 }
 
 #[derive(Debug)]
@@ -449,6 +510,31 @@ struct Call {
     scheduled: Option<Instant>,
     /// Generation of the live heap entry; older entries are stale.
     timer_gen: u32,
+    strategy: Strategy,
+    /// The socket this call's datagrams leave from (and must arrive on).
+    socket: SocketId,
+    search: Option<Box<Search>>,
+    probes_sent: u64,
+    sockets_opened: u32,
+    found_here: bool,
+}
+
+/// A birthday search in progress (see [`Strategy::Birthday`]).
+#[derive(Debug)]
+struct Search {
+    /// Hard side: the sockets opened, each with one NAT mapping towards the easy side.
+    sockets: Vec<SocketId>,
+    /// Hard side: when to re-send every socket's probe.
+    next_repunch: Option<Instant>,
+    /// Easy side: the hard side's public IP (its ports are searched).
+    peer_ip: std::net::IpAddr,
+    /// Easy side: predicted ports to try first (a sequential NAT), in order.
+    predicted: VecDeque<u16>,
+    /// Easy side: the ports of the peer's IP in a seeded order, each once.
+    walk: Option<nat::PortWalk>,
+    /// Easy side: when the next probe is due, and probes sent in this round.
+    next_probe: Option<Instant>,
+    round_sent: u32,
 }
 
 impl Call {
@@ -456,7 +542,8 @@ impl Call {
     fn next_deadline(&self, cfg: &ClientConfig) -> Option<Instant> {
         let keepalive = (self.state == CallState::Media).then(|| self.last_tx + cfg.keepalive_interval);
         let silence = self.first_rx.map(|_| self.last_rx + cfg.media_timeout);
-        [self.deadline, self.next_null, keepalive, silence].into_iter().flatten().min()
+        let search = self.search.as_ref().and_then(|s| [s.next_probe, s.next_repunch].into_iter().flatten().min());
+        [self.deadline, self.next_null, keepalive, silence, search].into_iter().flatten().min()
     }
 
     fn ssrcs(role: Role, token: u64) -> (u32, u32) {
@@ -524,6 +611,7 @@ const PROBE_WAIT_MIN: Duration = Duration::from_millis(20);
 /// A small control datagram queued for sending (null or STUN): fixed size, no allocation.
 #[derive(Debug, Clone, Copy)]
 struct SmallDatagram {
+    from: SocketId,
     to: SocketAddr,
     len: u8,
     data: [u8; SMALL_DATAGRAM],
@@ -547,6 +635,8 @@ pub struct Client {
     by_call_id: HashMap<CallId, CallHandle>,
     by_ssrc: HashMap<u32, CallHandle>,
     next_handle: u32,
+    /// The next search socket id (0 is the main socket).
+    next_socket: u32,
     /// Call timers: (due, call, generation). Each live call has one live entry no later than
     /// its true next deadline; sending and receiving only move deadlines later, so the hot
     /// path never touches the heap. An early entry just re-arms when it fires.
@@ -589,6 +679,7 @@ impl Client {
             by_call_id: HashMap::new(),
             by_ssrc: HashMap::new(),
             next_handle: 1,
+            next_socket: 1,
             timers: BinaryHeap::new(),
             out: VecDeque::new(),
             next_ping: None,
@@ -707,6 +798,10 @@ impl Client {
                 None => self.counters.frames_unexpected += 1,
             },
             Frame::Hangup { call_id, reason } => match self.by_call_id.get(&call_id).copied() {
+                // The peer's search gave up first: the same failure as this side's own.
+                Some(h) if reason == HangupReason::Timeout && self.calls[&h].state == CallState::Searching => {
+                    self.end_call(now, h, EndReason::NoPairFound, None)
+                }
                 Some(h) => self.end_call(now, h, EndReason::RemoteHangup(reason), None),
                 None => self.counters.frames_unexpected += 1,
             },
@@ -727,10 +822,27 @@ impl Client {
     /// A datagram arrived on the client's UDP socket from `from`. Returns the media packet if
     /// it is RTP for a current call, for the application to play or measure.
     pub fn handle_datagram<'a>(&mut self, now: Instant, from: SocketAddr, data: &'a [u8]) -> Option<Received<'a>> {
+        self.handle_datagram_on(now, SocketId::MAIN, from, data)
+    }
+
+    /// A datagram arrived on socket `socket` (see [`Output::OpenSocket`]); as
+    /// [`Client::handle_datagram`]. Whatever arrives on a search socket other than the
+    /// peer's packets for that call is counted and dropped.
+    pub fn handle_datagram_on<'a>(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        from: SocketAddr,
+        data: &'a [u8],
+    ) -> Option<Received<'a>> {
+        if socket != SocketId::MAIN && matches!(classify(data), DatagramKind::Stun | DatagramKind::Rtcp) {
+            self.counters.dgram_unmatched += 1;
+            return None;
+        }
         match classify(data) {
-            DatagramKind::Rtp => self.on_rtp(now, from, data),
+            DatagramKind::Rtp => self.on_rtp(now, socket, from, data),
             DatagramKind::Null => {
-                self.on_null(now, from, data);
+                self.on_null(now, socket, from, data);
                 None
             }
             DatagramKind::Stun => {
@@ -789,6 +901,8 @@ impl Client {
             if c.deadline.is_some_and(|d| now >= d) {
                 if c.state == CallState::Calling {
                     self.end_call(now, h, EndReason::NoStart, None);
+                } else if c.state == CallState::Searching {
+                    self.end_call(now, h, EndReason::NoPairFound, Some(HangupReason::Timeout));
                 } else {
                     self.end_call(now, h, EndReason::NoMedia, Some(HangupReason::Timeout));
                 }
@@ -826,6 +940,9 @@ impl Client {
         }
         if c.state == CallState::Media && now.duration_since(c.last_tx) >= self.cfg.keepalive_interval {
             queue_null(&mut self.out, c, now, true);
+        }
+        if c.search.is_some() {
+            search_step(&mut self.out, &self.cfg, c, now);
         }
     }
 
@@ -908,7 +1025,7 @@ impl Client {
         c.ts_tx = timestamp.wrapping_add(duration_rtp_ts);
         c.sent += 1;
         c.last_tx = now;
-        Ok(Transmit { to, len: need })
+        Ok(Transmit { from: c.socket, to, len: need })
     }
 
     // ---------------------------------------------------------------- outputs
@@ -934,8 +1051,10 @@ impl Client {
             Some(Queued::Datagram(d)) => {
                 let n = d.len as usize;
                 buf[..n].copy_from_slice(&d.data[..n]);
-                Output::Transmit(Transmit { to: d.to, len: n })
+                Output::Transmit(Transmit { from: d.from, to: d.to, len: n })
             }
+            Some(Queued::Open(s)) => Output::OpenSocket(s),
+            Some(Queued::Close(s)) => Output::CloseSocket(s),
             None => Output::Timeout(self.poll_timeout()),
         })
     }
@@ -1015,6 +1134,12 @@ impl Client {
             rx: RtpReceiverStats::new(self.cfg.clock_hz),
             scheduled: None,
             timer_gen: 0,
+            strategy: Strategy::Direct,
+            socket: SocketId::MAIN,
+            search: None,
+            probes_sent: 0,
+            sockets_opened: 0,
+            found_here: false,
         }
     }
 
@@ -1032,7 +1157,7 @@ impl Client {
             self.send_register(false);
             return;
         }
-        let mut d = SmallDatagram { to: server, len: 0, data: [0; SMALL_DATAGRAM] };
+        let mut d = SmallDatagram { from: SocketId::MAIN, to: server, len: 0, data: [0; SMALL_DATAGRAM] };
         d.len = stun::emit_binding_request(&self.txid, &mut d.data) as u8;
         self.out.push_back(Queued::Datagram(d));
         self.reg = RegState::Discovering { attempts: attempts + 1, next: now + self.cfg.stun_interval };
@@ -1107,7 +1232,7 @@ impl Client {
             // This address does not answer: classify with what came.
             return self.finish_discovery();
         }
-        let mut d = SmallDatagram { to: self.probe.to, len: 0, data: [0; SMALL_DATAGRAM] };
+        let mut d = SmallDatagram { from: SocketId::MAIN, to: self.probe.to, len: 0, data: [0; SMALL_DATAGRAM] };
         d.len = stun::emit_binding_request(&self.probe.txid, &mut d.data) as u8;
         self.out.push_back(Queued::Datagram(d));
         self.reg = RegState::Probing { attempts: attempts + 1, next: now + self.probe.wait };
@@ -1136,11 +1261,16 @@ impl Client {
         let h = self.alloc_handle();
         let mut c = self.new_call(now, Role::Callee, caller.clone(), Some(call_id), token, Some(caller_addr));
         c.peer_nat = caller_nat;
+        c.strategy = nat::strategy(caller_nat, self.nat);
         let (tx, rx) = Call::ssrcs(Role::Callee, token);
         c.ssrc_tx = tx;
         c.state = CallState::Punching;
         c.deadline = Some(now + self.cfg.first_media_timeout);
-        if self.cfg.send_null {
+        if c.strategy.searches() {
+            // The search's sockets and first probes go out before PUNCHED, so the hard
+            // side's mappings exist by the time the caller hears START.
+            self.start_search(now, &mut c);
+        } else if self.cfg.send_null {
             queue_null(&mut self.out, &mut c, now, false);
             c.null_retries_left = self.cfg.null_retries;
             c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
@@ -1176,16 +1306,122 @@ impl Client {
         c.token = token;
         c.peer_addr = Some(callee_addr);
         c.peer_nat = callee_nat;
+        c.strategy = nat::strategy(self.nat, callee_nat);
         c.ssrc_tx = tx;
-        c.state = CallState::Media;
         c.setup_done = Some(now);
+        self.by_call_id.insert(call_id, h);
+        self.by_ssrc.insert(rx, h);
+        if c.strategy.searches() {
+            // Media waits for the pair: `Started` comes when the search finds it.
+            let mut c = self.calls.remove(&h).expect("checked above");
+            self.start_search(now, &mut c);
+            self.calls.insert(h, c);
+            self.schedule(h);
+            return;
+        }
+        c.state = CallState::Media;
         c.deadline = Some(now + self.cfg.first_media_timeout);
         // One null packet at once: opens this side's firewall before the first media frame.
         queue_null(&mut self.out, c, now, false);
-        self.by_call_id.insert(call_id, h);
-        self.by_ssrc.insert(rx, h);
         self.schedule(h);
         self.push_event(Event::Started { handle: h, call_id, peer: callee_addr });
+    }
+
+    /// Start the birthday search of call `c` (not in the map while this runs).
+    fn start_search(&mut self, now: Instant, c: &mut Call) {
+        c.state = CallState::Searching;
+        c.deadline = Some(now + self.cfg.birthday_timeout);
+        let peer = c.peer_addr.expect("a searching call knows the peer's public address");
+        let mut s = Search {
+            sockets: Vec::new(),
+            next_repunch: None,
+            peer_ip: peer.ip(),
+            predicted: VecDeque::new(),
+            walk: None,
+            next_probe: None,
+            round_sent: 0,
+        };
+        if c.strategy.opens_sockets(self.nat) {
+            for _ in 0..self.cfg.birthday_sockets.max(1) {
+                let id = SocketId(self.next_socket);
+                self.next_socket = self.next_socket.wrapping_add(1).max(1);
+                self.out.push_back(Queued::Open(id));
+                s.sockets.push(id);
+                queue_probe(&mut self.out, c, id, peer, now);
+            }
+            c.sockets_opened = s.sockets.len() as u32;
+            s.next_repunch = Some(now + self.cfg.birthday_repunch);
+        } else {
+            if let NatClass::Sequential { delta } = c.peer_nat {
+                // The hard side's next mappings follow its last one (the manager saw the
+                // first of up to three): cover its sockets and a margin for other flows.
+                let span = i32::from(self.cfg.birthday_sockets) + PREDICT_MARGIN;
+                for k in 1..=span {
+                    let p = i32::from(peer.port()) + k * i32::from(delta);
+                    if let Ok(p) = u16::try_from(p) {
+                        if nat::RANDOM_PORTS.contains(&p) {
+                            s.predicted.push_back(p);
+                        }
+                    }
+                }
+            }
+            s.walk = Some(nat::PortWalk::new(self.rng.next_u64(), self.rng.next_u64()));
+            s.next_probe = Some(now);
+        }
+        c.search = Some(Box::new(s));
+        search_step(&mut self.out, &self.cfg, c, now);
+    }
+
+    /// A birthday search's socket could not be opened: search with the others.
+    pub fn handle_socket_failed(&mut self, now: Instant, socket: SocketId) {
+        self.counters.sockets_failed += 1;
+        let found = self.calls.iter_mut().find_map(|(h, c)| {
+            let s = c.search.as_mut()?;
+            let i = s.sockets.iter().position(|x| *x == socket)?;
+            s.sockets.remove(i);
+            Some((*h, s.sockets.is_empty()))
+        });
+        if let Some((h, true)) = found {
+            self.end_call(now, h, EndReason::NoPairFound, Some(HangupReason::Timeout));
+        }
+    }
+
+    /// Whether a packet of call `c` from `from` on `socket` finds the search's pair: on one
+    /// of the hard side's sockets from the easy side's address, or on the easy side's socket
+    /// from any port of the hard side's IP.
+    fn search_hit(c: &Call, socket: SocketId, from: SocketAddr) -> bool {
+        match &c.search {
+            Some(s) if !s.sockets.is_empty() => s.sockets.contains(&socket) && c.peer_addr == Some(from),
+            Some(s) => socket == SocketId::MAIN && from.ip() == s.peer_ip,
+            None => false,
+        }
+    }
+
+    /// The search of call `h` found its pair (a packet from the peer arrived on `socket`
+    /// from `from`): keep that pair, close the other sockets, confirm at once.
+    fn lock_pair(&mut self, now: Instant, h: CallHandle, socket: SocketId, from: SocketAddr) {
+        let c = self.calls.get_mut(&h).expect("caller checked");
+        let Some(s) = c.search.take() else { return };
+        if s.sockets.is_empty() {
+            c.peer_addr = Some(from);
+        } else {
+            c.socket = socket;
+            for id in s.sockets.iter().filter(|id| **id != socket) {
+                self.out.push_back(Queued::Close(*id));
+            }
+        }
+        c.found_here = true;
+        c.deadline = Some(now + self.cfg.first_media_timeout);
+        // The other side may not know yet: tell it from the pair itself.
+        queue_null(&mut self.out, c, now, false);
+        if c.role == Role::Caller {
+            c.state = CallState::Media;
+            let (call_id, peer) = (c.call_id.expect("a searching caller had START"), from);
+            let peer = if s.sockets.is_empty() { peer } else { c.peer_addr.unwrap_or(peer) };
+            self.push_event(Event::Started { handle: h, call_id, peer });
+        } else {
+            c.state = CallState::Punching;
+        }
     }
 
     /// A packet (null or RTP) from the peer of call `h`: first one completes the setup.
@@ -1210,7 +1446,7 @@ impl Client {
         }
     }
 
-    fn on_rtp<'a>(&mut self, now: Instant, from: SocketAddr, data: &'a [u8]) -> Option<Received<'a>> {
+    fn on_rtp<'a>(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &'a [u8]) -> Option<Received<'a>> {
         let Ok((header, payload)) = RtpHeader::parse(data) else {
             self.counters.dgram_malformed += 1;
             return None;
@@ -1219,8 +1455,12 @@ impl Client {
             self.counters.dgram_unmatched += 1;
             return None;
         };
+        let c = self.calls.get(&h).expect("by_ssrc entries point at live calls");
+        if c.state == CallState::Searching && Self::search_hit(c, socket, from) {
+            self.lock_pair(now, h, socket, from);
+        }
         let c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
-        if c.peer_addr != Some(from) {
+        if c.peer_addr != Some(from) || c.socket != socket {
             self.counters.dgram_wrong_source += 1;
             return None;
         }
@@ -1230,14 +1470,18 @@ impl Client {
         Some(Received { handle: h, header, payload })
     }
 
-    fn on_null(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    fn on_null(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &[u8]) {
+        let mut relatch = false;
         let h = if data.is_empty() {
             // A bare null packet: match by source address.
             self.calls.iter().find(|(_, c)| c.peer_addr == Some(from)).map(|(h, _)| *h)
         } else {
             match NullPacket::parse(data) {
                 Ok(p) => match self.by_call_id.get(&p.call_id) {
-                    Some(&h) if self.calls[&h].token == p.token => Some(h),
+                    Some(&h) if self.calls[&h].token == p.token => {
+                        relatch = !p.keepalive;
+                        Some(h)
+                    }
                     _ => None,
                 },
                 Err(_) => {
@@ -1250,10 +1494,23 @@ impl Client {
             self.counters.dgram_unmatched += 1;
             return;
         };
+        let c = self.calls.get(&h).expect("matched above");
+        if c.state == CallState::Searching && Self::search_hit(c, socket, from) {
+            self.lock_pair(now, h, socket, from);
+        }
         let c = self.calls.get_mut(&h).expect("matched above");
-        if c.peer_addr != Some(from) {
-            self.counters.dgram_wrong_source += 1;
-            return;
+        if c.peer_addr != Some(from) || c.socket != socket {
+            // Two pairs found at once: the easy side follows the one the hard side
+            // confirmed (a token-checked null from another port of the same IP).
+            let easy_side_of_search = c.strategy.searches() && c.sockets_opened == 0 && c.search.is_none();
+            let same_ip = c.peer_addr.is_some_and(|a| a.ip() == from.ip());
+            if relatch && easy_side_of_search && same_ip && socket == SocketId::MAIN {
+                c.peer_addr = Some(from);
+                self.counters.relatched += 1;
+            } else {
+                self.counters.dgram_wrong_source += 1;
+                return;
+            }
         }
         c.nulls_rx += 1;
         self.on_peer_packet(now, h);
@@ -1261,6 +1518,14 @@ impl Client {
 
     fn end_call(&mut self, now: Instant, h: CallHandle, reason: EndReason, hangup: Option<HangupReason>) {
         let Some(c) = self.calls.remove(&h) else { return };
+        if let Some(s) = &c.search {
+            for id in &s.sockets {
+                self.out.push_back(Queued::Close(*id));
+            }
+        }
+        if c.socket != SocketId::MAIN {
+            self.out.push_back(Queued::Close(c.socket));
+        }
         if let Some(id) = c.call_id {
             self.by_call_id.remove(&id);
             if let Some(r) = hangup {
@@ -1286,8 +1551,8 @@ impl Client {
             strategy: match (c.role, reason) {
                 // Refused before either side learnt the other's class.
                 (_, EndReason::Rejected(RejectReason::NoPath)) => Strategy::NoPath,
-                (Role::Caller, _) => nat::strategy(self.nat, c.peer_nat),
-                (Role::Callee, _) => nat::strategy(c.peer_nat, self.nat),
+                (Role::Caller, _) if c.state == CallState::Calling => nat::strategy(self.nat, c.peer_nat),
+                _ => c.strategy,
             },
             setup: match c.role {
                 Role::Caller => c.setup_done.map(|t| t - c.created),
@@ -1301,6 +1566,9 @@ impl Client {
             jitter_ms: c.rx.jitter_ms(),
             nulls_sent: c.nulls_sent,
             nulls_received: c.nulls_rx,
+            probes_sent: c.probes_sent,
+            sockets_opened: c.sockets_opened,
+            found_here: c.found_here,
             reason,
         };
         self.push_event(Event::Ended(Box::new(report)));
@@ -1309,11 +1577,72 @@ impl Client {
 
 fn queue_null(q: &mut VecDeque<Queued>, c: &mut Call, now: Instant, keepalive: bool) {
     let (Some(to), Some(call_id)) = (c.peer_addr, c.call_id) else { return };
-    let mut d = SmallDatagram { to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
-    NullPacket { call_id, token: c.token, keepalive, from_caller: c.role == Role::Caller }.emit(&mut d.data);
+    let mut d = SmallDatagram { from: c.socket, to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
+    NullPacket { call_id, token: c.token, keepalive, from_caller: c.role == Role::Caller, probe: false }
+        .emit(&mut d.data);
     q.push_back(Queued::Datagram(d));
     c.nulls_sent += 1;
     c.last_tx = now;
+}
+
+/// Queue one birthday probe of call `c` from socket `from` to `to`.
+fn queue_probe(q: &mut VecDeque<Queued>, c: &mut Call, from: SocketId, to: SocketAddr, now: Instant) {
+    let Some(call_id) = c.call_id else { return };
+    let mut d = SmallDatagram { from, to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
+    NullPacket { call_id, token: c.token, keepalive: false, from_caller: c.role == Role::Caller, probe: true }
+        .emit(&mut d.data);
+    q.push_back(Queued::Datagram(d));
+    c.probes_sent += 1;
+    c.last_tx = now;
+}
+
+/// Probes one timer turn sends at most (a stalled thread does not burst a whole round).
+const MAX_PROBES_PER_TURN: u32 = 64;
+
+/// Ports past the hard side's sockets the easy side predicts for a sequential NAT (other
+/// flows take ports from it meanwhile).
+const PREDICT_MARGIN: i32 = 64;
+
+/// Run the search of call `c` at `now`: the hard side re-sends its sockets' probes when due;
+/// the easy side sends the probes due at its rate, pausing after each round's budget.
+fn search_step(q: &mut VecDeque<Queued>, cfg: &ClientConfig, c: &mut Call, now: Instant) {
+    let Some(mut s) = c.search.take() else { return };
+    if let Some(t) = s.next_repunch {
+        if now >= t {
+            let peer = c.peer_addr.expect("a searching call knows the peer's address");
+            for &id in &s.sockets {
+                queue_probe(q, c, id, peer, now);
+            }
+            s.next_repunch = Some(now + cfg.birthday_repunch);
+        }
+    }
+    let interval = Duration::from_secs(1) / cfg.birthday_rate.max(1);
+    let mut sent = 0;
+    while let Some(t) = s.next_probe {
+        if t > now || sent >= MAX_PROBES_PER_TURN {
+            break;
+        }
+        if s.round_sent >= cfg.birthday_budget.max(1) {
+            s.round_sent = 0;
+            s.next_probe = Some(now + cfg.birthday_pause);
+            break;
+        }
+        let port = match s.predicted.pop_front() {
+            Some(p) => Some(p),
+            None => s.walk.as_mut().and_then(|w| w.next()),
+        };
+        let Some(port) = port else {
+            // Every port was tried: wait for the deadline (or a late answer).
+            s.next_probe = None;
+            break;
+        };
+        queue_probe(q, c, SocketId::MAIN, SocketAddr::new(s.peer_ip, port), now);
+        s.round_sent += 1;
+        sent += 1;
+        // On the rate's grid, but never owing more than one turn's worth after a stall.
+        s.next_probe = Some((t + interval).max(now.checked_sub(interval * MAX_PROBES_PER_TURN).unwrap_or(now)));
+    }
+    c.search = Some(s);
 }
 
 fn micros_since(base: Instant, now: Instant) -> u64 {

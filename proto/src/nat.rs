@@ -134,6 +134,14 @@ pub enum Strategy {
     /// The callee's null packet opens its window, the caller's first packet its own: each
     /// side's address is the one the manager saw.
     Direct,
+    /// One side randomises ports. It opens many sockets that each send a token-carrying
+    /// null packet to the easy side (each gets a random public port); the easy side probes
+    /// random ports of its public IP until one probe meets one of those mappings (the
+    /// birthday method; see `docs/protocol.md` section 6).
+    Birthday,
+    /// One side allocates ports sequentially: as [`Strategy::Birthday`], with the easy side
+    /// probing the predicted ports first.
+    Predict,
     /// No relay-free path: both sides randomise ports and neither has a port mapping. The
     /// call is refused at once.
     NoPath,
@@ -144,16 +152,82 @@ impl Strategy {
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Direct => "direct",
+            Strategy::Birthday => "birthday",
+            Strategy::Predict => "predict",
             Strategy::NoPath => "none",
         }
     }
 }
 
 /// The strategy for a call between a caller of class `caller` and a callee of class `callee`.
+/// Both sides changing ports per destination (random or sequential) leave no practical
+/// path: each would have to guess the other's port for a mapping it has not made yet.
 pub fn strategy(caller: NatClass, callee: NatClass) -> Strategy {
-    match (caller, callee) {
-        (NatClass::Random, NatClass::Random) => Strategy::NoPath,
-        _ => Strategy::Direct,
+    match (caller.is_easy(), callee.is_easy()) {
+        (true, true) => Strategy::Direct,
+        (false, false) => Strategy::NoPath,
+        _ if caller == NatClass::Random || callee == NatClass::Random => Strategy::Birthday,
+        _ => Strategy::Predict,
+    }
+}
+
+impl Strategy {
+    /// True if the side of class `me` opens the many sockets (it is the hard side).
+    pub fn opens_sockets(self, me: NatClass) -> bool {
+        matches!(self, Strategy::Birthday | Strategy::Predict) && !me.is_easy()
+    }
+
+    /// True for the strategies that search for a port pair.
+    pub fn searches(self) -> bool {
+        matches!(self, Strategy::Birthday | Strategy::Predict)
+    }
+}
+
+/// The ports a NAT hands out for new flows when it picks at random (Linux's range without a
+/// configured one: 1024..=65535).
+pub const RANDOM_PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
+
+/// The number of ports in [`RANDOM_PORTS`] (R in the birthday formula P ≈ 1 − e^(−N·M/R)).
+pub const RANDOM_PORT_COUNT: u32 = 64_512;
+
+/// A walk over [`RANDOM_PORTS`] in a seeded order that visits every port once (without
+/// replacement) in O(1) state: port(i) = 1024 + (a·i + b) mod R with `a` coprime to R.
+#[derive(Debug, Clone, Copy)]
+pub struct PortWalk {
+    a: u32,
+    b: u32,
+    i: u32,
+}
+
+impl PortWalk {
+    /// A walk from two random numbers.
+    pub fn new(r1: u64, r2: u64) -> PortWalk {
+        let n = u64::from(RANDOM_PORT_COUNT);
+        // R = 2^10 * 3^2 * 7: a multiplier coprime to R is odd and not a multiple of 3 or 7.
+        let mut a = (r1 % n) as u32 | 1;
+        while a.is_multiple_of(3) || a.is_multiple_of(7) {
+            a = (a + 2) % RANDOM_PORT_COUNT;
+        }
+        PortWalk { a, b: (r2 % n) as u32, i: 0 }
+    }
+
+    /// Ports walked so far.
+    pub fn walked(&self) -> u32 {
+        self.i
+    }
+}
+
+impl Iterator for PortWalk {
+    type Item = u16;
+
+    fn next(&mut self) -> Option<u16> {
+        if self.i >= RANDOM_PORT_COUNT {
+            return None;
+        }
+        let n = u64::from(RANDOM_PORT_COUNT);
+        let k = (u64::from(self.a) * u64::from(self.i) + u64::from(self.b)) % n;
+        self.i += 1;
+        Some(1024 + k as u16)
     }
 }
 
@@ -203,14 +277,48 @@ mod tests {
     }
 
     #[test]
-    fn only_random_against_random_has_no_path() {
+    fn the_strategy_follows_the_harder_side_and_is_symmetric() {
         use NatClass::*;
-        let all = [Unknown, EndpointIndependent, Sequential { delta: 1 }, Random];
+        let seq = Sequential { delta: 1 };
+        let all = [Unknown, EndpointIndependent, seq, Random];
         for a in all {
             for b in all {
-                let want = if a == Random && b == Random { Strategy::NoPath } else { Strategy::Direct };
+                let want = match (a.is_easy(), b.is_easy()) {
+                    (true, true) => Strategy::Direct,
+                    (false, false) => Strategy::NoPath,
+                    _ if a == Random || b == Random => Strategy::Birthday,
+                    _ => Strategy::Predict,
+                };
                 assert_eq!(strategy(a, b), want, "{a} -> {b}");
+                assert_eq!(strategy(a, b), strategy(b, a), "{a} <-> {b}");
             }
         }
+        assert_eq!(strategy(Random, Random), Strategy::NoPath);
+        assert_eq!(strategy(Random, seq), Strategy::NoPath);
+        assert_eq!(strategy(EndpointIndependent, Random), Strategy::Birthday);
+        assert_eq!(strategy(seq, Unknown), Strategy::Predict);
+        assert!(Strategy::Birthday.opens_sockets(Random));
+        assert!(!Strategy::Birthday.opens_sockets(EndpointIndependent));
+        assert!(!Strategy::Direct.opens_sockets(Random));
+    }
+
+    #[test]
+    fn a_port_walk_visits_every_random_port_once() {
+        for (r1, r2) in [(0, 0), (3, 7), (u64::MAX, 12345), (64_511, 64_512), (21, 5)] {
+            let w = PortWalk::new(r1, r2);
+            let mut seen = vec![false; 65536];
+            let mut n = 0;
+            for p in w {
+                assert!(RANDOM_PORTS.contains(&p), "{p}");
+                assert!(!seen[p as usize], "port {p} twice ({r1}, {r2})");
+                seen[p as usize] = true;
+                n += 1;
+            }
+            assert_eq!(n, RANDOM_PORT_COUNT);
+        }
+        // Two seeds give two different orders.
+        let a: Vec<u16> = PortWalk::new(1, 2).take(8).collect();
+        let b: Vec<u16> = PortWalk::new(99, 2).take(8).collect();
+        assert_ne!(a, b);
     }
 }

@@ -33,8 +33,8 @@ fn each_client_classifies_its_nat_and_registers_with_the_class() {
         assert_eq!(c.client.nat_class(), want, "{nat:?}");
         // Both of the manager's STUN ports were asked, and the public address registered is
         // the mapping towards the main port.
-        assert!(nat == SimNat::None || c.mappings.contains_key(&MANAGER_UDP_ALT), "{nat:?}");
-        let main = if nat == SimNat::None { c.udp } else { c.mappings[&MANAGER_UDP] };
+        assert!(nat == SimNat::None || c.mappings.contains_key(&(c.udp, MANAGER_UDP_ALT)), "{nat:?}");
+        let main = if nat == SimNat::None { c.udp } else { c.mappings[&(c.udp, MANAGER_UDP)] };
         assert_eq!(c.client.public_addr(), Some(main), "{nat:?}");
     }
     // Registration waited one round trip more than before classification: STUN at 0, its
@@ -83,7 +83,7 @@ fn calls_between_easy_nats_connect_and_each_side_learns_the_others_class() {
     let b = sim.add_behind("bob", SimNat::EndpointIndependent, Plan::Listen, |_| {});
     let a = sim.add_behind("alice", SimNat::Random, Plan::call("bob", 300, 1000), |_| {});
     let c = sim.add_behind("carol", SimNat::EndpointIndependent, Plan::call("bob", 300, 1000), |_| {});
-    sim.run_until(Duration::from_secs(3));
+    sim.run_until(Duration::from_secs(40));
     // carol -> bob: both endpoint-independent, direct, two-way media.
     let rc = &sim.reports(c)[0];
     assert!(rc.succeeded(), "{rc:#?}");
@@ -91,15 +91,17 @@ fn calls_between_easy_nats_connect_and_each_side_learns_the_others_class() {
         (rc.role, rc.nat, rc.peer_nat, rc.strategy),
         (Role::Caller, NatClass::EndpointIndependent, NatClass::EndpointIndependent, Strategy::Direct)
     );
-    // alice (random) -> bob: the manager passes each side the other's class and tries the
-    // direct path; bob's report names alice's class.
+    // alice (random) -> bob: the manager passes each side the other's class, and both pick
+    // the birthday search; bob's report names alice's class.
     let rb: Vec<_> = sim.reports(b).iter().filter(|r| r.peer_id.as_str() == "alice").collect();
     assert_eq!(rb.len(), 1);
     assert_eq!(
         (rb[0].nat, rb[0].peer_nat, rb[0].strategy),
-        (NatClass::EndpointIndependent, NatClass::Random, Strategy::Direct)
+        (NatClass::EndpointIndependent, NatClass::Random, Strategy::Birthday)
     );
     assert_eq!(sim.reports(a)[0].peer_nat, NatClass::EndpointIndependent);
-    assert_eq!(sim.stats.calls_direct.load(Ordering::Relaxed), 2);
+    assert_eq!(sim.reports(a)[0].strategy, Strategy::Birthday);
+    assert_eq!(sim.stats.calls_direct.load(Ordering::Relaxed), 1);
+    assert_eq!(sim.stats.calls_birthday.load(Ordering::Relaxed), 1);
     let _ = EndReason::LocalHangup;
 }

@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::client::{CallHandle, CallReport, Client, ClientConfig, Event, Output as ClientOutput};
+use proto::client::{CallHandle, CallReport, Client, ClientConfig, Event, Output as ClientOutput, SocketId};
 use proto::media::{MediaSource, SyntheticSource};
 use proto::rng::Rng;
 use proto::shard::bindings::binding_shard;
@@ -112,9 +112,14 @@ pub struct SimClient {
     pub nat: SimNat,
     /// The NAT's public IP (the client's own IP without NAT).
     pub public_ip: std::net::IpAddr,
-    /// The NAT's mappings: remote address -> public address used towards it.
-    pub mappings: HashMap<SocketAddr, SocketAddr>,
+    /// The NAT's mappings: (local socket, remote address) -> public address used towards it.
+    pub mappings: HashMap<(SocketAddr, SocketAddr), SocketAddr>,
+    /// The client's open sockets (the main one, and a birthday search's) -> local address.
+    pub sockets: HashMap<SocketId, SocketAddr>,
+    /// Sockets the client opened over the run (search sockets).
+    pub sockets_opened: u64,
     next_port: u16,
+    next_local_port: u16,
     conn: Option<(u16, u64)>,
     plan: Plan,
     placed: bool,
@@ -122,8 +127,9 @@ pub struct SimClient {
     /// Media is not sent while the virtual time (from the start) is inside this window.
     pub pause: Option<(Duration, Duration)>,
     reports: Vec<CallReport>,
-    /// conntrack-like flow table: remote address -> last activity.
-    flows: HashMap<SocketAddr, Instant>,
+    /// conntrack-like flow table: (local socket, remote address) -> last activity. Each
+    /// entry is what a router's conntrack table would hold for the client.
+    pub flows: HashMap<(SocketAddr, SocketAddr), Instant>,
     /// Inbound datagrams its firewall dropped.
     pub firewall_drops: u64,
 }
@@ -197,9 +203,10 @@ pub struct Sim {
     stun_limiter: StunLimiter,
     /// The clients, by the index [`Sim::add`] returned.
     pub clients: Vec<SimClient>,
-    by_udp: HashMap<SocketAddr, usize>,
-    /// NAT mappings (public addresses) -> client.
-    by_public: HashMap<SocketAddr, usize>,
+    /// Local socket addresses -> (client, socket).
+    by_udp: HashMap<SocketAddr, (usize, SocketId)>,
+    /// NAT mappings (public addresses) -> (client, local socket address).
+    by_public: HashMap<SocketAddr, (usize, SocketAddr)>,
     by_conn: HashMap<(u16, u64), usize>,
     /// Connections with no client behind them ([`Sim::connect_mute`]).
     mutes: Vec<(u16, u64)>,
@@ -325,7 +332,10 @@ impl Sim {
             nat,
             public_ip,
             mappings: HashMap::new(),
+            sockets: HashMap::from([(SocketId::MAIN, udp)]),
+            sockets_opened: 0,
             next_port: 20000,
+            next_local_port: 50000,
             conn: None,
             plan,
             placed: false,
@@ -335,7 +345,7 @@ impl Sim {
             flows: HashMap::new(),
             firewall_drops: 0,
         });
-        self.by_udp.insert(udp, i);
+        self.by_udp.insert(udp, (i, SocketId::MAIN));
         // Connect: the TCP peer address is the client's public IP with an ephemeral port.
         let shard = (i % self.shards.len()) as u16;
         let peer = SocketAddr::new(public_ip, 50000 + i as u16);
@@ -368,18 +378,19 @@ impl Sim {
         UNIX_START + self.now.duration_since(self.start).as_secs()
     }
 
-    /// The public source of client `i`'s datagram to `to` (made on first use).
-    fn map_outbound(&mut self, i: usize, to: SocketAddr) -> SocketAddr {
+    /// The public source of client `i`'s datagram from local socket `local` to `to` (made on
+    /// first use).
+    fn map_outbound(&mut self, i: usize, local: SocketAddr, to: SocketAddr) -> SocketAddr {
         let c = &mut self.clients[i];
         if c.nat == SimNat::None {
-            return c.udp;
+            return local;
         }
-        if let Some(&m) = c.mappings.get(&to) {
+        if let Some(&m) = c.mappings.get(&(local, to)) {
             return m;
         }
         let port = match c.nat {
             SimNat::None => unreachable!("handled above"),
-            SimNat::EndpointIndependent => c.udp.port(),
+            SimNat::EndpointIndependent => local.port(),
             SimNat::Sequential(step) => {
                 c.next_port = c.next_port.wrapping_add_signed(step);
                 c.next_port
@@ -392,8 +403,8 @@ impl Sim {
             },
         };
         let m = SocketAddr::new(c.public_ip, port);
-        c.mappings.insert(to, m);
-        self.by_public.insert(m, i);
+        c.mappings.insert((local, to), m);
+        self.by_public.insert(m, (i, local));
         m
     }
 
@@ -452,11 +463,11 @@ impl Sim {
             }
         }
         let mut from = from;
-        if let Some(&i) = self.by_udp.get(&from) {
+        if let Some(&(i, _)) = self.by_udp.get(&from) {
             // Outbound opens or refreshes the flow in the sender's firewall, and its NAT maps
             // the source.
-            self.clients[i].flows.insert(to, self.now);
-            from = self.map_outbound(i, to);
+            self.clients[i].flows.insert((from, to), self.now);
+            from = self.map_outbound(i, from, to);
         }
         // Random loss happens on the way, after the sender's firewall.
         if self.net.udp_loss > 0.0 && self.rng.chance(self.net.udp_loss) {
@@ -484,8 +495,21 @@ impl Sim {
                     }
                 }
                 ClientOutput::Transmit(t) => {
-                    let from = self.clients[i].udp;
+                    // A datagram from a socket already closed is a bug in the client.
+                    let from = self.clients[i].sockets[&t.from];
                     self.send_datagram(from, t.to, &buf[..t.len]);
+                }
+                ClientOutput::OpenSocket(id) => {
+                    let c = &mut self.clients[i];
+                    let local = SocketAddr::new(c.udp.ip(), c.next_local_port);
+                    c.next_local_port = c.next_local_port.checked_add(1).expect("sim: local ports run out");
+                    c.sockets_opened += 1;
+                    assert!(c.sockets.insert(id, local).is_none(), "socket {id:?} opened twice");
+                    self.by_udp.insert(local, (i, id));
+                }
+                ClientOutput::CloseSocket(id) => {
+                    let local = self.clients[i].sockets.remove(&id).expect("a socket closed that was open");
+                    self.by_udp.remove(&local);
                 }
                 ClientOutput::Event(ev) => self.on_event(i, ev),
                 ClientOutput::Timeout(_) => break,
@@ -553,7 +577,7 @@ impl Sim {
                     if !paused {
                         let (len, dur) = src.next_frame(&mut payload);
                         if let Ok(t) = c.client.send_media(now, h, &payload[..len], dur, &mut buf) {
-                            out.push((t.to, buf[..t.len].to_vec()));
+                            out.push((c.sockets[&t.from], t.to, buf[..t.len].to_vec()));
                         }
                     }
                     *next += Duration::from_millis(src.frame_ms() as u64);
@@ -563,8 +587,7 @@ impl Sim {
                 c.client.hangup(now, h).expect("a hangup of a live call");
             }
         }
-        let from = self.clients[i].udp;
-        for (to, data) in out {
+        for (from, to, data) in out {
             self.send_datagram(from, to, &data);
         }
     }
@@ -633,30 +656,35 @@ impl Sim {
                 if to == MANAGER_UDP || to == MANAGER_UDP_ALT {
                     return self.manager_udp(to, from, &data);
                 }
-                let i = match self.by_public.get(&to) {
-                    Some(&i) => i,
+                let (i, local) = match self.by_public.get(&to) {
+                    Some(&(i, local)) => (i, local),
                     None => match self.by_udp.get(&to) {
-                        Some(&i) if self.clients[i].nat == SimNat::None => i,
+                        Some(&(i, _)) if self.clients[i].nat == SimNat::None => (i, to),
                         _ => return,
                     },
                 };
                 // A NAT passes a datagram in only on the mapping made towards its source.
-                if self.clients[i].nat != SimNat::None && self.clients[i].mappings.get(&from) != Some(&to) {
+                if self.clients[i].nat != SimNat::None && self.clients[i].mappings.get(&(local, from)) != Some(&to) {
                     self.clients[i].firewall_drops += 1;
                     return;
                 }
                 if self.net.firewalls {
                     let fresh = self.clients[i]
                         .flows
-                        .get(&from)
+                        .get(&(local, from))
                         .is_some_and(|t| now.duration_since(*t) < self.net.flow_timeout);
                     if !fresh {
                         self.clients[i].firewall_drops += 1;
                         return;
                     }
                 }
-                self.clients[i].flows.insert(from, now);
-                let _ = self.clients[i].client.handle_datagram(now, from, &data);
+                self.clients[i].flows.insert((local, from), now);
+                // The socket may have been closed since (its mapping outlives it).
+                let Some(&(_, sock)) = self.by_udp.get(&local) else {
+                    self.clients[i].firewall_drops += 1;
+                    return;
+                };
+                let _ = self.clients[i].client.handle_datagram_on(now, sock, from, &data);
                 self.pump_client(i);
             }
         }

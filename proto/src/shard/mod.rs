@@ -894,8 +894,12 @@ impl Shard {
             self.deliver(caller_conn, Some(f), Track::None);
             return;
         }
-        self.stats.inc(&self.stats.calls_direct);
         let e = self.dir.get_mut(&callee).expect("checked above");
+        self.stats.inc(match nat::strategy(caller_nat, e.nat) {
+            Strategy::Birthday => &self.stats.calls_birthday,
+            Strategy::Predict => &self.stats.calls_predict,
+            _ => &self.stats.calls_direct,
+        });
         e.active_calls += 1;
         let callee_conn = e.conn.expect("checked above");
         let (callee_addr, callee_source, callee_nat) = (e.public, e.source, e.nat);

@@ -114,6 +114,10 @@ stats! {
     calls_busy,
     /// Calls put through with the direct strategy (the callee's null packet, then media).
     calls_direct,
+    /// Calls put through with the birthday search (one side randomises ports).
+    calls_birthday,
+    /// Calls put through with port prediction (one side allocates ports sequentially).
+    calls_predict,
     /// Calls refused at once with REJECT NoPath: both sides randomise ports and neither has
     /// a port mapping (also counted in `calls_rejected`).
     calls_no_path,

@@ -18,7 +18,8 @@
 //! +--------+--------+--------+--------+
 //!  (no data payload)
 //! ```
-//! flags: bit 0 = keepalive (0 = punch), bit 1 = sent by the caller.
+//! flags: bit 0 = keepalive (0 = punch), bit 1 = sent by the caller, bit 2 = a birthday
+//! search's probe (or the hard side's punch; see `docs/protocol.md` section 6).
 //! The first byte 0x0E lies in the range RFC 7983 leaves unassigned (4..=15), so it can
 //! never be mistaken for STUN, DTLS, TURN, QUIC or RTP. A zero-length datagram is also
 //! accepted as a (bare) null packet.
@@ -34,6 +35,7 @@ pub const NULL_LEN: usize = 20;
 
 const FLAG_KEEPALIVE: u8 = 0x01;
 const FLAG_FROM_CALLER: u8 = 0x02;
+const FLAG_PROBE: u8 = 0x04;
 
 /// Errors parsing a null packet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,12 +68,17 @@ pub struct NullPacket {
     pub keepalive: bool,
     /// Sent by the caller (false: by the callee).
     pub from_caller: bool,
+    /// Part of a birthday search (a probe of the easy side, a punch of the hard side's
+    /// sockets), not of the direct punch.
+    pub probe: bool,
 }
 
 impl NullPacket {
     /// Write the packet into `buf` (at least [`NULL_LEN`] bytes); returns its length.
     pub fn emit(&self, buf: &mut [u8]) -> usize {
-        let flags = (self.keepalive as u8 * FLAG_KEEPALIVE) | (self.from_caller as u8 * FLAG_FROM_CALLER);
+        let flags = (self.keepalive as u8 * FLAG_KEEPALIVE)
+            | (self.from_caller as u8 * FLAG_FROM_CALLER)
+            | (self.probe as u8 * FLAG_PROBE);
         buf[..4].copy_from_slice(&[NULL_MSG_ID, NULL_VERSION, flags, 0]);
         buf[4..12].copy_from_slice(&self.call_id.0.to_be_bytes());
         buf[12..20].copy_from_slice(&self.token.to_be_bytes());
@@ -93,7 +100,7 @@ impl NullPacket {
             return Err(NullError::BadVersion(buf[1]));
         }
         let flags = buf[2];
-        if flags & !(FLAG_KEEPALIVE | FLAG_FROM_CALLER) != 0 {
+        if flags & !(FLAG_KEEPALIVE | FLAG_FROM_CALLER | FLAG_PROBE) != 0 {
             return Err(NullError::BadFlags(flags));
         }
         if buf[3] != 0 {
@@ -104,6 +111,7 @@ impl NullPacket {
             token: u64::from_be_bytes(buf[12..20].try_into().unwrap()),
             keepalive: flags & FLAG_KEEPALIVE != 0,
             from_caller: flags & FLAG_FROM_CALLER != 0,
+            probe: flags & FLAG_PROBE != 0,
         })
     }
 }
@@ -119,6 +127,7 @@ mod tests {
             token: 0x1112131415161718,
             keepalive: true,
             from_caller: false,
+            probe: false,
         };
         let mut buf = [0u8; 32];
         let n = p.emit(&mut buf);
@@ -130,12 +139,16 @@ mod tests {
         q.emit(&mut buf);
         assert_eq!(buf[2], 2);
         assert_eq!(NullPacket::parse(&buf[..n]), Ok(q));
+        let r = NullPacket { probe: true, ..q };
+        r.emit(&mut buf);
+        assert_eq!(buf[2], 6);
+        assert_eq!(NullPacket::parse(&buf[..n]), Ok(r));
     }
 
     #[test]
     fn malformed_null_packets_are_rejected() {
         let mut buf = [0u8; 20];
-        NullPacket { call_id: CallId(1), token: 2, keepalive: false, from_caller: false }.emit(&mut buf);
+        NullPacket { call_id: CallId(1), token: 2, keepalive: false, from_caller: false, probe: false }.emit(&mut buf);
         for n in 0..20 {
             assert!(NullPacket::parse(&buf[..n]).is_err());
         }
