@@ -137,7 +137,7 @@ pub enum Strategy {
     /// One side randomises ports. It opens many sockets that each send a token-carrying
     /// null packet to the easy side (each gets a random public port); the easy side probes
     /// random ports of its public IP until one probe meets one of those mappings (the
-    /// birthday method; see `docs/protocol.md` section 6).
+    /// birthday method; see `docs/protocol.md` section 5.5).
     Birthday,
     /// One side allocates ports sequentially: as [`Strategy::Birthday`], with the easy side
     /// probing the predicted ports first.

@@ -19,7 +19,7 @@
 //!  (no data payload)
 //! ```
 //! flags: bit 0 = keepalive (0 = punch), bit 1 = sent by the caller, bit 2 = a birthday
-//! search's probe (or the hard side's punch; see `docs/protocol.md` section 6).
+//! search's probe (or the hard side's punch; see `docs/protocol.md` section 5.5).
 //! The first byte 0x0E lies in the range RFC 7983 leaves unassigned (4..=15), so it can
 //! never be mistaken for STUN, DTLS, TURN, QUIC or RTP. A zero-length datagram is also
 //! accepted as a (bare) null packet.
