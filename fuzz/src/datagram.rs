@@ -14,6 +14,9 @@
 //!      from [`caller_addr`], waiting for the caller's first packet) and as caller of
 //!      [`CALLER_CALL_ID`] (START received, peer [`callee_addr`]). Each datagram arrives from
 //!      the caller's address, the callee's address, the STUN server and a stranger, in turn.
+//!      A third call, as callee of [`SEARCH_CALL_ID`] from a caller behind a random-port NAT,
+//!      is a birthday search in progress (this side probes); each datagram also arrives from
+//!      [`searcher_addr`] and from another port of its IP (a search may lock onto any).
 //!    * `discovering`: connected to a manager with a STUN server configured, waiting for a
 //!      Binding Success Response to its transaction id; each datagram arrives from the STUN
 //!      server and from a stranger.
@@ -48,6 +51,10 @@ pub const CALLEE_TOKEN: u64 = 0x1122_3344_5566_7788;
 pub const CALLER_CALL_ID: CallId = CallId(0x0000_0000_0000_0009);
 /// Its token.
 pub const CALLER_TOKEN: u64 = 0xA1A2_A3A4_B1B2_B3B4;
+/// Call id of the call whose birthday search the `calls` client runs (easy side).
+pub const SEARCH_CALL_ID: CallId = CallId(0x0001_0000_0000_000B);
+/// Its token.
+pub const SEARCH_TOKEN: u64 = 0x5152_5354_6162_6364;
 /// Seed of the `calls` client.
 pub const CALLS_SEED: u64 = 11;
 /// Seed of the `discovering` client (fixes its STUN transaction id).
@@ -63,6 +70,10 @@ fn addr(s: &str) -> SocketAddr {
 /// The remote caller (peer of the callee call). Documentation ranges only: nothing is sent.
 pub fn caller_addr() -> SocketAddr {
     addr("203.0.113.7:40000")
+}
+/// The caller behind a random-port NAT (peer of the search call), as the manager saw it.
+pub fn searcher_addr() -> SocketAddr {
+    addr("203.0.113.8:40000")
 }
 /// The remote callee (peer of the caller call).
 pub fn callee_addr() -> SocketAddr {
@@ -105,7 +116,11 @@ impl Harness {
         let t0 = Instant::now();
         let mut h = Harness {
             t0,
-            calls: Client::new(ClientConfig { max_calls: 4, ..ClientConfig::new(id("fuzz-calls"), 5004) }, CALLS_SEED),
+            calls: Client::new(
+                // A slow probe rate keeps the search's timer steps few over the final minutes.
+                ClientConfig { max_calls: 4, birthday_rate: 10, ..ClientConfig::new(id("fuzz-calls"), 5004) },
+                CALLS_SEED,
+            ),
             discovering: Client::new(
                 ClientConfig { stun_server: Some(stun_server()), ..ClientConfig::new(id("fuzz-stun"), 5005) },
                 DISCOVERING_SEED,
@@ -140,7 +155,17 @@ impl Harness {
                 callee_nat: proto::nat::NatClass::Unknown,
             },
         );
-        assert_eq!(c.active_calls(), 2, "both calls should be up");
+        c.handle_frame(
+            t0,
+            Frame::Incoming {
+                call_id: SEARCH_CALL_ID,
+                token: SEARCH_TOKEN,
+                caller: id("carol"),
+                caller_addr: searcher_addr(),
+                caller_nat: proto::nat::NatClass::Random,
+            },
+        );
+        assert_eq!(c.active_calls(), 3, "the three calls should be up");
         h.discovering.handle_connected(t0);
         h.drain();
         h
@@ -209,7 +234,10 @@ impl Harness {
 
     /// Deliver one datagram at `now` from each source.
     pub fn deliver(&mut self, now: Instant, d: &[u8]) {
-        for from in [caller_addr(), callee_addr(), stun_server(), stranger()] {
+        // Another port of the searcher's IP, chosen by the datagram itself.
+        let other_port = 1024 + (d.iter().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b))) % 64_512);
+        let searcher_other = SocketAddr::new(searcher_addr().ip(), other_port as u16);
+        for from in [caller_addr(), callee_addr(), stun_server(), stranger(), searcher_addr(), searcher_other] {
             if let Some(r) = self.calls.handle_datagram(now, from, d) {
                 assert_eq!(classify(d), DatagramKind::Rtp, "media returned for a non-RTP datagram");
                 let (h, payload) = RtpHeader::parse(d).expect("media returned for unparsable RTP");
