@@ -9,7 +9,9 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use nullpunch_fuzz::datagram::{self, Harness, CALLEE_CALL_ID, CALLEE_TOKEN, CALLER_CALL_ID, CALLER_TOKEN};
+use nullpunch_fuzz::datagram::{
+    self, Harness, CALLEE_CALL_ID, CALLEE_TOKEN, CALLER_CALL_ID, CALLER_TOKEN, SEARCH_CALL_ID, SEARCH_TOKEN,
+};
 use nullpunch_fuzz::manager_conn::{self as mc, Script, Sim, MODE_LIMITS, MODE_SECRET};
 use proto::wire::frame::{
     AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason, VERSION,
@@ -154,6 +156,16 @@ fn datagram(dir: &Path) {
     write(dir, "stun-binding-success", &b[..n]);
     let n = stun::emit_binding_success(&txid, addr("[2001:db8::10]:40010"), &mut b);
     write(dir, "stun-binding-success-v6", &b[..n]);
+    // With the next STUN address to ask (OTHER-ADDRESS, NAT classification).
+    let n = stun::emit_binding_success_with(&txid, addr("192.0.2.10:40010"), Some(addr("198.51.100.1:3479")), &mut b);
+    write(dir, "stun-binding-success-other", &b[..n]);
+    // The birthday search's hit: the hard side's probe from its IP, then its media.
+    let n =
+        NullPacket { call_id: SEARCH_CALL_ID, token: SEARCH_TOKEN, keepalive: false, from_caller: true, probe: true }
+            .emit(&mut b);
+    let probe = b[..n].to_vec();
+    let search_rtp = rtp(SEARCH_TOKEN as u32, 7, 960, b"found");
+    write(dir, "search-hit", &datagram::join(&[&probe, &search_rtp]));
     // A conversation: punches, media both ways, a sequence wrap, a duplicate, RTCP, a bare null.
     let mut seq: Vec<Vec<u8>> = vec![null_from_caller.clone(), null_from_callee.clone()];
     for i in 0..4u16 {

@@ -100,6 +100,8 @@ pub struct Harness {
     pub calls: Client,
     /// Waiting for its STUN answer.
     pub discovering: Client,
+    /// OTHER-ADDRESS values of the STUN answers delivered so far.
+    pub stun_others: Vec<SocketAddr>,
     /// Datagrams the clients queued, with their destination (for seed generation).
     pub sent: Vec<(SocketAddr, Vec<u8>)>,
     /// Events seen: calls whose path became two-way, calls ended, STUN discoveries.
@@ -126,6 +128,7 @@ impl Harness {
                 DISCOVERING_SEED,
             ),
             sent: Vec::new(),
+            stun_others: Vec::new(),
             media_flowing: 0,
             ended: 0,
             discovered: 0,
@@ -190,7 +193,13 @@ impl Harness {
                             DatagramKind::Stun => {
                                 let m = stun::parse(d).expect("client sent malformed STUN");
                                 assert!(matches!(m, StunMessage::BindingRequest { .. }), "client sent {m:?}");
-                                assert_eq!(t.to, stun_server(), "STUN request to the wrong address");
+                                // The server, or the further address its answer named
+                                // (OTHER-ADDRESS: NAT classification), which the input chose.
+                                assert!(
+                                    t.to == stun_server() || self.stun_others.contains(&t.to),
+                                    "STUN request to {} which no answer named",
+                                    t.to
+                                );
                             }
                             k => panic!("client queued a {k:?} datagram: {d:02x?}"),
                         }
@@ -234,6 +243,9 @@ impl Harness {
 
     /// Deliver one datagram at `now` from each source.
     pub fn deliver(&mut self, now: Instant, d: &[u8]) {
+        if let Ok(StunMessage::BindingSuccess { other: Some(o), .. }) = stun::parse(d) {
+            self.stun_others.push(o);
+        }
         // Another port of the searcher's IP, chosen by the datagram itself.
         let other_port = 1024 + (d.iter().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b))) % 64_512);
         let searcher_other = SocketAddr::new(searcher_addr().ip(), other_port as u16);

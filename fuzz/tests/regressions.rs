@@ -63,10 +63,14 @@ fn seeds_reach_deep_states() {
 
     let h = datagram::Harness::new();
     assert!(h.calls.is_registered());
-    assert_eq!(h.calls.active_calls(), 2);
-    // Both calls become two-way, then end (media timeout) in the final two minutes.
+    assert_eq!(h.calls.active_calls(), 3);
+    // Both direct calls become two-way, then end (media timeout) in the final two minutes;
+    // the search finds nothing and ends too.
     let h = datagram::run_harness(&seed("datagram", "conversation"));
-    assert_eq!((h.media_flowing, h.ended), (2, 2));
+    assert_eq!((h.media_flowing, h.ended), (2, 3));
+    // The hard side's probe locks the search's pair: that call becomes two-way as well.
+    let h = datagram::run_harness(&seed("datagram", "search-hit"));
+    assert_eq!((h.media_flowing, h.ended), (1, 3));
     let h = datagram::run_harness(&seed("datagram", "stun-binding-success"));
     assert_eq!(h.discovered, 1);
 

@@ -1456,7 +1456,11 @@ impl Client {
             return None;
         };
         let c = self.calls.get(&h).expect("by_ssrc entries point at live calls");
-        if c.state == CallState::Searching && Self::search_hit(c, socket, from) {
+        if c.state == CallState::Searching {
+            if !Self::search_hit(c, socket, from) {
+                self.counters.dgram_wrong_source += 1;
+                return None;
+            }
             self.lock_pair(now, h, socket, from);
         }
         let c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
@@ -1471,6 +1475,8 @@ impl Client {
     }
 
     fn on_null(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &[u8]) {
+        // A tagged setup null (call id and token checked): only such a packet may lock a
+        // search's pair or move it; a bare null proves nothing about who sent it.
         let mut relatch = false;
         let h = if data.is_empty() {
             // A bare null packet: match by source address.
@@ -1495,7 +1501,12 @@ impl Client {
             return;
         };
         let c = self.calls.get(&h).expect("matched above");
-        if c.state == CallState::Searching && Self::search_hit(c, socket, from) {
+        if c.state == CallState::Searching {
+            if data.is_empty() || !Self::search_hit(c, socket, from) {
+                // Until the pair is found, nothing else counts as the peer's.
+                self.counters.dgram_wrong_source += 1;
+                return;
+            }
             self.lock_pair(now, h, socket, from);
         }
         let c = self.calls.get_mut(&h).expect("matched above");
