@@ -304,6 +304,7 @@ fn birthday_cell(a: Mode, b: Mode, io: &str) {
     }
     let stats = m.stop().unwrap();
     assert_eq!(stats["calls_birthday"], 2, "{pair}: {stats}");
+    assert_eq!(stats["calls_by_strategy"]["birthday"]["ok"], 2, "{pair}: {stats}");
     assert_eq!(stats["udp_media"], 0, "{pair}: {stats}");
 }
 
@@ -350,5 +351,6 @@ fn random_to_random_fails_fast_with_the_reason() {
     assert!(ob.calls.is_empty(), "bob: {:?}", ob.calls);
     let stats = m.stop().unwrap();
     assert_eq!(stats["calls_no_path"], 1, "{stats}");
+    assert_eq!(stats["calls_by_strategy"]["none"]["refused"], 1, "{stats}");
     assert_eq!(stats["calls_direct"], 0, "{stats}");
 }

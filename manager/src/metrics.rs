@@ -110,6 +110,18 @@ pub fn render_manager(stats: &Stats) -> String {
     ] {
         e.sample("nullpunch_manager_calls_by_outcome_total", &[("outcome", outcome)], v[key] as f64);
     }
+    e.family(
+        "nullpunch_manager_calls_by_strategy_total",
+        "counter",
+        "Calls by NAT traversal strategy (direct, birthday, predict, none) and how they ended at the manager.",
+    );
+    for (strategy, outcome, n) in stats.by_strategy.read() {
+        e.sample(
+            "nullpunch_manager_calls_by_strategy_total",
+            &[("strategy", strategy), ("outcome", outcome)],
+            n as f64,
+        );
+    }
     e.family("nullpunch_manager_frames_dropped_total", "counter", "Frames refused, by reason.");
     for (reason, key) in [
         ("malformed", "frames_malformed"),

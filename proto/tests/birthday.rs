@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use proto::client::{CallReport, EndReason, SocketId};
 use proto::nat::{NatClass, Strategy, RANDOM_PORT_COUNT};
+use proto::shard::stats::CallOutcome;
 use sim::{Net, Plan, Sim, SimNat};
 
 /// One call from a client behind `caller` to one behind `callee`; returns both reports and
@@ -65,6 +66,8 @@ fn an_easy_caller_reaches_a_random_callee_and_the_search_cleans_up() {
     assert!(ra.received > 0 && rb.received > 0);
     assert_eq!((ra.lost, rb.lost), (0, 0));
     assert_eq!(sim.stats.calls_birthday.load(Ordering::Relaxed), 1);
+    // The manager saw it end normally: a birthday call that worked.
+    assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::Ok), 1);
     assert_eq!(sim.manager_udp_non_stun, 0, "no probe reached the manager");
 }
 
@@ -149,4 +152,6 @@ fn a_search_that_finds_nothing_gives_up_at_its_deadline_and_closes_its_sockets()
     assert!((550..=650).contains(&ra.probes_sent), "{}", ra.probes_sent);
     assert_eq!(sim.clients[b].sockets.len(), 1, "bob's search sockets are all closed");
     assert_eq!(sim.owned_calls(), 0, "the manager forgot the call");
+    assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::SetupTimeout), 1);
+    assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::Ok), 0);
 }

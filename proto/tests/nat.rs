@@ -74,6 +74,7 @@ fn random_against_random_is_refused_at_once_with_the_reason_and_counted() {
     assert_eq!(sim.stats.calls_no_path.load(Ordering::Relaxed), 1);
     assert_eq!(sim.stats.calls_rejected.load(Ordering::Relaxed), 1);
     assert_eq!(sim.stats.calls_direct.load(Ordering::Relaxed), 0);
+    assert_eq!(sim.stats.by_strategy.get(Strategy::NoPath, proto::shard::stats::CallOutcome::Refused), 1);
     assert_eq!(sim.owned_calls(), 0);
 }
 

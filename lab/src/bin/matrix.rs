@@ -63,8 +63,7 @@ fn run_cell(a: Mode, b: Mode, calls: u16) -> Result<Cell, String> {
     };
     for i in 0..calls {
         lab.flush_conntrack()?;
-        let bob =
-            lab.peer(Host::B, "bob", 41000 + i, &["--setup-timeout", "2", "listen", "--calls", "1", "--json"])?;
+        let bob = lab.peer(Host::B, "bob", 41000 + i, &["--setup-timeout", "2", "listen", "--calls", "1", "--json"])?;
         std::thread::sleep(Duration::from_millis(400));
         let started = Instant::now();
         let o = lab
@@ -171,7 +170,9 @@ fn main() {
             }
         }
     }
-    println!("CALL -> first two-way media, {calls} calls per cell (caller behind r1, callee behind r2), each call cold");
+    println!(
+        "CALL -> first two-way media, {calls} calls per cell (caller behind r1, callee behind r2), each call cold"
+    );
     println!("(conntrack flushed, fresh peers and ports); probes: the easy side's, per search; ct: UDP conntrack");
     println!("entries on each router after the call\n");
     println!(
@@ -202,10 +203,9 @@ fn main() {
         bad |= v.is_err();
         let note = match (&v, c.has_path()) {
             (Err(e), _) => e.clone(),
-            (Ok(()), false) => format!(
-                "no relay-free path: every call refused, slowest {:.2} s",
-                c.slowest_failure.as_secs_f64()
-            ),
+            (Ok(()), false) => {
+                format!("no relay-free path: every call refused, slowest {:.2} s", c.slowest_failure.as_secs_f64())
+            }
             (Ok(()), true) => String::new(),
         };
         println!(

@@ -33,7 +33,7 @@ use crate::wire::frame::{
 };
 
 use crate::shard::bindings::{binding_shard, BindingTable, TxId, MAX_BINDINGS, PURGE_EVERY};
-use crate::shard::stats::Stats;
+use crate::shard::stats::{CallOutcome, Stats};
 
 /// Frames a connection may have refused (ERROR NotRegistered or Unexpected) before it is
 /// closed: a client that keeps sending what it may not send is broken or hostile.
@@ -335,6 +335,8 @@ struct CallRec {
     callee_addr: SocketAddr,
     callee_source: AddrSource,
     callee_nat: NatClass,
+    /// How the call's path is made (from both classes), for the per-strategy outcomes.
+    strategy: Strategy,
     token: u64,
     state: CallState,
     /// When the owner shard took the CALL.
@@ -726,7 +728,13 @@ impl Shard {
                     self.deliver(conn, Some(not_party(call_id)), Track::None);
                     return;
                 };
-                self.end_call(call_id);
+                let outcome = match reason {
+                    HangupReason::Normal | HangupReason::Shutdown => CallOutcome::Ok,
+                    HangupReason::Timeout => CallOutcome::SetupTimeout,
+                    HangupReason::PeerGone => CallOutcome::MediaStopped,
+                    _ => CallOutcome::OtherHangup,
+                };
+                self.end_call(call_id, outcome);
                 self.deliver(other, Some(Frame::Hangup { call_id, reason }), Track::Remove(call_id));
             }
             ShardMsg::Decline { call_id, conn, reason } => {
@@ -740,7 +748,7 @@ impl Shard {
                 }
                 let (caller_conn, call_ref) = (rec.caller_conn, rec.call_ref);
                 self.stats.inc(&self.stats.calls_rejected);
-                self.end_call(call_id);
+                self.end_call(call_id, CallOutcome::Declined);
                 self.deliver(conn, None, Track::Remove(call_id));
                 self.deliver(caller_conn, Some(Frame::Reject { call_ref, call_id, reason }), Track::Remove(call_id));
             }
@@ -751,7 +759,7 @@ impl Shard {
                 if conn != caller_conn && conn != callee_conn {
                     return;
                 }
-                self.end_call(call_id);
+                self.end_call(call_id, CallOutcome::PartyGone);
                 // A call still ringing cannot go on: tell the other side. A started call's media
                 // is direct and may well continue; the peers decide by media timeout.
                 if ringing && conn == callee_conn {
@@ -846,7 +854,7 @@ impl Shard {
             let rec = self.calls.get(&call_id).expect("collected above");
             let (caller_conn, callee_conn, call_ref) = (rec.caller_conn, rec.callee_conn, rec.call_ref);
             self.stats.inc(&self.stats.calls_ring_timeout);
-            self.end_call(call_id);
+            self.end_call(call_id, CallOutcome::RingTimeout);
             let f = Frame::Reject { call_ref, call_id, reason: RejectReason::Timeout };
             self.deliver(caller_conn, Some(f), Track::Remove(call_id));
             let f = Frame::Hangup { call_id, reason: HangupReason::Timeout };
@@ -888,6 +896,7 @@ impl Shard {
                 Frame::Reject { .. } => {
                     self.stats.inc(&self.stats.calls_rejected);
                     self.stats.inc(&self.stats.calls_no_path);
+                    self.stats.by_strategy.record(Strategy::NoPath, CallOutcome::Refused);
                 }
                 _ => self.stats.inc(&self.stats.calls_unknown),
             }
@@ -916,6 +925,7 @@ impl Shard {
                 callee_addr,
                 callee_source,
                 callee_nat,
+                strategy: nat::strategy(caller_nat, callee_nat),
                 token,
                 state: CallState::Ringing { deadline: now + self.cfg.ring_timeout },
                 requested: now,
@@ -955,9 +965,10 @@ impl Shard {
         self.deliver(caller_conn, Some(f), Track::None);
     }
 
-    fn end_call(&mut self, call_id: CallId) {
+    fn end_call(&mut self, call_id: CallId, outcome: CallOutcome) {
         if let Some(rec) = self.calls.remove(&call_id) {
             self.stats.inc(&self.stats.calls_ended);
+            self.stats.by_strategy.record(rec.strategy, outcome);
             if let Some(e) = self.dir.get_mut(&rec.callee) {
                 e.active_calls = e.active_calls.saturating_sub(1);
             }

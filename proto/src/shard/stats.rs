@@ -10,6 +10,8 @@ macro_rules! stats {
             $($(#[doc = $d])* pub $f: AtomicU64,)+
             /// CALL to START at the call's owner shard (the manager's share of call setup).
             pub setup_time: LatencyHistogram,
+            /// Calls by strategy and by how they ended at the manager.
+            pub by_strategy: StrategyOutcomes,
         }
 
         impl Stats {
@@ -24,6 +26,97 @@ macro_rules! stats {
             }
         }
     };
+}
+
+/// How a call ended at the manager, for [`StrategyOutcomes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// A party hung up normally (HANGUP `Normal` or `Shutdown`): the call was up.
+    Ok,
+    /// A party gave up waiting for the path (HANGUP `Timeout`: no media, or a search that
+    /// found no port pair).
+    SetupTimeout,
+    /// A party's media stopped (HANGUP `PeerGone`).
+    MediaStopped,
+    /// Another HANGUP reason.
+    OtherHangup,
+    /// The callee declined (REJECT from the callee).
+    Declined,
+    /// The callee did not answer (no PUNCHED within the ring timeout).
+    RingTimeout,
+    /// A party's connection closed while the call was known.
+    PartyGone,
+    /// Refused before INCOMING: no relay-free path.
+    Refused,
+}
+
+impl CallOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [CallOutcome; 8] = [
+        CallOutcome::Ok,
+        CallOutcome::SetupTimeout,
+        CallOutcome::MediaStopped,
+        CallOutcome::OtherHangup,
+        CallOutcome::Declined,
+        CallOutcome::RingTimeout,
+        CallOutcome::PartyGone,
+        CallOutcome::Refused,
+    ];
+
+    /// Its label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::SetupTimeout => "setup_timeout",
+            CallOutcome::MediaStopped => "media_stopped",
+            CallOutcome::OtherHangup => "other_hangup",
+            CallOutcome::Declined => "declined",
+            CallOutcome::RingTimeout => "ring_timeout",
+            CallOutcome::PartyGone => "party_gone",
+            CallOutcome::Refused => "refused",
+        }
+    }
+}
+
+/// The strategies, in label order.
+pub const STRATEGIES: [crate::nat::Strategy; 4] = [
+    crate::nat::Strategy::Direct,
+    crate::nat::Strategy::Birthday,
+    crate::nat::Strategy::Predict,
+    crate::nat::Strategy::NoPath,
+];
+
+/// Calls by strategy and outcome: relaxed atomics, written once per call at its end.
+#[derive(Debug, Default)]
+pub struct StrategyOutcomes {
+    counts: [[AtomicU64; CallOutcome::ALL.len()]; STRATEGIES.len()],
+}
+
+impl StrategyOutcomes {
+    /// Count one call of `strategy` that ended with `outcome`.
+    pub fn record(&self, strategy: crate::nat::Strategy, outcome: CallOutcome) {
+        let s = STRATEGIES.iter().position(|x| *x == strategy).expect("every strategy is listed");
+        let o = CallOutcome::ALL.iter().position(|x| *x == outcome).expect("every outcome is listed");
+        self.counts[s][o].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count for one pair.
+    pub fn get(&self, strategy: crate::nat::Strategy, outcome: CallOutcome) -> u64 {
+        let s = STRATEGIES.iter().position(|x| *x == strategy).expect("every strategy is listed");
+        let o = CallOutcome::ALL.iter().position(|x| *x == outcome).expect("every outcome is listed");
+        self.counts[s][o].load(Ordering::Relaxed)
+    }
+
+    /// Every (strategy, outcome, count), in label order.
+    pub fn read(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (s, strategy) in STRATEGIES.iter().enumerate() {
+            for (o, outcome) in CallOutcome::ALL.iter().enumerate() {
+                out.push((strategy.as_str(), outcome.as_str(), self.counts[s][o].load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
 }
 
 /// Upper bounds of the setup-time buckets, microseconds.
@@ -157,7 +250,21 @@ impl Stats {
 
     /// The counters as a JSON object string.
     pub fn to_json(&self) -> String {
-        let body: Vec<String> = self.snapshot().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let mut body: Vec<String> = self.snapshot().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        // "calls_by_strategy": {"birthday": {"ok": 2, ...}, ...}, non-zero pairs only.
+        let mut by: Vec<String> = Vec::new();
+        for s in STRATEGIES {
+            let pairs: Vec<String> = CallOutcome::ALL
+                .iter()
+                .map(|o| (o.as_str(), self.by_strategy.get(s, *o)))
+                .filter(|(_, n)| *n > 0)
+                .map(|(o, n)| format!("\"{o}\":{n}"))
+                .collect();
+            if !pairs.is_empty() {
+                by.push(format!("\"{}\":{{{}}}", s.as_str(), pairs.join(",")));
+            }
+        }
+        body.push(format!("\"calls_by_strategy\":{{{}}}", by.join(",")));
         format!("{{{}}}", body.join(","))
     }
 }
