@@ -395,6 +395,13 @@ impl App for PeerApp {
             Event::Incoming { caller, caller_addr, .. } => {
                 tracing::info!(%caller, %caller_addr, "incoming call: null packet sent, PUNCHED replied");
             }
+            Event::PairFound { handle, peer, probes_sent, after } => tracing::info!(
+                call = handle.0,
+                %peer,
+                probes_sent,
+                after_ms = after.as_millis() as u64,
+                "birthday search found its port pair"
+            ),
             Event::MediaFlowing { handle } => {
                 tracing::info!("first packet from the peer: path is two-way");
                 self.media.start(handle, ctx.now, None);

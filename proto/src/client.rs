@@ -326,6 +326,18 @@ pub enum Event {
         /// The callee's public address.
         peer: SocketAddr,
     },
+    /// A birthday search found its port pair (this side heard the other, or the other's
+    /// confirmation arrived). Comes before `Started` (caller) and `MediaFlowing`.
+    PairFound {
+        /// Local handle.
+        handle: CallHandle,
+        /// The peer's address on the pair (easy side: the port the search found).
+        peer: SocketAddr,
+        /// Probes this side had sent.
+        probes_sent: u64,
+        /// START (caller) or INCOMING (callee) to the hit.
+        after: Duration,
+    },
     /// The first packet from the peer arrived: the path works both ways from here.
     MediaFlowing {
         /// Local handle.
@@ -1412,8 +1424,15 @@ impl Client {
         }
         c.found_here = true;
         c.deadline = Some(now + self.cfg.first_media_timeout);
+        let found = Event::PairFound {
+            handle: h,
+            peer: c.peer_addr.unwrap_or(from),
+            probes_sent: c.probes_sent,
+            after: now.saturating_duration_since(c.setup_done.unwrap_or(c.created)),
+        };
         // The other side may not know yet: tell it from the pair itself.
         queue_null(&mut self.out, c, now, false);
+        self.out.push_back(Queued::Event(found));
         if c.role == Role::Caller {
             c.state = CallState::Media;
             let (call_id, peer) = (c.call_id.expect("a searching caller had START"), from);

@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use proto::client::{CallReport, EndReason, SocketId};
+use proto::client::{CallReport, EndReason, Event, SocketId};
 use proto::nat::{NatClass, Strategy, RANDOM_PORT_COUNT};
 use proto::shard::stats::CallOutcome;
 use sim::{Net, Plan, Sim, SimNat};
@@ -49,6 +49,14 @@ fn an_easy_caller_reaches_a_random_callee_and_the_search_cleans_up() {
     assert_eq!(sim.clients[b].sockets_opened, 256);
     assert!(rb.probes_sent >= 256, "{rb:#?}");
     assert_eq!(sim.clients[b].sockets.keys().copied().collect::<Vec<_>>(), vec![SocketId::MAIN]);
+    // Each side reported the pair once, as a typed event, before its media.
+    for i in [a, b] {
+        let found: Vec<_> = sim.clients[i].events.iter().filter(|e| matches!(e, Event::PairFound { .. })).collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        let first_flowing = sim.clients[i].events.iter().position(|e| matches!(e, Event::MediaFlowing { .. }));
+        let pair = sim.clients[i].events.iter().position(|e| matches!(e, Event::PairFound { .. }));
+        assert!(pair < first_flowing, "PairFound after MediaFlowing");
+    }
     // The easy side (alice) sent the probes, each one a conntrack entry on its router.
     assert_eq!(ra.sockets_opened, 0);
     assert!(ra.probes_sent >= 1);

@@ -132,6 +132,8 @@ pub struct SimClient {
     pub flows: HashMap<(SocketAddr, SocketAddr), Instant>,
     /// Inbound datagrams its firewall dropped.
     pub firewall_drops: u64,
+    /// Every event the client emitted, in order.
+    pub events: Vec<Event>,
 }
 
 /// Knobs of the simulated network.
@@ -344,6 +346,7 @@ impl Sim {
             reports: Vec::new(),
             flows: HashMap::new(),
             firewall_drops: 0,
+            events: Vec::new(),
         });
         self.by_udp.insert(udp, (i, SocketId::MAIN));
         // Connect: the TCP peer address is the client's public IP with an ephemeral port.
@@ -520,6 +523,7 @@ impl Sim {
     fn on_event(&mut self, i: usize, ev: Event) {
         let now = self.now;
         let c = &mut self.clients[i];
+        c.events.push(ev.clone());
         match ev {
             Event::Started { handle, .. } => {
                 let Plan::Call { talk, .. } = c.plan else { return };
