@@ -88,6 +88,7 @@ impl RingSockets {
     pub(crate) fn open(&mut self, ring: &mut crate::uring::Ring, id: SocketId) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let ip = self.ip.ok_or_else(|| io::Error::other("the main socket has no local address"))?;
+        self.prune();
         let s = open(ip)?;
         let ix = ring.add_socket(crate::uring::Sock::Fd(s.as_raw_fd()))?;
         self.added.push((ix, id));
@@ -100,6 +101,11 @@ impl RingSockets {
             let _ = ring.remove_socket(ix);
             self.closed.push((Instant::now(), s));
         }
+        self.prune();
+    }
+
+    /// Close the sockets whose grace has passed.
+    fn prune(&mut self) {
         let now = Instant::now();
         self.closed.retain(|(t, _)| now.duration_since(*t) < GRACE);
     }

@@ -773,7 +773,12 @@ fn busy_unknown_and_reject_end_pending_calls() {
     for f in [
         Frame::Busy { call_ref: h1.0 },
         Frame::Unknown { call_ref: h2.0, reason: UnknownReason::Offline },
-        Frame::Reject { call_ref: h3.0, call_id: CallId(0), reason: RejectReason::SelfCall },
+        Frame::Reject {
+            call_ref: h3.0,
+            call_id: CallId(0),
+            reason: RejectReason::SelfCall,
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
     ] {
         let out = t.frame(10, f);
         assert!(out.frames.is_empty() && out.dgrams.is_empty(), "{out:?}");

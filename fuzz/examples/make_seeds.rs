@@ -91,7 +91,12 @@ fn frame_decode(dir: &Path) {
             callee_addr: v6,
             callee_nat: proto::nat::NatClass::Unknown,
         },
-        Frame::Reject { call_ref: 0, call_id: CallId(3), reason: RejectReason::Timeout },
+        Frame::Reject {
+            call_ref: 0,
+            call_id: CallId(3),
+            reason: RejectReason::Timeout,
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
         Frame::Busy { call_ref: 7 },
         Frame::Unknown { call_ref: 2, reason: UnknownReason::Offline },
         Frame::Hangup { call_id: CallId(8), reason: HangupReason::PeerGone },
@@ -160,9 +165,10 @@ fn datagram(dir: &Path) {
     let n = stun::emit_binding_success_with(&txid, addr("192.0.2.10:40010"), Some(addr("198.51.100.1:3479")), &mut b);
     write(dir, "stun-binding-success-other", &b[..n]);
     // The birthday search's hit: the hard side's probe from its IP, then its media.
-    let n =
-        NullPacket { call_id: SEARCH_CALL_ID, token: SEARCH_TOKEN, keepalive: false, from_caller: true, probe: true }
-            .emit(&mut b);
+    // Its token field is the caller's probe tag, not the token.
+    let tag = proto::wire::null::probe_tag(SEARCH_TOKEN, true);
+    let n = NullPacket { call_id: SEARCH_CALL_ID, token: tag, keepalive: false, from_caller: true, probe: true }
+        .emit(&mut b);
     let probe = b[..n].to_vec();
     let search_rtp = rtp(SEARCH_TOKEN as u32, 7, 960, b"found");
     write(dir, "search-hit", &datagram::join(&[&probe, &search_rtp]));
@@ -211,7 +217,18 @@ fn manager_conn(dir: &Path) {
     write(dir, "call-hangup", &s.0);
 
     let mut s = Script(base.clone());
-    s.frame(b, &Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined }).deliver().deliver().deliver();
+    s.frame(
+        b,
+        &Frame::Reject {
+            call_ref: 0,
+            call_id,
+            reason: RejectReason::Declined,
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
+    )
+    .deliver()
+    .deliver()
+    .deliver();
     write(dir, "call-declined", &s.0);
 
     let mut s = Script(base.clone());

@@ -88,7 +88,7 @@ fn seeds_reach_deep_states() {
     assert!(to(1, "Incoming") && to(0, "Start") && to(1, "Hangup"));
     assert!(!to(0, "Error") && !to(1, "Error"));
     let to = replay("limits");
-    assert!(to(0, "Reject { call_ref: 1, call_id: CallId(0), reason: CallerLimit }"));
+    assert!(to(0, "Reject { call_ref: 1, call_id: CallId(0), reason: CallerLimit"));
     assert!(to(1, "Error { code: RateLimited"));
     assert!(to(4, "Error { code: TooManyConnections"));
     let to = replay("secret");

@@ -304,7 +304,7 @@ fn birthday_cell(a: Mode, b: Mode, io: &str) {
     }
     let stats = m.stop().unwrap();
     assert_eq!(stats["calls_birthday"], 2, "{pair}: {stats}");
-    assert_eq!(stats["calls_by_strategy"]["birthday"]["ok"], 2, "{pair}: {stats}");
+    assert_eq!(stats["calls_by_strategy"]["birthday"]["hung_up"], 2, "{pair}: {stats}");
     assert_eq!(stats["udp_media"], 0, "{pair}: {stats}");
 }
 

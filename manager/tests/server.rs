@@ -527,8 +527,21 @@ fn callee_declines_with_reject() {
     bob.register(&id("bob"), 2);
     alice.call(11, &id("bob"));
     let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
-    bob.send(&Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined });
-    assert_eq!(alice.recv(), Frame::Reject { call_ref: 11, call_id, reason: RejectReason::Declined });
+    bob.send(&Frame::Reject {
+        call_ref: 0,
+        call_id,
+        reason: RejectReason::Declined,
+        callee_nat: proto::nat::NatClass::Unknown,
+    });
+    assert_eq!(
+        alice.recv(),
+        Frame::Reject {
+            call_ref: 11,
+            call_id,
+            reason: RejectReason::Declined,
+            callee_nat: proto::nat::NatClass::Unknown
+        }
+    );
     assert_eq!(get(&m.stats().calls_rejected), 1);
     assert_eq!(get(&m.stats().calls_ended), 1);
     // The call is gone: PUNCHED now names an unknown call.
@@ -552,8 +565,21 @@ fn call_to_unknown_callee_never_registered_then_offline() {
     // Bob is reachable while connected...
     alice.call(22, &id("bob"));
     let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
-    bob.send(&Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined });
-    assert_eq!(alice.recv(), Frame::Reject { call_ref: 22, call_id, reason: RejectReason::Declined });
+    bob.send(&Frame::Reject {
+        call_ref: 0,
+        call_id,
+        reason: RejectReason::Declined,
+        callee_nat: proto::nat::NatClass::Unknown,
+    });
+    assert_eq!(
+        alice.recv(),
+        Frame::Reject {
+            call_ref: 22,
+            call_id,
+            reason: RejectReason::Declined,
+            callee_nat: proto::nat::NatClass::Unknown
+        }
+    );
     // ...and offline once he disconnects.
     drop(bob);
     wait_closed(m.stats(), 1);
@@ -723,7 +749,15 @@ fn self_call_unknown_call_and_not_party() {
     carol.register(&id("carol"), 3);
 
     alice.call(41, &id("alice"));
-    assert_eq!(alice.recv(), Frame::Reject { call_ref: 41, call_id: CallId(0), reason: RejectReason::SelfCall });
+    assert_eq!(
+        alice.recv(),
+        Frame::Reject {
+            call_ref: 41,
+            call_id: CallId(0),
+            reason: RejectReason::SelfCall,
+            callee_nat: proto::nat::NatClass::Unknown
+        }
+    );
     assert_eq!(get(&m.stats().calls_rejected), 1);
 
     // Unknown call ids owned by either shard.
@@ -800,7 +834,12 @@ fn hangup_for_a_call_id_naming_a_missing_shard_is_ignored() {
 #[test]
 fn reject_for_a_call_id_naming_a_missing_shard_is_ignored() {
     call_id_naming_a_missing_shard(
-        Frame::Reject { call_ref: 0, call_id: MISSING_SHARD, reason: RejectReason::Declined },
+        Frame::Reject {
+            call_ref: 0,
+            call_id: MISSING_SHARD,
+            reason: RejectReason::Declined,
+            callee_nat: proto::nat::NatClass::Unknown,
+        },
         None,
     );
 }
@@ -819,7 +858,12 @@ fn caller_sending_reject_still_ends_the_call_when_it_disconnects() {
     let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
     // Let the owner's note that alice is a party reach alice's shard first.
     alice.expect_quiet();
-    alice.send(&Frame::Reject { call_ref: 0, call_id, reason: RejectReason::Declined });
+    alice.send(&Frame::Reject {
+        call_ref: 0,
+        call_id,
+        reason: RejectReason::Declined,
+        callee_nat: proto::nat::NatClass::Unknown,
+    });
     alice.expect_error(ErrorCode::NotParty);
     bob.expect_quiet();
     let t = Instant::now();
@@ -847,7 +891,15 @@ fn unanswered_call_times_out_on_both_sides() {
     // the real IO, and no sooner than the ring timeout.)
     alice.call(51, &id("bob"));
     let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
-    assert_eq!(alice.recv(), Frame::Reject { call_ref: 51, call_id, reason: RejectReason::Timeout });
+    assert_eq!(
+        alice.recv(),
+        Frame::Reject {
+            call_ref: 51,
+            call_id,
+            reason: RejectReason::Timeout,
+            callee_nat: proto::nat::NatClass::Unknown
+        }
+    );
     assert!(t.elapsed() >= Duration::from_millis(500), "rejected before the ring timeout: {:?}", t.elapsed());
     assert_eq!(bob.recv(), Frame::Hangup { call_id, reason: HangupReason::Timeout });
 
@@ -870,7 +922,15 @@ fn callee_disconnecting_while_ringing_rejects_the_call() {
     alice.call(61, &id("bob"));
     let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
     drop(bob);
-    assert_eq!(alice.recv(), Frame::Reject { call_ref: 61, call_id, reason: RejectReason::CalleeGone });
+    assert_eq!(
+        alice.recv(),
+        Frame::Reject {
+            call_ref: 61,
+            call_id,
+            reason: RejectReason::CalleeGone,
+            callee_nat: proto::nat::NatClass::Unknown
+        }
+    );
     let s = m.stats();
     assert_eq!(get(&s.calls_rejected), 1);
     assert_eq!(get(&s.calls_ended), 1);
@@ -1256,7 +1316,15 @@ fn a_caller_at_its_call_limit_gets_caller_limit() {
     std::thread::sleep(Duration::from_millis(200));
     alice.ping(5);
     alice.call(2, &id("carol"));
-    assert_eq!(alice.recv(), Frame::Reject { call_ref: 2, call_id: CallId(0), reason: RejectReason::CallerLimit });
+    assert_eq!(
+        alice.recv(),
+        Frame::Reject {
+            call_ref: 2,
+            call_id: CallId(0),
+            reason: RejectReason::CallerLimit,
+            callee_nat: proto::nat::NatClass::Unknown
+        }
+    );
     carol.expect_quiet();
     let s = m.stats();
     assert_eq!((get(&s.calls_caller_limit), get(&s.calls_rejected)), (1, 1));

@@ -162,8 +162,8 @@ fn the_managers_metrics_endpoint_serves_valid_prometheus_text() {
         "nullpunch_manager_registrations_total 2\n",
         "nullpunch_manager_calls_by_outcome_total{outcome=\"started\"} 1\n",
         // Both peers on loopback classify as endpoint-independent: a direct call that worked.
-        "nullpunch_manager_calls_by_strategy_total{strategy=\"direct\",outcome=\"ok\"} 1\n",
-        "nullpunch_manager_calls_by_strategy_total{strategy=\"birthday\",outcome=\"ok\"} 0\n",
+        "nullpunch_manager_calls_by_strategy_total{strategy=\"direct\",outcome=\"hung_up\"} 1\n",
+        "nullpunch_manager_calls_by_strategy_total{strategy=\"birthday\",outcome=\"hung_up\"} 0\n",
         "nullpunch_manager_setup_seconds_count 1\n",
         "nullpunch_manager_udp_media_total 0\n",
     ] {

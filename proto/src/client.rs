@@ -38,7 +38,7 @@ use crate::stats::RtpReceiverStats;
 use crate::wire::frame::{
     AddrSource, AuthToken, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason,
 };
-use crate::wire::null::{NullPacket, NULL_LEN};
+use crate::wire::null::{probe_tag, NullPacket, NULL_LEN};
 use crate::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN, OPUS_CLOCK_HZ, OPUS_PAYLOAD_TYPE};
 use crate::wire::stun::{self, StunMessage, TransactionId};
 use crate::wire::{classify, DatagramKind};
@@ -547,6 +547,10 @@ struct Search {
     /// Easy side: when the next probe is due, and probes sent in this round.
     next_probe: Option<Instant>,
     round_sent: u32,
+    /// The token field of this side's probes, and the one the peer's must carry
+    /// ([`crate::wire::null::probe_tag`]).
+    tx_tag: u64,
+    rx_tag: u64,
 }
 
 impl Call {
@@ -675,6 +679,8 @@ impl Client {
             &mut cfg.ping_interval,
             &mut cfg.stun_interval,
             &mut cfg.null_retry_initial,
+            &mut cfg.birthday_repunch,
+            &mut cfg.birthday_pause,
         ] {
             *d = (*d).max(FLOOR);
         }
@@ -794,10 +800,17 @@ impl Client {
             Frame::Start { call_ref, call_id, token, callee_addr, callee_nat } => {
                 self.on_start(now, CallHandle(call_ref), call_id, token, (callee_addr, callee_nat))
             }
-            Frame::Reject { call_ref, call_id, reason } => {
+            Frame::Reject { call_ref, call_id, reason, callee_nat } => {
                 let h = self.caller_pending(call_ref).or_else(|| self.by_call_id.get(&call_id).copied());
                 match h {
-                    Some(h) => self.end_call(now, h, EndReason::Rejected(reason), None),
+                    Some(h) => {
+                        if let Some(c) = self.calls.get_mut(&h) {
+                            if callee_nat != NatClass::Unknown {
+                                c.peer_nat = callee_nat;
+                            }
+                        }
+                        self.end_call(now, h, EndReason::Rejected(reason), None)
+                    }
                     None => self.counters.frames_unexpected += 1,
                 }
             }
@@ -1352,6 +1365,8 @@ impl Client {
             walk: None,
             next_probe: None,
             round_sent: 0,
+            tx_tag: probe_tag(c.token, c.role == Role::Caller),
+            rx_tag: probe_tag(c.token, c.role != Role::Caller),
         };
         if c.strategy.opens_sockets(self.nat) {
             for _ in 0..self.cfg.birthday_sockets.max(1) {
@@ -1359,7 +1374,7 @@ impl Client {
                 self.next_socket = self.next_socket.wrapping_add(1).max(1);
                 self.out.push_back(Queued::Open(id));
                 s.sockets.push(id);
-                queue_probe(&mut self.out, c, id, peer, now);
+                queue_probe(&mut self.out, c, s.tx_tag, id, peer, now);
             }
             c.sockets_opened = s.sockets.len() as u32;
             s.next_repunch = Some(now + self.cfg.birthday_repunch);
@@ -1411,7 +1426,9 @@ impl Client {
 
     /// The search of call `h` found its pair (a packet from the peer arrived on `socket`
     /// from `from`): keep that pair, close the other sockets, confirm at once.
-    fn lock_pair(&mut self, now: Instant, h: CallHandle, socket: SocketId, from: SocketAddr) {
+    /// `by_probe`: the packet was the other side's probe (this side found the pair), not its
+    /// confirmation or media (the other side found it).
+    fn lock_pair(&mut self, now: Instant, h: CallHandle, socket: SocketId, from: SocketAddr, by_probe: bool) {
         let c = self.calls.get_mut(&h).expect("caller checked");
         let Some(s) = c.search.take() else { return };
         if s.sockets.is_empty() {
@@ -1422,7 +1439,7 @@ impl Client {
                 self.out.push_back(Queued::Close(*id));
             }
         }
-        c.found_here = true;
+        c.found_here = by_probe;
         c.deadline = Some(now + self.cfg.first_media_timeout);
         let found = Event::PairFound {
             handle: h,
@@ -1480,7 +1497,7 @@ impl Client {
                 self.counters.dgram_wrong_source += 1;
                 return None;
             }
-            self.lock_pair(now, h, socket, from);
+            self.lock_pair(now, h, socket, from, false);
         }
         let c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
         if c.peer_addr != Some(from) || c.socket != socket {
@@ -1497,17 +1514,34 @@ impl Client {
         // A tagged setup null (call id and token checked): only such a packet may lock a
         // search's pair or move it; a bare null proves nothing about who sent it.
         let mut relatch = false;
+        let mut by_probe = false;
         let h = if data.is_empty() {
             // A bare null packet: match by source address.
             self.calls.iter().find(|(_, c)| c.peer_addr == Some(from)).map(|(h, _)| *h)
         } else {
             match NullPacket::parse(data) {
                 Ok(p) => match self.by_call_id.get(&p.call_id) {
-                    Some(&h) if self.calls[&h].token == p.token => {
-                        relatch = !p.keepalive;
-                        Some(h)
+                    Some(&h) => {
+                        let c = &self.calls[&h];
+                        // Sent by the peer (an echo of this side's own packet is not), with
+                        // the token, or for a probe the peer's tag while the search runs.
+                        let from_peer = p.from_caller == (c.role == Role::Callee);
+                        let tagged = if p.probe {
+                            c.search.as_ref().is_some_and(|s| s.rx_tag == p.token)
+                        } else {
+                            c.token == p.token
+                        };
+                        if from_peer && tagged {
+                            // Only a confirmation may move a found pair: a probe's tag may
+                            // be known to whoever caught one.
+                            relatch = !p.keepalive && !p.probe;
+                            by_probe = p.probe;
+                            Some(h)
+                        } else {
+                            None
+                        }
                     }
-                    _ => None,
+                    None => None,
                 },
                 Err(_) => {
                     self.counters.dgram_malformed += 1;
@@ -1526,7 +1560,7 @@ impl Client {
                 self.counters.dgram_wrong_source += 1;
                 return;
             }
-            self.lock_pair(now, h, socket, from);
+            self.lock_pair(now, h, socket, from, by_probe);
         }
         let c = self.calls.get_mut(&h).expect("matched above");
         if c.peer_addr != Some(from) || c.socket != socket {
@@ -1534,7 +1568,10 @@ impl Client {
             // confirmed (a token-checked null from another port of the same IP).
             let easy_side_of_search = c.strategy.searches() && c.sockets_opened == 0 && c.search.is_none();
             let same_ip = c.peer_addr.is_some_and(|a| a.ip() == from.ip());
-            if relatch && easy_side_of_search && same_ip && socket == SocketId::MAIN {
+            // Only in the first moments after the pair was found: later, a moved pair is not
+            // a race of two hits.
+            let fresh = c.first_rx.is_some_and(|t| now.saturating_duration_since(t) < RELATCH_WINDOW);
+            if relatch && easy_side_of_search && same_ip && fresh && socket == SocketId::MAIN {
                 c.peer_addr = Some(from);
                 self.counters.relatched += 1;
             } else {
@@ -1576,8 +1613,7 @@ impl Client {
             local: self.public,
             peer: c.peer_addr,
             nat: self.nat,
-            // The manager refuses a call for want of a path only when both sides randomise.
-            peer_nat: if reason == EndReason::Rejected(RejectReason::NoPath) { NatClass::Random } else { c.peer_nat },
+            peer_nat: c.peer_nat,
             strategy: match (c.role, reason) {
                 // Refused before either side learnt the other's class.
                 (_, EndReason::Rejected(RejectReason::NoPath)) => Strategy::NoPath,
@@ -1615,16 +1651,20 @@ fn queue_null(q: &mut VecDeque<Queued>, c: &mut Call, now: Instant, keepalive: b
     c.last_tx = now;
 }
 
-/// Queue one birthday probe of call `c` from socket `from` to `to`.
-fn queue_probe(q: &mut VecDeque<Queued>, c: &mut Call, from: SocketId, to: SocketAddr, now: Instant) {
+/// Queue one birthday probe of call `c` (token field `tag`) from socket `from` to `to`.
+fn queue_probe(q: &mut VecDeque<Queued>, c: &mut Call, tag: u64, from: SocketId, to: SocketAddr, now: Instant) {
     let Some(call_id) = c.call_id else { return };
     let mut d = SmallDatagram { from, to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
-    NullPacket { call_id, token: c.token, keepalive: false, from_caller: c.role == Role::Caller, probe: true }
+    NullPacket { call_id, token: tag, keepalive: false, from_caller: c.role == Role::Caller, probe: true }
         .emit(&mut d.data);
     q.push_back(Queued::Datagram(d));
     c.probes_sent += 1;
     c.last_tx = now;
 }
+
+/// How long after a search found its pair the easy side may still move to the pair the hard
+/// side confirmed (two hits at once).
+const RELATCH_WINDOW: Duration = Duration::from_secs(2);
 
 /// Probes one timer turn sends at most (a stalled thread does not burst a whole round).
 const MAX_PROBES_PER_TURN: u32 = 64;
@@ -1641,7 +1681,7 @@ fn search_step(q: &mut VecDeque<Queued>, cfg: &ClientConfig, c: &mut Call, now: 
         if now >= t {
             let peer = c.peer_addr.expect("a searching call knows the peer's address");
             for &id in &s.sockets {
-                queue_probe(q, c, id, peer, now);
+                queue_probe(q, c, s.tx_tag, id, peer, now);
             }
             s.next_repunch = Some(now + cfg.birthday_repunch);
         }
@@ -1666,7 +1706,7 @@ fn search_step(q: &mut VecDeque<Queued>, cfg: &ClientConfig, c: &mut Call, now: 
             s.next_probe = None;
             break;
         };
-        queue_probe(q, c, SocketId::MAIN, SocketAddr::new(s.peer_ip, port), now);
+        queue_probe(q, c, s.tx_tag, SocketId::MAIN, SocketAddr::new(s.peer_ip, port), now);
         s.round_sent += 1;
         sent += 1;
         // On the rate's grid, but never owing more than one turn's worth after a stall.

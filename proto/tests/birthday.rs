@@ -75,7 +75,7 @@ fn an_easy_caller_reaches_a_random_callee_and_the_search_cleans_up() {
     assert_eq!((ra.lost, rb.lost), (0, 0));
     assert_eq!(sim.stats.calls_birthday.load(Ordering::Relaxed), 1);
     // The manager saw it end normally: a birthday call that worked.
-    assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::Ok), 1);
+    assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::HungUp), 1);
     assert_eq!(sim.manager_udp_non_stun, 0, "no probe reached the manager");
 }
 
@@ -161,7 +161,7 @@ fn a_search_that_finds_nothing_gives_up_at_its_deadline_and_closes_its_sockets()
     assert_eq!(sim.clients[b].sockets.len(), 1, "bob's search sockets are all closed");
     assert_eq!(sim.owned_calls(), 0, "the manager forgot the call");
     assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::SetupTimeout), 1);
-    assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::Ok), 0);
+    assert_eq!(sim.stats.by_strategy.get(Strategy::Birthday, CallOutcome::HungUp), 0);
 }
 
 /// 10% of datagrams lost both ways (probes, confirmations, media): every search still
@@ -188,4 +188,86 @@ fn searches_under_ten_percent_loss_all_connect() {
     }
     times.sort_unstable();
     eprintln!("20 birthday calls under 10% loss: time to two-way media p50 {:?}, max {:?}", times[10], times[19]);
+}
+
+/// The easy side's probes go to thousands of ports of the hard side's IP, often a NAT shared
+/// with strangers. Whoever catches one, or a reflector that echoes it, must not be able to
+/// lock the search, nor move a pair once found: only the hard side's own probe (tagged from
+/// the token and its role), a confirmation carrying the token, or its RTP counts.
+#[test]
+fn a_caught_or_echoed_probe_cannot_lock_or_move_the_pair() {
+    use proto::client::{Client, ClientConfig, Output};
+    use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
+    use proto::wire::null::{probe_tag, NullPacket};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut c = Client::new(ClientConfig::new(ClientId::new("bob").unwrap(), 5004), 7);
+    c.handle_connected(t0);
+    c.handle_frame(t0, Frame::Registered { public: "198.51.100.9:5004".parse().unwrap(), source: AddrSource::Stun });
+    let (call_id, token) = (CallId(0x0001_0000_0000_0042), 0x0102_0304_0506_0708u64);
+    let hard: SocketAddr = "203.0.113.50:41000".parse().unwrap();
+    c.handle_frame(
+        t0,
+        Frame::Incoming {
+            call_id,
+            token,
+            caller: ClientId::new("alice").unwrap(),
+            caller_addr: hard,
+            caller_nat: NatClass::Random,
+        },
+    );
+    let drain = |c: &mut Client| {
+        let mut buf = [0u8; 1500];
+        let mut out = (Vec::new(), Vec::new());
+        loop {
+            match c.poll_output(&mut buf).unwrap() {
+                Output::Transmit(t) => out.0.push((t.to, buf[..t.len].to_vec())),
+                Output::Event(e) => out.1.push(e),
+                Output::Timeout(_) => return out,
+                _ => {}
+            }
+        }
+    };
+    let (sent, _) = drain(&mut c);
+    let own_probe = sent.iter().find(|(to, _)| to.ip() == hard.ip()).expect("bob probes alice's IP").1.clone();
+    let null = |token: u64, from_caller: bool, probe: bool| {
+        let mut b = [0u8; 20];
+        NullPacket { call_id, token, keepalive: false, from_caller, probe }.emit(&mut b);
+        b.to_vec()
+    };
+    let found = |events: &[Event]| events.iter().any(|e| matches!(e, Event::PairFound { .. }));
+    let port = |p: u16| SocketAddr::new(hard.ip(), p);
+
+    // An echo of bob's own probe, from another port of alice's IP: ignored.
+    c.handle_datagram(at(10), port(5000), &own_probe);
+    // A probe with bob's tag but claiming to be alice's: ignored (the tag is per role).
+    c.handle_datagram(at(20), port(5001), &null(probe_tag(token, false), true, true));
+    // A probe claiming alice's role without the token-derived tag: ignored.
+    c.handle_datagram(at(30), port(5002), &null(token, true, true));
+    let (_, ev) = drain(&mut c);
+    assert!(!found(&ev), "{ev:?}");
+    assert!(!c.can_send(proto::client::CallHandle(1)) && c.counters().dgram_unmatched >= 3, "{:?}", c.counters());
+
+    // Alice's real probe locks the pair on its port; bob confirms there at once.
+    c.handle_datagram(at(40), port(6000), &null(probe_tag(token, true), true, true));
+    let (sent, ev) = drain(&mut c);
+    assert!(found(&ev), "{ev:?}");
+    assert!(sent
+        .iter()
+        .any(|(to, d)| *to == port(6000) && NullPacket::parse(d).is_ok_and(|p| !p.probe && p.token == token)));
+    assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6000)));
+
+    // Another of alice's probes (its tag may be known to strangers): does not move the pair.
+    c.handle_datagram(at(50), port(6001), &null(probe_tag(token, true), true, true));
+    assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6000)));
+    // Alice's confirmation from another port soon after (two hits at once): moves it.
+    c.handle_datagram(at(60), port(6002), &null(token, true, false));
+    assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6002)));
+    assert_eq!(c.counters().relatched, 1);
+    // Long after, even a confirmation from elsewhere does not.
+    c.handle_datagram(at(5000), port(6003), &null(token, true, false));
+    assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6002)));
 }

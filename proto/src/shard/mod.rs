@@ -597,12 +597,28 @@ impl Shard {
                 if self.cfg.max_calls_per_conn > 0 && c.calls.len() >= self.cfg.max_calls_per_conn {
                     self.stats.inc(&self.stats.calls_rejected);
                     self.stats.inc(&self.stats.calls_caller_limit);
-                    self.send(conn, Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::CallerLimit });
+                    self.send(
+                        conn,
+                        Frame::Reject {
+                            call_ref,
+                            call_id: CallId(0),
+                            reason: RejectReason::CallerLimit,
+                            callee_nat: crate::nat::NatClass::Unknown,
+                        },
+                    );
                     return;
                 }
                 if caller == callee {
                     self.stats.inc(&self.stats.calls_rejected);
-                    self.send(conn, Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::SelfCall });
+                    self.send(
+                        conn,
+                        Frame::Reject {
+                            call_ref,
+                            call_id: CallId(0),
+                            reason: RejectReason::SelfCall,
+                            callee_nat: crate::nat::NatClass::Unknown,
+                        },
+                    );
                     return;
                 }
                 let caller_addr = c.public.expect("registered connections have a public address");
@@ -728,8 +744,10 @@ impl Shard {
                     self.deliver(conn, Some(not_party(call_id)), Track::None);
                     return;
                 };
+                let started = rec.state == CallState::Started;
                 let outcome = match reason {
-                    HangupReason::Normal | HangupReason::Shutdown => CallOutcome::Ok,
+                    HangupReason::Normal | HangupReason::Shutdown if started => CallOutcome::HungUp,
+                    HangupReason::Normal | HangupReason::Shutdown => CallOutcome::Cancelled,
                     HangupReason::Timeout => CallOutcome::SetupTimeout,
                     HangupReason::PeerGone => CallOutcome::MediaStopped,
                     _ => CallOutcome::OtherHangup,
@@ -750,7 +768,11 @@ impl Shard {
                 self.stats.inc(&self.stats.calls_rejected);
                 self.end_call(call_id, CallOutcome::Declined);
                 self.deliver(conn, None, Track::Remove(call_id));
-                self.deliver(caller_conn, Some(Frame::Reject { call_ref, call_id, reason }), Track::Remove(call_id));
+                self.deliver(
+                    caller_conn,
+                    Some(Frame::Reject { call_ref, call_id, reason, callee_nat: crate::nat::NatClass::Unknown }),
+                    Track::Remove(call_id),
+                );
             }
             ShardMsg::PartyGone { call_id, conn } => {
                 let Some(rec) = self.calls.get(&call_id) else { return };
@@ -764,7 +786,12 @@ impl Shard {
                 // is direct and may well continue; the peers decide by media timeout.
                 if ringing && conn == callee_conn {
                     self.stats.inc(&self.stats.calls_rejected);
-                    let f = Frame::Reject { call_ref, call_id, reason: RejectReason::CalleeGone };
+                    let f = Frame::Reject {
+                        call_ref,
+                        call_id,
+                        reason: RejectReason::CalleeGone,
+                        callee_nat: crate::nat::NatClass::Unknown,
+                    };
                     self.deliver(caller_conn, Some(f), Track::Remove(call_id));
                 } else if ringing {
                     let f = Frame::Hangup { call_id, reason: HangupReason::PeerGone };
@@ -855,7 +882,12 @@ impl Shard {
             let (caller_conn, callee_conn, call_ref) = (rec.caller_conn, rec.callee_conn, rec.call_ref);
             self.stats.inc(&self.stats.calls_ring_timeout);
             self.end_call(call_id, CallOutcome::RingTimeout);
-            let f = Frame::Reject { call_ref, call_id, reason: RejectReason::Timeout };
+            let f = Frame::Reject {
+                call_ref,
+                call_id,
+                reason: RejectReason::Timeout,
+                callee_nat: crate::nat::NatClass::Unknown,
+            };
             self.deliver(caller_conn, Some(f), Track::Remove(call_id));
             let f = Frame::Hangup { call_id, reason: HangupReason::Timeout };
             self.deliver(callee_conn, Some(f), Track::Remove(call_id));
@@ -886,7 +918,7 @@ impl Shard {
             Some(e) if e.conn.is_none() => Some(Frame::Unknown { call_ref, reason: UnknownReason::Offline }),
             Some(e) if e.active_calls >= e.max_calls as u32 => Some(Frame::Busy { call_ref }),
             Some(e) if nat::strategy(caller_nat, e.nat) == Strategy::NoPath => {
-                Some(Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::NoPath })
+                Some(Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::NoPath, callee_nat: e.nat })
             }
             Some(_) => None,
         };

@@ -31,8 +31,11 @@ macro_rules! stats {
 /// How a call ended at the manager, for [`StrategyOutcomes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallOutcome {
-    /// A party hung up normally (HANGUP `Normal` or `Shutdown`): the call was up.
-    Ok,
+    /// A party hung up normally (HANGUP `Normal` or `Shutdown`) after START. The manager
+    /// does not see media: the peers' reports say whether any flowed.
+    HungUp,
+    /// A party hung up normally before START (the caller gave up while it rang).
+    Cancelled,
     /// A party gave up waiting for the path (HANGUP `Timeout`: no media, or a search that
     /// found no port pair).
     SetupTimeout,
@@ -52,8 +55,9 @@ pub enum CallOutcome {
 
 impl CallOutcome {
     /// Every outcome, in label order.
-    pub const ALL: [CallOutcome; 8] = [
-        CallOutcome::Ok,
+    pub const ALL: [CallOutcome; 9] = [
+        CallOutcome::HungUp,
+        CallOutcome::Cancelled,
         CallOutcome::SetupTimeout,
         CallOutcome::MediaStopped,
         CallOutcome::OtherHangup,
@@ -66,7 +70,8 @@ impl CallOutcome {
     /// Its label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            CallOutcome::Ok => "ok",
+            CallOutcome::HungUp => "hung_up",
+            CallOutcome::Cancelled => "cancelled",
             CallOutcome::SetupTimeout => "setup_timeout",
             CallOutcome::MediaStopped => "media_stopped",
             CallOutcome::OtherHangup => "other_hangup",
@@ -251,7 +256,7 @@ impl Stats {
     /// The counters as a JSON object string.
     pub fn to_json(&self) -> String {
         let mut body: Vec<String> = self.snapshot().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
-        // "calls_by_strategy": {"birthday": {"ok": 2, ...}, ...}, non-zero pairs only.
+        // "calls_by_strategy": {"birthday": {"hung_up": 2, ...}, ...}, non-zero pairs only.
         let mut by: Vec<String> = Vec::new();
         for s in STRATEGIES {
             let pairs: Vec<String> = CallOutcome::ALL

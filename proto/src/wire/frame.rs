@@ -357,6 +357,9 @@ pub enum Frame {
         call_id: CallId,
         /// Why.
         reason: RejectReason,
+        /// With `NoPath`: the callee's NAT class (so the caller can report both sides);
+        /// [`NatClass::Unknown`] is sent as nothing (optional trailing field, as in START).
+        callee_nat: NatClass,
     },
     /// Manager -> caller: the callee is at its concurrent-call limit.
     Busy {
@@ -498,10 +501,13 @@ impl Frame {
                     put_nat(out, *callee_nat);
                 }
             }
-            Frame::Reject { call_ref, call_id, reason } => {
+            Frame::Reject { call_ref, call_id, reason, callee_nat } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.push(reason.code());
+                if *callee_nat != NatClass::Unknown {
+                    put_nat(out, *callee_nat);
+                }
             }
             Frame::Busy { call_ref } => out.extend_from_slice(&call_ref.to_be_bytes()),
             Frame::Unknown { call_ref, reason } => {
@@ -615,6 +621,7 @@ impl Frame {
                 call_ref: r.u32()?,
                 call_id: CallId(r.u64()?),
                 reason: RejectReason::from_code(r.u8()?)?,
+                callee_nat: r.nat_opt()?,
             },
             ty::BUSY => Frame::Busy { call_ref: r.u32()? },
             ty::UNKNOWN => Frame::Unknown { call_ref: r.u32()?, reason: UnknownReason::from_code(r.u8()?)? },
@@ -879,7 +886,18 @@ mod tests {
             },
             Frame::Punched { call_id: CallId(3), udp_port: 5004 },
             Frame::Start { call_ref: 1, call_id: CallId(3), token: 5, callee_addr: v6, callee_nat: NatClass::Unknown },
-            Frame::Reject { call_ref: 0, call_id: CallId(3), reason: RejectReason::Timeout },
+            Frame::Reject {
+                call_ref: 0,
+                call_id: CallId(3),
+                reason: RejectReason::Timeout,
+                callee_nat: NatClass::Unknown,
+            },
+            Frame::Reject {
+                call_ref: 9,
+                call_id: CallId(0),
+                reason: RejectReason::NoPath,
+                callee_nat: NatClass::Random,
+            },
             Frame::Busy { call_ref: u32::MAX },
             Frame::Unknown { call_ref: 2, reason: UnknownReason::Offline },
             Frame::Hangup { call_id: CallId(8), reason: HangupReason::PeerGone },
@@ -1003,6 +1021,9 @@ mod tests {
             Frame::Start { call_ref, call_id, token, callee_addr, .. } => {
                 out.push(Frame::Start { call_ref, call_id, token, callee_addr, callee_nat: NatClass::Unknown })
             }
+            Frame::Reject { call_ref, call_id, reason, .. } => {
+                out.push(Frame::Reject { call_ref, call_id, reason, callee_nat: NatClass::Unknown })
+            }
             _ => {}
         }
         out
@@ -1059,7 +1080,8 @@ mod tests {
                 }
                 // After an INCOMING or START without a NAT class, as the start of one.
                 Frame::Incoming { caller_nat: NatClass::Unknown, .. }
-                | Frame::Start { callee_nat: NatClass::Unknown, .. } => {
+                | Frame::Start { callee_nat: NatClass::Unknown, .. }
+                | Frame::Reject { callee_nat: NatClass::Unknown, .. } => {
                     assert!(matches!(err, FrameError::Truncated { .. }), "{f:?}: {err:?}")
                 }
                 _ => assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}"),

@@ -73,6 +73,21 @@ pub struct NullPacket {
     pub probe: bool,
 }
 
+/// The token field of a search probe: a tag derived from the call's token and the sender's
+/// role (the first 8 bytes of HMAC-SHA256 keyed with the token over
+/// `"nullpunch probe v1"` and one byte, 1 for the caller, 0 for the callee). The easy side
+/// sprays its probes over thousands of ports of the hard side's public IP, often a NAT shared
+/// with strangers: whoever catches one learns that side's tag, not the token, and cannot
+/// forge the other side's probes, a confirmation or the RTP (whose SSRCs are token halves).
+pub fn probe_tag(token: u64, from_caller: bool) -> u64 {
+    use hmac::{Hmac, Mac};
+    let mut m = Hmac::<sha2::Sha256>::new_from_slice(&token.to_be_bytes()).expect("HMAC takes any key length");
+    m.update(b"nullpunch probe v1");
+    m.update(&[from_caller as u8]);
+    let out = m.finalize().into_bytes();
+    u64::from_be_bytes(out[..8].try_into().expect("32 bytes of output"))
+}
+
 impl NullPacket {
     /// Write the packet into `buf` (at least [`NULL_LEN`] bytes); returns its length.
     pub fn emit(&self, buf: &mut [u8]) -> usize {
