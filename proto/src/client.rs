@@ -1491,15 +1491,16 @@ impl Client {
             self.counters.dgram_unmatched += 1;
             return None;
         };
-        let c = self.calls.get(&h).expect("by_ssrc entries point at live calls");
+        let mut c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
         if c.state == CallState::Searching {
+            // Rare (a search's first packet): the hot path below takes one lookup.
             if !Self::search_hit(c, socket, from) {
                 self.counters.dgram_wrong_source += 1;
                 return None;
             }
             self.lock_pair(now, h, socket, from, false);
+            c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
         }
-        let c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
         if c.peer_addr != Some(from) || c.socket != socket {
             self.counters.dgram_wrong_source += 1;
             return None;
