@@ -1135,7 +1135,7 @@ fn with_a_secret_only_a_valid_token_for_the_id_registers() {
     b.expect_closed();
     // Expired.
     let mut c = Client::connect(&m, "expired");
-    c.send(&register_frame("alice", Some(secret.mint(&id("alice"), engine::sys::unix_now() - 1))));
+    c.send(&register_frame("alice", Some(secret.mint(&id("alice"), engine::sys::unix_now() - 5))));
     c.expect_error(ErrorCode::Unauthorized);
     c.expect_closed();
     // Minted with another secret, or with the expiry stretched after minting.
