@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # nullpunch firewall lab: network namespaces with real netfilter/conntrack routers.
 #
-#   lab.sh up PREFIX MODE_A MODE_B   build the topology (modes: fw | nat | nat-random)
+#   lab.sh up PREFIX MODE_A MODE_B   build the topology (modes: fw | nat | nat-random | nat2)
 #   lab.sh down PREFIX               remove everything PREFIX created (idempotent)
 #   lab.sh loss PREFIX ROUTER PCT    drop PCT% of UDP forwarded by ROUTER (r1|r2); 0 clears
 #   lab.sh udp-timeout PREFIX SECS   set both routers' conntrack UDP timeouts (unreplied, stream)
 #   lab.sh counters PREFIX ROUTER    print "name packets" for the router's counters
-#   lab.sh shell PREFIX HOST         an interactive shell in HOST (mgr|r1|r2|a|b)
+#   lab.sh shell PREFIX HOST         an interactive shell in HOST (mgr|r1|r2|a|b|c|i1|i2)
 #
 # Topology (names are PREFIX + name; several labs can run side by side):
 #
-#   a 10.1.0.2 --lan0-- r1 --wan0 198.18.0.11--+
-#                                              +-- br0 (inet) -- mgr 198.18.0.1 (manager on :80, STUN also
-#                                              |                    on :81 and 198.18.0.2:80)
-#   b 10.2.0.2 --lan0-- r2 --wan0 198.18.0.12--+
+#   a 10.1.0.2 --+
+#                +-- lan0 (bridge) r1 --wan0 198.18.0.11--+
+#   c 10.1.0.3 --+                                        +-- br0 (inet) -- mgr 198.18.0.1 (manager on
+#                                                         |      :80, STUN also on :81 and 198.18.0.2:80)
+#   b 10.2.0.2 ----- lan0 (bridge) r2 --wan0 198.18.0.12--+
+#
+# c shares a's LAN and router: two peers behind one NAT. Mode `nat2` puts a second NAT
+# router (i1 or i2, mode `nat`) between the LAN and the router, on a carrier-grade segment
+# 100.64.N.0/24 (the router's lan0 100.64.N.1, the inner router's wan0 100.64.N.2): a double
+# NAT, the LAN's addresses unchanged.
 #
 # Each router: forward policy drop; established/related accepted; from the LAN only TCP to
 # port 80 and UDP (and ICMP) go out; everything else is dropped and counted (udp_drop,
@@ -28,7 +34,7 @@ set -euo pipefail
 cmd=${1:-}
 P=${2:-}
 [ -n "$cmd" ] && [ -n "$P" ] || { sed -n '2,10p' "$0"; exit 2; }
-HOSTS=(inet mgr r1 r2 a b)
+HOSTS=(inet mgr r1 r2 a b c i1 i2)
 ns() { echo "${P}$1"; }
 nsx() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
 
@@ -68,6 +74,15 @@ table ip labnat {
 }
 NFT
         ;;
+        nat2) nft -f - <<NFT
+table ip labnat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat;
+        oifname "wan0" masquerade
+    }
+}
+NFT
+        ;;
         nat-random) nft -f - <<NFT
 table ip labnat {
     chain postrouting {
@@ -77,14 +92,17 @@ table ip labnat {
 }
 NFT
         ;;
-        *) echo "unknown router mode $mode (fw|nat|nat-random)" >&2; return 2 ;;
+        *) echo "unknown router mode $mode (fw|nat|nat-random|nat2)" >&2; return 2 ;;
     esac
 }
 
 up() {
     local mode_a=$1 mode_b=$2
-    case $mode_a$mode_b in *[!a-z-]*) echo "bad modes" >&2; exit 2 ;; esac
-    for h in "${HOSTS[@]}"; do
+    case $mode_a$mode_b in *[!a-z0-9-]*) echo "bad modes" >&2; exit 2 ;; esac
+    local hosts=(inet mgr r1 r2 a b c)
+    [ "$mode_a" = nat2 ] && hosts+=(i1)
+    [ "$mode_b" = nat2 ] && hosts+=(i2)
+    for h in "${hosts[@]}"; do
         ip netns add "$(ns "$h")"
         nsx "$h" ip link set lo up
     done
@@ -104,19 +122,49 @@ up() {
     nsx mgr ip addr add 198.18.0.2/24 dev eth0
     nsx r1 ip addr add 198.18.0.11/24 dev wan0
     nsx r2 ip addr add 198.18.0.12/24 dev wan0
-    # LANs.
-    ip link add lan0 netns "$(ns r1)" type veth peer name eth0 netns "$(ns a)"
-    ip link add lan0 netns "$(ns r2)" type veth peer name eth0 netns "$(ns b)"
-    nsx r1 ip addr add 10.1.0.1/24 dev lan0
-    nsx r2 ip addr add 10.2.0.1/24 dev lan0
-    nsx a ip addr add 10.1.0.2/24 dev eth0
-    nsx b ip addr add 10.2.0.2/24 dev eth0
-    nsx a ip link set eth0 up
-    nsx b ip link set eth0 up
-    nsx r1 ip link set lan0 up
-    nsx r2 ip link set lan0 up
-    nsx a ip route add default via 10.1.0.1
-    nsx b ip route add default via 10.2.0.1
+    # LANs: a bridge (lan0) in the LAN's gateway, a port on it per host.
+    local n gw mode
+    for n in 1 2; do
+        mode=$mode_a
+        [ "$n" = 2 ] && mode=$mode_b
+        gw=r$n
+        nsx "r$n" ip link add lan0 type bridge
+        nsx "r$n" ip link set lan0 up
+        if [ "$mode" = nat2 ]; then
+            # The carrier-grade segment between the router and the inner NAT router.
+            gw=i$n
+            nsx "r$n" ip addr add "100.64.$n.1/24" dev lan0
+            ip link add "l-i$n" netns "$(ns "r$n")" type veth peer name wan0 netns "$(ns "i$n")"
+            nsx "r$n" ip link set "l-i$n" master lan0 up
+            nsx "i$n" ip addr add "100.64.$n.2/24" dev wan0
+            nsx "i$n" ip link set wan0 up
+            nsx "i$n" ip route add default via "100.64.$n.1"
+            nsx "i$n" ip link add lan0 type bridge
+            nsx "i$n" ip link set lan0 up
+            nsx "i$n" sysctl -qw net.ipv4.ip_forward=1
+            nsx "i$n" bash -c "$(declare -f router_rules); router_rules nat"
+        fi
+        nsx "$gw" ip addr add "10.$n.0.1/24" dev lan0
+    done
+    # A LAN switch is not the router's firewall: bridged frames skip netfilter (the kernel
+    # has br_netfilter built in, which would otherwise pass them through the IP hooks).
+    for h in r1 r2 i1 i2; do
+        if ip netns list | grep -qw "^$(ns "$h")"; then
+            nsx "$h" sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0 \
+                net.bridge.bridge-nf-call-arptables=0
+        fi
+    done
+    local h host_ip
+    for h in a b c; do
+        case $h in a) n=1; host_ip=10.1.0.2 ;; b) n=2; host_ip=10.2.0.2 ;; c) n=1; host_ip=10.1.0.3 ;; esac
+        gw=r$n
+        ip netns list | grep -qw "^$(ns "i$n")" && gw=i$n
+        ip link add "l-$h" netns "$(ns "$gw")" type veth peer name eth0 netns "$(ns "$h")"
+        nsx "$gw" ip link set "l-$h" master lan0 up
+        nsx "$h" ip addr add "$host_ip/24" dev eth0
+        nsx "$h" ip link set eth0 up
+        nsx "$h" ip route add default via "10.$n.0.1"
+    done
     # Routes for the un-NATed (fw) case: the LANs are reachable through their routers.
     nsx mgr ip route add 10.1.0.0/24 via 198.18.0.11
     nsx mgr ip route add 10.2.0.0/24 via 198.18.0.12

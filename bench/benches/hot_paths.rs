@@ -64,6 +64,7 @@ fn session_lookup(c: &mut Criterion) {
                 caller: ClientId::new(format!("c{i}")).unwrap(),
                 caller_addr,
                 caller_nat: proto::nat::NatClass::Unknown,
+                caller_candidates: Vec::new(),
             },
         );
         peers.push((caller_addr, token as u32));

@@ -151,3 +151,64 @@ pub fn init_logging(default_filter: &str) {
     use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::registry().with(log_layer(default_filter)).init();
 }
+
+/// The IPv4 addresses of this host's interfaces that are up, with `port`: a client's host
+/// candidates when its socket is bound to the unspecified address. Loopback and link-local
+/// addresses are left out (a peer behind the same NAT reaches neither), unless `loopback`.
+pub fn host_addrs_v4(port: u16, loopback: bool) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `ifap` that we free below with freeifaddrs;
+    // each node and its `ifa_addr` (checked for null and for family AF_INET, so it points at
+    // a sockaddr_in) stay valid until then.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut p = ifap;
+        while !p.is_null() {
+            let ifa = &*p;
+            p = ifa.ifa_next;
+            let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+            if !up || ifa.ifa_addr.is_null() || i32::from((*ifa.ifa_addr).sa_family) != libc::AF_INET {
+                continue;
+            }
+            let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if ip.is_link_local() || ip.is_unspecified() || (ip.is_loopback() && !loopback) {
+                continue;
+            }
+            let a = std::net::SocketAddr::from((ip, port));
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
+}
+
+/// The IPv4 default gateway of the main routing table (from `/proc/net/route`), if any.
+pub fn default_gateway_v4() -> Option<std::net::Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    // Columns: Iface Destination Gateway Flags ...; hex, in host (little-endian) byte order.
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 4 || f[1] != "00000000" {
+            return None;
+        }
+        let gw = u32::from_str_radix(f[2], 16).ok().filter(|g| *g != 0)?;
+        Some(std::net::Ipv4Addr::from(u32::from_be(gw)))
+    })
+}
+
+/// The local IPv4 address this host sends from towards `to` (a UDP socket is connected,
+/// which sends nothing, and asked its address).
+pub fn source_ip_towards(to: std::net::SocketAddr) -> Option<std::net::Ipv4Addr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect(to).ok()?;
+    match s.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+        _ => None,
+    }
+}

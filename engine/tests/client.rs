@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 
 use proto::client::{
     CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, MediaFields, Output,
-    Role,
+    PathKind, Role,
 };
 use proto::rng::Rng;
-use proto::wire::frame::{AddrSource, CallId, ClientId, Frame, HangupReason, RejectReason, UnknownReason};
+use proto::wire::frame::{
+    AddrSource, CallId, Candidate, CandidateKind, ClientId, Frame, HangupReason, RejectReason, UnknownReason,
+};
 use proto::wire::null::NullPacket;
 use proto::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
 use proto::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
@@ -73,6 +75,7 @@ fn incoming_frame() -> Frame {
         caller: id("alice"),
         caller_addr: caller_addr(),
         caller_nat: proto::nat::NatClass::Unknown,
+        caller_candidates: Vec::new(),
     }
 }
 
@@ -216,6 +219,7 @@ impl T {
                 token: TOKEN,
                 callee_addr: callee_addr(),
                 callee_nat: proto::nat::NatClass::Unknown,
+                callee_candidates: Vec::new(),
             },
         );
         assert!(matches!(out.events[..], [Event::Started { .. }]), "{out:?}");
@@ -357,7 +361,8 @@ fn unanswered_discovery_retries_four_times_then_registers_without_binding() {
                 max_calls: 1,
                 binding: None,
                 auth: None,
-                nat: proto::nat::NatClass::Unknown
+                nat: proto::nat::NatClass::Unknown,
+                candidates: Vec::new()
             }
         )]
     );
@@ -411,7 +416,8 @@ fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
             max_calls: 1,
             binding: Some(txid),
             auth: None,
-            nat: proto::nat::NatClass::Unknown
+            nat: proto::nat::NatClass::Unknown,
+            candidates: Vec::new()
         }]
     );
     assert!(matches!(out.events[..], [Event::Discovered { mapped: Some(m), .. }] if m == mapped), "{out:?}");
@@ -446,7 +452,8 @@ fn without_a_stun_server_register_goes_out_at_once() {
             max_calls: 1,
             binding: None,
             auth: None,
-            nat: proto::nat::NatClass::Unknown
+            nat: proto::nat::NatClass::Unknown,
+            candidates: Vec::new()
         }]
     );
     assert!(out.dgrams.is_empty(), "no STUN without a server");
@@ -643,6 +650,7 @@ fn caller_sends_one_null_on_start_and_streams_then_no_media_ends_it() {
             token: TOKEN,
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: Vec::new(),
         },
     );
     assert!(out.frames.is_empty(), "{out:?}");
@@ -710,6 +718,7 @@ fn start_for_an_unknown_call_ref_is_hung_up_and_a_duplicate_start_ignored() {
             token: 5,
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: Vec::new(),
         },
     );
     assert_eq!(out.frames, vec![Frame::Hangup { call_id: CallId(77), reason: HangupReason::Timeout }]);
@@ -726,6 +735,7 @@ fn start_for_an_unknown_call_ref_is_hung_up_and_a_duplicate_start_ignored() {
             token: TOKEN,
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: Vec::new(),
         },
     );
     assert!(out.is_empty(), "{out:?}");
@@ -755,6 +765,7 @@ fn no_start_within_start_timeout_ends_the_call_without_hangup() {
             token: TOKEN,
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: Vec::new(),
         },
     );
     assert_eq!(out.frames, vec![Frame::Hangup { call_id: CALL_ID, reason: HangupReason::Timeout }]);
@@ -880,6 +891,8 @@ fn bad_datagrams_are_counted_and_dropped() {
             frames_unexpected: 0,
             sockets_failed: 0,
             relatched: 0,
+            latched_elsewhere: 0,
+            early_nulls: 0,
         }
     );
     assert!(t.drain().is_empty(), "none of that is a packet from the peer");
@@ -1214,4 +1227,126 @@ fn a_small_output_buffer_is_an_error_and_loses_nothing() {
         Output::Transmit(tx) => assert_eq!(classify(&buf[..tx.len]), DatagramKind::Null),
         o => panic!("expected the null packet, got {o:?}"),
     }
+}
+
+// ------------------------------------------------------------------------------ 9. candidates
+
+fn host(s: &str) -> Candidate {
+    Candidate { kind: CandidateKind::Host, addr: addr(s) }
+}
+
+#[test]
+fn register_names_the_host_addresses_once_each() {
+    let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
+    cfg.host_candidates = vec![addr("10.1.0.3:5004"), addr("[fd00::3]:5004"), addr("10.1.0.3:5004")];
+    let mut t = T::new(cfg);
+    t.c.handle_connected(t.at(0));
+    let out = t.drain();
+    let want = vec![host("10.1.0.3:5004"), host("[fd00::3]:5004")];
+    assert!(matches!(&out.frames[..], [Frame::Register { candidates, .. }] if *candidates == want), "{out:?}");
+}
+
+#[test]
+fn a_callee_punches_every_caller_address_and_follows_the_one_that_answers() {
+    let mut t = T::registered();
+    let lan = addr("10.1.0.2:40000");
+    let f = Frame::Incoming {
+        call_id: CALL_ID,
+        token: TOKEN,
+        caller: id("alice"),
+        caller_addr: caller_addr(),
+        caller_nat: proto::nat::NatClass::Unknown,
+        caller_candidates: vec![host("10.1.0.2:40000"), host("203.0.113.7:40000")],
+    };
+    let out = t.frame(0, f);
+    let h = match out.events[..] {
+        [Event::Incoming { handle, .. }] => handle,
+        _ => panic!("{out:?}"),
+    };
+    // One null to the public address and one to the host address (the duplicate of the
+    // public one is not sent twice), both before PUNCHED.
+    let to: Vec<SocketAddr> = out.dgrams.iter().map(|(to, _)| *to).collect();
+    assert_eq!(to, vec![caller_addr(), lan]);
+    assert!(matches!(out.frames[..], [Frame::Punched { .. }]));
+    // The caller's null arrives from its host address: that is the path.
+    assert!(t.dgram(5, lan, &null(CALL_ID, TOKEN, false, true)).is_none());
+    let out = t.drain();
+    assert!(matches!(out.events[..], [Event::MediaFlowing { handle }] if handle == h), "{out:?}");
+    assert_eq!(out.dgrams.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![lan], "confirmed on that path only");
+    assert_eq!(t.c.peer_addr(h), Some(lan));
+    // Media from the public address now is someone else's: the path does not move.
+    assert!(t.dgram(6, caller_addr(), &rtp(CALLER_SSRC, 1, 0, b"x")).is_none());
+    assert!(t.dgram(7, lan, &rtp(CALLER_SSRC, 2, 960, b"x")).is_some());
+    assert_eq!(t.c.counters().dgram_wrong_source, 1);
+    t.c.hangup(t.at(100), h).unwrap();
+    let r = reports(&t.drain().events);
+    assert_eq!((r[0].path, r[0].candidates_tried), (PathKind::Host, 2));
+}
+
+#[test]
+fn a_callees_punch_that_beats_start_sets_the_callers_path_at_once() {
+    let mut t = T::registered();
+    let h = t.c.call(t.at(0), id("carol")).unwrap();
+    t.drain();
+    // Behind one NAT: the callee's punch to this side's host address arrives before START.
+    let lan = addr("10.1.0.3:5004");
+    assert!(t.dgram(3, lan, &null(CALL_ID, TOKEN, false, false)).is_none());
+    // One from a stranger with the same call and token is kept too but never matches: it is
+    // neither the callee's public IP nor one of its host addresses.
+    assert!(t.dgram(3, addr("192.0.2.99:1"), &null(CALL_ID, TOKEN, false, false)).is_none());
+    assert_eq!(t.c.counters().dgram_unmatched, 2);
+    let out = t.frame(
+        5,
+        Frame::Start {
+            call_ref: h.0,
+            call_id: CALL_ID,
+            token: TOKEN,
+            callee_addr: callee_addr(),
+            callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: vec![host("10.1.0.3:5004")],
+        },
+    );
+    assert!(matches!(out.events[..], [Event::Started { peer, .. }] if peer == lan), "{out:?}");
+    assert_eq!(t.c.counters().early_nulls, 1);
+    assert_eq!(out.dgrams.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![lan]);
+    let (to, _, _) = t.send(6, h, b"x", 960).unwrap();
+    assert_eq!(to, lan);
+    assert!(t.dgram(8, lan, &null(CALL_ID, TOKEN, false, false)).is_none());
+    t.c.hangup(t.at(100), h).unwrap();
+    let r = reports(&t.drain().events);
+    assert_eq!((r[0].path, r[0].candidates_tried), (PathKind::Host, 1), "{:?}", r[0]);
+}
+
+#[test]
+fn without_an_early_punch_the_caller_tries_the_host_address_first_then_latches_what_answers() {
+    let mut t = T::registered();
+    let h = t.c.call(t.at(0), id("carol")).unwrap();
+    t.drain();
+    let lan = addr("10.1.0.3:5004");
+    let out = t.frame(
+        5,
+        Frame::Start {
+            call_ref: h.0,
+            call_id: CALL_ID,
+            token: TOKEN,
+            callee_addr: callee_addr(),
+            callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: vec![host("10.1.0.3:5004")],
+        },
+    );
+    assert!(matches!(out.events[..], [Event::Started { peer, .. }] if peer == lan), "{out:?}");
+    assert_eq!(out.dgrams.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![lan, callee_addr()]);
+    // The callee's NAT answered from another port of its public IP (a peer-reflexive
+    // address): that is the path, and media follows it.
+    let prflx = SocketAddr::new(callee_addr().ip(), 61000);
+    // Not from an unrelated IP, though.
+    assert!(t.dgram(7, addr("192.0.2.99:1"), &null(CALL_ID, TOKEN, false, false)).is_none());
+    assert_eq!(t.c.counters().dgram_wrong_source, 1);
+    assert!(t.dgram(8, prflx, &null(CALL_ID, TOKEN, false, false)).is_none());
+    assert_eq!(t.c.counters().latched_elsewhere, 1);
+    let (to, _, _) = t.send(9, h, b"x", 960).unwrap();
+    assert_eq!(to, prflx);
+    t.c.hangup(t.at(100), h).unwrap();
+    let r = reports(&t.drain().events);
+    assert_eq!((r[0].path, r[0].candidates_tried), (PathKind::PeerReflexive, 2), "{:?}", r[0]);
 }

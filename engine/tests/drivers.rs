@@ -517,6 +517,7 @@ fn nulls_leave_before_punched(io: Io) {
             caller: caller_id,
             caller_addr: caller.local_addr().unwrap(),
             caller_nat: proto::nat::NatClass::Unknown,
+            caller_candidates: Vec::new(),
         }
         .encode(&mut out);
     }

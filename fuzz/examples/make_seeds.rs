@@ -82,6 +82,7 @@ fn frame_decode(dir: &Path) {
             caller: id("alice"),
             caller_addr: v4,
             caller_nat: proto::nat::NatClass::Unknown,
+            caller_candidates: Vec::new(),
         },
         Frame::Punched { call_id: CallId(3), udp_port: 5004 },
         Frame::Start {
@@ -90,6 +91,7 @@ fn frame_decode(dir: &Path) {
             token: 5,
             callee_addr: v6,
             callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: Vec::new(),
         },
         Frame::Reject {
             call_ref: 0,

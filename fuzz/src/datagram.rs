@@ -145,6 +145,7 @@ impl Harness {
                 caller: id("alice"),
                 caller_addr: caller_addr(),
                 caller_nat: proto::nat::NatClass::Unknown,
+                caller_candidates: Vec::new(),
             },
         );
         let handle = c.call(t0, id("bob")).expect("registered client can call");
@@ -156,6 +157,7 @@ impl Harness {
                 token: CALLER_TOKEN,
                 callee_addr: callee_addr(),
                 callee_nat: proto::nat::NatClass::Unknown,
+                callee_candidates: Vec::new(),
             },
         );
         c.handle_frame(
@@ -166,6 +168,7 @@ impl Harness {
                 caller: id("carol"),
                 caller_addr: searcher_addr(),
                 caller_nat: proto::nat::NatClass::Random,
+                caller_candidates: Vec::new(),
             },
         );
         assert_eq!(c.active_calls(), 3, "the three calls should be up");

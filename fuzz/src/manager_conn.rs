@@ -182,6 +182,7 @@ impl Sim {
                             binding,
                             auth,
                             nat: proto::nat::NatClass::Unknown,
+                            candidates: Vec::new(),
                         },
                     )
                 }

@@ -22,6 +22,9 @@ pub enum Mode {
     Nat,
     /// Firewall plus masquerade fully-random (a new port per flow).
     NatRandom,
+    /// A double NAT: this router masquerades (as [`Mode::Nat`]) a carrier-grade segment
+    /// (100.64.N.0/24) on which a second NAT router (I1 or I2, mode `nat`) serves the LAN.
+    Nat2,
 }
 
 impl Mode {
@@ -31,6 +34,7 @@ impl Mode {
             Mode::Fw => "fw",
             Mode::Nat => "nat",
             Mode::NatRandom => "nat-random",
+            Mode::Nat2 => "nat2",
         }
     }
 
@@ -49,6 +53,8 @@ pub const MANAGER_ALT: &str = "198.18.0.2:80";
 pub const A_IP: &str = "10.1.0.2";
 /// Client B's LAN address (behind r2).
 pub const B_IP: &str = "10.2.0.2";
+/// Client C's LAN address: on A's LAN, behind the same router.
+pub const C_IP: &str = "10.1.0.3";
 /// Router r1's WAN address.
 pub const R1_WAN: &str = "198.18.0.11";
 /// Router r2's WAN address.
@@ -67,6 +73,12 @@ pub enum Host {
     A,
     /// Client B (the callee in the tests).
     B,
+    /// Client C, on A's LAN (two peers behind one NAT).
+    C,
+    /// The inner NAT router in front of A's LAN in mode [`Mode::Nat2`].
+    I1,
+    /// The inner NAT router in front of B's LAN in mode [`Mode::Nat2`].
+    I2,
 }
 
 impl Host {
@@ -77,6 +89,9 @@ impl Host {
             Host::R2 => "r2",
             Host::A => "a",
             Host::B => "b",
+            Host::C => "c",
+            Host::I1 => "i1",
+            Host::I2 => "i2",
         }
     }
 }
@@ -175,7 +190,8 @@ impl Lab {
         let bind = match h {
             Host::A => format!("{A_IP}:{port}"),
             Host::B => format!("{B_IP}:{port}"),
-            _ => return Err("peers run on A or B".into()),
+            Host::C => format!("{C_IP}:{port}"),
+            _ => return Err("peers run on A, B or C".into()),
         };
         let child = self
             .cmd(h, binary("peer")?)

@@ -354,3 +354,88 @@ fn random_to_random_fails_fast_with_the_reason() {
     assert_eq!(stats["calls_by_strategy"]["none"]["refused"], 1, "{stats}");
     assert_eq!(stats["calls_direct"], 0, "{stats}");
 }
+
+/// Two peers behind one NAT (A and C on r1's LAN) reach each other over the LAN: each told
+/// the manager its host address, the manager passed it on because both share a public IP,
+/// and the media never crosses the router (no hairpin: r1 has no conntrack entry between
+/// them). Behind a fully-random NAT too, where the public addresses alone leave no path.
+fn same_nat_cell(mode: Mode) {
+    let lab = Lab::up(mode, Mode::Fw).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let pair = format!("{}, same NAT", mode.as_str());
+    let carol = peer(&lab, Host::C, "carol", 41001, &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "carol", "--duration", "2", "--json"]);
+    let (oa, oc) = (alice.finish(Duration::from_secs(20)), carol.finish(Duration::from_secs(10)));
+    let (ca, cc) = (one(&oa, "alice"), one(&oc, "carol"));
+    assert_eq!(oa.code, 0, "{pair} alice: {ca} {}", oa.stderr);
+    assert_eq!(oc.code, 0, "{pair} carol: {cc} {}", oc.stderr);
+    assert_eq!(u(&cc, "received"), u(&ca, "sent"), "{pair}: {ca} {cc}");
+    assert_eq!(u(&cc, "lost"), 0, "{pair}: {cc}");
+    for (who, c, other_lan) in [("alice", &ca, "10.1.0.3:41001"), ("carol", &cc, "10.1.0.2:40001")] {
+        assert_eq!(s(c, "strategy"), "direct", "{pair} {who}: {c}");
+        assert_eq!(s(c, "path"), "host", "{pair} {who}: {c}");
+        assert!(s(c, "local").starts_with(&format!("{R1_WAN}:")), "{pair} {who}: {c}");
+        // Media went to the other's LAN address, not its public one.
+        assert_eq!(s(c, "peer"), other_lan, "{pair} {who}: {c}");
+    }
+    // The router saw at most the punches to the public addresses (a hairpin it drops), never
+    // a flow from one LAN address to the other.
+    let ct = lab.conntrack_udp(Host::R1).unwrap();
+    let lan_to_lan = ct.lines().find(|l| {
+        let first = |k: &str| l.split_whitespace().find_map(|t| t.strip_prefix(k));
+        first("src=").is_some_and(|a| a.starts_with("10.1.0."))
+            && first("dst=").is_some_and(|a| a.starts_with("10.1.0."))
+    });
+    assert!(lan_to_lan.is_none(), "{pair}: a flow between the two crossed the router:\n{ct}");
+    let stats = m.stop().unwrap();
+    assert_eq!(stats["calls_same_nat"], 1, "{stats}");
+    assert_eq!(stats["calls_no_path"], 0, "{stats}");
+    assert_eq!(stats["calls_by_strategy"]["direct"]["hung_up"], 1, "{stats}");
+}
+
+#[test]
+fn two_peers_behind_one_nat_talk_over_their_lan() {
+    same_nat_cell(Mode::Nat);
+}
+
+#[test]
+fn two_peers_behind_one_random_nat_talk_over_their_lan() {
+    same_nat_cell(Mode::NatRandom);
+}
+
+/// A NAT behind a NAT (A's LAN behind i1 on a carrier-grade segment behind r1), both
+/// keeping ports: the public address is the outer router's, the class endpoint-independent,
+/// and the simple punch works through both layers; each router holds the media flow.
+#[test]
+fn a_double_nat_connects_directly() {
+    let lab = Lab::up(Mode::Nat2, Mode::Nat).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let bob = peer(&lab, Host::B, "bob", 41001, &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "bob", "--duration", "2", "--json"]);
+    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    assert_eq!(oa.code, 0, "alice: {ca} {}", oa.stderr);
+    assert_eq!(ob.code, 0, "bob: {cb} {}", ob.stderr);
+    assert_eq!(u(&cb, "received"), u(&ca, "sent"), "{ca} {cb}");
+    assert!(s(&ca, "local").starts_with(&format!("{R1_WAN}:")), "{ca}");
+    for c in [&ca, &cb] {
+        assert_eq!(s(c, "strategy"), "direct", "{c}");
+        assert_eq!(s(c, "nat_class"), "endpoint-independent", "{c}");
+        assert_eq!(s(c, "path"), "public", "{c}");
+    }
+    let (b_ip, b_port) = s(&cb, "local").split_once(':').unwrap();
+    let inner = lab.conntrack_udp(Host::I1).unwrap();
+    assert!(
+        ct_flow(&inner, &[("src", "10.1.0.2"), ("sport", "40001"), ("dst", b_ip), ("dport", b_port)]).is_some(),
+        "no media flow on the inner router:\n{inner}"
+    );
+    let outer = lab.conntrack_udp(Host::R1).unwrap();
+    assert!(
+        ct_flow(&outer, &[("src", "100.64.1.2"), ("dst", b_ip), ("dport", b_port)]).is_some(),
+        "no media flow on the outer router:\n{outer}"
+    );
+    let stats = m.stop().unwrap();
+    assert_eq!(stats["calls_same_nat"], 0, "{stats}");
+}

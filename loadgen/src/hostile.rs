@@ -224,6 +224,7 @@ fn register_bytes(id: &str) -> Vec<u8> {
         binding: None,
         auth: None,
         nat: proto::nat::NatClass::Unknown,
+        candidates: Vec::new(),
     }
     .encode(&mut b);
     b

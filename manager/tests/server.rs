@@ -227,6 +227,7 @@ impl Client {
             binding,
             auth: None,
             nat: proto::nat::NatClass::Unknown,
+            candidates: Vec::new(),
         });
         match self.recv() {
             Frame::Registered { public, source } => (public, source),
@@ -412,6 +413,7 @@ fn register_twice_on_one_connection_is_unexpected_but_not_fatal() {
         binding: None,
         auth: None,
         nat: proto::nat::NatClass::Unknown,
+        candidates: Vec::new(),
     });
     a.expect_error(ErrorCode::Unexpected);
     a.ping(1);
@@ -514,7 +516,14 @@ fn start_gives_the_stun_address_of_a_callee_registered_with_a_binding() {
     bob.send(&Frame::Punched { call_id, udp_port: 9 });
     assert_eq!(
         alice.recv(),
-        Frame::Start { call_ref: 1, call_id, token, callee_addr: bob_pub, callee_nat: proto::nat::NatClass::Unknown }
+        Frame::Start {
+            call_ref: 1,
+            call_id,
+            token,
+            callee_addr: bob_pub,
+            callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: Vec::new()
+        }
     );
 }
 
@@ -639,7 +648,14 @@ fn duplicate_registration_replaces_the_older_connection() {
     b.send(&Frame::Punched { call_id, udp_port: 2 });
     assert_eq!(
         caller.recv(),
-        Frame::Start { call_ref: 5, call_id, token, callee_addr: b_pub, callee_nat: proto::nat::NatClass::Unknown }
+        Frame::Start {
+            call_ref: 5,
+            call_id,
+            token,
+            callee_addr: b_pub,
+            callee_nat: proto::nat::NatClass::Unknown,
+            callee_candidates: Vec::new()
+        }
     );
 
     let s = m.stats();
@@ -1115,6 +1131,7 @@ fn register_frame(who: &str, auth: Option<proto::wire::frame::AuthToken>) -> Fra
         binding: None,
         auth,
         nat: proto::nat::NatClass::Unknown,
+        candidates: Vec::new(),
     }
 }
 

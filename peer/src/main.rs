@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use engine::driver::{self, App, Ctx};
 use proto::client::{CallReport, Client, ClientConfig, EndReason, Event, Received};
+use proto::portmap::MapEvent;
 use proto::wire::frame::{ClientId, ErrorCode};
 
 mod device;
@@ -119,6 +120,17 @@ struct Args {
     /// Birthday search: seconds from START or INCOMING to give up finding a port pair.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, global = true, value_parser = seconds)]
     birthday_timeout: f64,
+    /// Do not tell the manager this host's own addresses (host candidates). They are passed
+    /// on only to a peer behind the same public IP, which then reaches this one over the
+    /// LAN without a hairpin through the router.
+    #[arg(long, global = true)]
+    no_host_candidates: bool,
+    /// Ask the router for a port mapping of the UDP port (PCP, then NAT-PMP): `auto` asks
+    /// the default gateway unless the manager is on loopback; an IPv4 address asks that
+    /// router; `off` never asks. A mapping is the best address behind any NAT; it is renewed
+    /// before it expires and deleted at exit.
+    #[arg(long, value_name = "auto|off|IP", default_value = "auto", global = true, value_parser = port_mapping_arg)]
+    port_mapping: PortMappingArg,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -175,6 +187,9 @@ struct PeerApp {
     role_caller: Option<(ClientId, Duration)>,
     /// How the manager learned our public address (from REGISTERED).
     local_source: Option<&'static str>,
+    /// The port mapping held (`pcp 11.0.0.11:40001`), or why there is none.
+    mapping: Option<String>,
+    mapping_error: Option<String>,
     calls_left: Option<u32>,
     deadline: Option<Instant>,
     media: Media,
@@ -235,6 +250,8 @@ impl PeerApp {
                 "peer_id": r.peer_id.as_str(),
                 "local": r.local.map(|a| a.to_string()),
                 "local_source": self.local_source,
+                "port_mapping": self.mapping,
+                "port_mapping_error": self.mapping_error,
                 "peer": r.peer.map(|a| a.to_string()),
                 "nat_class": r.nat.as_str(),
                 "nat_step": nat_step(r.nat),
@@ -244,6 +261,8 @@ impl PeerApp {
                 "probes_sent": r.probes_sent,
                 "sockets_opened": r.sockets_opened,
                 "pair_found_here": r.found_here,
+                "candidates_tried": r.candidates_tried,
+                "path": r.path.as_str(),
                 // Setup as loadgen measures it: the call's start to two-way media.
                 "setup_ms": ms(r.first_media),
                 "signalling_ms": ms(r.setup),
@@ -377,6 +396,7 @@ impl App for PeerApp {
                 self.local_source = Some(match source {
                     proto::wire::frame::AddrSource::Stun => "stun",
                     proto::wire::frame::AddrSource::TcpPeer => "tcp-peer",
+                    proto::wire::frame::AddrSource::Mapped => "mapped",
                 });
                 if let Some((callee, _)) = &self.role_caller {
                     if ctx.client.active_calls() == 0 && !self.done {
@@ -441,6 +461,21 @@ impl App for PeerApp {
                 }
             },
             Event::ManagerUnresponsive => tracing::warn!("manager does not answer PING"),
+            Event::PortMapping(e) => match e {
+                MapEvent::Mapped { protocol, external, lifetime, renewed } => {
+                    tracing::info!(protocol = protocol.as_str(), %external, ?lifetime, renewed, "port mapping");
+                    self.mapping = Some(format!("{} {external}", protocol.as_str()));
+                }
+                MapEvent::Failed { reason } => {
+                    tracing::info!("no port mapping: {reason}");
+                    self.mapping_error = Some(reason);
+                }
+                MapEvent::Lost => {
+                    tracing::warn!("port mapping lost: its renewals went unanswered");
+                    self.mapping = None;
+                    self.mapping_error = Some("lost: renewals unanswered".into());
+                }
+            },
         }
     }
 
@@ -541,6 +576,25 @@ fn explain_bad_frame(error: String) -> String {
     }
 }
 
+/// `--port-mapping`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortMappingArg {
+    Auto,
+    Off,
+    Router(std::net::Ipv4Addr),
+}
+
+fn port_mapping_arg(s: &str) -> Result<PortMappingArg, String> {
+    match s {
+        "auto" => Ok(PortMappingArg::Auto),
+        "off" => Ok(PortMappingArg::Off),
+        ip => ip
+            .parse()
+            .map(PortMappingArg::Router)
+            .map_err(|_| format!("`{ip}` is not auto, off or a router's IPv4 address")),
+    }
+}
+
 fn main() -> ExitCode {
     let bad_frames = BadFrames::default();
     {
@@ -589,6 +643,31 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
     cfg.birthday_rate = args.birthday_rate;
     cfg.birthday_budget = args.birthday_budget;
     cfg.birthday_timeout = Duration::from_secs_f64(args.birthday_timeout);
+    if !args.no_host_candidates {
+        // The bound address, or every interface's if bound to the unspecified one.
+        cfg.host_candidates = if local.ip().is_unspecified() {
+            engine::sys::host_addrs_v4(local.port(), manager.ip().is_loopback())
+        } else {
+            vec![local]
+        };
+    }
+    let router = match args.port_mapping {
+        PortMappingArg::Off => None,
+        PortMappingArg::Auto if manager.ip().is_loopback() => None,
+        PortMappingArg::Auto => engine::sys::default_gateway_v4(),
+        PortMappingArg::Router(ip) => Some(ip),
+    };
+    if let Some(router) = router {
+        let server = SocketAddr::from((router, proto::wire::portmap::PORT));
+        let me = match local.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+            _ => engine::sys::source_ip_towards(server),
+        };
+        match me {
+            Some(ip) => cfg.port_mapping = Some((server, ip)),
+            None => tracing::warn!(%router, "no local IPv4 address towards the router: no port mapping"),
+        }
+    }
     let now = Instant::now();
     // The sound device, if asked for; it stays on this thread (cpal streams are not Send).
     let (audio_in, audio_out) = match args.audio.as_deref() {
@@ -682,6 +761,8 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
         bad_frames,
         role_caller: None,
         local_source: None,
+        mapping: None,
+        mapping_error: None,
         calls_left: None,
         deadline: None,
         media,

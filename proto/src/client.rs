@@ -33,12 +33,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::nat::{self, NatClass, Strategy};
+use crate::portmap::{MapEvent, MapProto, PortMapper};
 use crate::rng::Rng;
 use crate::stats::RtpReceiverStats;
 use crate::wire::frame::{
-    AddrSource, AuthToken, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason,
+    AddrSource, AuthToken, CallId, Candidate, CandidateKind, ClientId, ErrorCode, Frame, HangupReason, RejectReason,
+    UnknownReason, MAX_CANDIDATES,
 };
 use crate::wire::null::{probe_tag, NullPacket, NULL_LEN};
+use crate::wire::portmap;
 use crate::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN, OPUS_CLOCK_HZ, OPUS_PAYLOAD_TYPE};
 use crate::wire::stun::{self, StunMessage, TransactionId};
 use crate::wire::{classify, DatagramKind};
@@ -126,6 +129,18 @@ pub struct ClientConfig {
     /// Birthday search, hard side: re-send every socket's probe this often, so the NAT
     /// mappings (and the easy side's window for them) stay open while the search runs.
     pub birthday_repunch: Duration,
+    /// This client's own addresses with its UDP port (host candidates, sent in REGISTER):
+    /// a peer behind the same public IP reaches it there without a hairpin through the
+    /// router. At most [`MAX_CANDIDATES`] are sent.
+    pub host_candidates: Vec<SocketAddr>,
+    /// Ask this router (its address and port 5351) for a port mapping of the UDP port, with
+    /// PCP and then NAT-PMP ([`crate::portmap`]), on behalf of this IPv4 address (the
+    /// socket's address towards the router). Registration waits for the answer (at most
+    /// 600 ms, once); a mapping on the public IP the manager sees is sent in REGISTER and
+    /// handed out to peers instead of the observed address.
+    pub port_mapping: Option<(SocketAddr, std::net::Ipv4Addr)>,
+    /// The lifetime asked for a port mapping (renewed at half of what the router grants).
+    pub port_mapping_lifetime: Duration,
 }
 
 impl ClientConfig {
@@ -156,6 +171,9 @@ impl ClientConfig {
             birthday_pause: Duration::from_secs(5),
             birthday_timeout: Duration::from_secs(30),
             birthday_repunch: Duration::from_secs(10),
+            host_candidates: Vec::new(),
+            port_mapping: None,
+            port_mapping_lifetime: Duration::from_secs(3600),
         }
     }
 }
@@ -276,6 +294,11 @@ pub struct CallReport {
     /// Birthday search: the pair was found by this side hearing the peer (the other side's
     /// probe or punch arrived) rather than by the peer's confirmation.
     pub found_here: bool,
+    /// Addresses of the peer this side sent its setup null packet to (the one the manager
+    /// named and the peer's host candidates; 0 for a search, which counts probes).
+    pub candidates_tried: u32,
+    /// Which of the peer's addresses the media path uses.
+    pub path: PathKind,
     /// Why it ended.
     pub reason: EndReason,
 }
@@ -284,6 +307,36 @@ impl CallReport {
     /// True if the call was set up, media arrived from the peer, and it ended normally.
     pub fn succeeded(&self) -> bool {
         self.reason.is_success() && self.first_media.is_some()
+    }
+}
+
+/// Which of the peer's addresses a call's media path uses (`docs/protocol.md` 5.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PathKind {
+    /// No packet came from the peer.
+    None,
+    /// The public address the manager observed (server-reflexive).
+    Public,
+    /// The peer's port mapping on its router.
+    Mapped,
+    /// One of the peer's host addresses (both behind one NAT, on one LAN).
+    Host,
+    /// An address the manager did not name: the peer's NAT's port towards this side (a
+    /// peer-reflexive address), learnt from the peer's token-checked null packet, or the
+    /// pair a birthday search found.
+    PeerReflexive,
+}
+
+impl PathKind {
+    /// Its name in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::None => "none",
+            PathKind::Public => "public",
+            PathKind::Mapped => "mapped",
+            PathKind::Host => "host",
+            PathKind::PeerReflexive => "peer-reflexive",
+        }
     }
 }
 
@@ -297,6 +350,8 @@ pub enum Event {
         /// How the manager learned it.
         source: AddrSource,
     },
+    /// A port mapping was made, renewed, refused or lost ([`crate::portmap`]).
+    PortMapping(MapEvent),
     /// STUN discovery (and NAT classification) finished (before REGISTER).
     Discovered {
         /// The mapped address, or `None` if every attempt went unanswered.
@@ -477,7 +532,20 @@ pub struct ClientCounters {
     /// Birthday searches where two pairs were found at once and this (easy) side moved to
     /// the one the hard side confirmed.
     pub relatched: u64,
+    /// Calls whose path latched on an address the manager did not name (the peer's host
+    /// address, or its NAT's port towards this side), learnt from the peer's first
+    /// token-checked null packet.
+    pub latched_elsewhere: u64,
+    /// The callee's punches that arrived before START named their call (a LAN or a port
+    /// mapping let them in) and set the path at START. While a call waits for START, such
+    /// null packets are kept (the last [`EARLY_NULLS`]); on arrival each was counted in
+    /// `dgram_unmatched`.
+    pub early_nulls: u64,
 }
+
+/// How many setup null packets of not-yet-started calls a caller keeps (see
+/// [`ClientCounters::early_nulls`]).
+pub const EARLY_NULLS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CallState {
@@ -529,6 +597,11 @@ struct Call {
     probes_sent: u64,
     sockets_opened: u32,
     found_here: bool,
+    /// The peer's address the manager named (INCOMING or START).
+    named: Option<SocketAddr>,
+    /// The peer's other addresses (host candidates, when behind one public IP).
+    candidates: Vec<SocketAddr>,
+    candidates_tried: u32,
 }
 
 /// A birthday search in progress (see [`Strategy::Birthday`]).
@@ -633,8 +706,16 @@ struct SmallDatagram {
     data: [u8; SMALL_DATAGRAM],
 }
 
-/// Room for the largest control datagram (a STUN request; a null packet is 20 bytes).
-const SMALL_DATAGRAM: usize = if stun::REQUEST_LEN > NULL_LEN { stun::REQUEST_LEN } else { NULL_LEN };
+/// Room for the largest control datagram (a PCP request; a STUN request is 20 bytes, and so
+/// is a null packet).
+const SMALL_DATAGRAM: usize = {
+    let small = if stun::REQUEST_LEN > NULL_LEN { stun::REQUEST_LEN } else { NULL_LEN };
+    if portmap::PCP_MAP_LEN > small {
+        portmap::PCP_MAP_LEN
+    } else {
+        small
+    }
+};
 
 /// The client state machine. See the module docs.
 #[derive(Debug)]
@@ -665,6 +746,12 @@ pub struct Client {
     ping_outstanding: Option<(u64, Instant)>,
     unresponsive_reported: bool,
     counters: ClientCounters,
+    /// Setup null packets that came before their START: (call, token, source).
+    early: VecDeque<(CallId, u64, SocketAddr)>,
+    /// The port mapping client, if one is configured.
+    mapper: Option<PortMapper>,
+    /// REGISTER waits for the port mapping's first answer: Some(with the STUN binding).
+    register_waiting: Option<bool>,
 }
 
 impl Client {
@@ -704,6 +791,9 @@ impl Client {
             ping_outstanding: None,
             unresponsive_reported: false,
             counters: ClientCounters::default(),
+            early: VecDeque::new(),
+            mapper: None,
+            register_waiting: None,
         }
     }
 
@@ -752,6 +842,16 @@ impl Client {
 
     /// The TCP connection to the manager is up: discover the public address, then register.
     pub fn handle_connected(&mut self, now: Instant) {
+        if let (None, Some((server, ip))) = (&self.mapper, self.cfg.port_mapping) {
+            // Asked once, at the first connection; kept and renewed across reconnections.
+            let mut nonce = [0u8; 12];
+            self.rng.fill(&mut nonce);
+            let life = self.cfg.port_mapping_lifetime.as_secs().min(u64::from(u32::MAX)) as u32;
+            let mut m = PortMapper::new(server, ip, self.cfg.local_udp_port, life, nonce);
+            m.start(now);
+            self.mapper = Some(m);
+            self.flush_mapper(None);
+        }
         self.ping_outstanding = None;
         self.unresponsive_reported = false;
         self.next_ping = Some(now + self.cfg.ping_interval);
@@ -769,6 +869,7 @@ impl Client {
     /// [`EndReason::ManagerLost`]; calls with a path keep going (media is direct).
     pub fn handle_disconnected(&mut self, now: Instant) {
         self.reg = RegState::Disconnected;
+        self.register_waiting = None;
         self.next_ping = None;
         self.ping_outstanding = None;
         // Frames queued for the lost connection are dropped (a new one registers afresh).
@@ -794,11 +895,11 @@ impl Client {
                 self.public = Some(public);
                 self.push_event(Event::Registered { public, source });
             }
-            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat } => {
-                self.on_incoming(now, call_id, token, caller, (caller_addr, caller_nat))
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates } => {
+                self.on_incoming(now, call_id, token, caller, (caller_addr, caller_nat, caller_candidates))
             }
-            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat } => {
-                self.on_start(now, CallHandle(call_ref), call_id, token, (callee_addr, callee_nat))
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates } => {
+                self.on_start(now, CallHandle(call_ref), call_id, token, (callee_addr, callee_nat, callee_candidates))
             }
             Frame::Reject { call_ref, call_id, reason, callee_nat } => {
                 let h = self.caller_pending(call_ref).or_else(|| self.by_call_id.get(&call_id).copied());
@@ -860,6 +961,12 @@ impl Client {
         from: SocketAddr,
         data: &'a [u8],
     ) -> Option<Received<'a>> {
+        if socket == SocketId::MAIN && self.mapper.as_ref().is_some_and(|m| m.server() == from) {
+            let m = self.mapper.as_mut().expect("checked above");
+            let ev = m.on_datagram(now, data);
+            self.flush_mapper(ev);
+            return None;
+        }
         if socket != SocketId::MAIN && matches!(classify(data), DatagramKind::Stun | DatagramKind::Rtcp) {
             self.counters.dgram_unmatched += 1;
             return None;
@@ -887,6 +994,12 @@ impl Client {
 
     /// Run the timers that are due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(m) = self.mapper.as_mut() {
+            if m.next_timeout().is_some_and(|t| now >= t) {
+                let ev = m.on_timeout(now);
+                self.flush_mapper(ev);
+            }
+        }
         match self.reg {
             RegState::Discovering { next, .. } if now >= next => self.stun_step(now),
             RegState::Probing { next, .. } if now >= next => self.probe_step(now),
@@ -956,8 +1069,7 @@ impl Client {
         let Some(c) = self.calls.get_mut(&h) else { return };
         if let Some(t) = c.next_null {
             if now >= t {
-                let keepalive = false;
-                queue_null(&mut self.out, c, now, keepalive);
+                queue_punch(&mut self.out, c, now);
                 c.null_retries_left -= 1;
                 c.null_interval *= 2;
                 c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
@@ -996,11 +1108,16 @@ impl Client {
     }
 
     /// Hang up every call (e.g. at shutdown) with the given reason sent to the peers.
+    /// This is the client's exit: a port mapping it holds is deleted too.
     pub fn hangup_all(&mut self, now: Instant) {
         let mut all: Vec<CallHandle> = self.calls.keys().copied().collect();
         all.sort_unstable();
         for h in all {
             self.end_call(now, h, EndReason::LocalHangup, Some(HangupReason::Shutdown));
+        }
+        if let Some(m) = self.mapper.as_mut() {
+            m.release();
+            self.flush_mapper(None);
         }
     }
 
@@ -1108,7 +1225,8 @@ impl Client {
             RegState::Discovering { next, .. } | RegState::Probing { next, .. } => Some(next),
             _ => None,
         };
-        [discovery, self.next_ping, call].into_iter().flatten().min()
+        let mapper = self.mapper.as_ref().and_then(|m| m.next_timeout());
+        [discovery, self.next_ping, call, mapper].into_iter().flatten().min()
     }
 
     // ---------------------------------------------------------------- internals
@@ -1165,6 +1283,9 @@ impl Client {
             probes_sent: 0,
             sockets_opened: 0,
             found_here: false,
+            named: peer_addr,
+            candidates: Vec::new(),
+            candidates_tried: 0,
         }
     }
 
@@ -1190,14 +1311,79 @@ impl Client {
 
     fn send_register(&mut self, with_binding: bool) {
         self.reg = RegState::Registering;
+        if self.mapper.as_ref().is_some_and(|m| m.asking()) {
+            self.register_waiting = Some(with_binding);
+            return;
+        }
         self.push_frame(Frame::Register {
             id: self.cfg.id.clone(),
             udp_port: self.cfg.local_udp_port,
             max_calls: self.cfg.max_calls,
             binding: with_binding.then_some(self.txid),
             auth: self.cfg.auth,
-            nat: self.nat,
+            nat: if self.usable_mapping().is_some() { NatClass::Mapped } else { self.nat },
+            candidates: self.candidates(),
         });
+    }
+
+    /// The port mapping held, if it is on the public IP STUN saw (or STUN saw nothing): a
+    /// mapping on another IP is an inner router's of a double NAT, which no peer reaches.
+    fn usable_mapping(&self) -> Option<SocketAddr> {
+        let (_, ext) = self.mapper.as_ref()?.mapping()?;
+        self.mapped.is_none_or(|m| m.ip() == ext.ip()).then_some(ext)
+    }
+
+    /// The port mapping held now (and the protocol that made it), usable or not.
+    pub fn port_mapping(&self) -> Option<(MapProto, SocketAddr)> {
+        self.mapper.as_ref()?.mapping()
+    }
+
+    /// Queue the mapper's requests; report `ev`; send a REGISTER that waited for it.
+    fn flush_mapper(&mut self, ev: Option<MapEvent>) {
+        let Some(m) = self.mapper.as_mut() else { return };
+        let server = m.server();
+        let sends: Vec<_> = m.take_sends().collect();
+        for (b, n) in sends {
+            let mut d = SmallDatagram { from: SocketId::MAIN, to: server, len: n as u8, data: [0; SMALL_DATAGRAM] };
+            d.data[..n].copy_from_slice(&b[..n]);
+            self.out.push_back(Queued::Datagram(d));
+        }
+        let asking = m.asking();
+        if let Some(e) = ev {
+            if let MapEvent::Mapped { external, .. } = &e {
+                if self.mapped.is_some_and(|m| m.ip() != external.ip()) {
+                    let reason = format!(
+                        "the mapping {external} is not on the public IP {} (a NAT behind another): not used",
+                        self.mapped.map(|m| m.ip().to_string()).unwrap_or_default()
+                    );
+                    self.push_event(Event::PortMapping(e));
+                    self.push_event(Event::PortMapping(MapEvent::Failed { reason }));
+                } else {
+                    self.push_event(Event::PortMapping(e));
+                }
+            } else {
+                self.push_event(Event::PortMapping(e));
+            }
+        }
+        if !asking && self.reg == RegState::Registering {
+            if let Some(with_binding) = self.register_waiting.take() {
+                self.send_register(with_binding);
+            }
+        }
+    }
+
+    /// The candidates REGISTER names: the host addresses and a usable port mapping.
+    fn candidates(&self) -> Vec<Candidate> {
+        let mut v: Vec<Candidate> = Vec::new();
+        if let Some(ext) = self.usable_mapping() {
+            v.push(Candidate { kind: CandidateKind::Mapped, addr: ext });
+        }
+        for a in &self.cfg.host_candidates {
+            if v.len() < MAX_CANDIDATES && Some(*a) != self.mapped && !v.iter().any(|k| k.addr == *a) {
+                v.push(Candidate { kind: CandidateKind::Host, addr: *a });
+            }
+        }
+        v
     }
 
     fn on_stun(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
@@ -1276,7 +1462,7 @@ impl Client {
         call_id: CallId,
         token: u64,
         caller: ClientId,
-        (caller_addr, caller_nat): (SocketAddr, NatClass),
+        (caller_addr, caller_nat, caller_candidates): (SocketAddr, NatClass, Vec<Candidate>),
     ) {
         if self.by_call_id.contains_key(&call_id) {
             // A duplicate INCOMING: the call is already answered.
@@ -1286,7 +1472,10 @@ impl Client {
         let h = self.alloc_handle();
         let mut c = self.new_call(now, Role::Callee, caller.clone(), Some(call_id), token, Some(caller_addr));
         c.peer_nat = caller_nat;
-        c.strategy = nat::strategy(caller_nat, self.nat);
+        c.candidates = other_addrs(caller_addr, &caller_candidates);
+        // Host addresses come only when both sides are behind one public IP and named some:
+        // the LAN path needs no search (the manager decides the same way).
+        c.strategy = if caller_candidates.is_empty() { nat::strategy(caller_nat, self.nat) } else { Strategy::Direct };
         let (tx, rx) = Call::ssrcs(Role::Callee, token);
         c.ssrc_tx = tx;
         c.state = CallState::Punching;
@@ -1296,7 +1485,7 @@ impl Client {
             // side's mappings exist by the time the caller hears START.
             self.start_search(now, &mut c);
         } else if self.cfg.send_null {
-            queue_null(&mut self.out, &mut c, now, false);
+            queue_punch(&mut self.out, &mut c, now);
             c.null_retries_left = self.cfg.null_retries;
             c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
         }
@@ -1314,7 +1503,7 @@ impl Client {
         h: CallHandle,
         call_id: CallId,
         token: u64,
-        (callee_addr, callee_nat): (SocketAddr, NatClass),
+        (callee_addr, callee_nat, callee_candidates): (SocketAddr, NatClass, Vec<Candidate>),
     ) {
         let pending = self.calls.get(&h).is_some_and(|c| c.role == Role::Caller && c.state == CallState::Calling);
         if !pending {
@@ -1330,8 +1519,10 @@ impl Client {
         c.call_id = Some(call_id);
         c.token = token;
         c.peer_addr = Some(callee_addr);
+        c.named = Some(callee_addr);
+        c.candidates = other_addrs(callee_addr, &callee_candidates);
         c.peer_nat = callee_nat;
-        c.strategy = nat::strategy(self.nat, callee_nat);
+        c.strategy = if callee_candidates.is_empty() { nat::strategy(self.nat, callee_nat) } else { Strategy::Direct };
         c.ssrc_tx = tx;
         c.setup_done = Some(now);
         self.by_call_id.insert(call_id, h);
@@ -1346,10 +1537,31 @@ impl Client {
         }
         c.state = CallState::Media;
         c.deadline = Some(now + self.cfg.first_media_timeout);
-        // One null packet at once: opens this side's firewall before the first media frame.
-        queue_null(&mut self.out, c, now, false);
+        // The callee's punch may have come before this START (through a LAN or a port
+        // mapping): its source is the path. Else media starts towards the first host
+        // candidate (behind one NAT the public address needs a hairpin) or the public one.
+        let known = |a: &SocketAddr| a.ip() == callee_addr.ip() || c.candidates.contains(a);
+        let early = self.early.iter().position(|&(id, t, a)| id == call_id && t == token && known(&a));
+        if let Some(i) = early {
+            let (_, _, from) = self.early.remove(i).expect("found above");
+            self.counters.early_nulls += 1;
+            if Some(from) != c.named && !c.candidates.contains(&from) {
+                self.counters.latched_elsewhere += 1;
+            }
+            c.peer_addr = Some(from);
+            queue_null(&mut self.out, c, now, false);
+            c.candidates_tried = 1;
+        } else {
+            if let Some(&host) = c.candidates.first() {
+                c.peer_addr = Some(host);
+            }
+            // One null packet to each address at once: opens this side's firewall before the
+            // first media frame, and tells the callee which of its addresses reach it.
+            queue_punch(&mut self.out, c, now);
+        }
+        let peer = c.peer_addr.unwrap_or(callee_addr);
         self.schedule(h);
-        self.push_event(Event::Started { handle: h, call_id, peer: callee_addr });
+        self.push_event(Event::Started { handle: h, call_id, peer });
     }
 
     /// Start the birthday search of call `c` (not in the map while this runs).
@@ -1502,8 +1714,15 @@ impl Client {
             c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
         }
         if c.peer_addr != Some(from) || c.socket != socket {
-            self.counters.dgram_wrong_source += 1;
-            return None;
+            // Until the first packet, media from another of the peer's known addresses sets
+            // the path (its null packet to the guessed one may have been lost).
+            let known = c.named == Some(from) || c.candidates.contains(&from);
+            if c.first_rx.is_none() && known && c.socket == socket && c.search.is_none() {
+                c.peer_addr = Some(from);
+            } else {
+                self.counters.dgram_wrong_source += 1;
+                return None;
+            }
         }
         c.rx.on_packet(header.seq, header.timestamp, micros_since(c.created, now));
         c.first_rtp_rx.get_or_insert(now);
@@ -1542,7 +1761,18 @@ impl Client {
                             None
                         }
                     }
-                    None => None,
+                    None => {
+                        // A callee's punch before its START: keep it for the START (still
+                        // counted unmatched: most such packets never match).
+                        let calling = || self.calls.values().any(|c| c.state == CallState::Calling);
+                        if !p.from_caller && !p.probe && !p.keepalive && socket == SocketId::MAIN && calling() {
+                            if self.early.len() == EARLY_NULLS {
+                                self.early.pop_front();
+                            }
+                            self.early.push_back((p.call_id, p.token, from));
+                        }
+                        None
+                    }
                 },
                 Err(_) => {
                     self.counters.dgram_malformed += 1;
@@ -1572,9 +1802,19 @@ impl Client {
             // Only in the first moments after the pair was found: later, a moved pair is not
             // a race of two hits.
             let fresh = c.first_rx.is_some_and(|t| now.saturating_duration_since(t) < RELATCH_WINDOW);
+            // A direct call's first token-checked null from the peer sets the path if it came
+            // from one of the peer's host addresses or its public IP (its NAT's port towards
+            // this side may differ from the one the manager saw: a peer-reflexive address).
+            let known = c.named.is_some_and(|n| n.ip() == from.ip()) || c.candidates.contains(&from);
+            let first = relatch && known && c.first_rx.is_none() && !c.strategy.searches() && socket == c.socket;
             if relatch && easy_side_of_search && same_ip && fresh && socket == SocketId::MAIN {
                 c.peer_addr = Some(from);
                 self.counters.relatched += 1;
+            } else if first {
+                if Some(from) != c.named && !c.candidates.contains(&from) {
+                    self.counters.latched_elsewhere += 1;
+                }
+                c.peer_addr = Some(from);
             } else {
                 self.counters.dgram_wrong_source += 1;
                 return;
@@ -1636,6 +1876,14 @@ impl Client {
             probes_sent: c.probes_sent,
             sockets_opened: c.sockets_opened,
             found_here: c.found_here,
+            candidates_tried: c.candidates_tried,
+            path: match c.peer_addr {
+                _ if c.first_rx.is_none() => PathKind::None,
+                a if a == c.named && c.peer_nat == NatClass::Mapped => PathKind::Mapped,
+                a if a == c.named => PathKind::Public,
+                Some(a) if c.candidates.contains(&a) => PathKind::Host,
+                _ => PathKind::PeerReflexive,
+            },
             reason,
         };
         self.push_event(Event::Ended(Box::new(report)));
@@ -1650,6 +1898,35 @@ fn queue_null(q: &mut VecDeque<Queued>, c: &mut Call, now: Instant, keepalive: b
     q.push_back(Queued::Datagram(d));
     c.nulls_sent += 1;
     c.last_tx = now;
+}
+
+/// Queue the setup null of call `c` to the peer's address and, until a packet came from
+/// it, to its other addresses too.
+fn queue_punch(q: &mut VecDeque<Queued>, c: &mut Call, now: Instant) {
+    let main = c.peer_addr;
+    queue_null(q, c, now, false);
+    let mut tried = 1;
+    if c.first_rx.is_none() {
+        let others: Vec<SocketAddr> = c.candidates.iter().chain(c.named.iter()).copied().collect();
+        for a in others.into_iter().filter(|a| Some(*a) != main) {
+            c.peer_addr = Some(a);
+            queue_null(q, c, now, false);
+            tried += 1;
+        }
+        c.peer_addr = main;
+    }
+    c.candidates_tried = c.candidates_tried.max(tried);
+}
+
+/// The addresses among `candidates` other than `named`, each once.
+fn other_addrs(named: SocketAddr, candidates: &[Candidate]) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = Vec::new();
+    for k in candidates.iter().take(MAX_CANDIDATES) {
+        if k.addr != named && !v.contains(&k.addr) {
+            v.push(k.addr);
+        }
+    }
+    v
 }
 
 /// Queue one birthday probe of call `c` (token field `tag`) from socket `from` to `to`.

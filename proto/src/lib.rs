@@ -25,6 +25,7 @@ pub mod auth;
 pub mod client;
 pub mod media;
 pub mod nat;
+pub mod portmap;
 pub mod reconnect;
 pub mod rng;
 pub mod shard;

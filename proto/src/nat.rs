@@ -38,17 +38,21 @@ pub enum NatClass {
     },
     /// A new public port per destination with no pattern, or another public IP.
     Random,
+    /// The client holds a port mapping on its router (PCP, NAT-PMP or UPnP IGD): its
+    /// mapped address reaches it from anywhere, whatever the NAT does to its own flows.
+    Mapped,
 }
 
 impl NatClass {
     /// Wire code (REGISTER, INCOMING, START): 0 unknown, 1 endpoint-independent,
-    /// 2 sequential, 3 random.
+    /// 2 sequential, 3 random, 4 mapped.
     pub fn code(self) -> u8 {
         match self {
             NatClass::Unknown => 0,
             NatClass::EndpointIndependent => 1,
             NatClass::Sequential { .. } => 2,
             NatClass::Random => 3,
+            NatClass::Mapped => 4,
         }
     }
 
@@ -60,6 +64,7 @@ impl NatClass {
             (1, 0) => NatClass::EndpointIndependent,
             (2, delta) => NatClass::Sequential { delta },
             (3, 0) => NatClass::Random,
+            (4, 0) => NatClass::Mapped,
             _ => return None,
         })
     }
@@ -72,19 +77,21 @@ impl NatClass {
         }
     }
 
-    /// Its name in output: `unknown`, `endpoint-independent`, `sequential`, `random`.
+    /// Its name in output: `unknown`, `endpoint-independent`, `sequential`, `random`,
+    /// `mapped`.
     pub fn as_str(self) -> &'static str {
         match self {
             NatClass::Unknown => "unknown",
             NatClass::EndpointIndependent => "endpoint-independent",
             NatClass::Sequential { .. } => "sequential",
             NatClass::Random => "random",
+            NatClass::Mapped => "mapped",
         }
     }
 
     /// True if a peer reaches this side at the address the manager saw (or is assumed to).
     pub fn is_easy(self) -> bool {
-        matches!(self, NatClass::Unknown | NatClass::EndpointIndependent)
+        matches!(self, NatClass::Unknown | NatClass::EndpointIndependent | NatClass::Mapped)
     }
 }
 
@@ -162,7 +169,15 @@ impl Strategy {
 /// The strategy for a call between a caller of class `caller` and a callee of class `callee`.
 /// Both sides changing ports per destination (random or sequential) leave no practical
 /// path: each would have to guess the other's port for a mapping it has not made yet.
+///
+/// A side with a port mapping is reachable from anywhere at its mapped address, so a call
+/// with one is direct whatever the other side's NAT does: the other side's first packet
+/// to the mapped address opens its own NAT, and the mapped side answers to where that
+/// packet came from (a peer-reflexive address, `docs/protocol.md` section 5.6).
 pub fn strategy(caller: NatClass, callee: NatClass) -> Strategy {
+    if caller == NatClass::Mapped || callee == NatClass::Mapped {
+        return Strategy::Direct;
+    }
     match (caller.is_easy(), callee.is_easy()) {
         (true, true) => Strategy::Direct,
         (false, false) => Strategy::NoPath,
@@ -269,10 +284,12 @@ mod tests {
             NatClass::Sequential { delta: -3 },
             NatClass::Sequential { delta: 64 },
             NatClass::Random,
+            NatClass::Mapped,
         ] {
             assert_eq!(NatClass::from_wire(c.code(), c.wire_delta()), Some(c));
         }
-        assert_eq!(NatClass::from_wire(4, 0), None);
+        assert_eq!(NatClass::from_wire(5, 0), None);
+        assert_eq!(NatClass::from_wire(4, 1), None);
         assert_eq!(NatClass::from_wire(1, 7), None, "a step only where the class has one");
     }
 
@@ -280,10 +297,11 @@ mod tests {
     fn the_strategy_follows_the_harder_side_and_is_symmetric() {
         use NatClass::*;
         let seq = Sequential { delta: 1 };
-        let all = [Unknown, EndpointIndependent, seq, Random];
+        let all = [Unknown, EndpointIndependent, seq, Random, Mapped];
         for a in all {
             for b in all {
                 let want = match (a.is_easy(), b.is_easy()) {
+                    _ if a == Mapped || b == Mapped => Strategy::Direct,
                     (true, true) => Strategy::Direct,
                     (false, false) => Strategy::NoPath,
                     _ if a == Random || b == Random => Strategy::Birthday,
@@ -297,6 +315,9 @@ mod tests {
         assert_eq!(strategy(Random, seq), Strategy::NoPath);
         assert_eq!(strategy(EndpointIndependent, Random), Strategy::Birthday);
         assert_eq!(strategy(seq, Unknown), Strategy::Predict);
+        // A port mapping reaches a side whatever its NAT does.
+        assert_eq!(strategy(Mapped, Random), Strategy::Direct);
+        assert_eq!(strategy(seq, Mapped), Strategy::Direct);
         assert!(Strategy::Birthday.opens_sockets(Random));
         assert!(!Strategy::Birthday.opens_sockets(EndpointIndependent));
         assert!(!Strategy::Direct.opens_sockets(Random));

@@ -217,6 +217,7 @@ fn a_caught_or_echoed_probe_cannot_lock_or_move_the_pair() {
             caller: ClientId::new("alice").unwrap(),
             caller_addr: hard,
             caller_nat: NatClass::Random,
+            caller_candidates: Vec::new(),
         },
     );
     let drain = |c: &mut Client| {

@@ -29,7 +29,8 @@ pub mod stun_limit;
 use crate::nat::{self, NatClass, Strategy};
 use crate::rng::Rng;
 use crate::wire::frame::{
-    AddrSource, CallId, ClientId, ErrorCode, Frame, FrameError, HangupReason, RejectReason, UnknownReason,
+    AddrSource, CallId, Candidate, CandidateKind, ClientId, ErrorCode, Frame, FrameError, HangupReason, RejectReason,
+    UnknownReason,
 };
 
 use crate::shard::bindings::{binding_shard, BindingTable, TxId, MAX_BINDINGS, PURGE_EVERY};
@@ -157,6 +158,8 @@ pub enum ShardMsg {
         max_calls: u16,
         /// The client's NAT class.
         nat: NatClass,
+        /// Its candidate addresses.
+        candidates: Vec<Candidate>,
     },
     /// To the id's home shard: bind `id` to `conn`.
     Register {
@@ -172,6 +175,8 @@ pub enum ShardMsg {
         max_calls: u16,
         /// The client's NAT class.
         nat: NatClass,
+        /// Its candidate addresses.
+        candidates: Vec<Candidate>,
     },
     /// To the home shard (or to the shard resolving the connection's REGISTER, which forwards
     /// it home behind that REGISTER): `conn` (which had registered `id`) closed.
@@ -191,6 +196,8 @@ pub enum ShardMsg {
         caller_addr: SocketAddr,
         /// Caller's NAT class.
         caller_nat: NatClass,
+        /// Caller's host addresses (passed on only to a callee behind the same public IP).
+        caller_hosts: Vec<Candidate>,
         /// Caller's reference.
         call_ref: u32,
         /// Callee id.
@@ -247,6 +254,9 @@ pub enum ShardMsg {
         public: SocketAddr,
         /// How it was learned.
         source: AddrSource,
+        /// The NAT class the home shard accepted (a `mapped` class without a usable
+        /// mapping is taken back).
+        nat: NatClass,
     },
     /// To a connection's shard: write ERROR and close the connection.
     Kick {
@@ -295,8 +305,10 @@ struct Conn {
     peer: SocketAddr,
     state: ConnState,
     public: Option<SocketAddr>,
-    /// The NAT class its REGISTER named.
+    /// The NAT class its REGISTER named (after the manager checked a mapping).
     nat: NatClass,
+    /// The host candidates its REGISTER named.
+    hosts: Vec<Candidate>,
     opened: Instant,
     last_rx: Instant,
     calls: HashSet<CallId>,
@@ -316,6 +328,8 @@ struct Entry {
     public: SocketAddr,
     source: AddrSource,
     nat: NatClass,
+    /// Host candidates (for callers behind the same public IP).
+    hosts: Vec<Candidate>,
     max_calls: u16,
     active_calls: u32,
 }
@@ -335,6 +349,8 @@ struct CallRec {
     callee_addr: SocketAddr,
     callee_source: AddrSource,
     callee_nat: NatClass,
+    /// The callee's host candidates, if the caller is behind the same public IP.
+    callee_hosts: Vec<Candidate>,
     /// How the call's path is made (from both classes), for the per-strategy outcomes.
     strategy: Strategy,
     token: u64,
@@ -451,6 +467,7 @@ impl Shard {
                 state: ConnState::Open,
                 public: None,
                 nat: NatClass::Unknown,
+                hosts: Vec::new(),
                 opened: now,
                 last_rx: now,
                 calls: HashSet::new(),
@@ -541,7 +558,7 @@ impl Shard {
         match frame {
             Frame::Ping { nonce } => self.send(conn, Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
-            Frame::Register { id, udp_port, max_calls, binding, auth, nat } => {
+            Frame::Register { id, udp_port, max_calls, binding, auth, nat, candidates } => {
                 if c.state != ConnState::Open {
                     self.unexpected(conn, "REGISTER on an already registered connection");
                     return;
@@ -562,6 +579,7 @@ impl Shard {
                 let fallback = SocketAddr::new(c.peer.ip(), udp_port);
                 c.state = ConnState::Registering(id.clone());
                 c.nat = nat;
+                c.hosts = candidates.iter().filter(|k| k.kind == CandidateKind::Host).copied().collect();
                 let home = home_shard(&id, self.n);
                 match binding {
                     // This shard holds the binding: use it at once.
@@ -570,7 +588,8 @@ impl Shard {
                             Some(addr) => (addr, AddrSource::Stun),
                             None => (fallback, AddrSource::TcpPeer),
                         };
-                        self.route(home, ShardMsg::Register { id, conn: me, public, source, max_calls, nat });
+                        let msg = ShardMsg::Register { id, conn: me, public, source, max_calls, nat, candidates };
+                        self.route(home, msg);
                     }
                     // Through the binding shard's inbox, behind the binding (module docs of
                     // `bindings`), even when that shard is this one: the binding may still
@@ -578,12 +597,13 @@ impl Shard {
                     Some(binding) => {
                         let to = binding_shard(&binding, self.n);
                         c.resolving = Some(to);
-                        let msg = ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls, nat };
+                        let msg = ShardMsg::Resolve { binding, id, conn: me, fallback, max_calls, nat, candidates };
                         self.out.push_back(Output::Shard { to, msg });
                     }
                     None => {
                         let source = AddrSource::TcpPeer;
-                        let msg = ShardMsg::Register { id, conn: me, public: fallback, source, max_calls, nat };
+                        let msg =
+                            ShardMsg::Register { id, conn: me, public: fallback, source, max_calls, nat, candidates };
                         self.route(home, msg);
                     }
                 }
@@ -622,12 +642,18 @@ impl Shard {
                     return;
                 }
                 let caller_addr = c.public.expect("registered connections have a public address");
-                let caller_nat = c.nat;
+                let (caller_nat, caller_hosts) = (c.nat, c.hosts.clone());
                 let home = home_shard(&callee, self.n);
-                self.route(
-                    home,
-                    ShardMsg::CallReq { caller, caller_conn: me, caller_addr, caller_nat, call_ref, callee },
-                );
+                let msg = ShardMsg::CallReq {
+                    caller,
+                    caller_conn: me,
+                    caller_addr,
+                    caller_nat,
+                    caller_hosts,
+                    call_ref,
+                    callee,
+                };
+                self.route(home, msg);
             }
             Frame::Punched { call_id, udp_port } => {
                 if !matches!(c.state, ConnState::Registered(_)) {
@@ -682,20 +708,41 @@ impl Shard {
                     self.stats.inc(&self.stats.stun_table_full);
                 }
             }
-            ShardMsg::Resolve { binding, id, conn, fallback, max_calls, nat } => {
+            ShardMsg::Resolve { binding, id, conn, fallback, max_calls, nat, candidates } => {
                 let (public, source) = match self.bindings.take(&binding, now) {
                     Some(addr) => (addr, AddrSource::Stun),
                     None => (fallback, AddrSource::TcpPeer),
                 };
-                self.route(home_shard(&id, self.n), ShardMsg::Register { id, conn, public, source, max_calls, nat });
+                let home = home_shard(&id, self.n);
+                let msg = ShardMsg::Register { id, conn, public, source, max_calls, nat, candidates };
+                self.route(home, msg);
             }
-            ShardMsg::Register { id, conn, public, source, max_calls, nat } => {
+            ShardMsg::Register { id, conn, public, source, max_calls, nat, candidates } => {
                 self.stats.inc(&self.stats.registrations);
+                // A port mapping is handed out instead of the observed address, if it is on
+                // the observed IP: a mapping on another IP is an inner router's (a double
+                // NAT), which no peer can reach.
+                let (public, source, nat) = match candidates.iter().find(|k| k.kind == CandidateKind::Mapped) {
+                    Some(m) if m.addr.ip() == public.ip() => {
+                        self.stats.inc(&self.stats.registrations_mapped);
+                        (m.addr, AddrSource::Mapped, NatClass::Mapped)
+                    }
+                    Some(_) => {
+                        self.stats.inc(&self.stats.registrations_mapping_ignored);
+                        let nat = if nat == NatClass::Mapped { NatClass::Unknown } else { nat };
+                        (public, source, nat)
+                    }
+                    // A class of `mapped` with no mapping to hand out means nothing.
+                    None if nat == NatClass::Mapped => (public, source, NatClass::Unknown),
+                    None => (public, source, nat),
+                };
+                let hosts: Vec<Candidate> = candidates.into_iter().filter(|k| k.kind == CandidateKind::Host).collect();
                 let entry = self.dir.entry(id.clone()).or_insert(Entry {
                     conn: None,
                     public,
                     source,
                     nat,
+                    hosts: Vec::new(),
                     max_calls,
                     active_calls: 0,
                 });
@@ -703,13 +750,14 @@ impl Shard {
                 entry.public = public;
                 entry.source = source;
                 entry.nat = nat;
+                entry.hosts = hosts;
                 entry.max_calls = max_calls;
                 if let Some(old) = old.filter(|o| *o != conn) {
                     self.stats.inc(&self.stats.registrations_replaced);
                     let message = format!("id {id} registered by a newer connection");
                     self.route(old.shard, ShardMsg::Kick { conn: old.id, code: ErrorCode::Replaced, message });
                 }
-                self.route(conn.shard, ShardMsg::Registered { conn: conn.id, public, source });
+                self.route(conn.shard, ShardMsg::Registered { conn: conn.id, public, source, nat });
             }
             ShardMsg::Unregister { id, conn } => {
                 let home = home_shard(&id, self.n);
@@ -726,8 +774,8 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::CallReq { caller, caller_conn, caller_addr, caller_nat, call_ref, callee } => {
-                self.on_call_req(now, caller, (caller_conn, caller_addr, caller_nat), call_ref, callee)
+            ShardMsg::CallReq { caller, caller_conn, caller_addr, caller_nat, caller_hosts, call_ref, callee } => {
+                self.on_call_req(now, caller, (caller_conn, caller_addr, caller_nat, caller_hosts), call_ref, callee)
             }
             ShardMsg::Punched { call_id, conn, udp_port } => self.on_punched(call_id, conn, udp_port),
             ShardMsg::Hangup { call_id, conn, reason } => {
@@ -824,12 +872,13 @@ impl Shard {
                     self.send(conn, f);
                 }
             }
-            ShardMsg::Registered { conn, public, source } => {
+            ShardMsg::Registered { conn, public, source, nat } => {
                 let Some(c) = self.conns.get_mut(&conn) else { return };
                 if let ConnState::Registering(id) = &c.state {
                     c.state = ConnState::Registered(id.clone());
                     c.resolving = None;
                     c.public = Some(public);
+                    c.nat = nat;
                     self.send(conn, Frame::Registered { public, source });
                 }
             }
@@ -909,15 +958,19 @@ impl Shard {
         &mut self,
         now: Instant,
         caller: ClientId,
-        (caller_conn, caller_addr, caller_nat): (ConnRef, SocketAddr, NatClass),
+        (caller_conn, caller_addr, caller_nat, caller_hosts): (ConnRef, SocketAddr, NatClass, Vec<Candidate>),
         call_ref: u32,
         callee: ClientId,
     ) {
+        // Behind one public IP, with host addresses on both sides, the two reach each other
+        // on their LAN whatever their NAT does (no hairpin through the router needed).
+        let lan = |e: &Entry| e.public.ip() == caller_addr.ip() && !e.hosts.is_empty() && !caller_hosts.is_empty();
+        let strategy = |e: &Entry| if lan(e) { Strategy::Direct } else { nat::strategy(caller_nat, e.nat) };
         let refusal = match self.dir.get(&callee) {
             None => Some(Frame::Unknown { call_ref, reason: UnknownReason::NeverRegistered }),
             Some(e) if e.conn.is_none() => Some(Frame::Unknown { call_ref, reason: UnknownReason::Offline }),
             Some(e) if e.active_calls >= e.max_calls as u32 => Some(Frame::Busy { call_ref }),
-            Some(e) if nat::strategy(caller_nat, e.nat) == Strategy::NoPath => {
+            Some(e) if strategy(e) == Strategy::NoPath => {
                 Some(Frame::Reject { call_ref, call_id: CallId(0), reason: RejectReason::NoPath, callee_nat: e.nat })
             }
             Some(_) => None,
@@ -935,8 +988,10 @@ impl Shard {
             self.deliver(caller_conn, Some(f), Track::None);
             return;
         }
+        let e = self.dir.get(&callee).expect("checked above");
+        let (strategy, same_nat) = (strategy(e), lan(e));
         let e = self.dir.get_mut(&callee).expect("checked above");
-        self.stats.inc(match nat::strategy(caller_nat, e.nat) {
+        self.stats.inc(match strategy {
             Strategy::Birthday => &self.stats.calls_birthday,
             Strategy::Predict => &self.stats.calls_predict,
             _ => &self.stats.calls_direct,
@@ -944,6 +999,13 @@ impl Shard {
         e.active_calls += 1;
         let callee_conn = e.conn.expect("checked above");
         let (callee_addr, callee_source, callee_nat) = (e.public, e.source, e.nat);
+        // Each gets the other's host addresses only then (and both do, so that both
+        // clients compute the same strategy: `docs/protocol.md` 5.6).
+        let (callee_hosts, caller_hosts) =
+            if same_nat { (e.hosts.clone(), caller_hosts) } else { (Vec::new(), Vec::new()) };
+        if same_nat {
+            self.stats.inc(&self.stats.calls_same_nat);
+        }
         let call_id = CallId(((self.index as u64) << 48) | (self.next_call & 0xFFFF_FFFF_FFFF));
         self.next_call += 1;
         let token = call_token(&self.token_key, call_id);
@@ -957,14 +1019,15 @@ impl Shard {
                 callee_addr,
                 callee_source,
                 callee_nat,
-                strategy: nat::strategy(caller_nat, callee_nat),
+                callee_hosts,
+                strategy,
                 token,
                 state: CallState::Ringing { deadline: now + self.cfg.ring_timeout },
                 requested: now,
             },
         );
         self.deliver(caller_conn, None, Track::Add(call_id));
-        let f = Frame::Incoming { call_id, token, caller, caller_addr, caller_nat };
+        let f = Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates: caller_hosts };
         self.deliver(callee_conn, Some(f), Track::Add(call_id));
     }
 
@@ -987,8 +1050,14 @@ impl Shard {
         if rec.callee_source == AddrSource::TcpPeer {
             callee_addr.set_port(udp_port);
         }
-        let f =
-            Frame::Start { call_ref: rec.call_ref, call_id, token: rec.token, callee_addr, callee_nat: rec.callee_nat };
+        let f = Frame::Start {
+            call_ref: rec.call_ref,
+            call_id,
+            token: rec.token,
+            callee_addr,
+            callee_nat: rec.callee_nat,
+            callee_candidates: std::mem::take(&mut rec.callee_hosts),
+        };
         let caller_conn = rec.caller_conn;
         self.stats.inc(&self.stats.calls_started);
         if let Some(now) = self.now {

@@ -182,6 +182,14 @@ stats! {
     registrations,
     /// Registrations that replaced an older connection with the same id.
     registrations_replaced,
+    /// Registrations that named a port mapping, handed out as the client's address.
+    registrations_mapped,
+    /// Registrations whose port mapping was on another IP than the one the manager saw (a
+    /// mapping on an inner router of a double NAT): ignored, the observed address used.
+    registrations_mapping_ignored,
+    /// Calls whose INCOMING or START carried the peer's host addresses (both parties
+    /// behind one public IP).
+    calls_same_nat,
     /// REGISTERs refused: no token while the manager requires one (connection closed).
     auth_missing,
     /// REGISTERs refused: token not valid for the id (another id, another secret, altered).

@@ -22,6 +22,8 @@ pub const MAX_FRAME_LEN: usize = 1024;
 pub const MAX_ID_LEN: usize = 64;
 /// Longest ERROR message in bytes (UTF-8).
 pub const MAX_MESSAGE_LEN: usize = 255;
+/// Most candidate addresses one REGISTER, INCOMING or START carries.
+pub const MAX_CANDIDATES: usize = 8;
 
 /// Errors found while decoding a frame. A connection that sends one is sent an ERROR and
 /// closed, because the byte stream can no longer be trusted to be in sync.
@@ -198,7 +200,32 @@ code_enum! {
         Stun = 1,
         /// No binding was found: the TCP peer's IP with the client's local UDP port.
         TcpPeer = 2,
+        /// The client's port mapping on its router (REGISTER candidate `mapped`, on the IP
+        /// the manager observed).
+        Mapped = 3,
     }
+}
+
+code_enum! {
+    /// What a [`Candidate`] address is.
+    CandidateKind: "candidate kind" {
+        /// An address of the client's own interface (reaches it from its LAN, for a peer
+        /// behind the same NAT).
+        Host = 1,
+        /// The public address of a port mapping the client holds on its router (PCP,
+        /// NAT-PMP or UPnP IGD).
+        Mapped = 2,
+    }
+}
+
+/// An address at which a client may be reached besides the one the manager observed
+/// (`docs/protocol.md` section 5.6).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Candidate {
+    /// What it is.
+    pub kind: CandidateKind,
+    /// The address (the client's UDP port on it).
+    pub addr: Addr,
 }
 
 code_enum! {
@@ -300,6 +327,9 @@ pub enum Frame {
         /// How the client's NAT maps its UDP socket (measured against the manager's STUN
         /// addresses); [`NatClass::Unknown`] is sent as nothing.
         nat: NatClass,
+        /// The client's other addresses: host addresses and a port mapping (at most
+        /// [`MAX_CANDIDATES`]; none is sent as nothing).
+        candidates: Vec<Candidate>,
     },
     /// Manager -> client: registration accepted; the public UDP address the manager observed.
     Registered {
@@ -328,6 +358,8 @@ pub enum Frame {
         caller_addr: Addr,
         /// The caller's NAT class (from its REGISTER).
         caller_nat: NatClass,
+        /// The caller's other addresses the callee should punch too (optional trailing).
+        caller_candidates: Vec<Candidate>,
     },
     /// Callee -> manager: the null packet was sent from `udp_port`.
     Punched {
@@ -348,6 +380,8 @@ pub enum Frame {
         callee_addr: Addr,
         /// The callee's NAT class (from its REGISTER).
         callee_nat: NatClass,
+        /// The callee's other addresses the caller should try too (optional trailing).
+        callee_candidates: Vec<Candidate>,
     },
     /// Manager -> caller: the call was rejected (or callee -> manager: decline `call_id`).
     Reject {
@@ -447,7 +481,7 @@ impl Frame {
         let start = out.len();
         out.extend_from_slice(&[0, 0, VERSION, self.type_byte()]);
         match self {
-            Frame::Register { id, udp_port, max_calls, binding, auth, nat } => {
+            Frame::Register { id, udp_port, max_calls, binding, auth, nat, candidates } => {
                 put_id(out, id);
                 out.extend_from_slice(&udp_port.to_be_bytes());
                 out.extend_from_slice(&max_calls.to_be_bytes());
@@ -470,6 +504,11 @@ impl Frame {
                     out.push(2);
                     put_nat(out, *nat);
                 }
+                // Tag 3: candidate addresses.
+                if !candidates.is_empty() {
+                    out.push(3);
+                    put_candidates(out, candidates);
+                }
             }
             Frame::Registered { public, source } => {
                 put_addr(out, public);
@@ -479,27 +518,23 @@ impl Frame {
                 out.extend_from_slice(&call_ref.to_be_bytes());
                 put_id(out, callee);
             }
-            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat } => {
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates } => {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&token.to_be_bytes());
                 put_id(out, caller);
                 put_addr(out, caller_addr);
-                if *caller_nat != NatClass::Unknown {
-                    put_nat(out, *caller_nat);
-                }
+                put_trailing(out, *caller_nat, caller_candidates);
             }
             Frame::Punched { call_id, udp_port } => {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&udp_port.to_be_bytes());
             }
-            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat } => {
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&token.to_be_bytes());
                 put_addr(out, callee_addr);
-                if *callee_nat != NatClass::Unknown {
-                    put_nat(out, *callee_nat);
-                }
+                put_trailing(out, *callee_nat, callee_candidates);
             }
             Frame::Reject { call_ref, call_id, reason, callee_nat } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
@@ -582,9 +617,11 @@ impl Frame {
                     1 => Some(r.array::<12>()?),
                     v => return Err(FrameError::BadCode { field: "binding flag", value: v as u16 }),
                 };
-                // Optional tagged fields, each at most once, in tag order: 1 auth, 2 NAT class.
+                // Optional tagged fields, each at most once, in tag order: 1 auth, 2 NAT
+                // class, 3 candidates.
                 let mut auth = None;
                 let mut nat = NatClass::Unknown;
+                let mut candidates = Vec::new();
                 let mut last_tag = 0;
                 while !r.b.is_empty() {
                     let tag = r.u8()?;
@@ -595,28 +632,25 @@ impl Frame {
                     match tag {
                         1 => auth = Some(AuthToken { expires_unix: r.u64()?, mac: r.array::<32>()? }),
                         2 => nat = r.nat_known()?,
+                        3 => candidates = r.candidates()?,
                         v => return Err(FrameError::BadCode { field: "register field tag", value: v as u16 }),
                     }
                 }
-                Frame::Register { id, udp_port, max_calls, binding, auth, nat }
+                Frame::Register { id, udp_port, max_calls, binding, auth, nat, candidates }
             }
             ty::REGISTERED => Frame::Registered { public: r.addr()?, source: AddrSource::from_code(r.u8()?)? },
             ty::CALL => Frame::Call { call_ref: r.u32()?, callee: r.id()? },
-            ty::INCOMING => Frame::Incoming {
-                call_id: CallId(r.u64()?),
-                token: r.u64()?,
-                caller: r.id()?,
-                caller_addr: r.addr()?,
-                caller_nat: r.nat_opt()?,
-            },
+            ty::INCOMING => {
+                let (call_id, token, caller, caller_addr) = (CallId(r.u64()?), r.u64()?, r.id()?, r.addr()?);
+                let (caller_nat, caller_candidates) = r.trailing()?;
+                Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates }
+            }
             ty::PUNCHED => Frame::Punched { call_id: CallId(r.u64()?), udp_port: r.u16()? },
-            ty::START => Frame::Start {
-                call_ref: r.u32()?,
-                call_id: CallId(r.u64()?),
-                token: r.u64()?,
-                callee_addr: r.addr()?,
-                callee_nat: r.nat_opt()?,
-            },
+            ty::START => {
+                let (call_ref, call_id, token, callee_addr) = (r.u32()?, CallId(r.u64()?), r.u64()?, r.addr()?);
+                let (callee_nat, callee_candidates) = r.trailing()?;
+                Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates }
+            }
             ty::REJECT => Frame::Reject {
                 call_ref: r.u32()?,
                 call_id: CallId(r.u64()?),
@@ -676,6 +710,28 @@ fn put_id(out: &mut Vec<u8>, id: &ClientId) {
 fn put_nat(out: &mut Vec<u8>, n: NatClass) {
     out.push(n.code());
     out.extend_from_slice(&n.wire_delta().to_be_bytes());
+}
+
+/// `n:u8` then `n` times `kind:u8 addr`; at most [`MAX_CANDIDATES`] are written.
+fn put_candidates(out: &mut Vec<u8>, c: &[Candidate]) {
+    let c = &c[..c.len().min(MAX_CANDIDATES)];
+    out.push(c.len() as u8);
+    for cand in c {
+        out.push(cand.kind.code());
+        put_addr(out, &cand.addr);
+    }
+}
+
+/// The optional tail of INCOMING and START: the peer's NAT class, then its candidates. With
+/// candidates the class is always written (an unknown one as code 0); without, an unknown
+/// class is sent as nothing.
+fn put_trailing(out: &mut Vec<u8>, nat: NatClass, candidates: &[Candidate]) {
+    if nat != NatClass::Unknown || !candidates.is_empty() {
+        put_nat(out, nat);
+    }
+    if !candidates.is_empty() {
+        put_candidates(out, candidates);
+    }
 }
 
 fn put_addr(out: &mut Vec<u8>, a: &Addr) {
@@ -746,6 +802,32 @@ impl<'a> Reader<'a> {
         } else {
             self.nat_known()
         }
+    }
+    /// A candidate list: 1 to [`MAX_CANDIDATES`] entries (an empty list is sent as nothing).
+    fn candidates(&mut self) -> Result<Vec<Candidate>, FrameError> {
+        let n = self.u8()?;
+        if n == 0 || n as usize > MAX_CANDIDATES {
+            return Err(FrameError::BadCode { field: "candidate count", value: n as u16 });
+        }
+        let mut v = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            v.push(Candidate { kind: CandidateKind::from_code(self.u8()?)?, addr: self.addr()? });
+        }
+        Ok(v)
+    }
+    /// The tail of INCOMING and START (see `put_trailing`): one encoding per value, so an
+    /// unknown class is written only when candidates follow.
+    fn trailing(&mut self) -> Result<(NatClass, Vec<Candidate>), FrameError> {
+        if self.b.is_empty() {
+            return Ok((NatClass::Unknown, Vec::new()));
+        }
+        let code = self.u8()?;
+        let delta = i16::from_be_bytes(self.array()?);
+        let nat =
+            NatClass::from_wire(code, delta).ok_or(FrameError::BadCode { field: "nat class", value: code as u16 })?;
+        // After an unknown class the candidates must follow (it is written only for them).
+        let candidates = if self.b.is_empty() && nat != NatClass::Unknown { Vec::new() } else { self.candidates()? };
+        Ok((nat, candidates))
     }
     fn addr(&mut self) -> Result<Addr, FrameError> {
         let fam = self.u8()?;
@@ -826,6 +908,7 @@ mod tests {
                 binding: Some([7; 12]),
                 auth: None,
                 nat: NatClass::Unknown,
+                candidates: Vec::new(),
             },
             Frame::Register {
                 id: id("b"),
@@ -834,6 +917,7 @@ mod tests {
                 binding: None,
                 auth: None,
                 nat: NatClass::Unknown,
+                candidates: Vec::new(),
             },
             Frame::Register {
                 id: id("c"),
@@ -842,6 +926,7 @@ mod tests {
                 binding: None,
                 auth: Some(AuthToken { expires_unix: 1_800_000_000, mac: [0xA5; 32] }),
                 nat: NatClass::Unknown,
+                candidates: Vec::new(),
             },
             Frame::Register {
                 id: id("d"),
@@ -850,6 +935,7 @@ mod tests {
                 binding: Some([8; 12]),
                 auth: Some(AuthToken { expires_unix: 1_800_000_000, mac: [0x5A; 32] }),
                 nat: NatClass::Sequential { delta: -2 },
+                candidates: Vec::new(),
             },
             Frame::Register {
                 id: id("e"),
@@ -858,6 +944,7 @@ mod tests {
                 binding: None,
                 auth: None,
                 nat: NatClass::Random,
+                candidates: Vec::new(),
             },
             Frame::Incoming {
                 call_id: CallId(2),
@@ -865,9 +952,47 @@ mod tests {
                 caller: id("e"),
                 caller_addr: v4,
                 caller_nat: NatClass::EndpointIndependent,
+                caller_candidates: Vec::new(),
             },
-            Frame::Start { call_ref: 2, call_id: CallId(4), token: 6, callee_addr: v4, callee_nat: NatClass::Random },
+            Frame::Start {
+                call_ref: 2,
+                call_id: CallId(4),
+                token: 6,
+                callee_addr: v4,
+                callee_nat: NatClass::Random,
+                callee_candidates: Vec::new(),
+            },
+            Frame::Register {
+                id: id("f"),
+                udp_port: 5,
+                max_calls: 1,
+                binding: None,
+                auth: None,
+                nat: NatClass::Mapped,
+                candidates: vec![
+                    Candidate { kind: CandidateKind::Host, addr: v4 },
+                    Candidate { kind: CandidateKind::Host, addr: v6 },
+                    Candidate { kind: CandidateKind::Mapped, addr: v4 },
+                ],
+            },
+            Frame::Incoming {
+                call_id: CallId(7),
+                token: 3,
+                caller: id("g"),
+                caller_addr: v4,
+                caller_nat: NatClass::Unknown,
+                caller_candidates: vec![Candidate { kind: CandidateKind::Host, addr: v6 }],
+            },
+            Frame::Start {
+                call_ref: 3,
+                call_id: CallId(7),
+                token: 3,
+                callee_addr: v6,
+                callee_nat: NatClass::Sequential { delta: 2 },
+                callee_candidates: vec![Candidate { kind: CandidateKind::Host, addr: v4 }; MAX_CANDIDATES],
+            },
             Frame::Registered { public: v4, source: AddrSource::Stun },
+            Frame::Registered { public: v4, source: AddrSource::Mapped },
             Frame::Registered { public: v6, source: AddrSource::TcpPeer },
             Frame::Call { call_ref: 9, callee: id("bob") },
             Frame::Incoming {
@@ -876,6 +1001,7 @@ mod tests {
                 caller: id("alice"),
                 caller_addr: v4,
                 caller_nat: NatClass::Unknown,
+                caller_candidates: Vec::new(),
             },
             Frame::Incoming {
                 call_id: CallId(1),
@@ -883,9 +1009,17 @@ mod tests {
                 caller: id("ü-über"),
                 caller_addr: v6,
                 caller_nat: NatClass::Unknown,
+                caller_candidates: Vec::new(),
             },
             Frame::Punched { call_id: CallId(3), udp_port: 5004 },
-            Frame::Start { call_ref: 1, call_id: CallId(3), token: 5, callee_addr: v6, callee_nat: NatClass::Unknown },
+            Frame::Start {
+                call_ref: 1,
+                call_id: CallId(3),
+                token: 5,
+                callee_addr: v6,
+                callee_nat: NatClass::Unknown,
+                callee_candidates: Vec::new(),
+            },
             Frame::Reject {
                 call_ref: 0,
                 call_id: CallId(3),
@@ -930,6 +1064,7 @@ mod tests {
             binding: None,
             auth: None,
             nat: NatClass::Unknown,
+            candidates: Vec::new(),
         };
         let mut buf = Vec::new();
         f.encode(&mut buf);
@@ -950,6 +1085,7 @@ mod tests {
             binding: None,
             auth: Some(auth),
             nat: NatClass::Unknown,
+            candidates: Vec::new(),
         };
         let mut buf = Vec::new();
         f.encode(&mut buf);
@@ -959,9 +1095,9 @@ mod tests {
         assert_eq!(Frame::decode_body(&buf[2..]).unwrap(), f);
         // An unknown tag is malformed; a tag without the token is truncated.
         let mut bad = buf.clone();
-        bad[12] = 3;
+        bad[12] = 4;
         let err = Frame::decode_body(&bad[2..]);
-        assert!(matches!(err, Err(FrameError::BadCode { field: "register field tag", value: 3 })), "{err:?}");
+        assert!(matches!(err, Err(FrameError::BadCode { field: "register field tag", value: 4 })), "{err:?}");
         assert!(matches!(Frame::decode_body(&buf[2..14]), Err(FrameError::Truncated { .. })));
         // The text form round-trips; the MAC never shows in Debug.
         let text = auth.to_string();
@@ -1004,7 +1140,16 @@ mod tests {
     fn without_optional_fields(f: &Frame) -> Vec<Frame> {
         let mut out = vec![f.clone()];
         match f.clone() {
-            Frame::Register { id, udp_port, max_calls, binding, auth, .. } => {
+            Frame::Register { id, udp_port, max_calls, binding, auth, nat, .. } => {
+                out.push(Frame::Register {
+                    id: id.clone(),
+                    udp_port,
+                    max_calls,
+                    binding,
+                    auth,
+                    nat,
+                    candidates: Vec::new(),
+                });
                 out.push(Frame::Register {
                     id: id.clone(),
                     udp_port,
@@ -1012,15 +1157,47 @@ mod tests {
                     binding,
                     auth,
                     nat: NatClass::Unknown,
+                    candidates: Vec::new(),
                 });
-                out.push(Frame::Register { id, udp_port, max_calls, binding, auth: None, nat: NatClass::Unknown });
+                out.push(Frame::Register {
+                    id,
+                    udp_port,
+                    max_calls,
+                    binding,
+                    auth: None,
+                    nat: NatClass::Unknown,
+                    candidates: Vec::new(),
+                });
             }
-            Frame::Incoming { call_id, token, caller, caller_addr, .. } => {
-                out.push(Frame::Incoming { call_id, token, caller, caller_addr, caller_nat: NatClass::Unknown })
-            }
-            Frame::Start { call_ref, call_id, token, callee_addr, .. } => {
-                out.push(Frame::Start { call_ref, call_id, token, callee_addr, callee_nat: NatClass::Unknown })
-            }
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, .. } => out.extend([
+                Frame::Incoming {
+                    call_id,
+                    token,
+                    caller: caller.clone(),
+                    caller_addr,
+                    caller_nat,
+                    caller_candidates: Vec::new(),
+                },
+                Frame::Incoming {
+                    call_id,
+                    token,
+                    caller,
+                    caller_addr,
+                    caller_nat: NatClass::Unknown,
+                    caller_candidates: Vec::new(),
+                },
+            ]),
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, .. } => out.extend([
+                Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates: Vec::new() },
+                Frame::Start {
+                    call_ref,
+                    call_id,
+                    token,
+                    callee_addr,
+                    callee_nat: NatClass::Unknown,
+                    callee_candidates: Vec::new(),
+                },
+            ]),
             Frame::Reject { call_ref, call_id, reason, .. } => {
                 out.push(Frame::Reject { call_ref, call_id, reason, callee_nat: NatClass::Unknown })
             }
@@ -1038,6 +1215,7 @@ mod tests {
             binding: None,
             auth: None,
             nat: NatClass::Sequential { delta: -2 },
+            candidates: Vec::new(),
         };
         let mut buf = Vec::new();
         f.encode(&mut buf);
@@ -1045,7 +1223,7 @@ mod tests {
         assert_eq!(Frame::decode_body(&buf[2..]).unwrap(), f);
         // A class with a step it does not have, an unknown code, and "unknown" sent
         // explicitly (it is sent as nothing) are malformed.
-        for (code, delta) in [(1u8, [0, 1]), (4, [0, 0]), (0, [0, 0])] {
+        for (code, delta) in [(1u8, [0, 1]), (5, [0, 0]), (0, [0, 0])] {
             let mut bad = buf.clone();
             bad[13] = code;
             bad[14..16].copy_from_slice(&delta);
@@ -1065,6 +1243,60 @@ mod tests {
     }
 
     #[test]
+    fn candidate_lists_have_one_encoding_and_are_checked() {
+        let v4: Addr = "10.1.0.2:40000".parse().unwrap();
+        let host = Candidate { kind: CandidateKind::Host, addr: v4 };
+        let start = |nat, c: Vec<Candidate>| Frame::Start {
+            call_ref: 1,
+            call_id: CallId(2),
+            token: 3,
+            callee_addr: v4,
+            callee_nat: nat,
+            callee_candidates: c,
+        };
+        let enc = |f: &Frame| {
+            let mut b = Vec::new();
+            f.encode(&mut b);
+            b
+        };
+        // Candidates after an unknown class: the class is written as code 0.
+        let b = enc(&start(NatClass::Unknown, vec![host]));
+        let tail = &b[b.len() - 1 - 1 - 7 - 3..];
+        assert_eq!(tail, &[0, 0, 0, 1, 1, 4, 0x9c, 0x40, 10, 1, 0, 2]);
+        assert_eq!(Frame::decode(&b).unwrap().unwrap().0, start(NatClass::Unknown, vec![host]));
+        // Code 0 with nothing after it would be a second encoding of "no class": the
+        // candidates it announces are missing.
+        let mut b = enc(&start(NatClass::Unknown, vec![]));
+        b.extend_from_slice(&[0, 0, 0]);
+        b[1] += 3;
+        let err = Frame::decode(&b);
+        assert!(matches!(err, Err(FrameError::Truncated { .. })), "{err:?}");
+        // A count of 0 or above the limit, and an unknown kind, are malformed.
+        for (count, kind, field) in [(0u8, 1u8, "candidate count"), (9, 1, "candidate count"), (1, 7, "candidate kind")]
+        {
+            let mut b = enc(&start(NatClass::Random, vec![host]));
+            let at = b.len() - 1 - 7 - 1;
+            b[at] = count;
+            b[at + 1] = kind;
+            let err = Frame::decode(&b);
+            assert!(matches!(err, Err(FrameError::BadCode { field: f, .. }) if f == field), "{count} {kind}: {err:?}");
+        }
+        // REGISTER's tag 3 after tag 2, and the limit on what is written.
+        let many = vec![host; MAX_CANDIDATES + 3];
+        let f = Frame::Register {
+            id: ClientId::new("x").unwrap(),
+            udp_port: 1,
+            max_calls: 1,
+            binding: None,
+            auth: None,
+            nat: NatClass::Random,
+            candidates: many,
+        };
+        let (back, _) = Frame::decode(&enc(&f)).unwrap().unwrap();
+        assert!(matches!(back, Frame::Register { candidates, .. } if candidates.len() == MAX_CANDIDATES));
+    }
+
+    #[test]
     fn trailing_bytes_are_rejected() {
         for f in samples() {
             let mut buf = Vec::new();
@@ -1078,11 +1310,25 @@ mod tests {
                 Frame::Register { .. } => {
                     assert!(matches!(err, FrameError::BadCode { field: "register field tag", value: 0xAA }), "{err:?}")
                 }
-                // After an INCOMING or START without a NAT class, as the start of one.
+                // After a frame's last field, trailing; but after an INCOMING or START
+                // without a NAT class, as the start of one.
+                Frame::Incoming { ref caller_candidates, .. } if !caller_candidates.is_empty() => {
+                    assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}")
+                }
+                Frame::Start { ref callee_candidates, .. } if !callee_candidates.is_empty() => {
+                    assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}")
+                }
                 Frame::Incoming { caller_nat: NatClass::Unknown, .. }
                 | Frame::Start { callee_nat: NatClass::Unknown, .. }
                 | Frame::Reject { callee_nat: NatClass::Unknown, .. } => {
                     assert!(matches!(err, FrameError::Truncated { .. }), "{f:?}: {err:?}")
+                }
+                // After one with a class but no candidates, as a candidate count.
+                Frame::Incoming { ref caller_candidates, .. } if caller_candidates.is_empty() => {
+                    assert!(matches!(err, FrameError::BadCode { field: "candidate count", value: 0xAA }), "{err:?}")
+                }
+                Frame::Start { ref callee_candidates, .. } if callee_candidates.is_empty() => {
+                    assert!(matches!(err, FrameError::BadCode { field: "candidate count", value: 0xAA }), "{err:?}")
                 }
                 _ => assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}"),
             }

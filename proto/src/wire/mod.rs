@@ -4,6 +4,7 @@
 pub mod demux;
 pub mod frame;
 pub mod null;
+pub mod portmap;
 pub mod rtp;
 pub mod stun;
 
