@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # nullpunch firewall lab: network namespaces with real netfilter/conntrack routers.
 #
-#   lab.sh up PREFIX MODE_A MODE_B   build the topology (modes: fw | nat | nat-random | nat2)
+#   lab.sh up PREFIX MODE_A MODE_B   build the topology (modes: fw | nat | nat-random | nat2 | nat-map)
 #   lab.sh down PREFIX               remove everything PREFIX created (idempotent)
 #   lab.sh loss PREFIX ROUTER PCT    drop PCT% of UDP forwarded by ROUTER (r1|r2); 0 clears
 #   lab.sh udp-timeout PREFIX SECS   set both routers' conntrack UDP timeouts (unreplied, stream)
@@ -19,7 +19,12 @@
 # c shares a's LAN and router: two peers behind one NAT. Mode `nat2` puts a second NAT
 # router (i1 or i2, mode `nat`) between the LAN and the router, on a carrier-grade segment
 # 100.64.N.0/24 (the router's lan0 100.64.N.1, the inner router's wan0 100.64.N.2): a double
-# NAT, the LAN's addresses unchanged.
+# NAT, the LAN's addresses unchanged. Mode `nat-map` is `nat-random` plus a port-mapping
+# server on the LAN side (miniupnpd: PCP, NAT-PMP and UPnP IGD), its chains hooked into the
+# router's tables, its DNAT ahead of the masquerade. miniupnpd refuses a reserved WAN address,
+# so that router's WAN address is 11.0.0.1N/24 instead of 198.18.0.1N (on-link routes join
+# the two prefixes on the one segment; no namespace links to the root one, so nothing leaves
+# the machine).
 #
 # Each router: forward policy drop; established/related accepted; from the LAN only TCP to
 # port 80 and UDP (and ICMP) go out; everything else is dropped and counted (udp_drop,
@@ -83,6 +88,35 @@ table ip labnat {
 }
 NFT
         ;;
+        nat-map) nft -f - <<NFT
+table ip labnat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat;
+        oifname "wan0" masquerade fully-random
+    }
+}
+table inet lab {
+    chain miniupnpd {
+    }
+}
+table inet labupnp {
+    chain prerouting_miniupnpd {
+    }
+    chain postrouting_miniupnpd {
+    }
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        jump prerouting_miniupnpd
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat - 1; policy accept;
+        jump postrouting_miniupnpd
+    }
+}
+NFT
+        # Its forward chain, ahead of the established rule and the drops.
+        nft insert rule inet lab forward position "$(nft -a list chain inet lab forward | awk '/ct state established/ {print $NF}')" jump miniupnpd
+        ;;
         nat-random) nft -f - <<NFT
 table ip labnat {
     chain postrouting {
@@ -92,7 +126,7 @@ table ip labnat {
 }
 NFT
         ;;
-        *) echo "unknown router mode $mode (fw|nat|nat-random|nat2)" >&2; return 2 ;;
+        *) echo "unknown router mode $mode (fw|nat|nat-random|nat2|nat-map)" >&2; return 2 ;;
     esac
 }
 
@@ -175,9 +209,48 @@ up() {
     done
     nsx r1 bash -c "$(declare -f router_rules); router_rules $mode_a"
     nsx r2 bash -c "$(declare -f router_rules); router_rules $mode_b"
+    for n in 1 2; do
+        mode=$mode_a
+        [ "$n" = 2 ] && mode=$mode_b
+        [ "$mode" = nat-map ] || continue
+        # A WAN address miniupnpd accepts, joined on-link to the segment's prefix.
+        nsx "r$n" ip addr del "198.18.0.1$n/24" dev wan0
+        nsx "r$n" ip addr add "11.0.0.1$n/24" dev wan0
+        nsx "r$n" ip route add 198.18.0.0/24 dev wan0
+        nsx "r$n" ip route add 11.0.0.0/24 dev wan0 2>/dev/null || true
+        nsx mgr ip route add 11.0.0.0/24 dev eth0 2>/dev/null || true
+        local other=$((3 - n))
+        nsx "r$other" ip route add 11.0.0.0/24 dev wan0 2>/dev/null || true
+        local conf="/tmp/${P}miniupnpd-r$n.conf"
+        cat > "$conf" <<CONF
+ext_ifname=wan0
+listening_ip=lan0
+enable_natpmp=yes
+enable_upnp=yes
+secure_mode=yes
+system_uptime=no
+uuid=3f6b1a1e-2c4d-4e5f-8a9b-0c1d2e3f4a5$n
+upnp_table_name=lab
+upnp_nat_table_name=labupnp
+upnp_forward_chain=miniupnpd
+upnp_nat_chain=prerouting_miniupnpd
+upnp_nat_postrouting_chain=postrouting_miniupnpd
+allow 1024-65535 10.$n.0.0/24 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+CONF
+        nsx "r$n" miniupnpd -f "$conf" -P "/tmp/${P}miniupnpd-r$n.pid" -d > "/tmp/${P}miniupnpd-r$n.log" 2>&1 &
+        # Ready when it listens for PCP / NAT-PMP.
+        local i
+        for i in $(seq 50); do
+            grep -q "Listening for NAT-PMP/PCP" "/tmp/${P}miniupnpd-r$n.log" 2>/dev/null && break
+            sleep 0.1
+        done
+        grep -q "Listening for NAT-PMP/PCP" "/tmp/${P}miniupnpd-r$n.log" || { echo "miniupnpd did not start:" >&2; cat "/tmp/${P}miniupnpd-r$n.log" >&2; return 1; }
+    done
 }
 
 down() {
+    rm -f "/tmp/${P}"miniupnpd-r?.conf "/tmp/${P}"miniupnpd-r?.pid "/tmp/${P}"miniupnpd-r?.log
     for h in "${HOSTS[@]}"; do
         local n
         n=$(ns "$h")

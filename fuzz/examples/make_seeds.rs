@@ -117,6 +117,38 @@ fn frame_decode(dir: &Path) {
     write(dir, "every-frame", &[&[0][..], &all].concat());
     // Chunk sizes 5, 1, 0 (an empty push, then one byte), cycling.
     write(dir, "every-frame-chunked", &[&[3, 5, 1, 0][..], &all].concat());
+    // Candidates: a REGISTER with host and mapped addresses (tag 3), and INCOMING / START
+    // carrying host candidates after an unknown class (written as code 0).
+    let host = |a| proto::wire::frame::Candidate { kind: proto::wire::frame::CandidateKind::Host, addr: a };
+    let mapped = proto::wire::frame::Candidate { kind: proto::wire::frame::CandidateKind::Mapped, addr: v4 };
+    let with_candidates = [
+        Frame::Register {
+            id: id("carol"),
+            udp_port: 40001,
+            max_calls: 1,
+            binding: Some([9; 12]),
+            auth: None,
+            nat: proto::nat::NatClass::Mapped,
+            candidates: vec![mapped, host(addr("10.1.0.3:40001")), host(v6)],
+        },
+        Frame::Incoming {
+            call_id: CallId(1 << 48 | 6),
+            token: 43,
+            caller: id("alice"),
+            caller_addr: v4,
+            caller_nat: proto::nat::NatClass::Unknown,
+            caller_candidates: vec![host(addr("10.1.0.2:40000"))],
+        },
+        Frame::Start {
+            call_ref: 2,
+            call_id: CallId(1 << 48 | 6),
+            token: 43,
+            callee_addr: v4,
+            callee_nat: proto::nat::NatClass::Random,
+            callee_candidates: vec![host(addr("10.1.0.3:40001")), host(v6)],
+        },
+    ];
+    write(dir, "candidates", &[&[0][..], &with_candidates.iter().flat_map(enc).collect::<Vec<u8>>()].concat());
     write(dir, "call-then-oversized", &[&[0][..], &enc(&every[2]), &[0x04, 0x01, 1]].concat());
     write(dir, "ping-then-truncated-pong", &[&[1, 3][..], &enc(&every[10]), &enc(&every[11])[..7]].concat());
 }
@@ -280,11 +312,33 @@ fn manager_conn(dir: &Path) {
     write(dir, "secret", &s.0);
 }
 
+/// Router answers: a PCP success; NAT-PMP "unsupported version" then its address and
+/// mapping answers; a PCP refusal; a PCP success then its renewal.
+fn portmap(dir: &Path) {
+    use nullpunch_fuzz::portmap::pcp_success;
+    let sep = datagram::SEP;
+    let ext = addr("198.51.100.7:40001");
+    write(dir, "pcp-success", &pcp_success(ext, 600));
+    let natpmp: Vec<Vec<u8>> = vec![
+        vec![0, 0x82, 0, 1],
+        vec![0, 128, 0, 0, 0, 0, 0, 9, 198, 51, 100, 7],
+        vec![0, 129, 0, 0, 0, 0, 0, 9, 0x9C, 0x41, 0x9C, 0x41, 0, 0, 0x0E, 0x10],
+    ];
+    write(dir, "natpmp-fallback", &natpmp.join(sep));
+    let mut refused = pcp_success(ext, 0);
+    refused[3] = 2;
+    write(dir, "pcp-refused", &refused);
+    write(dir, "pcp-renewed", &[pcp_success(ext, 600), pcp_success(ext, 1200)].join(sep));
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    for (target, make) in
-        [("frame_decode", frame_decode as fn(&Path)), ("datagram", datagram), ("manager_conn", manager_conn)]
-    {
+    for (target, make) in [
+        ("frame_decode", frame_decode as fn(&Path)),
+        ("datagram", datagram),
+        ("manager_conn", manager_conn),
+        ("portmap", portmap),
+    ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir).unwrap();
         make(&dir);

@@ -14,6 +14,7 @@
 pub mod datagram;
 pub mod frame_decode;
 pub mod manager_conn;
+pub mod portmap;
 
 use proto::wire::frame::{Frame, MAX_MESSAGE_LEN};
 

@@ -50,6 +50,11 @@ fn manager_conn_inputs() {
     replay("manager_conn", nullpunch_fuzz::manager_conn::run);
 }
 
+#[test]
+fn portmap_inputs() {
+    replay("portmap", nullpunch_fuzz::portmap::run);
+}
+
 fn seed(target: &str, name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target).join(name);
     fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))

@@ -25,6 +25,10 @@ pub enum Mode {
     /// A double NAT: this router masquerades (as [`Mode::Nat`]) a carrier-grade segment
     /// (100.64.N.0/24) on which a second NAT router (I1 or I2, mode `nat`) serves the LAN.
     Nat2,
+    /// As [`Mode::NatRandom`], plus a port-mapping server (miniupnpd: PCP, NAT-PMP, UPnP
+    /// IGD) on the LAN side. Its WAN address is [`R1_WAN_MAP`] / [`R2_WAN_MAP`] (miniupnpd
+    /// refuses a reserved one).
+    NatMap,
 }
 
 impl Mode {
@@ -35,6 +39,7 @@ impl Mode {
             Mode::Nat => "nat",
             Mode::NatRandom => "nat-random",
             Mode::Nat2 => "nat2",
+            Mode::NatMap => "nat-map",
         }
     }
 
@@ -59,6 +64,10 @@ pub const C_IP: &str = "10.1.0.3";
 pub const R1_WAN: &str = "198.18.0.11";
 /// Router r2's WAN address.
 pub const R2_WAN: &str = "198.18.0.12";
+/// Router r1's WAN address in mode [`Mode::NatMap`].
+pub const R1_WAN_MAP: &str = "11.0.0.11";
+/// Router r2's WAN address in mode [`Mode::NatMap`].
+pub const R2_WAN_MAP: &str = "11.0.0.12";
 
 /// A host of the lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +156,16 @@ impl Lab {
         let _ = run(Command::new(script()).args(["down", prefix]));
         run(Command::new(script()).args(["up", prefix, a.as_str(), b.as_str()]))?;
         Ok(Lab { prefix: prefix.to_string(), modes: (a, b) })
+    }
+
+    /// A router's WAN address (R1 or R2).
+    pub fn wan(&self, r: Host) -> &'static str {
+        match (r, self.modes) {
+            (Host::R1, (Mode::NatMap, _)) => R1_WAN_MAP,
+            (Host::R2, (_, Mode::NatMap)) => R2_WAN_MAP,
+            (Host::R2, _) => R2_WAN,
+            _ => R1_WAN,
+        }
     }
 
     /// The namespace name of a host.

@@ -379,13 +379,13 @@ fn same_nat_cell(mode: Mode) {
         // Media went to the other's LAN address, not its public one.
         assert_eq!(s(c, "peer"), other_lan, "{pair} {who}: {c}");
     }
-    // The router saw at most the punches to the public addresses (a hairpin it drops), never
-    // a flow from one LAN address to the other.
+    // The router saw at most the punches to the public addresses (a hairpin it drops) and
+    // the port mapping requests to itself, never a flow from one peer's address to the other.
     let ct = lab.conntrack_udp(Host::R1).unwrap();
+    let peers = ["10.1.0.2", "10.1.0.3"];
     let lan_to_lan = ct.lines().find(|l| {
         let first = |k: &str| l.split_whitespace().find_map(|t| t.strip_prefix(k));
-        first("src=").is_some_and(|a| a.starts_with("10.1.0."))
-            && first("dst=").is_some_and(|a| a.starts_with("10.1.0."))
+        first("src=").is_some_and(|a| peers.contains(&a)) && first("dst=").is_some_and(|a| peers.contains(&a))
     });
     assert!(lan_to_lan.is_none(), "{pair}: a flow between the two crossed the router:\n{ct}");
     let stats = m.stop().unwrap();
@@ -438,4 +438,60 @@ fn a_double_nat_connects_directly() {
     );
     let stats = m.stop().unwrap();
     assert_eq!(stats["calls_same_nat"], 0, "{stats}");
+}
+
+/// A router that offers port mapping (miniupnpd: PCP, NAT-PMP, UPnP IGD) in front of a
+/// fully-random NAT, against another fully-random NAT: without the mapping no relay-free
+/// path exists; with it the mapped side is reachable from anywhere, and the call is direct
+/// whichever side calls. The peer asks PCP at start-up, registers the mapping as its address
+/// (class `mapped`), and deletes it at exit (the router's DNAT chain is empty afterwards).
+fn mapping_cell(mapped_calls: bool) {
+    let lab = Lab::up(Mode::NatMap, Mode::NatRandom).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let wan = lab.wan(Host::R1);
+    let (caller_host, callee_host) = if mapped_calls { (Host::A, Host::B) } else { (Host::B, Host::A) };
+    let (caller_port, callee_port) = if mapped_calls { (40001, 41001) } else { (41001, 40001) };
+    let callee = peer(&lab, callee_host, "callee", callee_port, &["listen", "--calls", "1", "--json"]);
+    settle();
+    let caller = peer(&lab, caller_host, "caller", caller_port, &["call", "callee", "--duration", "2", "--json"]);
+    let (oa, ob) = (caller.finish(Duration::from_secs(20)), callee.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "caller"), one(&ob, "callee"));
+    let (mapped, other) = if mapped_calls { (&ca, &cb) } else { (&cb, &ca) };
+    let cell = if mapped_calls { "mapped side calls" } else { "mapped side answers" };
+    assert_eq!(oa.code, 0, "{cell} caller: {ca} {}", oa.stderr);
+    assert_eq!(ob.code, 0, "{cell} callee: {cb} {}", ob.stderr);
+    assert_eq!(u(&cb, "received"), u(&ca, "sent"), "{cell}: {ca} {cb}");
+    // The other way too (the callee's last packet may be in flight at hang-up).
+    assert!(u(&ca, "received") + 2 >= u(&cb, "sent") && u(&ca, "received") > 0, "{cell}: {ca} {cb}");
+    assert_eq!(s(mapped, "port_mapping"), format!("pcp {wan}:40001"), "{cell}: {mapped}");
+    assert_eq!(s(mapped, "nat_class"), "mapped", "{cell}: {mapped}");
+    assert_eq!(s(mapped, "local_source"), "mapped", "{cell}: {mapped}");
+    assert_eq!(s(mapped, "local"), format!("{wan}:40001"), "{cell}: {mapped}");
+    assert_eq!(s(other, "nat_class"), "random", "{cell}: {other}");
+    assert_eq!(s(other, "peer_nat_class"), "mapped", "{cell}: {other}");
+    assert_eq!(s(other, "path"), "mapped", "{cell}: {other}");
+    assert_eq!(s(other, "peer"), format!("{wan}:40001"), "{cell}: media went to the mapping: {other}");
+    for c in [&ca, &cb] {
+        assert_eq!(s(c, "strategy"), "direct", "{cell}: {c}");
+        assert_eq!(u(c, "probes_sent"), 0, "{cell}: no search: {c}");
+    }
+    // The mapping was deleted at exit.
+    let dnat =
+        lab.cmd(Host::R1, "nft").args(["list", "chain", "inet", "labupnp", "prerouting_miniupnpd"]).output().unwrap();
+    let dnat = String::from_utf8_lossy(&dnat.stdout);
+    assert!(!dnat.contains("dnat"), "{cell}: the mapping outlived the peer:\n{dnat}");
+    let stats = m.stop().unwrap();
+    assert_eq!(stats["registrations_mapped"], 1, "{stats}");
+    assert_eq!(stats["calls_no_path"], 0, "{stats}");
+    assert_eq!(stats["calls_by_strategy"]["direct"]["hung_up"], 1, "{stats}");
+}
+
+#[test]
+fn a_mapped_peer_calls_through_a_random_nat() {
+    mapping_cell(true);
+}
+
+#[test]
+fn a_mapped_peer_is_reached_through_a_random_nat() {
+    mapping_cell(false);
 }

@@ -389,6 +389,35 @@ fn failed_phase(r: &CallReport) -> &'static str {
 
 impl App for PeerApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
+        self.event(ctx, event);
+        if self.done {
+            // Leaving: the port mapping goes with us (its request is sent before the exit).
+            ctx.client.release_port_mapping();
+        }
+    }
+
+    fn on_media(&mut self, ctx: &mut Ctx<'_>, packet: Received<'_>) {
+        self.media.on_media(ctx.now, &packet);
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.media.next_wakeup().into_iter().chain(self.deadline).chain(self.register_by).min()
+    }
+
+    fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
+        self.wakeup(ctx);
+        if self.done {
+            ctx.client.release_port_mapping();
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+}
+
+impl PeerApp {
+    fn event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         match event {
             Event::Registered { public, source } => {
                 tracing::info!(%public, %source, "registered");
@@ -479,15 +508,7 @@ impl App for PeerApp {
         }
     }
 
-    fn on_media(&mut self, ctx: &mut Ctx<'_>, packet: Received<'_>) {
-        self.media.on_media(ctx.now, &packet);
-    }
-
-    fn next_wakeup(&self) -> Option<Instant> {
-        self.media.next_wakeup().into_iter().chain(self.deadline).chain(self.register_by).min()
-    }
-
-    fn on_wakeup(&mut self, ctx: &mut Ctx<'_>) {
+    fn wakeup(&mut self, ctx: &mut Ctx<'_>) {
         let now = ctx.now;
         if self.register_by.is_some_and(|d| now >= d) {
             self.register_by = None;
@@ -508,10 +529,6 @@ impl App for PeerApp {
             ctx.client.hangup_all(now);
             self.done = true;
         }
-    }
-
-    fn done(&self) -> bool {
-        self.done
     }
 }
 

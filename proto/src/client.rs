@@ -1115,6 +1115,12 @@ impl Client {
         for h in all {
             self.end_call(now, h, EndReason::LocalHangup, Some(HangupReason::Shutdown));
         }
+        self.release_port_mapping();
+    }
+
+    /// Delete the port mapping this client holds (at exit; [`Client::hangup_all`] does it
+    /// too): one request with lifetime 0 is queued. Nothing if none is held.
+    pub fn release_port_mapping(&mut self) {
         if let Some(m) = self.mapper.as_mut() {
             m.release();
             self.flush_mapper(None);
@@ -1315,13 +1321,18 @@ impl Client {
             self.register_waiting = Some(with_binding);
             return;
         }
+        // With a usable port mapping this client is reachable from anywhere: that is its
+        // class from now on (strategies and reports use it; `Discovered` had the measured one).
+        if self.usable_mapping().is_some() {
+            self.nat = NatClass::Mapped;
+        }
         self.push_frame(Frame::Register {
             id: self.cfg.id.clone(),
             udp_port: self.cfg.local_udp_port,
             max_calls: self.cfg.max_calls,
             binding: with_binding.then_some(self.txid),
             auth: self.cfg.auth,
-            nat: if self.usable_mapping().is_some() { NatClass::Mapped } else { self.nat },
+            nat: self.nat,
             candidates: self.candidates(),
         });
     }

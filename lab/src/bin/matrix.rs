@@ -1,7 +1,9 @@
 //! `matrix`: N calls per router pair through the firewall lab, for every pair of
-//! {fw, nat, nat-random}; prints per cell the success rate, CALL-to-two-way-media
-//! percentiles, the strategy, the search's probes and the routers' conntrack entries, then
-//! one JSON line. Cells run three at a time, each in its own lab.
+//! {fw, nat, nat-random, nat2 (double NAT), nat-map (nat-random with PCP/NAT-PMP/UPnP)},
+//! plus two peers behind one NAT (nat and nat-random); prints per cell the success rate,
+//! CALL-to-two-way-media percentiles, the strategy and path, the search's probes and the
+//! routers' conntrack entries, then one JSON line. Cells run three at a time, each in its own
+//! lab.
 //!
 //! Every call starts cold: both routers' conntrack tables are flushed and both peers are
 //! new processes on fresh ports, so one call's probes or windows cannot help the next.
@@ -25,6 +27,8 @@ const MIN_CALLS_FOR_P95: u64 = 20;
 struct Cell {
     a: Mode,
     b: Mode,
+    /// The callee runs on C, behind the caller's router (two peers behind one NAT).
+    same_nat: bool,
     ok: u64,
     calls: u64,
     /// CALL to two-way media, microseconds.
@@ -34,6 +38,8 @@ struct Cell {
     /// UDP conntrack entries on r1 and r2 after each call.
     ct: [Histogram<u64>; 2],
     strategies: BTreeMap<String, u64>,
+    /// The caller's path kind per successful call.
+    paths: BTreeMap<String, u64>,
     failures: BTreeMap<String, u64>,
     /// The slowest failed call, caller start to exit.
     slowest_failure: Duration,
@@ -41,7 +47,22 @@ struct Cell {
 
 impl Cell {
     fn has_path(&self) -> bool {
-        !(self.a == Mode::NatRandom && self.b == Mode::NatRandom)
+        self.same_nat || !(self.a == Mode::NatRandom && self.b == Mode::NatRandom)
+    }
+
+    /// The call needs the birthday search: one side randomises ports, the other is easy
+    /// but has no port mapping, and they are not behind one NAT.
+    fn searches(&self) -> bool {
+        let hard = |m: Mode| m == Mode::NatRandom;
+        !self.same_nat && self.a != Mode::NatMap && self.b != Mode::NatMap && hard(self.a) != hard(self.b)
+    }
+
+    fn name(&self) -> String {
+        if self.same_nat {
+            format!("{} / same NAT", self.a.as_str())
+        } else {
+            format!("{} / {}", self.a.as_str(), self.b.as_str())
+        }
     }
 }
 
@@ -49,25 +70,31 @@ fn hist(high: u64) -> Histogram<u64> {
     Histogram::new_with_bounds(1, high, 3).expect("histogram bounds")
 }
 
-fn run_cell(a: Mode, b: Mode, calls: u16) -> Result<Cell, String> {
+fn run_cell(a: Mode, b: Mode, same_nat: bool, calls: u16) -> Result<Cell, String> {
     let lab = Lab::up(a, b)?;
     let m = lab.start_manager()?;
+    let callee_host = if same_nat { Host::C } else { Host::B };
     let mut cell = Cell {
         a,
         b,
+        same_nat,
         ok: 0,
         calls: calls as u64,
         hist: hist(120_000_000),
         probes: hist(1_000_000),
         ct: [hist(10_000_000), hist(10_000_000)],
         strategies: BTreeMap::new(),
+        paths: BTreeMap::new(),
         failures: BTreeMap::new(),
         slowest_failure: Duration::ZERO,
     };
     for i in 0..calls {
         lab.flush_conntrack()?;
-        let bob = lab.peer(Host::B, "bob", 41000 + i, &["--setup-timeout", "2", "listen", "--calls", "1", "--json"])?;
-        std::thread::sleep(Duration::from_millis(400));
+        let bob =
+            lab.peer(callee_host, "bob", 41000 + i, &["--setup-timeout", "2", "listen", "--calls", "1", "--json"])?;
+        // Registration: discovery, and up to 600 ms for a router that answers no port
+        // mapping request.
+        std::thread::sleep(Duration::from_millis(1000));
         let started = Instant::now();
         let o = lab
             .peer(Host::A, "alice", 40000 + i, &["--setup-timeout", "2", "call", "bob", "--duration", "0.3", "--json"])?
@@ -83,6 +110,7 @@ fn run_cell(a: Mode, b: Mode, calls: u16) -> Result<Cell, String> {
                 *cell.strategies.entry(c["strategy"].as_str().unwrap_or("?").to_string()).or_default() += 1;
                 if c["result"] == "ok" {
                     cell.ok += 1;
+                    *cell.paths.entry(c["path"].as_str().unwrap_or("?").to_string()).or_default() += 1;
                     let us = (c["first_media_ms"].as_f64().unwrap_or(0.0) * 1000.0).max(1.0) as u64;
                     cell.hist.record(us.min(120_000_000)).map_err(|e| e.to_string())?;
                     // The easy side's probes: the side that opened no sockets.
@@ -121,8 +149,7 @@ fn verdict(c: &Cell) -> Result<(), String> {
         // at its default rate), within 1 s elsewhere. A p95 needs a sample: with a few calls
         // it is the slowest call, and a search past 15 s (about 1,500 probes) comes once in
         // 400, so the short form checks only that every call connected.
-        let random = c.a == Mode::NatRandom || c.b == Mode::NatRandom;
-        let bar = if random { 15_000_000 } else { 1_000_000 };
+        let bar = if c.searches() { 15_000_000 } else { 1_000_000 };
         let p95 = c.hist.value_at_quantile(0.95);
         if c.calls >= MIN_CALLS_FOR_P95 && p95 > bar {
             return Err(format!("p95 {:.2} s over the {} s bar", p95 as f64 / 1e6, bar / 1_000_000));
@@ -160,11 +187,15 @@ fn main() {
             }
         }
     }
-    let modes = [Mode::Fw, Mode::Nat, Mode::NatRandom];
-    let pairs: Vec<(Mode, Mode)> = modes.iter().flat_map(|&a| modes.iter().map(move |&b| (a, b))).collect();
+    let modes = [Mode::Fw, Mode::Nat, Mode::NatRandom, Mode::Nat2, Mode::NatMap];
+    let mut pairs: Vec<(Mode, Mode, bool)> =
+        modes.iter().flat_map(|&a| modes.iter().map(move |&b| (a, b, false))).collect();
+    pairs.push((Mode::Nat, Mode::Fw, true));
+    pairs.push((Mode::NatRandom, Mode::Fw, true));
     let mut cells = Vec::new();
     for chunk in pairs.chunks(3) {
-        let handles: Vec<_> = chunk.iter().map(|&(a, b)| std::thread::spawn(move || run_cell(a, b, calls))).collect();
+        let handles: Vec<_> =
+            chunk.iter().map(|&(a, b, same)| std::thread::spawn(move || run_cell(a, b, same, calls))).collect();
         for h in handles {
             match h.join().expect("cell thread") {
                 Ok(c) => cells.push(c),
@@ -181,7 +212,7 @@ fn main() {
     println!("(conntrack flushed, fresh peers and ports); probes: the easy side's, per search; ct: UDP conntrack");
     println!("entries on each router after the call\n");
     println!(
-        "{:<24} {:>5} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}  {:<9} note",
+        "{:<24} {:>5} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}  {:<9} {:<15} note",
         "caller / callee router",
         "calls",
         "ok",
@@ -193,7 +224,8 @@ fn main() {
         "probes95",
         "ct r1 max",
         "ct r2 max",
-        "strategy"
+        "strategy",
+        "path"
     );
     let mut json = Vec::new();
     let mut bad = false;
@@ -204,6 +236,7 @@ fn main() {
         let fi = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
         let max = if c.hist.is_empty() { None } else { Some(c.hist.max() as f64 / 1000.0) };
         let strategy = c.strategies.keys().cloned().collect::<Vec<_>>().join(",");
+        let path = c.paths.keys().cloned().collect::<Vec<_>>().join(",");
         let v = verdict(c);
         bad |= v.is_err();
         let note = match (&v, c.has_path()) {
@@ -214,8 +247,8 @@ fn main() {
             (Ok(()), true) => String::new(),
         };
         println!(
-            "{:<24} {:>5} {:>5} {:>7.1}% {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}  {:<9} {note}",
-            format!("{} / {}", c.a.as_str(), c.b.as_str()),
+            "{:<24} {:>5} {:>5} {:>7.1}% {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}  {:<9} {:<15} {note}",
+            c.name(),
             c.calls,
             c.ok,
             c.ok as f64 * 100.0 / c.calls as f64,
@@ -226,10 +259,12 @@ fn main() {
             fi(pr(0.95)),
             c.ct[0].max(),
             c.ct[1].max(),
-            strategy
+            strategy,
+            path
         );
         json.push(serde_json::json!({
-            "caller_router": c.a.as_str(), "callee_router": c.b.as_str(), "calls": c.calls, "ok": c.ok,
+            "caller_router": c.a.as_str(), "callee_router": if c.same_nat { "same-nat" } else { c.b.as_str() },
+            "calls": c.calls, "ok": c.ok, "paths": c.paths,
             "success_ratio": c.ok as f64 / c.calls as f64, "p50_ms": ms(0.5), "p95_ms": ms(0.95), "p99_ms": ms(0.99),
             "max_ms": max, "probes_p50": pr(0.5), "probes_p95": pr(0.95), "probes_max": pr(1.0),
             "conntrack_r1_p50": c.ct[0].value_at_quantile(0.5), "conntrack_r1_max": c.ct[0].max(),

@@ -327,8 +327,8 @@ mod tests {
             for _ in 0..200 {
                 let mut b = vec![0u8; len];
                 rng.fill(&mut b);
-                if len > 0 && rng.next_u64() % 2 == 0 {
-                    b[0] = if rng.next_u64() % 2 == 0 { 0 } else { 2 };
+                if len > 0 && rng.next_u64().is_multiple_of(2) {
+                    b[0] = if rng.next_u64().is_multiple_of(2) { 0 } else { 2 };
                 }
                 let _ = parse(&b);
             }
