@@ -219,8 +219,11 @@ up() {
         nsx "r$n" ip route add 198.18.0.0/24 dev wan0
         nsx "r$n" ip route add 11.0.0.0/24 dev wan0 2>/dev/null || true
         nsx mgr ip route add 11.0.0.0/24 dev eth0 2>/dev/null || true
-        local other=$((3 - n))
+        local other=$((3 - n)) other_wan="198.18.0.1$((3 - n))"
+        [ "$(eval echo "\$mode_$( [ "$other" = 1 ] && echo a || echo b)")" = nat-map ] && other_wan="11.0.0.1$other"
         nsx "r$other" ip route add 11.0.0.0/24 dev wan0 2>/dev/null || true
+        # Removing the old address took the route to the other LAN (a `fw` LAN is routed).
+        nsx "r$n" ip route replace "10.$other.0.0/24" via "$other_wan" dev wan0 onlink
         local conf="/tmp/${P}miniupnpd-r$n.conf"
         cat > "$conf" <<CONF
 ext_ifname=wan0
