@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # nullpunch firewall lab: network namespaces with real netfilter/conntrack routers.
 #
-#   lab.sh up PREFIX MODE_A MODE_B   build the topology (modes: fw | nat | nat-random | nat2 | nat-map)
+#   lab.sh up PREFIX MODE_A MODE_B   build the topology (modes: fw | nat | nat-random | nat2 | nat-map | dual)
 #   lab.sh down PREFIX               remove everything PREFIX created (idempotent)
 #   lab.sh loss PREFIX ROUTER PCT    drop PCT% of UDP forwarded by ROUTER (r1|r2); 0 clears
 #   lab.sh udp-timeout PREFIX SECS   set both routers' conntrack UDP timeouts (unreplied, stream)
@@ -24,7 +24,10 @@
 # router's tables, its DNAT ahead of the masquerade. miniupnpd refuses a reserved WAN address,
 # so that router's WAN address is 11.0.0.1N/24 instead of 198.18.0.1N (on-link routes join
 # the two prefixes on the one segment; no namespace links to the root one, so nothing leaves
-# the machine).
+# the machine). Mode `dual` is `nat-random` on IPv4 plus an IPv6 LAN, 2001:db8:N::/64 (a
+# 2001:db8:N::2, c 2001:db8:N::3, the router ::1), routed without NAT through the same
+# stateful firewall (the `inet` table filters both families). The segment always carries
+# IPv6 too: mgr 2001:db8::1, r1 2001:db8::11, r2 2001:db8::12.
 #
 # Each router: forward policy drop; established/related accepted; from the LAN only TCP to
 # port 80 and UDP (and ICMP) go out; everything else is dropped and counted (udp_drop,
@@ -117,7 +120,7 @@ NFT
         # Its forward chain, ahead of the established rule and the drops.
         nft insert rule inet lab forward position "$(nft -a list chain inet lab forward | awk '/ct state established/ {print $NF}')" jump miniupnpd
         ;;
-        nat-random) nft -f - <<NFT
+        nat-random|dual) nft -f - <<NFT
 table ip labnat {
     chain postrouting {
         type nat hook postrouting priority srcnat;
@@ -126,7 +129,7 @@ table ip labnat {
 }
 NFT
         ;;
-        *) echo "unknown router mode $mode (fw|nat|nat-random|nat2|nat-map)" >&2; return 2 ;;
+        *) echo "unknown router mode $mode (fw|nat|nat-random|nat2|nat-map|dual)" >&2; return 2 ;;
     esac
 }
 
@@ -206,6 +209,29 @@ up() {
     nsx r2 ip route add 10.1.0.0/24 via 198.18.0.11
     for r in r1 r2; do
         nsx "$r" sysctl -qw net.ipv4.ip_forward=1
+    done
+    # IPv6 on the segment (no duplicate address detection: addresses usable at once).
+    nsx mgr ip -6 addr add 2001:db8::1/64 dev eth0 nodad
+    nsx r1 ip -6 addr add 2001:db8::11/64 dev wan0 nodad
+    nsx r2 ip -6 addr add 2001:db8::12/64 dev wan0 nodad
+    for n in 1 2; do
+        mode=$mode_a
+        [ "$n" = 2 ] && mode=$mode_b
+        [ "$mode" = dual ] || continue
+        # An IPv6 LAN, routed: the other router and the manager reach it through this one.
+        nsx "r$n" sysctl -qw net.ipv6.conf.all.forwarding=1
+        nsx "r$n" ip -6 addr add "2001:db8:$n::1/64" dev lan0 nodad
+        nsx mgr ip -6 route add "2001:db8:$n::/64" via "2001:db8::1$n"
+        nsx "r$((3 - n))" ip -6 route add "2001:db8:$n::/64" via "2001:db8::1$n"
+        local h6
+        for h6 in a c; do
+            [ "$n" = 2 ] && [ "$h6" = c ] && continue
+            local host=$h6 last=2
+            [ "$n" = 2 ] && host=b
+            [ "$h6" = c ] && last=3
+            nsx "$host" ip -6 addr add "2001:db8:$n::$last/64" dev eth0 nodad
+            nsx "$host" ip -6 route add default via "2001:db8:$n::1"
+        done
     done
     nsx r1 bash -c "$(declare -f router_rules); router_rules $mode_a"
     nsx r2 bash -c "$(declare -f router_rules); router_rules $mode_b"

@@ -46,8 +46,8 @@ const EXAMPLE_PORT: u16 = 7480;
 
 /// Parse and resolve a manager address: `IP:PORT`, `[IPv6]:PORT` or `NAME:PORT`. A name
 /// with both IPv4 and IPv6 addresses gives its first IPv4 one: the manager listens on
-/// IPv4 by default (`127.0.0.1:7480`), and a peer's default UDP socket (`0.0.0.0:0`) can
-/// only reach an IPv4 STUN responder. Port 0 is refused: nothing can be reached there.
+/// IPv4 by default (`127.0.0.1:7480`), and a peer with `--bind 0.0.0.0:...` can only reach
+/// an IPv4 STUN responder (its default dual-stack socket reaches either). Port 0 is refused: nothing can be reached there.
 pub fn manager_addr(s: &str) -> Result<SocketAddr, AddrError> {
     let given = s.trim();
     if given.is_empty() {

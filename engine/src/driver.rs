@@ -314,7 +314,15 @@ pub trait App {
 
 pub(crate) fn send(out: &mut Out<'_>, from: SocketId, data: &[u8], to: SocketAddr, c: &mut DriverCounters) {
     let ok = match out {
-        Out::Tokio(udp, state, _) if from == SocketId::MAIN => {
+        Out::Tokio(udp, state, search) if from == SocketId::MAIN => {
+            // From a dual-stack (IPv6) socket, an IPv4 peer is addressed IPv4-mapped (the
+            // main socket's address is known from the start: no system call per datagram).
+            let to = match (search.ip, to) {
+                (Some(std::net::IpAddr::V6(_)), SocketAddr::V4(v4)) => {
+                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                }
+                _ => to,
+            };
             let t =
                 quinn_udp::Transmit { destination: to, ecn: None, contents: data, segment_size: None, src_ip: None };
             state.try_send((*udp).into(), &t).is_ok()
@@ -565,7 +573,7 @@ pub async fn run_with_wake<A: App>(
                             // GRO: several datagrams of `stride` bytes in one buffer.
                             for d in data.chunks(m.stride.max(1)) {
                                 counters.udp_received += 1;
-                                if let Some(pkt) = client.handle_datagram(now, m.addr, d) {
+                                if let Some(pkt) = client.handle_datagram(now, canonical(m.addr), d) {
                                     let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
                                     app.on_media(&mut ctx, pkt);
                                 }
@@ -827,6 +835,12 @@ impl Streams {
         }
         self.sent - sent0
     }
+}
+
+/// An IPv4-mapped IPv6 address (how a dual-stack socket reports an IPv4 peer) as the IPv4
+/// address it is; anything else unchanged.
+pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ impl TokioSockets {
                 match s.poll_recv_from(cx, &mut rb) {
                     std::task::Poll::Ready(r) => {
                         let n = rb.filled().len();
-                        return std::task::Poll::Ready((*id, r.map(|from| (n, from))));
+                        return std::task::Poll::Ready((*id, r.map(|from| (n, crate::driver::canonical(from)))));
                     }
                     std::task::Poll::Pending => continue,
                 }

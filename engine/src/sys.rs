@@ -152,15 +152,17 @@ pub fn init_logging(default_filter: &str) {
     tracing_subscriber::registry().with(log_layer(default_filter)).init();
 }
 
-/// The IPv4 addresses of this host's interfaces that are up, with `port`: a client's host
-/// candidates when its socket is bound to the unspecified address. Loopback and link-local
-/// addresses are left out (a peer behind the same NAT reaches neither), unless `loopback`.
-pub fn host_addrs_v4(port: u16, loopback: bool) -> Vec<std::net::SocketAddr> {
+/// The addresses of this host's interfaces that are up, with `port`: a client's host
+/// candidates when its socket is bound to an unspecified address. With `loopback` (the
+/// manager is on loopback: a local test) only loopback IPv4 addresses; otherwise the IPv4
+/// addresses other than loopback and link-local, and with `v6` (a dual-stack socket) the
+/// IPv6 ones other than loopback, link-local (fe80::/10) and IPv4-mapped.
+pub fn host_addrs(port: u16, loopback: bool, v6: bool) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `ifap` that we free below with freeifaddrs;
-    // each node and its `ifa_addr` (checked for null and for family AF_INET, so it points at
-    // a sockaddr_in) stay valid until then.
+    // each node and its `ifa_addr` (checked for null, and for its family, so it points at a
+    // sockaddr_in or sockaddr_in6) stay valid until then.
     unsafe {
         if libc::getifaddrs(&mut ifap) != 0 {
             return out;
@@ -170,15 +172,30 @@ pub fn host_addrs_v4(port: u16, loopback: bool) -> Vec<std::net::SocketAddr> {
             let ifa = &*p;
             p = ifa.ifa_next;
             let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
-            if !up || ifa.ifa_addr.is_null() || i32::from((*ifa.ifa_addr).sa_family) != libc::AF_INET {
+            if !up || ifa.ifa_addr.is_null() {
                 continue;
             }
-            let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            if ip.is_link_local() || ip.is_unspecified() || (ip.is_loopback() && !loopback) {
-                continue;
-            }
-            let a = std::net::SocketAddr::from((ip, port));
+            let ip: std::net::IpAddr = match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    if ip.is_link_local() || ip.is_unspecified() || ip.is_loopback() != loopback {
+                        continue;
+                    }
+                    ip.into()
+                }
+                libc::AF_INET6 if v6 && !loopback => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+                    if link_local || ip.is_loopback() || ip.is_unspecified() || ip.to_ipv4_mapped().is_some() {
+                        continue;
+                    }
+                    ip.into()
+                }
+                _ => continue,
+            };
+            let a = std::net::SocketAddr::new(ip, port);
             if !out.contains(&a) {
                 out.push(a);
             }

@@ -1413,7 +1413,13 @@ fn sockaddr(b: &[u8]) -> Option<SocketAddr> {
         let port = u16::from_be_bytes([b[2], b[3]]);
         let mut o = [0u8; 16];
         o.copy_from_slice(&b[8..24]);
-        Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(o), port, 0, 0)))
+        let ip = Ipv6Addr::from(o);
+        // A dual-stack socket reports IPv4 peers as IPv4-mapped IPv6: the core sees them as
+        // the IPv4 addresses they are (and sends to those on the same socket).
+        match ip.to_ipv4_mapped() {
+            Some(v4) => Some(SocketAddr::V4(SocketAddrV4::new(v4, port))),
+            None => Some(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0))),
+        }
     } else {
         None
     }

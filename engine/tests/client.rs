@@ -1350,3 +1350,44 @@ fn without_an_early_punch_the_caller_tries_the_host_address_first_then_latches_w
     let r = reports(&t.drain().events);
     assert_eq!((r[0].path, r[0].candidates_tried), (PathKind::PeerReflexive, 2), "{:?}", r[0]);
 }
+
+#[test]
+fn a_caller_tries_ipv6_first_and_ipv4_fifty_ms_later_only_if_ipv6_stayed_silent() {
+    let start = |h: CallHandle| Frame::Start {
+        call_ref: h.0,
+        call_id: CALL_ID,
+        token: TOKEN,
+        callee_addr: callee_addr(),
+        callee_nat: proto::nat::NatClass::Random,
+        callee_candidates: vec![host("[2001:db8:2::2]:5004")],
+    };
+    let v6 = addr("[2001:db8:2::2]:5004");
+    // IPv6 answers within 50 ms: IPv4 is never punched.
+    let mut t = T::registered();
+    let h = t.c.call(t.at(0), id("carol")).unwrap();
+    t.drain();
+    let out = t.frame(5, start(h));
+    assert!(matches!(out.events[..], [Event::Started { peer, .. }] if peer == v6), "{out:?}");
+    assert_eq!(out.dgrams.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![v6]);
+    assert!(t.dgram(10, v6, &null(CALL_ID, TOKEN, false, false)).is_none());
+    let log = t.run_until(200);
+    assert!(log.dgrams.iter().all(|(_, to, _)| *to == v6), "{:?}", log.dgrams);
+    t.c.hangup(t.at(300), h).unwrap();
+    let r = reports(&t.drain().events);
+    assert_eq!((r[0].path, r[0].candidates_tried), (PathKind::Ipv6, 1), "{:?}", r[0]);
+    // IPv6 silent: at 50 ms the IPv4 address is punched too, and an answer there wins.
+    let mut t = T::registered();
+    let h = t.c.call(t.at(0), id("carol")).unwrap();
+    t.drain();
+    t.frame(5, start(h));
+    let log = t.run_until(54);
+    assert!(log.dgrams.is_empty(), "{:?}", log.dgrams);
+    let log = t.run_until(55);
+    assert_eq!(log.dgrams.iter().map(|(at, to, _)| (*at, *to)).collect::<Vec<_>>(), vec![(55, callee_addr())]);
+    assert!(t.dgram(60, callee_addr(), &null(CALL_ID, TOKEN, false, false)).is_none());
+    let (to, _, _) = t.send(61, h, b"x", 960).unwrap();
+    assert_eq!(to, callee_addr());
+    t.c.hangup(t.at(300), h).unwrap();
+    let r = reports(&t.drain().events);
+    assert_eq!((r[0].path, r[0].candidates_tried), (PathKind::Public, 2), "{:?}", r[0]);
+}

@@ -29,6 +29,10 @@ pub enum Mode {
     /// IGD) on the LAN side. Its WAN address is [`R1_WAN_MAP`] / [`R2_WAN_MAP`] (miniupnpd
     /// refuses a reserved one).
     NatMap,
+    /// Dual stack: [`Mode::NatRandom`] on IPv4, and an IPv6 LAN (2001:db8:N::/64) routed
+    /// without NAT through the same stateful firewall. Peers behind it bind `[::]:PORT`
+    /// (one dual-stack socket).
+    Dual,
 }
 
 impl Mode {
@@ -40,6 +44,7 @@ impl Mode {
             Mode::NatRandom => "nat-random",
             Mode::Nat2 => "nat2",
             Mode::NatMap => "nat-map",
+            Mode::Dual => "dual",
         }
     }
 
@@ -203,10 +208,12 @@ impl Lab {
         }
     }
 
-    /// Start a `peer` in host `h` (A or B) with its media socket on the host's address and
-    /// `port`.
+    /// Start a `peer` in host `h` (A, B or C) with its media socket on the host's address and
+    /// `port` (behind a [`Mode::Dual`] router: `[::]:port`, one dual-stack socket).
     pub fn peer(&self, h: Host, id: &str, port: u16, args: &[&str]) -> Result<Proc> {
+        let mode = if h == Host::B { self.modes.1 } else { self.modes.0 };
         let bind = match h {
+            _ if mode == Mode::Dual && matches!(h, Host::A | Host::B | Host::C) => format!("[::]:{port}"),
             Host::A => format!("{A_IP}:{port}"),
             Host::B => format!("{B_IP}:{port}"),
             Host::C => format!("{C_IP}:{port}"),
@@ -232,18 +239,34 @@ impl Lab {
         Ok(Counters { udp_drop: get("udp_drop "), tcp_drop: get("tcp_drop "), udp_loss: get("udp_loss ") })
     }
 
-    /// The UDP conntrack table of a router (`conntrack -L -p udp`).
+    /// The UDP conntrack table of a router (`conntrack -L -p udp`, IPv4).
     pub fn conntrack_udp(&self, r: Host) -> Result<String> {
         let out = self.cmd(r, "conntrack").args(["-L", "-p", "udp"]).output().map_err(|e| format!("conntrack: {e}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The IPv6 UDP conntrack table of a router (`conntrack -L -f ipv6 -p udp`).
+    pub fn conntrack_udp6(&self, r: Host) -> Result<String> {
+        let out = self
+            .cmd(r, "conntrack")
+            .args(["-L", "-f", "ipv6", "-p", "udp"])
+            .output()
+            .map_err(|e| format!("conntrack: {e}"))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Empty both routers' conntrack tables (each call of a measurement starts cold).
     pub fn flush_conntrack(&self) -> Result<()> {
         for r in [Host::R1, Host::R2] {
-            let out = self.cmd(r, "conntrack").arg("-F").output().map_err(|e| format!("conntrack -F: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("conntrack -F in {}: {}", r.name(), String::from_utf8_lossy(&out.stderr)));
+            for family in ["ipv4", "ipv6"] {
+                let out = self
+                    .cmd(r, "conntrack")
+                    .args(["-F", "-f", family])
+                    .output()
+                    .map_err(|e| format!("conntrack -F: {e}"))?;
+                if !out.status.success() {
+                    return Err(format!("conntrack -F in {}: {}", r.name(), String::from_utf8_lossy(&out.stderr)));
+                }
             }
         }
         Ok(())

@@ -495,3 +495,57 @@ fn a_mapped_peer_calls_through_a_random_nat() {
 fn a_mapped_peer_is_reached_through_a_random_nat() {
     mapping_cell(false);
 }
+
+/// Both sides behind fully-random NATs on IPv4 (no relay-free IPv4 path), each with an IPv6
+/// LAN behind its stateful firewall: the peers (one dual-stack socket each) name their IPv6
+/// addresses in REGISTER, the manager passes them on because both have some, and the call is
+/// direct over IPv6: the callee's punch opens its ip6 firewall, the caller tries IPv6 first
+/// (IPv4 would follow 50 ms later). Without the punch (`--no-null`) the callee's firewall
+/// drops everything: the IPv6 window is the punch's, as on IPv4.
+#[test]
+fn two_random_nats_connect_over_ipv6() {
+    let lab = Lab::up(Mode::Dual, Mode::Dual).expect("lab up");
+    let m = lab.start_manager().expect("manager");
+    let bob = peer(&lab, Host::B, "bob", 41001, &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "bob", "--duration", "2", "--json"]);
+    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    assert_eq!(oa.code, 0, "alice: {ca} {}", oa.stderr);
+    assert_eq!(ob.code, 0, "bob: {cb} {}", ob.stderr);
+    assert_eq!(u(&cb, "received"), u(&ca, "sent"), "{ca} {cb}");
+    assert_eq!(u(&cb, "lost"), 0, "{cb}");
+    for (who, c, other) in [("alice", &ca, "[2001:db8:2::2]:41001"), ("bob", &cb, "[2001:db8:1::2]:40001")] {
+        assert_eq!(s(c, "nat_class"), "random", "{who}: {c}");
+        assert_eq!(s(c, "peer_nat_class"), "random", "{who}: {c}");
+        assert_eq!(s(c, "strategy"), "direct", "{who}: {c}");
+        assert_eq!(s(c, "path"), "ipv6", "{who}: {c}");
+        assert_eq!(s(c, "peer"), other, "{who}: {c}");
+        assert_eq!(u(c, "probes_sent"), 0, "{who}: no search: {c}");
+    }
+    // The media flow is in both routers' IPv6 conntrack tables, routed (no translation).
+    for r in [Host::R1, Host::R2] {
+        let ct = lab.conntrack_udp6(r).unwrap();
+        assert!(
+            ct_flow(&ct, &[("src", "2001:db8:1::2"), ("dst", "2001:db8:2::2")]).is_some()
+                || ct_flow(&ct, &[("src", "2001:db8:2::2"), ("dst", "2001:db8:1::2")]).is_some(),
+            "no IPv6 media flow on {r:?}:\n{ct}"
+        );
+    }
+    // Negative control: no punch, no path (IPv4 has none either: the call fails).
+    let r2_before = lab.counters(Host::R2).unwrap();
+    let bob =
+        peer(&lab, Host::B, "bob", 41002, &["--setup-timeout", "2", "listen", "--calls", "1", "--no-null", "--json"]);
+    settle();
+    let alice =
+        peer(&lab, Host::A, "alice", 40002, &["--setup-timeout", "2", "call", "bob", "--duration", "3", "--json"]);
+    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
+    assert_ne!(oa.code, 0, "the call must fail without the punch: {ca}");
+    assert_eq!(u(&cb, "received"), 0, "media reached bob without a window: {cb}");
+    let dropped = lab.counters(Host::R2).unwrap().udp_drop - r2_before.udp_drop;
+    assert!(dropped >= u(&ca, "sent"), "bob's firewall dropped {dropped} of alice's {} packets: {ca}", u(&ca, "sent"));
+    let stats = m.stop().unwrap();
+    assert_eq!(stats["calls_ipv6"], 2, "{stats}");
+    assert_eq!(stats["calls_no_path"], 0, "{stats}");
+}

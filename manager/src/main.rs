@@ -23,7 +23,8 @@ use proto::shard::ShardConfig;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
-    /// TCP and UDP address to listen on (port 0: any free port).
+    /// TCP and UDP address to listen on (port 0: any free port). `[::]:PORT` listens on
+    /// IPv4 and IPv6 alike (one dual-stack socket per shard and for STUN).
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:7480", value_parser = listen_addr)]
     listen: SocketAddr,
     /// Shards (threads), 1 to 1024; 0 means one per core.

@@ -35,9 +35,11 @@ struct Args {
     /// This client's id (1-64 bytes, no spaces).
     #[arg(long)]
     id: String,
-    /// Local UDP address for media.
-    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:0")]
-    bind: SocketAddr,
+    /// Local UDP address for media. Default: `[::]:0`, one dual-stack socket for IPv4 and
+    /// IPv6 (`0.0.0.0:0` where the host has IPv6 off). An IPv4 address limits the peer to
+    /// IPv4.
+    #[arg(long, value_name = "IP:PORT")]
+    bind: Option<SocketAddr>,
     /// Registration token for a manager that requires one (`manager token --id ID`).
     #[arg(long, value_name = "TOKEN", value_parser = proto::wire::frame::AuthToken::parse)]
     token: Option<proto::wire::frame::AuthToken>,
@@ -641,10 +643,18 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
         }
     };
     tracing::info!(io = io.as_str(), "udp io");
-    let udp = match tokio::net::UdpSocket::bind(args.bind).await {
+    let bound = match args.bind {
+        Some(a) => tokio::net::UdpSocket::bind(a).await.map_err(|e| (a, e)),
+        // Dual stack where the host has IPv6; else IPv4 alone.
+        None => match tokio::net::UdpSocket::bind("[::]:0").await {
+            Ok(s) => Ok(s),
+            Err(_) => tokio::net::UdpSocket::bind("0.0.0.0:0").await.map_err(|e| ("0.0.0.0:0".parse().unwrap(), e)),
+        },
+    };
+    let udp = match bound {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("peer: cannot bind UDP {}: {e}", args.bind);
+        Err((a, e)) => {
+            eprintln!("peer: cannot bind UDP {a}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -663,7 +673,7 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
     if !args.no_host_candidates {
         // The bound address, or every interface's if bound to the unspecified one.
         cfg.host_candidates = if local.ip().is_unspecified() {
-            engine::sys::host_addrs_v4(local.port(), manager.ip().is_loopback())
+            engine::sys::host_addrs(local.port(), manager.ip().is_loopback(), local.is_ipv6())
         } else {
             vec![local]
         };

@@ -400,3 +400,35 @@ fn a_listener_writes_each_calls_audio_to_its_own_wav_file() {
     assert!(!std::path::Path::new(&dir.path("heard-3.wav")).exists());
     m.stop();
 }
+
+/// A manager listening on `[::]` (one dual-stack socket per shard and for STUN) serves
+/// IPv4 and IPv6 clients alike: two peers reach it at `[::1]` and call each other over
+/// IPv6, two more reach the same manager at 127.0.0.1 and call over IPv4. Each learns its
+/// public address in its own family (an IPv4 client is not shown IPv4-mapped).
+#[test]
+fn a_dual_stack_manager_serves_ipv4_and_ipv6_peers() {
+    let m = start_manager_on("[::]:0", &[]);
+    let port = m.addr.rsplit(':').next().unwrap().to_string();
+    let (v6, v4) = (format!("[::1]:{port}"), format!("127.0.0.1:{port}"));
+    let bob = peer_bound(&v6, "bob", "[::1]:0", &["listen", "--calls", "1", "--json"]);
+    let dave = peer_bound(&v4, "dave", "127.0.0.1:0", &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer_bound(&v6, "alice", "[::1]:0", &["call", "bob", "--duration", "1", "--json"]);
+    let carol = peer_bound(&v4, "carol", "127.0.0.1:0", &["call", "dave", "--duration", "1", "--json"]);
+    for (caller, callee, family) in [(alice, bob, "[::1]:"), (carol, dave, "127.0.0.1:")] {
+        let (ca, out_a, err_a) = caller.finish(Duration::from_secs(20));
+        let (cb, out_b, err_b) = callee.finish(Duration::from_secs(10));
+        assert_eq!(ca, 0, "{family} caller: {err_a}");
+        assert_eq!(cb, 0, "{family} callee: {err_b}");
+        let (a, b) = (json_line(&out_a), json_line(&out_b));
+        assert_eq!(b["received"], a["sent"], "{a}\n{b}");
+        for r in [&a, &b] {
+            assert!(r["local"].as_str().unwrap().starts_with(family), "{r}");
+            assert!(r["peer"].as_str().unwrap().starts_with(family), "{r}");
+            assert_eq!(r["local_source"], "stun", "{r}");
+        }
+    }
+    let stats = m.stop();
+    assert_eq!(stats["calls_started"], 2, "{stats}");
+    assert_eq!(stats["udp_media"], 0, "{stats}");
+}

@@ -319,8 +319,10 @@ pub enum PathKind {
     Public,
     /// The peer's port mapping on its router.
     Mapped,
-    /// One of the peer's host addresses (both behind one NAT, on one LAN).
+    /// One of the peer's IPv4 host addresses (both behind one NAT, on one LAN).
     Host,
+    /// One of the peer's IPv6 addresses (no NAT: its stateful firewall, opened by its punch).
+    Ipv6,
     /// An address the manager did not name: the peer's NAT's port towards this side (a
     /// peer-reflexive address), learnt from the peer's token-checked null packet, or the
     /// pair a birthday search found.
@@ -335,6 +337,7 @@ impl PathKind {
             PathKind::Public => "public",
             PathKind::Mapped => "mapped",
             PathKind::Host => "host",
+            PathKind::Ipv6 => "ipv6",
             PathKind::PeerReflexive => "peer-reflexive",
         }
     }
@@ -543,6 +546,10 @@ pub struct ClientCounters {
     pub early_nulls: u64,
 }
 
+/// Happy Eyeballs (RFC 8305 section 5): the head start IPv6 candidates get before a caller
+/// punches the IPv4 addresses.
+pub const HAPPY_EYEBALLS_DELAY: Duration = Duration::from_millis(50);
+
 /// How many setup null packets of not-yet-started calls a caller keeps (see
 /// [`ClientCounters::early_nulls`]).
 pub const EARLY_NULLS: usize = 8;
@@ -599,9 +606,13 @@ struct Call {
     found_here: bool,
     /// The peer's address the manager named (INCOMING or START).
     named: Option<SocketAddr>,
-    /// The peer's other addresses (host candidates, when behind one public IP).
+    /// The peer's other addresses (host candidates: IPv4 ones when behind one public IP,
+    /// IPv6 ones when both sides have some).
     candidates: Vec<SocketAddr>,
     candidates_tried: u32,
+    /// Caller with IPv6 candidates (Happy Eyeballs, RFC 8305): when to punch the IPv4
+    /// addresses if nothing came from the peer over IPv6 by then.
+    v4_punch_at: Option<Instant>,
 }
 
 /// A birthday search in progress (see [`Strategy::Birthday`]).
@@ -632,7 +643,7 @@ impl Call {
         let keepalive = (self.state == CallState::Media).then(|| self.last_tx + cfg.keepalive_interval);
         let silence = self.first_rx.map(|_| self.last_rx + cfg.media_timeout);
         let search = self.search.as_ref().and_then(|s| [s.next_probe, s.next_repunch].into_iter().flatten().min());
-        [self.deadline, self.next_null, keepalive, silence, search].into_iter().flatten().min()
+        [self.deadline, self.next_null, keepalive, silence, search, self.v4_punch_at].into_iter().flatten().min()
     }
 
     fn ssrcs(role: Role, token: u64) -> (u32, u32) {
@@ -1067,6 +1078,21 @@ impl Client {
 
     fn call_timers(&mut self, now: Instant, h: CallHandle) {
         let Some(c) = self.calls.get_mut(&h) else { return };
+        if c.v4_punch_at.is_some_and(|t| now >= t) {
+            c.v4_punch_at = None;
+            if c.first_rx.is_none() {
+                // No answer over IPv6 yet: the IPv4 addresses too.
+                let main = c.peer_addr;
+                let v4s: Vec<SocketAddr> =
+                    c.named.iter().chain(c.candidates.iter()).filter(|a| a.is_ipv4()).copied().collect();
+                for a in v4s {
+                    c.peer_addr = Some(a);
+                    queue_null(&mut self.out, c, now, false);
+                    c.candidates_tried += 1;
+                }
+                c.peer_addr = main;
+            }
+        }
         if let Some(t) = c.next_null {
             if now >= t {
                 queue_punch(&mut self.out, c, now);
@@ -1292,6 +1318,7 @@ impl Client {
             named: peer_addr,
             candidates: Vec::new(),
             candidates_tried: 0,
+            v4_punch_at: None,
         }
     }
 
@@ -1551,7 +1578,7 @@ impl Client {
         // The callee's punch may have come before this START (through a LAN or a port
         // mapping): its source is the path. Else media starts towards the first host
         // candidate (behind one NAT the public address needs a hairpin) or the public one.
-        let known = |a: &SocketAddr| a.ip() == callee_addr.ip() || c.candidates.contains(a);
+        let known = |a: &SocketAddr| a.ip() == callee_addr.ip() || c.candidates.iter().any(|k| k.ip() == a.ip());
         let early = self.early.iter().position(|&(id, t, a)| id == call_id && t == token && known(&a));
         if let Some(i) = early {
             let (_, _, from) = self.early.remove(i).expect("found above");
@@ -1562,6 +1589,19 @@ impl Client {
             c.peer_addr = Some(from);
             queue_null(&mut self.out, c, now, false);
             c.candidates_tried = 1;
+        } else if let Some(&v6) = c.candidates.iter().find(|a| a.is_ipv6()) {
+            // Happy Eyeballs (RFC 8305): IPv6 first (no NAT in the way, and the one address
+            // both sides can always reach when IPv4 leaves no path), IPv4 50 ms later if
+            // nothing has come back by then.
+            c.peer_addr = Some(v6);
+            let v6s: Vec<SocketAddr> = c.candidates.iter().filter(|a| a.is_ipv6()).copied().collect();
+            for a in v6s {
+                c.peer_addr = Some(a);
+                queue_null(&mut self.out, c, now, false);
+            }
+            c.peer_addr = Some(v6);
+            c.candidates_tried = c.candidates.iter().filter(|a| a.is_ipv6()).count() as u32;
+            c.v4_punch_at = Some(now + HAPPY_EYEBALLS_DELAY);
         } else {
             if let Some(&host) = c.candidates.first() {
                 c.peer_addr = Some(host);
@@ -1816,7 +1856,9 @@ impl Client {
             // A direct call's first token-checked null from the peer sets the path if it came
             // from one of the peer's host addresses or its public IP (its NAT's port towards
             // this side may differ from the one the manager saw: a peer-reflexive address).
-            let known = c.named.is_some_and(|n| n.ip() == from.ip()) || c.candidates.contains(&from);
+            // (At any port of those IPs.)
+            let known =
+                c.named.is_some_and(|n| n.ip() == from.ip()) || c.candidates.iter().any(|a| a.ip() == from.ip());
             let first = relatch && known && c.first_rx.is_none() && !c.strategy.searches() && socket == c.socket;
             if relatch && easy_side_of_search && same_ip && fresh && socket == SocketId::MAIN {
                 c.peer_addr = Some(from);
@@ -1892,6 +1934,7 @@ impl Client {
                 _ if c.first_rx.is_none() => PathKind::None,
                 a if a == c.named && c.peer_nat == NatClass::Mapped => PathKind::Mapped,
                 a if a == c.named => PathKind::Public,
+                Some(a) if a.is_ipv6() && c.candidates.iter().any(|k| k.ip() == a.ip()) => PathKind::Ipv6,
                 Some(a) if c.candidates.contains(&a) => PathKind::Host,
                 _ => PathKind::PeerReflexive,
             },

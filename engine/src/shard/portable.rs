@@ -176,6 +176,8 @@ pub fn shard_thread(start: ShardStart) {
                     };
                     let _ = stream.set_nodelay(true);
                     let before = io.open.opened();
+                    // A dual-stack listener ([::]) reports IPv4 clients IPv4-mapped.
+                    let peer = crate::driver::canonical(peer);
                     let id = io.core.borrow_mut().conn_opened(Instant::now(), peer, before);
                     let (tx, rx) = mpsc::channel(conn_queue);
                     let task = tokio::task::spawn_local(conn_task(io.clone(), id, stream, rx)).abort_handle();

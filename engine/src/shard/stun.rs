@@ -55,7 +55,9 @@ pub fn stun_thread(s: StunSocket, stats: Arc<Stats>, stop: Arc<AtomicBool>, rate
     let mut out = [0u8; MAX_RESPONSE_LEN];
     while !stop.load(Ordering::Relaxed) {
         let (len, from) = match sock.recv_from(&mut buf) {
-            Ok(x) => x,
+            // A dual-stack socket ([::]) reports IPv4 clients IPv4-mapped: their mapped
+            // address is the IPv4 one (and the answer goes to it on the same socket).
+            Ok((len, from)) => (len, crate::driver::canonical(from)),
             Err(_) => continue, // timeout (to check `stop`) or a transient ICMP error
         };
         match respond(&mut limiter, Instant::now(), from, &buf[..len], other, &mut out) {

@@ -1,5 +1,6 @@
 //! `matrix`: N calls per router pair through the firewall lab, for every pair of
-//! {fw, nat, nat-random, nat2 (double NAT), nat-map (nat-random with PCP/NAT-PMP/UPnP)},
+//! {fw, nat, nat-random, nat2 (double NAT), nat-map (nat-random with PCP/NAT-PMP/UPnP),
+//! dual (nat-random on IPv4, an IPv6 LAN behind the stateful firewall)},
 //! plus two peers behind one NAT (nat and nat-random); prints per cell the success rate,
 //! CALL-to-two-way-media percentiles, the strategy and path, the search's probes and the
 //! routers' conntrack entries, then one JSON line. Cells run three at a time, each in its own
@@ -47,14 +48,17 @@ struct Cell {
 
 impl Cell {
     fn has_path(&self) -> bool {
-        self.same_nat || !(self.a == Mode::NatRandom && self.b == Mode::NatRandom)
+        let random = |m: Mode| matches!(m, Mode::NatRandom | Mode::Dual);
+        let both_v6 = self.a == Mode::Dual && self.b == Mode::Dual;
+        self.same_nat || both_v6 || !(random(self.a) && random(self.b))
     }
 
-    /// The call needs the birthday search: one side randomises ports, the other is easy
-    /// but has no port mapping, and they are not behind one NAT.
+    /// The call needs the birthday search: one side randomises IPv4 ports, the other is easy
+    /// but has no port mapping, they are not behind one NAT and not both on IPv6.
     fn searches(&self) -> bool {
-        let hard = |m: Mode| m == Mode::NatRandom;
-        !self.same_nat && self.a != Mode::NatMap && self.b != Mode::NatMap && hard(self.a) != hard(self.b)
+        let hard = |m: Mode| matches!(m, Mode::NatRandom | Mode::Dual);
+        let both_v6 = self.a == Mode::Dual && self.b == Mode::Dual;
+        !self.same_nat && !both_v6 && self.a != Mode::NatMap && self.b != Mode::NatMap && hard(self.a) != hard(self.b)
     }
 
     fn name(&self) -> String {
@@ -101,7 +105,7 @@ fn run_cell(a: Mode, b: Mode, same_nat: bool, calls: u16) -> Result<Cell, String
             .finish(Duration::from_secs(60));
         let took = started.elapsed();
         for (k, r) in [Host::R1, Host::R2].into_iter().enumerate() {
-            let n = lab.conntrack_udp(r)?.lines().count() as u64;
+            let n = (lab.conntrack_udp(r)?.lines().count() + lab.conntrack_udp6(r)?.lines().count()) as u64;
             cell.ct[k].record(n.max(1)).map_err(|e| e.to_string())?;
         }
         let ob = bob.finish(Duration::from_millis(if cell.has_path() { 10_000 } else { 100 }));
@@ -187,7 +191,7 @@ fn main() {
             }
         }
     }
-    let modes = [Mode::Fw, Mode::Nat, Mode::NatRandom, Mode::Nat2, Mode::NatMap];
+    let modes = [Mode::Fw, Mode::Nat, Mode::NatRandom, Mode::Nat2, Mode::NatMap, Mode::Dual];
     let mut pairs: Vec<(Mode, Mode, bool)> =
         modes.iter().flat_map(|&a| modes.iter().map(move |&b| (a, b, false))).collect();
     pairs.push((Mode::Nat, Mode::Fw, true));

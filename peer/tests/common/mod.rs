@@ -67,8 +67,13 @@ pub fn start_manager() -> Manager {
 
 /// The manager with extra arguments.
 pub fn start_manager_with(extra: &[&str]) -> Manager {
+    start_manager_on("127.0.0.1:0", extra)
+}
+
+/// The manager listening on `listen`, with extra arguments.
+pub fn start_manager_on(listen: &str, extra: &[&str]) -> Manager {
     let mut child = Command::new(bin("manager"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .args(["--listen", listen, "--shards", "2"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -101,8 +106,13 @@ impl Manager {
 }
 
 pub fn peer(manager: &str, id: &str, args: &[&str]) -> Proc {
+    peer_bound(manager, id, "127.0.0.1:0", args)
+}
+
+/// `peer` with its media socket on `bind`.
+pub fn peer_bound(manager: &str, id: &str, bind: &str, args: &[&str]) -> Proc {
     let child = Command::new(bin("peer"))
-        .args(["--manager", manager, "--id", id, "--bind", "127.0.0.1:0"])
+        .args(["--manager", manager, "--id", id, "--bind", bind])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -962,10 +962,14 @@ impl Shard {
         call_ref: u32,
         callee: ClientId,
     ) {
-        // Behind one public IP, with host addresses on both sides, the two reach each other
-        // on their LAN whatever their NAT does (no hairpin through the router needed).
-        let lan = |e: &Entry| e.public.ip() == caller_addr.ip() && !e.hosts.is_empty() && !caller_hosts.is_empty();
-        let strategy = |e: &Entry| if lan(e) { Strategy::Direct } else { nat::strategy(caller_nat, e.nat) };
+        // Behind one public IP, with IPv4 host addresses on both sides, the two reach each
+        // other on their LAN whatever their NAT does (no hairpin through the router needed).
+        // With IPv6 addresses on both sides they reach each other over IPv6 (no NAT there,
+        // only stateful firewalls, which the punch opens).
+        let has = |h: &[Candidate], v6: bool| h.iter().any(|k| k.addr.is_ipv6() == v6);
+        let lan = |e: &Entry| e.public.ip() == caller_addr.ip() && has(&e.hosts, false) && has(&caller_hosts, false);
+        let six = |e: &Entry| has(&e.hosts, true) && has(&caller_hosts, true);
+        let strategy = |e: &Entry| if lan(e) || six(e) { Strategy::Direct } else { nat::strategy(caller_nat, e.nat) };
         let refusal = match self.dir.get(&callee) {
             None => Some(Frame::Unknown { call_ref, reason: UnknownReason::NeverRegistered }),
             Some(e) if e.conn.is_none() => Some(Frame::Unknown { call_ref, reason: UnknownReason::Offline }),
@@ -989,7 +993,7 @@ impl Shard {
             return;
         }
         let e = self.dir.get(&callee).expect("checked above");
-        let (strategy, same_nat) = (strategy(e), lan(e));
+        let (strategy, same_nat, ipv6) = (strategy(e), lan(e), six(e));
         let e = self.dir.get_mut(&callee).expect("checked above");
         self.stats.inc(match strategy {
             Strategy::Birthday => &self.stats.calls_birthday,
@@ -999,12 +1003,18 @@ impl Shard {
         e.active_calls += 1;
         let callee_conn = e.conn.expect("checked above");
         let (callee_addr, callee_source, callee_nat) = (e.public, e.source, e.nat);
-        // Each gets the other's host addresses only then (and both do, so that both
-        // clients compute the same strategy: `docs/protocol.md` 5.6).
-        let (callee_hosts, caller_hosts) =
-            if same_nat { (e.hosts.clone(), caller_hosts) } else { (Vec::new(), Vec::new()) };
+        // Each gets the other's IPv4 host addresses only behind one public IP, its IPv6 ones
+        // only when both have some (and both get them, so that both clients compute the same
+        // strategy: `docs/protocol.md` 5.6).
+        let pass = |h: &[Candidate]| -> Vec<Candidate> {
+            h.iter().filter(|k| if k.addr.is_ipv6() { ipv6 } else { same_nat }).copied().collect()
+        };
+        let (callee_hosts, caller_hosts) = (pass(&e.hosts), pass(&caller_hosts));
         if same_nat {
             self.stats.inc(&self.stats.calls_same_nat);
+        }
+        if ipv6 {
+            self.stats.inc(&self.stats.calls_ipv6);
         }
         let call_id = CallId(((self.index as u64) << 48) | (self.next_call & 0xFFFF_FFFF_FFFF));
         self.next_call += 1;

@@ -190,6 +190,9 @@ stats! {
     /// Calls whose INCOMING or START carried the peer's host addresses (both parties
     /// behind one public IP).
     calls_same_nat,
+    /// Calls whose two clients both named IPv6 addresses: each got the other's, and the
+    /// call is direct (over IPv6 first) whatever their IPv4 NAT classes.
+    calls_ipv6,
     /// REGISTERs refused: no token while the manager requires one (connection closed).
     auth_missing,
     /// REGISTERs refused: token not valid for the id (another id, another secret, altered).
