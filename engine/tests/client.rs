@@ -1235,6 +1235,18 @@ fn host(s: &str) -> Candidate {
     Candidate { kind: CandidateKind::Host, addr: addr(s) }
 }
 
+/// START for call `h` from carol at [`callee_addr`], with `candidates` (host kind).
+fn start_with(h: CallHandle, class: proto::nat::NatClass, candidates: &[&str]) -> Frame {
+    Frame::Start {
+        call_ref: h.0,
+        call_id: CALL_ID,
+        token: TOKEN,
+        callee_addr: callee_addr(),
+        callee_nat: class,
+        callee_candidates: candidates.iter().map(|a| host(a)).collect(),
+    }
+}
+
 #[test]
 fn register_names_the_host_addresses_once_each() {
     let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
@@ -1295,17 +1307,7 @@ fn a_callees_punch_that_beats_start_sets_the_callers_path_at_once() {
     // neither the callee's public IP nor one of its host addresses.
     assert!(t.dgram(3, addr("192.0.2.99:1"), &null(CALL_ID, TOKEN, false, false)).is_none());
     assert_eq!(t.c.counters().dgram_unmatched, 2);
-    let out = t.frame(
-        5,
-        Frame::Start {
-            call_ref: h.0,
-            call_id: CALL_ID,
-            token: TOKEN,
-            callee_addr: callee_addr(),
-            callee_nat: proto::nat::NatClass::Unknown,
-            callee_candidates: vec![host("10.1.0.3:5004")],
-        },
-    );
+    let out = t.frame(5, start_with(h, proto::nat::NatClass::Unknown, &["10.1.0.3:5004"]));
     assert!(matches!(out.events[..], [Event::Started { peer, .. }] if peer == lan), "{out:?}");
     assert_eq!(t.c.counters().early_nulls, 1);
     assert_eq!(out.dgrams.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![lan]);
@@ -1323,17 +1325,7 @@ fn without_an_early_punch_the_caller_tries_the_host_address_first_then_latches_w
     let h = t.c.call(t.at(0), id("carol")).unwrap();
     t.drain();
     let lan = addr("10.1.0.3:5004");
-    let out = t.frame(
-        5,
-        Frame::Start {
-            call_ref: h.0,
-            call_id: CALL_ID,
-            token: TOKEN,
-            callee_addr: callee_addr(),
-            callee_nat: proto::nat::NatClass::Unknown,
-            callee_candidates: vec![host("10.1.0.3:5004")],
-        },
-    );
+    let out = t.frame(5, start_with(h, proto::nat::NatClass::Unknown, &["10.1.0.3:5004"]));
     assert!(matches!(out.events[..], [Event::Started { peer, .. }] if peer == lan), "{out:?}");
     assert_eq!(out.dgrams.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![lan, callee_addr()]);
     // The callee's NAT answered from another port of its public IP (a peer-reflexive
@@ -1353,14 +1345,7 @@ fn without_an_early_punch_the_caller_tries_the_host_address_first_then_latches_w
 
 #[test]
 fn a_caller_tries_ipv6_first_and_ipv4_fifty_ms_later_only_if_ipv6_stayed_silent() {
-    let start = |h: CallHandle| Frame::Start {
-        call_ref: h.0,
-        call_id: CALL_ID,
-        token: TOKEN,
-        callee_addr: callee_addr(),
-        callee_nat: proto::nat::NatClass::Random,
-        callee_candidates: vec![host("[2001:db8:2::2]:5004")],
-    };
+    let start = |h: CallHandle| start_with(h, proto::nat::NatClass::Random, &["[2001:db8:2::2]:5004"]);
     let v6 = addr("[2001:db8:2::2]:5004");
     // IPv6 answers within 50 ms: IPv4 is never punched.
     let mut t = T::registered();

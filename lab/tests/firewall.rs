@@ -33,6 +33,22 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
+/// One call that must succeed: `callee` (in its host, on its port) listens for one call,
+/// then `caller` calls it for `secs` seconds. Both exit 0 and every packet the caller sent
+/// reached the callee. Returns (caller's report, callee's report).
+fn call_ok(lab: &Lab, caller: (Host, u16), callee: (Host, u16), secs: &str) -> (Value, Value) {
+    let bob = peer(lab, callee.0, "callee", callee.1, &["listen", "--calls", "1", "--json"]);
+    settle();
+    let alice = peer(lab, caller.0, "caller", caller.1, &["call", "callee", "--duration", secs, "--json"]);
+    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
+    let (ca, cb) = (one(&oa, "caller"), one(&ob, "callee"));
+    assert_eq!(oa.code, 0, "caller: {ca} {}", oa.stderr);
+    assert_eq!(ob.code, 0, "callee: {cb} {}", ob.stderr);
+    assert_eq!(u(&cb, "received"), u(&ca, "sent"), "{ca} {cb}");
+    assert_eq!(u(&cb, "lost"), 0, "{cb}");
+    (ca, cb)
+}
+
 /// Fields of a conntrack line (`key=value` tokens, in order; the reply tuple repeats keys).
 fn ct_flow<'a>(table: &'a str, want: &[(&str, &str)]) -> Option<&'a str> {
     table.lines().find(|l| want.iter().all(|(k, v)| l.split_whitespace().any(|t| t == format!("{k}={v}"))))
@@ -363,15 +379,7 @@ fn same_nat_cell(mode: Mode) {
     let lab = Lab::up(mode, Mode::Fw).expect("lab up");
     let m = lab.start_manager().expect("manager");
     let pair = format!("{}, same NAT", mode.as_str());
-    let carol = peer(&lab, Host::C, "carol", 41001, &["listen", "--calls", "1", "--json"]);
-    settle();
-    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "carol", "--duration", "2", "--json"]);
-    let (oa, oc) = (alice.finish(Duration::from_secs(20)), carol.finish(Duration::from_secs(10)));
-    let (ca, cc) = (one(&oa, "alice"), one(&oc, "carol"));
-    assert_eq!(oa.code, 0, "{pair} alice: {ca} {}", oa.stderr);
-    assert_eq!(oc.code, 0, "{pair} carol: {cc} {}", oc.stderr);
-    assert_eq!(u(&cc, "received"), u(&ca, "sent"), "{pair}: {ca} {cc}");
-    assert_eq!(u(&cc, "lost"), 0, "{pair}: {cc}");
+    let (ca, cc) = call_ok(&lab, (Host::A, 40001), (Host::C, 41001), "2");
     for (who, c, other_lan) in [("alice", &ca, "10.1.0.3:41001"), ("carol", &cc, "10.1.0.2:40001")] {
         assert_eq!(s(c, "strategy"), "direct", "{pair} {who}: {c}");
         assert_eq!(s(c, "path"), "host", "{pair} {who}: {c}");
@@ -411,14 +419,7 @@ fn two_peers_behind_one_random_nat_talk_over_their_lan() {
 fn a_double_nat_connects_directly() {
     let lab = Lab::up(Mode::Nat2, Mode::Nat).expect("lab up");
     let m = lab.start_manager().expect("manager");
-    let bob = peer(&lab, Host::B, "bob", 41001, &["listen", "--calls", "1", "--json"]);
-    settle();
-    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "bob", "--duration", "2", "--json"]);
-    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
-    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
-    assert_eq!(oa.code, 0, "alice: {ca} {}", oa.stderr);
-    assert_eq!(ob.code, 0, "bob: {cb} {}", ob.stderr);
-    assert_eq!(u(&cb, "received"), u(&ca, "sent"), "{ca} {cb}");
+    let (ca, cb) = call_ok(&lab, (Host::A, 40001), (Host::B, 41001), "2");
     assert!(s(&ca, "local").starts_with(&format!("{R1_WAN}:")), "{ca}");
     for c in [&ca, &cb] {
         assert_eq!(s(c, "strategy"), "direct", "{c}");
@@ -451,16 +452,9 @@ fn mapping_cell(mapped_calls: bool) {
     let wan = lab.wan(Host::R1);
     let (caller_host, callee_host) = if mapped_calls { (Host::A, Host::B) } else { (Host::B, Host::A) };
     let (caller_port, callee_port) = if mapped_calls { (40001, 41001) } else { (41001, 40001) };
-    let callee = peer(&lab, callee_host, "callee", callee_port, &["listen", "--calls", "1", "--json"]);
-    settle();
-    let caller = peer(&lab, caller_host, "caller", caller_port, &["call", "callee", "--duration", "2", "--json"]);
-    let (oa, ob) = (caller.finish(Duration::from_secs(20)), callee.finish(Duration::from_secs(10)));
-    let (ca, cb) = (one(&oa, "caller"), one(&ob, "callee"));
+    let (ca, cb) = call_ok(&lab, (caller_host, caller_port), (callee_host, callee_port), "2");
     let (mapped, other) = if mapped_calls { (&ca, &cb) } else { (&cb, &ca) };
     let cell = if mapped_calls { "mapped side calls" } else { "mapped side answers" };
-    assert_eq!(oa.code, 0, "{cell} caller: {ca} {}", oa.stderr);
-    assert_eq!(ob.code, 0, "{cell} callee: {cb} {}", ob.stderr);
-    assert_eq!(u(&cb, "received"), u(&ca, "sent"), "{cell}: {ca} {cb}");
     // The other way too (the callee's last packet may be in flight at hang-up).
     assert!(u(&ca, "received") + 2 >= u(&cb, "sent") && u(&ca, "received") > 0, "{cell}: {ca} {cb}");
     assert_eq!(s(mapped, "port_mapping"), format!("pcp {wan}:40001"), "{cell}: {mapped}");
@@ -506,15 +500,7 @@ fn a_mapped_peer_is_reached_through_a_random_nat() {
 fn two_random_nats_connect_over_ipv6() {
     let lab = Lab::up(Mode::Dual, Mode::Dual).expect("lab up");
     let m = lab.start_manager().expect("manager");
-    let bob = peer(&lab, Host::B, "bob", 41001, &["listen", "--calls", "1", "--json"]);
-    settle();
-    let alice = peer(&lab, Host::A, "alice", 40001, &["call", "bob", "--duration", "2", "--json"]);
-    let (oa, ob) = (alice.finish(Duration::from_secs(20)), bob.finish(Duration::from_secs(10)));
-    let (ca, cb) = (one(&oa, "alice"), one(&ob, "bob"));
-    assert_eq!(oa.code, 0, "alice: {ca} {}", oa.stderr);
-    assert_eq!(ob.code, 0, "bob: {cb} {}", ob.stderr);
-    assert_eq!(u(&cb, "received"), u(&ca, "sent"), "{ca} {cb}");
-    assert_eq!(u(&cb, "lost"), 0, "{cb}");
+    let (ca, cb) = call_ok(&lab, (Host::A, 40001), (Host::B, 41001), "2");
     for (who, c, other) in [("alice", &ca, "[2001:db8:2::2]:41001"), ("bob", &cb, "[2001:db8:1::2]:40001")] {
         assert_eq!(s(c, "nat_class"), "random", "{who}: {c}");
         assert_eq!(s(c, "peer_nat_class"), "random", "{who}: {c}");
