@@ -54,6 +54,14 @@ struct Args {
     /// per client may need 0.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = count::<1_000_000>)]
     max_calls_per_conn: usize,
+    /// Seconds the directory remembers an id whose connection closed, so that its callers
+    /// get UNKNOWN Offline; after that they get UNKNOWN NeverRegistered (0.01 to 86400).
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = seconds)]
+    tombstone_ttl: Duration,
+    /// Ids whose connection closed the directory remembers at most (the oldest are
+    /// forgotten first; 0: none; at most 100000000).
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    max_tombstones: u64,
     /// Serve Prometheus metrics on http://ADDR/metrics (port 0: any free port; the address
     /// is printed on stdout as `metrics http://ADDR/metrics` after the `listening` line).
     #[arg(long, value_name = "IP:PORT", value_parser = listen_addr)]
@@ -247,6 +255,8 @@ fn main() {
             secret,
             frames_per_sec: args.frames_per_sec,
             max_calls_per_conn: args.max_calls_per_conn,
+            tombstone_ttl: args.tombstone_ttl,
+            max_tombstones: args.max_tombstones as usize,
             ..ShardConfig::default()
         },
         stun_rate: args.stun_rate,

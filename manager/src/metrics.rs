@@ -92,8 +92,9 @@ impl Exposition {
     }
 }
 
-/// The manager's metrics: every counter as `nullpunch_manager_<name>_total`, plus calls by
-/// outcome, dropped frames by reason, open connections, and the setup-time histogram.
+/// The manager's metrics: every counter as `nullpunch_manager_<name>_total`, every gauge as
+/// `nullpunch_manager_<name>` (directory entries and tombstones), plus calls by outcome,
+/// dropped frames by reason, open connections, and the setup-time histogram.
 pub fn render_manager(stats: &Stats) -> String {
     let mut e = Exposition::default();
     let v: std::collections::HashMap<&str, u64> = stats.snapshot().into_iter().collect();
@@ -133,6 +134,9 @@ pub fn render_manager(stats: &Stats) -> String {
         ("auth_expired", "auth_expired"),
     ] {
         e.sample("nullpunch_manager_frames_dropped_total", &[("reason", reason)], v[key] as f64);
+    }
+    for (name, help, value) in stats.gauges() {
+        e.gauge(&format!("nullpunch_manager_{name}"), help, value as f64);
     }
     let open = v["connections_accepted"].saturating_sub(v["connections_closed"]);
     e.gauge("nullpunch_manager_connections_open", "TCP connections open now.", open as f64);

@@ -43,6 +43,15 @@ pub const MAX_CONN_ERRORS: u32 = 16;
 /// Timed-out connections one shard closes per tick at most (the rest wait for the next).
 pub const MAX_KICKS_PER_TICK: usize = 128;
 
+/// Death records one shard looks at per tick at most when it expires tombstones (the rest
+/// wait for the next tick): a flood that ended one TTL ago is forgotten over a few ticks,
+/// not in one stall.
+pub const MAX_EXPIRIES_PER_TICK: usize = 8192;
+
+/// Stale death records (of ids that registered again since) a shard lets pile up beyond
+/// twice its tombstones before it drops them in one pass (amortized O(1) per death).
+const DEATHS_SLACK: usize = 1024;
+
 /// A connection anywhere in the manager: its shard and its id within that shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnRef {
@@ -73,7 +82,21 @@ pub struct ShardConfig {
     /// Calls a connection may be party to at once; a CALL beyond is rejected with
     /// `CallerLimit` (0: no limit).
     pub max_calls_per_conn: usize,
+    /// How long the directory keeps the entry of an id whose connection closed (a
+    /// tombstone: a CALL to it is answered UNKNOWN `Offline`). After that the id is
+    /// forgotten: UNKNOWN `NeverRegistered`.
+    pub tombstone_ttl: Duration,
+    /// Tombstones the manager keeps at most, over all shards (each shard keeps its share,
+    /// rounded up); past it the oldest are forgotten first. 0: none are kept (an id is
+    /// forgotten as soon as its connection closes).
+    pub max_tombstones: usize,
 }
+
+/// Default [`ShardConfig::tombstone_ttl`]: 10 minutes.
+pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+
+/// Default [`ShardConfig::max_tombstones`], over all shards.
+pub const DEFAULT_MAX_TOMBSTONES: usize = 100_000;
 
 impl Default for ShardConfig {
     fn default() -> Self {
@@ -87,6 +110,8 @@ impl Default for ShardConfig {
             max_connections: 0,
             frames_per_sec: 0.0,
             max_calls_per_conn: 0,
+            tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+            max_tombstones: DEFAULT_MAX_TOMBSTONES,
         }
     }
 }
@@ -332,6 +357,18 @@ struct Entry {
     hosts: Vec<Candidate>,
     max_calls: u16,
     active_calls: u32,
+    /// While `conn` is None (a tombstone): which death made it one, matching its record in
+    /// `Shard::deaths`. 0 for a live entry.
+    death: u64,
+}
+
+/// A death in the directory: the entry of `id` became a tombstone at `at`. The record is
+/// stale (and skipped) if the entry is gone, live again, or a tombstone of a later death.
+#[derive(Debug)]
+struct Death {
+    id: ClientId,
+    at: Instant,
+    death: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -390,6 +427,15 @@ pub struct Shard {
     next_call: u64,
     conns: HashMap<u64, Conn>,
     dir: HashMap<ClientId, Entry>,
+    /// Entries of `dir` that are tombstones.
+    tombstones: usize,
+    /// This shard's share of `cfg.max_tombstones`.
+    max_tombstones: usize,
+    /// Deaths, oldest first: one live record per tombstone, plus stale ones (see [`Death`]),
+    /// dropped as they are reached or when they pile up ([`DEATHS_SLACK`]).
+    deaths: VecDeque<Death>,
+    /// The number of the next death (from 1; 0 marks a live entry).
+    next_death: u64,
     calls: HashMap<CallId, CallRec>,
     out: VecDeque<Output>,
     /// The time of the input being handled (messages to this same shard reuse it).
@@ -406,6 +452,7 @@ impl Shard {
         // of calls that are still running between clients (they would take a new INCOMING
         // for a duplicate of the old call). 2^40 starting points, 2^48 ids before a wrap.
         let next_call = 1 + rng.below(1 << 40);
+        let max_tombstones = cfg.max_tombstones.div_ceil(n.max(1) as usize);
         Shard {
             index,
             n,
@@ -419,6 +466,10 @@ impl Shard {
             next_call,
             conns: HashMap::new(),
             dir: HashMap::new(),
+            tombstones: 0,
+            max_tombstones,
+            deaths: VecDeque::new(),
+            next_death: 1,
             calls: HashMap::new(),
             out: VecDeque::new(),
             now: None,
@@ -433,6 +484,21 @@ impl Shard {
     /// Connections open on this shard.
     pub fn open_connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Directory entries whose home is this shard (live and tombstones).
+    pub fn directory_entries(&self) -> usize {
+        self.dir.len()
+    }
+
+    /// Of those, tombstones (ids whose connection closed).
+    pub fn tombstones(&self) -> usize {
+        self.tombstones
+    }
+
+    /// Death records this shard holds (one per tombstone, plus stale ones not yet dropped).
+    pub fn death_records(&self) -> usize {
+        self.deaths.len()
     }
 
     /// Calls owned by this shard.
@@ -737,15 +803,31 @@ impl Shard {
                     None => (public, source, nat),
                 };
                 let hosts: Vec<Candidate> = candidates.into_iter().filter(|k| k.kind == CandidateKind::Host).collect();
-                let entry = self.dir.entry(id.clone()).or_insert(Entry {
-                    conn: None,
-                    public,
-                    source,
-                    nat,
-                    hosts: Vec::new(),
-                    max_calls,
-                    active_calls: 0,
-                });
+                let entry = match self.dir.entry(id.clone()) {
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        let e = o.into_mut();
+                        if e.conn.is_none() {
+                            // A tombstone comes back to life; its death record is now stale.
+                            self.tombstones -= 1;
+                            self.stats.dec(&self.stats.directory_tombstones);
+                            e.death = 0;
+                        }
+                        e
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        self.stats.inc(&self.stats.directory_entries);
+                        v.insert(Entry {
+                            conn: None,
+                            public,
+                            source,
+                            nat,
+                            hosts: Vec::new(),
+                            max_calls,
+                            active_calls: 0,
+                            death: 0,
+                        })
+                    }
+                };
                 let old = entry.conn.replace(conn);
                 entry.public = public;
                 entry.source = source;
@@ -766,12 +848,8 @@ impl Shard {
                     self.route(home, ShardMsg::Unregister { id, conn });
                     return;
                 }
-                if let Some(e) = self.dir.get_mut(&id) {
-                    if e.conn == Some(conn) {
-                        // Keep the entry as a tombstone so callers learn "offline" rather than
-                        // "never registered"; bounded by the number of distinct ids.
-                        e.conn = None;
-                    }
+                if self.dir.get(&id).is_some_and(|e| e.conn == Some(conn)) {
+                    self.bury(id, now);
                 }
             }
             ShardMsg::CallReq { caller, caller_conn, caller_addr, caller_nat, caller_hosts, call_ref, callee } => {
@@ -887,7 +965,7 @@ impl Shard {
     }
 
     /// Periodic work: registration and idle deadlines, ringing timeouts, expired STUN
-    /// bindings. Call about every 250 ms, with the wall-clock time (seconds since the Unix
+    /// bindings and directory tombstones. Call about every 250 ms, with the wall-clock time (seconds since the Unix
     /// epoch) that registration tokens are checked against.
     pub fn handle_tick(&mut self, now: Instant, unix_secs: u64) {
         self.now = Some(now);
@@ -896,6 +974,7 @@ impl Shard {
             self.next_purge = Some(now + PURGE_EVERY);
             self.bindings.purge(now);
         }
+        self.expire_tombstones(now);
         let mut kicks = Vec::new();
         for (&id, c) in self.conns.iter().filter(|(_, c)| !c.closing) {
             match c.state {
@@ -953,6 +1032,59 @@ impl Shard {
     }
 
     // ------------------------------------------------------------------ internals
+
+    /// The connection of `id` (whose entry is here) closed: keep the entry as a tombstone,
+    /// so callers learn `Offline` rather than `NeverRegistered`, until it is
+    /// `tombstone_ttl` old or one of more than this shard's share of `max_tombstones`
+    /// (oldest forgotten first). O(1) amortized: no scan of the directory.
+    fn bury(&mut self, id: ClientId, now: Instant) {
+        let Some(e) = self.dir.get_mut(&id) else { return };
+        let death = self.next_death;
+        self.next_death += 1;
+        e.conn = None;
+        e.death = death;
+        self.tombstones += 1;
+        self.stats.inc(&self.stats.directory_tombstones);
+        self.deaths.push_back(Death { id, at: now, death });
+        while self.tombstones > self.max_tombstones {
+            // Every tombstone has a live record in `deaths`, so this finds one.
+            let Some(d) = self.deaths.pop_front() else { break };
+            if self.forget(&d) {
+                self.stats.inc(&self.stats.tombstones_evicted);
+            }
+        }
+        if self.deaths.len() > 2 * self.tombstones + DEATHS_SLACK {
+            let dir = &self.dir;
+            self.deaths.retain(|d| dir.get(&d.id).is_some_and(|e| e.conn.is_none() && e.death == d.death));
+        }
+    }
+
+    /// Remove the tombstone `d` made, if it is still that tombstone. Returns whether it was.
+    fn forget(&mut self, d: &Death) -> bool {
+        if !self.dir.get(&d.id).is_some_and(|e| e.conn.is_none() && e.death == d.death) {
+            return false;
+        }
+        self.dir.remove(&d.id);
+        self.tombstones -= 1;
+        self.stats.dec(&self.stats.directory_tombstones);
+        self.stats.dec(&self.stats.directory_entries);
+        true
+    }
+
+    /// Forget tombstones `tombstone_ttl` old, oldest first, looking at no more than
+    /// [`MAX_EXPIRIES_PER_TICK`] death records.
+    fn expire_tombstones(&mut self, now: Instant) {
+        for _ in 0..MAX_EXPIRIES_PER_TICK {
+            match self.deaths.front() {
+                Some(d) if now.saturating_duration_since(d.at) >= self.cfg.tombstone_ttl => {}
+                _ => return,
+            }
+            let d = self.deaths.pop_front().expect("looked at above");
+            if self.forget(&d) {
+                self.stats.inc(&self.stats.tombstones_expired);
+            }
+        }
+    }
 
     fn on_call_req(
         &mut self,

@@ -4,10 +4,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! stats {
     ($($(#[doc = $d:literal])* $f:ident,)+) => {
-        /// Manager counters. All are monotonic except where noted.
+        /// Manager counters. All are monotonic except the gauges ([`Stats::gauges`]).
         #[derive(Debug, Default)]
         pub struct Stats {
             $($(#[doc = $d])* pub $f: AtomicU64,)+
+            /// Gauge: directory entries over all shards (registered ids and tombstones).
+            pub directory_entries: AtomicU64,
+            /// Gauge: of those, tombstones (ids whose connection closed, kept so that callers
+            /// learn `Offline`).
+            pub directory_tombstones: AtomicU64,
             /// CALL to START at the call's owner shard (the manager's share of call setup).
             pub setup_time: LatencyHistogram,
             /// Calls by strategy and by how they ended at the manager.
@@ -182,6 +187,11 @@ stats! {
     registrations,
     /// Registrations that replaced an older connection with the same id.
     registrations_replaced,
+    /// Directory tombstones forgotten at their age limit (`--tombstone-ttl`): their ids
+    /// are now unknown (UNKNOWN NeverRegistered).
+    tombstones_expired,
+    /// Directory tombstones forgotten, oldest first, to keep within `--max-tombstones`.
+    tombstones_evicted,
     /// Registrations that named a port mapping, handed out as the client's address.
     registrations_mapped,
     /// Registrations whose port mapping was on another IP than the one the manager saw (a
@@ -264,9 +274,32 @@ impl Stats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Take one from a gauge.
+    #[inline]
+    pub fn dec(&self, c: &AtomicU64) {
+        c.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The gauges as (name, help text, value): values now, not totals.
+    pub fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "directory_entries",
+                "Directory entries over all shards: registered ids and tombstones.",
+                self.directory_entries.load(Ordering::Relaxed),
+            ),
+            (
+                "directory_tombstones",
+                "Directory tombstones: ids whose connection closed, kept so that callers learn Offline.",
+                self.directory_tombstones.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+
     /// The counters as a JSON object string.
     pub fn to_json(&self) -> String {
         let mut body: Vec<String> = self.snapshot().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        body.extend(self.gauges().iter().map(|(k, _, v)| format!("\"{k}\":{v}")));
         // "calls_by_strategy": {"birthday": {"hung_up": 2, ...}, ...}, non-zero pairs only.
         let mut by: Vec<String> = Vec::new();
         for s in STRATEGIES {
