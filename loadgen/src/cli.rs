@@ -182,6 +182,21 @@ struct HostileArgs {
     /// REGISTER flood).
     #[arg(long, alias = "churn-rate", default_value_t = 50.0, value_parser = rate)]
     attack_rate: f64,
+    /// Instead of the two setup runs: register N distinct new ids, each on a connection of
+    /// its own closed (with a reset) at REGISTERED, and sample the manager's memory and
+    /// directory every --flood-sample-every ids.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    register_flood: Option<u64>,
+    /// With --register-flood: connections at a time (one thread each).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    flood_concurrency: u64,
+    /// With --register-flood: connections started per second at most (0: as fast as they
+    /// complete).
+    #[arg(long, value_name = "N", default_value_t = 0.0, value_parser = rate_or_zero)]
+    flood_rate: f64,
+    /// With --register-flood: a memory and directory sample every N ids.
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    flood_sample_every: u64,
     /// With --manager: the external manager's pid, for its memory.
     #[arg(long, requires = "manager_metrics")]
     manager_pid: Option<u32>,
@@ -595,11 +610,17 @@ fn hostile(h: HostileArgs, secret: Secret) -> Result<Run, Error> {
         _ => return Err(Error::IncompleteExternalManager),
     };
     let attack = Attack { idle: h.idle, half: h.half, churn_rate: h.attack_rate };
+    let flood = h.register_flood.map(|ids| crate::hostile::Flood {
+        ids,
+        concurrency: h.flood_concurrency as usize,
+        rate: h.flood_rate,
+        sample_every: h.flood_sample_every,
+    });
     let mut output = h.common.output(&MetricsArg::default(), None)?;
     // The two setup runs show no progress line: the attack's threads write nothing either.
     output.progress = false;
     Ok(Run {
-        scenario: Scenario::Hostile(Hostile { load, attack }),
+        scenario: Scenario::Hostile(Hostile { load, attack, flood }),
         target: h.common.target(external, h.shards, io, Limits::Production, secret),
         fleet: h.common.fleet(io, Some(&h.tick)),
         output,

@@ -377,3 +377,251 @@ pub fn run(h: &Hostile, target: &Target, options: &fleet::Options, output: &Outp
     manager.shutdown();
     Ok(summary)
 }
+
+/// `hostile --register-flood N`: N distinct new ids, each REGISTERed on a connection of its
+/// own that closes as soon as REGISTERED arrives (with a reset, `SO_LINGER` 0, so that no
+/// side keeps the port in TIME_WAIT and a million connections fit in one address's
+/// ephemeral range). `concurrency` connections at a time, started at `rate` per second at
+/// most (0: as fast as they complete). No setup runs: the measure is the manager's memory
+/// and directory as the ids pile up, sampled every `sample_every` ids.
+#[derive(Debug, Clone)]
+pub struct Flood {
+    /// Distinct ids to register.
+    pub ids: u64,
+    /// Connections at a time (one thread each).
+    pub concurrency: usize,
+    /// Connections started per second at most (0: no pacing).
+    pub rate: f64,
+    /// A sample every this many ids.
+    pub sample_every: u64,
+}
+
+/// One reading during a flood.
+#[derive(Debug, Clone, Copy)]
+struct FloodSample {
+    /// Ids whose REGISTER was answered (or failed) so far.
+    ids: u64,
+    /// Seconds since the flood began.
+    secs: f64,
+    /// The manager process's VmRSS and VmHWM, KiB.
+    rss_kb: Option<u64>,
+    hwm_kb: Option<u64>,
+    /// The manager's directory entries and tombstones (None for a manager without those
+    /// gauges).
+    entries: Option<u64>,
+    tombstones: Option<u64>,
+}
+
+/// `Vm*` fields of /proc/PID/status, KiB.
+fn vm_kb(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Close with a reset rather than a FIN: neither side keeps the port pair in TIME_WAIT.
+fn close_with_reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket descriptor and a `linger` of the size given.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+/// Register `id` on a fresh connection and close it at REGISTERED. True if REGISTERED came.
+fn register_once(addr: SocketAddr, frame: &[u8]) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return false };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(frame).is_err() {
+        close_with_reset(s);
+        return false;
+    }
+    let mut buf = [0u8; 256];
+    let mut got = 0;
+    let ok = loop {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break false,
+            Ok(n) => got += n,
+        }
+        match Frame::decode(&buf[..got]) {
+            Ok(None) if got < buf.len() => {}
+            Ok(Some((f, _))) => break matches!(f, Frame::Registered { .. }),
+            _ => break false,
+        }
+    };
+    close_with_reset(s);
+    ok
+}
+
+/// Run a REGISTER flood against the manager of `target`.
+pub fn flood(f: &Flood, target: &Target, output: &Output) -> Result<Summary, Error> {
+    engine::sys::raise_nofile();
+    let manager = target.connect()?;
+    let addr = manager.addr();
+    let pid = manager.pid();
+    let started = Instant::now();
+    let wall = std::time::SystemTime::now();
+    let read = |ids: u64, t0: Instant| {
+        let c = manager.counters().ok();
+        FloodSample {
+            ids,
+            secs: t0.elapsed().as_secs_f64(),
+            rss_kb: pid.and_then(|p| vm_kb(p, "VmRSS:")),
+            hwm_kb: pid.and_then(|p| vm_kb(p, "VmHWM:")),
+            entries: c.as_ref().and_then(|c| c.get("directory_entries").copied()),
+            tombstones: c.as_ref().and_then(|c| c.get("directory_tombstones").copied()),
+        }
+    };
+    let before = manager.counters().unwrap_or_default();
+    let tag = engine::entropy::seed() % 1_000_000;
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut samples = vec![read(0, t0)];
+    print_sample(output, &samples[0]);
+    let threads: Vec<_> = (0..f.concurrency.max(1))
+        .map(|_| {
+            let (next, done, failed, ids, rate) = (next.clone(), done.clone(), failed.clone(), f.ids, f.rate);
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= ids || crate::interrupt::interrupted() {
+                    return;
+                }
+                if rate > 0.0 {
+                    let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                }
+                if !register_once(addr, &register_bytes(&format!("flood-{tag}-{i}"))) {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    let every = f.sample_every.max(1);
+    let mut mark = every;
+    while threads.iter().any(|t| !t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(20));
+        let n = done.load(Ordering::Relaxed);
+        if n >= mark && mark <= f.ids {
+            let s = read(n, t0);
+            print_sample(output, &s);
+            samples.push(s);
+            mark = (n / every + 1) * every;
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let flood_secs = t0.elapsed().as_secs_f64();
+    // Let the last closes reach the directory.
+    std::thread::sleep(Duration::from_secs(1));
+    let last = read(done.load(Ordering::Relaxed), t0);
+    print_sample(output, &last);
+    samples.push(last);
+    let after = manager.counters().unwrap_or_default();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0).saturating_sub(before.get(k).copied().unwrap_or(0));
+    let (n, failed) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let interrupted = crate::interrupt::interrupted();
+    let mut text = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        text,
+        "hostile REGISTER flood: {} ({})",
+        manager.describe(),
+        if pid.is_some() { "memory of its process" } else { "no pid: no memory" }
+    );
+    if interrupted {
+        let _ = writeln!(text, "INTERRUPTED: partial results");
+    }
+    let _ = writeln!(
+        text,
+        "ids {n} ({failed} failed) in {flood_secs:.1} s ({:.0}/s) on {} connections at a time",
+        n as f64 / flood_secs.max(1e-9),
+        f.concurrency
+    );
+    let _ = writeln!(
+        text,
+        "{:>9} {:>8} {:>10} {:>10} {:>10} {:>10}",
+        "ids", "secs", "rss_mib", "hwm_mib", "entries", "tombstones"
+    );
+    let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+    let mib = |v: Option<u64>| v.map(|x| format!("{:.1}", x as f64 / 1024.0)).unwrap_or_else(|| "-".into());
+    for s in &samples {
+        let _ = writeln!(
+            text,
+            "{:>9} {:>8.1} {:>10} {:>10} {:>10} {:>10}",
+            s.ids,
+            s.secs,
+            mib(s.rss_kb),
+            mib(s.hwm_kb),
+            opt(s.entries),
+            opt(s.tombstones)
+        );
+    }
+    let _ = writeln!(
+        text,
+        "manager: registrations +{}, tombstones_evicted +{}, tombstones_expired +{}, connections_refused +{}",
+        delta("registrations"),
+        delta("tombstones_evicted"),
+        delta("tombstones_expired"),
+        delta("connections_refused")
+    );
+    let json_samples: Vec<serde_json::Value> = samples
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "ids": s.ids, "secs": (s.secs * 100.0).round() / 100.0, "vm_rss_kb": s.rss_kb, "vm_hwm_kb": s.hwm_kb,
+                "directory_entries": s.entries, "directory_tombstones": s.tombstones,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({
+        "scenario": "register-flood",
+        "ids": n,
+        "failed": failed,
+        "concurrency": f.concurrency,
+        "rate_limit": f.rate,
+        "flood_secs": (flood_secs * 100.0).round() / 100.0,
+        "ids_per_sec": (n as f64 / flood_secs.max(1e-9)).round(),
+        "manager_pid": pid,
+        "registrations": delta("registrations"),
+        "tombstones_evicted": delta("tombstones_evicted"),
+        "tombstones_expired": delta("tombstones_expired"),
+        "connections_refused": delta("connections_refused"),
+        "samples": json_samples,
+        "started_unix_ms": wall.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        "secs": (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+        "interrupted": interrupted,
+    });
+    let record = output.dir.as_deref().map(|dir| {
+        let title = format!("REGISTER flood, {} ids, {} at a time", f.ids, f.concurrency);
+        let mut r = crate::summary::files::Record::new(dir, json.clone(), &title, wall);
+        r.report = Some(text.clone());
+        r
+    });
+    manager.shutdown();
+    Ok(Summary { json, text, all_ok: failed == 0 && !interrupted, record })
+}
+
+/// A sample as a CSV line on stderr while the flood runs (`ids,secs,vm_rss_kb,vm_hwm_kb,
+/// directory_entries,directory_tombstones`), unless the summary is JSON only.
+fn print_sample(output: &Output, s: &FloodSample) {
+    if output.json {
+        return;
+    }
+    let o = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_default();
+    eprintln!("flood,{},{:.2},{},{},{},{}", s.ids, s.secs, o(s.rss_kb), o(s.hwm_kb), o(s.entries), o(s.tombstones));
+}

@@ -178,6 +178,8 @@ pub struct Hostile {
     pub load: CallLoad,
     /// The attack during the second.
     pub attack: Attack,
+    /// Instead of the two runs: a REGISTER flood of distinct ids (`--register-flood`).
+    pub flood: Option<hostile::Flood>,
 }
 
 /// The attack of a `hostile` run.
@@ -200,6 +202,7 @@ pub fn run(run: &Run) -> Result<Summary, Error> {
         Scenario::Soak(s) => calls::run(calls::Calls::Soak(s), target, fleet, output),
         Scenario::Register(r) => register::run(r, target, fleet, output),
         Scenario::AudioLatency(a) => audio::run(a, target, fleet, output),
+        Scenario::Hostile(Hostile { flood: Some(f), .. }) => hostile::flood(f, target, output),
         Scenario::Hostile(h) => hostile::run(h, target, fleet, output),
     }
 }

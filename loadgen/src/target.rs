@@ -181,6 +181,15 @@ impl Connected {
         }
     }
 
+    /// The manager's process id: this process for an embedded manager, else the external
+    /// one's (when given).
+    pub fn pid(&self) -> Option<u32> {
+        match &self.external {
+            None => Some(std::process::id()),
+            Some(e) => e.pid,
+        }
+    }
+
     /// The memory of the manager's process in MiB: this process for an embedded manager,
     /// else the external one's (from its pid, when given).
     pub fn process_rss_mb(&self) -> Option<f64> {
@@ -194,7 +203,9 @@ impl Connected {
     /// process, or from the external one's metrics endpoint.
     pub fn counters(&self) -> Result<HashMap<String, u64>, Error> {
         if let Some(m) = &self.embedded {
-            return Ok(m.stats().snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+            let s = m.stats();
+            let gauges = s.gauges().into_iter().map(|(k, _, v)| (k, v));
+            return Ok(s.snapshot().into_iter().chain(gauges).map(|(k, v)| (k.to_string(), v)).collect());
         }
         match self.external.as_ref().and_then(|e| e.metrics_url.as_deref()) {
             Some(url) => manager_counters(url),
@@ -226,7 +237,13 @@ fn manager_counters(url: &str) -> Result<HashMap<String, u64>, Error> {
         .lines()
         .filter_map(|l| {
             let (name, v) = l.strip_prefix("nullpunch_manager_")?.split_once(' ')?;
-            Some((name.strip_suffix("_total")?.to_string(), v.trim().parse().ok()?))
+            let name = match name.strip_suffix("_total") {
+                Some(counter) => counter,
+                // The directory's gauges.
+                None if name.starts_with("directory_") => name,
+                None => return None,
+            };
+            Some((name.to_string(), v.trim().parse().ok()?))
         })
         .collect())
 }
