@@ -408,3 +408,22 @@ fn setup_sessions_and_soak_report_the_rfc3550_jitter_of_each_call() {
     let v = summary(&r.idle.dir);
     assert!(v["jitter_p50_ms"].is_null() && v["jitter_p99_ms"].is_null(), "{v}");
 }
+
+#[test]
+fn a_register_flood_counts_its_ids_and_samples_the_embedded_managers_directory() {
+    let out = loadgen(&["hostile", "--register-flood", "3000", "--flood-sample-every", "1000", "--json"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let v: Value = serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (v["scenario"].as_str(), v["ids"].as_u64(), v["failed"].as_u64()),
+        (Some("register-flood"), Some(3000), Some(0))
+    );
+    assert_eq!(v["registrations"], 3000, "{v}");
+    let samples = v["samples"].as_array().unwrap();
+    // Before, at 1000, 2000 and 3000, and after.
+    assert!(samples.len() >= 4, "{v}");
+    let last = samples.last().unwrap();
+    // Every id hung up: all 3000 are tombstones (under the default bound of 100,000).
+    assert_eq!((last["directory_entries"].as_u64(), last["directory_tombstones"].as_u64()), (Some(3000), Some(3000)));
+    assert!(last["vm_rss_kb"].as_u64().unwrap() > 0 && last["vm_hwm_kb"].as_u64().unwrap() > 0, "{v}");
+}
