@@ -568,10 +568,11 @@ pub async fn run_with_wake<A: App>(
                         let mut slices: [io::IoSliceMut<'_>; RX_BATCH] =
                             std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().expect("RX_BATCH chunks")));
                         let n = udp.try_io(tokio::io::Interest::READABLE, || state.recv(udp.into(), &mut slices, &mut rx.meta))?;
-                        for (m, buf) in rx.meta[..n].iter().zip(slices.iter()) {
-                            let data = &buf[..m.len.min(buf.len())];
+                        for (m, buf) in rx.meta[..n].iter().zip(slices.iter_mut()) {
+                            let len = m.len.min(buf.len());
+                            let data = &mut buf[..len];
                             // GRO: several datagrams of `stride` bytes in one buffer.
-                            for d in data.chunks(m.stride.max(1)) {
+                            for d in data.chunks_mut(m.stride.max(1)) {
                                 counters.udp_received += 1;
                                 if let Some(pkt) = client.handle_datagram(now, canonical(m.addr), d) {
                                     let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
@@ -599,7 +600,7 @@ pub async fn run_with_wake<A: App>(
                 match r {
                     Ok((n, from)) => {
                         counters.udp_received += 1;
-                        if let Some(pkt) = client.handle_datagram_on(now, id, from, &search_buf[..n]) {
+                        if let Some(pkt) = client.handle_datagram_on(now, id, from, &mut search_buf[..n]) {
                             let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
                             app.on_media(&mut ctx, pkt);
                         }

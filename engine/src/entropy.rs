@@ -23,6 +23,16 @@ pub fn rng() -> Rng {
     Rng::new(seed())
 }
 
+/// 32 unpredictable bytes from the kernel's CSPRNG: the seed of a client's per-call
+/// end-to-end keys (`ClientConfig::key_seed`).
+pub fn secure_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    for c in k.chunks_mut(8) {
+        c.copy_from_slice(&secure_u64().to_ne_bytes());
+    }
+    k
+}
+
 /// 64 unpredictable bits from the kernel's CSPRNG (`getrandom(2)`, buffered per thread).
 #[cfg(target_os = "linux")]
 pub fn secure_u64() -> u64 {

@@ -506,7 +506,7 @@ impl<'s, A: App> Reactor<'s, A> {
                     continue;
                 }
                 s.counters.udp_received += 1;
-                let data = &rx_bytes[off as usize..(off + len) as usize];
+                let data = &mut rx_bytes[off as usize..(off + len) as usize];
                 if let Some(pkt) = s.client.handle_datagram_on(now, id, from, data) {
                     let mut ctx = Ctx {
                         client: &mut s.client,

@@ -17,6 +17,7 @@ use proto::client::{
     CallHandle, CallReport, Client, ClientConfig, ClientCounters, ClientError, EndReason, Event, MediaFields, Output,
     PathKind, Role,
 };
+use proto::e2e::{self, HandPeer};
 use proto::rng::Rng;
 use proto::wire::frame::{
     AddrSource, CallId, Candidate, CandidateKind, ClientId, Frame, HangupReason, RejectReason, UnknownReason,
@@ -76,6 +77,7 @@ fn incoming_frame() -> Frame {
         caller_addr: caller_addr(),
         caller_nat: proto::nat::NatClass::Unknown,
         caller_candidates: Vec::new(),
+        caller_keys: None,
     }
 }
 
@@ -86,14 +88,20 @@ fn rtp(ssrc: u32, seq: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
     b
 }
 
+/// A null packet of the peer. Its MAC is made with a placeholder key: [`T::dgram`] signs it
+/// with the call's real key (as the peer would) before delivering it.
 fn null(call_id: CallId, token: u64, keepalive: bool, from_caller: bool) -> Vec<u8> {
-    let mut b = vec![0u8; 20];
-    NullPacket { call_id, token, keepalive, from_caller, probe: false }.emit(&mut b);
+    let mut b = vec![0u8; proto::wire::null::NULL_LEN];
+    let key = proto::wire::null::null_key(&[0; 32]);
+    NullPacket { call_id, token, keepalive, from_caller, probe: false, counter: 1 }.emit(&key, &mut b);
     b
 }
 
+/// A null packet the client sent, its counter left out (0): the tests compare the fields
+/// that say what the packet is for.
 fn parse_null(d: &[u8]) -> NullPacket {
-    NullPacket::parse(d).unwrap_or_else(|e| panic!("expected a null packet, got {d:02x?}: {e}"))
+    let p = NullPacket::parse(d).unwrap_or_else(|e| panic!("expected a null packet, got {d:02x?}: {e}"));
+    NullPacket { counter: 0, ..p }
 }
 
 /// The reports of every `Event::Ended` among `events`.
@@ -163,12 +171,26 @@ impl Log {
 struct T {
     c: Client,
     t0: Instant,
+    /// The remote party of each call, played by hand ([`HandPeer`]): it answers the
+    /// client's key share, so the test's RTP and null packets can be protected and signed
+    /// as the peer would, and the client's packets read. By call id, with the token.
+    peers: Vec<(CallId, u64, HandPeer)>,
+    /// The key shares of the client's CALLs, by call_ref.
+    offers: Vec<(u32, proto::wire::frame::KeyShare)>,
+    /// Key shares handed to the client: false leaves INCOMING and START as the test wrote
+    /// them (a test of the key exchange itself).
+    auto_keys: bool,
 }
 
 impl T {
     fn new(cfg: ClientConfig) -> T {
         let t0 = Instant::now();
-        T { c: Client::new(cfg, 42), t0 }
+        T { c: Client::new(cfg, 42), t0, peers: Vec::new(), offers: Vec::new(), auto_keys: true }
+    }
+
+    /// The hand peer of the call whose packets carry SSRC `ssrc` (sent by that peer).
+    fn peer_by_ssrc(&mut self, ssrc: u32) -> Option<&mut HandPeer> {
+        self.peers.iter_mut().find_map(|(_, tok, p)| (p.ssrc(*tok) == ssrc).then_some(p))
     }
 
     /// A client `bob` with default timers, connected at 0 without STUN and registered
@@ -220,6 +242,7 @@ impl T {
                 callee_addr: callee_addr(),
                 callee_nat: proto::nat::NatClass::Unknown,
                 callee_candidates: Vec::new(),
+                callee_keys: None,
             },
         );
         assert!(matches!(out.events[..], [Event::Started { .. }]), "{out:?}");
@@ -235,7 +258,18 @@ impl T {
         let mut buf = [0u8; 1500];
         loop {
             match self.c.poll_output(&mut buf).expect("1500 bytes hold any control datagram") {
-                Output::Frame(f) => out.frames.push(f),
+                Output::Frame(f) => {
+                    match &f {
+                        Frame::Call { call_ref, keys: Some(k), .. } => self.offers.push((*call_ref, k.clone())),
+                        Frame::Punched { call_id, keys: Some(k), .. } => {
+                            if let Some((_, tok, p)) = self.peers.iter_mut().find(|(id, _, _)| id == call_id) {
+                                let _ = p.complete(k, *call_id, *tok);
+                            }
+                        }
+                        _ => {}
+                    }
+                    out.frames.push(f)
+                }
                 Output::Transmit(tx) => out.dgrams.push((tx.to, buf[..tx.len].to_vec())),
                 Output::Event(e) => out.events.push(e),
                 Output::OpenSocket(s) | Output::CloseSocket(s) => panic!("a direct call opened or closed {s:?}"),
@@ -283,15 +317,68 @@ impl T {
         self.c.poll_timeout().map(|t| (t - self.t0).as_millis() as u64)
     }
 
-    fn frame(&mut self, at: u64, f: Frame) -> Out {
+    fn frame(&mut self, at: u64, mut f: Frame) -> Out {
+        // Play the peer's side of the key exchange (see `peers`).
+        match &mut f {
+            Frame::Incoming { call_id, token, caller_keys: k @ None, .. } if self.auto_keys => {
+                let p = HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM, e2e::SUITE_AES_CM_SHA1_80]);
+                *k = Some(p.share().clone());
+                self.peers.push((*call_id, *token, p));
+            }
+            Frame::Start { call_ref, call_id, token, callee_keys: k @ None, .. } if self.auto_keys => {
+                if let Some((_, _, p)) = self.peers.iter().find(|(id, _, _)| id == call_id) {
+                    // Made for a punch that came before this START.
+                    *k = Some(p.share().clone());
+                } else if let Some((_, offer)) = self.offers.iter().find(|(r, _)| r == call_ref) {
+                    let accepted = [e2e::SUITE_AES_128_GCM, e2e::SUITE_AES_CM_SHA1_80, e2e::SUITE_NONE];
+                    if let Ok(p) = HandPeer::answer(&[8; 32], offer, &accepted, *call_id, *token) {
+                        *k = Some(p.share().clone());
+                        self.peers.push((*call_id, *token, p));
+                    }
+                }
+            }
+            _ => {}
+        }
         self.c.handle_frame(self.at(at), f);
         self.drain()
     }
 
-    /// Deliver a datagram; returns the media packet, if the client passed one up.
+    /// Deliver a datagram as the peer sends it (RTP protected, a null packet signed with
+    /// the call's key); returns the media packet, if the client passed one up.
     fn dgram(&mut self, at: u64, from: SocketAddr, data: &[u8]) -> Option<(CallHandle, RtpHeader, Vec<u8>)> {
+        let mut d = data.to_vec();
+        match classify(&d) {
+            DatagramKind::Rtp => {
+                if let Ok((h, _)) = RtpHeader::parse(&d) {
+                    if let Some(p) = self.peer_by_ssrc(h.ssrc) {
+                        p.protect(&mut d);
+                    }
+                }
+            }
+            DatagramKind::Null if d.len() == proto::wire::null::NULL_LEN => {
+                if let Ok(n) = NullPacket::parse(&d) {
+                    let known = self.peers.iter().any(|(id, _, _)| *id == n.call_id);
+                    if let (false, false, Some((_, offer))) = (known, n.from_caller, self.offers.last()) {
+                        // The callee's punch before START: the callee has answered already.
+                        let accepted = [e2e::SUITE_AES_128_GCM, e2e::SUITE_AES_CM_SHA1_80, e2e::SUITE_NONE];
+                        if let Ok(p) = HandPeer::answer(&[8; 32], offer, &accepted, n.call_id, n.token) {
+                            self.peers.push((n.call_id, n.token, p));
+                        }
+                    }
+                    if let Some((_, _, p)) = self.peers.iter_mut().find(|(id, _, _)| *id == n.call_id) {
+                        p.sign_null(&mut d);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.raw_dgram(at, from, &mut d)
+    }
+
+    /// Deliver a datagram exactly as given.
+    fn raw_dgram(&mut self, at: u64, from: SocketAddr, d: &mut [u8]) -> Option<(CallHandle, RtpHeader, Vec<u8>)> {
         let now = self.at(at);
-        self.c.handle_datagram(now, from, data).map(|r| (r.handle, r.header, r.payload.to_vec()))
+        self.c.handle_datagram(now, from, d).map(|r| (r.handle, r.header, r.payload.to_vec()))
     }
 
     /// `send_media` into a 1500-byte buffer; returns the destination and the parsed packet.
@@ -304,9 +391,23 @@ impl T {
     ) -> Result<(SocketAddr, RtpHeader, Vec<u8>), ClientError> {
         let mut buf = [0u8; 1500];
         let tx = self.c.send_media(self.at(at), h, payload, dur, &mut buf)?;
-        let (hdr, p) = RtpHeader::parse(&buf[..tx.len]).expect("send_media writes valid RTP");
-        assert_eq!(tx.len, 12 + payload.len());
+        assert_eq!(tx.len, 12 + payload.len() + 16, "RTP header, payload and the GCM tag");
+        let n = self.open(&mut buf[..tx.len]);
+        let (hdr, p) = RtpHeader::parse(&buf[..n]).expect("valid RTP inside");
         Ok((tx.to, hdr, p.to_vec()))
+    }
+
+    /// Read an SRTP packet the client sent as its peer does: decrypt and authenticate it with
+    /// the peer's keys (AEAD_AES_128_GCM). Returns the plain length.
+    fn open(&mut self, d: &mut [u8]) -> usize {
+        let (hdr, _) = RtpHeader::parse(d).expect("the client sends valid RTP headers");
+        let p = self
+            .peers
+            .iter_mut()
+            .find(|(_, t, p)| p.ssrc(*t) != hdr.ssrc && (*t as u32 == hdr.ssrc || (*t >> 32) as u32 == hdr.ssrc))
+            .map(|(_, _, p)| p)
+            .expect("a hand peer for the call");
+        p.unprotect(d).expect("the peer's keys open the client's SRTP")
     }
 }
 
@@ -485,10 +586,14 @@ fn call_needs_registered_and_sends_call_with_the_handle_as_call_ref() {
     assert_eq!(t.c.counters().frames_unexpected, 1);
 
     let h = t.c.call(t.at(10), id("carol")).unwrap();
-    assert_eq!(t.drain().frames, vec![Frame::Call { call_ref: h.0, callee: id("carol") }]);
+    assert!(
+        matches!(&t.drain().frames[..], [Frame::Call { call_ref, callee, keys: Some(_) }] if *call_ref == h.0 && *callee == id("carol"))
+    );
     let h2 = t.c.call(t.at(11), id("dave")).unwrap();
     assert_ne!(h, h2);
-    assert_eq!(t.drain().frames, vec![Frame::Call { call_ref: h2.0, callee: id("dave") }]);
+    assert!(
+        matches!(&t.drain().frames[..], [Frame::Call { call_ref, callee, keys: Some(_) }] if *call_ref == h2.0 && *callee == id("dave"))
+    );
     assert_eq!(t.c.active_calls(), 2);
 }
 
@@ -503,9 +608,12 @@ fn callee_punches_at_once_and_resends_with_backoff_until_no_media() {
     assert_eq!(out.dgrams[0].0, caller_addr());
     assert_eq!(
         parse_null(&out.dgrams[0].1),
-        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: false, probe: false }
+        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: false, probe: false, counter: 0 }
     );
-    assert_eq!(out.frames, vec![Frame::Punched { call_id: CALL_ID, udp_port: LOCAL_PORT }]);
+    assert!(
+        matches!(&out.frames[..], [Frame::Punched { call_id: CALL_ID, udp_port: LOCAL_PORT, keys: Some(k) }] if k.suites == [e2e::SUITE_AES_128_GCM]),
+        "{out:?}"
+    );
     let h = match &out.events[..] {
         [Event::Incoming { handle, call_id, caller, caller_addr: a }] => {
             assert_eq!((*call_id, caller, *a), (CALL_ID, &id("alice"), caller_addr()));
@@ -523,7 +631,14 @@ fn callee_punches_at_once_and_resends_with_backoff_until_no_media() {
         assert_eq!(to, caller_addr());
         assert_eq!(
             p,
-            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: false, probe: false }
+            NullPacket {
+                call_id: CALL_ID,
+                token: TOKEN,
+                keepalive: false,
+                from_caller: false,
+                probe: false,
+                counter: 0
+            }
         );
     }
     assert!(log.frames.is_empty() && log.events.is_empty(), "{log:?}");
@@ -573,7 +688,8 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
     let mut small = [0u8; 15];
     assert_eq!(
         t.c.send_media(t.at(100), h, b"abcd", 960, &mut small),
-        Err(ClientError::BufferTooSmall { need: 16, have: 15 })
+        Err(ClientError::BufferTooSmall { need: 32, have: 15 }),
+        "12 header bytes, 4 payload bytes and the 16-byte GCM tag"
     );
 
     // Media back to the caller: SSRC = the token's high half, seq +1, timestamp + duration.
@@ -595,7 +711,8 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
     let mut buf = [0u8; 1500];
     let fields = MediaFields { marker: Some(true), payload_type: 96, timestamp: Some(90_000) };
     let tx = t.c.send_rtp(t.at(140), h, fields, b"vp8", 0, &mut buf).unwrap();
-    let (hdr, p) = RtpHeader::parse(&buf[..tx.len]).unwrap();
+    let n = t.open(&mut buf[..tx.len]);
+    let (hdr, p) = RtpHeader::parse(&buf[..n]).unwrap();
     let f = first.unwrap();
     assert_eq!(
         (hdr.payload_type, hdr.marker, hdr.timestamp, hdr.ssrc, hdr.seq),
@@ -617,7 +734,14 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
         vec![(
             15_140,
             caller_addr(),
-            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false, probe: false }
+            NullPacket {
+                call_id: CALL_ID,
+                token: TOKEN,
+                keepalive: true,
+                from_caller: false,
+                probe: false,
+                counter: 0
+            }
         )]
     );
 
@@ -637,7 +761,9 @@ fn callees_resends_stop_at_the_callers_first_packet_and_media_flows_back() {
 fn caller_sends_one_null_on_start_and_streams_then_no_media_ends_it() {
     let mut t = T::registered();
     let h = t.c.call(t.at(0), id("carol")).unwrap();
-    assert_eq!(t.drain().frames, vec![Frame::Call { call_ref: h.0, callee: id("carol") }]);
+    assert!(
+        matches!(&t.drain().frames[..], [Frame::Call { call_ref, callee, keys: Some(_) }] if *call_ref == h.0 && *callee == id("carol"))
+    );
     assert!(!t.c.can_send(h));
     assert_eq!(t.c.peer_addr(h), None);
     assert_eq!(t.send(100, h, b"x", 960), Err(ClientError::NoPath(h)));
@@ -651,6 +777,7 @@ fn caller_sends_one_null_on_start_and_streams_then_no_media_ends_it() {
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
             callee_candidates: Vec::new(),
+            callee_keys: None,
         },
     );
     assert!(out.frames.is_empty(), "{out:?}");
@@ -662,7 +789,7 @@ fn caller_sends_one_null_on_start_and_streams_then_no_media_ends_it() {
     assert_eq!(out.dgrams[0].0, callee_addr());
     assert_eq!(
         parse_null(&out.dgrams[0].1),
-        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: true, probe: false }
+        NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: false, from_caller: true, probe: false, counter: 0 }
     );
     assert!(t.c.can_send(h));
     assert_eq!(t.c.peer_addr(h), Some(callee_addr()));
@@ -719,6 +846,7 @@ fn start_for_an_unknown_call_ref_is_hung_up_and_a_duplicate_start_ignored() {
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
             callee_candidates: Vec::new(),
+            callee_keys: None,
         },
     );
     assert_eq!(out.frames, vec![Frame::Hangup { call_id: CallId(77), reason: HangupReason::Timeout }]);
@@ -736,6 +864,7 @@ fn start_for_an_unknown_call_ref_is_hung_up_and_a_duplicate_start_ignored() {
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
             callee_candidates: Vec::new(),
+            callee_keys: None,
         },
     );
     assert!(out.is_empty(), "{out:?}");
@@ -766,6 +895,7 @@ fn no_start_within_start_timeout_ends_the_call_without_hangup() {
             callee_addr: callee_addr(),
             callee_nat: proto::nat::NatClass::Unknown,
             callee_candidates: Vec::new(),
+            callee_keys: None,
         },
     );
     assert_eq!(out.frames, vec![Frame::Hangup { call_id: CALL_ID, reason: HangupReason::Timeout }]);
@@ -839,7 +969,10 @@ fn keepalive_after_send_silence_and_peer_gone_after_receive_silence() {
     assert_eq!(log.dgram_times(), vec![15_000, 30_000, 45_000, 60_000, 76_000, 91_000, 106_000]);
     for (_, to, p) in log.nulls() {
         assert_eq!(to, callee_addr());
-        assert_eq!(p, NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: true, probe: false });
+        assert_eq!(
+            p,
+            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: true, probe: false, counter: 0 }
+        );
     }
 
     // Nothing from the peer since 80 020 ms: PeerGone 35 s later.
@@ -884,7 +1017,7 @@ fn bad_datagrams_are_counted_and_dropped() {
         ClientCounters {
             dgram_unknown: 1,
             dgram_malformed: 2,
-            dgram_unmatched: 4,
+            dgram_unmatched: 3,
             dgram_wrong_source: 2,
             rtcp: 1,
             stun_unexpected: 0,
@@ -893,15 +1026,24 @@ fn bad_datagrams_are_counted_and_dropped() {
             relatched: 0,
             latched_elsewhere: 0,
             early_nulls: 0,
+            key_exchange_failed: 0,
+            media_replayed: 0,
+            media_unauthenticated: 0,
+            nulls_unauthenticated: 1,
+            nulls_replayed: 0,
         }
     );
     assert!(t.drain().is_empty(), "none of that is a packet from the peer");
     assert!(!t.c.can_send(h));
     assert_eq!(t.next_timeout(), Some(50), "the punch is still being re-sent");
 
-    // An empty datagram from the caller's address is a bare null packet from the peer.
+    // An empty datagram from the caller's address is a bare null packet: it proves nothing
+    // about its sender, so it is refused. The caller's signed null opens the path.
+    assert!(t.dgram(19, caller_addr(), &[]).is_none());
+    assert!(t.drain().is_empty());
+    assert_eq!(t.c.counters().nulls_unauthenticated, 2);
     let before = t.c.counters().clone();
-    assert!(t.dgram(20, caller_addr(), &[]).is_none());
+    assert!(t.dgram(20, caller_addr(), &null(CALL_ID, TOKEN, false, true)).is_none());
     let out = t.drain();
     assert!(matches!(out.events[..], [Event::MediaFlowing { handle }] if handle == h), "{out:?}");
     assert_eq!(*t.c.counters(), before);
@@ -916,7 +1058,8 @@ fn bad_datagrams_are_counted_and_dropped() {
     assert!(t.dgram(6_001, caller_addr(), &rtp(CALLER_SSRC, 2, 2, b"x")).is_none());
     assert!(t.dgram(6_001, caller_addr(), &null(CALL_ID, TOKEN, false, true)).is_none());
     assert!(t.dgram(6_001, caller_addr(), &[]).is_none());
-    assert_eq!(t.c.counters().dgram_unmatched, before.dgram_unmatched + 3);
+    assert_eq!(t.c.counters().dgram_unmatched, before.dgram_unmatched + 2);
+    assert_eq!(t.c.counters().nulls_unauthenticated, before.nulls_unauthenticated + 1);
 }
 
 fn random_addr(rng: &mut Rng) -> SocketAddr {
@@ -966,7 +1109,7 @@ fn ten_thousand_random_datagrams_neither_panic_nor_disturb_a_call() {
                 d[1] &= 0x7F;
                 d[8..12].copy_from_slice(&CALLER_SSRC.to_be_bytes());
             }
-            5 if len == 20 => {
+            5 if len == proto::wire::null::NULL_LEN => {
                 // A valid null packet of the call.
                 d.copy_from_slice(&null(CALL_ID, TOKEN, rng.chance(0.5), rng.chance(0.5)));
             }
@@ -982,8 +1125,16 @@ fn ten_thousand_random_datagrams_neither_panic_nor_disturb_a_call() {
 
     // Every datagram was counted exactly once, and none of them touched the call.
     let c = t.c.counters().clone();
-    let total =
-        c.dgram_unknown + c.dgram_malformed + c.dgram_unmatched + c.dgram_wrong_source + c.rtcp + c.stun_unexpected;
+    let total = c.dgram_unknown
+        + c.dgram_malformed
+        + c.dgram_unmatched
+        + c.dgram_wrong_source
+        + c.rtcp
+        + c.stun_unexpected
+        + c.nulls_unauthenticated
+        + c.nulls_replayed
+        + c.media_unauthenticated
+        + c.media_replayed;
     assert_eq!(total, 10_000, "{c:?}");
     assert_eq!(c.frames_unexpected, 0);
     assert!(c.dgram_unknown > 0 && c.dgram_malformed > 0 && c.dgram_unmatched > 0 && c.dgram_wrong_source > 0);
@@ -1086,8 +1237,8 @@ fn disconnect_ends_calls_waiting_for_start_but_established_calls_go_on() {
     let pending = t.c.call(t.at(0), id("carol")).unwrap();
     t.drain();
     assert!(!t.frame(0, incoming_frame()).is_empty());
-    let h = match t.c.handle_datagram(t.at(10), caller_addr(), &rtp(CALLER_SSRC, 1, 1, b"x")) {
-        Some(r) => r.handle,
+    let h = match t.dgram(10, caller_addr(), &rtp(CALLER_SSRC, 1, 1, b"x")) {
+        Some(r) => r.0,
         None => panic!("the caller's packet must be passed up"),
     };
     assert_ne!(h, pending);
@@ -1121,7 +1272,14 @@ fn disconnect_ends_calls_waiting_for_start_but_established_calls_go_on() {
         vec![(
             16_000,
             caller_addr(),
-            NullPacket { call_id: CALL_ID, token: TOKEN, keepalive: true, from_caller: false, probe: false }
+            NullPacket {
+                call_id: CALL_ID,
+                token: TOKEN,
+                keepalive: true,
+                from_caller: false,
+                probe: false,
+                counter: 0
+            }
         )]
     );
     // Media timeout still applies; with no manager there is no HANGUP to send.
@@ -1187,7 +1345,11 @@ fn callee_setup_runs_from_incoming_to_the_first_media_packet() {
 #[test]
 fn incoming_outputs_leave_in_wire_order_null_before_punched() {
     let mut t = T::registered();
-    t.c.handle_frame(t.at(0), incoming_frame());
+    let mut f = incoming_frame();
+    if let Frame::Incoming { caller_keys, .. } = &mut f {
+        *caller_keys = Some(HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM]).share().clone());
+    }
+    t.c.handle_frame(t.at(0), f);
     let mut buf = [0u8; 1500];
     let mut kinds = Vec::new();
     loop {
@@ -1216,7 +1378,11 @@ fn incoming_outputs_leave_in_wire_order_null_before_punched() {
 #[test]
 fn a_small_output_buffer_is_an_error_and_loses_nothing() {
     let mut t = T::registered();
-    t.c.handle_frame(t.at(0), incoming_frame());
+    let mut f = incoming_frame();
+    if let Frame::Incoming { caller_keys, .. } = &mut f {
+        *caller_keys = Some(HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM]).share().clone());
+    }
+    t.c.handle_frame(t.at(0), f);
     let mut small = [0u8; 4];
     assert_eq!(
         t.c.poll_output(&mut small).unwrap_err(),
@@ -1244,6 +1410,7 @@ fn start_with(h: CallHandle, class: proto::nat::NatClass, candidates: &[&str]) -
         callee_addr: callee_addr(),
         callee_nat: class,
         callee_candidates: candidates.iter().map(|a| host(a)).collect(),
+        callee_keys: None,
     }
 }
 
@@ -1269,6 +1436,7 @@ fn a_callee_punches_every_caller_address_and_follows_the_one_that_answers() {
         caller_addr: caller_addr(),
         caller_nat: proto::nat::NatClass::Unknown,
         caller_candidates: vec![host("10.1.0.2:40000"), host("203.0.113.7:40000")],
+        caller_keys: None,
     };
     let out = t.frame(0, f);
     let h = match out.events[..] {

@@ -121,6 +121,22 @@ struct Common {
     /// that could not keep to its plan (`generator_overloaded`), makes the exit status 1.
     #[arg(long = "threshold", value_name = "EXPR", value_parser = crate::threshold::parse)]
     thresholds: Vec<crate::threshold::Threshold>,
+    /// The one SRTP suite the simulated clients use: AEAD_AES_128_GCM (the default) or
+    /// AES_CM_128_HMAC_SHA1_80.
+    #[arg(long, value_name = "NAME", value_parser = parse_suite)]
+    srtp_suite: Option<u8>,
+    /// Plain RTP instead of SRTP: only to measure what SRTP costs.
+    #[arg(long, conflicts_with = "srtp_suite")]
+    no_srtp: bool,
+}
+
+fn parse_suite(s: &str) -> Result<u8, String> {
+    match proto::e2e::suite_from_name(s) {
+        Some(proto::e2e::SUITE_NONE) | None => {
+            Err(format!("`{s}`: expected AEAD_AES_128_GCM or AES_CM_128_HMAC_SHA1_80"))
+        }
+        Some(c) => Ok(c),
+    }
 }
 
 /// Live output, for the calls scenarios (setup, sessions, soak).
@@ -519,7 +535,13 @@ impl Common {
         limits: Limits,
         secret: Secret,
     ) -> Target {
-        Target::new(external, Embedded { ip: self.bind_ip, shards, io, limits }, secret)
+        let mut t = Target::new(external, Embedded { ip: self.bind_ip, shards, io, limits }, secret);
+        t.srtp_suites = match (self.no_srtp, self.srtp_suite) {
+            (true, _) => vec![proto::e2e::SUITE_NONE],
+            (false, Some(s)) => vec![s],
+            (false, None) => vec![proto::e2e::SUITE_AES_128_GCM],
+        };
+        t
     }
 }
 

@@ -20,6 +20,9 @@ pub struct Target {
     /// The manager's secret (`--secret-file`): every client registers with a token minted
     /// from it, and an embedded manager requires tokens.
     pub secret: Option<Arc<Secret>>,
+    /// The SRTP suites every simulated client offers and accepts ([`proto::e2e`] codes;
+    /// `--no-srtp`: plain RTP).
+    pub srtp_suites: Vec<u8>,
 }
 
 /// Where the manager is.
@@ -73,7 +76,7 @@ impl Target {
             Some(e) => Manager::External(e),
             None => Manager::Embedded(Box::new(embedded_config(embedded, secret.clone()))),
         };
-        Target { manager, secret }
+        Target { manager, secret, srtp_suites: vec![proto::e2e::SUITE_AES_128_GCM, proto::e2e::SUITE_AES_CM_SHA1_80] }
     }
 
     /// The same credentials against a manager already running at `addr` (started by another
@@ -82,6 +85,7 @@ impl Target {
         Target {
             manager: Manager::External(External { addr, pid: None, metrics_url: None }),
             secret: self.secret.clone(),
+            srtp_suites: self.srtp_suites.clone(),
         }
     }
 

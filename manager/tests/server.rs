@@ -237,7 +237,7 @@ impl Client {
 
     /// CALL `callee`; returns nothing (the answer comes later).
     fn call(&mut self, call_ref: u32, callee: &ClientId) {
-        self.send(&Frame::Call { call_ref, callee: callee.clone() });
+        self.send(&Frame::Call { call_ref, callee: callee.clone(), keys: None });
     }
 
     /// The next frame must be INCOMING from `caller` at `caller_addr`; returns (call id, token).
@@ -439,7 +439,7 @@ fn full_call(alice_id: &ClientId, bob_id: &ClientId, bob_hangs_up: bool) {
     let (call_id, token) = bob.expect_incoming(alice_id, alice_pub);
     assert_eq!(owner_shard(call_id), home_shard(bob_id, SHARDS), "the callee's home shard owns the call");
 
-    bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port() });
+    bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port(), keys: None });
     match alice.recv() {
         Frame::Start { call_ref, call_id: c, token: t, callee_addr, .. } => {
             assert_eq!(call_ref, 7);
@@ -452,7 +452,7 @@ fn full_call(alice_id: &ClientId, bob_id: &ClientId, bob_hangs_up: bool) {
     assert_eq!(get(&m.stats().calls_started), 1);
 
     // A duplicate PUNCHED is counted and otherwise ignored.
-    bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port() });
+    bob.send(&Frame::Punched { call_id, udp_port: bob_pub.port(), keys: None });
     alice.expect_quiet();
     wait_until("frames_duplicate == 1", || get(&m.stats().frames_duplicate) == 1);
 
@@ -513,7 +513,7 @@ fn start_gives_the_stun_address_of_a_callee_registered_with_a_binding() {
     alice.call(1, &id("bob"));
     let (call_id, token) = bob.expect_incoming(&id("alice"), alice_pub);
     // The port in PUNCHED is the local one; the STUN-mapped address wins.
-    bob.send(&Frame::Punched { call_id, udp_port: 9 });
+    bob.send(&Frame::Punched { call_id, udp_port: 9, keys: None });
     assert_eq!(
         alice.recv(),
         Frame::Start {
@@ -522,7 +522,8 @@ fn start_gives_the_stun_address_of_a_callee_registered_with_a_binding() {
             token,
             callee_addr: bob_pub,
             callee_nat: proto::nat::NatClass::Unknown,
-            callee_candidates: Vec::new()
+            callee_candidates: Vec::new(),
+            callee_keys: None
         }
     );
 }
@@ -554,7 +555,7 @@ fn callee_declines_with_reject() {
     assert_eq!(get(&m.stats().calls_rejected), 1);
     assert_eq!(get(&m.stats().calls_ended), 1);
     // The call is gone: PUNCHED now names an unknown call.
-    bob.send(&Frame::Punched { call_id, udp_port: 2 });
+    bob.send(&Frame::Punched { call_id, udp_port: 2, keys: None });
     bob.expect_error(ErrorCode::UnknownCall);
 }
 
@@ -645,7 +646,7 @@ fn duplicate_registration_replaces_the_older_connection() {
     let caller_pub = caller.register(&id("caller"), 3);
     caller.call(5, &id("dup"));
     let (call_id, token) = b.expect_incoming(&id("caller"), caller_pub);
-    b.send(&Frame::Punched { call_id, udp_port: 2 });
+    b.send(&Frame::Punched { call_id, udp_port: 2, keys: None });
     assert_eq!(
         caller.recv(),
         Frame::Start {
@@ -654,7 +655,8 @@ fn duplicate_registration_replaces_the_older_connection() {
             token,
             callee_addr: b_pub,
             callee_nat: proto::nat::NatClass::Unknown,
-            callee_candidates: Vec::new()
+            callee_candidates: Vec::new(),
+            callee_keys: None
         }
     );
 
@@ -779,16 +781,16 @@ fn self_call_unknown_call_and_not_party() {
     // Unknown call ids owned by either shard.
     for owner in 0..SHARDS {
         let call_id = CallId(((owner as u64) << 48) | 0xABCDEF);
-        bob.send(&Frame::Punched { call_id, udp_port: 2 });
+        bob.send(&Frame::Punched { call_id, udp_port: 2, keys: None });
         bob.expect_error(ErrorCode::UnknownCall);
     }
 
     alice.call(42, &id("bob"));
     let (call_id, _) = bob.expect_incoming(&id("alice"), alice_pub);
     // Neither a stranger nor the caller may answer for the callee.
-    carol.send(&Frame::Punched { call_id, udp_port: 3 });
+    carol.send(&Frame::Punched { call_id, udp_port: 3, keys: None });
     carol.expect_error(ErrorCode::NotParty);
-    alice.send(&Frame::Punched { call_id, udp_port: 1 });
+    alice.send(&Frame::Punched { call_id, udp_port: 1, keys: None });
     alice.expect_error(ErrorCode::NotParty);
     // Nor hang it up.
     carol.send(&Frame::Hangup { call_id, reason: HangupReason::Normal });
@@ -797,7 +799,7 @@ fn self_call_unknown_call_and_not_party() {
     alice.expect_quiet();
     assert_eq!(get(&m.stats().calls_started), 0);
     // The call is still intact.
-    bob.send(&Frame::Punched { call_id, udp_port: 2 });
+    bob.send(&Frame::Punched { call_id, udp_port: 2, keys: None });
     match alice.recv() {
         Frame::Start { call_ref: 42, call_id: c, .. } => assert_eq!(c, call_id),
         other => panic!("alice: expected START, got {other:?}"),
@@ -837,7 +839,7 @@ const MISSING_SHARD: CallId = CallId(0xFFFF_0000_0000_0001);
 fn punched_for_a_call_id_naming_a_missing_shard_is_unknown_call() {
     assert!(owner_shard(MISSING_SHARD) >= SHARDS);
     call_id_naming_a_missing_shard(
-        Frame::Punched { call_id: MISSING_SHARD, udp_port: 2 },
+        Frame::Punched { call_id: MISSING_SHARD, udp_port: 2, keys: None },
         Some(ErrorCode::UnknownCall),
     );
 }
@@ -924,7 +926,7 @@ fn unanswered_call_times_out_on_both_sides() {
     assert_eq!(get(&s.calls_ended), 1);
     assert_eq!(get(&s.calls_started), 0);
     // A late PUNCHED names a call that no longer exists.
-    bob.send(&Frame::Punched { call_id, udp_port: 2 });
+    bob.send(&Frame::Punched { call_id, udp_port: 2, keys: None });
     bob.expect_error(ErrorCode::UnknownCall);
 }
 

@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! `peer`: the nullpunch voice client.
 
 use std::net::SocketAddr;
@@ -133,8 +134,78 @@ struct Args {
     /// before it expires and deleted at exit.
     #[arg(long, value_name = "auto|off|IP", default_value = "auto", global = true, value_parser = port_mapping_arg)]
     port_mapping: PortMappingArg,
+    /// SRTP suites, best first, comma-separated: AEAD_AES_128_GCM, AES_CM_128_HMAC_SHA1_80.
+    /// A caller offers them; a callee takes the first of its list that the offer holds.
+    /// Default: both, GCM first.
+    #[arg(long, value_name = "NAME[,NAME]", global = true, value_parser = parse_suites)]
+    srtp_suite: Option<Suites>,
+    /// Plain RTP instead of SRTP, only to measure what SRTP costs: the other peer must run
+    /// with --no-srtp too, else the call is refused (no common suite).
+    #[arg(long, global = true, conflicts_with = "srtp_suite")]
+    no_srtp: bool,
+    /// This peer's long-term identity: a file holding a 32-byte Ed25519 seed in base64 (made,
+    /// mode 0600, if it does not exist). Key shares are signed with it; its public key is
+    /// printed at start (give it to the other side's --peer-key).
+    #[arg(long, value_name = "FILE", global = true)]
+    identity: Option<std::path::PathBuf>,
+    /// Require the other peer's identity (its public key, base64): a call whose key share it
+    /// did not sign is refused, so a manager that swaps the keys is caught.
+    #[arg(long, value_name = "KEY", global = true, value_parser = parse_peer_key)]
+    peer_key: Option<[u8; 32]>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// SRTP suite codes, best first.
+#[derive(Debug, Clone)]
+struct Suites(Vec<u8>);
+
+fn parse_suites(s: &str) -> Result<Suites, String> {
+    let mut v = Vec::new();
+    for name in s.split(',').map(str::trim) {
+        match proto::e2e::suite_from_name(name) {
+            Some(proto::e2e::SUITE_NONE) | None => {
+                return Err(format!("`{name}`: expected AEAD_AES_128_GCM or AES_CM_128_HMAC_SHA1_80"))
+            }
+            Some(c) if !v.contains(&c) => v.push(c),
+            Some(_) => {}
+        }
+    }
+    Ok(Suites(v))
+}
+
+fn parse_peer_key(s: &str) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| format!("not base64: {e}"))?;
+    b.try_into().map_err(|b: Vec<u8>| format!("{} bytes; an Ed25519 public key is 32", b.len()))
+}
+
+/// The identity in `path` (base64 of a 32-byte seed), made if the file does not exist.
+fn load_identity(path: &std::path::Path) -> Result<proto::e2e::IdentityKey, String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let seed: [u8; 32] = match std::fs::read_to_string(path) {
+        Ok(text) => b64
+            .decode(text.trim())
+            .map_err(|e| format!("{}: not base64: {e}", path.display()))?
+            .try_into()
+            .map_err(|b: Vec<u8>| format!("{}: {} bytes; an identity seed is 32", path.display(), b.len()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let seed = engine::entropy::secure_key();
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            writeln!(f, "{}", b64.encode(seed)).map_err(|e| format!("{}: {e}", path.display()))?;
+            seed
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    Ok(proto::e2e::IdentityKey::from_seed(&seed))
 }
 
 /// `PORT` (on 127.0.0.1) or `IP:PORT`.
@@ -198,6 +269,8 @@ struct PeerApp {
     done: bool,
     failed: bool,
     fatal: Option<String>,
+    /// `--sdp` of an SRTP stream: written at each call's start with its key.
+    sdp: Option<(std::path::PathBuf, voice::sdp::SdpStream)>,
 }
 
 impl PeerApp {
@@ -228,6 +301,25 @@ impl PeerApp {
     }
 
     /// `c`: the client's drop counters so far (the process's, over all its calls).
+    /// `--sdp` for call `h`: the received SRTP stream with its key (RFC 4568 `a=crypto`), so
+    /// a local tool can decrypt a capture of it.
+    fn write_sdp(&mut self, client: &Client, h: proto::client::CallHandle) {
+        use base64::Engine;
+        let Some((path, st)) = &self.sdp else { return };
+        let Some((suite, mk)) = client.receive_key(h) else { return };
+        let salt = if suite == proto::e2e::SUITE_AES_128_GCM { &mk.salt[..12] } else { &mk.salt[..] };
+        let mut key_salt = mk.key.to_vec();
+        key_salt.extend_from_slice(salt);
+        let inline = base64::engine::general_purpose::STANDARD.encode(&key_salt);
+        let st = voice::sdp::SdpStream {
+            crypto: Some(format!("{} inline:{inline}", proto::e2e::suite_name(suite))),
+            ..st.clone()
+        };
+        if let Err(e) = std::fs::write(path, st.to_sdp(engine::entropy::seed() >> 1)) {
+            eprintln!("peer: --sdp {}: {e}", path.display());
+        }
+    }
+
     fn report(&mut self, r: &CallReport, m: Option<media::MediaReport>, c: &proto::client::ClientCounters) {
         let ok = r.succeeded();
         if !ok {
@@ -276,6 +368,13 @@ impl PeerApp {
                 "jitter_ms": r.jitter_ms,
                 "nulls_sent": r.nulls_sent,
                 "nulls_received": r.nulls_received,
+                "srtp": proto::e2e::suite_name(r.suite),
+                "peer_identity": r.peer_identity.map(|k| {
+                    use base64::Engine;
+                    base64::engine::general_purpose::STANDARD.encode(k)
+                }),
+                "media_refused": r.media_refused,
+                "nulls_refused": r.nulls_refused,
                 "result": if ok { "ok".to_string() } else { r.reason.describe() },
                 "failed_phase": if ok { None } else { Some(failed_phase(r)) },
                 "media": m.as_ref().map(|m| serde_json::to_value(m).unwrap_or_default()),
@@ -286,6 +385,11 @@ impl PeerApp {
                     "unmatched": c.dgram_unmatched,
                     "malformed": c.dgram_malformed,
                     "unknown": c.dgram_unknown,
+                    "nulls_unauthenticated": c.nulls_unauthenticated,
+                    "nulls_replayed": c.nulls_replayed,
+                    "media_unauthenticated": c.media_unauthenticated,
+                    "media_replayed": c.media_replayed,
+                    "key_exchange_failed": c.key_exchange_failed,
                 },
             });
             println!("{v}");
@@ -440,11 +544,13 @@ impl PeerApp {
             }
             Event::Started { handle, peer, .. } => {
                 tracing::info!(%peer, "START: streaming media to the callee");
+                self.write_sdp(ctx.client, handle);
                 let dur = self.role_caller.as_ref().map(|(_, d)| *d).unwrap_or_default();
                 self.media.start(handle, ctx.now, Some(ctx.now + dur));
             }
-            Event::Incoming { caller, caller_addr, .. } => {
+            Event::Incoming { handle, caller, caller_addr, .. } => {
                 tracing::info!(%caller, %caller_addr, "incoming call: null packet sent, PUNCHED replied");
+                self.write_sdp(ctx.client, handle);
             }
             Event::PairFound { handle, peer, probes_sent, after } => tracing::info!(
                 call = handle.0,
@@ -660,6 +766,27 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
     };
     let local = udp.local_addr().expect("bound socket has an address");
     let mut cfg = ClientConfig::new(id, local.port());
+    cfg.key_seed = engine::entropy::secure_key();
+    cfg.srtp_suites = match (&args.srtp_suite, args.no_srtp) {
+        (_, true) => vec![proto::e2e::SUITE_NONE],
+        (Some(s), false) => s.0.clone(),
+        (None, false) => cfg.srtp_suites.clone(),
+    };
+    cfg.peer_key = args.peer_key;
+    if let Some(path) = &args.identity {
+        match load_identity(path) {
+            Ok(k) => {
+                use base64::Engine;
+                let public = base64::engine::general_purpose::STANDARD.encode(k.public());
+                eprintln!("peer: identity {public}");
+                cfg.identity = Some(std::sync::Arc::new(k));
+            }
+            Err(e) => {
+                eprintln!("peer: --identity {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     cfg.stun_server = Some(manager);
     cfg.auth = args.token;
     cfg.keepalive_interval = Duration::from_secs_f64(args.keepalive);
@@ -757,6 +884,7 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut sdp = None;
     if let Some(path) = &args.sdp {
         let (addr, port) = match args.rtp_out {
             Some(a) => (a.ip(), a.port()),
@@ -772,9 +900,16 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
             st.fmtp = None;
             st.ptime = None;
         }
-        if let Err(e) = std::fs::write(path, st.to_sdp(engine::entropy::seed() >> 1)) {
-            eprintln!("peer: --sdp {}: {e}", path.display());
-            return ExitCode::from(2);
+        if args.rtp_out.is_some() || args.no_srtp {
+            // Plain RTP arrives there: described now.
+            if let Err(e) = std::fs::write(path, st.to_sdp(engine::entropy::seed() >> 1)) {
+                eprintln!("peer: --sdp {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        } else {
+            // SRTP arrives at the media socket: described with the call's key once it is
+            // agreed (`PeerApp::write_sdp`).
+            sdp = Some((path.clone(), st));
         }
     }
     let register_timeout = Duration::from_secs_f64(args.register_timeout);
@@ -796,6 +931,7 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
         done: false,
         failed: false,
         fatal: None,
+        sdp,
     };
     match &args.cmd {
         Cmd::Listen { calls, duration, no_null } => {

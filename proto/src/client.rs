@@ -32,15 +32,17 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::e2e::{self, CallKeys, E2eError, Ephemeral, IdentityKey, KeyGen};
 use crate::nat::{self, NatClass, Strategy};
 use crate::portmap::{MapEvent, MapProto, PortMapper};
 use crate::rng::Rng;
+use crate::srtp::{self, SrtpReceiver, SrtpSender};
 use crate::stats::RtpReceiverStats;
 use crate::wire::frame::{
-    AddrSource, AuthToken, CallId, Candidate, CandidateKind, ClientId, ErrorCode, Frame, HangupReason, RejectReason,
-    UnknownReason, MAX_CANDIDATES,
+    AddrSource, AuthToken, CallId, Candidate, CandidateKind, ClientId, ErrorCode, Frame, HangupReason, KeyShare,
+    RejectReason, UnknownReason, MAX_CANDIDATES,
 };
-use crate::wire::null::{probe_tag, NullPacket, NULL_LEN};
+use crate::wire::null::{null_mac_ok, probe_tag, CounterWindow, NullPacket, NULL_LEN};
 use crate::wire::portmap;
 use crate::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN, OPUS_CLOCK_HZ, OPUS_PAYLOAD_TYPE};
 use crate::wire::stun::{self, StunMessage, TransactionId};
@@ -141,6 +143,20 @@ pub struct ClientConfig {
     pub port_mapping: Option<(SocketAddr, std::net::Ipv4Addr)>,
     /// The lifetime asked for a port mapping (renewed at half of what the router grants).
     pub port_mapping_lifetime: Duration,
+    /// SRTP suites ([`crate::e2e`] codes), best first: a caller offers them, a callee picks
+    /// the first of them the offer holds. Default AEAD_AES_128_GCM, then
+    /// AES_CM_128_HMAC_SHA1_80; `[SUITE_NONE]` (`--no-srtp`) sends plain RTP and only talks
+    /// to a peer that allows that too.
+    pub srtp_suites: Vec<u8>,
+    /// Seeds the per-call X25519 keys ([`KeyGen`]). Drivers fill it from the kernel's
+    /// CSPRNG (`engine::entropy::secure_key`); all zeros (the default, for simulations)
+    /// derives it from the client's `seed`.
+    pub key_seed: [u8; 32],
+    /// This client's long-term identity: its key shares are signed with it.
+    pub identity: Option<std::sync::Arc<IdentityKey>>,
+    /// The peer's identity key this client requires: a call whose key share is not signed
+    /// by it is refused (pinning defeats a manager that swaps the key shares).
+    pub peer_key: Option<[u8; 32]>,
 }
 
 impl ClientConfig {
@@ -174,6 +190,10 @@ impl ClientConfig {
             host_candidates: Vec::new(),
             port_mapping: None,
             port_mapping_lifetime: Duration::from_secs(3600),
+            srtp_suites: vec![e2e::SUITE_AES_128_GCM, e2e::SUITE_AES_CM_SHA1_80],
+            key_seed: [0; 32],
+            identity: None,
+            peer_key: None,
         }
     }
 }
@@ -201,6 +221,9 @@ pub enum EndReason {
     ManagerLost,
     /// A birthday search ended without finding a port pair (`birthday_timeout`).
     NoPairFound,
+    /// The end-to-end key exchange failed: no common SRTP suite, a missing or invalid key
+    /// share, or a peer identity other than the pinned one.
+    KeyExchange(E2eError),
 }
 
 impl EndReason {
@@ -222,6 +245,7 @@ impl EndReason {
             EndReason::PeerGone => Some("media stopped"),
             EndReason::ManagerLost => Some("manager lost"),
             EndReason::NoPairFound => Some("no port pair found"),
+            EndReason::KeyExchange(_) => Some("key exchange"),
         }
     }
 
@@ -240,6 +264,7 @@ impl EndReason {
             EndReason::PeerGone => "peer stopped sending".into(),
             EndReason::ManagerLost => "manager connection lost during setup".into(),
             EndReason::NoPairFound => "the birthday search found no port pair in time".into(),
+            EndReason::KeyExchange(e) => format!("end-to-end key exchange failed ({e})"),
         }
     }
 }
@@ -301,6 +326,15 @@ pub struct CallReport {
     pub path: PathKind,
     /// Why it ended.
     pub reason: EndReason,
+    /// The SRTP suite of the call ([`crate::e2e`] code; [`e2e::SUITE_NONE`] for plain RTP
+    /// or a call that never agreed keys).
+    pub suite: u8,
+    /// The peer's identity key, if its key share was signed (verified).
+    pub peer_identity: Option<[u8; 32]>,
+    /// Packets of this call refused by SRTP: failed authentication or replayed.
+    pub media_refused: u64,
+    /// The peer's null packets refused: bad MAC or replayed counter.
+    pub nulls_refused: u64,
 }
 
 impl CallReport {
@@ -544,6 +578,18 @@ pub struct ClientCounters {
     /// null packets are kept (the last [`EARLY_NULLS`]); on arrival each was counted in
     /// `dgram_unmatched`.
     pub early_nulls: u64,
+    /// Null packets (and probes) of a known call whose MAC did not verify under the call's
+    /// key, or that came before the keys were agreed, and bare (zero-length) null packets:
+    /// dropped; they teach no address.
+    pub nulls_unauthenticated: u64,
+    /// Null packets with a valid MAC and a counter already seen (a replay): dropped.
+    pub nulls_replayed: u64,
+    /// RTP of a known call (address and SSRC matched) whose SRTP authentication failed.
+    pub media_unauthenticated: u64,
+    /// SRTP packets replayed or older than the replay window.
+    pub media_replayed: u64,
+    /// Calls refused or ended because the end-to-end key exchange failed.
+    pub key_exchange_failed: u64,
 }
 
 /// Happy Eyeballs (RFC 8305 section 5): the head start IPv6 candidates get before a caller
@@ -613,6 +659,44 @@ struct Call {
     /// Caller with IPv6 candidates (Happy Eyeballs, RFC 8305): when to punch the IPv4
     /// addresses if nothing came from the peer over IPv6 by then.
     v4_punch_at: Option<Instant>,
+    /// Caller: this call's X25519 key pair, until START.
+    eph: Option<Box<(Ephemeral, KeyShare)>>,
+    /// The call's keys and SRTP contexts, once agreed (boxed: the key schedules are large).
+    crypto: Option<Box<CallCrypto>>,
+    /// This side's null packet counter (the last one sent).
+    null_tx: u32,
+    /// The peer's null packet counters seen.
+    null_rx: CounterWindow,
+    media_refused: u64,
+    nulls_refused: u64,
+}
+
+/// A call's agreed keys.
+struct CallCrypto {
+    keys: CallKeys,
+    tx: Option<SrtpSender>,
+    rx: Option<SrtpReceiver>,
+    peer_identity: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for CallCrypto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CallCrypto({:?})", self.keys)
+    }
+}
+
+impl CallCrypto {
+    fn new(keys: CallKeys, role: Role, peer_identity: Option<[u8; 32]>) -> CallCrypto {
+        let (tx, rx) = match role {
+            Role::Caller => (keys.caller_to_callee, keys.callee_to_caller),
+            Role::Callee => (keys.callee_to_caller, keys.caller_to_callee),
+        };
+        let mk = |m: e2e::MasterKeys| {
+            srtp::Suite::from_code(keys.suite).map(|suite| srtp::MasterKey { key: m.key, salt: m.salt, suite })
+        };
+        let (tx, rx) = (mk(tx), mk(rx));
+        CallCrypto { tx: tx.as_ref().map(SrtpSender::new), rx: rx.as_ref().map(SrtpReceiver::new), keys, peer_identity }
+    }
 }
 
 /// A birthday search in progress (see [`Strategy::Birthday`]).
@@ -757,8 +841,11 @@ pub struct Client {
     ping_outstanding: Option<(u64, Instant)>,
     unresponsive_reported: bool,
     counters: ClientCounters,
-    /// Setup null packets that came before their START: (call, token, source).
-    early: VecDeque<(CallId, u64, SocketAddr)>,
+    /// Setup null packets that came before their START (their MAC is checked at START, when
+    /// the keys are known): (call, token, source, the packet).
+    early: VecDeque<(CallId, u64, SocketAddr, [u8; NULL_LEN])>,
+    /// Per-call key pairs.
+    keygen: KeyGen,
     /// The port mapping client, if one is configured.
     mapper: Option<PortMapper>,
     /// REGISTER waits for the port mapping's first answer: Some(with the STUN binding).
@@ -782,7 +869,17 @@ impl Client {
         ] {
             *d = (*d).max(FLOOR);
         }
+        let key_seed = if cfg.key_seed == [0; 32] {
+            // A simulation: reproducible keys from the seed.
+            let mut r = Rng::new(seed ^ 0x6b65_7973_6565_6421);
+            let mut k = [0u8; 32];
+            r.fill(&mut k);
+            k
+        } else {
+            cfg.key_seed
+        };
         Client {
+            keygen: KeyGen::new(&key_seed),
             cfg,
             rng: Rng::new(seed),
             reg: RegState::Disconnected,
@@ -841,6 +938,25 @@ impl Client {
     /// The peer address of a call, once known.
     pub fn peer_addr(&self, handle: CallHandle) -> Option<SocketAddr> {
         self.calls.get(&handle).and_then(|c| c.peer_addr)
+    }
+
+    /// The SRTP suite of call `handle` and the master key and salt the peer encrypts with
+    /// (what this side decrypts): for an SDP `a=crypto` line (RFC 4568) that lets a local
+    /// tool decrypt a capture of the received stream. `None` before the keys are agreed or
+    /// for plain RTP.
+    pub fn receive_key(&self, handle: CallHandle) -> Option<(u8, e2e::MasterKeys)> {
+        let c = self.calls.get(&handle)?;
+        let k = &c.crypto.as_ref()?.keys;
+        if k.suite == e2e::SUITE_NONE {
+            return None;
+        }
+        Some((
+            k.suite,
+            match c.role {
+                Role::Caller => k.callee_to_caller,
+                Role::Callee => k.caller_to_callee,
+            },
+        ))
     }
 
     /// True if media can be sent on the call: the caller after START, the callee once the
@@ -906,12 +1022,17 @@ impl Client {
                 self.public = Some(public);
                 self.push_event(Event::Registered { public, source });
             }
-            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates } => {
-                self.on_incoming(now, call_id, token, caller, (caller_addr, caller_nat, caller_candidates))
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates, caller_keys } => {
+                self.on_incoming(now, call_id, token, caller, (caller_addr, caller_nat, caller_candidates), caller_keys)
             }
-            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates } => {
-                self.on_start(now, CallHandle(call_ref), call_id, token, (callee_addr, callee_nat, callee_candidates))
-            }
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates, callee_keys } => self
+                .on_start(
+                    now,
+                    CallHandle(call_ref),
+                    (call_id, token),
+                    (callee_addr, callee_nat, callee_candidates),
+                    callee_keys,
+                ),
             Frame::Reject { call_ref, call_id, reason, callee_nat } => {
                 let h = self.caller_pending(call_ref).or_else(|| self.by_call_id.get(&call_id).copied());
                 match h {
@@ -958,7 +1079,10 @@ impl Client {
 
     /// A datagram arrived on the client's UDP socket from `from`. Returns the media packet if
     /// it is RTP for a current call, for the application to play or measure.
-    pub fn handle_datagram<'a>(&mut self, now: Instant, from: SocketAddr, data: &'a [u8]) -> Option<Received<'a>> {
+    ///
+    /// `data` is the driver's receive buffer: SRTP is decrypted in place, and the returned
+    /// payload borrows the plaintext.
+    pub fn handle_datagram<'a>(&mut self, now: Instant, from: SocketAddr, data: &'a mut [u8]) -> Option<Received<'a>> {
         self.handle_datagram_on(now, SocketId::MAIN, from, data)
     }
 
@@ -970,11 +1094,11 @@ impl Client {
         now: Instant,
         socket: SocketId,
         from: SocketAddr,
-        data: &'a [u8],
+        data: &'a mut [u8],
     ) -> Option<Received<'a>> {
         if socket == SocketId::MAIN && self.mapper.as_ref().is_some_and(|m| m.server() == from) {
             let m = self.mapper.as_mut().expect("checked above");
-            let ev = m.on_datagram(now, data);
+            let ev = m.on_datagram(now, &*data);
             self.flush_mapper(ev);
             return None;
         }
@@ -985,11 +1109,11 @@ impl Client {
         match classify(data) {
             DatagramKind::Rtp => self.on_rtp(now, socket, from, data),
             DatagramKind::Null => {
-                self.on_null(now, socket, from, data);
+                self.on_null(now, socket, from, &*data);
                 None
             }
             DatagramKind::Stun => {
-                self.on_stun(now, from, data);
+                self.on_stun(now, from, &*data);
                 None
             }
             DatagramKind::Rtcp => {
@@ -1117,9 +1241,12 @@ impl Client {
             return Err(ClientError::NotRegistered);
         }
         let h = self.alloc_handle();
-        self.push_frame(Frame::Call { call_ref: h.0, callee: callee.clone() });
+        let eph = self.keygen.ephemeral();
+        let offer = e2e::offer(&eph, &self.cfg.srtp_suites, self.cfg.identity.as_deref());
+        self.push_frame(Frame::Call { call_ref: h.0, callee: callee.clone(), keys: Some(offer.clone()) });
         let call = self.new_call(now, Role::Caller, callee, None, 0, None);
-        self.calls.insert(h, Call { deadline: Some(now + self.cfg.start_timeout), ..call });
+        let eph = Some(Box::new((eph, offer)));
+        self.calls.insert(h, Call { deadline: Some(now + self.cfg.start_timeout), eph, ..call });
         self.schedule(h);
         Ok(h)
     }
@@ -1186,7 +1313,11 @@ impl Client {
             (CallState::Media, Some(a)) => a,
             _ => return Err(ClientError::NoPath(handle)),
         };
-        let need = RTP_HEADER_LEN + payload.len();
+        let Some(crypto) = c.crypto.as_mut() else { return Err(ClientError::NoPath(handle)) };
+        let plain = RTP_HEADER_LEN + payload.len();
+        let tag =
+            crypto.tx.as_ref().map_or(0, |_| srtp::Suite::from_code(crypto.keys.suite).map_or(0, |s| s.rtp_overhead()));
+        let need = plain + tag;
         if out.len() < need {
             return Err(ClientError::BufferTooSmall { need, have: out.len() });
         }
@@ -1194,7 +1325,13 @@ impl Client {
         let marker = fields.marker.unwrap_or(c.sent == 0);
         let h = RtpHeader { marker, payload_type: pt & 0x7F, seq: c.seq_tx, timestamp, ssrc: c.ssrc_tx };
         h.emit(out);
-        out[RTP_HEADER_LEN..need].copy_from_slice(payload);
+        out[RTP_HEADER_LEN..plain].copy_from_slice(payload);
+        let need = match crypto.tx.as_mut() {
+            Some(tx) => {
+                tx.protect_rtp(out, plain).map_err(|_| ClientError::BufferTooSmall { need, have: out.len() })?
+            }
+            None => plain,
+        };
         c.seq_tx = c.seq_tx.wrapping_add(1);
         c.ts_tx = timestamp.wrapping_add(duration_rtp_ts);
         c.sent += 1;
@@ -1319,6 +1456,12 @@ impl Client {
             candidates: Vec::new(),
             candidates_tried: 0,
             v4_punch_at: None,
+            eph: None,
+            crypto: None,
+            null_tx: 0,
+            null_rx: CounterWindow::default(),
+            media_refused: 0,
+            nulls_refused: 0,
         }
     }
 
@@ -1501,6 +1644,7 @@ impl Client {
         token: u64,
         caller: ClientId,
         (caller_addr, caller_nat, caller_candidates): (SocketAddr, NatClass, Vec<Candidate>),
+        caller_keys: Option<KeyShare>,
     ) {
         if self.by_call_id.contains_key(&call_id) {
             // A duplicate INCOMING: the call is already answered.
@@ -1509,6 +1653,32 @@ impl Client {
         }
         let h = self.alloc_handle();
         let mut c = self.new_call(now, Role::Callee, caller.clone(), Some(call_id), token, Some(caller_addr));
+        // The keys first: a call whose keys cannot be agreed is declined before any packet.
+        let eph = self.keygen.ephemeral();
+        let agreed = caller_keys.ok_or(E2eError::Missing).and_then(|offer| {
+            let identity = e2e::check_identity(&offer, true, None, self.cfg.peer_key.as_ref())?;
+            let answer = e2e::answer(&eph, &offer, &self.cfg.srtp_suites, self.cfg.identity.as_deref())?;
+            let suite = answer.suites[0];
+            let keys = e2e::derive(&eph, &offer.public, &offer.public, &eph.public, call_id, token, suite)?;
+            Ok((answer, CallCrypto::new(keys, Role::Callee, identity)))
+        });
+        let answer = match agreed {
+            Ok((answer, crypto)) => {
+                c.crypto = Some(Box::new(crypto));
+                answer
+            }
+            Err(e) => {
+                self.counters.key_exchange_failed += 1;
+                let reason =
+                    if e == E2eError::NoCommonSuite { RejectReason::NoCommonSuite } else { RejectReason::KeyRefused };
+                self.push_frame(Frame::Reject { call_ref: 0, call_id, reason, callee_nat: NatClass::Unknown });
+                c.peer_nat = caller_nat;
+                self.calls.insert(h, c);
+                self.push_event(Event::Incoming { handle: h, call_id, caller, caller_addr });
+                self.end_call(now, h, EndReason::KeyExchange(e), None);
+                return;
+            }
+        };
         c.peer_nat = caller_nat;
         c.candidates = other_addrs(caller_addr, &caller_candidates);
         // Host addresses come only when both sides are behind one public IP and named some:
@@ -1527,7 +1697,7 @@ impl Client {
             c.null_retries_left = self.cfg.null_retries;
             c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
         }
-        self.push_frame(Frame::Punched { call_id, udp_port: self.cfg.local_udp_port });
+        self.push_frame(Frame::Punched { call_id, udp_port: self.cfg.local_udp_port, keys: Some(answer) });
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
         self.calls.insert(h, c);
@@ -1539,9 +1709,9 @@ impl Client {
         &mut self,
         now: Instant,
         h: CallHandle,
-        call_id: CallId,
-        token: u64,
+        (call_id, token): (CallId, u64),
         (callee_addr, callee_nat, callee_candidates): (SocketAddr, NatClass, Vec<Candidate>),
+        callee_keys: Option<KeyShare>,
     ) {
         let pending = self.calls.get(&h).is_some_and(|c| c.role == Role::Caller && c.state == CallState::Calling);
         if !pending {
@@ -1556,6 +1726,26 @@ impl Client {
         let (tx, rx) = Call::ssrcs(Role::Caller, token);
         c.call_id = Some(call_id);
         c.token = token;
+        let (eph, offer) = *c.eph.take().expect("a calling caller holds its key pair");
+        let agreed = callee_keys.ok_or(E2eError::Missing).and_then(|ans| {
+            let identity = e2e::check_identity(&ans, false, Some(&eph.public), self.cfg.peer_key.as_ref())?;
+            // The answer names one suite, one of the offer.
+            let suite = match ans.suites[..] {
+                [s] if offer.suites.contains(&s) => s,
+                _ => return Err(E2eError::NoCommonSuite),
+            };
+            let keys = e2e::derive(&eph, &ans.public, &eph.public, &ans.public, call_id, token, suite)?;
+            Ok(CallCrypto::new(keys, Role::Caller, identity))
+        });
+        match agreed {
+            Ok(crypto) => c.crypto = Some(Box::new(crypto)),
+            Err(e) => {
+                self.counters.key_exchange_failed += 1;
+                self.by_call_id.insert(call_id, h);
+                self.end_call(now, h, EndReason::KeyExchange(e), Some(HangupReason::Error));
+                return;
+            }
+        }
         c.peer_addr = Some(callee_addr);
         c.named = Some(callee_addr);
         c.candidates = other_addrs(callee_addr, &callee_candidates);
@@ -1579,9 +1769,22 @@ impl Client {
         // mapping): its source is the path. Else media starts towards the first host
         // candidate (behind one NAT the public address needs a hairpin) or the public one.
         let known = |a: &SocketAddr| a.ip() == callee_addr.ip() || c.candidates.iter().any(|k| k.ip() == a.ip());
-        let early = self.early.iter().position(|&(id, t, a)| id == call_id && t == token && known(&a));
+        let key = &c.crypto.as_ref().expect("agreed above").keys.null_key;
+        let mut early = None;
+        for (i, (id, t, a, pkt)) in self.early.iter().enumerate() {
+            if *id == call_id && *t == token && known(a) {
+                if null_mac_ok(key, pkt) {
+                    early = Some(i);
+                    break;
+                }
+                self.counters.nulls_unauthenticated += 1;
+                c.nulls_refused += 1;
+            }
+        }
         if let Some(i) = early {
-            let (_, _, from) = self.early.remove(i).expect("found above");
+            let (_, _, from, pkt) = self.early.remove(i).expect("found above");
+            let ctr = NullPacket::parse(&pkt).expect("parsed when kept").counter;
+            c.null_rx.accept(ctr);
             self.counters.early_nulls += 1;
             if Some(from) != c.named && !c.candidates.contains(&from) {
                 self.counters.latched_elsewhere += 1;
@@ -1745,8 +1948,14 @@ impl Client {
         }
     }
 
-    fn on_rtp<'a>(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &'a [u8]) -> Option<Received<'a>> {
-        let Ok((header, payload)) = RtpHeader::parse(data) else {
+    fn on_rtp<'a>(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        from: SocketAddr,
+        data: &'a mut [u8],
+    ) -> Option<Received<'a>> {
+        let Ok((header, _)) = RtpHeader::parse(data) else {
             self.counters.dgram_malformed += 1;
             return None;
         };
@@ -1754,27 +1963,58 @@ impl Client {
             self.counters.dgram_unmatched += 1;
             return None;
         };
-        let mut c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
-        if c.state == CallState::Searching {
-            // Rare (a search's first packet): the hot path below takes one lookup.
-            if !Self::search_hit(c, socket, from) {
-                self.counters.dgram_wrong_source += 1;
-                return None;
-            }
-            self.lock_pair(now, h, socket, from, false);
-            c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
-        }
-        if c.peer_addr != Some(from) || c.socket != socket {
-            // Until the first packet, media from another of the peer's known addresses sets
-            // the path (its null packet to the guessed one may have been lost).
+        let c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
+        // The cheap pre-filter (address and SSRC), which changes nothing yet.
+        let searching = c.state == CallState::Searching;
+        // Until the first packet, media from another of the peer's known addresses sets
+        // the path (its null packet to the guessed one may have been lost).
+        let moved = !searching && (c.peer_addr != Some(from) || c.socket != socket);
+        let admitted = if searching {
+            // Rare (a search's first packet): the hot path takes one lookup.
+            Self::search_hit(c, socket, from)
+        } else if moved {
             let known = c.named == Some(from) || c.candidates.contains(&from);
-            if c.first_rx.is_none() && known && c.socket == socket && c.search.is_none() {
-                c.peer_addr = Some(from);
-            } else {
-                self.counters.dgram_wrong_source += 1;
+            c.first_rx.is_none() && known && c.socket == socket && c.search.is_none()
+        } else {
+            true
+        };
+        if !admitted {
+            self.counters.dgram_wrong_source += 1;
+            return None;
+        }
+        // The real admission check: SRTP authentication and the replay window.
+        let len = match c.crypto.as_mut().map(|k| k.rx.as_mut()) {
+            Some(Some(rx)) => match rx.unprotect_rtp(data) {
+                Ok(n) => n,
+                Err(e) => {
+                    c.media_refused += 1;
+                    match e {
+                        srtp::SrtpError::Replayed | srtp::SrtpError::TooOld => self.counters.media_replayed += 1,
+                        _ => self.counters.media_unauthenticated += 1,
+                    }
+                    return None;
+                }
+            },
+            // Plain RTP, agreed by both sides (`--no-srtp`).
+            Some(None) => data.len(),
+            None => {
+                c.media_refused += 1;
+                self.counters.media_unauthenticated += 1;
                 return None;
             }
+        };
+        if searching {
+            self.lock_pair(now, h, socket, from, false);
         }
+        let c = self.calls.get_mut(&h).expect("by_ssrc entries point at live calls");
+        if moved {
+            c.peer_addr = Some(from);
+        }
+        let data: &'a [u8] = &data[..len];
+        let Ok((header, payload)) = RtpHeader::parse(data) else {
+            self.counters.dgram_malformed += 1;
+            return None;
+        };
         c.rx.on_packet(header.seq, header.timestamp, micros_since(c.created, now));
         c.first_rtp_rx.get_or_insert(now);
         self.on_peer_packet(now, h);
@@ -1782,62 +2022,80 @@ impl Client {
     }
 
     fn on_null(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &[u8]) {
-        // A tagged setup null (call id and token checked): only such a packet may lock a
-        // search's pair or move it; a bare null proves nothing about who sent it.
+        // Only a null packet with the call's token (or a probe's tag) and a valid MAC under
+        // the call's key, with a counter not seen before, counts: it may lock a search's
+        // pair, set or move the path. A bare null proves nothing about who sent it.
+        if data.is_empty() {
+            self.counters.nulls_unauthenticated += 1;
+            return;
+        }
         let mut relatch = false;
         let mut by_probe = false;
-        let h = if data.is_empty() {
-            // A bare null packet: match by source address.
-            self.calls.iter().find(|(_, c)| c.peer_addr == Some(from)).map(|(h, _)| *h)
-        } else {
-            match NullPacket::parse(data) {
-                Ok(p) => match self.by_call_id.get(&p.call_id) {
-                    Some(&h) => {
-                        let c = &self.calls[&h];
-                        // Sent by the peer (an echo of this side's own packet is not), with
-                        // the token, or for a probe the peer's tag while the search runs.
-                        let from_peer = p.from_caller == (c.role == Role::Callee);
-                        let tagged = if p.probe {
-                            c.search.as_ref().is_some_and(|s| s.rx_tag == p.token)
-                        } else {
-                            c.token == p.token
-                        };
-                        if from_peer && tagged {
-                            // Only a confirmation may move a found pair: a probe's tag may
-                            // be known to whoever caught one.
-                            relatch = !p.keepalive && !p.probe;
-                            by_probe = p.probe;
-                            Some(h)
-                        } else {
-                            None
-                        }
-                    }
-                    None => {
-                        // A callee's punch before its START: keep it for the START (still
-                        // counted unmatched: most such packets never match).
-                        let calling = || self.calls.values().any(|c| c.state == CallState::Calling);
-                        if !p.from_caller && !p.probe && !p.keepalive && socket == SocketId::MAIN && calling() {
-                            if self.early.len() == EARLY_NULLS {
-                                self.early.pop_front();
-                            }
-                            self.early.push_back((p.call_id, p.token, from));
-                        }
-                        None
-                    }
-                },
-                Err(_) => {
-                    self.counters.dgram_malformed += 1;
-                    return;
+        let p = match NullPacket::parse(data) {
+            Ok(p) => p,
+            Err(_) => {
+                self.counters.dgram_malformed += 1;
+                return;
+            }
+        };
+        let h = match self.by_call_id.get(&p.call_id) {
+            Some(&h) => {
+                let c = &self.calls[&h];
+                // Sent by the peer (an echo of this side's own packet is not), with
+                // the token, or for a probe the peer's tag while the search runs.
+                let from_peer = p.from_caller == (c.role == Role::Callee);
+                let tagged =
+                    if p.probe { c.search.as_ref().is_some_and(|s| s.rx_tag == p.token) } else { c.token == p.token };
+                if from_peer && tagged {
+                    // Only a confirmation may move a found pair: a probe's tag may
+                    // be known to whoever caught one.
+                    relatch = !p.keepalive && !p.probe;
+                    by_probe = p.probe;
+                    Some(h)
+                } else {
+                    None
                 }
+            }
+            None => {
+                // A callee's punch before its START: keep it for the START (still
+                // counted unmatched: most such packets never match).
+                let calling = || self.calls.values().any(|c| c.state == CallState::Calling);
+                if !p.from_caller && !p.probe && !p.keepalive && socket == SocketId::MAIN && calling() {
+                    if self.early.len() == EARLY_NULLS {
+                        self.early.pop_front();
+                    }
+                    let mut pkt = [0u8; NULL_LEN];
+                    pkt.copy_from_slice(data);
+                    self.early.push_back((p.call_id, p.token, from, pkt));
+                }
+                None
             }
         };
         let Some(h) = h else {
             self.counters.dgram_unmatched += 1;
             return;
         };
+        {
+            let c = self.calls.get_mut(&h).expect("matched above");
+            let Some(crypto) = c.crypto.as_ref() else {
+                self.counters.nulls_unauthenticated += 1;
+                c.nulls_refused += 1;
+                return;
+            };
+            if !null_mac_ok(&crypto.keys.null_key, data) {
+                self.counters.nulls_unauthenticated += 1;
+                c.nulls_refused += 1;
+                return;
+            }
+            if !c.null_rx.fresh(p.counter) {
+                self.counters.nulls_replayed += 1;
+                c.nulls_refused += 1;
+                return;
+            }
+        }
         let c = self.calls.get(&h).expect("matched above");
         if c.state == CallState::Searching {
-            if data.is_empty() || !Self::search_hit(c, socket, from) {
+            if !Self::search_hit(c, socket, from) {
                 // Until the pair is found, nothing else counts as the peer's.
                 self.counters.dgram_wrong_source += 1;
                 return;
@@ -1873,6 +2131,7 @@ impl Client {
                 return;
             }
         }
+        c.null_rx.accept(p.counter);
         c.nulls_rx += 1;
         self.on_peer_packet(now, h);
     }
@@ -1939,16 +2198,22 @@ impl Client {
                 _ => PathKind::PeerReflexive,
             },
             reason,
+            suite: c.crypto.as_ref().map_or(e2e::SUITE_NONE, |k| k.keys.suite),
+            peer_identity: c.crypto.as_ref().and_then(|k| k.peer_identity),
+            media_refused: c.media_refused,
+            nulls_refused: c.nulls_refused,
         };
         self.push_event(Event::Ended(Box::new(report)));
     }
 }
 
 fn queue_null(q: &mut VecDeque<Queued>, c: &mut Call, now: Instant, keepalive: bool) {
-    let (Some(to), Some(call_id)) = (c.peer_addr, c.call_id) else { return };
+    let (Some(to), Some(call_id), Some(crypto)) = (c.peer_addr, c.call_id, c.crypto.as_ref()) else { return };
     let mut d = SmallDatagram { from: c.socket, to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
-    NullPacket { call_id, token: c.token, keepalive, from_caller: c.role == Role::Caller, probe: false }
-        .emit(&mut d.data);
+    c.null_tx = c.null_tx.wrapping_add(1).max(1);
+    let from_caller = c.role == Role::Caller;
+    NullPacket { call_id, token: c.token, keepalive, from_caller, probe: false, counter: c.null_tx }
+        .emit(&crypto.keys.null_key, &mut d.data);
     q.push_back(Queued::Datagram(d));
     c.nulls_sent += 1;
     c.last_tx = now;
@@ -1985,10 +2250,12 @@ fn other_addrs(named: SocketAddr, candidates: &[Candidate]) -> Vec<SocketAddr> {
 
 /// Queue one birthday probe of call `c` (token field `tag`) from socket `from` to `to`.
 fn queue_probe(q: &mut VecDeque<Queued>, c: &mut Call, tag: u64, from: SocketId, to: SocketAddr, now: Instant) {
-    let Some(call_id) = c.call_id else { return };
+    let (Some(call_id), Some(crypto)) = (c.call_id, c.crypto.as_ref()) else { return };
     let mut d = SmallDatagram { from, to, len: NULL_LEN as u8, data: [0; SMALL_DATAGRAM] };
-    NullPacket { call_id, token: tag, keepalive: false, from_caller: c.role == Role::Caller, probe: true }
-        .emit(&mut d.data);
+    c.null_tx = c.null_tx.wrapping_add(1).max(1);
+    let from_caller = c.role == Role::Caller;
+    NullPacket { call_id, token: tag, keepalive: false, from_caller, probe: true, counter: c.null_tx }
+        .emit(&crypto.keys.null_key, &mut d.data);
     q.push_back(Queued::Datagram(d));
     c.probes_sent += 1;
     c.last_tx = now;

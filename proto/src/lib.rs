@@ -23,11 +23,13 @@
 
 pub mod auth;
 pub mod client;
+pub mod e2e;
 pub mod media;
 pub mod nat;
 pub mod portmap;
 pub mod reconnect;
 pub mod rng;
 pub mod shard;
+pub mod srtp;
 pub mod stats;
 pub mod wire;

@@ -140,7 +140,9 @@ fn a_search_that_finds_nothing_gives_up_at_its_deadline_and_closes_its_sockets()
     let mut sim = Sim::new(24, 2, Net::default());
     // Every probe of the easy side is lost on the way: no hit in either direction can happen
     // (the hard side's probes only pass where the easy side's probes opened the way).
-    sim.datagram_filter = Some(Box::new(|_, _, data| !(data.len() == 20 && data[0] == 0x0E && data[2] & 0x04 != 0)));
+    sim.datagram_filter = Some(Box::new(|_, _, data| {
+        !(data.len() == proto::wire::null::NULL_LEN && data[0] == 0x0E && data[2] & 0x04 != 0)
+    }));
     let b = sim.add_behind("bob", SimNat::Random, Plan::Listen, |c| c.birthday_timeout = Duration::from_secs(8));
     let a = sim.add_behind("alice", SimNat::EndpointIndependent, Plan::call("bob", 300, 1000), |c| {
         c.birthday_timeout = Duration::from_secs(8);
@@ -197,13 +199,15 @@ fn searches_under_ten_percent_loss_all_connect() {
 #[test]
 fn a_caught_or_echoed_probe_cannot_lock_or_move_the_pair() {
     use proto::client::{Client, ClientConfig, Output};
+    use proto::e2e::HandPeer;
     use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
-    use proto::wire::null::{probe_tag, NullPacket};
+    use proto::wire::null::{probe_tag, NullPacket, NULL_LEN};
     use std::net::SocketAddr;
     use std::time::Instant;
 
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut alice = HandPeer::offer(&[3; 32], &[proto::e2e::SUITE_AES_128_GCM]);
     let mut c = Client::new(ClientConfig::new(ClientId::new("bob").unwrap(), 5004), 7);
     c.handle_connected(t0);
     c.handle_frame(t0, Frame::Registered { public: "198.51.100.9:5004".parse().unwrap(), source: AddrSource::Stun });
@@ -218,43 +222,48 @@ fn a_caught_or_echoed_probe_cannot_lock_or_move_the_pair() {
             caller_addr: hard,
             caller_nat: NatClass::Random,
             caller_candidates: Vec::new(),
+            caller_keys: Some(alice.share().clone()),
         },
     );
-    let drain = |c: &mut Client| {
+    let drain = |c: &mut Client, alice: &mut HandPeer| {
         let mut buf = [0u8; 1500];
         let mut out = (Vec::new(), Vec::new());
         loop {
             match c.poll_output(&mut buf).unwrap() {
                 Output::Transmit(t) => out.0.push((t.to, buf[..t.len].to_vec())),
                 Output::Event(e) => out.1.push(e),
+                Output::Frame(Frame::Punched { keys: Some(k), .. }) => alice.complete(&k, call_id, token).unwrap(),
                 Output::Timeout(_) => return out,
                 _ => {}
             }
         }
     };
-    let (sent, _) = drain(&mut c);
-    let own_probe = sent.iter().find(|(to, _)| to.ip() == hard.ip()).expect("bob probes alice's IP").1.clone();
-    let null = |token: u64, from_caller: bool, probe: bool| {
-        let mut b = [0u8; 20];
-        NullPacket { call_id, token, keepalive: false, from_caller, probe }.emit(&mut b);
+    let (sent, _) = drain(&mut c, &mut alice);
+    let mut own_probe = sent.iter().find(|(to, _)| to.ip() == hard.ip()).expect("bob probes alice's IP").1.clone();
+    // Alice's null packets, signed with the call's key as alice would.
+    let null = |alice: &mut HandPeer, token: u64, from_caller: bool, probe: bool| {
+        let mut b = [0u8; NULL_LEN];
+        let k = proto::wire::null::null_key(&[0; 32]);
+        NullPacket { call_id, token, keepalive: false, from_caller, probe, counter: 0 }.emit(&k, &mut b);
+        alice.sign_null(&mut b);
         b.to_vec()
     };
     let found = |events: &[Event]| events.iter().any(|e| matches!(e, Event::PairFound { .. }));
     let port = |p: u16| SocketAddr::new(hard.ip(), p);
 
     // An echo of bob's own probe, from another port of alice's IP: ignored.
-    c.handle_datagram(at(10), port(5000), &own_probe);
+    c.handle_datagram(at(10), port(5000), &mut own_probe);
     // A probe with bob's tag but claiming to be alice's: ignored (the tag is per role).
-    c.handle_datagram(at(20), port(5001), &null(probe_tag(token, false), true, true));
+    c.handle_datagram(at(20), port(5001), &mut null(&mut alice, probe_tag(token, false), true, true));
     // A probe claiming alice's role without the token-derived tag: ignored.
-    c.handle_datagram(at(30), port(5002), &null(token, true, true));
-    let (_, ev) = drain(&mut c);
+    c.handle_datagram(at(30), port(5002), &mut null(&mut alice, token, true, true));
+    let (_, ev) = drain(&mut c, &mut alice);
     assert!(!found(&ev), "{ev:?}");
     assert!(!c.can_send(proto::client::CallHandle(1)) && c.counters().dgram_unmatched >= 3, "{:?}", c.counters());
 
     // Alice's real probe locks the pair on its port; bob confirms there at once.
-    c.handle_datagram(at(40), port(6000), &null(probe_tag(token, true), true, true));
-    let (sent, ev) = drain(&mut c);
+    c.handle_datagram(at(40), port(6000), &mut null(&mut alice, probe_tag(token, true), true, true));
+    let (sent, ev) = drain(&mut c, &mut alice);
     assert!(found(&ev), "{ev:?}");
     assert!(sent
         .iter()
@@ -262,13 +271,13 @@ fn a_caught_or_echoed_probe_cannot_lock_or_move_the_pair() {
     assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6000)));
 
     // Another of alice's probes (its tag may be known to strangers): does not move the pair.
-    c.handle_datagram(at(50), port(6001), &null(probe_tag(token, true), true, true));
+    c.handle_datagram(at(50), port(6001), &mut null(&mut alice, probe_tag(token, true), true, true));
     assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6000)));
     // Alice's confirmation from another port soon after (two hits at once): moves it.
-    c.handle_datagram(at(60), port(6002), &null(token, true, false));
+    c.handle_datagram(at(60), port(6002), &mut null(&mut alice, token, true, false));
     assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6002)));
     assert_eq!(c.counters().relatched, 1);
     // Long after, even a confirmation from elsewhere does not.
-    c.handle_datagram(at(5000), port(6003), &null(token, true, false));
+    c.handle_datagram(at(5000), port(6003), &mut null(&mut alice, token, true, false));
     assert_eq!(c.peer_addr(proto::client::CallHandle(1)), Some(port(6002)));
 }

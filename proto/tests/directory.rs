@@ -116,7 +116,7 @@ impl Manager {
     /// `from` calls `callee`: UNKNOWN, or rung.
     fn call(&mut self, from: Conn, callee: &str) -> Answer {
         let mark = self.frames.len();
-        let f = Frame::Call { call_ref: 9, callee: ClientId::new(callee).unwrap() };
+        let f = Frame::Call { call_ref: 9, callee: ClientId::new(callee).unwrap(), keys: None };
         self.shards[from.0 as usize].conn_frame(self.now, from.1, f);
         self.pump();
         let new = &self.frames[mark..];

@@ -656,7 +656,7 @@ impl Sim {
                 self.shards[to as usize].handle_msg(now, msg);
                 self.pump_shard(to);
             }
-            Ev::Datagram { from, to, data } => {
+            Ev::Datagram { from, to, mut data } => {
                 if to == MANAGER_UDP || to == MANAGER_UDP_ALT {
                     return self.manager_udp(to, from, &data);
                 }
@@ -688,7 +688,7 @@ impl Sim {
                     self.clients[i].firewall_drops += 1;
                     return;
                 };
-                let _ = self.clients[i].client.handle_datagram_on(now, sock, from, &data);
+                let _ = self.clients[i].client.handle_datagram_on(now, sock, from, &mut data);
                 self.pump_client(i);
             }
         }

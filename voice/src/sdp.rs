@@ -20,6 +20,9 @@ pub struct SdpStream {
     pub fmtp: Option<String>,
     /// Packet duration, ms (`a=ptime`), if known.
     pub ptime: Option<u32>,
+    /// SDES keying (RFC 4568) of an SRTP stream: `SUITE inline:BASE64(key|salt)`, written as
+    /// `a=crypto:1 ...` with the profile `RTP/SAVP`. No lifetime or MKI (ffmpeg reads neither).
+    pub crypto: Option<String>,
 }
 
 impl SdpStream {
@@ -33,6 +36,7 @@ impl SdpStream {
             rtpmap: "opus/48000/2".into(),
             fmtp: Some("minptime=10;useinbandfec=0".into()),
             ptime: Some(frame_ms),
+            crypto: None,
         }
     }
 
@@ -54,13 +58,17 @@ impl SdpStream {
         s.push_str("s=nullpunch\r\n");
         s.push_str(&format!("c=IN {ipv} {}\r\n", self.addr));
         s.push_str("t=0 0\r\n");
-        s.push_str(&format!("m={} {} RTP/AVP {}\r\n", self.media, self.port, self.payload_type));
+        let profile = if self.crypto.is_some() { "RTP/SAVP" } else { "RTP/AVP" };
+        s.push_str(&format!("m={} {} {profile} {}\r\n", self.media, self.port, self.payload_type));
         s.push_str(&format!("a=rtpmap:{} {}\r\n", self.payload_type, self.rtpmap));
         if let Some(f) = &self.fmtp {
             s.push_str(&format!("a=fmtp:{} {f}\r\n", self.payload_type));
         }
         if let Some(p) = self.ptime {
             s.push_str(&format!("a=ptime:{p}\r\n"));
+        }
+        if let Some(c) = &self.crypto {
+            s.push_str(&format!("a=crypto:1 {c}\r\n"));
         }
         s.push_str("a=recvonly\r\n");
         s

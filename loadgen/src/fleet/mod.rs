@@ -57,6 +57,7 @@ impl Options {
 pub struct Clients {
     manager: SocketAddr,
     secret: Option<Arc<Secret>>,
+    srtp_suites: Vec<u8>,
 }
 
 /// What a client carries, which sizes its socket and its call limit.
@@ -71,7 +72,7 @@ pub enum Carries {
 impl Clients {
     /// Clients of `target`'s manager, now reachable at `manager`.
     pub fn new(manager: SocketAddr, target: &Target) -> Clients {
-        Clients { manager, secret: target.secret.clone() }
+        Clients { manager, secret: target.secret.clone(), srtp_suites: target.srtp_suites.clone() }
     }
 
     /// Client `id` on a UDP socket bound to `ip` (port 0), its state machine seeded with
@@ -95,6 +96,8 @@ impl Clients {
             c.max_calls = u16::MAX;
         }
         c.auth = crate::target::token_for(self.secret.as_deref(), &c.id);
+        c.srtp_suites = self.srtp_suites.clone();
+        c.key_seed = engine::entropy::secure_key();
         Ok((udp, Client::new(c, seed)))
     }
 }

@@ -29,8 +29,8 @@ pub mod stun_limit;
 use crate::nat::{self, NatClass, Strategy};
 use crate::rng::Rng;
 use crate::wire::frame::{
-    AddrSource, CallId, Candidate, CandidateKind, ClientId, ErrorCode, Frame, FrameError, HangupReason, RejectReason,
-    UnknownReason,
+    AddrSource, CallId, Candidate, CandidateKind, ClientId, ErrorCode, Frame, FrameError, HangupReason, KeyShare,
+    RejectReason, UnknownReason,
 };
 
 use crate::shard::bindings::{binding_shard, BindingTable, TxId, MAX_BINDINGS, PURGE_EVERY};
@@ -227,6 +227,9 @@ pub enum ShardMsg {
         call_ref: u32,
         /// Callee id.
         callee: ClientId,
+        /// The caller's key share, relayed unchanged in INCOMING (boxed: most messages
+        /// are not CALLs).
+        caller_keys: Option<Box<KeyShare>>,
     },
     /// To the call's owner: a party sent PUNCHED.
     Punched {
@@ -236,6 +239,8 @@ pub enum ShardMsg {
         conn: ConnRef,
         /// Callee's local UDP port.
         udp_port: u16,
+        /// The callee's key share, relayed unchanged in START.
+        keys: Option<Box<KeyShare>>,
     },
     /// To the call's owner: a party sent HANGUP.
     Hangup {
@@ -674,7 +679,7 @@ impl Shard {
                     }
                 }
             }
-            Frame::Call { call_ref, callee } => {
+            Frame::Call { call_ref, callee, keys } => {
                 let ConnState::Registered(caller) = c.state.clone() else {
                     self.not_registered(conn, "CALL");
                     return;
@@ -718,10 +723,11 @@ impl Shard {
                     caller_hosts,
                     call_ref,
                     callee,
+                    caller_keys: keys.map(Box::new),
                 };
                 self.route(home, msg);
             }
-            Frame::Punched { call_id, udp_port } => {
+            Frame::Punched { call_id, udp_port, keys } => {
                 if !matches!(c.state, ConnState::Registered(_)) {
                     self.not_registered(conn, "PUNCHED");
                     return;
@@ -732,7 +738,10 @@ impl Shard {
                     self.send(conn, f);
                     return;
                 }
-                self.route(owner_shard(call_id), ShardMsg::Punched { call_id, conn: me, udp_port });
+                self.route(
+                    owner_shard(call_id),
+                    ShardMsg::Punched { call_id, conn: me, udp_port, keys: keys.map(Box::new) },
+                );
             }
             Frame::Hangup { call_id, reason } => {
                 if !matches!(c.state, ConnState::Registered(_)) {
@@ -852,10 +861,23 @@ impl Shard {
                     self.bury(id, now);
                 }
             }
-            ShardMsg::CallReq { caller, caller_conn, caller_addr, caller_nat, caller_hosts, call_ref, callee } => {
-                self.on_call_req(now, caller, (caller_conn, caller_addr, caller_nat, caller_hosts), call_ref, callee)
-            }
-            ShardMsg::Punched { call_id, conn, udp_port } => self.on_punched(call_id, conn, udp_port),
+            ShardMsg::CallReq {
+                caller,
+                caller_conn,
+                caller_addr,
+                caller_nat,
+                caller_hosts,
+                call_ref,
+                callee,
+                caller_keys,
+            } => self.on_call_req(
+                now,
+                caller,
+                (caller_conn, caller_addr, caller_nat, caller_hosts),
+                (call_ref, callee),
+                caller_keys,
+            ),
+            ShardMsg::Punched { call_id, conn, udp_port, keys } => self.on_punched(call_id, conn, udp_port, keys),
             ShardMsg::Hangup { call_id, conn, reason } => {
                 let Some(rec) = self.calls.get(&call_id) else {
                     // Late or duplicate hangups are normal (both sides may hang up at once).
@@ -1091,8 +1113,8 @@ impl Shard {
         now: Instant,
         caller: ClientId,
         (caller_conn, caller_addr, caller_nat, caller_hosts): (ConnRef, SocketAddr, NatClass, Vec<Candidate>),
-        call_ref: u32,
-        callee: ClientId,
+        (call_ref, callee): (u32, ClientId),
+        caller_keys: Option<Box<KeyShare>>,
     ) {
         // Behind one public IP, with IPv4 host addresses on both sides, the two reach each
         // other on their LAN whatever their NAT does (no hairpin through the router needed).
@@ -1169,11 +1191,19 @@ impl Shard {
             },
         );
         self.deliver(caller_conn, None, Track::Add(call_id));
-        let f = Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates: caller_hosts };
+        let f = Frame::Incoming {
+            call_id,
+            token,
+            caller,
+            caller_addr,
+            caller_nat,
+            caller_candidates: caller_hosts,
+            caller_keys: caller_keys.map(|k| *k),
+        };
         self.deliver(callee_conn, Some(f), Track::Add(call_id));
     }
 
-    fn on_punched(&mut self, call_id: CallId, conn: ConnRef, udp_port: u16) {
+    fn on_punched(&mut self, call_id: CallId, conn: ConnRef, udp_port: u16, keys: Option<Box<KeyShare>>) {
         let Some(rec) = self.calls.get_mut(&call_id) else {
             let f = Frame::Error { code: ErrorCode::UnknownCall, message: format!("no call {call_id}") };
             self.deliver(conn, Some(f), Track::None);
@@ -1199,6 +1229,7 @@ impl Shard {
             callee_addr,
             callee_nat: rec.callee_nat,
             callee_candidates: std::mem::take(&mut rec.callee_hosts),
+            callee_keys: keys.map(|k| *k),
         };
         let caller_conn = rec.caller_conn;
         self.stats.inc(&self.stats.calls_started);

@@ -49,8 +49,9 @@ mod tests {
     fn each_format_lands_in_its_class() {
         let mut b = [0u8; 64];
         assert_eq!(classify(&[]), DatagramKind::Null);
-        let n = NullPacket { call_id: CallId(1), token: 1, keepalive: false, from_caller: false, probe: false }
-            .emit(&mut b);
+        let n =
+            NullPacket { call_id: CallId(1), token: 1, keepalive: false, from_caller: false, probe: false, counter: 1 }
+                .emit(&super::super::null::null_key(&[0; 32]), &mut b);
         assert_eq!(classify(&b[..n]), DatagramKind::Null);
         let n = stun::emit_binding_request(&[1; 12], &mut b);
         assert_eq!(classify(&b[..n]), DatagramKind::Stun);

@@ -228,6 +228,34 @@ pub struct Candidate {
     pub addr: Addr,
 }
 
+/// Most SRTP suites a CALL offers.
+pub const MAX_SUITES: usize = 4;
+
+/// One party's half of a call's end-to-end key exchange (`docs/protocol.md` section 2.15,
+/// `docs/security.md`): sent in CALL (the caller's offer) and PUNCHED (the callee's answer),
+/// relayed unchanged by the manager in INCOMING and START. The manager sees only public keys.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct KeyShare {
+    /// The sender's X25519 public key for this call (a fresh key pair per call).
+    pub public: [u8; 32],
+    /// SRTP suite codes (`crate::e2e::SUITE_*`): in CALL the offer, best first (1 to
+    /// [`MAX_SUITES`]); in PUNCHED the one the callee picked (exactly one). Codes a party does
+    /// not know are relayed and ignored.
+    pub suites: Vec<u8>,
+    /// The sender's long-term identity: its Ed25519 public key and a signature over this
+    /// call's key exchange (optional; a peer that pins the other requires it).
+    pub identity: Option<Identity>,
+}
+
+/// A long-term identity proof inside a [`KeyShare`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Identity {
+    /// Ed25519 public key.
+    pub key: [u8; 32],
+    /// Ed25519 signature (see `crate::e2e` for what is signed).
+    pub sig: [u8; 64],
+}
+
 code_enum! {
     /// Why a call was rejected.
     RejectReason: "reject reason" {
@@ -246,6 +274,11 @@ code_enum! {
         /// No relay-free path: both sides randomise ports and neither has a port mapping
         /// ([`crate::nat::NO_PATH_REASON`]).
         NoPath = 6,
+        /// Sent by the callee: no SRTP suite of the offer is one it accepts.
+        NoCommonSuite = 7,
+        /// Sent by the callee: the caller's key share is missing or invalid, or not signed
+        /// by the identity the callee pins.
+        KeyRefused = 8,
     }
 }
 
@@ -345,6 +378,8 @@ pub enum Frame {
         call_ref: u32,
         /// Whom to call.
         callee: ClientId,
+        /// The caller's key share and SRTP offer (optional trailing).
+        keys: Option<KeyShare>,
     },
     /// Manager -> callee: an incoming call from `caller` at `caller_addr`.
     Incoming {
@@ -360,6 +395,8 @@ pub enum Frame {
         caller_nat: NatClass,
         /// The caller's other addresses the callee should punch too (optional trailing).
         caller_candidates: Vec<Candidate>,
+        /// The caller's key share from CALL, unchanged (optional trailing).
+        caller_keys: Option<KeyShare>,
     },
     /// Callee -> manager: the null packet was sent from `udp_port`.
     Punched {
@@ -367,6 +404,8 @@ pub enum Frame {
         call_id: CallId,
         /// The callee's local UDP port.
         udp_port: u16,
+        /// The callee's key share and chosen SRTP suite (optional trailing).
+        keys: Option<KeyShare>,
     },
     /// Manager -> caller: the callee's window is open; stream media to `callee_addr`.
     Start {
@@ -382,6 +421,8 @@ pub enum Frame {
         callee_nat: NatClass,
         /// The callee's other addresses the caller should try too (optional trailing).
         callee_candidates: Vec<Candidate>,
+        /// The callee's key share from PUNCHED, unchanged (optional trailing).
+        callee_keys: Option<KeyShare>,
     },
     /// Manager -> caller: the call was rejected (or callee -> manager: decline `call_id`).
     Reject {
@@ -514,27 +555,33 @@ impl Frame {
                 put_addr(out, public);
                 out.push(source.code());
             }
-            Frame::Call { call_ref, callee } => {
+            Frame::Call { call_ref, callee, keys } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
                 put_id(out, callee);
+                if let Some(k) = keys {
+                    put_keys(out, k);
+                }
             }
-            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates } => {
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates, caller_keys } => {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&token.to_be_bytes());
                 put_id(out, caller);
                 put_addr(out, caller_addr);
-                put_trailing(out, *caller_nat, caller_candidates);
+                put_trailing(out, *caller_nat, caller_candidates, caller_keys.as_ref());
             }
-            Frame::Punched { call_id, udp_port } => {
+            Frame::Punched { call_id, udp_port, keys } => {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&udp_port.to_be_bytes());
+                if let Some(k) = keys {
+                    put_keys(out, k);
+                }
             }
-            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates } => {
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates, callee_keys } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&token.to_be_bytes());
                 put_addr(out, callee_addr);
-                put_trailing(out, *callee_nat, callee_candidates);
+                put_trailing(out, *callee_nat, callee_candidates, callee_keys.as_ref());
             }
             Frame::Reject { call_ref, call_id, reason, callee_nat } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
@@ -639,17 +686,17 @@ impl Frame {
                 Frame::Register { id, udp_port, max_calls, binding, auth, nat, candidates }
             }
             ty::REGISTERED => Frame::Registered { public: r.addr()?, source: AddrSource::from_code(r.u8()?)? },
-            ty::CALL => Frame::Call { call_ref: r.u32()?, callee: r.id()? },
+            ty::CALL => Frame::Call { call_ref: r.u32()?, callee: r.id()?, keys: r.keys_opt()? },
             ty::INCOMING => {
                 let (call_id, token, caller, caller_addr) = (CallId(r.u64()?), r.u64()?, r.id()?, r.addr()?);
-                let (caller_nat, caller_candidates) = r.trailing()?;
-                Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates }
+                let (caller_nat, caller_candidates, caller_keys) = r.trailing()?;
+                Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates, caller_keys }
             }
-            ty::PUNCHED => Frame::Punched { call_id: CallId(r.u64()?), udp_port: r.u16()? },
+            ty::PUNCHED => Frame::Punched { call_id: CallId(r.u64()?), udp_port: r.u16()?, keys: r.keys_opt()? },
             ty::START => {
                 let (call_ref, call_id, token, callee_addr) = (r.u32()?, CallId(r.u64()?), r.u64()?, r.addr()?);
-                let (callee_nat, callee_candidates) = r.trailing()?;
-                Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates }
+                let (callee_nat, callee_candidates, callee_keys) = r.trailing()?;
+                Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates, callee_keys }
             }
             ty::REJECT => Frame::Reject {
                 call_ref: r.u32()?,
@@ -722,15 +769,37 @@ fn put_candidates(out: &mut Vec<u8>, c: &[Candidate]) {
     }
 }
 
-/// The optional tail of INCOMING and START: the peer's NAT class, then its candidates. With
-/// candidates the class is always written (an unknown one as code 0); without, an unknown
-/// class is sent as nothing.
-fn put_trailing(out: &mut Vec<u8>, nat: NatClass, candidates: &[Candidate]) {
-    if nat != NatClass::Unknown || !candidates.is_empty() {
+/// The optional tail of INCOMING and START: the peer's NAT class, then its candidates, then
+/// its key share. Each part is written only when it or a later one is present: with a key
+/// share the class and the candidate count are always written (an unknown class as code 0,
+/// no candidates as count 0); without one, no candidates are sent as nothing, and an unknown
+/// class with no candidates as nothing at all. So every value has one encoding.
+fn put_trailing(out: &mut Vec<u8>, nat: NatClass, candidates: &[Candidate], keys: Option<&KeyShare>) {
+    if nat != NatClass::Unknown || !candidates.is_empty() || keys.is_some() {
         put_nat(out, nat);
     }
-    if !candidates.is_empty() {
+    if !candidates.is_empty() || keys.is_some() {
         put_candidates(out, candidates);
+    }
+    if let Some(k) = keys {
+        put_keys(out, k);
+    }
+}
+
+/// A key share: `n:u8` suite codes, the X25519 public key, then an identity flag (0 or 1) and,
+/// with 1, the Ed25519 key and signature. At most [`MAX_SUITES`] suites are written.
+fn put_keys(out: &mut Vec<u8>, k: &KeyShare) {
+    let suites = &k.suites[..k.suites.len().min(MAX_SUITES)];
+    out.push(suites.len() as u8);
+    out.extend_from_slice(suites);
+    out.extend_from_slice(&k.public);
+    match &k.identity {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.key);
+            out.extend_from_slice(&id.sig);
+        }
+        None => out.push(0),
     }
 }
 
@@ -816,18 +885,55 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
     /// The tail of INCOMING and START (see `put_trailing`): one encoding per value, so an
-    /// unknown class is written only when candidates follow.
-    fn trailing(&mut self) -> Result<(NatClass, Vec<Candidate>), FrameError> {
+    /// unknown class is written only when candidates or a key share follow, and a candidate
+    /// count of 0 only when a key share follows.
+    fn trailing(&mut self) -> Result<(NatClass, Vec<Candidate>, Option<KeyShare>), FrameError> {
         if self.b.is_empty() {
-            return Ok((NatClass::Unknown, Vec::new()));
+            return Ok((NatClass::Unknown, Vec::new(), None));
         }
         let code = self.u8()?;
         let delta = i16::from_be_bytes(self.array()?);
         let nat =
             NatClass::from_wire(code, delta).ok_or(FrameError::BadCode { field: "nat class", value: code as u16 })?;
-        // After an unknown class the candidates must follow (it is written only for them).
-        let candidates = if self.b.is_empty() && nat != NatClass::Unknown { Vec::new() } else { self.candidates()? };
-        Ok((nat, candidates))
+        if self.b.is_empty() {
+            // A known class alone; an unknown one is written only for what follows.
+            return match nat {
+                NatClass::Unknown => Err(FrameError::Truncated { frame: self.frame }),
+                _ => Ok((nat, Vec::new(), None)),
+            };
+        }
+        let n = self.u8()?;
+        if n as usize > MAX_CANDIDATES {
+            return Err(FrameError::BadCode { field: "candidate count", value: n as u16 });
+        }
+        let mut candidates = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            candidates.push(Candidate { kind: CandidateKind::from_code(self.u8()?)?, addr: self.addr()? });
+        }
+        if n == 0 && self.b.is_empty() {
+            // A count of 0 is written only for the key share that follows: it is missing.
+            return Err(FrameError::Truncated { frame: self.frame });
+        }
+        let keys = self.keys_opt()?;
+        Ok((nat, candidates, keys))
+    }
+    /// A key share if any bytes are left (see `put_keys`).
+    fn keys_opt(&mut self) -> Result<Option<KeyShare>, FrameError> {
+        if self.b.is_empty() {
+            return Ok(None);
+        }
+        let n = self.u8()?;
+        if n == 0 || n as usize > MAX_SUITES {
+            return Err(FrameError::BadCode { field: "suite count", value: n as u16 });
+        }
+        let suites = self.take(n as usize)?.to_vec();
+        let public = self.array::<32>()?;
+        let identity = match self.u8()? {
+            0 => None,
+            1 => Some(Identity { key: self.array::<32>()?, sig: self.array::<64>()? }),
+            v => return Err(FrameError::BadCode { field: "identity flag", value: v as u16 }),
+        };
+        Ok(Some(KeyShare { public, suites, identity }))
     }
     fn addr(&mut self) -> Result<Addr, FrameError> {
         let fam = self.u8()?;
@@ -896,6 +1002,14 @@ mod tests {
         ClientId::new(s).unwrap()
     }
 
+    fn share(identity: bool) -> KeyShare {
+        KeyShare {
+            public: [0x25; 32],
+            suites: vec![1, 2],
+            identity: identity.then_some(Identity { key: [0x11; 32], sig: [0x22; 64] }),
+        }
+    }
+
     /// One of every frame, with IPv4 and IPv6 addresses.
     pub(crate) fn samples() -> Vec<Frame> {
         let v4: Addr = "203.0.113.7:40000".parse().unwrap();
@@ -953,6 +1067,7 @@ mod tests {
                 caller_addr: v4,
                 caller_nat: NatClass::EndpointIndependent,
                 caller_candidates: Vec::new(),
+                caller_keys: None,
             },
             Frame::Start {
                 call_ref: 2,
@@ -961,6 +1076,7 @@ mod tests {
                 callee_addr: v4,
                 callee_nat: NatClass::Random,
                 callee_candidates: Vec::new(),
+                callee_keys: None,
             },
             Frame::Register {
                 id: id("f"),
@@ -982,6 +1098,7 @@ mod tests {
                 caller_addr: v4,
                 caller_nat: NatClass::Unknown,
                 caller_candidates: vec![Candidate { kind: CandidateKind::Host, addr: v6 }],
+                caller_keys: None,
             },
             Frame::Start {
                 call_ref: 3,
@@ -990,11 +1107,43 @@ mod tests {
                 callee_addr: v6,
                 callee_nat: NatClass::Sequential { delta: 2 },
                 callee_candidates: vec![Candidate { kind: CandidateKind::Host, addr: v4 }; MAX_CANDIDATES],
+                callee_keys: None,
+            },
+            // Key shares: with and without an identity, after every kind of tail.
+            Frame::Call { call_ref: 9, callee: id("bob"), keys: Some(share(false)) },
+            Frame::Call { call_ref: 10, callee: id("bob"), keys: Some(share(true)) },
+            Frame::Punched { call_id: CallId(3), udp_port: 5004, keys: Some(share(true)) },
+            Frame::Incoming {
+                call_id: CallId(9),
+                token: 4,
+                caller: id("k"),
+                caller_addr: v4,
+                caller_nat: NatClass::Unknown,
+                caller_candidates: Vec::new(),
+                caller_keys: Some(share(false)),
+            },
+            Frame::Incoming {
+                call_id: CallId(9),
+                token: 4,
+                caller: id("k"),
+                caller_addr: v4,
+                caller_nat: NatClass::Random,
+                caller_candidates: vec![Candidate { kind: CandidateKind::Host, addr: v6 }],
+                caller_keys: Some(share(true)),
+            },
+            Frame::Start {
+                call_ref: 3,
+                call_id: CallId(9),
+                token: 4,
+                callee_addr: v6,
+                callee_nat: NatClass::Sequential { delta: -1 },
+                callee_candidates: Vec::new(),
+                callee_keys: Some(share(false)),
             },
             Frame::Registered { public: v4, source: AddrSource::Stun },
             Frame::Registered { public: v4, source: AddrSource::Mapped },
             Frame::Registered { public: v6, source: AddrSource::TcpPeer },
-            Frame::Call { call_ref: 9, callee: id("bob") },
+            Frame::Call { call_ref: 9, callee: id("bob"), keys: None },
             Frame::Incoming {
                 call_id: CallId(u64::MAX),
                 token: 42,
@@ -1002,6 +1151,7 @@ mod tests {
                 caller_addr: v4,
                 caller_nat: NatClass::Unknown,
                 caller_candidates: Vec::new(),
+                caller_keys: None,
             },
             Frame::Incoming {
                 call_id: CallId(1),
@@ -1010,8 +1160,9 @@ mod tests {
                 caller_addr: v6,
                 caller_nat: NatClass::Unknown,
                 caller_candidates: Vec::new(),
+                caller_keys: None,
             },
-            Frame::Punched { call_id: CallId(3), udp_port: 5004 },
+            Frame::Punched { call_id: CallId(3), udp_port: 5004, keys: None },
             Frame::Start {
                 call_ref: 1,
                 call_id: CallId(3),
@@ -1019,6 +1170,7 @@ mod tests {
                 callee_addr: v6,
                 callee_nat: NatClass::Unknown,
                 callee_candidates: Vec::new(),
+                callee_keys: None,
             },
             Frame::Reject {
                 call_ref: 0,
@@ -1069,7 +1221,7 @@ mod tests {
         let mut buf = Vec::new();
         f.encode(&mut buf);
         assert_eq!(buf, [0, 10, 1, 0x01, 2, b'a', b'b', 0x12, 0x34, 0, 2, 0]);
-        let f = Frame::Punched { call_id: CallId(0x0102030405060708), udp_port: 80 };
+        let f = Frame::Punched { call_id: CallId(0x0102030405060708), udp_port: 80, keys: None };
         buf.clear();
         f.encode(&mut buf);
         assert_eq!(buf, [0, 12, 1, 0x05, 1, 2, 3, 4, 5, 6, 7, 8, 0, 80]);
@@ -1169,7 +1321,18 @@ mod tests {
                     candidates: Vec::new(),
                 });
             }
-            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, .. } => out.extend([
+            Frame::Call { call_ref, callee, .. } => out.push(Frame::Call { call_ref, callee, keys: None }),
+            Frame::Punched { call_id, udp_port, .. } => out.push(Frame::Punched { call_id, udp_port, keys: None }),
+            Frame::Incoming { call_id, token, caller, caller_addr, caller_nat, caller_candidates, .. } => out.extend([
+                Frame::Incoming {
+                    call_id,
+                    token,
+                    caller: caller.clone(),
+                    caller_addr,
+                    caller_nat,
+                    caller_candidates,
+                    caller_keys: None,
+                },
                 Frame::Incoming {
                     call_id,
                     token,
@@ -1177,6 +1340,7 @@ mod tests {
                     caller_addr,
                     caller_nat,
                     caller_candidates: Vec::new(),
+                    caller_keys: None,
                 },
                 Frame::Incoming {
                     call_id,
@@ -1185,10 +1349,28 @@ mod tests {
                     caller_addr,
                     caller_nat: NatClass::Unknown,
                     caller_candidates: Vec::new(),
+                    caller_keys: None,
                 },
             ]),
-            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, .. } => out.extend([
-                Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates: Vec::new() },
+            Frame::Start { call_ref, call_id, token, callee_addr, callee_nat, callee_candidates, .. } => out.extend([
+                Frame::Start {
+                    call_ref,
+                    call_id,
+                    token,
+                    callee_addr,
+                    callee_nat,
+                    callee_candidates,
+                    callee_keys: None,
+                },
+                Frame::Start {
+                    call_ref,
+                    call_id,
+                    token,
+                    callee_addr,
+                    callee_nat,
+                    callee_candidates: Vec::new(),
+                    callee_keys: None,
+                },
                 Frame::Start {
                     call_ref,
                     call_id,
@@ -1196,6 +1378,7 @@ mod tests {
                     callee_addr,
                     callee_nat: NatClass::Unknown,
                     callee_candidates: Vec::new(),
+                    callee_keys: None,
                 },
             ]),
             Frame::Reject { call_ref, call_id, reason, .. } => {
@@ -1253,6 +1436,7 @@ mod tests {
             callee_addr: v4,
             callee_nat: nat,
             callee_candidates: c,
+            callee_keys: None,
         };
         let enc = |f: &Frame| {
             let mut b = Vec::new();
@@ -1271,9 +1455,8 @@ mod tests {
         b[1] += 3;
         let err = Frame::decode(&b);
         assert!(matches!(err, Err(FrameError::Truncated { .. })), "{err:?}");
-        // A count of 0 or above the limit, and an unknown kind, are malformed.
-        for (count, kind, field) in [(0u8, 1u8, "candidate count"), (9, 1, "candidate count"), (1, 7, "candidate kind")]
-        {
+        // A count above the limit and an unknown kind are malformed.
+        for (count, kind, field) in [(9u8, 1u8, "candidate count"), (1, 7, "candidate kind")] {
             let mut b = enc(&start(NatClass::Random, vec![host]));
             let at = b.len() - 1 - 7 - 1;
             b[at] = count;
@@ -1311,12 +1494,22 @@ mod tests {
                     assert!(matches!(err, FrameError::BadCode { field: "register field tag", value: 0xAA }), "{err:?}")
                 }
                 // After a frame's last field, trailing; but after an INCOMING or START
-                // without a NAT class, as the start of one.
-                Frame::Incoming { ref caller_candidates, .. } if !caller_candidates.is_empty() => {
+                // without a NAT class, as the start of one, and after a CALL, PUNCHED,
+                // INCOMING or START without a key share, as the start of one.
+                Frame::Incoming { caller_keys: Some(_), .. }
+                | Frame::Start { callee_keys: Some(_), .. }
+                | Frame::Call { keys: Some(_), .. }
+                | Frame::Punched { keys: Some(_), .. } => {
                     assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}")
                 }
+                Frame::Call { .. } | Frame::Punched { .. } => {
+                    assert!(matches!(err, FrameError::BadCode { field: "suite count", value: 0xAA }), "{err:?}")
+                }
+                Frame::Incoming { ref caller_candidates, .. } if !caller_candidates.is_empty() => {
+                    assert!(matches!(err, FrameError::BadCode { field: "suite count", value: 0xAA }), "{err:?}")
+                }
                 Frame::Start { ref callee_candidates, .. } if !callee_candidates.is_empty() => {
-                    assert!(matches!(err, FrameError::TrailingBytes { extra: 1, .. }), "{f:?}: {err:?}")
+                    assert!(matches!(err, FrameError::BadCode { field: "suite count", value: 0xAA }), "{err:?}")
                 }
                 Frame::Incoming { caller_nat: NatClass::Unknown, .. }
                 | Frame::Start { callee_nat: NatClass::Unknown, .. }
