@@ -375,6 +375,22 @@ impl T {
         self.raw_dgram(at, from, &mut d)
     }
 
+    /// An RTP packet of the peer protected with its keys, as it leaves the peer (for a
+    /// test that replays or tampers with it).
+    fn sealed(&mut self, ssrc: u32, seq: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
+        let mut d = rtp(ssrc, seq, timestamp, payload);
+        self.peer_by_ssrc(ssrc).expect("a hand peer sends this SSRC").protect(&mut d);
+        d
+    }
+
+    /// A null packet of the peer signed with the call's key.
+    fn signed_null(&mut self, keepalive: bool, from_caller: bool) -> Vec<u8> {
+        let mut d = null(CALL_ID, TOKEN, keepalive, from_caller);
+        let (_, _, p) = self.peers.iter_mut().find(|(id, _, _)| *id == CALL_ID).expect("a hand peer for CALL_ID");
+        p.sign_null(&mut d);
+        d
+    }
+
     /// Deliver a datagram exactly as given.
     fn raw_dgram(&mut self, at: u64, from: SocketAddr, d: &mut [u8]) -> Option<(CallHandle, RtpHeader, Vec<u8>)> {
         let now = self.at(at);
@@ -1119,7 +1135,8 @@ fn ten_thousand_random_datagrams_neither_panic_nor_disturb_a_call() {
         while from == caller_addr() {
             from = random_addr(&mut rng);
         }
-        assert!(t.dgram(at, from, &buf[..len]).is_none(), "datagram {i} from {from} was passed up");
+        // As it arrives: an attacker's packets are neither protected nor signed by the peer.
+        assert!(t.raw_dgram(at, from, &mut buf[..len].to_vec()).is_none(), "datagram {i} from {from} was passed up");
     }
     log.extend(t.drain_into_log(4_000));
 
@@ -1543,4 +1560,137 @@ fn a_caller_tries_ipv6_first_and_ipv4_fifty_ms_later_only_if_ipv6_stayed_silent(
     t.c.hangup(t.at(300), h).unwrap();
     let r = reports(&t.drain().events);
     assert_eq!((r[0].path, r[0].candidates_tried), (PathKind::Public, 2), "{:?}", r[0]);
+}
+
+// ------------------------------------------------------------------------------ 12. end-to-end keys
+
+/// SRTP is the admission check for media: a packet with the peer's address and SSRC whose
+/// tag does not verify, or one already received, is refused and counted, and never reaches
+/// the application or the call's statistics.
+#[test]
+fn forged_and_replayed_media_is_refused_and_counted() {
+    let (mut t, h) = T::established_callee();
+    let mut p = t.sealed(CALLER_SSRC, 2, 960, b"voice");
+    let replay = p.clone();
+    assert!(t.raw_dgram(20, caller_addr(), &mut p).is_some_and(|(_, _, pl)| pl == b"voice"));
+    // The same packet again (an on-path attacker's replay): refused.
+    assert!(t.raw_dgram(21, caller_addr(), &mut replay.clone()).is_none());
+    assert_eq!(t.c.counters().media_replayed, 1);
+    // Tampered: one bit of the ciphertext, of the header (authenticated data), of the tag.
+    for at in [14, 3, replay.len() - 1] {
+        let mut f = t.sealed(CALLER_SSRC, 3 + at as u16, 960, b"voice");
+        f[at] ^= 0x01;
+        assert!(t.raw_dgram(22, caller_addr(), &mut f).is_none(), "bit flipped at {at}");
+    }
+    // Forged from scratch: plain RTP with the right address and SSRC.
+    assert!(t.raw_dgram(23, caller_addr(), &mut rtp(CALLER_SSRC, 50, 960, b"voice")).is_none());
+    assert_eq!(t.c.counters().media_unauthenticated, 4);
+    assert!(t.drain().is_empty());
+    t.c.hangup(t.at(100), h).unwrap();
+    let r = reports(&t.drain().events).remove(0);
+    assert_eq!((r.received, r.media_refused), (2, 5), "{r:?}");
+    assert_eq!(proto::e2e::suite_name(r.suite), "AEAD_AES_128_GCM");
+}
+
+/// A null packet teaches an address only with a valid MAC under the call's key and a fresh
+/// counter: a forged one (the token alone is not enough: the manager knows it) or a replayed
+/// one from another port of the caller's IP does not move the path; the real one does.
+#[test]
+fn a_null_without_a_valid_mac_or_with_an_old_counter_teaches_nothing() {
+    let (mut t, h) = T::with_incoming();
+    t.drain();
+    let elsewhere = addr("203.0.113.7:41000");
+    // The token and call id right, the MAC made with another key (what a manager could
+    // forge): refused, the path stays.
+    assert!(t.raw_dgram(5, elsewhere, &mut null(CALL_ID, TOKEN, false, true)).is_none());
+    assert_eq!(t.c.counters().nulls_unauthenticated, 1);
+    assert_eq!(t.c.peer_addr(h), Some(caller_addr()));
+    assert!(t.drain().events.is_empty());
+    // The caller's real null from that port (its NAT's port towards us) sets the path...
+    let real = t.signed_null(false, true);
+    assert!(t.raw_dgram(6, elsewhere, &mut real.clone()).is_none());
+    assert_eq!(t.c.peer_addr(h), Some(elsewhere));
+    assert!(matches!(t.drain().events[..], [Event::MediaFlowing { .. }]));
+    // ... and the same bytes again, from the old address, are a replay: refused.
+    assert!(t.raw_dgram(7, caller_addr(), &mut real.clone()).is_none());
+    assert!(t.raw_dgram(8, elsewhere, &mut real.clone()).is_none());
+    assert_eq!(t.c.counters().nulls_replayed, 2);
+    assert_eq!(t.c.peer_addr(h), Some(elsewhere));
+    // A newer one is fine (keepalives keep counting).
+    let next = t.signed_null(true, true);
+    assert!(t.raw_dgram(9, elsewhere, &mut next.clone()).is_none());
+    t.c.hangup(t.at(100), h).unwrap();
+    let r = reports(&t.drain().events).remove(0);
+    assert_eq!((r.nulls_received, r.nulls_refused), (2, 3), "{r:?}");
+}
+
+/// The callee declines a call whose keys it cannot agree: no common suite, or a caller
+/// identity other than the pinned one (a manager swapping the key shares). Nothing is sent
+/// to the caller's address, and the reason reaches both sides.
+#[test]
+fn a_callee_declines_a_call_whose_keys_it_cannot_agree() {
+    use proto::e2e::{E2eError, IdentityKey};
+    // No common suite: this callee runs --no-srtp, the caller offers SRTP only.
+    let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
+    cfg.srtp_suites = vec![e2e::SUITE_NONE];
+    let mut t = T::new(cfg);
+    t.c.handle_connected(t.at(0));
+    t.drain();
+    t.frame(0, Frame::Registered { public: public(), source: AddrSource::TcpPeer });
+    let out = t.frame(1, incoming_frame());
+    assert!(out.dgrams.is_empty(), "no punch for a declined call: {out:?}");
+    assert!(
+        matches!(out.frames[..], [Frame::Reject { call_id: CALL_ID, reason: RejectReason::NoCommonSuite, .. }]),
+        "{out:?}"
+    );
+    let r = reports(&out.events).remove(0);
+    assert_eq!(r.reason, EndReason::KeyExchange(E2eError::NoCommonSuite));
+    // Pinned caller identity, and an INCOMING whose key share nobody signed (or someone
+    // else did): declined.
+    let pinned = IdentityKey::from_seed(&[9; 32]);
+    let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
+    cfg.peer_key = Some(pinned.public());
+    let mut t = T::new(cfg);
+    t.c.handle_connected(t.at(0));
+    t.drain();
+    t.frame(0, Frame::Registered { public: public(), source: AddrSource::TcpPeer });
+    let out = t.frame(1, incoming_frame());
+    assert!(out.dgrams.is_empty(), "{out:?}");
+    assert!(matches!(out.frames[..], [Frame::Reject { reason: RejectReason::KeyRefused, .. }]), "{out:?}");
+    assert_eq!(reports(&out.events)[0].reason, EndReason::KeyExchange(E2eError::WrongIdentity));
+    assert_eq!(t.c.counters().key_exchange_failed, 1);
+}
+
+/// The caller ends a call whose answer it cannot accept (missing, or a suite it did not
+/// offer: a downgrade), with HANGUP, and never sends media.
+#[test]
+fn a_caller_hangs_up_on_an_answer_it_cannot_accept() {
+    use proto::e2e::E2eError;
+    for (name, answer) in [
+        ("missing", None),
+        ("downgraded", Some(HandPeer::offer(&[8; 32], &[e2e::SUITE_NONE]).share().clone())),
+    ] {
+        let mut t = T::registered();
+        t.auto_keys = false;
+        let h = t.c.call(t.at(0), id("carol")).unwrap();
+        t.drain();
+        let mut f = start_with(h, proto::nat::NatClass::Unknown, &[]);
+        if let Frame::Start { callee_keys, .. } = &mut f {
+            *callee_keys = answer;
+        }
+        let out = t.frame(5, f);
+        assert!(out.dgrams.is_empty(), "{name}: {out:?}");
+        assert!(
+            matches!(out.frames[..], [Frame::Hangup { call_id: CALL_ID, reason: HangupReason::Error }]),
+            "{name}: {out:?}"
+        );
+        let r = reports(&out.events).remove(0);
+        let want = if answer_is_none(name) { E2eError::Missing } else { E2eError::NoCommonSuite };
+        assert_eq!(r.reason, EndReason::KeyExchange(want), "{name}");
+        assert_eq!(t.c.send_media(t.at(6), h, b"x", 960, &mut [0u8; 1500]), Err(ClientError::NoSuchCall(h)));
+    }
+}
+
+fn answer_is_none(name: &str) -> bool {
+    name == "missing"
 }
