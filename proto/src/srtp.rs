@@ -14,7 +14,9 @@
 //!
 //! One sender or receiver serves one SSRC stream: it holds the stream's rollover counter
 //! (SRTP) or index (SRTCP) and replay window. The caller picks the stream by SSRC before
-//! calling, as it does for statistics.
+//! calling, as it does for statistics. Both ends start a stream at rollover counter 0 (they
+//! are built with the call); a receiver built after its sender passed a sequence number wrap
+//! cannot learn the counter and fails authentication.
 //!
 //! Packet layouts (`|` separates what is encrypted from what is only authenticated):
 //!
@@ -845,7 +847,7 @@ mod tests {
         assert_eq!(rx.unprotect_rtcp(&mut b), Err(SrtpError::AuthFailed));
     }
 
-    /// Packets libsrtp 2 (through pylibsrtp 1.0.0) protected with master key 40..4F and salt
+    /// Packets libsrtp 2.7.0 (inside pylibsrtp 1.0.0) protected with master key 40..4F and salt
     /// A0..: RTP with 2 CSRCs and an extension at SEQ 65535 (ROC 0) and 1 (ROC 1), and an
     /// SRTCP sender report with libsrtp's first index, 1. Ours must produce the same bytes
     /// and take libsrtp's back.
