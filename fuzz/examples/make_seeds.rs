@@ -13,6 +13,7 @@ use nullpunch_fuzz::datagram::{
     self, Harness, CALLEE_CALL_ID, CALLEE_TOKEN, CALLER_CALL_ID, CALLER_TOKEN, SEARCH_CALL_ID, SEARCH_TOKEN,
 };
 use nullpunch_fuzz::manager_conn::{self as mc, Script, Sim, MODE_LIMITS, MODE_SECRET};
+use proto::srtp::Suite;
 use proto::wire::frame::{
     AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason, VERSION,
 };
@@ -331,6 +332,40 @@ fn portmap(dir: &Path) {
     write(dir, "pcp-renewed", &[pcp_success(ext, 600), pcp_success(ext, 1200)].join(sep));
 }
 
+/// Genuine packets under the harness's key: SRTP (plain header; CSRCs and an extension) and
+/// SRTCP for each suite, and a stream of sequence numbers across a wrap with a duplicate and
+/// a late packet.
+fn srtp(dir: &Path) {
+    use nullpunch_fuzz::srtp::{master_key, stream_packet, SUITES};
+    use proto::srtp::SrtpSender;
+    for suite in SUITES {
+        let name = if suite == Suite::AeadAes128Gcm { "gcm" } else { "aes-cm" };
+        let mut tx = SrtpSender::new(&master_key(suite));
+        let mut p = stream_packet(7);
+        let len = p.len();
+        p.resize(len + 16, 0);
+        let n = tx.protect_rtp(&mut p, len).unwrap();
+        write(dir, &format!("{name}-rtp"), &p[..n]);
+        // V=2 X=1 CC=1, a CSRC, a one-byte-header extension of one word, 20 payload bytes.
+        let mut p = vec![0x91, 0x80 | OPUS_PAYLOAD_TYPE, 0, 8, 0, 0, 0x1E, 0, 0x5E, 0xED, 0, 1, 0xC5, 0xC5, 0xC5, 0xC5];
+        p.extend_from_slice(&[0xBE, 0xDE, 0, 1, 0x10, 0x7F, 0, 0]);
+        p.extend(0..20u8);
+        let len = p.len();
+        p.resize(len + 16, 0);
+        let n = tx.protect_rtp(&mut p, len).unwrap();
+        write(dir, &format!("{name}-rtp-csrc-ext"), &p[..n]);
+        // An RTCP receiver report with one report block.
+        let mut p = vec![0x81, 201, 0, 7, 0x5E, 0xED, 0, 1, 0x5E, 0xED, 0, 2];
+        p.extend_from_slice(&[0x02, 0, 0, 3, 0, 1, 0, 9, 0, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let len = p.len();
+        p.resize(len + 20, 0);
+        let n = tx.protect_rtcp(&mut p, len).unwrap();
+        write(dir, &format!("{name}-rtcp"), &p[..n]);
+    }
+    let seqs: [u16; 9] = [65530, 65531, 65533, 65532, 65535, 0, 1, 1, 65534];
+    write(dir, "stream-wrap", &seqs.iter().flat_map(|s| s.to_be_bytes()).collect::<Vec<u8>>());
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     for (target, make) in [
@@ -338,6 +373,7 @@ fn main() {
         ("datagram", datagram),
         ("manager_conn", manager_conn),
         ("portmap", portmap),
+        ("srtp", srtp),
     ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir).unwrap();

@@ -15,6 +15,7 @@ pub mod datagram;
 pub mod frame_decode;
 pub mod manager_conn;
 pub mod portmap;
+pub mod srtp;
 
 use proto::wire::frame::{Frame, MAX_MESSAGE_LEN};
 

@@ -55,6 +55,11 @@ fn portmap_inputs() {
     replay("portmap", nullpunch_fuzz::portmap::run);
 }
 
+#[test]
+fn srtp_inputs() {
+    replay("srtp", nullpunch_fuzz::srtp::run);
+}
+
 fn seed(target: &str, name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target).join(name);
     fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -100,4 +105,20 @@ fn seeds_reach_deep_states() {
     assert!(to(0, "Error { code: Unauthorized"));
     assert!(to(2, "Registered") && to(3, "Registered") && to(3, "Incoming"));
     assert!(to(4, "Error { code: Unauthorized"));
+}
+
+/// The SRTP seeds are genuine packets under the harness's key, so fuzzing starts past the
+/// authentication check.
+#[test]
+fn srtp_seeds_are_genuine() {
+    use nullpunch_fuzz::srtp::master_key;
+    use proto::srtp::{SrtpReceiver, Suite};
+    for (suite, prefix) in [(Suite::AeadAes128Gcm, "gcm"), (Suite::AesCm128HmacSha1_80, "aes-cm")] {
+        let mut rtp = seed("srtp", &format!("{prefix}-rtp"));
+        assert!(SrtpReceiver::new(&master_key(suite)).unprotect_rtp(&mut rtp).is_ok());
+        let mut rtp = seed("srtp", &format!("{prefix}-rtp-csrc-ext"));
+        assert!(SrtpReceiver::new(&master_key(suite)).unprotect_rtp(&mut rtp).is_ok());
+        let mut rtcp = seed("srtp", &format!("{prefix}-rtcp"));
+        assert!(SrtpReceiver::new(&master_key(suite)).unprotect_rtcp(&mut rtcp).is_ok());
+    }
 }
