@@ -69,9 +69,9 @@ fn session_lookup(c: &mut Criterion) {
                 caller_addr,
                 caller_nat: proto::nat::NatClass::Unknown,
                 caller_candidates: Vec::new(),
-                caller_keys: Some(
+                caller_keys: Some(Box::new(
                     proto::e2e::HandPeer::offer(&[i as u8; 32], &[proto::e2e::SUITE_NONE]).share().clone(),
-                ),
+                )),
             },
         );
         peers.push((caller_addr, token as u32));

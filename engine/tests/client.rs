@@ -260,7 +260,7 @@ impl T {
             match self.c.poll_output(&mut buf).expect("1500 bytes hold any control datagram") {
                 Output::Frame(f) => {
                     match &f {
-                        Frame::Call { call_ref, keys: Some(k), .. } => self.offers.push((*call_ref, k.clone())),
+                        Frame::Call { call_ref, keys: Some(k), .. } => self.offers.push((*call_ref, (**k).clone())),
                         Frame::Punched { call_id, keys: Some(k), .. } => {
                             if let Some((_, tok, p)) = self.peers.iter_mut().find(|(id, _, _)| id == call_id) {
                                 let _ = p.complete(k, *call_id, *tok);
@@ -322,17 +322,17 @@ impl T {
         match &mut f {
             Frame::Incoming { call_id, token, caller_keys: k @ None, .. } if self.auto_keys => {
                 let p = HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM, e2e::SUITE_AES_CM_SHA1_80]);
-                *k = Some(p.share().clone());
+                *k = Some(Box::new(p.share().clone()));
                 self.peers.push((*call_id, *token, p));
             }
             Frame::Start { call_ref, call_id, token, callee_keys: k @ None, .. } if self.auto_keys => {
                 if let Some((_, _, p)) = self.peers.iter().find(|(id, _, _)| id == call_id) {
                     // Made for a punch that came before this START.
-                    *k = Some(p.share().clone());
+                    *k = Some(Box::new(p.share().clone()));
                 } else if let Some((_, offer)) = self.offers.iter().find(|(r, _)| r == call_ref) {
                     let accepted = [e2e::SUITE_AES_128_GCM, e2e::SUITE_AES_CM_SHA1_80, e2e::SUITE_NONE];
                     if let Ok(p) = HandPeer::answer(&[8; 32], offer, &accepted, *call_id, *token) {
-                        *k = Some(p.share().clone());
+                        *k = Some(Box::new(p.share().clone()));
                         self.peers.push((*call_id, *token, p));
                     }
                 }
@@ -1364,7 +1364,7 @@ fn incoming_outputs_leave_in_wire_order_null_before_punched() {
     let mut t = T::registered();
     let mut f = incoming_frame();
     if let Frame::Incoming { caller_keys, .. } = &mut f {
-        *caller_keys = Some(HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM]).share().clone());
+        *caller_keys = Some(Box::new(HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM]).share().clone()));
     }
     t.c.handle_frame(t.at(0), f);
     let mut buf = [0u8; 1500];
@@ -1397,7 +1397,7 @@ fn a_small_output_buffer_is_an_error_and_loses_nothing() {
     let mut t = T::registered();
     let mut f = incoming_frame();
     if let Frame::Incoming { caller_keys, .. } = &mut f {
-        *caller_keys = Some(HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM]).share().clone());
+        *caller_keys = Some(Box::new(HandPeer::offer(&[7; 32], &[e2e::SUITE_AES_128_GCM]).share().clone()));
     }
     t.c.handle_frame(t.at(0), f);
     let mut small = [0u8; 4];
@@ -1668,7 +1668,7 @@ fn a_caller_hangs_up_on_an_answer_it_cannot_accept() {
     use proto::e2e::E2eError;
     for (name, answer) in [
         ("missing", None),
-        ("downgraded", Some(HandPeer::offer(&[8; 32], &[e2e::SUITE_NONE]).share().clone())),
+        ("downgraded", Some(Box::new(HandPeer::offer(&[8; 32], &[e2e::SUITE_NONE]).share().clone()))),
     ] {
         let mut t = T::registered();
         t.auto_keys = false;

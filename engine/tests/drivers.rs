@@ -518,9 +518,9 @@ fn nulls_leave_before_punched(io: Io) {
             caller_addr: caller.local_addr().unwrap(),
             caller_nat: proto::nat::NatClass::Unknown,
             caller_candidates: Vec::new(),
-            caller_keys: Some(
+            caller_keys: Some(Box::new(
                 proto::e2e::HandPeer::offer(&[i as u8; 32], &[proto::e2e::SUITE_AES_128_GCM]).share().clone(),
-            ),
+            )),
         }
         .encode(&mut out);
     }

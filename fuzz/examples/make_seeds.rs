@@ -70,13 +70,33 @@ fn write(dir: &Path, name: &str, data: &[u8]) {
     println!("{} ({} bytes)", dir.join(name).display(), data.len());
 }
 
+/// A key share as CALL or PUNCHED carries it.
+fn share(identity: bool) -> proto::wire::frame::KeyShare {
+    proto::wire::frame::KeyShare {
+        public: [0x42; 32],
+        suites: vec![1, 2],
+        identity: identity.then_some(proto::wire::frame::Identity { key: [7; 32], sig: [8; 64] }),
+    }
+}
+
 fn frame_decode(dir: &Path) {
     let v4 = addr("203.0.113.7:40000");
     let v6 = addr("[2001:db8::1]:5004");
     let every = [
         Frame::Registered { public: v4, source: AddrSource::Stun },
         Frame::Registered { public: v6, source: AddrSource::TcpPeer },
-        Frame::Call { call_ref: 9, callee: id("bob") },
+        Frame::Call { call_ref: 9, callee: id("bob"), keys: None },
+        Frame::Call { call_ref: 9, callee: id("bob"), keys: Some(Box::new(share(true))) },
+        Frame::Punched { call_id: CallId(3), udp_port: 5004, keys: Some(Box::new(share(false))) },
+        Frame::Incoming {
+            call_id: CallId(1 << 48 | 6),
+            token: 43,
+            caller: id("alice"),
+            caller_addr: v4,
+            caller_nat: proto::nat::NatClass::Random,
+            caller_candidates: Vec::new(),
+            caller_keys: Some(Box::new(share(false))),
+        },
         Frame::Incoming {
             call_id: CallId(1 << 48 | 5),
             token: 42,
@@ -84,8 +104,9 @@ fn frame_decode(dir: &Path) {
             caller_addr: v4,
             caller_nat: proto::nat::NatClass::Unknown,
             caller_candidates: Vec::new(),
+            caller_keys: None,
         },
-        Frame::Punched { call_id: CallId(3), udp_port: 5004 },
+        Frame::Punched { call_id: CallId(3), udp_port: 5004, keys: None },
         Frame::Start {
             call_ref: 1,
             call_id: CallId(3),
@@ -93,6 +114,7 @@ fn frame_decode(dir: &Path) {
             callee_addr: v6,
             callee_nat: proto::nat::NatClass::Unknown,
             callee_candidates: Vec::new(),
+            callee_keys: None,
         },
         Frame::Reject {
             call_ref: 0,
@@ -139,6 +161,7 @@ fn frame_decode(dir: &Path) {
             caller_addr: v4,
             caller_nat: proto::nat::NatClass::Unknown,
             caller_candidates: vec![host(addr("10.1.0.2:40000"))],
+            caller_keys: None,
         },
         Frame::Start {
             call_ref: 2,
@@ -147,6 +170,7 @@ fn frame_decode(dir: &Path) {
             callee_addr: v4,
             callee_nat: proto::nat::NatClass::Random,
             callee_candidates: vec![host(addr("10.1.0.3:40001")), host(v6)],
+            callee_keys: None,
         },
     ];
     write(dir, "candidates", &[&[0][..], &with_candidates.iter().flat_map(enc).collect::<Vec<u8>>()].concat());
@@ -158,14 +182,26 @@ fn datagram(dir: &Path) {
     let h = Harness::new();
     let mut b = [0u8; 64];
     // The callee call's peer (the caller) punches / sends media with the caller SSRC.
-    let n =
-        NullPacket { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, keepalive: false, from_caller: true, probe: false }
-            .emit(&mut b);
+    let n = NullPacket {
+        call_id: CALLEE_CALL_ID,
+        token: CALLEE_TOKEN,
+        keepalive: false,
+        from_caller: true,
+        probe: false,
+        counter: 1,
+    }
+    .emit(&proto::wire::null::null_key(&[0; 32]), &mut b);
     let null_from_caller = b[..n].to_vec();
     write(dir, "null-punch", &null_from_caller);
-    let n =
-        NullPacket { call_id: CALLER_CALL_ID, token: CALLER_TOKEN, keepalive: true, from_caller: false, probe: false }
-            .emit(&mut b);
+    let n = NullPacket {
+        call_id: CALLER_CALL_ID,
+        token: CALLER_TOKEN,
+        keepalive: true,
+        from_caller: false,
+        probe: false,
+        counter: 2,
+    }
+    .emit(&proto::wire::null::null_key(&[0; 32]), &mut b);
     let null_from_callee = b[..n].to_vec();
     let rtp = |ssrc: u32, seq: u16, ts: u32, payload: &[u8]| {
         let mut p = vec![0u8; 12 + payload.len()];
@@ -202,8 +238,15 @@ fn datagram(dir: &Path) {
     // The birthday search's hit: the hard side's probe from its IP, then its media.
     // Its token field is the caller's probe tag, not the token.
     let tag = proto::wire::null::probe_tag(SEARCH_TOKEN, true);
-    let n = NullPacket { call_id: SEARCH_CALL_ID, token: tag, keepalive: false, from_caller: true, probe: true }
-        .emit(&mut b);
+    let n = NullPacket {
+        call_id: SEARCH_CALL_ID,
+        token: tag,
+        keepalive: false,
+        from_caller: true,
+        probe: true,
+        counter: 3,
+    }
+    .emit(&proto::wire::null::null_key(&[0; 32]), &mut b);
     let probe = b[..n].to_vec();
     let search_rtp = rtp(SEARCH_TOKEN as u32, 7, 960, b"found");
     write(dir, "search-hit", &datagram::join(&[&probe, &search_rtp]));
@@ -224,7 +267,7 @@ fn manager_conn(dir: &Path) {
     let (a, b) = (0usize, 1usize);
     let alice = register("alice", 40000, 1, None, None);
     let bob = register("bob", 40001, 1, None, None);
-    let call = |callee: &str| enc(&Frame::Call { call_ref: 1, callee: id(callee) });
+    let call = |callee: &str| enc(&Frame::Call { call_ref: 1, callee: id(callee), keys: Some(Box::new(share(false))) });
 
     let mut s = Script::new(0);
     s.raw(a, &alice).raw(b, &bob).deliver().deliver().deliver();
@@ -247,7 +290,10 @@ fn manager_conn(dir: &Path) {
         })
         .expect("bob got INCOMING");
     let base = s.0.clone();
-    s.frame(b, &Frame::Punched { call_id, udp_port: 40001 }).deliver().deliver().deliver();
+    s.frame(b, &Frame::Punched { call_id, udp_port: 40001, keys: Some(Box::new(share(false))) })
+        .deliver()
+        .deliver()
+        .deliver();
     s.frame(a, &Frame::Hangup { call_id, reason: HangupReason::Normal }).deliver().deliver().deliver();
     write(dir, "call-hangup", &s.0);
 
@@ -271,7 +317,10 @@ fn manager_conn(dir: &Path) {
     write(dir, "call-ring-timeout", &s.0);
 
     let mut s = Script(base);
-    s.frame(b, &Frame::Punched { call_id, udp_port: 40001 }).deliver().deliver().deliver();
+    s.frame(b, &Frame::Punched { call_id, udp_port: 40001, keys: Some(Box::new(share(false))) })
+        .deliver()
+        .deliver()
+        .deliver();
     s.close(b).deliver().deliver().deliver();
     write(dir, "call-callee-gone", &s.0);
 

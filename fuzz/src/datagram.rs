@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use proto::client::{Client, ClientConfig, Event, Output};
+use proto::e2e::{HandPeer, SUITE_AES_128_GCM};
 use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
 use proto::wire::null::{NullPacket, NULL_LEN};
 use proto::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN};
@@ -110,6 +111,11 @@ pub struct Harness {
     pub ended: usize,
     /// See `media_flowing`.
     pub discovered: usize,
+    /// The remote party of each of the three calls (call id, token, peer): each datagram is
+    /// also delivered as that peer would send it (a null packet signed with the call's key,
+    /// RTP protected with its SRTP key), so the input reaches what lies past the MAC and the
+    /// SRTP tag.
+    pub peers: Vec<(CallId, u64, HandPeer)>,
 }
 
 impl Harness {
@@ -132,7 +138,10 @@ impl Harness {
             media_flowing: 0,
             ended: 0,
             discovered: 0,
+            peers: Vec::new(),
         };
+        let alice = HandPeer::offer(&[1; 32], &[SUITE_AES_128_GCM]);
+        let carol = HandPeer::offer(&[3; 32], &[SUITE_AES_128_GCM]);
         let c = &mut h.calls;
         c.handle_connected(t0);
         c.handle_frame(t0, Frame::Registered { public: addr("192.0.2.10:40010"), source: AddrSource::Stun });
@@ -146,9 +155,31 @@ impl Harness {
                 caller_addr: caller_addr(),
                 caller_nat: proto::nat::NatClass::Unknown,
                 caller_candidates: Vec::new(),
+                caller_keys: Some(Box::new(alice.share().clone())),
             },
         );
         let handle = c.call(t0, id("bob")).expect("registered client can call");
+        // The CALL (with this client's offer) and the callee's PUNCHED answer.
+        let (mut offer, mut answer) = (None, None);
+        let mut buf = [0u8; 1500];
+        while let Ok(o) = c.poll_output(&mut buf) {
+            match o {
+                Output::Frame(Frame::Call { keys, .. }) => offer = keys,
+                Output::Frame(Frame::Punched { keys, .. }) => answer = keys,
+                Output::Timeout(_) => break,
+                _ => {}
+            }
+        }
+        let mut alice = alice;
+        alice.complete(&answer.expect("PUNCHED carries the answer"), CALLEE_CALL_ID, CALLEE_TOKEN).expect("keys");
+        let bob = HandPeer::answer(
+            &[2; 32],
+            &offer.expect("CALL carries the offer"),
+            &[SUITE_AES_128_GCM],
+            CALLER_CALL_ID,
+            CALLER_TOKEN,
+        )
+        .expect("bob answers");
         c.handle_frame(
             t0,
             Frame::Start {
@@ -158,6 +189,7 @@ impl Harness {
                 callee_addr: callee_addr(),
                 callee_nat: proto::nat::NatClass::Unknown,
                 callee_candidates: Vec::new(),
+                callee_keys: Some(Box::new(bob.share().clone())),
             },
         );
         c.handle_frame(
@@ -169,8 +201,24 @@ impl Harness {
                 caller_addr: searcher_addr(),
                 caller_nat: proto::nat::NatClass::Random,
                 caller_candidates: Vec::new(),
+                caller_keys: Some(Box::new(carol.share().clone())),
             },
         );
+        let mut carol = carol;
+        while let Ok(o) = c.poll_output(&mut buf) {
+            match o {
+                Output::Frame(Frame::Punched { call_id, keys: Some(k), .. }) if call_id == SEARCH_CALL_ID => {
+                    carol.complete(&k, SEARCH_CALL_ID, SEARCH_TOKEN).expect("keys")
+                }
+                Output::Timeout(_) => break,
+                _ => {}
+            }
+        }
+        h.peers = vec![
+            (CALLEE_CALL_ID, CALLEE_TOKEN, alice),
+            (CALLER_CALL_ID, CALLER_TOKEN, bob),
+            (SEARCH_CALL_ID, SEARCH_TOKEN, carol),
+        ];
         assert_eq!(c.active_calls(), 3, "the three calls should be up");
         h.discovering.handle_connected(t0);
         h.drain();
@@ -252,16 +300,43 @@ impl Harness {
         // Another port of the searcher's IP, chosen by the datagram itself.
         let other_port = 1024 + (d.iter().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b))) % 64_512);
         let searcher_other = SocketAddr::new(searcher_addr().ip(), other_port as u16);
-        for from in [caller_addr(), callee_addr(), stun_server(), stranger(), searcher_addr(), searcher_other] {
-            if let Some(r) = self.calls.handle_datagram(now, from, d) {
-                assert_eq!(classify(d), DatagramKind::Rtp, "media returned for a non-RTP datagram");
-                let (h, payload) = RtpHeader::parse(d).expect("media returned for unparsable RTP");
-                assert_eq!(r.header, h, "returned header differs from the parsed one");
-                assert_eq!(r.payload, payload, "returned payload differs from the parsed one");
+        // As it came, and as the peer whose call it names would send it.
+        let mut forms = vec![d.to_vec()];
+        match classify(d) {
+            DatagramKind::Null if d.len() == NULL_LEN => {
+                if let Ok(n) = NullPacket::parse(d) {
+                    if let Some((_, _, p)) = self.peers.iter_mut().find(|(id, _, _)| *id == n.call_id) {
+                        let mut signed = d.to_vec();
+                        p.sign_null(&mut signed);
+                        forms.push(signed);
+                    }
+                }
+            }
+            DatagramKind::Rtp => {
+                if let Ok((h, _)) = RtpHeader::parse(d) {
+                    if let Some((_, _, p)) = self.peers.iter_mut().find(|(_, tok, p)| p.ssrc(*tok) == h.ssrc) {
+                        let mut sealed = d.to_vec();
+                        p.protect(&mut sealed);
+                        forms.push(sealed);
+                    }
+                }
+            }
+            _ => {}
+        }
+        for form in forms {
+            for from in [caller_addr(), callee_addr(), stun_server(), stranger(), searcher_addr(), searcher_other] {
+                let mut b = form.clone();
+                if let Some(r) = self.calls.handle_datagram(now, from, &mut b) {
+                    assert_eq!(classify(&form), DatagramKind::Rtp, "media returned for a non-RTP datagram");
+                    let (h, payload) = RtpHeader::parse(&form).expect("media returned for unparsable RTP");
+                    assert_eq!(r.header, h, "returned header differs from the one sent");
+                    assert_eq!(r.payload.len() + 16, payload.len(), "the payload less the GCM tag");
+                }
             }
         }
         for from in [stun_server(), stranger()] {
-            let r = self.discovering.handle_datagram(now, from, d);
+            let mut b = d.to_vec();
+            let r = self.discovering.handle_datagram(now, from, &mut b);
             assert!(r.is_none(), "a client with no calls returned media");
         }
         self.drain();
@@ -301,8 +376,14 @@ pub fn check_parsers(d: &[u8]) {
     if let Ok(p) = NullPacket::parse(d) {
         assert_eq!(kind, DatagramKind::Null, "null packet classified as {kind:?}");
         let mut b = [0u8; NULL_LEN];
-        let n = p.emit(&mut b);
-        assert_eq!(&b[..n], d, "null packet re-emits differently");
+        let k = proto::wire::null::null_key(&[0; 32]);
+        let n = p.emit(&k, &mut b);
+        assert_eq!(
+            &b[..proto::wire::null::NULL_MAC_START],
+            &d[..proto::wire::null::NULL_MAC_START],
+            "null packet re-emits differently"
+        );
+        assert_eq!(n, d.len());
     }
 
     if let Ok((h, payload)) = RtpHeader::parse(d) {

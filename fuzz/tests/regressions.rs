@@ -60,6 +60,11 @@ fn srtp_inputs() {
     replay("srtp", nullpunch_fuzz::srtp::run);
 }
 
+#[test]
+fn null_packet_inputs() {
+    replay("null_packet", nullpunch_fuzz::null_packet::run);
+}
+
 fn seed(target: &str, name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target).join(name);
     fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))

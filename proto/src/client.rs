@@ -1243,7 +1243,7 @@ impl Client {
         let h = self.alloc_handle();
         let eph = self.keygen.ephemeral();
         let offer = e2e::offer(&eph, &self.cfg.srtp_suites, self.cfg.identity.as_deref());
-        self.push_frame(Frame::Call { call_ref: h.0, callee: callee.clone(), keys: Some(offer.clone()) });
+        self.push_frame(Frame::Call { call_ref: h.0, callee: callee.clone(), keys: Some(Box::new(offer.clone())) });
         let call = self.new_call(now, Role::Caller, callee, None, 0, None);
         let eph = Some(Box::new((eph, offer)));
         self.calls.insert(h, Call { deadline: Some(now + self.cfg.start_timeout), eph, ..call });
@@ -1644,7 +1644,7 @@ impl Client {
         token: u64,
         caller: ClientId,
         (caller_addr, caller_nat, caller_candidates): (SocketAddr, NatClass, Vec<Candidate>),
-        caller_keys: Option<KeyShare>,
+        caller_keys: Option<Box<KeyShare>>,
     ) {
         if self.by_call_id.contains_key(&call_id) {
             // A duplicate INCOMING: the call is already answered.
@@ -1697,7 +1697,7 @@ impl Client {
             c.null_retries_left = self.cfg.null_retries;
             c.next_null = (c.null_retries_left > 0).then(|| now + c.null_interval);
         }
-        self.push_frame(Frame::Punched { call_id, udp_port: self.cfg.local_udp_port, keys: Some(answer) });
+        self.push_frame(Frame::Punched { call_id, udp_port: self.cfg.local_udp_port, keys: Some(Box::new(answer)) });
         self.by_call_id.insert(call_id, h);
         self.by_ssrc.insert(rx, h);
         self.calls.insert(h, c);
@@ -1711,7 +1711,7 @@ impl Client {
         h: CallHandle,
         (call_id, token): (CallId, u64),
         (callee_addr, callee_nat, callee_candidates): (SocketAddr, NatClass, Vec<Candidate>),
-        callee_keys: Option<KeyShare>,
+        callee_keys: Option<Box<KeyShare>>,
     ) {
         let pending = self.calls.get(&h).is_some_and(|c| c.role == Role::Caller && c.state == CallState::Calling);
         if !pending {

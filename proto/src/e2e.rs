@@ -97,7 +97,7 @@ impl KeyGen {
     }
 
     /// The next 32 secret bytes.
-    pub fn next(&mut self) -> [u8; 32] {
+    pub fn draw(&mut self) -> [u8; 32] {
         self.n += 1;
         let mut ctx = hmac::Context::with_key(&self.key);
         ctx.update(KEYGEN_CONTEXT);
@@ -111,7 +111,7 @@ impl KeyGen {
     /// A fresh X25519 key pair.
     pub fn ephemeral(&mut self) -> Ephemeral {
         // Any 32 bytes are a valid X25519 private key (RFC 7748 clamps them).
-        let secret = self.next();
+        let secret = self.draw();
         let private = agreement::PrivateKey::from_private_key(&agreement::X25519, &secret)
             .expect("32 bytes are an X25519 private key");
         let mut public = [0u8; 32];

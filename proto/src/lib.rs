@@ -15,6 +15,8 @@
 //! * [`reconnect`]: the client's policy for its manager connection (timeouts, back-off,
 //!   waiting for a local port), which every driver follows.
 //! * [`auth`]: registration tokens (HMAC-SHA256 over id and expiry).
+//! * [`e2e`]: end-to-end call keys: an X25519 exchange in the signalling frames, HKDF into
+//!   SRTP master keys and the null packet key, optional Ed25519 identities.
 //! * [`srtp`]: SRTP and SRTCP (RFC 3711, RFC 7714), an in-place transform per SSRC stream
 //!   on aws-lc-rs primitives.
 //! * [`stats`]: RFC 3550 receiver statistics (loss, interarrival jitter).

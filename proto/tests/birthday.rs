@@ -222,7 +222,7 @@ fn a_caught_or_echoed_probe_cannot_lock_or_move_the_pair() {
             caller_addr: hard,
             caller_nat: NatClass::Random,
             caller_candidates: Vec::new(),
-            caller_keys: Some(alice.share().clone()),
+            caller_keys: Some(Box::new(alice.share().clone())),
         },
     );
     let drain = |c: &mut Client, alice: &mut HandPeer| {

@@ -723,7 +723,7 @@ impl Shard {
                     caller_hosts,
                     call_ref,
                     callee,
-                    caller_keys: keys.map(Box::new),
+                    caller_keys: keys,
                 };
                 self.route(home, msg);
             }
@@ -738,10 +738,7 @@ impl Shard {
                     self.send(conn, f);
                     return;
                 }
-                self.route(
-                    owner_shard(call_id),
-                    ShardMsg::Punched { call_id, conn: me, udp_port, keys: keys.map(Box::new) },
-                );
+                self.route(owner_shard(call_id), ShardMsg::Punched { call_id, conn: me, udp_port, keys });
             }
             Frame::Hangup { call_id, reason } => {
                 if !matches!(c.state, ConnState::Registered(_)) {
@@ -1198,7 +1195,7 @@ impl Shard {
             caller_addr,
             caller_nat,
             caller_candidates: caller_hosts,
-            caller_keys: caller_keys.map(|k| *k),
+            caller_keys,
         };
         self.deliver(callee_conn, Some(f), Track::Add(call_id));
     }
@@ -1229,7 +1226,7 @@ impl Shard {
             callee_addr,
             callee_nat: rec.callee_nat,
             callee_candidates: std::mem::take(&mut rec.callee_hosts),
-            callee_keys: keys.map(|k| *k),
+            callee_keys: keys,
         };
         let caller_conn = rec.caller_conn;
         self.stats.inc(&self.stats.calls_started);

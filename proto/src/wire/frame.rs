@@ -379,7 +379,7 @@ pub enum Frame {
         /// Whom to call.
         callee: ClientId,
         /// The caller's key share and SRTP offer (optional trailing).
-        keys: Option<KeyShare>,
+        keys: Option<Box<KeyShare>>,
     },
     /// Manager -> callee: an incoming call from `caller` at `caller_addr`.
     Incoming {
@@ -396,7 +396,7 @@ pub enum Frame {
         /// The caller's other addresses the callee should punch too (optional trailing).
         caller_candidates: Vec<Candidate>,
         /// The caller's key share from CALL, unchanged (optional trailing).
-        caller_keys: Option<KeyShare>,
+        caller_keys: Option<Box<KeyShare>>,
     },
     /// Callee -> manager: the null packet was sent from `udp_port`.
     Punched {
@@ -405,7 +405,7 @@ pub enum Frame {
         /// The callee's local UDP port.
         udp_port: u16,
         /// The callee's key share and chosen SRTP suite (optional trailing).
-        keys: Option<KeyShare>,
+        keys: Option<Box<KeyShare>>,
     },
     /// Manager -> caller: the callee's window is open; stream media to `callee_addr`.
     Start {
@@ -422,7 +422,7 @@ pub enum Frame {
         /// The callee's other addresses the caller should try too (optional trailing).
         callee_candidates: Vec<Candidate>,
         /// The callee's key share from PUNCHED, unchanged (optional trailing).
-        callee_keys: Option<KeyShare>,
+        callee_keys: Option<Box<KeyShare>>,
     },
     /// Manager -> caller: the call was rejected (or callee -> manager: decline `call_id`).
     Reject {
@@ -567,7 +567,7 @@ impl Frame {
                 out.extend_from_slice(&token.to_be_bytes());
                 put_id(out, caller);
                 put_addr(out, caller_addr);
-                put_trailing(out, *caller_nat, caller_candidates, caller_keys.as_ref());
+                put_trailing(out, *caller_nat, caller_candidates, caller_keys.as_deref());
             }
             Frame::Punched { call_id, udp_port, keys } => {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
@@ -581,7 +581,7 @@ impl Frame {
                 out.extend_from_slice(&call_id.0.to_be_bytes());
                 out.extend_from_slice(&token.to_be_bytes());
                 put_addr(out, callee_addr);
-                put_trailing(out, *callee_nat, callee_candidates, callee_keys.as_ref());
+                put_trailing(out, *callee_nat, callee_candidates, callee_keys.as_deref());
             }
             Frame::Reject { call_ref, call_id, reason, callee_nat } => {
                 out.extend_from_slice(&call_ref.to_be_bytes());
@@ -818,6 +818,9 @@ fn put_addr(out: &mut Vec<u8>, a: &Addr) {
     }
 }
 
+/// The tail of INCOMING and START: NAT class, candidates, key share.
+type Trailing = (NatClass, Vec<Candidate>, Option<Box<KeyShare>>);
+
 struct Reader<'a> {
     b: &'a [u8],
     frame: &'static str,
@@ -887,7 +890,7 @@ impl<'a> Reader<'a> {
     /// The tail of INCOMING and START (see `put_trailing`): one encoding per value, so an
     /// unknown class is written only when candidates or a key share follow, and a candidate
     /// count of 0 only when a key share follows.
-    fn trailing(&mut self) -> Result<(NatClass, Vec<Candidate>, Option<KeyShare>), FrameError> {
+    fn trailing(&mut self) -> Result<Trailing, FrameError> {
         if self.b.is_empty() {
             return Ok((NatClass::Unknown, Vec::new(), None));
         }
@@ -918,7 +921,7 @@ impl<'a> Reader<'a> {
         Ok((nat, candidates, keys))
     }
     /// A key share if any bytes are left (see `put_keys`).
-    fn keys_opt(&mut self) -> Result<Option<KeyShare>, FrameError> {
+    fn keys_opt(&mut self) -> Result<Option<Box<KeyShare>>, FrameError> {
         if self.b.is_empty() {
             return Ok(None);
         }
@@ -933,7 +936,7 @@ impl<'a> Reader<'a> {
             1 => Some(Identity { key: self.array::<32>()?, sig: self.array::<64>()? }),
             v => return Err(FrameError::BadCode { field: "identity flag", value: v as u16 }),
         };
-        Ok(Some(KeyShare { public, suites, identity }))
+        Ok(Some(Box::new(KeyShare { public, suites, identity })))
     }
     fn addr(&mut self) -> Result<Addr, FrameError> {
         let fam = self.u8()?;
@@ -1110,9 +1113,9 @@ mod tests {
                 callee_keys: None,
             },
             // Key shares: with and without an identity, after every kind of tail.
-            Frame::Call { call_ref: 9, callee: id("bob"), keys: Some(share(false)) },
-            Frame::Call { call_ref: 10, callee: id("bob"), keys: Some(share(true)) },
-            Frame::Punched { call_id: CallId(3), udp_port: 5004, keys: Some(share(true)) },
+            Frame::Call { call_ref: 9, callee: id("bob"), keys: Some(Box::new(share(false))) },
+            Frame::Call { call_ref: 10, callee: id("bob"), keys: Some(Box::new(share(true))) },
+            Frame::Punched { call_id: CallId(3), udp_port: 5004, keys: Some(Box::new(share(true))) },
             Frame::Incoming {
                 call_id: CallId(9),
                 token: 4,
@@ -1120,7 +1123,7 @@ mod tests {
                 caller_addr: v4,
                 caller_nat: NatClass::Unknown,
                 caller_candidates: Vec::new(),
-                caller_keys: Some(share(false)),
+                caller_keys: Some(Box::new(share(false))),
             },
             Frame::Incoming {
                 call_id: CallId(9),
@@ -1129,7 +1132,7 @@ mod tests {
                 caller_addr: v4,
                 caller_nat: NatClass::Random,
                 caller_candidates: vec![Candidate { kind: CandidateKind::Host, addr: v6 }],
-                caller_keys: Some(share(true)),
+                caller_keys: Some(Box::new(share(true))),
             },
             Frame::Start {
                 call_ref: 3,
@@ -1138,7 +1141,7 @@ mod tests {
                 callee_addr: v6,
                 callee_nat: NatClass::Sequential { delta: -1 },
                 callee_candidates: Vec::new(),
-                callee_keys: Some(share(false)),
+                callee_keys: Some(Box::new(share(false))),
             },
             Frame::Registered { public: v4, source: AddrSource::Stun },
             Frame::Registered { public: v4, source: AddrSource::Mapped },
