@@ -14,10 +14,11 @@ need_rust() {
 BUILD_PACKAGES=(cmake pkg-config libasound2-dev)
 # To test: the firewall lab (namespaces, nftables routers, conntrack), speech synthesis and
 # resampling, RTP tools no one here wrote (ffmpeg, GStreamer, tshark), and a private
-# PulseAudio server with null sinks for the sound-device test.
+# PulseAudio server with null sinks for the sound-device test; python3 forges packets in the
+# lab's attacker test, openssl is the stock TLS client of the manager tests.
 TEST_PACKAGES=(iproute2 nftables iptables conntrack espeak-ng sox ffmpeg tshark
     gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-    pulseaudio pulseaudio-utils miniupnpd-nftables)
+    pulseaudio pulseaudio-utils miniupnpd-nftables python3 openssl)
 SYSTEM_PACKAGES=("${BUILD_PACKAGES[@]}")
 
 install_system_packages() {

@@ -360,6 +360,12 @@ impl Proc {
     pub fn id(&self) -> u32 {
         self.child.id()
     }
+
+    /// Own a process started by the caller (in a lab host, by [`Lab::cmd`]): killed when
+    /// dropped.
+    pub fn from_child(child: Child) -> Proc {
+        Proc { child }
+    }
 }
 
 /// The manager process.

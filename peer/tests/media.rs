@@ -402,3 +402,135 @@ fn bad_input_on_rtp_in_is_counted_and_good_packets_still_cross() {
     assert_eq!(b["lost"], 0, "{b}");
     m.stop();
 }
+
+/// The SRTP packets alice sent to bob's port `pb`, as captured in `cap` (UDP payloads of RTP
+/// version 2; null packets and STUN left out).
+fn captured_rtp(cap: &str, pb: u16) -> Vec<Vec<u8>> {
+    let filter = format!("udp.dstport == {pb}");
+    let hex = run("tshark", &["-r", cap, "-Y", &filter, "-T", "fields", "-e", "udp.payload"]);
+    hex.lines()
+        .map(|l| l.trim().replace(':', ""))
+        .filter(|l| !l.is_empty())
+        .map(|l| (0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap()).collect::<Vec<u8>>())
+        .filter(|p| p.len() > 12 && p[0] >> 6 == 2)
+        .collect()
+}
+
+/// ffmpeg decoding `sdp` while `packets` are sent to `port` (5 ms apart); returns ffmpeg's
+/// stderr and the WAV it wrote.
+fn ffmpeg_decode(dir: &Scratch, name: &str, sdp: &str, port: u16, packets: &[Vec<u8>]) -> (String, String) {
+    let out = dir.path(&format!("{name}.wav"));
+    let ff = spawn(
+        "ffmpeg",
+        &[
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-protocol_whitelist",
+            "file,udp,rtp,srtp,crypto",
+            "-i",
+            sdp,
+            "-ar",
+            "48000",
+            "-ac",
+            "1",
+            "-y",
+            &out,
+        ],
+        "ffmpeg",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for p in packets {
+        s.send_to(p, ("127.0.0.1", port)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, _, err) = ff.interrupt(Duration::from_secs(20));
+    (err, out)
+}
+
+/// A captured AES_CM_128_HMAC_SHA1_80 call decrypts and decodes in ffmpeg through the SDP the
+/// callee wrote (RFC 4568 `a=crypto` with the call's key), and the speech matches; with the
+/// same SDP less its `a=crypto` line it does not (the capture holds no plain speech).
+#[test]
+fn ffmpeg_decrypts_a_captured_aes_cm_call_with_the_callees_sdp() {
+    let dir = Scratch::new("ffmpeg-srtp");
+    let sent = speech(&dir, "sent", SENTENCE);
+    let (pa, pb) = (free_udp_port(false), free_udp_port(false));
+    let cap = dir.path("call.pcapng");
+    let filter = format!("udp port {pb}");
+    let ts = spawn("tshark", &["-i", "lo", "-f", &filter, "-w", &cap], "tshark");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::path::Path::new(&cap).exists() {
+        assert!(Instant::now() < deadline, "tshark did not start capturing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sdp = dir.path("bob.sdp");
+    let m = start_manager();
+    let suite = ["--srtp-suite", "AES_CM_128_HMAC_SHA1_80"];
+    let bob = peer_bound(
+        &m.addr,
+        "bob",
+        &format!("127.0.0.1:{pb}"),
+        &[&suite[..], &["--sdp", &sdp, "listen", "--calls", "1", "--json"]].concat(),
+    );
+    settle();
+    let alice = peer_bound(
+        &m.addr,
+        "alice",
+        &format!("127.0.0.1:{pa}"),
+        &["--audio-in", &format!("wav:{sent}"), "call", "bob", "--duration", "7", "--json"],
+    );
+    let (ca, out_a, err_a) = alice.finish(Duration::from_secs(30));
+    let (cb, out_b, err_b) = bob.finish(Duration::from_secs(10));
+    assert_eq!(ca, 0, "alice: {err_a}");
+    assert_eq!(cb, 0, "bob: {err_b}");
+    std::thread::sleep(Duration::from_millis(500));
+    ts.interrupt(Duration::from_secs(20));
+    let (a, b) = (json_line(&out_a), json_line(&out_b));
+    assert_eq!(a["srtp"], "AES_CM_128_HMAC_SHA1_80", "the callee picked from the caller's offer: {a}");
+    assert_eq!(b["srtp"], "AES_CM_128_HMAC_SHA1_80", "{b}");
+
+    let text = std::fs::read_to_string(&sdp).unwrap();
+    assert!(text.contains(&format!("m=audio {pb} RTP/SAVP 111\r\n")), "{text}");
+    let crypto = text
+        .lines()
+        .find(|l| l.starts_with("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(
+        crypto.len(),
+        "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:".len() + 40,
+        "30 bytes of key and salt: {crypto}"
+    );
+    let packets = captured_rtp(&cap, pb);
+    assert!(packets.len() >= 330, "7 s of 20 ms frames captured: {}", packets.len());
+
+    // Replayed to a port of ffmpeg's own (bob is gone), through bob's SDP.
+    let port = free_udp_port(true);
+    let replay_sdp = dir.path("replay.sdp");
+    std::fs::write(&replay_sdp, text.replace(&format!("m=audio {pb} "), &format!("m=audio {port} "))).unwrap();
+    let (err, decoded) = ffmpeg_decode(&dir, "decrypted", &replay_sdp, port, &packets);
+    let (same, lag) = similarity(&sent, &decoded);
+    assert!(same >= SAME_SPEECH, "ffmpeg decrypted the capture: similarity {same:.3} (lag {lag} ms)\n{err}");
+
+    // Without the key: the same packets are noise to ffmpeg.
+    let port = free_udp_port(true);
+    let plain_sdp = dir.path("no-crypto.sdp");
+    let no_crypto: String = text
+        .replace(&format!("m=audio {pb} RTP/SAVP"), &format!("m=audio {port} RTP/AVP"))
+        .lines()
+        .filter(|l| !l.starts_with("a=crypto"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    std::fs::write(&plain_sdp, no_crypto).unwrap();
+    let (err, garbled) = ffmpeg_decode(&dir, "garbled", &plain_sdp, port, &packets);
+    let decodes = std::path::Path::new(&garbled).exists()
+        && voice::wav::read(garbled.as_ref()).is_ok_and(|w| !w.samples.is_empty());
+    if decodes {
+        let (same, _) = similarity(&sent, &garbled);
+        assert!(same < SAME_SPEECH, "speech recovered without the key: similarity {same:.3}\n{err}");
+    }
+    m.stop();
+}
