@@ -407,8 +407,13 @@ fn bad_input_on_rtp_in_is_counted_and_good_packets_still_cross() {
 /// version 2; null packets and STUN left out).
 fn captured_rtp(cap: &str, pb: u16) -> Vec<Vec<u8>> {
     let filter = format!("udp.dstport == {pb}");
-    let hex = run("tshark", &["-r", cap, "-Y", &filter, "-T", "fields", "-e", "udp.payload"]);
-    hex.lines()
+    // (Read as it comes: the hex of a call is more than a pipe holds.)
+    let out = std::process::Command::new("tshark")
+        .args(["-r", cap, "-Y", &filter, "-T", "fields", "-e", "udp.payload"])
+        .output()
+        .expect("tshark -r");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
         .map(|l| l.trim().replace(':', ""))
         .filter(|l| !l.is_empty())
         .map(|l| (0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap()).collect::<Vec<u8>>())
