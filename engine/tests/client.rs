@@ -197,7 +197,7 @@ impl T {
     /// (REGISTER and the Registered event already drained).
     fn registered() -> T {
         let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
-        t.c.handle_connected(t.at(0));
+        t.c.handle_connected(t.at(0), None);
         let out = t.drain();
         assert!(matches!(out.frames[..], [Frame::Register { .. }]), "{out:?}");
         let out = t.frame(0, Frame::Registered { public: public(), source: AddrSource::TcpPeer });
@@ -438,7 +438,7 @@ fn binding_success(txid: &[u8; 12], mapped: SocketAddr) -> Vec<u8> {
 #[test]
 fn unanswered_discovery_retries_four_times_then_registers_without_binding() {
     let mut t = stun_client();
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     assert!(out.frames.is_empty() && out.events.is_empty(), "nothing but STUN before discovery ends: {out:?}");
     assert_eq!(out.dgrams.len(), 1);
@@ -480,7 +480,7 @@ fn unanswered_discovery_retries_four_times_then_registers_without_binding() {
 #[test]
 fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
     let mut t = stun_client();
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     let txid = binding_request(out.dgrams[0].0, &out.dgrams[0].1);
     let log = t.run_until(300);
@@ -543,7 +543,7 @@ fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
 #[test]
 fn without_a_stun_server_register_goes_out_at_once() {
     let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     assert_eq!(
         out.frames,
@@ -568,7 +568,7 @@ fn without_a_stun_server_register_goes_out_at_once() {
 fn call_needs_registered_and_sends_call_with_the_handle_as_call_ref() {
     let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
     assert_eq!(t.c.call(t.at(0), id("carol")), Err(ClientError::NotRegistered));
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     t.drain();
     // REGISTER sent, REGISTERED not yet received.
     assert_eq!(t.c.call(t.at(1), id("carol")), Err(ClientError::NotRegistered));
@@ -1419,7 +1419,7 @@ fn register_names_the_host_addresses_once_each() {
     let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
     cfg.host_candidates = vec![addr("10.1.0.3:5004"), addr("[fd00::3]:5004"), addr("10.1.0.3:5004")];
     let mut t = T::new(cfg);
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     let want = vec![host("10.1.0.3:5004"), host("[fd00::3]:5004")];
     assert!(matches!(&out.frames[..], [Frame::Register { candidates, .. }] if *candidates == want), "{out:?}");

@@ -134,7 +134,7 @@ impl Harness {
             discovered: 0,
         };
         let c = &mut h.calls;
-        c.handle_connected(t0);
+        c.handle_connected(t0, None);
         c.handle_frame(t0, Frame::Registered { public: addr("192.0.2.10:40010"), source: AddrSource::Stun });
         assert!(c.is_registered(), "REGISTERED did not register the client");
         c.handle_frame(
@@ -172,7 +172,7 @@ impl Harness {
             },
         );
         assert_eq!(c.active_calls(), 3, "the three calls should be up");
-        h.discovering.handle_connected(t0);
+        h.discovering.handle_connected(t0, None);
         h.drain();
         h
     }

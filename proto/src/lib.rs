@@ -14,7 +14,10 @@
 //!   two classes leave.
 //! * [`reconnect`]: the client's policy for its manager connection (timeouts, back-off,
 //!   waiting for a local port), which every driver follows.
-//! * [`auth`]: registration tokens (HMAC-SHA256 over id and expiry).
+//! * [`auth`]: registration tokens (HMAC-SHA256 over id and expiry), bound to a TLS
+//!   connection when there is one.
+//! * [`stream`]: the signalling byte stream, plain or TLS 1.3 (rustls's sans-IO connection),
+//!   with the registration binding (a TLS exporter value).
 //! * [`stats`]: RFC 3550 receiver statistics (loss, interarrival jitter).
 //! * [`media`]: the synthetic media source the load generator sends.
 //! * [`rng`]: the seeded generator behind everything random that may be reproducible.
@@ -32,4 +35,5 @@ pub mod rng;
 pub mod shard;
 pub mod srtp;
 pub mod stats;
+pub mod stream;
 pub mod wire;

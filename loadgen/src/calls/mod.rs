@@ -256,6 +256,7 @@ fn start_fleet(
     // Seeds differ per run: equal seeds give equal STUN transaction ids, and a second run
     // against the same manager within the bindings' 30 s would find its ids taken.
     let salt = engine::entropy::seed();
+    let tls = clients.tls();
     let (calls, talk, shared, inboxes) = (load.calls as usize, load.talk, shared.clone(), inboxes.to_vec());
     let count = kinds.len();
     let make = move |n: usize| -> Result<Member<SimApp>, Error> {
@@ -284,6 +285,7 @@ fn start_fleet(
         threads: options.threads(),
         #[cfg(target_os = "linux")]
         ring: engine::reactor::ReactorConfig { tick: options.tick, ..Default::default() },
+        tls,
     };
     Fleet::build(&spec, count, |n| n / 2, make)?.start(|_| None)
 }
