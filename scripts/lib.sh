@@ -17,7 +17,7 @@ BUILD_PACKAGES=(cmake pkg-config libasound2-dev)
 # PulseAudio server with null sinks for the sound-device test.
 TEST_PACKAGES=(iproute2 nftables iptables conntrack espeak-ng sox ffmpeg tshark
     gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-    pulseaudio pulseaudio-utils miniupnpd-nftables)
+    pulseaudio pulseaudio-utils miniupnpd-nftables openssl)
 SYSTEM_PACKAGES=("${BUILD_PACKAGES[@]}")
 
 install_system_packages() {
