@@ -71,7 +71,7 @@ impl Pair {
     }
 
     /// A frame from the client, as the server decodes it.
-    fn to_server(&mut self, f: &Frame) -> Frame {
+    fn send_to_server(&mut self, f: &Frame) -> Frame {
         self.client.send_frame(f);
         let mut bytes = Vec::new();
         self.client.take_outgoing(&mut bytes);
@@ -129,7 +129,7 @@ fn both_ends_of_a_tls_stream_agree_on_the_binding_and_frames_pass() {
     assert!(!p.client.just_established(), "said once");
     let b = p.client.binding().expect("a binding once the handshake completed");
     assert_eq!(p.server.binding(), Some(b));
-    assert_eq!(p.to_server(&Frame::Ping { nonce: 9 }), Frame::Ping { nonce: 9 });
+    assert_eq!(p.send_to_server(&Frame::Ping { nonce: 9 }), Frame::Ping { nonce: 9 });
     // Another connection, another binding.
     let mut q = Pair::new(&server, &client);
     q.pump();
@@ -152,7 +152,7 @@ fn a_replayed_register_is_refused_on_another_tls_connection_and_counted() {
     a.pump();
     let conn_a = sh.conn_opened(now, peer, 0);
     sh.conn_secured(now, conn_a, a.server.binding().unwrap(), a.server.is_resumed());
-    let captured = a.to_server(&register_frame(&id, &secret, a.client.binding()));
+    let captured = a.send_to_server(&register_frame(&id, &secret, a.client.binding()));
     let Frame::Register { auth: Some(bound), .. } = &captured else { panic!("REGISTER with a token") };
     assert_ne!(bound.mac, secret.mint(&id, 5_000).mac, "the raw token went on the wire");
     sh.conn_frame(now, conn_a, captured.clone());
@@ -163,7 +163,7 @@ fn a_replayed_register_is_refused_on_another_tls_connection_and_counted() {
     b.pump();
     let conn_b = sh.conn_opened(now, peer, 1);
     sh.conn_secured(now, conn_b, b.server.binding().unwrap(), false);
-    let replayed = b.to_server(&captured);
+    let replayed = b.send_to_server(&captured);
     sh.conn_frame(now, conn_b, replayed.clone());
     assert_eq!(errors_to(&mut sh, conn_b), (vec![ErrorCode::Unauthorized], false, true));
     assert_eq!(stats.auth_unbound.load(std::sync::atomic::Ordering::Relaxed), 1);
