@@ -104,7 +104,8 @@ pub struct FrameStream {
     decoder: FrameDecoder,
     /// Plain: encoded frames to write. TLS: the plaintext refusal, if any.
     out: Vec<u8>,
-    /// TLS: a frame's bytes before they go into a record.
+    /// TLS: frames sent since the last [`FrameStream::take_outgoing`], which puts them in
+    /// one record (one AEAD seal for a burst of frames, not one per frame).
     scratch: Vec<u8>,
     binding: Option<[u8; 32]>,
     /// Ready for frames (plain from the start; TLS once the handshake completed).
@@ -274,26 +275,20 @@ impl FrameStream {
         self.decoder.next_frame()
     }
 
-    /// Queue a frame. Over TLS it is encrypted (or waits in rustls until the handshake
-    /// completed); either way its bytes come out of [`FrameStream::take_outgoing`].
+    /// Queue a frame; its bytes come out of [`FrameStream::take_outgoing`]. Over TLS the
+    /// frames queued between two calls of it are sealed there in one record (or wait in
+    /// rustls until the handshake completed).
     pub fn send_frame(&mut self, frame: &Frame) {
-        match self.tls.as_mut() {
+        match self.tls {
             None => frame.encode(&mut self.out),
-            Some(conn) => {
-                if self.failed {
-                    return;
-                }
-                self.scratch.clear();
-                frame.encode(&mut self.scratch);
-                // Unlimited buffer (see `with`): the write takes everything.
-                let _ = conn.writer().write_all(&self.scratch);
-            }
+            Some(_) if self.failed => {}
+            Some(_) => frame.encode(&mut self.scratch),
         }
     }
 
     /// True if [`FrameStream::take_outgoing`] has bytes to give.
     pub fn wants_write(&self) -> bool {
-        !self.out.is_empty() || self.tls.as_ref().is_some_and(|c| c.wants_write())
+        !self.out.is_empty() || !self.scratch.is_empty() || self.tls.as_ref().is_some_and(|c| c.wants_write())
     }
 
     /// Append the bytes to write to the socket (frames; for TLS, records, handshake messages
@@ -301,6 +296,11 @@ impl FrameStream {
     pub fn take_outgoing(&mut self, out: &mut Vec<u8>) {
         out.append(&mut self.out);
         if let Some(conn) = self.tls.as_mut() {
+            if !self.scratch.is_empty() {
+                // Unlimited buffer (see `with`): the write takes everything.
+                let _ = conn.writer().write_all(&self.scratch);
+                self.scratch.clear();
+            }
             while conn.wants_write() {
                 match conn.write_tls(out) {
                     Ok(0) | Err(_) => break,

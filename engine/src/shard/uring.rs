@@ -497,8 +497,9 @@ impl State {
                         self.stats.inc(&self.stats.connections_slow);
                         c.closing = Some(now + CLOSE_GRACE);
                     } else {
+                        // (Its bytes are taken when the connection is advanced: the frames
+                        // of one flush go out in one TLS record.)
                         c.stream.send_frame(&frame);
-                        c.stream.take_outgoing(&mut c.pending);
                         c.pending_frames += 1;
                     }
                     self.dirty.push(slot);
@@ -614,6 +615,9 @@ impl Io {
         // No send starts once a close has given up on flushing (past its grace, or its
         // cancellations sent): nothing would cancel it.
         let flushing = c.closing.is_none_or(|d| now < d) && !c.cancel_sent;
+        if !c.abort && flushing && c.stream.wants_write() {
+            c.stream.take_outgoing(&mut c.pending);
+        }
         if !c.sending && !c.abort && flushing {
             if c.inflight.is_empty() && !c.pending.is_empty() {
                 std::mem::swap(&mut c.inflight, &mut c.pending);
