@@ -16,7 +16,7 @@ use nullpunch_fuzz::manager_conn::{self as mc, Script, Sim, MODE_LIMITS, MODE_SE
 use proto::wire::frame::{
     AddrSource, CallId, ClientId, ErrorCode, Frame, HangupReason, RejectReason, UnknownReason, VERSION,
 };
-use proto::wire::null::NullPacket;
+use proto::wire::null::{null_key, NullPacket};
 use proto::wire::rtp::{RtpHeader, OPUS_PAYLOAD_TYPE};
 use proto::wire::stun;
 
@@ -75,7 +75,7 @@ fn frame_decode(dir: &Path) {
     let every = [
         Frame::Registered { public: v4, source: AddrSource::Stun },
         Frame::Registered { public: v6, source: AddrSource::TcpPeer },
-        Frame::Call { call_ref: 9, callee: id("bob") },
+        Frame::Call { call_ref: 9, callee: id("bob"), keys: None },
         Frame::Incoming {
             call_id: CallId(1 << 48 | 5),
             token: 42,
@@ -83,8 +83,9 @@ fn frame_decode(dir: &Path) {
             caller_addr: v4,
             caller_nat: proto::nat::NatClass::Unknown,
             caller_candidates: Vec::new(),
+            caller_keys: None,
         },
-        Frame::Punched { call_id: CallId(3), udp_port: 5004 },
+        Frame::Punched { call_id: CallId(3), udp_port: 5004, keys: None },
         Frame::Start {
             call_ref: 1,
             call_id: CallId(3),
@@ -92,6 +93,7 @@ fn frame_decode(dir: &Path) {
             callee_addr: v6,
             callee_nat: proto::nat::NatClass::Unknown,
             callee_candidates: Vec::new(),
+            callee_keys: None,
         },
         Frame::Reject {
             call_ref: 0,
@@ -138,6 +140,7 @@ fn frame_decode(dir: &Path) {
             caller_addr: v4,
             caller_nat: proto::nat::NatClass::Unknown,
             caller_candidates: vec![host(addr("10.1.0.2:40000"))],
+            caller_keys: None,
         },
         Frame::Start {
             call_ref: 2,
@@ -146,6 +149,7 @@ fn frame_decode(dir: &Path) {
             callee_addr: v4,
             callee_nat: proto::nat::NatClass::Random,
             callee_candidates: vec![host(addr("10.1.0.3:40001")), host(v6)],
+            callee_keys: None,
         },
     ];
     write(dir, "candidates", &[&[0][..], &with_candidates.iter().flat_map(enc).collect::<Vec<u8>>()].concat());
@@ -157,14 +161,26 @@ fn datagram(dir: &Path) {
     let h = Harness::new();
     let mut b = [0u8; 64];
     // The callee call's peer (the caller) punches / sends media with the caller SSRC.
-    let n =
-        NullPacket { call_id: CALLEE_CALL_ID, token: CALLEE_TOKEN, keepalive: false, from_caller: true, probe: false }
-            .emit(&mut b);
+    let n = NullPacket {
+        call_id: CALLEE_CALL_ID,
+        token: CALLEE_TOKEN,
+        keepalive: false,
+        from_caller: true,
+        probe: false,
+        counter: 0,
+    }
+    .emit(&null_key(&[0; 32]), &mut b);
     let null_from_caller = b[..n].to_vec();
     write(dir, "null-punch", &null_from_caller);
-    let n =
-        NullPacket { call_id: CALLER_CALL_ID, token: CALLER_TOKEN, keepalive: true, from_caller: false, probe: false }
-            .emit(&mut b);
+    let n = NullPacket {
+        call_id: CALLER_CALL_ID,
+        token: CALLER_TOKEN,
+        keepalive: true,
+        from_caller: false,
+        probe: false,
+        counter: 0,
+    }
+    .emit(&null_key(&[0; 32]), &mut b);
     let null_from_callee = b[..n].to_vec();
     let rtp = |ssrc: u32, seq: u16, ts: u32, payload: &[u8]| {
         let mut p = vec![0u8; 12 + payload.len()];
@@ -201,8 +217,15 @@ fn datagram(dir: &Path) {
     // The birthday search's hit: the hard side's probe from its IP, then its media.
     // Its token field is the caller's probe tag, not the token.
     let tag = proto::wire::null::probe_tag(SEARCH_TOKEN, true);
-    let n = NullPacket { call_id: SEARCH_CALL_ID, token: tag, keepalive: false, from_caller: true, probe: true }
-        .emit(&mut b);
+    let n = NullPacket {
+        call_id: SEARCH_CALL_ID,
+        token: tag,
+        keepalive: false,
+        from_caller: true,
+        probe: true,
+        counter: 0,
+    }
+    .emit(&null_key(&[0; 32]), &mut b);
     let probe = b[..n].to_vec();
     let search_rtp = rtp(SEARCH_TOKEN as u32, 7, 960, b"found");
     write(dir, "search-hit", &datagram::join(&[&probe, &search_rtp]));
@@ -223,7 +246,7 @@ fn manager_conn(dir: &Path) {
     let (a, b) = (0usize, 1usize);
     let alice = register("alice", 40000, 1, None, None);
     let bob = register("bob", 40001, 1, None, None);
-    let call = |callee: &str| enc(&Frame::Call { call_ref: 1, callee: id(callee) });
+    let call = |callee: &str| enc(&Frame::Call { call_ref: 1, callee: id(callee), keys: None });
 
     let mut s = Script::new(0);
     s.raw(a, &alice).raw(b, &bob).deliver().deliver().deliver();
@@ -246,7 +269,7 @@ fn manager_conn(dir: &Path) {
         })
         .expect("bob got INCOMING");
     let base = s.0.clone();
-    s.frame(b, &Frame::Punched { call_id, udp_port: 40001 }).deliver().deliver().deliver();
+    s.frame(b, &Frame::Punched { call_id, udp_port: 40001, keys: None }).deliver().deliver().deliver();
     s.frame(a, &Frame::Hangup { call_id, reason: HangupReason::Normal }).deliver().deliver().deliver();
     write(dir, "call-hangup", &s.0);
 
@@ -270,7 +293,7 @@ fn manager_conn(dir: &Path) {
     write(dir, "call-ring-timeout", &s.0);
 
     let mut s = Script(base);
-    s.frame(b, &Frame::Punched { call_id, udp_port: 40001 }).deliver().deliver().deliver();
+    s.frame(b, &Frame::Punched { call_id, udp_port: 40001, keys: None }).deliver().deliver().deliver();
     s.close(b).deliver().deliver().deliver();
     write(dir, "call-callee-gone", &s.0);
 

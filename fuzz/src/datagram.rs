@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use proto::client::{Client, ClientConfig, Event, Output};
 use proto::wire::frame::{AddrSource, CallId, ClientId, Frame};
-use proto::wire::null::{NullPacket, NULL_LEN};
+use proto::wire::null::{null_key, NullPacket, NULL_LEN, NULL_MAC_START};
 use proto::wire::rtp::{RtpHeader, HEADER_LEN as RTP_HEADER_LEN};
 use proto::wire::stun::{self, StunMessage, MAX_RESPONSE_LEN};
 use proto::wire::{classify, DatagramKind};
@@ -146,6 +146,7 @@ impl Harness {
                 caller_addr: caller_addr(),
                 caller_nat: proto::nat::NatClass::Unknown,
                 caller_candidates: Vec::new(),
+                caller_keys: None,
             },
         );
         let handle = c.call(t0, id("bob")).expect("registered client can call");
@@ -158,6 +159,7 @@ impl Harness {
                 callee_addr: callee_addr(),
                 callee_nat: proto::nat::NatClass::Unknown,
                 callee_candidates: Vec::new(),
+                callee_keys: None,
             },
         );
         c.handle_frame(
@@ -169,6 +171,7 @@ impl Harness {
                 caller_addr: searcher_addr(),
                 caller_nat: proto::nat::NatClass::Random,
                 caller_candidates: Vec::new(),
+                caller_keys: None,
             },
         );
         assert_eq!(c.active_calls(), 3, "the three calls should be up");
@@ -253,7 +256,9 @@ impl Harness {
         let other_port = 1024 + (d.iter().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b))) % 64_512);
         let searcher_other = SocketAddr::new(searcher_addr().ip(), other_port as u16);
         for from in [caller_addr(), callee_addr(), stun_server(), stranger(), searcher_addr(), searcher_other] {
-            if let Some(r) = self.calls.handle_datagram(now, from, d) {
+            // (The client may transform a datagram in place: each source gets a fresh copy.)
+            let mut buf = d.to_vec();
+            if let Some(r) = self.calls.handle_datagram(now, from, &mut buf) {
                 assert_eq!(classify(d), DatagramKind::Rtp, "media returned for a non-RTP datagram");
                 let (h, payload) = RtpHeader::parse(d).expect("media returned for unparsable RTP");
                 assert_eq!(r.header, h, "returned header differs from the parsed one");
@@ -261,7 +266,8 @@ impl Harness {
             }
         }
         for from in [stun_server(), stranger()] {
-            let r = self.discovering.handle_datagram(now, from, d);
+            let mut buf = d.to_vec();
+            let r = self.discovering.handle_datagram(now, from, &mut buf);
             assert!(r.is_none(), "a client with no calls returned media");
         }
         self.drain();
@@ -300,9 +306,11 @@ pub fn check_parsers(d: &[u8]) {
 
     if let Ok(p) = NullPacket::parse(d) {
         assert_eq!(kind, DatagramKind::Null, "null packet classified as {kind:?}");
+        // Its fields re-emit identically (the MAC depends on the call's key, any key here).
         let mut b = [0u8; NULL_LEN];
-        let n = p.emit(&mut b);
-        assert_eq!(&b[..n], d, "null packet re-emits differently");
+        let n = p.emit(&null_key(&[0; 32]), &mut b);
+        assert_eq!(n, d.len(), "null packet re-emits at another length");
+        assert_eq!(&b[..NULL_MAC_START], &d[..NULL_MAC_START], "null packet re-emits differently");
     }
 
     if let Ok((h, payload)) = RtpHeader::parse(d) {

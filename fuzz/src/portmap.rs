@@ -168,7 +168,7 @@ pub fn run(data: &[u8]) {
                 assert!(d.windows(2).any(|w| w == p), "mapping {e} not in the answer {d:02x?}");
             }
         }
-        client.c.handle_datagram(now, router(), d);
+        client.c.handle_datagram(now, router(), &mut d.to_vec());
         client.drain();
     }
     // Two hours on: renewals go unanswered, mappings expire, nothing spins.
