@@ -53,7 +53,7 @@ fn session_lookup(c: &mut Criterion) {
     let mut cfg = ClientConfig::new(ClientId::new("callee").unwrap(), 5000);
     cfg.srtp_suites = vec![proto::e2e::SUITE_NONE];
     let mut client = Client::new(cfg, 1);
-    client.handle_connected(t0);
+    client.handle_connected(t0, None);
     client.handle_frame(t0, Frame::Registered { public: "192.0.2.2:5000".parse().unwrap(), source: AddrSource::Stun });
     let calls = 1000u64;
     let mut peers = Vec::new();

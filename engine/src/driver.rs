@@ -19,7 +19,9 @@ use tokio::net::{TcpStream, UdpSocket};
 use proto::client::{CallHandle, Client, ClientError, Event, Output, Received, SocketId, Transmit};
 use proto::reconnect::{ConnectError, GiveUp, Next, Reconnect, CONNECT_TIMEOUT};
 use proto::rng::Rng;
-use proto::wire::frame::FrameDecoder;
+use proto::stream::{FrameStream, StreamError};
+
+use crate::tls::ClientTls;
 
 /// Largest datagram the driver receives; longer ones are truncated by the kernel and then
 /// rejected by the parsers.
@@ -230,6 +232,15 @@ pub enum DriverError {
     /// The UDP socket failed.
     #[error("udp socket error: {0}")]
     Udp(io::Error),
+    /// TLS with the manager failed before any connection was secured (its certificate is
+    /// not trusted, it does not speak TLS, ...): retrying cannot help.
+    #[error("TLS with the manager {addr} failed: {source}")]
+    Tls {
+        /// The manager's address.
+        addr: SocketAddr,
+        /// What failed (rustls's text for a TLS error).
+        source: StreamError,
+    },
 }
 
 /// Counters kept by the driver itself.
@@ -252,6 +263,29 @@ pub struct DriverCounters {
     /// First-connection attempts that found no free local port (EADDRNOTAVAIL) and were
     /// tried again (see [`DriverError::NoLocalPort`]).
     pub port_waits: u64,
+    /// TLS handshakes completed with the manager.
+    pub tls_handshakes: u64,
+    /// Of those, resumed (a session ticket from an earlier connection).
+    pub tls_resumed: u64,
+    /// TLS failures (handshake or record) on a manager connection (it was dropped).
+    pub tls_errors: u64,
+}
+
+/// A new manager connection's stream: TLS with `tls`, else plain.
+pub(crate) fn new_stream(tls: Option<&ClientTls>, manager: SocketAddr) -> Result<FrameStream, DriverError> {
+    crate::tls::client_stream(tls).map_err(|source| DriverError::Tls { addr: manager, source })
+}
+
+/// What a driver does once a stream became ready for frames (at once on plain TCP, after
+/// the handshake on TLS): count it and tell the client, with the TLS binding.
+pub(crate) fn established(client: &mut Client, stream: &FrameStream, counters: &mut DriverCounters, now: Instant) {
+    if stream.is_tls() {
+        counters.tls_handshakes += 1;
+        if stream.is_resumed() {
+            counters.tls_resumed += 1;
+        }
+    }
+    client.handle_connected(now, stream.binding());
 }
 
 /// What the application sees of the driver during a callback.
@@ -349,7 +383,7 @@ pub async fn run<A: App>(
     app: &mut A,
     shutdown: impl Future<Output = ()>,
 ) -> Result<DriverCounters, DriverError> {
-    run_with_wake(client, udp, manager, app, shutdown, None).await
+    run_with_wake(client, udp, manager, app, shutdown, None, None).await
 }
 
 /// The source address of a client's manager connection: the IP its UDP socket is bound to,
@@ -423,9 +457,11 @@ pub(crate) fn set_bind_no_port(fd: &impl std::os::fd::AsRawFd) {
     }
 }
 
-/// Like [`run`], and also calls [`App::on_wakeup`] whenever `wake` is notified. tokio's
-/// timers have millisecond granularity; a load generator that needs finer scheduling keeps
-/// its own precise clock thread and wakes the app through this.
+/// Like [`run`], and also calls [`App::on_wakeup`] whenever `wake` is notified, and speaks
+/// TLS to the manager with `tls` (the client registers once each handshake completed; a TLS
+/// failure before the first one succeeded ends the driver with [`DriverError::Tls`]).
+/// tokio's timers have millisecond granularity; a load generator that needs finer
+/// scheduling keeps its own precise clock thread and wakes the app through this.
 pub async fn run_with_wake<A: App>(
     client: &mut Client,
     udp: &UdpSocket,
@@ -433,6 +469,7 @@ pub async fn run_with_wake<A: App>(
     app: &mut A,
     shutdown: impl Future<Output = ()>,
     wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+    tls: Option<ClientTls>,
 ) -> Result<DriverCounters, DriverError> {
     let mut counters = DriverCounters::default();
     let mut rng = crate::entropy::rng();
@@ -450,9 +487,19 @@ pub async fn run_with_wake<A: App>(
     policy.connected();
     let (rd, wr) = stream.into_split();
     let mut tcp: Option<(OwnedReadHalf, OwnedWriteHalf)> = Some((rd, wr));
-    client.handle_connected(Instant::now());
+    let mut stream = match new_stream(tls.as_ref(), manager) {
+        Ok(s) => s,
+        Err(e) => {
+            app.on_failed(&e);
+            return Err(e);
+        }
+    };
+    // A TLS handshake has completed on some connection (a later TLS failure is retried).
+    let mut secured = false;
+    if stream.just_established() {
+        established(client, &stream, &mut counters, Instant::now());
+    }
 
-    let mut decoder = FrameDecoder::new();
     let mut rbuf = vec![0u8; 16 * 1024];
     let mut wbuf: Vec<u8> = Vec::with_capacity(4096);
     let state = quinn_udp::UdpSocketState::new(udp.into()).map_err(DriverError::Udp)?;
@@ -468,7 +515,8 @@ pub async fn run_with_wake<A: App>(
 
     loop {
         let now = Instant::now();
-        drain(client, app, Out::Tokio(udp, &state, &mut search), &mut sbuf, &mut wbuf, &mut counters, now);
+        drain(client, app, Out::Tokio(udp, &state, &mut search), &mut sbuf, &mut stream, &mut counters, now);
+        stream.take_outgoing(&mut wbuf);
         if let Some((_, wr)) = tcp.as_mut() {
             if !wbuf.is_empty() {
                 let res = wr.write_all(&wbuf).await;
@@ -477,7 +525,7 @@ pub async fn run_with_wake<A: App>(
                     lost_connection(
                         client,
                         &mut tcp,
-                        &mut decoder,
+                        &mut stream,
                         &mut counters,
                         &mut next_connect,
                         &mut policy,
@@ -519,7 +567,16 @@ pub async fn run_with_wake<A: App>(
                         counters.connects += 1;
                         policy.connected();
                         tcp = Some(s.into_split());
-                        client.handle_connected(Instant::now());
+                        match new_stream(tls.as_ref(), manager) {
+                            Ok(st) => stream = st,
+                            Err(e) => {
+                                app.on_failed(&e);
+                                return Err(e);
+                            }
+                        }
+                        if stream.just_established() {
+                            established(client, &stream, &mut counters, Instant::now());
+                        }
                     }
                     // Once connected, the policy only retries.
                     Err(e) => next_connect = match policy.failed(Instant::now(), connect_error(&e), &mut rng) {
@@ -536,21 +593,41 @@ pub async fn run_with_wake<A: App>(
                 let now = Instant::now();
                 match r {
                     Ok(n) if n > 0 => {
-                        decoder.push(&rbuf[..n]);
+                        if let Err(e) = stream.receive(&rbuf[..n]) {
+                            // Say why to the manager (a TLS alert), then drop the connection.
+                            stream.take_outgoing(&mut wbuf);
+                            if let Some((_, wr)) = tcp.as_mut() {
+                                let _ = wr.write_all(&wbuf).await;
+                            }
+                            wbuf.clear();
+                            counters.tls_errors += 1;
+                            if !secured {
+                                let e = DriverError::Tls { addr: manager, source: e };
+                                app.on_failed(&e);
+                                return Err(e);
+                            }
+                            tracing::warn!("manager connection: {e}");
+                            lost_connection(client, &mut tcp, &mut stream, &mut counters, &mut next_connect, &mut policy, &mut rng);
+                            continue;
+                        }
+                        if stream.just_established() {
+                            secured = true;
+                            established(client, &stream, &mut counters, now);
+                        }
                         loop {
-                            match decoder.next_frame() {
+                            match stream.next_frame() {
                                 Ok(Some(f)) => client.handle_frame(now, f),
                                 Ok(None) => break,
                                 Err(e) => {
                                     tracing::warn!("bad frame from manager: {e}");
                                     counters.frame_errors += 1;
-                                    lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut policy, &mut rng);
+                                    lost_connection(client, &mut tcp, &mut stream, &mut counters, &mut next_connect, &mut policy, &mut rng);
                                     break;
                                 }
                             }
                         }
                     }
-                    _ => lost_connection(client, &mut tcp, &mut decoder, &mut counters, &mut next_connect, &mut policy, &mut rng),
+                    _ => lost_connection(client, &mut tcp, &mut stream, &mut counters, &mut next_connect, &mut policy, &mut rng),
                 }
             }
             r = udp.readable() => {
@@ -628,7 +705,7 @@ pub async fn run_with_wake<A: App>(
 fn lost_connection(
     client: &mut Client,
     tcp: &mut Option<(OwnedReadHalf, OwnedWriteHalf)>,
-    decoder: &mut FrameDecoder,
+    stream: &mut FrameStream,
     counters: &mut DriverCounters,
     next_connect: &mut Option<Instant>,
     policy: &mut Reconnect,
@@ -637,26 +714,27 @@ fn lost_connection(
     if tcp.take().is_some() {
         counters.disconnects += 1;
     }
-    *decoder = FrameDecoder::new();
+    // Frames queued meanwhile go nowhere (the next connection has a stream of its own).
+    *stream = FrameStream::plain();
     client.handle_disconnected(Instant::now());
     *next_connect = Some(policy.lost(Instant::now(), rng));
 }
 
-/// Drain the client's output in its order until it is empty: frames are encoded into
-/// `wbuf` (the driver writes them after the drain), control datagrams sent at once, events
-/// handed to the app (which may queue more). The one drain loop of both drivers.
+/// Drain the client's output in its order until it is empty: frames go into `stream` (the
+/// driver writes its outgoing bytes after the drain), control datagrams are sent at once,
+/// events handed to the app (which may queue more). The one drain loop of both drivers.
 pub(crate) fn drain<A: App>(
     client: &mut Client,
     app: &mut A,
     mut out: Out<'_>,
     sbuf: &mut [u8],
-    wbuf: &mut Vec<u8>,
+    stream: &mut FrameStream,
     counters: &mut DriverCounters,
     now: Instant,
 ) {
     loop {
         match client.poll_output(sbuf) {
-            Ok(Output::Frame(f)) => f.encode(wbuf),
+            Ok(Output::Frame(f)) => stream.send_frame(&f),
             Ok(Output::Transmit(Transmit { from, to, len })) => send(&mut out, from, &sbuf[..len], to, counters),
             Ok(Output::OpenSocket(id)) => {
                 if !out.open(id) {

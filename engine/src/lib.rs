@@ -11,6 +11,8 @@
 //! * [`shard`]: what the manager's shard threads share whichever IO runs them, and their
 //!   io_uring IO (`shard::uring`, Linux).
 //! * [`entropy`]: seeds and unpredictable values drawn from outside the protocol.
+//! * [`tls`]: TLS configurations for the manager connection (PEM files, a CA or a pin); the
+//!   TLS layer itself is `proto::stream`.
 //! * [`sys`]: safe wrappers over the process-level calls the binaries need (limits, CPU time),
 //!   and their logger ([`sys::init_logging`]).
 //!
@@ -27,5 +29,6 @@ pub mod reactor;
 mod search;
 pub mod shard;
 pub mod sys;
+pub mod tls;
 #[cfg(target_os = "linux")]
 pub mod uring;

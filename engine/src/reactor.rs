@@ -50,7 +50,7 @@ use crate::uring::{Completion, Pending, Ring, Sock};
 use proto::client::{Client, SocketId};
 use proto::reconnect::{Next, Reconnect, CONNECT_TIMEOUT};
 use proto::rng::Rng;
-use proto::wire::frame::FrameDecoder;
+use proto::stream::FrameStream;
 
 /// Frames waiting for a manager that stopped reading, beyond which the connection is
 /// dropped (and re-made) rather than buffered without bound.
@@ -184,6 +184,9 @@ pub struct Unit<A> {
     pub wake: Option<Arc<Wake>>,
     /// Connect to the manager at this time, not at once (to ramp up many clients).
     pub connect_at: Option<Instant>,
+    /// Speak TLS to the manager with this configuration (its session cache serves this
+    /// unit's reconnects).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// A unit after its app is done (or the reactor stopped).
@@ -246,8 +249,12 @@ struct Slot<A> {
     wake: Option<Arc<Wake>>,
     tcp: Tcp,
     gen: u8,
-    decoder: FrameDecoder,
-    /// Frames waiting for the send in flight to complete.
+    /// The manager connection's frames (plain or TLS).
+    stream: FrameStream,
+    tls: Option<crate::tls::ClientTls>,
+    /// A TLS handshake has completed on some connection (a later TLS failure is retried).
+    secured: bool,
+    /// Bytes (frames, TLS records) waiting for the send in flight to complete.
     wbuf: Vec<u8>,
     /// The bytes of the last send (held by the ring while it is in flight, handed back by
     /// its completion) and how many of them went out.
@@ -408,7 +415,9 @@ impl<'s, A: App> Reactor<'s, A> {
             wake: u.wake,
             tcp: Tcp::Down { retry_at: u.connect_at.unwrap_or(now) },
             gen: 0,
-            decoder: FrameDecoder::new(),
+            stream: FrameStream::plain(),
+            tls: u.tls,
+            secured: false,
             wbuf: Vec::new(),
             inflight: Vec::new(),
             sent: 0,
@@ -716,7 +725,14 @@ impl<'s, A: App> Reactor<'s, A> {
         s.counters.connects += 1;
         s.policy.connected();
         s.tcp = Tcp::Up;
-        s.client.handle_connected(now);
+        s.stream = match driver::new_stream(s.tls.as_ref(), self.manager) {
+            Ok(st) => st,
+            Err(e) => return self.finish(u, Err(e)),
+        };
+        // (A TLS stream's ClientHello goes out with the unit's next flush.)
+        if s.stream.just_established() {
+            driver::established(&mut s.client, &s.stream, &mut s.counters, now);
+        }
         if let Err(e) = self.ring.recv_stream(Sock::Fixed(tcp_entry(u)), token(u, gen, TK_RECV)) {
             tracing::warn!("arming the manager connection's receive: {e}");
             return self.lost(u, now);
@@ -778,9 +794,24 @@ impl<'s, A: App> Reactor<'s, A> {
             return; // a receive of an earlier connection
         }
         if res > 0 {
-            s.decoder.push(data);
+            if let Err(e) = s.stream.receive(data) {
+                s.counters.tls_errors += 1;
+                if !s.secured {
+                    // Retrying cannot help: say why to the manager (the alert goes out before
+                    // the close) and end the unit.
+                    s.stream.take_outgoing(&mut s.wbuf);
+                    self.flush_tcp(u, now);
+                    return self.finish(u, Err(DriverError::Tls { addr: self.manager, source: e }));
+                }
+                tracing::warn!("manager connection: {e}");
+                return self.lost(u, now);
+            }
+            if s.stream.just_established() {
+                s.secured = true;
+                driver::established(&mut s.client, &s.stream, &mut s.counters, now);
+            }
             loop {
-                match s.decoder.next_frame() {
+                match s.stream.next_frame() {
                     Ok(Some(f)) => s.client.handle_frame(now, f),
                     Ok(None) => break,
                     Err(e) => {
@@ -893,7 +924,7 @@ impl<'s, A: App> Reactor<'s, A> {
         let old = std::mem::replace(&mut s.tcp, Tcp::Down { retry_at: now });
         let gen = s.gen;
         s.gen = s.gen.wrapping_add(1);
-        s.decoder = FrameDecoder::new();
+        s.stream = FrameStream::plain();
         s.wbuf.clear();
         if !matches!(old, Tcp::Down { .. }) {
             self.close_entry(u, gen);
@@ -999,7 +1030,7 @@ impl<'s, A: App> Reactor<'s, A> {
                 &mut s.app,
                 Out::Ring(&mut self.ring, out, &mut s.search),
                 &mut self.sbuf,
-                &mut s.wbuf,
+                &mut s.stream,
                 &mut s.counters,
                 now,
             );
@@ -1016,11 +1047,13 @@ impl<'s, A: App> Reactor<'s, A> {
                     &mut s.app,
                     Out::Ring(&mut self.ring, out, &mut s.search),
                     &mut self.sbuf,
-                    &mut s.wbuf,
+                    &mut s.stream,
                     &mut s.counters,
                     now,
                 );
             }
+            let s = &mut self.slots[u as usize];
+            s.stream.take_outgoing(&mut s.wbuf);
             // Search sockets opened during the drain receive from the next reap on.
             let added = std::mem::take(&mut self.slots[u as usize].search.added);
             for (sock, id) in added {

@@ -197,7 +197,7 @@ impl T {
     /// (REGISTER and the Registered event already drained).
     fn registered() -> T {
         let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
-        t.c.handle_connected(t.at(0));
+        t.c.handle_connected(t.at(0), None);
         let out = t.drain();
         assert!(matches!(out.frames[..], [Frame::Register { .. }]), "{out:?}");
         let out = t.frame(0, Frame::Registered { public: public(), source: AddrSource::TcpPeer });
@@ -454,7 +454,7 @@ fn binding_success(txid: &[u8; 12], mapped: SocketAddr) -> Vec<u8> {
 #[test]
 fn unanswered_discovery_retries_four_times_then_registers_without_binding() {
     let mut t = stun_client();
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     assert!(out.frames.is_empty() && out.events.is_empty(), "nothing but STUN before discovery ends: {out:?}");
     assert_eq!(out.dgrams.len(), 1);
@@ -496,7 +496,7 @@ fn unanswered_discovery_retries_four_times_then_registers_without_binding() {
 #[test]
 fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
     let mut t = stun_client();
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     let txid = binding_request(out.dgrams[0].0, &out.dgrams[0].1);
     let log = t.run_until(300);
@@ -559,7 +559,7 @@ fn answered_discovery_registers_with_the_binding_and_ignores_stray_responses() {
 #[test]
 fn without_a_stun_server_register_goes_out_at_once() {
     let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     assert_eq!(
         out.frames,
@@ -584,7 +584,7 @@ fn without_a_stun_server_register_goes_out_at_once() {
 fn call_needs_registered_and_sends_call_with_the_handle_as_call_ref() {
     let mut t = T::new(ClientConfig::new(id("bob"), LOCAL_PORT));
     assert_eq!(t.c.call(t.at(0), id("carol")), Err(ClientError::NotRegistered));
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     t.drain();
     // REGISTER sent, REGISTERED not yet received.
     assert_eq!(t.c.call(t.at(1), id("carol")), Err(ClientError::NotRegistered));
@@ -1436,7 +1436,7 @@ fn register_names_the_host_addresses_once_each() {
     let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
     cfg.host_candidates = vec![addr("10.1.0.3:5004"), addr("[fd00::3]:5004"), addr("10.1.0.3:5004")];
     let mut t = T::new(cfg);
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     let out = t.drain();
     let want = vec![host("10.1.0.3:5004"), host("[fd00::3]:5004")];
     assert!(matches!(&out.frames[..], [Frame::Register { candidates, .. }] if *candidates == want), "{out:?}");
@@ -1634,7 +1634,7 @@ fn a_callee_declines_a_call_whose_keys_it_cannot_agree() {
     let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
     cfg.srtp_suites = vec![e2e::SUITE_NONE];
     let mut t = T::new(cfg);
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     t.drain();
     t.frame(0, Frame::Registered { public: public(), source: AddrSource::TcpPeer });
     let out = t.frame(1, incoming_frame());
@@ -1651,7 +1651,7 @@ fn a_callee_declines_a_call_whose_keys_it_cannot_agree() {
     let mut cfg = ClientConfig::new(id("bob"), LOCAL_PORT);
     cfg.peer_key = Some(pinned.public());
     let mut t = T::new(cfg);
-    t.c.handle_connected(t.at(0));
+    t.c.handle_connected(t.at(0), None);
     t.drain();
     t.frame(0, Frame::Registered { public: public(), source: AddrSource::TcpPeer });
     let out = t.frame(1, incoming_frame());

@@ -158,7 +158,7 @@ fn run_client(
             })
         }
         Io::Uring => {
-            let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None };
+            let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None, tls: None };
             let mut done =
                 engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
             done.pop().unwrap().result.map_err(|e| e.to_string())
@@ -373,6 +373,7 @@ fn one_ring_thread_runs_many_clients() {
             app,
             wake: None,
             connect_at: None,
+            tls: None,
         });
     }
     let stop = engine::reactor::Stop::new();
@@ -437,7 +438,14 @@ fn ring_clients_hold_no_descriptors_of_the_process() {
             let mut c = ClientConfig::new(ClientId::new(format!("fd-{i}")).unwrap(), udp.local_addr().unwrap().port());
             c.stun_server = Some(addr);
             let app = TestApp::new(None, false, p);
-            r.add(engine::reactor::Unit { client: Client::new(c, i as u64), udp, app, wake: None, connect_at: None })?;
+            r.add(engine::reactor::Unit {
+                client: Client::new(c, i as u64),
+                udp,
+                app,
+                wake: None,
+                connect_at: None,
+                tls: None,
+            })?;
         }
         r.run()
     });

@@ -143,7 +143,7 @@ impl Harness {
         let alice = HandPeer::offer(&[1; 32], &[SUITE_AES_128_GCM]);
         let carol = HandPeer::offer(&[3; 32], &[SUITE_AES_128_GCM]);
         let c = &mut h.calls;
-        c.handle_connected(t0);
+        c.handle_connected(t0, None);
         c.handle_frame(t0, Frame::Registered { public: addr("192.0.2.10:40010"), source: AddrSource::Stun });
         assert!(c.is_registered(), "REGISTERED did not register the client");
         c.handle_frame(
@@ -220,7 +220,7 @@ impl Harness {
             (SEARCH_CALL_ID, SEARCH_TOKEN, carol),
         ];
         assert_eq!(c.active_calls(), 3, "the three calls should be up");
-        h.discovering.handle_connected(t0);
+        h.discovering.handle_connected(t0, None);
         h.drain();
         h
     }
@@ -375,6 +375,7 @@ pub fn check_parsers(d: &[u8]) {
 
     if let Ok(p) = NullPacket::parse(d) {
         assert_eq!(kind, DatagramKind::Null, "null packet classified as {kind:?}");
+        // Its fields re-emit identically (the MAC depends on the call's key, any key here).
         let mut b = [0u8; NULL_LEN];
         let k = proto::wire::null::null_key(&[0; 32]);
         let n = p.emit(&k, &mut b);

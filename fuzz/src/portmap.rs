@@ -139,7 +139,7 @@ pub fn run(data: &[u8]) {
     let mut cfg = ClientConfig::new(ClientId::new("fuzz-map").expect("fixed id"), PORT);
     cfg.port_mapping = Some((router(), CLIENT_IP));
     let mut client = ClientSide { c: Client::new(cfg, 21), registers: 0 };
-    client.c.handle_connected(t0);
+    client.c.handle_connected(t0, None);
     client.drain();
 
     let mut now = t0;

@@ -321,6 +321,7 @@ pub fn run(a: &Audio, target: &Target, options: &fleet::Options, output: &Output
         threads: 1,
         #[cfg(target_os = "linux")]
         ring: Default::default(),
+        tls: target.tls.clone(),
     };
     // The listener registers first.
     let talker_at = Instant::now() + Duration::from_millis(200);

@@ -128,6 +128,18 @@ struct Common {
     /// Plain RTP instead of SRTP: only to measure what SRTP costs.
     #[arg(long, conflicts_with = "srtp_suite")]
     no_srtp: bool,
+    /// TLS 1.3 between the clients and the manager: an embedded manager serves it with a
+    /// throwaway certificate; an external one (--manager) is trusted through --ca or --pin.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls and --manager: trust the manager's certificate if it chains to a
+    /// certificate in this PEM file (it must name the manager's IP address).
+    #[arg(long, value_name = "PEM", requires = "tls", conflicts_with = "pin")]
+    ca: Option<std::path::PathBuf>,
+    /// With --tls and --manager: trust exactly the manager certificate with this SHA-256
+    /// fingerprint of its DER (hex, colons allowed).
+    #[arg(long, value_name = "SHA256", requires = "tls", value_parser = parse_pin)]
+    pin: Option<[u8; 32]>,
 }
 
 fn parse_suite(s: &str) -> Result<u8, String> {
@@ -534,15 +546,27 @@ impl Common {
         io: engine::driver::Io,
         limits: Limits,
         secret: Secret,
-    ) -> Target {
+    ) -> Result<Target, Error> {
         let mut t = Target::new(external, Embedded { ip: self.bind_ip, shards, io, limits }, secret);
+        if self.tls {
+            let trust = match (&self.ca, self.pin) {
+                (Some(ca), _) => Some(engine::tls::Trust::Ca(ca.clone())),
+                (None, Some(pin)) => Some(engine::tls::Trust::Pin(pin)),
+                (None, None) => None,
+            };
+            t = t.with_tls(trust)?;
+        }
         t.srtp_suites = match (self.no_srtp, self.srtp_suite) {
             (true, _) => vec![proto::e2e::SUITE_NONE],
             (false, Some(s)) => vec![s],
             (false, None) => vec![proto::e2e::SUITE_AES_128_GCM],
         };
-        t
+        Ok(t)
     }
+}
+
+fn parse_pin(s: &str) -> Result<[u8; 32], String> {
+    engine::tls::parse_pin(s).map_err(|e| e.to_string())
 }
 
 /// `--out DIR` must be a directory this process can write: made if missing, refused if it
@@ -615,7 +639,7 @@ fn setup(a: SetupArgs, secret: Secret) -> Result<Run, Error> {
     let io = choose_io(&a.common.io)?;
     Ok(Run {
         scenario: Scenario::Setup(load),
-        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
+        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret)?,
         fleet: a.common.fleet(io, Some(&a.tick)),
         output: a.common.output(&a.metrics, Some(a.live.live_every))?,
     })
@@ -643,7 +667,7 @@ fn hostile(h: HostileArgs, secret: Secret) -> Result<Run, Error> {
     output.progress = false;
     Ok(Run {
         scenario: Scenario::Hostile(Hostile { load, attack, flood }),
-        target: h.common.target(external, h.shards, io, Limits::Production, secret),
+        target: h.common.target(external, h.shards, io, Limits::Production, secret)?,
         fleet: h.common.fleet(io, Some(&h.tick)),
         output,
     })
@@ -676,7 +700,7 @@ fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
     let io = choose_io(&a.common.io)?;
     Ok(Run {
         scenario: Scenario::Sessions(Sessions { load, window, idle: a.idle }),
-        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
+        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret)?,
         fleet: a.common.fleet(io, Some(&a.tick)),
         output: a.common.output(&a.metrics, Some(a.live.live_every))?,
     })
@@ -694,7 +718,7 @@ fn register(a: RegisterArgs, secret: Secret) -> Result<Run, Error> {
     };
     Ok(Run {
         scenario: Scenario::Register(scenario),
-        target: a.common.target(external, a.shards, io, Limits::Off, secret),
+        target: a.common.target(external, a.shards, io, Limits::Off, secret)?,
         fleet: a.common.fleet(io, None),
         output: a.common.output(&MetricsArg::default(), None)?,
     })
@@ -716,7 +740,7 @@ fn audio(a: AudioArgs, secret: Secret) -> Result<Run, Error> {
     Ok(Run {
         scenario: Scenario::AudioLatency(scenario),
         // One shard: a call between two clients.
-        target: a.common.target(external(manager), 1, io, Limits::Off, secret),
+        target: a.common.target(external(manager), 1, io, Limits::Off, secret)?,
         fleet: a.common.fleet(io, None),
         output: a.common.output(&MetricsArg::default(), None)?,
     })
@@ -764,7 +788,7 @@ fn soak(a: SoakArgs, secret: Secret) -> Result<Run, Error> {
     };
     Ok(Run {
         scenario: Scenario::Soak(scenario),
-        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret),
+        target: a.common.target(external(manager), a.shards, io, Limits::Off, secret)?,
         fleet: a.common.fleet(io, Some(&a.tick)),
         output: a.common.output(&a.metrics, None)?,
     })

@@ -152,6 +152,7 @@ pub fn run(reg: &Register, target: &Target, options: &fleet::Options, output: &O
         // Small rings: a registered client has nothing to receive but keepalives.
         #[cfg(target_os = "linux")]
         ring: engine::reactor::ReactorConfig { recv_buffers: 1024, send_slots: 1024, ..Default::default() },
+        tls: target.tls.clone(),
     };
     let make = {
         let (clients, sources, prefix) = (Clients::new(manager.addr(), target), sources.clone(), reg.id_prefix.clone());

@@ -23,6 +23,9 @@ pub struct Target {
     /// The SRTP suites every simulated client offers and accepts ([`proto::e2e`] codes;
     /// `--no-srtp`: plain RTP).
     pub srtp_suites: Vec<u8>,
+    /// TLS to the manager (`--tls`): how the clients trust it. An embedded manager then
+    /// serves TLS with a throwaway certificate ([`Target::with_tls`]).
+    pub tls: Option<engine::tls::ClientTls>,
 }
 
 /// Where the manager is.
@@ -76,7 +79,43 @@ impl Target {
             Some(e) => Manager::External(e),
             None => Manager::Embedded(Box::new(embedded_config(embedded, secret.clone()))),
         };
-        Target { manager, secret, srtp_suites: vec![proto::e2e::SUITE_AES_128_GCM, proto::e2e::SUITE_AES_CM_SHA1_80] }
+        Target {
+            manager,
+            secret,
+            srtp_suites: vec![proto::e2e::SUITE_AES_128_GCM, proto::e2e::SUITE_AES_CM_SHA1_80],
+            tls: None,
+        }
+    }
+
+    /// Speak TLS to the manager. An embedded one gets a throwaway certificate (rcgen: a
+    /// P-256 key, the SANs `localhost` and its IP) that the clients trust as their CA; an
+    /// external one is trusted as `trust` says (`--ca` or `--pin`, required), its
+    /// certificate checked against its IP address.
+    pub fn with_tls(mut self, trust: Option<engine::tls::Trust>) -> Result<Target, Error> {
+        let tls_err = |e: engine::tls::TlsError| Error::Flags(format!("--tls: {e}"));
+        match &mut self.manager {
+            Manager::Embedded(cfg) => {
+                let ip = cfg.listen.ip();
+                let ck = rcgen::generate_simple_self_signed(vec![ip.to_string(), "localhost".to_string()])
+                    .map_err(|e| Error::Flags(format!("--tls: a throwaway certificate: {e}")))?;
+                let cert = ck.cert.der().clone();
+                let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+                cfg.tls = Some(engine::tls::server_config(vec![cert.clone()], key).map_err(tls_err)?);
+                let trust = engine::tls::Trust::Certs(vec![cert]);
+                self.tls = Some(engine::tls::ClientTls::new(&trust, &ip.to_string()).map_err(tls_err)?);
+            }
+            Manager::External(e) => {
+                let Some(trust) = trust else {
+                    return Err(Error::Flags(
+                        "--tls with --manager needs --ca PEM or --pin SHA256 to trust the manager's certificate \
+                         (there are no system roots)"
+                            .into(),
+                    ));
+                };
+                self.tls = Some(engine::tls::ClientTls::new(&trust, &e.addr.ip().to_string()).map_err(tls_err)?);
+            }
+        }
+        Ok(self)
     }
 
     /// The same credentials against a manager already running at `addr` (started by another
@@ -86,6 +125,7 @@ impl Target {
             manager: Manager::External(External { addr, pid: None, metrics_url: None }),
             secret: self.secret.clone(),
             srtp_suites: self.srtp_suites.clone(),
+            tls: self.tls.clone(),
         }
     }
 

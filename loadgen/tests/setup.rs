@@ -113,6 +113,35 @@ fn register_holds_every_client_and_reports_rate_latency_and_memory() {
 }
 
 #[test]
+fn tls_runs_every_call_over_tls_with_a_throwaway_certificate_and_counts_the_handshakes() {
+    let (code, v, err) = run(&[
+        "setup",
+        "--calls",
+        "100",
+        "--rate",
+        "500",
+        "--talk",
+        "0",
+        "--callers",
+        "5",
+        "--callees",
+        "5",
+        "--tls",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    assert_eq!(v["calls_ok"], 100, "{v}");
+    // One full handshake per client, at registration (calls reuse the connection).
+    assert_eq!(v["tls"]["handshakes"], 10, "{v}");
+    assert_eq!(v["tls"]["failed"], 0, "{v}");
+    assert!(v["tls"]["handshakes_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    // An external manager needs --ca or --pin: there are no system roots.
+    let (code, _, err) = run_status(&["setup", "--manager", "127.0.0.1:9", "--tls", "--calls", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--ca PEM or --pin SHA256"), "{err}");
+}
+
+#[test]
 fn talk_zero_hangs_up_at_the_first_two_way_media() {
     let (code, v, err) =
         run(&["setup", "--calls", "100", "--rate", "500", "--talk", "0", "--callers", "5", "--callees", "5", "--json"]);

@@ -53,6 +53,9 @@ pub struct ManagerConfig {
     pub alt_port: AltPort,
     /// A STUN address on a second IP (RFC 5780's alternate address), if the host has one.
     pub alt_listen: Option<SocketAddr>,
+    /// TLS 1.3 on the TCP port with this configuration (`engine::tls::server_config`);
+    /// plaintext clients are then refused. None: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The manager's alternate STUN port.
@@ -91,6 +94,7 @@ impl Default for ManagerConfig {
             io: Io::choose("auto").unwrap_or(Io::Portable),
             alt_port: AltPort::Next,
             alt_listen: None,
+            tls: None,
         }
     }
 }
@@ -273,6 +277,7 @@ fn start_once(
             peers: txs.clone(),
             stop: stop_rx.clone(),
             ready: ready_tx,
+            tls: cfg.tls.clone(),
         };
         let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || match wake {
             #[cfg(target_os = "linux")]

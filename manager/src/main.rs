@@ -88,6 +88,14 @@ struct Args {
     /// bytes; one trailing newline is ignored). Without it, any client may register any id.
     #[arg(long, value_name = "PATH", global = true)]
     secret_file: Option<std::path::PathBuf>,
+    /// Serve TLS 1.3 (ALPN nullpunch/1) on the TCP port with this certificate chain (PEM;
+    /// needs --tls-key). Plaintext clients are then refused with one plaintext ERROR, and
+    /// registration tokens are bound to each client's TLS connection (no replay).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -233,6 +241,16 @@ fn main() {
              (and so receive its calls). Use --secret-file on any network you do not fully trust."
         );
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match engine::tls::server_config_from_pem(cert, key) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("manager: --tls-cert/--tls-key: {e}");
+                std::process::exit(2);
+            }
+        },
+        _ => None,
+    };
     let io = match manager::Io::choose(&args.io) {
         Ok(io) if io == manager::Io::Portable || engine::shard::uring::available() => io,
         Ok(_) if args.io == "auto" => manager::Io::Portable,
@@ -263,6 +281,7 @@ fn main() {
         alt_port: args.alt_port,
         alt_listen: args.alt_listen,
         max_connections: connection_cap(args.max_connections, io, args.shards),
+        tls,
         ..ManagerConfig::default()
     };
     let handle = match start(cfg) {
@@ -297,7 +316,7 @@ fn main() {
             }
             None => None,
         };
-        tracing::info!(addr = %handle.local_addr(), alt = ?handle.alt_addrs(), shards = handle.shards(), io = handle.io().as_str(), "manager listening on tcp and udp");
+        tracing::info!(addr = %handle.local_addr(), alt = ?handle.alt_addrs(), shards = handle.shards(), io = handle.io().as_str(), tls = args.tls_cert.is_some(), "manager listening on tcp and udp");
         let mut every = tokio::time::interval(Duration::from_secs(args.stats_every.max(1)));
         every.tick().await;
         loop {

@@ -132,6 +132,7 @@ pub fn render_manager(stats: &Stats) -> String {
         ("auth_missing", "auth_missing"),
         ("auth_invalid", "auth_invalid"),
         ("auth_expired", "auth_expired"),
+        ("auth_unbound", "auth_unbound"),
     ] {
         e.sample("nullpunch_manager_frames_dropped_total", &[("reason", reason)], v[key] as f64);
     }

@@ -31,8 +31,21 @@ use media::{AudioIn, AudioOut, Media, MediaConfig, Waker};
 struct Args {
     /// Manager address (TCP signalling; its UDP port with the same number answers STUN). A
     /// name with an IPv4 address resolves to that.
-    #[arg(long, value_name = "HOST:PORT", value_parser = engine::addr::manager_addr)]
-    manager: SocketAddr,
+    #[arg(long, value_name = "HOST:PORT", value_parser = manager_arg)]
+    manager: ManagerArg,
+    /// Speak TLS 1.3 to the manager (a manager started with --tls-cert), trusting its
+    /// certificate through --ca or --pin (one is required: there are no system roots). The
+    /// certificate must name HOST as given in --manager (a DNS name or an IP address).
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: trust the manager's certificate if it chains to a certificate in this PEM
+    /// file (the manager's own certificate will do).
+    #[arg(long, value_name = "PEM", requires = "tls", conflicts_with = "pin")]
+    ca: Option<std::path::PathBuf>,
+    /// With --tls: trust exactly the manager certificate with this SHA-256 fingerprint of
+    /// its DER (hex, colons allowed, as `openssl x509 -noout -fingerprint -sha256` prints).
+    #[arg(long, value_name = "SHA256", requires = "tls", value_parser = parse_pin)]
+    pin: Option<[u8; 32]>,
     /// This client's id (1-64 bytes, no spaces).
     #[arg(long)]
     id: String,
@@ -154,6 +167,23 @@ struct Args {
     peer_key: Option<[u8; 32]>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `--manager HOST:PORT`: the address, and the host as given (the name the manager's TLS
+/// certificate must carry).
+#[derive(Debug, Clone)]
+struct ManagerArg {
+    addr: SocketAddr,
+    host: String,
+}
+
+fn manager_arg(s: &str) -> Result<ManagerArg, engine::addr::AddrError> {
+    let addr = engine::addr::manager_addr(s)?;
+    Ok(ManagerArg { addr, host: engine::tls::host_of(s.trim()).to_string() })
+}
+
+fn parse_pin(s: &str) -> Result<[u8; 32], String> {
+    engine::tls::parse_pin(s).map_err(|e| e.to_string())
 }
 
 /// SRTP suite codes, best first.
@@ -740,7 +770,29 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
-    let manager = args.manager;
+    let manager = args.manager.addr;
+    let tls = if args.tls {
+        let trust = match (&args.ca, args.pin) {
+            (Some(ca), _) => engine::tls::Trust::Ca(ca.clone()),
+            (None, Some(pin)) => engine::tls::Trust::Pin(pin),
+            (None, None) => {
+                eprintln!(
+                    "peer: --tls needs --ca PEM or --pin SHA256 to trust the manager's certificate (there are no \
+                     system roots)"
+                );
+                return ExitCode::from(2);
+            }
+        };
+        match engine::tls::ClientTls::new(&trust, &args.manager.host) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("peer: --tls: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let io = match engine::driver::Io::choose(&args.io) {
         Ok(io) => io,
         Err(e) => {
@@ -961,7 +1013,7 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
     };
     let (app, result) = match io {
         driver::Io::Portable => {
-            let r = driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, Some(tokio_wake))
+            let r = driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, Some(tokio_wake), tls)
                 .await
                 .map(|_| ());
             (app, r)
@@ -979,7 +1031,7 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
             };
             let stop = engine::reactor::Stop::new();
             let relay = stop.clone();
-            let unit = engine::reactor::Unit { client, udp, app, wake: ring_wake, connect_at: None };
+            let unit = engine::reactor::Unit { client, udp, app, wake: ring_wake, connect_at: None, tls };
             let worker = tokio::task::spawn_blocking(move || {
                 engine::reactor::run(vec![unit], manager, Some(&relay), &engine::reactor::ReactorConfig::default())
             });

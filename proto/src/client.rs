@@ -816,6 +816,9 @@ const SMALL_DATAGRAM: usize = {
 #[derive(Debug)]
 pub struct Client {
     cfg: ClientConfig,
+    /// The manager connection's TLS exporter value (None on plain TCP): REGISTER's token is
+    /// sent bound to it.
+    conn_binding: Option<[u8; 32]>,
     rng: Rng,
     reg: RegState,
     txid: TransactionId,
@@ -881,6 +884,7 @@ impl Client {
         Client {
             keygen: KeyGen::new(&key_seed),
             cfg,
+            conn_binding: None,
             rng: Rng::new(seed),
             reg: RegState::Disconnected,
             txid: [0; 12],
@@ -967,8 +971,12 @@ impl Client {
 
     // ---------------------------------------------------------------- inputs
 
-    /// The TCP connection to the manager is up: discover the public address, then register.
-    pub fn handle_connected(&mut self, now: Instant) {
+    /// The connection to the manager is up (over TLS: its handshake completed): discover the
+    /// public address, then register. `binding` is the TLS connection's exporter value
+    /// ([`crate::stream::FrameStream::binding`]; None on plain TCP): the token goes bound to
+    /// it ([`crate::auth::bind`]), so a captured REGISTER cannot be replayed elsewhere.
+    pub fn handle_connected(&mut self, now: Instant, binding: Option<[u8; 32]>) {
+        self.conn_binding = binding;
         if let (None, Some((server, ip))) = (&self.mapper, self.cfg.port_mapping) {
             // Asked once, at the first connection; kept and renewed across reconnections.
             let mut nonce = [0u8; 12];
@@ -1501,7 +1509,10 @@ impl Client {
             udp_port: self.cfg.local_udp_port,
             max_calls: self.cfg.max_calls,
             binding: with_binding.then_some(self.txid),
-            auth: self.cfg.auth,
+            auth: self.cfg.auth.map(|t| match &self.conn_binding {
+                Some(b) => crate::auth::bind(&t, b),
+                None => t,
+            }),
             nat: self.nat,
             candidates: self.candidates(),
         });

@@ -14,11 +14,14 @@
 //!   two classes leave.
 //! * [`reconnect`]: the client's policy for its manager connection (timeouts, back-off,
 //!   waiting for a local port), which every driver follows.
-//! * [`auth`]: registration tokens (HMAC-SHA256 over id and expiry).
+//! * [`auth`]: registration tokens (HMAC-SHA256 over id and expiry), bound to a TLS
+//!   connection when there is one.
 //! * [`e2e`]: end-to-end call keys: an X25519 exchange in the signalling frames, HKDF into
 //!   SRTP master keys and the null packet key, optional Ed25519 identities.
 //! * [`srtp`]: SRTP and SRTCP (RFC 3711, RFC 7714), an in-place transform per SSRC stream
 //!   on aws-lc-rs primitives.
+//! * [`stream`]: the signalling byte stream, plain or TLS 1.3 (rustls's sans-IO connection),
+//!   with the registration binding (a TLS exporter value).
 //! * [`stats`]: RFC 3550 receiver statistics (loss, interarrival jitter).
 //! * [`media`]: the synthetic media source the load generator sends.
 //! * [`rng`]: the seeded generator behind everything random that may be reproducible.
@@ -36,4 +39,5 @@ pub mod rng;
 pub mod shard;
 pub mod srtp;
 pub mod stats;
+pub mod stream;
 pub mod wire;

@@ -209,7 +209,7 @@ fn a_caught_or_echoed_probe_cannot_lock_or_move_the_pair() {
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     let mut alice = HandPeer::offer(&[3; 32], &[proto::e2e::SUITE_AES_128_GCM]);
     let mut c = Client::new(ClientConfig::new(ClientId::new("bob").unwrap(), 5004), 7);
-    c.handle_connected(t0);
+    c.handle_connected(t0, None);
     c.handle_frame(t0, Frame::Registered { public: "198.51.100.9:5004".parse().unwrap(), source: AddrSource::Stun });
     let (call_id, token) = (CallId(0x0001_0000_0000_0042), 0x0102_0304_0506_0708u64);
     let hard: SocketAddr = "203.0.113.50:41000".parse().unwrap();

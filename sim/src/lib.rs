@@ -356,7 +356,7 @@ impl Sim {
         let conn = self.shards[shard as usize].conn_opened(self.now, peer, open);
         self.clients[i].conn = Some((shard, conn));
         self.by_conn.insert((shard, conn), i);
-        self.clients[i].client.handle_connected(self.now);
+        self.clients[i].client.handle_connected(self.now, None);
         self.pump_shard(shard);
         i
     }

@@ -167,4 +167,17 @@ pub struct ShardStart {
     pub stop: watch::Receiver<bool>,
     /// Told the bound address, or why the shard could not start.
     pub ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
+    /// TLS 1.3 on every connection with this configuration (plaintext clients are refused);
+    /// None: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A new connection's stream: the TLS server side with `tls`, else plain.
+pub(crate) fn server_stream(
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> Result<proto::stream::FrameStream, proto::stream::StreamError> {
+    match tls {
+        Some(cfg) => proto::stream::FrameStream::server(cfg.clone()),
+        None => Ok(proto::stream::FrameStream::plain()),
+    }
 }

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use proto::shard::stats::Stats;
 use proto::shard::{Output, Shard};
-use proto::wire::frame::{Frame, FrameDecoder};
+use proto::wire::frame::Frame;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
@@ -44,6 +44,7 @@ struct ShardIo {
     rbuf: RefCell<Vec<u8>>,
     stats: Arc<Stats>,
     open: Arc<OpenConns>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ShardIo {
@@ -102,7 +103,7 @@ impl ShardIo {
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
 /// Shutdown and the thread waits up to [`SHUTDOWN_DRAIN`] for them to close).
 pub fn shard_thread(start: ShardStart) {
-    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, mut stop, ready } = start;
+    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, mut stop, ready, tls } = start;
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -129,6 +130,7 @@ pub fn shard_thread(start: ShardStart) {
             rbuf: RefCell::new(vec![0u8; 64 * 1024]),
             stats,
             open,
+            tls,
         });
         {
             let io = io.clone();
@@ -201,8 +203,18 @@ pub fn shard_thread(start: ShardStart) {
 
 async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Receiver<Frame>) {
     let (rd, mut wr) = stream.into_split();
-    let mut dec = FrameDecoder::new();
     let mut wbuf: Vec<u8> = Vec::new();
+    let mut fs = match super::server_stream(io.tls.as_ref()) {
+        Ok(fs) => fs,
+        Err(e) => {
+            io.core.borrow_mut().conn_tls_failed(Instant::now(), id, &e);
+            io.conns.borrow_mut().remove(&id);
+            io.closed(id);
+            return;
+        }
+    };
+    // (A plain stream is ready at once; the core needs to hear only of a TLS handshake.)
+    fs.just_established();
     let mut reading = true;
     loop {
         tokio::select! {
@@ -210,26 +222,36 @@ async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Re
                 if r.is_err() {
                     break;
                 }
+                let now = Instant::now();
                 let res = {
                     let mut buf = io.rbuf.borrow_mut();
                     match rd.try_read(&mut buf) {
                         Ok(0) => Err(()),
-                        Ok(n) => {
-                            dec.push(&buf[..n]);
-                            Ok(())
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                        Ok(n) => Ok(Some(fs.receive(&buf[..n]))),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                         Err(_) => Err(()),
                     }
                 };
-                if res.is_err() {
-                    break;
-                }
-                let now = Instant::now();
-                {
+                let failed = match res {
+                    Err(()) => break,
+                    Ok(None) => false,
+                    Ok(Some(Ok(()))) => false,
+                    Ok(Some(Err(e))) => {
+                        // A failed handshake or a plaintext client: its alert or ERROR goes
+                        // out below, then the connection closes.
+                        io.core.borrow_mut().conn_tls_failed(now, id, &e);
+                        true
+                    }
+                };
+                if !failed {
                     let mut core = io.core.borrow_mut();
+                    if fs.just_established() {
+                        if let Some(b) = fs.binding() {
+                            core.conn_secured(now, id, b, fs.is_resumed());
+                        }
+                    }
                     loop {
-                        match dec.next_frame() {
+                        match fs.next_frame() {
                             Ok(Some(f)) => core.conn_frame(now, id, f),
                             Ok(None) => break,
                             Err(e) => {
@@ -240,14 +262,26 @@ async fn conn_task(io: Rc<ShardIo>, id: u64, stream: TcpStream, mut rx: mpsc::Re
                         }
                     }
                 }
+                // Handshake records (and anything else the stream has to say).
+                fs.take_outgoing(&mut wbuf);
+                if !wbuf.is_empty() {
+                    if wr.write_all(&wbuf).await.is_err() {
+                        break;
+                    }
+                    wbuf.clear();
+                }
+                if failed {
+                    break;
+                }
                 io.flush();
             }
             m = rx.recv() => match m {
                 Some(f) => {
-                    f.encode(&mut wbuf);
+                    fs.send_frame(&f);
                     while let Ok(f) = rx.try_recv() {
-                        f.encode(&mut wbuf);
+                        fs.send_frame(&f);
                     }
+                    fs.take_outgoing(&mut wbuf);
                     if wr.write_all(&wbuf).await.is_err() {
                         break;
                     }

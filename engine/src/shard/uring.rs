@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use crate::reactor::Wake;
 use crate::uring::{Completion, Pending, Ring, Sock};
-use proto::wire::frame::FrameDecoder;
+use proto::stream::FrameStream;
 use tokio::sync::mpsc;
 
 use super::{
@@ -114,7 +114,8 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 struct Conn {
     id: u64,
     gen: u32,
-    decoder: FrameDecoder,
+    /// Its frames, plain or TLS.
+    stream: FrameStream,
     /// Frames still read and handed to the core (false after a framing error).
     reading: bool,
     recv_armed: bool,
@@ -134,11 +135,11 @@ struct Conn {
 
 impl Conn {
     /// A connection the core knows as `id`, just accepted: nothing armed, nothing queued.
-    fn new(id: u64, gen: u32) -> Conn {
+    fn new(id: u64, gen: u32, stream: FrameStream) -> Conn {
         Conn {
             id,
             gen,
-            decoder: FrameDecoder::new(),
+            stream,
             reading: true,
             recv_armed: false,
             inflight: Vec::new(),
@@ -188,6 +189,8 @@ struct State {
     stopping: bool,
     /// Connections closed in this flush round.
     closes: usize,
+    /// TLS on every connection with this configuration.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 struct Io {
@@ -198,7 +201,7 @@ struct Io {
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
 /// Shutdown and the thread waits up to [`SHUTDOWN_DRAIN`] for them to close).
 pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
-    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, stop, ready } = start;
+    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, stop, ready, tls } = start;
     let setup = (|| {
         let listener = bind_listener(addr)?;
         let table = table_size();
@@ -213,7 +216,9 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
         }
     };
     let _ = ready.send(listener.local_addr());
-    let st = State::new(Shard::new(init, cfg, stats.clone()), stats, open, peers, conn_queue, table, listener, wake);
+    let mut st =
+        State::new(Shard::new(init, cfg, stats.clone()), stats, open, peers, conn_queue, table, listener, wake);
+    st.tls = tls;
     let mut io = Io { ring, st };
     let mut next_tick = Instant::now() + TICK;
     let mut stop_deadline: Option<Instant> = None;
@@ -289,6 +294,7 @@ impl State {
             woke: false,
             stopping: false,
             closes: 0,
+            tls: None,
         }
     }
 
@@ -344,7 +350,19 @@ impl State {
         if self.slots.len() <= slot as usize {
             self.slots.resize_with(slot as usize + 1, || None);
         }
-        self.slots[slot as usize] = Some(Conn::new(id, gen));
+        let stream = match super::server_stream(self.tls.as_ref()) {
+            Ok(mut s) => {
+                // (A plain stream is ready at once; the core hears only of a TLS handshake.)
+                s.just_established();
+                s
+            }
+            Err(e) => {
+                // (rustls refused to start a connection: counted, closed by the next flush.)
+                self.core.conn_tls_failed(now, id, &e);
+                FrameStream::plain()
+            }
+        };
+        self.slots[slot as usize] = Some(Conn::new(id, gen, stream));
         self.by_id.insert(id, slot);
         // Its receive is armed by the next flush.
         self.dirty.push(slot);
@@ -363,11 +381,24 @@ impl State {
         let c = self.slots[slot as usize].as_mut().expect("checked above");
         if res > 0 {
             if c.reading && c.closing.is_none() {
-                c.decoder.push(data);
                 let id = c.id;
+                if let Err(e) = c.stream.receive(data) {
+                    // A failed handshake or a plaintext client: its alert or ERROR is
+                    // flushed, then the connection closes.
+                    c.reading = false;
+                    c.stream.take_outgoing(&mut c.pending);
+                    self.core.conn_tls_failed(now, id, &e);
+                    self.dirty.push(slot);
+                    return;
+                }
+                if c.stream.just_established() {
+                    if let Some(b) = c.stream.binding() {
+                        self.core.conn_secured(now, id, b, c.stream.is_resumed());
+                    }
+                }
                 loop {
                     let c = self.slots[slot as usize].as_mut().expect("checked above");
-                    match c.decoder.next_frame() {
+                    match c.stream.next_frame() {
                         Ok(Some(f)) => self.core.conn_frame(now, id, f),
                         Ok(None) => break,
                         Err(e) => {
@@ -376,6 +407,12 @@ impl State {
                             break;
                         }
                     }
+                }
+                // Handshake records the receive produced.
+                let c = self.slots[slot as usize].as_mut().expect("checked above");
+                if c.stream.wants_write() {
+                    c.stream.take_outgoing(&mut c.pending);
+                    self.dirty.push(slot);
                 }
             }
             return;
@@ -460,7 +497,9 @@ impl State {
                         self.stats.inc(&self.stats.connections_slow);
                         c.closing = Some(now + CLOSE_GRACE);
                     } else {
-                        frame.encode(&mut c.pending);
+                        // (Its bytes are taken when the connection is advanced: the frames
+                        // of one flush go out in one TLS record.)
+                        c.stream.send_frame(&frame);
                         c.pending_frames += 1;
                     }
                     self.dirty.push(slot);
@@ -576,6 +615,9 @@ impl Io {
         // No send starts once a close has given up on flushing (past its grace, or its
         // cancellations sent): nothing would cancel it.
         let flushing = c.closing.is_none_or(|d| now < d) && !c.cancel_sent;
+        if !c.abort && flushing && c.stream.wants_write() {
+            c.stream.take_outgoing(&mut c.pending);
+        }
         if !c.sending && !c.abort && flushing {
             if c.inflight.is_empty() && !c.pending.is_empty() {
                 std::mem::swap(&mut c.inflight, &mut c.pending);
@@ -670,7 +712,7 @@ mod tests {
             st.slots.resize_with(slot as usize + 1, || None);
         }
         let id = 100 + slot as u64;
-        st.slots[slot as usize] = Some(Conn::new(id, 7));
+        st.slots[slot as usize] = Some(Conn::new(id, 7, FrameStream::plain()));
         st.by_id.insert(id, slot);
         st.used += 1;
         peer

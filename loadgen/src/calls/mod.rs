@@ -125,12 +125,29 @@ pub struct Measured {
     pub manager_media: Option<u64>,
     /// The embedded manager's IO (None for an external one).
     pub manager_io: Option<&'static str>,
+    /// With `--tls` against the embedded manager: its TLS handshakes (and of those resumed)
+    /// once every client had registered, and the process's CPU seconds to that point.
+    pub tls: Option<TlsFigures>,
     /// First connections that waited for a free local port.
     pub port_waits: u64,
     /// Source addresses the clients were spread over.
     pub source_ips: usize,
     /// The run was stopped before its end (its summary says `INTERRUPTED: partial results`).
     pub interrupted: bool,
+}
+
+/// What the registrations over TLS cost (every client's handshake is in its registration).
+#[derive(Debug, Clone, Copy)]
+pub struct TlsFigures {
+    /// Handshakes the embedded manager completed by the time every client had registered.
+    pub handshakes: u64,
+    /// Of those, resumed.
+    pub resumed: u64,
+    /// Handshakes that failed.
+    pub failed: u64,
+    /// CPU seconds of the whole process (clients and manager) from the start to every
+    /// client registered.
+    pub register_cpu_s: f64,
 }
 
 /// Run `calls` against `target`.
@@ -152,6 +169,15 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     let mut fleet = start_fleet(load, options, manager.addr(), clients_of, sources.clone(), &shared, &inboxes)?;
     wait_for_registration(&shared, &mut fleet, clients)?;
     let registered_in = wall0.elapsed();
+    let tls = match (&target.tls, manager.stats()) {
+        (Some(_), Some(s)) => Some(TlsFigures {
+            handshakes: s.tls_handshakes.load(Ordering::Relaxed),
+            resumed: s.tls_resumed.load(Ordering::Relaxed),
+            failed: s.tls_handshake_failed.load(Ordering::Relaxed),
+            register_cpu_s: engine::sys::cpu_seconds() - cpu0,
+        }),
+        _ => None,
+    };
     let rss_registered_mb = sys::rss_mb();
     // The whole run's host noise for `setup`; `sessions` and `soak` measure inside their window.
     let run_sleeper = calls.window().is_none().then(sys::Sleeper::start);
@@ -193,6 +219,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
         manager: manager_desc,
         manager_media,
         manager_io,
+        tls,
         port_waits: shared.port_waits.load(Ordering::Relaxed),
         source_ips: sources.len(),
         interrupted: crate::interrupt::interrupted(),
@@ -256,6 +283,7 @@ fn start_fleet(
     // Seeds differ per run: equal seeds give equal STUN transaction ids, and a second run
     // against the same manager within the bindings' 30 s would find its ids taken.
     let salt = engine::entropy::seed();
+    let tls = clients.tls();
     let (calls, talk, shared, inboxes) = (load.calls as usize, load.talk, shared.clone(), inboxes.to_vec());
     let count = kinds.len();
     let make = move |n: usize| -> Result<Member<SimApp>, Error> {
@@ -284,6 +312,7 @@ fn start_fleet(
         threads: options.threads(),
         #[cfg(target_os = "linux")]
         ring: engine::reactor::ReactorConfig { tick: options.tick, ..Default::default() },
+        tls,
     };
     Fleet::build(&spec, count, |n| n / 2, make)?.start(|_| None)
 }

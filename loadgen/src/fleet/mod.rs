@@ -58,6 +58,7 @@ pub struct Clients {
     manager: SocketAddr,
     secret: Option<Arc<Secret>>,
     srtp_suites: Vec<u8>,
+    tls: Option<engine::tls::ClientTls>,
 }
 
 /// What a client carries, which sizes its socket and its call limit.
@@ -72,7 +73,17 @@ pub enum Carries {
 impl Clients {
     /// Clients of `target`'s manager, now reachable at `manager`.
     pub fn new(manager: SocketAddr, target: &Target) -> Clients {
-        Clients { manager, secret: target.secret.clone(), srtp_suites: target.srtp_suites.clone() }
+        Clients {
+            manager,
+            secret: target.secret.clone(),
+            srtp_suites: target.srtp_suites.clone(),
+            tls: target.tls.clone(),
+        }
+    }
+
+    /// The TLS configuration the clients share (each member gets its own session cache).
+    pub fn tls(&self) -> Option<engine::tls::ClientTls> {
+        self.tls.clone()
     }
 
     /// Client `id` on a UDP socket bound to `ip` (port 0), its state machine seeded with
@@ -158,6 +169,8 @@ pub struct Spec {
     /// Tuning of each ring (io_uring only).
     #[cfg(target_os = "linux")]
     pub ring: engine::reactor::ReactorConfig,
+    /// TLS to the manager (each member with a session cache of its own).
+    pub tls: Option<engine::tls::ClientTls>,
 }
 
 /// A member after it ended.
@@ -300,7 +313,8 @@ impl<A: App + Send + 'static> Ready<A> {
                         let app = Tracked { app, id: client.config().id.clone(), failures: failures.clone() };
                         let wake = wake.map(|w| w.notify.clone());
                         let stop = stop_rx.clone();
-                        runtime.spawn(run_task(client, udp, app, wake, spec.manager, connect_at(i), stop))
+                        let tls = spec.tls.as_ref().map(|t| t.for_one_client());
+                        runtime.spawn(run_task(client, udp, app, wake, spec.manager, tls, connect_at(i), stop))
                     })
                     .collect();
                 let stop = Stopper {
@@ -326,12 +340,14 @@ impl<A: App + Send + 'static> Ready<A> {
 /// local of its own, and the task would keep both copies (the client twice: 0.6 KiB more
 /// per client, which `register` counts as memory per client).
 #[allow(clippy::manual_async_fn)]
+#[allow(clippy::too_many_arguments)]
 fn run_task<A: App>(
     mut client: Client,
     udp: std::net::UdpSocket,
     mut app: Tracked<A>,
     wake: Option<Arc<tokio::sync::Notify>>,
     manager: SocketAddr,
+    tls: Option<engine::tls::ClientTls>,
     connect_at: Option<Instant>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = Finished<A>> {
@@ -345,7 +361,7 @@ fn run_task<A: App>(
             let shutdown = async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             };
-            Ok(driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, wake).await?)
+            Ok(driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, wake, tls).await?)
         }
         .await;
         if let Err(e) = &result {
@@ -494,7 +510,7 @@ mod ring {
         for (t, mine) in per_thread.into_iter().enumerate().filter(|(_, m)| !m.is_empty()) {
             let (go_tx, go_rx) = mpsc::channel::<ConnectAt>();
             let (stop, ready, make, failures) = (stop.clone(), ready_tx.clone(), make.clone(), failures.clone());
-            let (manager, rc) = (spec.manager, spec.ring.clone());
+            let (manager, rc, tls) = (spec.manager, spec.ring.clone(), spec.tls.clone());
             let name = format!("ring-{t}");
             let handle = std::thread::Builder::new()
                 .name(name.clone())
@@ -506,7 +522,8 @@ mod ring {
                             let id = client.config().id.clone();
                             let app = Tracked { app, id, failures: failures.clone() };
                             let wake = wake.and_then(|w| w.ring.clone());
-                            r.add(Unit { client, udp, app, wake, connect_at: None })?;
+                            let tls = tls.as_ref().map(|t| t.for_one_client());
+                            r.add(Unit { client, udp, app, wake, connect_at: None, tls })?;
                         }
                         Ok::<_, Error>(r)
                     })();

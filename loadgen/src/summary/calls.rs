@@ -266,6 +266,20 @@ fn text(
         load.callers + load.callees,
         m.registered_in.as_secs_f64() * 1000.0
     );
+    if let Some(t) = &m.tls {
+        let secs = m.registered_in.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            text,
+            "tls: {} handshakes with the embedded manager ({} resumed, {} failed) while registering: {:.0}/s; \
+             process CPU to register {:.2} s ({:.3} ms per handshake, both ends)",
+            t.handshakes,
+            t.resumed,
+            t.failed,
+            t.handshakes as f64 / secs,
+            t.register_cpu_s,
+            t.register_cpu_s * 1000.0 / t.handshakes.max(1) as f64
+        );
+    }
     let _ = writeln!(
         text,
         "calls: {ok} ok, {failed} failed ({:.2}% success); late starts (> 1 ms): {late}, start lateness p99 {:.3} ms, max {:.3} ms",
@@ -436,6 +450,17 @@ fn json(
         "fd_growth": grown.map(|g| g.1),
         "growth_ok": grown.map(|g| g.2),
     });
+    if let Some(t) = m.tls {
+        let per_s = t.handshakes as f64 / m.registered_in.as_secs_f64().max(1e-9);
+        json["tls"] = serde_json::json!({
+            "handshakes": t.handshakes,
+            "resumed": t.resumed,
+            "failed": t.failed,
+            "handshakes_per_s": per_s.round(),
+            "register_cpu_s": (t.register_cpu_s * 1000.0).round() / 1000.0,
+            "register_cpu_ms_per_handshake": (t.register_cpu_s * 1e6 / t.handshakes.max(1) as f64).round() / 1000.0,
+        });
+    }
     // The generator could not drive the run as planned (starts more than 5 ms late for over
     // 1% of the calls, or media frames skipped): thresholds fail on it.
     json["generator_overloaded"] =
@@ -556,6 +581,7 @@ mod tests {
             cpu: 0.1,
             manager: "manager 127.0.0.1:1".into(),
             manager_media: None,
+            tls: None,
             manager_io: None,
             port_waits: 0,
             source_ips: 1,

@@ -350,6 +350,9 @@ struct Conn {
     allowance: f64,
     /// Frames refused with an ERROR so far.
     errors: u32,
+    /// On TLS, the connection's exporter value ([`Shard::conn_secured`]): its REGISTER's
+    /// token must be bound to it ([`crate::auth::bind`]).
+    binding: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -546,6 +549,7 @@ impl Shard {
                 closing: false,
                 allowance,
                 errors: 0,
+                binding: None,
             },
         );
         self.stats.inc(&self.stats.connections_accepted);
@@ -575,6 +579,38 @@ impl Shard {
         };
         tracing::debug!(conn, "closing connection: {err}");
         self.kick(conn, code, err.to_string());
+    }
+
+    /// The connection's TLS handshake completed (the IO calls this before handing over any
+    /// frame of it): its REGISTER must carry a token bound to `binding`, the connection's
+    /// exporter value ([`crate::stream::FrameStream::binding`]), so a REGISTER captured
+    /// elsewhere cannot be replayed on it.
+    pub fn conn_secured(&mut self, now: Instant, conn: u64, binding: [u8; 32], resumed: bool) {
+        self.now = Some(now);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.binding = Some(binding);
+        self.stats.inc(&self.stats.tls_handshakes);
+        if resumed {
+            self.stats.inc(&self.stats.tls_resumed);
+        }
+    }
+
+    /// The connection's TLS layer failed (a failed handshake, a bad record) or refused a
+    /// plaintext client: count it and close. The IO writes what the stream still has (a TLS
+    /// alert, or the plaintext ERROR) before the close.
+    pub fn conn_tls_failed(&mut self, now: Instant, conn: u64, err: &crate::stream::StreamError) {
+        self.now = Some(now);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        match err {
+            crate::stream::StreamError::Plaintext { .. } => self.stats.inc(&self.stats.tls_plaintext_refused),
+            _ if c.binding.is_none() => self.stats.inc(&self.stats.tls_handshake_failed),
+            _ => self.stats.inc(&self.stats.frames_malformed),
+        }
+        tracing::debug!(conn, "closing connection: {err}");
+        if !c.closing {
+            c.closing = true;
+            self.out.push_back(Output::Close { conn });
+        }
     }
 
     /// The connection closed (by the peer, an error, or after [`Output::Close`]). Returns
@@ -635,11 +671,13 @@ impl Shard {
                     return;
                 }
                 if let Some(secret) = &self.cfg.secret {
-                    if let Err(e) = secret.verify(&id, auth.as_ref(), self.unix_secs) {
+                    // On TLS only the token bound to this connection is taken (no replay).
+                    if let Err(e) = secret.verify_on(&id, auth.as_ref(), self.unix_secs, c.binding.as_ref()) {
                         let counter = match e {
                             crate::auth::AuthError::Missing => &self.stats.auth_missing,
                             crate::auth::AuthError::Invalid => &self.stats.auth_invalid,
                             crate::auth::AuthError::Expired => &self.stats.auth_expired,
+                            crate::auth::AuthError::Unbound => &self.stats.auth_unbound,
                         };
                         self.stats.inc(counter);
                         tracing::debug!(%id, reason = e.message(), "registration refused");

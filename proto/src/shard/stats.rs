@@ -209,6 +209,18 @@ stats! {
     auth_invalid,
     /// REGISTERs refused: token expired.
     auth_expired,
+    /// REGISTERs refused on a TLS connection: the token was not bound to that connection
+    /// (a raw token, or one bound to another connection: a replayed REGISTER).
+    auth_unbound,
+    /// TLS handshakes completed (full and resumed).
+    tls_handshakes,
+    /// Of those, resumed with a session ticket.
+    tls_resumed,
+    /// TLS handshakes that failed (bad record, no common version or ALPN, alert from the
+    /// client: for example, it does not trust the certificate); connection closed.
+    tls_handshake_failed,
+    /// Plaintext clients on a TLS manager: sent one plaintext ERROR Unauthorized, closed.
+    tls_plaintext_refused,
     /// Frames received.
     frames_in,
     /// Frames sent.
