@@ -187,9 +187,15 @@ impl Lab {
 
     /// Start the manager on [`MANAGER`] inside the manager's host.
     pub fn start_manager(&self) -> Result<ManagerProc> {
+        self.start_manager_with(&[])
+    }
+
+    /// Start the manager as [`Lab::start_manager`] does, with more flags (`--tls-cert`, ...).
+    pub fn start_manager_with(&self, extra: &[&str]) -> Result<ManagerProc> {
         let mut child = self
             .cmd(Host::Mgr, binary("manager")?)
             .args(["--listen", MANAGER, "--alt-listen", MANAGER_ALT, "--shards", "2"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

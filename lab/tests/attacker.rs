@@ -210,3 +210,180 @@ fn an_attacker_on_the_router_reads_no_media_and_its_replays_and_forgeries_are_re
     assert!(u(cb, &["refused", "nulls_unauthenticated"]) >= c.forged_nulls as u64, "{cb}");
     m.stop().expect("manager counters");
 }
+
+/// Python in a lab host: `/usr/bin/python3` where Debian puts it.
+fn python(lab: &Lab, h: Host) -> std::process::Command {
+    lab.cmd(h, if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" })
+}
+
+/// The attacker on the caller's router captures a registration with a TLS manager (a
+/// secret: REGISTER carries a token) and sends the client's bytes again, on a new
+/// connection: the manager registers nothing (the replayed handshake fails). With a
+/// plaintext manager the same attacker reads the REGISTER frame itself; sent again on a
+/// TLS connection of its own (a fresh handshake, the frame as captured), it is refused as
+/// unbound: the token is only good on the connection it was bound to.
+#[test]
+fn registrations_captured_on_the_router_cannot_be_replayed() {
+    let lab = Lab::up(Mode::Fw, Mode::Fw).expect("lab");
+    let dir = std::env::temp_dir().join(format!("nullpunch-attacker-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (cert, key, secret) = (path("c.pem"), path("k.pem"), path("secret"));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=manager", "-addext", "subjectAltName=IP:198.18.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-days", "1", "-keyout", &key, "-out", &cert])
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    std::fs::write(&secret, "a lab secret of more than sixteen bytes\n").unwrap();
+    let token = |id: &str| {
+        let out = std::process::Command::new(lab::bin_dir().join("manager"))
+            .args(["--secret-file", &secret, "token", "--id", id])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let alice_token = token("alice");
+
+    // 1. TLS: the capture is ciphertext; replaying the client's bytes registers nothing.
+    let m =
+        lab.start_manager_with(&["--tls-cert", &cert, "--tls-key", &key, "--secret-file", &secret]).expect("manager");
+    let file = path("tls.pcapng");
+    let tshark = capture_tcp(&lab, &file);
+    let alice = lab
+        .peer(Host::A, "alice", 41_010, &["--tls", "--ca", &cert, "--token", &alice_token, "listen", "--duration", "2"])
+        .unwrap();
+    let o = alice.finish(Duration::from_secs(20));
+    assert_eq!(o.code, 0, "alice: {}", o.stderr);
+    let _ = engine::sys::terminate(tshark.id());
+    tshark.finish(Duration::from_secs(10));
+    let sent = tcp_payload(&file, A_IP, 80);
+    assert_eq!(sent.first(), Some(&0x16), "the client's first bytes are a TLS handshake record");
+    assert!(!contains(&sent, b"alice"), "the id is not in the clear on a TLS connection");
+    let answer = replay_tcp(&lab, &sent);
+    let counters = m.stop().expect("manager counters");
+    assert_eq!(counters["registrations"], 1, "only alice's own registration: {counters}");
+    assert!(counters["tls_handshake_failed"].as_u64().unwrap() >= 1, "the replayed handshake failed: {counters}");
+    assert!(!answer.is_empty(), "the manager answered the replayed hello, then refused what followed");
+
+    // 2. Plaintext: the attacker reads the REGISTER; on a TLS manager it opens its own TLS
+    //    connection and sends the captured frame: refused, `auth_unbound`.
+    let m = lab.start_manager_with(&["--secret-file", &secret]).expect("manager");
+    let file = path("plain.pcapng");
+    let tshark = capture_tcp(&lab, &file);
+    let alice = lab.peer(Host::A, "alice", 41_012, &["--token", &alice_token, "listen", "--duration", "2"]).unwrap();
+    assert_eq!(alice.finish(Duration::from_secs(20)).code, 0);
+    let _ = engine::sys::terminate(tshark.id());
+    tshark.finish(Duration::from_secs(10));
+    m.stop().expect("manager counters");
+    let sent = tcp_payload(&file, A_IP, 80);
+    assert!(contains(&sent, b"alice"), "a plaintext REGISTER is readable on the router");
+    let register = first_frame_of_type(&sent, 0x01).expect("a REGISTER frame in the capture");
+    let m =
+        lab.start_manager_with(&["--tls-cert", &cert, "--tls-key", &key, "--secret-file", &secret]).expect("manager");
+    let script = format!(
+        "import socket,ssl,sys,time\n\
+         c=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+         c.minimum_version=ssl.TLSVersion.TLSv1_3\n\
+         c.set_alpn_protocols(['nullpunch/1'])\n\
+         c.load_verify_locations('{cert}')\n\
+         s=c.wrap_socket(socket.create_connection(('198.18.0.1',80),timeout=5),server_hostname='198.18.0.1')\n\
+         s.sendall(bytes.fromhex(sys.argv[1]))\n\
+         d=b''\n\
+         try:\n\
+         \x20   while True:\n\
+         \x20       b=s.recv(4096)\n\
+         \x20       if not b: break\n\
+         \x20       d+=b\n\
+         except Exception: pass\n\
+         print(d.hex())\n"
+    );
+    let hex: String = register.iter().map(|b| format!("{b:02x}")).collect();
+    let out = python(&lab, Host::R1).args(["-c", &script, &hex]).output().expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let counters = m.stop().expect("manager counters");
+    assert_eq!(counters["registrations"], 0, "the replayed REGISTER registered: {counters}");
+    assert_eq!(counters["auth_unbound"], 1, "refused as a token not bound to this connection: {counters}");
+    assert_eq!(counters["tls_handshakes"], 1, "the attacker's own handshake worked: {counters}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// tshark capturing TCP port 80 on R1 into `file`.
+fn capture_tcp(lab: &Lab, file: &str) -> lab::Proc {
+    let _ = std::fs::remove_file(file);
+    let child = lab
+        .cmd(Host::R1, "tshark")
+        .args(["-q", "-i", "wan0", "-f", "tcp port 80", "-w", file])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tshark");
+    let p = lab::Proc::from_child(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::path::Path::new(file).exists() {
+        assert!(Instant::now() < deadline, "tshark did not start capturing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    p
+}
+
+/// The TCP bytes `src` sent to port `dport` in `file`, in sequence order, each segment once.
+fn tcp_payload(file: &str, src: &str, dport: u16) -> Vec<u8> {
+    let filter = format!("ip.src == {src} && tcp.dstport == {dport} && tcp.len > 0");
+    let out = std::process::Command::new("tshark")
+        .args(["-r", file, "-Y", &filter, "-T", "fields", "-e", "tcp.seq_raw", "-e", "tcp.payload"])
+        .output()
+        .expect("tshark -r");
+    let mut segs: Vec<(u64, Vec<u8>)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (seq, hex) = l.split_once('\t')?;
+            let hex = hex.trim().replace(':', "");
+            let bytes = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            Some((seq.trim().parse().ok()?, bytes))
+        })
+        .collect();
+    segs.sort_by_key(|(s, _)| *s);
+    segs.dedup_by_key(|(s, _)| *s);
+    segs.into_iter().flat_map(|(_, b)| b).collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The first signalling frame of type `ty` in a plaintext byte stream (length prefix included).
+fn first_frame_of_type(stream: &[u8], ty: u8) -> Option<Vec<u8>> {
+    let mut at = 0;
+    while at + 4 <= stream.len() {
+        let len = u16::from_be_bytes([stream[at], stream[at + 1]]) as usize;
+        if stream[at + 3] == ty && at + 2 + len <= stream.len() {
+            return Some(stream[at..at + 2 + len].to_vec());
+        }
+        at += 2 + len;
+    }
+    None
+}
+
+/// Send `bytes` to the manager on a new TCP connection from R1; returns what came back.
+fn replay_tcp(lab: &Lab, bytes: &[u8]) -> Vec<u8> {
+    let script = "import socket,sys\n\
+         s=socket.create_connection(('198.18.0.1',80),timeout=3)\n\
+         s.sendall(bytes.fromhex(sys.argv[1]))\n\
+         d=b''\n\
+         try:\n\
+         \x20   while True:\n\
+         \x20       b=s.recv(4096)\n\
+         \x20       if not b: break\n\
+         \x20       d+=b\n\
+         except Exception: pass\n\
+         print(d.hex())\n";
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let out = python(lab, Host::R1).args(["-c", script, &hex]).output().expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let h = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
+}
