@@ -26,12 +26,13 @@ fn u(v: &Value, path: &[&str]) -> u64 {
     x.as_u64().unwrap_or_else(|| panic!("{path:?} missing in {v}"))
 }
 
-/// Start tshark in `h` capturing UDP into `file`; returns once the capture runs.
-fn capture(lab: &Lab, h: Host, file: &str) -> lab::Proc {
+/// Start tshark in `h` capturing `filter` on `iface` into `file`; returns once the capture
+/// runs.
+fn capture(lab: &Lab, h: Host, iface: &str, filter: &str, file: &str) -> lab::Proc {
     let _ = std::fs::remove_file(file);
     let child = lab
         .cmd(h, "tshark")
-        .args(["-q", "-i", "any", "-f", "udp", "-w", file])
+        .args(["-q", "-i", iface, "-f", filter, "-w", file])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -116,7 +117,7 @@ struct Attack {
 /// goes on.
 fn attacked_call(lab: &Lab, pa: u16, pb: u16, extra: &[&str]) -> Attack {
     let file = format!("/tmp/nullpunch-attacker-{}-{pa}.pcapng", std::process::id());
-    let tshark = capture(lab, Host::R1, &file);
+    let tshark = capture(lab, Host::R1, "any", "udp", &file);
     let bob = lab.peer(Host::B, "callee", pb, &[extra, &["listen", "--calls", "1", "--json"]].concat()).unwrap();
     settle();
     let alice =
@@ -251,7 +252,7 @@ fn registrations_captured_on_the_router_cannot_be_replayed() {
     let m =
         lab.start_manager_with(&["--tls-cert", &cert, "--tls-key", &key, "--secret-file", &secret]).expect("manager");
     let file = path("tls.pcapng");
-    let tshark = capture_tcp(&lab, &file);
+    let tshark = capture(&lab, Host::R1, "wan0", "tcp port 80", &file);
     let alice = lab
         .peer(Host::A, "alice", 41_010, &["--tls", "--ca", &cert, "--token", &alice_token, "listen", "--duration", "2"])
         .unwrap();
@@ -272,7 +273,7 @@ fn registrations_captured_on_the_router_cannot_be_replayed() {
     //    connection and sends the captured frame: refused, `auth_unbound`.
     let m = lab.start_manager_with(&["--secret-file", &secret]).expect("manager");
     let file = path("plain.pcapng");
-    let tshark = capture_tcp(&lab, &file);
+    let tshark = capture(&lab, Host::R1, "wan0", "tcp port 80", &file);
     let alice = lab.peer(Host::A, "alice", 41_012, &["--token", &alice_token, "listen", "--duration", "2"]).unwrap();
     assert_eq!(alice.finish(Duration::from_secs(20)).code, 0);
     let _ = engine::sys::terminate(tshark.id());
@@ -308,26 +309,6 @@ fn registrations_captured_on_the_router_cannot_be_replayed() {
     assert_eq!(counters["auth_unbound"], 1, "refused as a token not bound to this connection: {counters}");
     assert_eq!(counters["tls_handshakes"], 1, "the attacker's own handshake worked: {counters}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// tshark capturing TCP port 80 on R1 into `file`.
-fn capture_tcp(lab: &Lab, file: &str) -> lab::Proc {
-    let _ = std::fs::remove_file(file);
-    let child = lab
-        .cmd(Host::R1, "tshark")
-        .args(["-q", "-i", "wan0", "-f", "tcp port 80", "-w", file])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn tshark");
-    let p = lab::Proc::from_child(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::path::Path::new(file).exists() {
-        assert!(Instant::now() < deadline, "tshark did not start capturing");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    p
 }
 
 /// The TCP bytes `src` sent to port `dport` in `file`, in sequence order, each segment once.
