@@ -1685,12 +1685,8 @@ fn a_caller_hangs_up_on_an_answer_it_cannot_accept() {
             "{name}: {out:?}"
         );
         let r = reports(&out.events).remove(0);
-        let want = if answer_is_none(name) { E2eError::Missing } else { E2eError::NoCommonSuite };
+        let want = if name == "missing" { E2eError::Missing } else { E2eError::NoCommonSuite };
         assert_eq!(r.reason, EndReason::KeyExchange(want), "{name}");
         assert_eq!(t.c.send_media(t.at(6), h, b"x", 960, &mut [0u8; 1500]), Err(ClientError::NoSuchCall(h)));
     }
-}
-
-fn answer_is_none(name: &str) -> bool {
-    name == "missing"
 }
