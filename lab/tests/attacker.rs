@@ -263,7 +263,7 @@ fn registrations_captured_on_the_router_cannot_be_replayed() {
     let sent = tcp_payload(&file, A_IP, 80);
     assert_eq!(sent.first(), Some(&0x16), "the client's first bytes are a TLS handshake record");
     assert!(!contains(&sent, b"alice"), "the id is not in the clear on a TLS connection");
-    let answer = replay_tcp(&lab, &sent);
+    let answer = send_to_manager(&lab, &sent, None);
     let counters = m.stop().expect("manager counters");
     assert_eq!(counters["registrations"], 1, "only alice's own registration: {counters}");
     assert!(counters["tls_handshake_failed"].as_u64().unwrap() >= 1, "the replayed handshake failed: {counters}");
@@ -284,26 +284,7 @@ fn registrations_captured_on_the_router_cannot_be_replayed() {
     let register = first_frame_of_type(&sent, 0x01).expect("a REGISTER frame in the capture");
     let m =
         lab.start_manager_with(&["--tls-cert", &cert, "--tls-key", &key, "--secret-file", &secret]).expect("manager");
-    let script = format!(
-        "import socket,ssl,sys,time\n\
-         c=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
-         c.minimum_version=ssl.TLSVersion.TLSv1_3\n\
-         c.set_alpn_protocols(['nullpunch/1'])\n\
-         c.load_verify_locations('{cert}')\n\
-         s=c.wrap_socket(socket.create_connection(('198.18.0.1',80),timeout=5),server_hostname='198.18.0.1')\n\
-         s.sendall(bytes.fromhex(sys.argv[1]))\n\
-         d=b''\n\
-         try:\n\
-         \x20   while True:\n\
-         \x20       b=s.recv(4096)\n\
-         \x20       if not b: break\n\
-         \x20       d+=b\n\
-         except Exception: pass\n\
-         print(d.hex())\n"
-    );
-    let hex: String = register.iter().map(|b| format!("{b:02x}")).collect();
-    let out = python(&lab, Host::R1).args(["-c", &script, &hex]).output().expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    send_to_manager(&lab, &register, Some(&cert));
     let counters = m.stop().expect("manager counters");
     assert_eq!(counters["registrations"], 0, "the replayed REGISTER registered: {counters}");
     assert_eq!(counters["auth_unbound"], 1, "refused as a token not bound to this connection: {counters}");
@@ -349,10 +330,23 @@ fn first_frame_of_type(stream: &[u8], ty: u8) -> Option<Vec<u8>> {
     None
 }
 
-/// Send `bytes` to the manager on a new TCP connection from R1; returns what came back.
-fn replay_tcp(lab: &Lab, bytes: &[u8]) -> Vec<u8> {
-    let script = "import socket,sys\n\
-         s=socket.create_connection(('198.18.0.1',80),timeout=3)\n\
+/// Send `bytes` to the manager on a new TCP connection from R1 (over TLS trusting `tls_ca`,
+/// if given: a handshake of the attacker's own); returns what came back.
+fn send_to_manager(lab: &Lab, bytes: &[u8], tls_ca: Option<&str>) -> Vec<u8> {
+    let connect = "socket.create_connection(('198.18.0.1',80),timeout=5)";
+    let sock = match tls_ca {
+        Some(ca) => format!(
+            "c=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+             c.minimum_version=ssl.TLSVersion.TLSv1_3\n\
+             c.set_alpn_protocols(['nullpunch/1'])\n\
+             c.load_verify_locations('{ca}')\n\
+             s=c.wrap_socket({connect},server_hostname='198.18.0.1')\n"
+        ),
+        None => format!("s={connect}\n"),
+    };
+    let script = format!(
+        "import socket,ssl,sys\n\
+         {sock}\
          s.sendall(bytes.fromhex(sys.argv[1]))\n\
          d=b''\n\
          try:\n\
@@ -361,9 +355,10 @@ fn replay_tcp(lab: &Lab, bytes: &[u8]) -> Vec<u8> {
          \x20       if not b: break\n\
          \x20       d+=b\n\
          except Exception: pass\n\
-         print(d.hex())\n";
+         print(d.hex())\n"
+    );
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let out = python(lab, Host::R1).args(["-c", script, &hex]).output().expect("python3");
+    let out = python(lab, Host::R1).args(["-c", &script, &hex]).output().expect("python3");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let h = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
