@@ -56,6 +56,9 @@ pub struct ManagerConfig {
     /// TLS 1.3 on the TCP port with this configuration (`engine::tls::server_config`);
     /// plaintext clients are then refused. None: plain TCP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// One node of a cluster of managers on NATS (`docs/cluster.md`). None: a manager on
+    /// its own.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The manager's alternate STUN port.
@@ -95,6 +98,7 @@ impl Default for ManagerConfig {
             alt_port: AltPort::Next,
             alt_listen: None,
             tls: None,
+            cluster: None,
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct ManagerHandle {
     /// Wake-ups of io_uring shards (they watch `stop_tx` when woken).
     wakes: Vec<Arc<Wake>>,
     io: Io,
+    /// In a cluster: this node's id.
+    node: Option<u64>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -137,6 +143,11 @@ impl ManagerHandle {
     /// Its counters.
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// In a cluster: this node's id (random, new at every start).
+    pub fn node(&self) -> Option<u64> {
+        self.node
     }
 
     /// Close every connection (ERROR Shutdown) and join all threads.
@@ -252,7 +263,17 @@ fn start_once(
         stop_udp: stop_udp.clone(),
         wakes: wakes.clone(),
         io: if uring { Io::Uring } else { Io::Portable },
+        node: None,
         threads: Vec::new(),
+    };
+    // A node id that is new at every start, so a restarted manager is a new node.
+    let cfg_node = if cfg.cluster.is_some() { engine::entropy::seed().max(1) } else { 0 };
+    let (cluster_tx, cluster_rx) = match cfg.cluster {
+        Some(_) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
     };
     // The UDP socket (no SO_REUSEPORT) claims a fixed port first: it is what keeps a second
     // manager from binding the same TCP port through SO_REUSEPORT and silently taking half
@@ -267,7 +288,14 @@ fn start_once(
         shard_cfg.max_connections = cfg.max_connections;
         let wake = wakes.get(i).cloned();
         let start = ShardStart {
-            init: ShardInit { index: i as u16, n: n as u16, seed, token_key, unix_secs: engine::sys::unix_now() },
+            init: ShardInit {
+                index: i as u16,
+                n: n as u16,
+                seed,
+                token_key,
+                unix_secs: engine::sys::unix_now(),
+                node: cfg_node,
+            },
             addr,
             cfg: shard_cfg,
             conn_queue: cfg.conn_queue,
@@ -278,6 +306,7 @@ fn start_once(
             stop: stop_rx.clone(),
             ready: ready_tx,
             tls: cfg.tls.clone(),
+            cluster: cluster_tx.clone(),
         };
         let t = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || match wake {
             #[cfg(target_os = "linux")]
@@ -292,6 +321,11 @@ fn start_once(
         }
     }
     handle.addr = addr;
+    if let (Some(c), Some(rx)) = (&cfg.cluster, cluster_rx) {
+        let t = crate::cluster::spawn(c.clone(), cfg_node, txs.clone(), rx, stats.clone(), stop_rx.clone())?;
+        handle.node = Some(cfg_node);
+        handle.threads.push(t);
+    }
     let udp = match udp.take() {
         Some(u) => u,
         None => bind_udp(addr)?,

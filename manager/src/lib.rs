@@ -10,10 +10,13 @@
 //! * the shard threads' IO (tokio, io_uring) and the STUN responder's thread:
 //!   `engine::shard`, with the policy both IOs share;
 //! * [`bootstrap`]: starting and stopping a manager (threads, listeners, wiring);
-//! * [`metrics`]: Prometheus text exposition and its `GET /metrics` endpoint.
+//! * [`metrics`]: Prometheus text exposition and its `GET /metrics` endpoint;
+//! * [`cluster`]: one node of a cluster of managers on NATS (the decisions are
+//!   `proto::cluster`'s).
 #![deny(missing_docs)]
 
 pub mod bootstrap;
+pub mod cluster;
 pub mod metrics;
 
 pub use bootstrap::{raise_nofile, start, AltPort, Io, ManagerConfig, ManagerHandle};

@@ -96,6 +96,20 @@ struct Args {
     /// The private key of --tls-cert (PEM: PKCS#8, SEC1 or PKCS#1).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Be one node of a cluster of managers on NATS (`docs/cluster.md`): any of these NATS
+    /// servers (`nats://HOST:PORT`, comma-separated; JetStream on) will do. Clients of any
+    /// node reach clients of any other; calls within one node never touch NATS. The node
+    /// prints `node ID NAME` on stdout after `listening`.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', value_parser = nats_url)]
+    cluster: Vec<String>,
+    /// This node's name in a cluster (logs, metrics, directory values); its identity is a
+    /// random id new at every start, so a restarted manager is a new node.
+    #[arg(long, value_name = "NAME", default_value = "manager", requires = "cluster", value_parser = node_name)]
+    node: String,
+    /// Replicas of the cluster directory in NATS (1 to 5): 1 for one NATS server, 3 for a
+    /// 3-server NATS cluster that must survive losing one.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "cluster", value_parser = clap::value_parser!(u8).range(1..=5))]
+    cluster_replicas: u8,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -119,6 +133,24 @@ fn listen_addr(s: &str) -> Result<SocketAddr, String> {
     s.trim()
         .parse()
         .map_err(|_| "expected IP:PORT (e.g. 0.0.0.0:7480 for every interface, 127.0.0.1:0 for any free port)".into())
+}
+
+/// A NATS server URL.
+fn nats_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    s.parse::<async_nats::ServerAddr>()
+        .map(|_| s.to_string())
+        .map_err(|e| format!("`{s}`: expected nats://HOST:PORT ({e})"))
+}
+
+/// A node name: 1 to 64 letters, digits, `-` or `_`.
+fn node_name(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        Ok(s.to_string())
+    } else {
+        Err("expected 1 to 64 letters, digits, `-` or `_`".into())
+    }
 }
 
 /// `next`, `off` or a port.
@@ -282,6 +314,11 @@ fn main() {
         alt_listen: args.alt_listen,
         max_connections: connection_cap(args.max_connections, io, args.shards),
         tls,
+        cluster: (!args.cluster.is_empty()).then(|| manager::cluster::ClusterConfig {
+            servers: args.cluster.clone(),
+            name: args.node.clone(),
+            replicas: args.cluster_replicas as usize,
+        }),
         ..ManagerConfig::default()
     };
     let handle = match start(cfg) {
@@ -300,6 +337,9 @@ fn main() {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         println!("listening {}", handle.local_addr());
+        if let Some(node) = handle.node() {
+            println!("node {node:016x} {}", args.node);
+        }
         let _metrics = match args.metrics {
             Some(addr) => {
                 let st = stats.clone();

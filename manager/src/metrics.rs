@@ -146,6 +146,11 @@ pub fn render_manager(stats: &Stats) -> String {
         "CALL to START at the call's owner shard (the manager's part of call setup).",
         &stats.setup_time,
     );
+    e.latency_histogram(
+        "nullpunch_manager_cluster_rtt_seconds",
+        "Cluster: a CALL to another node, from the request on its inbox to that node's acknowledgement.",
+        &stats.cluster_rtt,
+    );
     e.finish()
 }
 

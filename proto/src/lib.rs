@@ -30,6 +30,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod e2e;
 pub mod media;
 pub mod nat;

@@ -90,7 +90,7 @@ fn a_port_mapping_on_another_ip_than_the_observed_one_is_ignored() {
         ("100.64.1.2:40001", "198.51.100.7:5004", AddrSource::TcpPeer),
     ] {
         let stats = std::sync::Arc::new(Stats::default());
-        let init = ShardInit { index: 0, n: 1, seed: 1, token_key: [0; 32], unix_secs: 0 };
+        let init = ShardInit { index: 0, n: 1, seed: 1, token_key: [0; 32], unix_secs: 0, node: 0 };
         let mut shard = Shard::new(init, ShardConfig::default(), stats.clone());
         let conn = shard.conn_opened(t0, addr("198.51.100.7:50000"), 0);
         let f = Frame::Register {

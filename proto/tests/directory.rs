@@ -42,7 +42,7 @@ impl Manager {
         let stats = Arc::new(Stats::default());
         let shards = (0..n)
             .map(|index| {
-                let init = ShardInit { index, n, seed: 1, token_key: [7; 32], unix_secs: 1_000_000 };
+                let init = ShardInit { index, n, seed: 1, token_key: [7; 32], unix_secs: 1_000_000, node: 0 };
                 Shard::new(init, cfg.clone(), stats.clone())
             })
             .collect();
@@ -61,6 +61,7 @@ impl Manager {
                         Output::Frame { conn, frame } => self.frames.push(((i as u16, conn), frame)),
                         Output::Close { conn } => closes.push((i as u16, conn)),
                         Output::Shard { to, msg } => msgs.push((to, msg)),
+                        Output::Cluster(o) => unreachable!("a shard without a node id has no cluster output: {o:?}"),
                     }
                 }
             }

@@ -82,7 +82,7 @@ impl Pair {
 
 fn shard(secret: &Secret) -> (Shard, Arc<Stats>) {
     let stats = Arc::new(Stats::default());
-    let init = ShardInit { index: 0, n: 1, seed: 1, token_key: [3; 32], unix_secs: 1_000 };
+    let init = ShardInit { index: 0, n: 1, seed: 1, token_key: [3; 32], unix_secs: 1_000, node: 0 };
     let cfg = ShardConfig { secret: Some(Arc::new(secret.clone())), ..Default::default() };
     (Shard::new(init, cfg, stats.clone()), stats)
 }

@@ -256,7 +256,7 @@ impl Sim {
         }
         let shards = (0..shards)
             .map(|index| {
-                let init = ShardInit { index, n: shards, seed, token_key, unix_secs: UNIX_START };
+                let init = ShardInit { index, n: shards, seed, token_key, unix_secs: UNIX_START, node: 0 };
                 Shard::new(init, cfg.clone(), stats.clone())
             })
             .collect();
@@ -454,6 +454,7 @@ impl Sim {
                     }
                 }
                 Output::Shard { to, msg } => self.schedule(self.now, Ev::Shard { to, msg }),
+                Output::Cluster(o) => unreachable!("a shard without a node id has no cluster output: {o:?}"),
             }
         }
     }

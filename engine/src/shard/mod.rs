@@ -170,7 +170,13 @@ pub struct ShardStart {
     /// TLS 1.3 on every connection with this configuration (plaintext clients are refused);
     /// None: plain TCP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// In a cluster ([`ShardInit::node`] nonzero): the node's bridge, which takes the core's
+    /// [`proto::shard::Output::Cluster`].
+    pub cluster: Option<ClusterTx>,
 }
+
+/// The channel from a node's shards to its cluster bridge.
+pub type ClusterTx = mpsc::UnboundedSender<proto::cluster::ClusterOut>;
 
 /// A new connection's stream: the TLS server side with `tls`, else plain.
 pub(crate) fn server_stream(

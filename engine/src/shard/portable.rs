@@ -41,6 +41,8 @@ struct ShardIo {
     core: RefCell<Shard>,
     conns: RefCell<HashMap<u64, ConnHandle>>,
     peers: Vec<Peer>,
+    /// The cluster bridge, in a cluster.
+    cluster: Option<super::ClusterTx>,
     rbuf: RefCell<Vec<u8>>,
     stats: Arc<Stats>,
     open: Arc<OpenConns>,
@@ -74,6 +76,11 @@ impl ShardIo {
                             p.send(msg);
                         }
                     }
+                    Output::Cluster(o) => {
+                        if let Some(c) = &self.cluster {
+                            let _ = c.send(o);
+                        }
+                    }
                 }
             }
         }
@@ -103,7 +110,8 @@ impl ShardIo {
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
 /// Shutdown and the thread waits up to [`SHUTDOWN_DRAIN`] for them to close).
 pub fn shard_thread(start: ShardStart) {
-    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, mut stop, ready, tls } = start;
+    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, mut stop, ready, tls, cluster } =
+        start;
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -127,6 +135,7 @@ pub fn shard_thread(start: ShardStart) {
             core: RefCell::new(Shard::new(init, cfg, stats.clone())),
             conns: RefCell::new(HashMap::new()),
             peers,
+            cluster,
             rbuf: RefCell::new(vec![0u8; 64 * 1024]),
             stats,
             open,

@@ -160,6 +160,8 @@ struct State {
     stats: Arc<Stats>,
     open: Arc<OpenConns>,
     peers: Vec<Peer>,
+    /// The cluster bridge, in a cluster.
+    cluster: Option<super::ClusterTx>,
     conn_queue: usize,
     /// Connections by file-table entry.
     slots: Vec<Option<Conn>>,
@@ -201,7 +203,7 @@ struct Io {
 /// Run one shard on this thread until `stop` turns true (then every connection gets ERROR
 /// Shutdown and the thread waits up to [`SHUTDOWN_DRAIN`] for them to close).
 pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
-    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, stop, ready, tls } = start;
+    let ShardStart { init, addr, cfg, conn_queue, stats, open, mut inbox, peers, stop, ready, tls, cluster } = start;
     let setup = (|| {
         let listener = bind_listener(addr)?;
         let table = table_size();
@@ -219,6 +221,7 @@ pub fn shard_thread(start: ShardStart, wake: Arc<Wake>) {
     let mut st =
         State::new(Shard::new(init, cfg, stats.clone()), stats, open, peers, conn_queue, table, listener, wake);
     st.tls = tls;
+    st.cluster = cluster;
     let mut io = Io { ring, st };
     let mut next_tick = Instant::now() + TICK;
     let mut stop_deadline: Option<Instant> = None;
@@ -276,6 +279,7 @@ impl State {
             stats,
             open,
             peers,
+            cluster: None,
             conn_queue,
             slots: Vec::new(),
             by_id: HashMap::new(),
@@ -516,6 +520,11 @@ impl State {
                         p.send(msg);
                     }
                 }
+                Output::Cluster(o) => {
+                    if let Some(c) = &self.cluster {
+                        let _ = c.send(o);
+                    }
+                }
             }
         }
     }
@@ -691,7 +700,7 @@ mod tests {
     fn test_io(ring: Ring) -> Io {
         let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let stats = Arc::new(Stats::default());
-        let init = ShardInit { index: 0, n: 1, seed: 1, token_key: [1; 32], unix_secs: 0 };
+        let init = ShardInit { index: 0, n: 1, seed: 1, token_key: [1; 32], unix_secs: 0, node: 0 };
         let core = Shard::new(init, ShardConfig::default(), stats.clone());
         let open = Arc::new(OpenConns::default());
         let st = State::new(core, stats, open, Vec::new(), 64, 4, listener, Wake::new().unwrap());

@@ -16,7 +16,7 @@
 //! binding table ([`bindings`]) is its own, fed by messages. It only *writes* the manager's
 //! counters ([`stats::Stats`], relaxed atomics).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ pub mod stats;
 pub mod stun;
 pub mod stun_limit;
 
+use crate::cluster::ClusterOut;
 use crate::nat::{self, NatClass, Strategy};
 use crate::rng::Rng;
 use crate::wire::frame::{
@@ -52,9 +53,13 @@ pub const MAX_EXPIRIES_PER_TICK: usize = 8192;
 /// twice its tombstones before it drops them in one pass (amortized O(1) per death).
 const DEATHS_SLACK: usize = 1024;
 
-/// A connection anywhere in the manager: its shard and its id within that shard.
+/// A connection anywhere in the manager (or, in a cluster, anywhere in the service): its
+/// node, its shard and its id within that shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnRef {
+    /// The manager (node) that holds the connection: [`ShardInit::node`], 0 for a manager
+    /// that is not in a cluster.
+    pub node: u64,
     /// The shard that owns the connection.
     pub shard: u16,
     /// Connection id within that shard.
@@ -134,6 +139,9 @@ pub struct ShardInit {
     /// Seconds since the Unix epoch at start (registration tokens expire in wall-clock
     /// time); [`Shard::handle_tick`] brings it up to date.
     pub unix_secs: u64,
+    /// This manager's node id in a cluster ([`crate::cluster`]): random and nonzero, new at
+    /// every start. 0: no cluster (every connection and call is this manager's).
+    pub node: u64,
 }
 
 impl std::fmt::Debug for ShardInit {
@@ -148,8 +156,8 @@ impl std::fmt::Debug for ShardInit {
 pub enum Track {
     /// Nothing.
     None,
-    /// The connection is now a party to this call.
-    Add(CallId),
+    /// The connection is now a party to this call, owned by a shard of this node.
+    Add(CallId, u64),
     /// The connection is no longer a party to this call.
     Remove(CallId),
 }
@@ -211,26 +219,8 @@ pub enum ShardMsg {
         /// The closed connection.
         conn: ConnRef,
     },
-    /// To the callee's home shard: a CALL.
-    CallReq {
-        /// Caller id.
-        caller: ClientId,
-        /// Caller connection.
-        caller_conn: ConnRef,
-        /// Caller's public UDP address.
-        caller_addr: SocketAddr,
-        /// Caller's NAT class.
-        caller_nat: NatClass,
-        /// Caller's host addresses (passed on only to a callee behind the same public IP).
-        caller_hosts: Vec<Candidate>,
-        /// Caller's reference.
-        call_ref: u32,
-        /// Callee id.
-        callee: ClientId,
-        /// The caller's key share, relayed unchanged in INCOMING (boxed: most messages
-        /// are not CALLs).
-        caller_keys: Option<Box<KeyShare>>,
-    },
+    /// To the callee's home shard: a CALL (boxed: most messages are not CALLs).
+    CallReq(Box<CallReq>),
     /// To the call's owner: a party sent PUNCHED.
     Punched {
         /// Call.
@@ -297,6 +287,57 @@ pub enum ShardMsg {
         /// Detail.
         message: String,
     },
+    /// From the cluster bridge to the id's home shard: the directory entry written for
+    /// `id` on `conn` has generation `gen` (the engine's revision).
+    Generation {
+        /// Client id.
+        id: ClientId,
+        /// The connection the entry was written for.
+        conn: ConnRef,
+        /// Its generation.
+        gen: u64,
+    },
+    /// From the cluster bridge to the id's home shard: `id` registered on another node,
+    /// replacing generation `gen`; close its connection here if it still holds that one.
+    Replace {
+        /// Client id.
+        id: ClientId,
+        /// The generation that was replaced.
+        gen: u64,
+    },
+    /// From the cluster bridge to every shard: `node` is gone (no heartbeat, or no
+    /// responders on its inbox). Calls with a party there end.
+    NodeGone {
+        /// The node.
+        node: u64,
+    },
+}
+
+/// A CALL on its way to the callee's home shard, on this node or (in a cluster) another.
+#[derive(Debug, Clone)]
+pub struct CallReq {
+    /// Caller id.
+    pub caller: ClientId,
+    /// Caller connection.
+    pub caller_conn: ConnRef,
+    /// Caller's public UDP address.
+    pub caller_addr: SocketAddr,
+    /// Caller's NAT class.
+    pub caller_nat: NatClass,
+    /// Caller's host addresses (passed on only to a callee behind the same public IP).
+    pub caller_hosts: Vec<Candidate>,
+    /// Caller's reference.
+    pub call_ref: u32,
+    /// Callee id.
+    pub callee: ClientId,
+    /// The caller's key share, relayed unchanged in INCOMING.
+    pub caller_keys: Option<Box<KeyShare>>,
+    /// The generation of the callee's entry the caller's node looked up: 0 for a CALL made
+    /// on the callee's own node. A home shard that no longer holds that generation answers
+    /// NOT_HERE ([`crate::cluster::ClusterOut::NotHere`]).
+    pub gen: u64,
+    /// Tries so far across nodes (a NOT_HERE is retried once after a fresh lookup).
+    pub attempt: u8,
 }
 
 /// Output of a shard.
@@ -321,6 +362,8 @@ pub enum Output {
         /// Message.
         msg: ShardMsg,
     },
+    /// To the cluster bridge ([`crate::cluster::Bridge`]): only from a shard with a node id.
+    Cluster(crate::cluster::ClusterOut),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,7 +384,8 @@ struct Conn {
     hosts: Vec<Candidate>,
     opened: Instant,
     last_rx: Instant,
-    calls: HashSet<CallId>,
+    /// The calls it is a party to, with the node of each call's owner shard.
+    calls: HashMap<CallId, u64>,
     /// A REGISTER of this connection is being resolved on this shard (the STUN binding's
     /// owner): until REGISTERED, its Unregister must follow the same way (see `conn_closed`).
     resolving: Option<u16>,
@@ -365,6 +409,9 @@ struct Entry {
     hosts: Vec<Candidate>,
     max_calls: u16,
     active_calls: u32,
+    /// In a cluster: the generation of the entry in the cluster directory, 0 while it is
+    /// being written.
+    gen: u64,
     /// While `conn` is None (a tombstone): which death made it one, matching its record in
     /// `Shard::deaths`. 0 for a live entry.
     death: u64,
@@ -424,6 +471,8 @@ pub fn owner_shard(call_id: CallId) -> u16 {
 pub struct Shard {
     index: u16,
     n: u16,
+    /// [`ShardInit::node`].
+    node: u64,
     cfg: ShardConfig,
     /// This shard's part of the STUN binding table.
     bindings: BindingTable,
@@ -454,7 +503,7 @@ impl Shard {
     /// Shard `init.index` of `init.n`, counting into `stats` (shared by every shard and the
     /// STUN responder of one manager).
     pub fn new(init: ShardInit, cfg: ShardConfig, stats: Arc<Stats>) -> Self {
-        let ShardInit { index, n, seed, token_key, unix_secs } = init;
+        let ShardInit { index, n, seed, token_key, unix_secs, node } = init;
         let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         // Call ids start at a random point, so a restarted manager does not hand out the ids
         // of calls that are still running between clients (they would take a new INCOMING
@@ -464,6 +513,7 @@ impl Shard {
         Shard {
             index,
             n,
+            node,
             cfg,
             bindings: BindingTable::new(MAX_BINDINGS / n.max(1) as usize),
             next_purge: None,
@@ -544,7 +594,7 @@ impl Shard {
                 hosts: Vec::new(),
                 opened: now,
                 last_rx: now,
-                calls: HashSet::new(),
+                calls: HashMap::new(),
                 resolving: None,
                 closing: false,
                 allowance,
@@ -620,12 +670,12 @@ impl Shard {
         self.now = Some(now);
         let Some(c) = self.conns.remove(&conn) else { return false };
         self.stats.inc(&self.stats.connections_closed);
-        let me = ConnRef { shard: self.index, id: conn };
+        let me = self.conn_ref(conn);
         // In call id order, not the set's: the messages come out the same every run.
-        let mut calls: Vec<CallId> = c.calls.into_iter().collect();
-        calls.sort_unstable_by_key(|c| c.0);
-        for call_id in calls {
-            self.route(owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
+        let mut calls: Vec<(CallId, u64)> = c.calls.into_iter().collect();
+        calls.sort_unstable_by_key(|c| c.0 .0);
+        for (call_id, node) in calls {
+            self.route_to(node, owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
         }
         match (c.state, c.resolving) {
             // Its Register is on its way through the binding's shard: the Unregister follows
@@ -646,7 +696,7 @@ impl Shard {
     pub fn conn_frame(&mut self, now: Instant, conn: u64, frame: Frame) {
         self.now = Some(now);
         self.stats.inc(&self.stats.frames_in);
-        let me = ConnRef { shard: self.index, id: conn };
+        let me = self.conn_ref(conn);
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let since = now.saturating_duration_since(c.last_rx).as_secs_f64();
         c.last_rx = now;
@@ -753,7 +803,7 @@ impl Shard {
                 let caller_addr = c.public.expect("registered connections have a public address");
                 let (caller_nat, caller_hosts) = (c.nat, c.hosts.clone());
                 let home = home_shard(&callee, self.n);
-                let msg = ShardMsg::CallReq {
+                let msg = ShardMsg::CallReq(Box::new(CallReq {
                     caller,
                     caller_conn: me,
                     caller_addr,
@@ -762,7 +812,9 @@ impl Shard {
                     call_ref,
                     callee,
                     caller_keys: keys,
-                };
+                    gen: 0,
+                    attempt: 0,
+                }));
                 self.route(home, msg);
             }
             Frame::Punched { call_id, udp_port, keys } => {
@@ -787,8 +839,8 @@ impl Shard {
                     self.stats.inc(&self.stats.hangups_unknown_call);
                     return;
                 }
-                c.calls.remove(&call_id);
-                self.route(owner_shard(call_id), ShardMsg::Hangup { call_id, conn: me, reason });
+                let node = c.calls.remove(&call_id).unwrap_or(self.node);
+                self.route_to(node, owner_shard(call_id), ShardMsg::Hangup { call_id, conn: me, reason });
             }
             Frame::Reject { call_id, reason, .. } => {
                 if !matches!(c.state, ConnState::Registered(_)) {
@@ -800,7 +852,8 @@ impl Shard {
                     return;
                 }
                 // The call stays tracked until the owner confirms the sender is the callee.
-                self.route(owner_shard(call_id), ShardMsg::Decline { call_id, conn: me, reason });
+                let node = c.calls.get(&call_id).copied().unwrap_or(self.node);
+                self.route_to(node, owner_shard(call_id), ShardMsg::Decline { call_id, conn: me, reason });
             }
             other => {
                 let name = other.name();
@@ -868,6 +921,7 @@ impl Shard {
                             hosts: Vec::new(),
                             max_calls,
                             active_calls: 0,
+                            gen: 0,
                             death: 0,
                         })
                     }
@@ -878,6 +932,10 @@ impl Shard {
                 entry.nat = nat;
                 entry.hosts = hosts;
                 entry.max_calls = max_calls;
+                entry.gen = 0;
+                if self.node != 0 {
+                    self.out.push_back(Output::Cluster(ClusterOut::Registered { id: id.clone(), conn }));
+                }
                 if let Some(old) = old.filter(|o| *o != conn) {
                     self.stats.inc(&self.stats.registrations_replaced);
                     let message = format!("id {id} registered by a newer connection");
@@ -896,22 +954,7 @@ impl Shard {
                     self.bury(id, now);
                 }
             }
-            ShardMsg::CallReq {
-                caller,
-                caller_conn,
-                caller_addr,
-                caller_nat,
-                caller_hosts,
-                call_ref,
-                callee,
-                caller_keys,
-            } => self.on_call_req(
-                now,
-                caller,
-                (caller_conn, caller_addr, caller_nat, caller_hosts),
-                (call_ref, callee),
-                caller_keys,
-            ),
+            ShardMsg::CallReq(req) => self.on_call_req(now, req),
             ShardMsg::Punched { call_id, conn, udp_port, keys } => self.on_punched(call_id, conn, udp_port, keys),
             ShardMsg::Hangup { call_id, conn, reason } => {
                 let Some(rec) = self.calls.get(&call_id) else {
@@ -988,15 +1031,15 @@ impl Shard {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     // The connection is gone: if it was becoming a party, the call must not wait
                     // for it.
-                    if let Track::Add(call_id) = track {
-                        let me = ConnRef { shard: self.index, id: conn };
-                        self.route(owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
+                    if let Track::Add(call_id, node) = track {
+                        let me = self.conn_ref(conn);
+                        self.route_to(node, owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
                     }
                     return;
                 };
                 match track {
-                    Track::Add(id) => {
-                        c.calls.insert(id);
+                    Track::Add(id, node) => {
+                        c.calls.insert(id, node);
                     }
                     Track::Remove(id) => {
                         c.calls.remove(&id);
@@ -1018,6 +1061,60 @@ impl Shard {
                 }
             }
             ShardMsg::Kick { conn, code, message } => self.kick(conn, code, message),
+            ShardMsg::Generation { id, conn, gen } => {
+                if let Some(e) = self.dir.get_mut(&id).filter(|e| e.conn == Some(conn)) {
+                    e.gen = gen;
+                }
+            }
+            ShardMsg::Replace { id, gen } => {
+                let Some(e) = self.dir.get(&id) else { return };
+                // Only the generation that was replaced: a newer registration here (pending
+                // or written) is not closed by an older one elsewhere.
+                if e.gen != gen || gen == 0 {
+                    return;
+                }
+                let Some(old) = e.conn else { return };
+                if let Some(e) = self.dir.get_mut(&id) {
+                    // Written over already: nothing to forget in the cluster directory.
+                    e.gen = 0;
+                }
+                self.stats.inc(&self.stats.registrations_replaced);
+                self.stats.inc(&self.stats.cluster_replaced);
+                self.bury(id.clone(), now);
+                let message = format!("id {id} registered on another manager");
+                self.route(old.shard, ShardMsg::Kick { conn: old.id, code: ErrorCode::Replaced, message });
+            }
+            ShardMsg::NodeGone { node } => self.node_gone(node),
+        }
+    }
+
+    /// `node` is gone: the calls this shard owns with a party there end as if that party's
+    /// connection had closed, and this shard's connections forget calls owned there (a
+    /// started call's media is direct and goes on; the clients decide by media timeout).
+    fn node_gone(&mut self, node: u64) {
+        if node == self.node || node == 0 {
+            return;
+        }
+        let mut gone: Vec<(CallId, ConnRef)> = self
+            .calls
+            .iter()
+            .filter_map(|(id, r)| {
+                if r.caller_conn.node == node {
+                    Some((*id, r.caller_conn))
+                } else if r.callee_conn.node == node {
+                    Some((*id, r.callee_conn))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        gone.sort_unstable_by_key(|g| g.0 .0);
+        for (call_id, conn) in gone {
+            self.stats.inc(&self.stats.cluster_calls_node_gone);
+            self.handle_msg(self.now.expect("set by the caller"), ShardMsg::PartyGone { call_id, conn });
+        }
+        for c in self.conns.values_mut() {
+            c.calls.retain(|_, n| *n != node);
         }
     }
 
@@ -1100,6 +1197,7 @@ impl Shard {
         self.next_death += 1;
         e.conn = None;
         e.death = death;
+
         self.tombstones += 1;
         self.stats.inc(&self.stats.directory_tombstones);
         self.deaths.push_back(Death { id, at: now, death });
@@ -1121,7 +1219,12 @@ impl Shard {
         if !self.dir.get(&d.id).is_some_and(|e| e.conn.is_none() && e.death == d.death) {
             return false;
         }
-        self.dir.remove(&d.id);
+        if let Some(e) = self.dir.remove(&d.id) {
+            if self.node != 0 && e.gen != 0 {
+                // The cluster directory forgets the entry too, unless it has moved on since.
+                self.out.push_back(Output::Cluster(ClusterOut::Forgotten { id: d.id.clone(), gen: e.gen }));
+            }
+        }
         self.tombstones -= 1;
         self.stats.dec(&self.stats.directory_tombstones);
         self.stats.dec(&self.stats.directory_entries);
@@ -1143,14 +1246,54 @@ impl Shard {
         }
     }
 
-    fn on_call_req(
-        &mut self,
-        now: Instant,
-        caller: ClientId,
-        (caller_conn, caller_addr, caller_nat, caller_hosts): (ConnRef, SocketAddr, NatClass, Vec<Candidate>),
-        (call_ref, callee): (u32, ClientId),
-        caller_keys: Option<Box<KeyShare>>,
-    ) {
+    fn on_call_req(&mut self, now: Instant, req: Box<CallReq>) {
+        if self.node != 0 {
+            // In a cluster: a callee that is not live here may be live on another node.
+            let live = self.dir.get(&req.callee).filter(|e| e.conn.is_some());
+            match live {
+                // A CALL from another node, for a generation this node no longer holds (an
+                // entry still being written here is taken: it is the newest).
+                Some(e) if req.gen != 0 && e.gen != 0 && e.gen != req.gen => {
+                    self.stats.inc(&self.stats.cluster_not_here);
+                    self.out.push_back(Output::Cluster(ClusterOut::NotHere { req }));
+                    return;
+                }
+                Some(_) => {}
+                // The tombstone of that very generation: the callee is offline, and this node
+                // says so at once.
+                None if req.gen != 0 && self.dir.get(&req.callee).is_some_and(|e| e.gen == req.gen) => {
+                    self.stats.inc(&self.stats.calls_unknown);
+                    let f = Frame::Unknown { call_ref: req.call_ref, reason: UnknownReason::Offline };
+                    self.deliver(req.caller_conn, Some(f), Track::None);
+                    return;
+                }
+                None if req.gen != 0 => {
+                    self.stats.inc(&self.stats.cluster_not_here);
+                    self.out.push_back(Output::Cluster(ClusterOut::NotHere { req }));
+                    return;
+                }
+                None => {
+                    let reason = match self.dir.get(&req.callee) {
+                        Some(_) => UnknownReason::Offline,
+                        None => UnknownReason::NeverRegistered,
+                    };
+                    self.out.push_back(Output::Cluster(ClusterOut::Lookup { req, reason }));
+                    return;
+                }
+            }
+        }
+        let CallReq {
+            caller,
+            caller_conn,
+            caller_addr,
+            caller_nat,
+            caller_hosts,
+            call_ref,
+            callee,
+            caller_keys,
+            gen: _,
+            attempt: _,
+        } = *req;
         // Behind one public IP, with IPv4 host addresses on both sides, the two reach each
         // other on their LAN whatever their NAT does (no hairpin through the router needed).
         // With IPv6 addresses on both sides they reach each other over IPv6 (no NAT there,
@@ -1225,7 +1368,7 @@ impl Shard {
                 requested: now,
             },
         );
-        self.deliver(caller_conn, None, Track::Add(call_id));
+        self.deliver(caller_conn, None, Track::Add(call_id, self.node));
         let f = Frame::Incoming {
             call_id,
             token,
@@ -1235,7 +1378,7 @@ impl Shard {
             caller_candidates: caller_hosts,
             caller_keys,
         };
-        self.deliver(callee_conn, Some(f), Track::Add(call_id));
+        self.deliver(callee_conn, Some(f), Track::Add(call_id, self.node));
     }
 
     fn on_punched(&mut self, call_id: CallId, conn: ConnRef, udp_port: u16, keys: Option<Box<KeyShare>>) {
@@ -1284,6 +1427,21 @@ impl Shard {
         }
     }
 
+    /// This shard's reference for its connection `conn`.
+    fn conn_ref(&self, conn: u64) -> ConnRef {
+        ConnRef { node: self.node, shard: self.index, id: conn }
+    }
+
+    /// Send `msg` to shard `to` of `node`: this node's shards directly, another's through
+    /// the cluster bridge.
+    fn route_to(&mut self, node: u64, to: u16, msg: ShardMsg) {
+        if node == self.node {
+            self.route(to, msg);
+        } else {
+            self.out.push_back(Output::Cluster(ClusterOut::Send { node, shard: to, msg }));
+        }
+    }
+
     fn route(&mut self, to: u16, msg: ShardMsg) {
         if to == self.index {
             // Local: handle at once (no queue hop), at the time of the input being handled.
@@ -1295,7 +1453,7 @@ impl Shard {
     }
 
     fn deliver(&mut self, conn: ConnRef, frame: Option<Frame>, track: Track) {
-        self.route(conn.shard, ShardMsg::Deliver { conn: conn.id, frame, track });
+        self.route_to(conn.node, conn.shard, ShardMsg::Deliver { conn: conn.id, frame, track });
     }
 
     fn send(&mut self, conn: u64, frame: Frame) {

@@ -13,8 +13,18 @@ macro_rules! stats {
             /// Gauge: of those, tombstones (ids whose connection closed, kept so that callers
             /// learn `Offline`).
             pub directory_tombstones: AtomicU64,
+            /// Gauge: 1 while this node reaches the cluster's engine and its directory (0
+            /// when down, or not in a cluster).
+            pub cluster_up: AtomicU64,
+            /// Gauge: other cluster nodes heard from within the node timeout.
+            pub cluster_nodes: AtomicU64,
+            /// Gauge: cluster directory entries known to this node (its cache).
+            pub cluster_entries: AtomicU64,
             /// CALL to START at the call's owner shard (the manager's share of call setup).
             pub setup_time: LatencyHistogram,
+            /// Cluster: round trip of a CALL to another node (request to its inbox, until
+            /// that node's acknowledgement).
+            pub cluster_rtt: LatencyHistogram,
             /// Calls by strategy and by how they ended at the manager.
             pub by_strategy: StrategyOutcomes,
         }
@@ -187,6 +197,37 @@ stats! {
     registrations,
     /// Registrations that replaced an older connection with the same id.
     registrations_replaced,
+    /// Cluster: CALLs sent to the callee's node (another manager).
+    cluster_calls_out,
+    /// Cluster: CALLs taken from another node for a callee here.
+    cluster_calls_in,
+    /// Cluster: CALLs from another node for a generation this node no longer holds
+    /// (answered NOT_HERE).
+    cluster_not_here,
+    /// Cluster: CALLs retried after a fresh directory lookup (NOT_HERE or no responders).
+    cluster_retries,
+    /// Cluster: messages to a node whose inbox had no responders (the node is gone).
+    cluster_no_responders,
+    /// Cluster: calls to another node refused at once because the cluster engine (NATS)
+    /// was unreachable (REJECT ClusterDown).
+    cluster_unavailable,
+    /// Cluster: connections closed here because their id registered on another node.
+    cluster_replaced,
+    /// Cluster: nodes found gone (no heartbeat or no responders).
+    cluster_nodes_gone,
+    /// Cluster: calls ended because the other party's node was gone.
+    cluster_calls_node_gone,
+    /// Cluster: directory entries written (registrations here, and re-written after the
+    /// engine came back).
+    cluster_writes,
+    /// Cluster: directory writes that failed (engine unreachable; re-written on return).
+    cluster_write_failures,
+    /// Cluster: messages sent to other nodes.
+    cluster_messages_out,
+    /// Cluster: messages received from other nodes.
+    cluster_messages_in,
+    /// Cluster: messages from other nodes that failed to decode (dropped).
+    cluster_malformed,
     /// Directory tombstones forgotten at their age limit (`--tombstone-ttl`): their ids
     /// are now unknown (UNKNOWN NeverRegistered).
     tombstones_expired,
@@ -305,6 +346,13 @@ impl Stats {
                 "Directory tombstones: ids whose connection closed, kept so that callers learn Offline.",
                 self.directory_tombstones.load(Ordering::Relaxed),
             ),
+            (
+                "cluster_up",
+                "1 while this node reaches the cluster's engine (NATS) and its directory; 0 when down or not in a cluster.",
+                self.cluster_up.load(Ordering::Relaxed),
+            ),
+            ("cluster_nodes", "Other cluster nodes heard from within the node timeout.", self.cluster_nodes.load(Ordering::Relaxed)),
+            ("cluster_entries", "Cluster directory entries known to this node.", self.cluster_entries.load(Ordering::Relaxed)),
         ]
     }
 

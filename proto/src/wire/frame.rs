@@ -279,6 +279,9 @@ code_enum! {
         /// Sent by the callee: the caller's key share is missing or invalid, or not signed
         /// by the identity the callee pins.
         KeyRefused = 8,
+        /// Sent by a manager in a cluster: the callee is on another manager, and this one
+        /// cannot reach the cluster's engine (NATS) now. Calls within one manager go on.
+        ClusterDown = 9,
     }
 }
 
