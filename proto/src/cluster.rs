@@ -255,10 +255,11 @@ impl NodeMsg {
                     out.extend_from_slice(&conn.to_be_bytes());
                     match track {
                         Track::None => out.push(0),
-                        Track::Add(c, node) => {
+                        Track::Add(c, node, call_ref) => {
                             out.push(1);
                             out.extend_from_slice(&c.0.to_be_bytes());
                             out.extend_from_slice(&node.to_be_bytes());
+                            out.extend_from_slice(&call_ref.to_be_bytes());
                         }
                         Track::Remove(c) => {
                             out.push(2);
@@ -318,7 +319,7 @@ impl NodeMsg {
                 let conn = r.u64()?;
                 let track = match r.u8()? {
                     0 => Track::None,
-                    1 => Track::Add(CallId(r.u64()?), r.u64()?),
+                    1 => Track::Add(CallId(r.u64()?), r.u64()?, r.u32()?),
                     2 => Track::Remove(CallId(r.u64()?)),
                     _ => return Err(NodeMsgError::Malformed("track")),
                 };
@@ -395,6 +396,9 @@ impl Reader<'_> {
     }
     fn u16(&mut self) -> Result<u16, NodeMsgError> {
         Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, NodeMsgError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> Result<u64, NodeMsgError> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
@@ -991,7 +995,7 @@ mod tests {
                 msg: ShardMsg::Deliver {
                     conn: 8,
                     frame: Some(Frame::Hangup { call_id: CallId(77), reason: HangupReason::Normal }),
-                    track: Track::Add(CallId(77), 0xB),
+                    track: Track::Add(CallId(77), 0xB, 5),
                 },
             },
             NodeMsg::Shard {

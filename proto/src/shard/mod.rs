@@ -156,8 +156,9 @@ impl std::fmt::Debug for ShardInit {
 pub enum Track {
     /// Nothing.
     None,
-    /// The connection is now a party to this call, owned by a shard of this node.
-    Add(CallId, u64),
+    /// The connection is now a party to this call, owned by a shard of this node (the
+    /// second field), with this call_ref (the caller's; 0 for the callee).
+    Add(CallId, u64, u32),
     /// The connection is no longer a party to this call.
     Remove(CallId),
 }
@@ -384,8 +385,8 @@ struct Conn {
     hosts: Vec<Candidate>,
     opened: Instant,
     last_rx: Instant,
-    /// The calls it is a party to, with the node of each call's owner shard.
-    calls: HashMap<CallId, u64>,
+    /// The calls it is a party to.
+    calls: HashMap<CallId, Party>,
     /// A REGISTER of this connection is being resolved on this shard (the STUN binding's
     /// owner): until REGISTERED, its Unregister must follow the same way (see `conn_closed`).
     resolving: Option<u16>,
@@ -397,6 +398,17 @@ struct Conn {
     /// On TLS, the connection's exporter value ([`Shard::conn_secured`]): its REGISTER's
     /// token must be bound to it ([`crate::auth::bind`]).
     binding: Option<[u8; 32]>,
+}
+
+/// A connection's part in a call, as its own shard knows it.
+#[derive(Debug, Clone, Copy)]
+struct Party {
+    /// The node of the call's owner shard.
+    node: u64,
+    /// The caller's call_ref (0 for the callee).
+    call_ref: u32,
+    /// START went out to it (the call has a path; its media is direct).
+    started: bool,
 }
 
 #[derive(Debug)]
@@ -672,7 +684,7 @@ impl Shard {
         self.stats.inc(&self.stats.connections_closed);
         let me = self.conn_ref(conn);
         // In call id order, not the set's: the messages come out the same every run.
-        let mut calls: Vec<(CallId, u64)> = c.calls.into_iter().collect();
+        let mut calls: Vec<(CallId, u64)> = c.calls.into_iter().map(|(id, p)| (id, p.node)).collect();
         calls.sort_unstable_by_key(|c| c.0 .0);
         for (call_id, node) in calls {
             self.route_to(node, owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
@@ -839,7 +851,7 @@ impl Shard {
                     self.stats.inc(&self.stats.hangups_unknown_call);
                     return;
                 }
-                let node = c.calls.remove(&call_id).unwrap_or(self.node);
+                let node = c.calls.remove(&call_id).map_or(self.node, |p| p.node);
                 self.route_to(node, owner_shard(call_id), ShardMsg::Hangup { call_id, conn: me, reason });
             }
             Frame::Reject { call_id, reason, .. } => {
@@ -852,7 +864,7 @@ impl Shard {
                     return;
                 }
                 // The call stays tracked until the owner confirms the sender is the callee.
-                let node = c.calls.get(&call_id).copied().unwrap_or(self.node);
+                let node = c.calls.get(&call_id).map_or(self.node, |p| p.node);
                 self.route_to(node, owner_shard(call_id), ShardMsg::Decline { call_id, conn: me, reason });
             }
             other => {
@@ -1031,15 +1043,15 @@ impl Shard {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     // The connection is gone: if it was becoming a party, the call must not wait
                     // for it.
-                    if let Track::Add(call_id, node) = track {
+                    if let Track::Add(call_id, node, _) = track {
                         let me = self.conn_ref(conn);
                         self.route_to(node, owner_shard(call_id), ShardMsg::PartyGone { call_id, conn: me });
                     }
                     return;
                 };
                 match track {
-                    Track::Add(id, node) => {
-                        c.calls.insert(id, node);
+                    Track::Add(id, node, call_ref) => {
+                        c.calls.insert(id, Party { node, call_ref, started: false });
                     }
                     Track::Remove(id) => {
                         c.calls.remove(&id);
@@ -1047,6 +1059,11 @@ impl Shard {
                     Track::None => {}
                 }
                 if let Some(f) = frame {
+                    if let Frame::Start { call_id, .. } = &f {
+                        if let Some(p) = c.calls.get_mut(call_id) {
+                            p.started = true;
+                        }
+                    }
                     self.send(conn, f);
                 }
             }
@@ -1113,8 +1130,26 @@ impl Shard {
             self.stats.inc(&self.stats.cluster_calls_node_gone);
             self.handle_msg(self.now.expect("set by the caller"), ShardMsg::PartyGone { call_id, conn });
         }
-        for c in self.conns.values_mut() {
-            c.calls.retain(|_, n| *n != node);
+        // A caller whose call was still ringing there learns at once (REJECT CalleeGone); a
+        // started call's media is direct and goes on.
+        let mut ringing: Vec<(u64, CallId, u32)> = Vec::new();
+        for (&conn, c) in self.conns.iter_mut() {
+            c.calls.retain(|&call_id, p| {
+                if p.node != node {
+                    return true;
+                }
+                if !p.started && p.call_ref != 0 {
+                    ringing.push((conn, call_id, p.call_ref));
+                }
+                false
+            });
+        }
+        ringing.sort_unstable();
+        for (conn, call_id, call_ref) in ringing {
+            self.stats.inc(&self.stats.cluster_calls_node_gone);
+            let f =
+                Frame::Reject { call_ref, call_id, reason: RejectReason::CalleeGone, callee_nat: NatClass::Unknown };
+            self.send(conn, f);
         }
     }
 
@@ -1368,7 +1403,7 @@ impl Shard {
                 requested: now,
             },
         );
-        self.deliver(caller_conn, None, Track::Add(call_id, self.node));
+        self.deliver(caller_conn, None, Track::Add(call_id, self.node, call_ref));
         let f = Frame::Incoming {
             call_id,
             token,
@@ -1378,7 +1413,7 @@ impl Shard {
             caller_candidates: caller_hosts,
             caller_keys,
         };
-        self.deliver(callee_conn, Some(f), Track::Add(call_id, self.node));
+        self.deliver(callee_conn, Some(f), Track::Add(call_id, self.node, 0));
     }
 
     fn on_punched(&mut self, call_id: CallId, conn: ConnRef, udp_port: u16, keys: Option<Box<KeyShare>>) {
