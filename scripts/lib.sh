@@ -15,10 +15,11 @@ BUILD_PACKAGES=(cmake pkg-config libasound2-dev)
 # To test: the firewall lab (namespaces, nftables routers, conntrack), speech synthesis and
 # resampling, RTP tools no one here wrote (ffmpeg, GStreamer, tshark), and a private
 # PulseAudio server with null sinks for the sound-device test; python3 forges packets in the
-# lab's attacker test, openssl is the stock TLS client of the manager tests.
+# lab's attacker test, openssl is the stock TLS client of the manager tests, nats-server the
+# cluster's engine in the cluster tests.
 TEST_PACKAGES=(iproute2 nftables iptables conntrack espeak-ng sox ffmpeg tshark
     gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-    pulseaudio pulseaudio-utils miniupnpd-nftables python3 openssl)
+    pulseaudio pulseaudio-utils miniupnpd-nftables python3 openssl nats-server)
 SYSTEM_PACKAGES=("${BUILD_PACKAGES[@]}")
 
 install_system_packages() {

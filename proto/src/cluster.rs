@@ -43,6 +43,8 @@ pub const NODE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A CALL to another node not acknowledged within this time is given up on (counted; the
 /// caller's own START timer ends the call).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often entries whose write failed are written again.
+pub const REWRITE_EVERY: Duration = Duration::from_secs(1);
 /// The directory bucket's name.
 pub const BUCKET: &str = "np_dir";
 
@@ -535,6 +537,8 @@ pub struct Bridge {
     pending: HashMap<u64, Pending>,
     next_token: u64,
     next_heartbeat: Option<Instant>,
+    /// When entries whose write failed are tried again.
+    next_rewrite: Option<Instant>,
     out: VecDeque<BridgeOut>,
 }
 
@@ -553,6 +557,7 @@ impl Bridge {
             pending: HashMap::new(),
             next_token: 1,
             next_heartbeat: None,
+            next_rewrite: None,
             out: VecDeque::new(),
         }
     }
@@ -945,6 +950,22 @@ impl Bridge {
         for t in late {
             // Unacknowledged: the caller's own START timer ends the call if it went nowhere.
             self.pending.remove(&t);
+        }
+        if self.next_rewrite.is_none_or(|t| now >= t) {
+            // Entries whose write failed (the engine was up but not ready: a JetStream
+            // cluster electing its leaders) are tried again, once a second.
+            self.next_rewrite = Some(now + REWRITE_EVERY);
+            let mut ids: Vec<ClientId> =
+                self.local.iter().filter(|(_, l)| l.dirty && !l.writing).map(|(id, _)| id.clone()).collect();
+            ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+            for id in ids {
+                let l = self.local.get_mut(&id).expect("listed above");
+                l.dirty = false;
+                l.writing = true;
+                let (conn, gen) = (l.conn, l.gen);
+                let prev = self.cache.get(&id).copied().or((gen != 0).then_some(Holder { node: self.node, gen }));
+                self.out.push_back(BridgeOut::Write { id, conn, prev });
+            }
         }
     }
 
