@@ -415,6 +415,63 @@ fn srtp(dir: &Path) {
     write(dir, "stream-wrap", &seqs.iter().flat_map(|s| s.to_be_bytes()).collect::<Vec<u8>>());
 }
 
+/// Messages a node receives: a CALL for "bob" (the harness's registered client), a
+/// NOT_HERE, a REPLACE, and a call's deliveries and party changes.
+fn node_msg(dir: &Path) {
+    use proto::cluster::NodeMsg;
+    use proto::shard::{CallReq, ConnRef, ShardMsg, Track};
+    let caller = ConnRef { node: 0xB, shard: 1, id: 7 };
+    let req = |gen, attempt| {
+        Box::new(CallReq {
+            caller: id("alice"),
+            caller_conn: caller,
+            caller_addr: addr("198.51.100.7:4000"),
+            caller_nat: proto::nat::NatClass::Unknown,
+            caller_hosts: Vec::new(),
+            call_ref: 3,
+            callee: id("bob"),
+            caller_keys: None,
+            gen,
+            attempt,
+        })
+    };
+    let msgs = [
+        ("call", NodeMsg::Call(req(0, 0))),
+        ("call-gen", NodeMsg::Call(req(5, 1))),
+        ("not-here", NodeMsg::NotHere(req(5, 0))),
+        ("replace", NodeMsg::Replace { id: id("bob"), gen: 0 }),
+        (
+            "deliver-start",
+            NodeMsg::Shard {
+                shard: 0,
+                msg: ShardMsg::Deliver {
+                    conn: 1,
+                    frame: Some(Frame::Hangup { call_id: CallId(9), reason: HangupReason::Normal }),
+                    track: Track::Add(CallId(9), 0xB, 3),
+                },
+            },
+        ),
+        (
+            "hangup",
+            NodeMsg::Shard {
+                shard: 1,
+                msg: ShardMsg::Hangup { call_id: CallId(9), conn: caller, reason: HangupReason::Normal },
+            },
+        ),
+        (
+            "decline",
+            NodeMsg::Shard {
+                shard: 0,
+                msg: ShardMsg::Decline { call_id: CallId(9), conn: caller, reason: RejectReason::Declined },
+            },
+        ),
+        ("party-gone", NodeMsg::Shard { shard: 0, msg: ShardMsg::PartyGone { call_id: CallId(9), conn: caller } }),
+    ];
+    for (name, m) in msgs {
+        write(dir, name, &m.encode().unwrap());
+    }
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     for (target, make) in [
@@ -423,6 +480,7 @@ fn main() {
         ("manager_conn", manager_conn),
         ("portmap", portmap),
         ("srtp", srtp),
+        ("node_msg", node_msg),
     ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir).unwrap();

@@ -14,6 +14,7 @@
 pub mod datagram;
 pub mod frame_decode;
 pub mod manager_conn;
+pub mod node_msg;
 pub mod null_packet;
 pub mod portmap;
 pub mod srtp;

@@ -126,7 +126,8 @@ impl Sim {
         if mode & MODE_SECRET != 0 {
             cfg.secret = Some(Arc::new(secret.clone()));
         }
-        let init = |index| ShardInit { index, n: SHARDS, seed: SEED, token_key: TOKEN_KEY, unix_secs: UNIX_START, node: 0 };
+        let init =
+            |index| ShardInit { index, n: SHARDS, seed: SEED, token_key: TOKEN_KEY, unix_secs: UNIX_START, node: 0 };
         let shards = (0..SHARDS).map(|i| Shard::new(init(i), cfg.clone(), stats.clone())).collect();
         let now = Instant::now();
         let mut sim = Sim {

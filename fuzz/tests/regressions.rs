@@ -51,6 +51,11 @@ fn manager_conn_inputs() {
 }
 
 #[test]
+fn node_msg_inputs() {
+    replay("node_msg", nullpunch_fuzz::node_msg::run);
+}
+
+#[test]
 fn portmap_inputs() {
     replay("portmap", nullpunch_fuzz::portmap::run);
 }
