@@ -5,7 +5,9 @@
 //! datagrams to UDP, events to the app), then wait for the first of: TCP bytes, a UDP
 //! datagram, the client's next timer, or the app's next wake-up. If the manager connection
 //! drops, calls with a path keep going and the driver reconnects with jittered exponential
-//! backoff (200 ms doubling to 5 s), re-running discovery and registration.
+//! backoff (200 ms doubling to 5 s), re-running discovery and registration. A client given
+//! several managers ([`Managers`]) moves to the next one in the list instead, after a short
+//! jittered pause (50-250 ms), as [`proto::reconnect`] says.
 
 use std::future::Future;
 use std::io;
@@ -82,6 +84,97 @@ pub(crate) fn give_up(why: GiveUp, source: Option<SocketAddr>, manager: SocketAd
             let from = source.map(|s| s.ip().to_string()).unwrap_or_else(|| "this host".into());
             DriverError::NoLocalPort { addr: manager, from, waited }
         }
+    }
+}
+
+/// The managers a client knows (several managers acting as one service, or just one) and
+/// the index of the one it connects to first. The first connection tries them in order from
+/// there and fails only when every one failed; a lost connection moves on to the next one
+/// ([`proto::reconnect`]). The same TLS configuration serves every one of them (one
+/// deployment: one server name or pin). A plain [`SocketAddr`] converts into a list of one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managers {
+    addrs: Vec<SocketAddr>,
+    first: usize,
+}
+
+impl Managers {
+    /// `addrs` (at least one: panics on an empty list), trying `addrs[first % len]` first.
+    pub fn new(addrs: Vec<SocketAddr>, first: usize) -> Self {
+        assert!(!addrs.is_empty(), "a client needs at least one manager");
+        let first = first % addrs.len();
+        Managers { addrs, first }
+    }
+
+    /// The same list, starting at `first` (modulo the length): client `i` of a fleet starts
+    /// at `i`, so the fleet spreads over the managers.
+    pub fn starting_at(&self, first: usize) -> Self {
+        Managers::new(self.addrs.clone(), first)
+    }
+
+    /// The addresses, in list order.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The index tried first.
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// The address of manager `ix` (modulo the length).
+    pub fn get(&self, ix: usize) -> SocketAddr {
+        self.addrs[ix % self.addrs.len()]
+    }
+
+    /// A connection policy for this list.
+    pub fn policy(&self) -> Reconnect {
+        Reconnect::managers(self.addrs.len(), self.first)
+    }
+}
+
+impl From<SocketAddr> for Managers {
+    fn from(a: SocketAddr) -> Self {
+        Managers::new(vec![a], 0)
+    }
+}
+
+impl From<Vec<SocketAddr>> for Managers {
+    fn from(addrs: Vec<SocketAddr>) -> Self {
+        Managers::new(addrs, 0)
+    }
+}
+
+/// The client's failure once the policy gave its first connection up: with one manager,
+/// that manager's error; with several, every one's ([`DriverError::NoManager`]). `errors`
+/// holds each manager's last connect error, by index; `udp` the client's UDP address.
+pub(crate) fn gave_up(
+    policy: &Reconnect,
+    managers: &Managers,
+    udp: Option<SocketAddr>,
+    errors: &mut [Option<io::Error>],
+) -> DriverError {
+    let mut failures: Vec<DriverError> = policy
+        .failures()
+        .iter()
+        .map(|&(ix, why)| {
+            let addr = managers.get(ix);
+            let err = errors.get_mut(ix).and_then(Option::take).unwrap_or_else(|| io::Error::other("connect failed"));
+            give_up(why, tcp_source(udp, addr), addr, err)
+        })
+        .collect();
+    if failures.len() == 1 && managers.addrs().len() == 1 {
+        return failures.pop().expect("one failure");
+    }
+    DriverError::NoManager { failures }
+}
+
+/// Point the client's STUN requests at manager `addr` when they went to one of the
+/// managers (each manager answers STUN on its own UDP port; the one a client registers with
+/// must learn its binding), then tell it the connection is up.
+fn follow_manager(client: &mut Client, managers: &Managers, addr: SocketAddr) {
+    if client.stun_server().is_some_and(|s| s != addr && managers.addrs().contains(&s)) {
+        client.set_stun_server(Some(addr));
     }
 }
 
@@ -229,6 +322,14 @@ pub enum DriverError {
         /// How long the client tried.
         waited: Duration,
     },
+    /// The first connection failed for every manager of the list (several managers), each
+    /// for the reason given, in the order tried.
+    #[error("no manager could be reached: {}", list_failures(failures))]
+    NoManager {
+        /// Each manager's failure ([`DriverError::ManagerUnreachable`] or
+        /// [`DriverError::NoLocalPort`]).
+        failures: Vec<DriverError>,
+    },
     /// The UDP socket failed.
     #[error("udp socket error: {0}")]
     Udp(io::Error),
@@ -241,6 +342,10 @@ pub enum DriverError {
         /// What failed (rustls's text for a TLS error).
         source: StreamError,
     },
+}
+
+fn list_failures(failures: &[DriverError]) -> String {
+    failures.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ")
 }
 
 /// Counters kept by the driver itself.
@@ -256,6 +361,9 @@ pub struct DriverCounters {
     pub connects: u64,
     /// Manager connections lost.
     pub disconnects: u64,
+    /// Connections made to a manager other than the previous connection's (several
+    /// managers).
+    pub failovers: u64,
     /// Frames that failed to decode (the connection was then dropped).
     pub frame_errors: u64,
     /// Connections dropped because the manager stopped reading while frames piled up.
@@ -276,16 +384,35 @@ pub(crate) fn new_stream(tls: Option<&ClientTls>, manager: SocketAddr) -> Result
     crate::tls::client_stream(tls).map_err(|source| DriverError::Tls { addr: manager, source })
 }
 
-/// What a driver does once a stream became ready for frames (at once on plain TCP, after
-/// the handshake on TLS): count it and tell the client, with the TLS binding.
-pub(crate) fn established(client: &mut Client, stream: &FrameStream, counters: &mut DriverCounters, now: Instant) {
+/// What a driver does once a stream to manager `manager` of `managers` became ready for
+/// frames (at once on plain TCP, after the handshake on TLS): count it, point the client's
+/// STUN at that manager, and tell the client, with the TLS binding.
+pub(crate) fn established(
+    client: &mut Client,
+    stream: &FrameStream,
+    counters: &mut DriverCounters,
+    now: Instant,
+    managers: &Managers,
+    manager: SocketAddr,
+) {
     if stream.is_tls() {
         counters.tls_handshakes += 1;
         if stream.is_resumed() {
             counters.tls_resumed += 1;
         }
     }
+    follow_manager(client, managers, manager);
     client.handle_connected(now, stream.binding());
+}
+
+/// A connection to `now_at` was made; count it a failover when the previous one went to
+/// another manager.
+pub(crate) fn count_connect(counters: &mut DriverCounters, last: &mut Option<SocketAddr>, now_at: SocketAddr) {
+    counters.connects += 1;
+    if last.is_some_and(|l| l != now_at) {
+        counters.failovers += 1;
+    }
+    *last = Some(now_at);
 }
 
 /// What the application sees of the driver during a callback.
@@ -297,6 +424,7 @@ pub struct Ctx<'a> {
     pub(crate) out: Out<'a>,
     pub(crate) buf: &'a mut [u8],
     pub(crate) counters: &'a mut DriverCounters,
+    pub(crate) manager: SocketAddr,
 }
 
 impl Ctx<'_> {
@@ -325,6 +453,12 @@ impl Ctx<'_> {
     /// Driver counters so far.
     pub fn counters(&self) -> &DriverCounters {
         self.counters
+    }
+
+    /// The manager of the client's current connection (while it is down, of the last one
+    /// made or tried): after a failover, the one it registers with.
+    pub fn manager(&self) -> SocketAddr {
+        self.manager
     }
 }
 
@@ -376,14 +510,15 @@ pub(crate) fn send(out: &mut Out<'_>, from: SocketId, data: &[u8], to: SocketAdd
 
 /// Run `client` and `app` until the app is done or `shutdown` completes (then every call is
 /// hung up and the HANGUPs are flushed). Returns the driver's counters.
+/// `managers`: one address, or a list ([`Managers`]).
 pub async fn run<A: App>(
     client: &mut Client,
     udp: &UdpSocket,
-    manager: SocketAddr,
+    managers: impl Into<Managers>,
     app: &mut A,
     shutdown: impl Future<Output = ()>,
 ) -> Result<DriverCounters, DriverError> {
-    run_with_wake(client, udp, manager, app, shutdown, None, None).await
+    run_with_wake(client, udp, managers, app, shutdown, None, None).await
 }
 
 /// The source address of a client's manager connection: the IP its UDP socket is bound to,
@@ -414,28 +549,33 @@ async fn connect_once(source: Option<SocketAddr>, manager: SocketAddr) -> io::Re
     }
 }
 
-/// The first connection to the manager, as the policy says: an error if the manager cannot
-/// be reached, a wait while no local port is free.
+/// The first connection, as the policy says: the managers in order until one answers, an
+/// error if none can be reached, a wait while no local port is free. Returns the stream
+/// and the manager's address.
 async fn first_connect(
-    source: Option<SocketAddr>,
-    manager: SocketAddr,
+    udp: Option<SocketAddr>,
+    managers: &Managers,
     policy: &mut Reconnect,
     counters: &mut DriverCounters,
     rng: &mut Rng,
-) -> Result<TcpStream, DriverError> {
+) -> Result<(TcpStream, SocketAddr), DriverError> {
+    let mut errors: Vec<Option<io::Error>> = managers.addrs().iter().map(|_| None).collect();
     loop {
         policy.connecting(Instant::now());
-        let e = match connect_once(source, manager).await {
-            Ok(s) => return Ok(s),
+        let (ix, manager) = (policy.manager(), managers.get(policy.manager()));
+        let e = match connect_once(tcp_source(udp, manager), manager).await {
+            Ok(s) => return Ok((s, manager)),
             Err(e) => e,
         };
-        let at = match policy.failed(Instant::now(), connect_error(&e), rng) {
+        let next = policy.failed(Instant::now(), connect_error(&e), rng);
+        errors[ix] = Some(e);
+        let at = match next {
             Next::PortWait(at) => {
                 counters.port_waits += 1;
                 at
             }
             Next::Retry(at) => at,
-            Next::GiveUp(why) => return Err(give_up(why, source, manager, e)),
+            Next::GiveUp(_) => return Err(gave_up(policy, managers, udp, &mut errors)),
         };
         tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
     }
@@ -465,17 +605,18 @@ pub(crate) fn set_bind_no_port(fd: &impl std::os::fd::AsRawFd) {
 pub async fn run_with_wake<A: App>(
     client: &mut Client,
     udp: &UdpSocket,
-    manager: SocketAddr,
+    managers: impl Into<Managers>,
     app: &mut A,
     shutdown: impl Future<Output = ()>,
     wake: Option<std::sync::Arc<tokio::sync::Notify>>,
     tls: Option<ClientTls>,
 ) -> Result<DriverCounters, DriverError> {
+    let managers: Managers = managers.into();
     let mut counters = DriverCounters::default();
     let mut rng = crate::entropy::rng();
-    let mut policy = Reconnect::default();
-    let source = tcp_source(udp.local_addr().ok(), manager);
-    let stream = match first_connect(source, manager, &mut policy, &mut counters, &mut rng).await {
+    let mut policy = managers.policy();
+    let local = udp.local_addr().ok();
+    let (stream, mut manager) = match first_connect(local, &managers, &mut policy, &mut counters, &mut rng).await {
         Ok(s) => s,
         Err(e) => {
             app.on_failed(&e);
@@ -483,7 +624,8 @@ pub async fn run_with_wake<A: App>(
         }
     };
     let _ = stream.set_nodelay(true);
-    counters.connects += 1;
+    let mut last_manager = None;
+    count_connect(&mut counters, &mut last_manager, manager);
     policy.connected();
     let (rd, wr) = stream.into_split();
     let mut tcp: Option<(OwnedReadHalf, OwnedWriteHalf)> = Some((rd, wr));
@@ -497,7 +639,7 @@ pub async fn run_with_wake<A: App>(
     // A TLS handshake has completed on some connection (a later TLS failure is retried).
     let mut secured = false;
     if stream.just_established() {
-        established(client, &stream, &mut counters, Instant::now());
+        established(client, &stream, &mut counters, Instant::now(), &managers, manager);
     }
 
     let mut rbuf = vec![0u8; 16 * 1024];
@@ -515,7 +657,7 @@ pub async fn run_with_wake<A: App>(
 
     loop {
         let now = Instant::now();
-        drain(client, app, Out::Tokio(udp, &state, &mut search), &mut sbuf, &mut stream, &mut counters, now);
+        drain(client, app, Out::Tokio(udp, &state, &mut search), &mut sbuf, &mut stream, &mut counters, now, manager);
         stream.take_outgoing(&mut wbuf);
         if let Some((_, wr)) = tcp.as_mut() {
             if !wbuf.is_empty() {
@@ -556,7 +698,7 @@ pub async fn run_with_wake<A: App>(
         tokio::select! {
             _ = async { wake.as_ref().unwrap().notified().await }, if wake.is_some() => {
                 let now = Instant::now();
-                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
+                let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters, manager };
                 app.on_wakeup(&mut ctx);
             }
             r = async { connecting.as_mut().unwrap().await }, if connecting.is_some() => {
@@ -564,7 +706,7 @@ pub async fn run_with_wake<A: App>(
                 match r {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
-                        counters.connects += 1;
+                        count_connect(&mut counters, &mut last_manager, manager);
                         policy.connected();
                         tcp = Some(s.into_split());
                         match new_stream(tls.as_ref(), manager) {
@@ -575,7 +717,7 @@ pub async fn run_with_wake<A: App>(
                             }
                         }
                         if stream.just_established() {
-                            established(client, &stream, &mut counters, Instant::now());
+                            established(client, &stream, &mut counters, Instant::now(), &managers, manager);
                         }
                     }
                     // Once connected, the policy only retries.
@@ -612,7 +754,7 @@ pub async fn run_with_wake<A: App>(
                         }
                         if stream.just_established() {
                             secured = true;
-                            established(client, &stream, &mut counters, now);
+                            established(client, &stream, &mut counters, now, &managers, manager);
                         }
                         loop {
                             match stream.next_frame() {
@@ -652,7 +794,7 @@ pub async fn run_with_wake<A: App>(
                             for d in data.chunks_mut(m.stride.max(1)) {
                                 counters.udp_received += 1;
                                 if let Some(pkt) = client.handle_datagram(now, canonical(m.addr), d) {
-                                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
+                                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters, manager };
                                     app.on_media(&mut ctx, pkt);
                                 }
                             }
@@ -678,7 +820,7 @@ pub async fn run_with_wake<A: App>(
                     Ok((n, from)) => {
                         counters.udp_received += 1;
                         if let Some(pkt) = client.handle_datagram_on(now, id, from, &mut search_buf[..n]) {
-                            let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
+                            let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters, manager };
                             app.on_media(&mut ctx, pkt);
                         }
                     }
@@ -690,12 +832,14 @@ pub async fn run_with_wake<A: App>(
                 let now = Instant::now();
                 client.handle_timeout(now);
                 if app.next_wakeup().is_some_and(|t| now >= t) {
-                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters };
+                    let mut ctx = Ctx { client: &mut *client, now, out: Out::Tokio(udp, &state, &mut search), buf: &mut sbuf, counters: &mut counters, manager };
                     app.on_wakeup(&mut ctx);
                 }
                 if next_connect.is_some_and(|t| now >= t) {
                     next_connect = None;
-                    connecting = Some(Box::pin(connect_once(source, manager)));
+                    policy.connecting(now);
+                    manager = managers.get(policy.manager());
+                    connecting = Some(Box::pin(connect_once(tcp_source(local, manager), manager)));
                 }
             }
         }
@@ -723,6 +867,7 @@ fn lost_connection(
 /// Drain the client's output in its order until it is empty: frames go into `stream` (the
 /// driver writes its outgoing bytes after the drain), control datagrams are sent at once,
 /// events handed to the app (which may queue more). The one drain loop of both drivers.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn drain<A: App>(
     client: &mut Client,
     app: &mut A,
@@ -731,6 +876,7 @@ pub(crate) fn drain<A: App>(
     stream: &mut FrameStream,
     counters: &mut DriverCounters,
     now: Instant,
+    manager: SocketAddr,
 ) {
     loop {
         match client.poll_output(sbuf) {
@@ -743,8 +889,14 @@ pub(crate) fn drain<A: App>(
             }
             Ok(Output::CloseSocket(id)) => out.close(id),
             Ok(Output::Event(ev)) => {
-                let mut ctx =
-                    Ctx { client: &mut *client, now, out: out.reborrow(), buf: &mut *sbuf, counters: &mut *counters };
+                let mut ctx = Ctx {
+                    client: &mut *client,
+                    now,
+                    out: out.reborrow(),
+                    buf: &mut *sbuf,
+                    counters: &mut *counters,
+                    manager,
+                };
                 app.on_event(&mut ctx, ev);
             }
             Ok(Output::Timeout(_)) => break,

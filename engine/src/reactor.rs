@@ -34,7 +34,9 @@
 //! RLIMIT_NOFILE in all: one thread needs no other event loop and no descriptors.
 //! If the manager connection drops, calls with a path go on and the unit reconnects with
 //! jittered exponential backoff, as the tokio driver does: both follow
-//! [`proto::reconnect`].
+//! [`proto::reconnect`]. Given several managers ([`driver::Managers`]), each unit starts at
+//! its own [`Unit::first_manager`] and moves to the next manager in the list when its
+//! connection is lost.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -45,7 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Out, MAX_DATAGRAM};
+use crate::driver::{self, App, Ctx, DriverCounters, DriverError, Managers, Out, MAX_DATAGRAM};
 use crate::uring::{Completion, Pending, Ring, Sock};
 use proto::client::{Client, SocketId};
 use proto::reconnect::{Next, Reconnect, CONNECT_TIMEOUT};
@@ -185,8 +187,12 @@ pub struct Unit<A> {
     /// Connect to the manager at this time, not at once (to ramp up many clients).
     pub connect_at: Option<Instant>,
     /// Speak TLS to the manager with this configuration (its session cache serves this
-    /// unit's reconnects).
+    /// unit's reconnects, and every manager of the list).
     pub tls: Option<crate::tls::ClientTls>,
+    /// The index in the reactor's managers of the one this unit connects to first (modulo
+    /// their number; 0 with one manager): a fleet spreads over the managers by giving unit
+    /// `i` the index `i`.
+    pub first_manager: usize,
 }
 
 /// A unit after its app is done (or the reactor stopped).
@@ -269,8 +275,14 @@ struct Slot<A> {
     /// that send completes.
     close_after_send: bool,
     counters: DriverCounters,
-    /// The manager connection's policy (back-off, the wait for a local port).
+    /// The manager connection's policy (back-off, the wait for a local port, which manager).
     policy: Reconnect,
+    /// The manager of the current connection, or of the last one made or tried.
+    manager: SocketAddr,
+    /// The manager of the last connection that was made (for counting failovers).
+    last_manager: Option<SocketAddr>,
+    /// Each manager's last connect error before the first connection worked, by index.
+    connect_errors: Vec<Option<io::Error>>,
     /// The deadline this unit has in the timer heap (entries that differ are stale).
     armed_at: Option<Instant>,
     dirty: bool,
@@ -291,11 +303,11 @@ enum Ev {
 /// units' sockets (two file-table entries per unit, at most RLIMIT_NOFILE per ring).
 pub fn run<A: App>(
     units: Vec<Unit<A>>,
-    manager: SocketAddr,
+    managers: impl Into<Managers>,
     stop: Option<&Stop>,
     cfg: &ReactorConfig,
 ) -> Result<Vec<Finished<A>>, DriverError> {
-    let mut r = Reactor::new(units.len(), manager, stop, cfg)?;
+    let mut r = Reactor::new(units.len(), managers, stop, cfg)?;
     for u in units {
         r.add(u)?;
     }
@@ -320,17 +332,18 @@ pub struct Reactor<'s, A> {
     /// File-table entries to empty once the turn's submission is made (their cancellations
     /// are looked up by socket when submitted).
     release: Vec<u32>,
-    manager: SocketAddr,
+    managers: Managers,
     rng: Rng,
     sbuf: Vec<u8>,
     live: usize,
 }
 
 impl<'s, A: App> Reactor<'s, A> {
-    /// A reactor for up to `capacity` units, connecting them to `manager`, stopped by `stop`.
+    /// A reactor for up to `capacity` units, connecting them to `managers` (one address or
+    /// a list), stopped by `stop`.
     pub fn new(
         capacity: usize,
-        manager: SocketAddr,
+        managers: impl Into<Managers>,
         stop: Option<&'s Stop>,
         cfg: &ReactorConfig,
     ) -> Result<Self, DriverError> {
@@ -377,7 +390,7 @@ impl<'s, A: App> Reactor<'s, A> {
             heap: BinaryHeap::new(),
             dirty: Vec::new(),
             release: Vec::new(),
-            manager,
+            managers: managers.into(),
             rng: crate::entropy::rng(),
             sbuf: vec![0u8; MAX_DATAGRAM],
             live: 0,
@@ -426,7 +439,10 @@ impl<'s, A: App> Reactor<'s, A> {
             send_gen: 0,
             close_after_send: false,
             counters: DriverCounters::default(),
-            policy: Reconnect::default(),
+            policy: Reconnect::managers(self.managers.addrs().len(), u.first_manager),
+            manager: self.managers.get(u.first_manager),
+            last_manager: None,
+            connect_errors: Vec::new(),
             armed_at: None,
             dirty: false,
             done: None,
@@ -523,6 +539,7 @@ impl<'s, A: App> Reactor<'s, A> {
                         out: Out::Ring(&mut r.ring, Sock::Fixed(udp_entry(u)), &mut s.search),
                         buf: &mut r.sbuf,
                         counters: &mut s.counters,
+                        manager: s.manager,
                     };
                     s.app.on_media(&mut ctx, pkt);
                 }
@@ -702,6 +719,7 @@ impl<'s, A: App> Reactor<'s, A> {
             out: Out::Ring(&mut self.ring, Sock::Fixed(udp_entry(u)), &mut s.search),
             buf: &mut self.sbuf,
             counters: &mut s.counters,
+            manager: s.manager,
         };
         s.app.on_wakeup(&mut ctx);
     }
@@ -722,16 +740,17 @@ impl<'s, A: App> Reactor<'s, A> {
         if res < 0 {
             return self.connect_failed(u, now, io::Error::from_raw_os_error(-res));
         }
-        s.counters.connects += 1;
+        driver::count_connect(&mut s.counters, &mut s.last_manager, s.manager);
         s.policy.connected();
+        s.connect_errors = Vec::new();
         s.tcp = Tcp::Up;
-        s.stream = match driver::new_stream(s.tls.as_ref(), self.manager) {
+        s.stream = match driver::new_stream(s.tls.as_ref(), s.manager) {
             Ok(st) => st,
             Err(e) => return self.finish(u, Err(e)),
         };
         // (A TLS stream's ClientHello goes out with the unit's next flush.)
         if s.stream.just_established() {
-            driver::established(&mut s.client, &s.stream, &mut s.counters, now);
+            driver::established(&mut s.client, &s.stream, &mut s.counters, now, &self.managers, s.manager);
         }
         if let Err(e) = self.ring.recv_stream(Sock::Fixed(tcp_entry(u)), token(u, gen, TK_RECV)) {
             tracing::warn!("arming the manager connection's receive: {e}");
@@ -801,14 +820,15 @@ impl<'s, A: App> Reactor<'s, A> {
                     // the close) and end the unit.
                     s.stream.take_outgoing(&mut s.wbuf);
                     self.flush_tcp(u, now);
-                    return self.finish(u, Err(DriverError::Tls { addr: self.manager, source: e }));
+                    let addr = self.slots[u as usize].manager;
+                    return self.finish(u, Err(DriverError::Tls { addr, source: e }));
                 }
                 tracing::warn!("manager connection: {e}");
                 return self.lost(u, now);
             }
             if s.stream.just_established() {
                 s.secured = true;
-                driver::established(&mut s.client, &s.stream, &mut s.counters, now);
+                driver::established(&mut s.client, &s.stream, &mut s.counters, now, &self.managers, s.manager);
             }
             loop {
                 match s.stream.next_frame() {
@@ -952,15 +972,23 @@ impl<'s, A: App> Reactor<'s, A> {
     fn connect_failed(&mut self, u: u32, now: Instant, err: io::Error) {
         self.close_tcp(u, now, false);
         let s = &mut self.slots[u as usize];
-        let retry_at = match s.policy.failed(now, driver::connect_error(&err), &mut self.rng) {
+        let ix = s.policy.manager();
+        let next = s.policy.failed(now, driver::connect_error(&err), &mut self.rng);
+        if !s.policy.ever_connected() {
+            // Kept for the give-up's message, which names every manager's error.
+            if s.connect_errors.len() < s.policy.manager_count() {
+                s.connect_errors.resize_with(s.policy.manager_count(), || None);
+            }
+            s.connect_errors[ix] = Some(err);
+        }
+        let retry_at = match next {
             Next::Retry(at) => at,
             Next::PortWait(at) => {
                 s.counters.port_waits += 1;
                 at
             }
-            Next::GiveUp(why) => {
-                let source = driver::tcp_source(s.local, self.manager);
-                let e = driver::give_up(why, source, self.manager, err);
+            Next::GiveUp(_) => {
+                let e = driver::gave_up(&s.policy, &self.managers, s.local, &mut s.connect_errors);
                 self.finish(u, Err(e));
                 return;
             }
@@ -975,9 +1003,12 @@ impl<'s, A: App> Reactor<'s, A> {
         if self.release.contains(&tcp_entry(u)) {
             self.release_entries();
         }
-        self.slots[u as usize].policy.connecting(now);
-        let source = driver::tcp_source(self.slots[u as usize].local, self.manager);
-        let fd = match open_tcp(source, self.manager) {
+        let s = &mut self.slots[u as usize];
+        s.policy.connecting(now);
+        s.manager = self.managers.get(s.policy.manager());
+        let manager = s.manager;
+        let source = driver::tcp_source(s.local, manager);
+        let fd = match open_tcp(source, manager) {
             Ok(fd) => fd,
             Err(e) => return self.connect_failed(u, now, e),
         };
@@ -987,7 +1018,7 @@ impl<'s, A: App> Reactor<'s, A> {
         let s = &mut self.slots[u as usize];
         let tk = token(u, s.gen, TK_CONNECT);
         s.tcp = Tcp::Connecting { deadline: now + CONNECT_TIMEOUT };
-        if let Err(e) = self.ring.connect(Sock::Fixed(tcp_entry(u)), self.manager, tk) {
+        if let Err(e) = self.ring.connect(Sock::Fixed(tcp_entry(u)), manager, tk) {
             return self.connect_failed(u, now, e);
         }
         self.mark(u);
@@ -1033,6 +1064,7 @@ impl<'s, A: App> Reactor<'s, A> {
                 &mut s.stream,
                 &mut s.counters,
                 now,
+                s.manager,
             );
             // An app wake-up that this turn's events made due (media starting on START, the
             // callee answering the first packet) runs now and leaves with this turn's
@@ -1050,6 +1082,7 @@ impl<'s, A: App> Reactor<'s, A> {
                     &mut s.stream,
                     &mut s.counters,
                     now,
+                    s.manager,
                 );
             }
             let s = &mut self.slots[u as usize];

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::driver::{self, App, Ctx, DriverCounters, Io, Streams};
+use engine::driver::{self, App, Ctx, DriverCounters, Io, Managers, Streams};
 use proto::client::{CallReport, Client, ClientConfig, Event, Received};
 use proto::wire::frame::ClientId;
 
@@ -22,6 +22,8 @@ struct Progress {
     per_call: Mutex<std::collections::HashMap<u32, u64>>,
     started: AtomicU64,
     reports: Mutex<Vec<CallReport>>,
+    /// The manager of the last registration ([`Ctx::manager`]).
+    registered_with: Mutex<Option<SocketAddr>>,
 }
 
 /// Places a call to `callee` whenever the test raises `Progress::call_requests` (checked
@@ -53,6 +55,7 @@ impl App for TestApp {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         match event {
             Event::Registered { .. } => {
+                *self.p.registered_with.lock().unwrap() = Some(ctx.manager());
                 self.p.registrations.fetch_add(1, Ordering::SeqCst);
                 if self.call_on_register && self.placed == 0 {
                     self.p.call_requests.store(1, Ordering::SeqCst);
@@ -115,16 +118,21 @@ fn spawn(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>) -> Running
 }
 
 fn spawn_with(io: Io, id: &str, manager: SocketAddr, callee: Option<&str>, max_calls: u16) -> Running {
+    spawn_managers(io, id, manager.into(), callee, max_calls)
+}
+
+/// A client given `managers` (its STUN server the first of them, as `peer` does).
+fn spawn_managers(io: Io, id: &str, managers: Managers, callee: Option<&str>, max_calls: u16) -> Running {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut cfg = ClientConfig::new(ClientId::new(id).unwrap(), udp.local_addr().unwrap().port());
-    cfg.stun_server = Some(manager);
+    cfg.stun_server = Some(managers.get(0));
     cfg.max_calls = max_calls;
     // Each client its own seed: equal seeds give equal STUN transaction ids, and clients
     // registering at the same moment would then take each other's bindings.
     let client = Client::new(cfg, engine::entropy::seed());
     let p = Arc::new(Progress::default());
     let app = TestApp::new(callee, callee.is_some(), p.clone());
-    run_client(io, client, udp, app, manager, p)
+    run_client(io, client, udp, app, managers, p)
 }
 
 /// Run `client` with `app` on `udp` on a driver thread of its own, until stopped.
@@ -133,7 +141,7 @@ fn run_client(
     client: Client,
     udp: std::net::UdpSocket,
     app: TestApp,
-    manager: SocketAddr,
+    managers: Managers,
     p: Arc<Progress>,
 ) -> Running {
     let stop_flag = Arc::new(AtomicBool::new(false));
@@ -154,13 +162,15 @@ fn run_client(
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 };
-                driver::run(&mut client, &udp, manager, &mut app, shutdown).await.map_err(|e| e.to_string())
+                driver::run(&mut client, &udp, managers, &mut app, shutdown).await.map_err(|e| e.to_string())
             })
         }
         Io::Uring => {
-            let unit = engine::reactor::Unit { client, udp, app, wake: None, connect_at: None, tls: None };
-            let mut done =
-                engine::reactor::run(vec![unit], manager, Some(&st), &Default::default()).map_err(|e| e.to_string())?;
+            let first_manager = managers.first();
+            let unit =
+                engine::reactor::Unit { client, udp, app, wake: None, connect_at: None, tls: None, first_manager };
+            let mut done = engine::reactor::run(vec![unit], managers, Some(&st), &Default::default())
+                .map_err(|e| e.to_string())?;
             done.pop().unwrap().result.map_err(|e| e.to_string())
         }
     });
@@ -345,6 +355,91 @@ fn an_unreachable_manager_is_an_error_at_once() {
     both(unreachable_manager_is_an_error);
 }
 
+/// Two managers, both clients of a call given the list [A, B] and registered with A. A
+/// dies mid-call: the call's media goes on (the path is direct), both clients register
+/// with B within 5 s (the next in the list, after a pause of 50-250 ms), and a new call is
+/// set up through B.
+fn fails_over_to_the_next_manager(io: Io) {
+    let ma = manager_on("127.0.0.1:0".parse().unwrap());
+    let mb = manager_on("127.0.0.1:0".parse().unwrap());
+    let (a, b) = (ma.local_addr(), mb.local_addr());
+    let list = Managers::new(vec![a, b], 0);
+    let bob = spawn_managers(io, "bob", list.clone(), None, 4);
+    wait_until("bob registered", Duration::from_secs(5), || bob.p.registrations.load(Ordering::SeqCst) == 1);
+    let alice = spawn_managers(io, "alice", list, Some("bob"), 4);
+    wait_until("media both ways", Duration::from_secs(5), || {
+        alice.p.media_rx.load(Ordering::SeqCst) > 20 && bob.p.media_rx.load(Ordering::SeqCst) > 20
+    });
+    for c in [&alice, &bob] {
+        assert_eq!(*c.p.registered_with.lock().unwrap(), Some(a), "{io:?}: registered with the first manager");
+    }
+    let on_b = || mb.stats().registrations.load(Ordering::Relaxed);
+    assert_eq!(on_b(), 0, "{io:?}");
+    let (a0, b0) = (alice.p.media_rx.load(Ordering::SeqCst), bob.p.media_rx.load(Ordering::SeqCst));
+    let killed = Instant::now();
+    ma.shutdown();
+    let moved =
+        |c: &Running| c.p.registrations.load(Ordering::SeqCst) == 2 && *c.p.registered_with.lock().unwrap() == Some(b);
+    let ok = wait_for(Duration::from_secs(5), || moved(&alice) && moved(&bob));
+    let took = killed.elapsed();
+    assert!(
+        ok,
+        "{io:?}: not both registered with B within 5 s: alice {:?}, bob {:?}",
+        alice.p.registered_with.lock().unwrap(),
+        bob.p.registered_with.lock().unwrap()
+    );
+    assert_eq!(on_b(), 2, "{io:?}: B registered both");
+    // The call went on meanwhile: at 50 packets/s, some packets each way since the kill.
+    wait_until("media after the failover", Duration::from_secs(3), || {
+        alice.p.media_rx.load(Ordering::SeqCst) >= a0 + 10 && bob.p.media_rx.load(Ordering::SeqCst) >= b0 + 10
+    });
+    // A new call is set up through B.
+    alice.p.call_requests.store(2, Ordering::SeqCst);
+    let ok = wait_for(Duration::from_secs(5), || alice.p.started.load(Ordering::SeqCst) == 2);
+    assert!(ok, "{io:?}: the call through B did not start: {:?}", alice.p.reports.lock().unwrap());
+    assert!(mb.stats().calls_started.load(Ordering::Relaxed) >= 1, "{io:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let (ra, pa) = alice.stop();
+    let (rb, _) = bob.stop();
+    let (ca, cb) = (ra.expect("alice's driver"), rb.expect("bob's driver"));
+    for (who, c) in [("alice", &ca), ("bob", &cb)] {
+        assert_eq!((c.connects, c.disconnects, c.failovers), (2, 1, 1), "{io:?}: {who} {c:?}");
+    }
+    let reports = pa.reports.lock().unwrap();
+    assert_eq!(reports.len(), 2, "{io:?}: {reports:?}");
+    // The first call lived through the failover: it carried media from before to after.
+    let first = reports.iter().max_by_key(|r| r.received).unwrap();
+    assert!(first.received > a0 + 10, "{io:?}: {first:?}");
+    eprintln!("{io:?}: both clients registered with the second manager {took:?} after the first died");
+}
+
+#[test]
+fn a_client_given_two_managers_fails_over_when_its_manager_dies() {
+    both(fails_over_to_the_next_manager);
+}
+
+/// A client whose first connection finds none of its managers fails at once, naming each.
+fn no_manager_of_the_list_is_an_error_naming_each(io: Io) {
+    let dead = || {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        SocketAddr::from(([127, 0, 0, 1], port))
+    };
+    let (a, b) = (dead(), dead());
+    let t = Instant::now();
+    let r = spawn_managers(io, "lonely", Managers::new(vec![a, b], 1), None, 4);
+    let e = r.thread.join().unwrap().expect_err("no manager");
+    assert!(e.starts_with("no manager could be reached"), "{io:?}: {e}");
+    // In the order tried: from the start index, B then A.
+    let (ib, ia) = (e.find(&format!("manager {b} unreachable")), e.find(&format!("manager {a} unreachable")));
+    assert!(ib.is_some() && ia.is_some() && ib < ia, "{io:?}: {e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{io:?}");
+}
+
+#[test]
+fn a_client_that_reaches_none_of_its_managers_is_an_error_naming_each() {
+    both(no_manager_of_the_list_is_an_error_naming_each);
+}
+
 /// The io_uring driver's reason to be: many clients on one thread and one ring. 24 callers
 /// call 24 callees; every call carries media both ways; a stop ends every call with HANGUP.
 #[test]
@@ -374,6 +469,7 @@ fn one_ring_thread_runs_many_clients() {
             wake: None,
             connect_at: None,
             tls: None,
+            first_manager: 0,
         });
     }
     let stop = engine::reactor::Stop::new();
@@ -445,6 +541,7 @@ fn ring_clients_hold_no_descriptors_of_the_process() {
                 wake: None,
                 connect_at: None,
                 tls: None,
+                first_manager: 0,
             })?;
         }
         r.run()
@@ -497,7 +594,7 @@ fn nulls_leave_before_punched(io: Io) {
     let client = Client::new(cfg, 7);
     let p = Arc::new(Progress::default());
     let app = TestApp::new(None, false, p.clone());
-    let running = run_client(io, client, udp, app, listener.local_addr().unwrap(), p.clone());
+    let running = run_client(io, client, udp, app, listener.local_addr().unwrap().into(), p.clone());
     let (mut conn, _) = listener.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let (mut dec, mut buf) = (FrameDecoder::new(), vec![0u8; 64 * 1024]);

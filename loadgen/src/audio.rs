@@ -317,7 +317,7 @@ pub fn run(a: &Audio, target: &Target, options: &fleet::Options, output: &Output
     };
     let spec = Spec {
         io: options.io,
-        manager: manager.addr(),
+        managers: manager.managers(),
         threads: 1,
         #[cfg(target_os = "linux")]
         ring: Default::default(),

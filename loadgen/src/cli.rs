@@ -84,8 +84,10 @@ enum Cmd {
 /// Options every scenario takes.
 #[derive(ClapArgs, Debug, Clone)]
 struct Common {
-    /// External manager HOST:PORT (default: start one in-process on loopback).
-    #[arg(long)]
+    /// External manager HOST:PORT (default: start one in-process on loopback). Several,
+    /// comma-separated (managers of one service): client i starts at the (i mod n)-th and
+    /// fails over to the next ones when its manager is lost.
+    #[arg(long, alias = "managers")]
     manager: Option<String>,
     /// Local IP for the simulated clients (and the embedded manager).
     #[arg(long, default_value = "127.0.0.1")]
@@ -584,8 +586,8 @@ fn check_out(dir: &std::path::Path) -> Result<(), Error> {
 }
 
 /// An external manager at `addr`, without pid or metrics URL.
-fn external(addr: Option<SocketAddr>) -> Option<External> {
-    addr.map(|addr| External { addr, pid: None, metrics_url: None })
+fn external(addrs: Option<Vec<SocketAddr>>) -> Option<External> {
+    addrs.map(|a| External { addr: a[0], others: a[1..].to_vec(), pid: None, metrics_url: None })
 }
 
 /// Callers by default: 50, or as many as the calls if fewer (a caller with no call would
@@ -652,7 +654,9 @@ fn hostile(h: HostileArgs, secret: Secret) -> Result<Run, Error> {
     let io = choose_io(&h.common.io)?;
     let external = match (manager, h.manager_pid, h.manager_metrics) {
         (None, None, None) => None,
-        (Some(addr), Some(pid), Some(url)) => Some(External { addr, pid: Some(pid), metrics_url: Some(url) }),
+        (Some(a), Some(pid), Some(url)) => {
+            Some(External { addr: a[0], others: a[1..].to_vec(), pid: Some(pid), metrics_url: Some(url) })
+        }
         _ => return Err(Error::IncompleteExternalManager),
     };
     let attack = Attack { idle: h.idle, half: h.half, churn_rate: h.attack_rate };
@@ -677,10 +681,19 @@ fn choose_io(s: &str) -> Result<engine::driver::Io, Error> {
     engine::driver::Io::choose(s).map_err(Error::IoChoice)
 }
 
-/// `--manager HOST:PORT`, checked and resolved (`engine::addr`: the message says what is
-/// wrong: no port, a bad port, a name that does not resolve).
-fn resolve(m: &Option<String>) -> Result<Option<SocketAddr>, Error> {
-    m.as_deref().map(engine::addr::manager_addr).transpose().map_err(|e| Error::Resolve(e.to_string()))
+/// `--manager HOST:PORT[,HOST:PORT...]`, each checked and resolved (`engine::addr`: the
+/// message says what is wrong: no port, a bad port, a name that does not resolve); a
+/// repeated address counts once.
+fn resolve(m: &Option<String>) -> Result<Option<Vec<SocketAddr>>, Error> {
+    let Some(m) = m else { return Ok(None) };
+    let mut addrs = Vec::new();
+    for part in m.split(',') {
+        let a = engine::addr::manager_addr(part).map_err(|e| Error::Resolve(e.to_string()))?;
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    Ok(Some(addrs))
 }
 
 fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
@@ -709,7 +722,8 @@ fn sessions(a: SessionsArgs, secret: Secret) -> Result<Run, Error> {
 fn register(a: RegisterArgs, secret: Secret) -> Result<Run, Error> {
     let manager = resolve(&a.common.manager)?;
     let io = choose_io(&a.common.io)?;
-    let external = manager.map(|addr| External { addr, pid: a.manager_pid, metrics_url: None });
+    let external =
+        manager.map(|m| External { addr: m[0], others: m[1..].to_vec(), pid: a.manager_pid, metrics_url: None });
     let scenario = Register {
         clients: a.clients as usize,
         rate: a.rate,

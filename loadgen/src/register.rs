@@ -147,7 +147,7 @@ pub fn run(reg: &Register, target: &Target, options: &fleet::Options, output: &O
     let offset = move |i: usize| Duration::from_secs_f64(i as f64 / rate);
     let spec = Spec {
         io: options.io,
-        manager: manager.addr(),
+        managers: manager.managers(),
         threads,
         // Small rings: a registered client has nothing to receive but keepalives.
         #[cfg(target_os = "linux")]

@@ -42,6 +42,9 @@ pub enum Manager {
 pub struct External {
     /// Its TCP and UDP address.
     pub addr: SocketAddr,
+    /// The other managers of the same service (`--manager A,B,C`: B and C), which the
+    /// clients spread over (client `i` starts at manager `i % n`) and fail over to.
+    pub others: Vec<SocketAddr>,
     /// Its process id, to read its memory from /proc (`--manager-pid`).
     pub pid: Option<u32>,
     /// Its metrics URL (`manager --metrics`), to read its counters (`--manager-metrics`).
@@ -122,7 +125,7 @@ impl Target {
     /// step of this run), as an external one.
     pub fn running_at(&self, addr: SocketAddr) -> Target {
         Target {
-            manager: Manager::External(External { addr, pid: None, metrics_url: None }),
+            manager: Manager::External(External { addr, others: Vec::new(), pid: None, metrics_url: None }),
             secret: self.secret.clone(),
             srtp_suites: self.srtp_suites.clone(),
             tls: self.tls.clone(),
@@ -147,9 +150,11 @@ impl Target {
         match &self.manager {
             Manager::Embedded(cfg) => {
                 let m = manager::start((**cfg).clone()).map_err(Error::ManagerStart)?;
-                Ok(Connected { addr: m.local_addr(), embedded: Some(m), external: None })
+                Ok(Connected { addr: m.local_addr(), others: Vec::new(), embedded: Some(m), external: None })
             }
-            Manager::External(e) => Ok(Connected { addr: e.addr, embedded: None, external: Some(e.clone()) }),
+            Manager::External(e) => {
+                Ok(Connected { addr: e.addr, others: e.others.clone(), embedded: None, external: Some(e.clone()) })
+            }
         }
     }
 }
@@ -182,14 +187,23 @@ fn embedded_config(e: Embedded, secret: Option<Arc<Secret>>) -> manager::Manager
 /// external one's address. Dropping it stops an embedded manager.
 pub struct Connected {
     addr: SocketAddr,
+    others: Vec<SocketAddr>,
     embedded: Option<manager::ManagerHandle>,
     external: Option<External>,
 }
 
 impl Connected {
-    /// The manager's TCP and UDP address.
+    /// The manager's TCP and UDP address (the first of several).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Every manager the clients know, the first one first (one, unless `--manager` named
+    /// several).
+    pub fn managers(&self) -> engine::driver::Managers {
+        let mut all = vec![self.addr];
+        all.extend(self.others.iter().copied());
+        engine::driver::Managers::new(all, 0)
     }
 
     /// The embedded manager's counters (None for an external one).
@@ -220,7 +234,11 @@ impl Connected {
     /// "manager ADDR" or "embedded manager on ADDR (IO io)", for a report's first line.
     pub fn describe(&self) -> String {
         match self.io() {
-            None => format!("manager {}", self.addr),
+            None if self.others.is_empty() => format!("manager {}", self.addr),
+            None => format!(
+                "managers {}",
+                self.managers().addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+            ),
             Some(io) => format!("embedded manager on {} ({io} io)", self.addr),
         }
     }

@@ -337,9 +337,72 @@ fn a_bad_manager_address_says_what_is_wrong() {
         ("127.0.0.1:99999", "99999 is not a port"),
         ("localhost", "has no port: give HOST:PORT"),
         ("nosuch.invalid:7480", "cannot resolve `nosuch.invalid`"),
+        // Each address of a list is checked.
+        ("127.0.0.1:7480,localhost", "`localhost` has no port"),
     ] {
         let o = loadgen(&["setup", "--manager", addr]);
         assert_eq!(o.status.code(), Some(2), "{addr}");
         assert!(stderr(&o).contains(says), "{addr}: {}", stderr(&o));
     }
+}
+
+/// A `manager` process on 127.0.0.1 (the binary `cargo test --workspace` builds next to
+/// loadgen), killed when dropped; SIGTERM makes it print its counters.
+struct ManagerProc {
+    child: std::process::Child,
+    addr: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ManagerProc {
+    fn start() -> ManagerProc {
+        use std::io::BufRead;
+        let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_loadgen")).with_file_name("manager");
+        assert!(bin.exists(), "{} not built; run the tests with `cargo test --workspace`", bin.display());
+        let mut child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--shards", "1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn manager");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let mut m = ManagerProc { child, addr: String::new(), lines };
+        let first = m.lines.recv_timeout(std::time::Duration::from_secs(10)).expect("manager prints its address");
+        m.addr = first.strip_prefix("listening ").expect("`listening ADDR`").to_string();
+        m
+    }
+
+    /// SIGTERM, then its counters (its last line).
+    fn counters(self) -> serde_json::Value {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+        let line = self.lines.recv_timeout(std::time::Duration::from_secs(10)).expect("counters on SIGTERM");
+        serde_json::from_str(&line).expect("counters are JSON")
+    }
+}
+
+impl Drop for ManagerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--manager A,B`: client i starts at manager i mod 2, so six clients register three with
+/// each. (The two managers here are not one service, so no call is placed across them.)
+#[test]
+fn a_fleet_given_two_managers_spreads_over_them() {
+    let (a, b) = (ManagerProc::start(), ManagerProc::start());
+    let list = format!("{},{}", a.addr, b.addr);
+    let (code, v, err) = common::run(&["register", "--manager", &list, "--clients", "6", "--hold", "0.2", "--json"]);
+    assert_eq!(code, 0, "{err}\n{v}");
+    let (ca, cb) = (a.counters(), b.counters());
+    assert_eq!(ca["registrations"], 3, "{ca}");
+    assert_eq!(cb["registrations"], 3, "{cb}");
 }

@@ -30,12 +30,16 @@ use media::{AudioIn, AudioOut, Media, MediaConfig, Waker};
 #[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// Manager address (TCP signalling; its UDP port with the same number answers STUN). A
-    /// name with an IPv4 address resolves to that.
-    #[arg(long, value_name = "HOST:PORT", value_parser = manager_arg)]
+    /// name with an IPv4 address resolves to that. Several, comma-separated (managers of one
+    /// cluster): the first that answers registers us, and when its connection is lost the
+    /// peer moves to the next one in the list within a fraction of a second (calls with a
+    /// path go on meanwhile).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]", value_parser = manager_arg)]
     manager: ManagerArg,
     /// Speak TLS 1.3 to the manager (a manager started with --tls-cert), trusting its
     /// certificate through --ca or --pin (one is required: there are no system roots). The
-    /// certificate must name HOST as given in --manager (a DNS name or an IP address).
+    /// certificate must name HOST as given in --manager (a DNS name or an IP address; with
+    /// several managers, the first one's HOST: every one must present a certificate for it).
     #[arg(long)]
     tls: bool,
     /// With --tls: trust the manager's certificate if it chains to a certificate in this PEM
@@ -169,17 +173,29 @@ struct Args {
     cmd: Cmd,
 }
 
-/// `--manager HOST:PORT`: the address, and the host as given (the name the manager's TLS
-/// certificate must carry).
+/// `--manager HOST:PORT[,HOST:PORT...]`: the addresses, and the first one's host as given
+/// (the name the managers' TLS certificates must carry).
 #[derive(Debug, Clone)]
 struct ManagerArg {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     host: String,
 }
 
 fn manager_arg(s: &str) -> Result<ManagerArg, engine::addr::AddrError> {
-    let addr = engine::addr::manager_addr(s)?;
-    Ok(ManagerArg { addr, host: engine::tls::host_of(s.trim()).to_string() })
+    let mut addrs = Vec::new();
+    for part in s.split(',') {
+        let a = engine::addr::manager_addr(part)?;
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    let first = s.split(',').next().unwrap_or_default();
+    Ok(ManagerArg { addrs, host: engine::tls::host_of(first.trim()).to_string() })
+}
+
+/// The managers, comma-separated, for messages.
+fn list_addrs(addrs: &[SocketAddr]) -> String {
+    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
 }
 
 fn parse_pin(s: &str) -> Result<[u8; 32], String> {
@@ -275,8 +291,10 @@ enum Cmd {
 
 struct PeerApp {
     json: bool,
-    /// The manager's address, for messages.
-    manager: SocketAddr,
+    /// The managers' addresses, for messages.
+    managers: Vec<SocketAddr>,
+    /// The manager that registered us last (after a failover, another one of the list).
+    registered_with: Option<SocketAddr>,
     /// `--register-timeout`.
     register_timeout: Duration,
     /// Until the first REGISTERED: when to give up waiting for it.
@@ -323,11 +341,11 @@ impl PeerApp {
         } else {
             "it accepted the connection but never answered".to_string()
         };
-        format!(
-            "the manager at {} did not register us within {} s: {what}",
-            self.manager,
-            self.register_timeout.as_secs_f64()
-        )
+        let at = match self.managers.as_slice() {
+            [one] => format!("the manager at {one}"),
+            many => format!("none of the managers at {}", list_addrs(many)),
+        };
+        format!("{at} did not register us within {} s: {what}", self.register_timeout.as_secs_f64())
     }
 
     /// `c`: the client's drop counters so far (the process's, over all its calls).
@@ -370,6 +388,8 @@ impl PeerApp {
             };
             let v = serde_json::json!({
                 "call_id": r.call_id.map(|c| c.to_string()),
+                // The manager this client was registered with when the call ended.
+                "manager": self.registered_with.map(|a| a.to_string()),
                 "role": r.role.as_str(),
                 "peer_id": r.peer_id.as_str(),
                 "local": r.local.map(|a| a.to_string()),
@@ -556,7 +576,12 @@ impl PeerApp {
     fn event(&mut self, ctx: &mut Ctx<'_>, event: Event) {
         match event {
             Event::Registered { public, source } => {
-                tracing::info!(%public, %source, "registered");
+                let manager = ctx.manager();
+                tracing::info!(%public, %source, %manager, "registered");
+                if let Some(before) = self.registered_with.filter(|b| *b != manager) {
+                    eprintln!("peer: registered with the manager at {manager} (failed over from {before})");
+                }
+                self.registered_with = Some(manager);
                 self.register_by = None;
                 self.local_source = Some(match source {
                     proto::wire::frame::AddrSource::Stun => "stun",
@@ -615,7 +640,10 @@ impl PeerApp {
                     self.fatal = Some(format!("the manager refused our registration: {message}"));
                     ctx.client.hangup_all(ctx.now);
                     self.done = true;
-                } else if matches!(code, ErrorCode::Replaced | ErrorCode::Shutdown) && ctx.client.active_calls() == 0 {
+                } else if (code == ErrorCode::Replaced || (code == ErrorCode::Shutdown && self.managers.len() == 1))
+                    && ctx.client.active_calls() == 0
+                {
+                    // (With several managers, one shutting down is what the others are for.)
                     self.fatal = Some(format!("manager closed the connection: {message}"));
                     self.done = true;
                 }
@@ -770,7 +798,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
-    let manager = args.manager.addr;
+    let managers = args.manager.addrs.clone();
+    let manager = managers[0];
     let tls = if args.tls {
         let trust = match (&args.ca, args.pin) {
             (Some(ca), _) => engine::tls::Trust::Ca(ca.clone()),
@@ -967,7 +996,8 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
     let register_timeout = Duration::from_secs_f64(args.register_timeout);
     let mut app = PeerApp {
         json: args.json,
-        manager,
+        managers: managers.clone(),
+        registered_with: None,
         register_timeout,
         register_by: Some(now + register_timeout),
         refused: None,
@@ -1013,7 +1043,7 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
     };
     let (app, result) = match io {
         driver::Io::Portable => {
-            let r = driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, Some(tokio_wake), tls)
+            let r = driver::run_with_wake(&mut client, &udp, managers, &mut app, shutdown, Some(tokio_wake), tls)
                 .await
                 .map(|_| ());
             (app, r)
@@ -1031,9 +1061,10 @@ async fn run(args: Args, id: ClientId, bad_frames: BadFrames) -> ExitCode {
             };
             let stop = engine::reactor::Stop::new();
             let relay = stop.clone();
-            let unit = engine::reactor::Unit { client, udp, app, wake: ring_wake, connect_at: None, tls };
+            let unit =
+                engine::reactor::Unit { client, udp, app, wake: ring_wake, connect_at: None, tls, first_manager: 0 };
             let worker = tokio::task::spawn_blocking(move || {
-                engine::reactor::run(vec![unit], manager, Some(&relay), &engine::reactor::ReactorConfig::default())
+                engine::reactor::run(vec![unit], managers, Some(&relay), &engine::reactor::ReactorConfig::default())
             });
             tokio::pin!(worker);
             let joined = tokio::select! {

@@ -432,3 +432,44 @@ fn a_dual_stack_manager_serves_ipv4_and_ipv6_peers() {
     assert_eq!(stats["calls_started"], 2, "{stats}");
     assert_eq!(stats["udp_media"], 0, "{stats}");
 }
+
+/// `--manager A,B`: bob registers with A; A is killed (SIGKILL); bob registers with B within
+/// seconds, says so, and a caller that knows only B reaches him. His call's report names B.
+#[test]
+fn a_peer_given_two_managers_fails_over_when_the_first_is_killed() {
+    let ma = start_manager();
+    let mb = start_manager();
+    let list = format!("{},{}", ma.addr, mb.addr);
+    let bob = peer(&list, "bob", &["listen", "--calls", "1", "--json"]);
+    settle();
+    let mut ma = ma;
+    ma.proc.child.kill().unwrap();
+    let killed = Instant::now();
+    // Bob moves to B after 50-250 ms; a caller that knows only B finds him registered.
+    let mut tries = 0;
+    let a = loop {
+        tries += 1;
+        let alice = peer(&mb.addr, &format!("alice-{tries}"), &["call", "bob", "--duration", "1", "--json"]);
+        let (code, out, err) = alice.finish(Duration::from_secs(15));
+        let a = json_line(&out);
+        if code == 0 || tries == 5 || killed.elapsed() > Duration::from_secs(5) {
+            assert_eq!(code, 0, "bob not reachable through B {:?} after A died: {err}", killed.elapsed());
+            break a;
+        }
+        assert!(a["result"].as_str().unwrap().starts_with("unknown callee"), "{a}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(a["result"], "ok", "{a}");
+    assert_eq!(a["manager"], mb.addr.as_str(), "{a}");
+    let (code, out, err) = bob.finish(Duration::from_secs(10));
+    assert_eq!(code, 0, "{err}");
+    let b = json_line(&out);
+    assert_eq!(b["result"], "ok", "{b}");
+    assert_eq!(b["manager"], mb.addr.as_str(), "the report names the manager after the failover: {b}");
+    assert!(
+        err.contains(&format!("registered with the manager at {} (failed over from {})", mb.addr, ma.addr)),
+        "{err}"
+    );
+    let counters = mb.stop();
+    assert!(counters["registrations"].as_u64().unwrap() >= 2, "bob and the caller on B: {counters}");
+}

@@ -969,6 +969,18 @@ impl Client {
         self.calls.get(&handle).is_some_and(|c| c.state == CallState::Media)
     }
 
+    /// Where the STUN binding requests go ([`ClientConfig::stun_server`]).
+    pub fn stun_server(&self) -> Option<SocketAddr> {
+        self.cfg.stun_server
+    }
+
+    /// Send the next discovery's STUN requests to `server`: a driver that moves to another
+    /// manager ([`crate::reconnect`]) points the client at that manager's UDP port before
+    /// [`Client::handle_connected`], so the manager it registers with learns its binding.
+    pub fn set_stun_server(&mut self, server: Option<SocketAddr>) {
+        self.cfg.stun_server = server;
+    }
+
     // ---------------------------------------------------------------- inputs
 
     /// The connection to the manager is up (over TLS: its handshake completed): discover the

@@ -166,7 +166,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     let wall0 = Instant::now();
 
     let clients_of = Clients::new(manager.addr(), target);
-    let mut fleet = start_fleet(load, options, manager.addr(), clients_of, sources.clone(), &shared, &inboxes)?;
+    let mut fleet = start_fleet(load, options, manager.managers(), clients_of, sources.clone(), &shared, &inboxes)?;
     wait_for_registration(&shared, &mut fleet, clients)?;
     let registered_in = wall0.elapsed();
     let tls = match (&target.tls, manager.stats()) {
@@ -266,7 +266,7 @@ fn serve_metrics(
 fn start_fleet(
     load: &CallLoad,
     options: &fleet::Options,
-    manager: std::net::SocketAddr,
+    managers: engine::driver::Managers,
     clients: Clients,
     sources: Sources,
     shared: &Arc<Shared>,
@@ -308,7 +308,7 @@ fn start_fleet(
     };
     let spec = Spec {
         io: options.io,
-        manager,
+        managers,
         threads: options.threads(),
         #[cfg(target_os = "linux")]
         ring: engine::reactor::ReactorConfig { tick: options.tick, ..Default::default() },

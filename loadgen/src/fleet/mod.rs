@@ -162,8 +162,9 @@ impl Wake {
 pub struct Spec {
     /// The driver.
     pub io: Io,
-    /// The manager every member connects to.
-    pub manager: SocketAddr,
+    /// The managers the members connect to: member `i` starts at manager `i % n` and fails
+    /// over to the next ones.
+    pub managers: driver::Managers,
     /// Ring threads (io_uring) or tokio workers (portable).
     pub threads: usize,
     /// Tuning of each ring (io_uring only).
@@ -314,7 +315,16 @@ impl<A: App + Send + 'static> Ready<A> {
                         let wake = wake.map(|w| w.notify.clone());
                         let stop = stop_rx.clone();
                         let tls = spec.tls.as_ref().map(|t| t.for_one_client());
-                        runtime.spawn(run_task(client, udp, app, wake, spec.manager, tls, connect_at(i), stop))
+                        runtime.spawn(run_task(
+                            client,
+                            udp,
+                            app,
+                            wake,
+                            spec.managers.starting_at(i),
+                            tls,
+                            connect_at(i),
+                            stop,
+                        ))
                     })
                     .collect();
                 let stop = Stopper {
@@ -346,7 +356,7 @@ fn run_task<A: App>(
     udp: std::net::UdpSocket,
     mut app: Tracked<A>,
     wake: Option<Arc<tokio::sync::Notify>>,
-    manager: SocketAddr,
+    managers: driver::Managers,
     tls: Option<engine::tls::ClientTls>,
     connect_at: Option<Instant>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -361,7 +371,7 @@ fn run_task<A: App>(
             let shutdown = async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             };
-            Ok(driver::run_with_wake(&mut client, &udp, manager, &mut app, shutdown, wake, tls).await?)
+            Ok(driver::run_with_wake(&mut client, &udp, managers, &mut app, shutdown, wake, tls).await?)
         }
         .await;
         if let Err(e) = &result {
@@ -510,20 +520,20 @@ mod ring {
         for (t, mine) in per_thread.into_iter().enumerate().filter(|(_, m)| !m.is_empty()) {
             let (go_tx, go_rx) = mpsc::channel::<ConnectAt>();
             let (stop, ready, make, failures) = (stop.clone(), ready_tx.clone(), make.clone(), failures.clone());
-            let (manager, rc, tls) = (spec.manager, spec.ring.clone(), spec.tls.clone());
+            let (managers, rc, tls) = (spec.managers.clone(), spec.ring.clone(), spec.tls.clone());
             let name = format!("ring-{t}");
             let handle = std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || -> Out<A> {
                     let built = (|| {
-                        let mut r = Reactor::new(mine.len(), manager, Some(&stop), &rc)?;
+                        let mut r = Reactor::new(mine.len(), managers, Some(&stop), &rc)?;
                         for &i in &mine {
                             let Member { client, udp, app, wake } = make(i)?;
                             let id = client.config().id.clone();
                             let app = Tracked { app, id, failures: failures.clone() };
                             let wake = wake.and_then(|w| w.ring.clone());
                             let tls = tls.as_ref().map(|t| t.for_one_client());
-                            r.add(Unit { client, udp, app, wake, connect_at: None, tls })?;
+                            r.add(Unit { client, udp, app, wake, connect_at: None, tls, first_manager: i })?;
                         }
                         Ok::<_, Error>(r)
                     })();
