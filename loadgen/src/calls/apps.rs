@@ -37,6 +37,32 @@ pub struct CallRecord {
     /// RFC 3550 interarrival jitter J of the media the caller received, ms, at the call's
     /// end (None: fewer than two packets, J needs two transit times).
     pub jitter_ms: Option<f64>,
+    /// With several managers: whether caller and callee started on different ones (a call
+    /// across cluster nodes). None with one manager.
+    pub cross_node: Option<bool>,
+}
+
+/// Which manager each client starts on when there are several (member `n` of the fleet at
+/// manager `n % managers`), so that calls within one node and calls across nodes are told
+/// apart. A client that failed over is still counted at its first manager.
+#[derive(Debug, Clone)]
+pub struct NodeMap {
+    /// Managers.
+    pub managers: usize,
+    /// Fleet member index of caller `i`.
+    pub caller_member: Vec<usize>,
+    /// Fleet member index of callee `j`.
+    pub callee_member: Vec<usize>,
+}
+
+impl NodeMap {
+    /// Whether `caller-i` and `callee-j` start on different managers.
+    pub fn cross(&self, caller: &ClientId, callee: &ClientId) -> Option<bool> {
+        let i: usize = caller.as_str().strip_prefix("caller-")?.parse().ok()?;
+        let j: usize = callee.as_str().strip_prefix("callee-")?.parse().ok()?;
+        let m = self.managers.max(1);
+        Some(self.caller_member.get(i)? % m != self.callee_member.get(j)? % m)
+    }
 }
 
 /// Media packets of the calls a client saw end (from their RFC 3550 reports).
@@ -90,6 +116,8 @@ pub struct Shared {
     pub refused: Mutex<Option<String>>,
     /// First connections that waited for a free local port (summed at registration).
     pub port_waits: AtomicU64,
+    /// With several managers: where each client starts.
+    pub nodes: Option<NodeMap>,
 }
 
 /// What an interval of a soak run collects, swapped out by the sampler at each interval's end.
@@ -158,7 +186,14 @@ impl Shared {
             live_setup: Mutex::new(new_histogram()),
             refused: Mutex::new(None),
             port_waits: AtomicU64::new(0),
+            nodes: None,
         }
+    }
+
+    /// The same, telling calls within one manager from calls across managers by `nodes`.
+    pub fn with_nodes(mut self, nodes: Option<NodeMap>) -> Shared {
+        self.nodes = nodes;
+        self
     }
 
     /// Remember the first registration the manager refused (ERROR Unauthorized).
@@ -329,6 +364,7 @@ impl App for CallerApp {
         for (planned, callee, talk) in due {
             self.remaining -= 1;
             self.shared.placed.fetch_add(1, Ordering::Relaxed);
+            let cross_node = self.shared.nodes.as_ref().and_then(|n| n.cross(&ctx.client.config().id, &callee));
             let mut r = CallRecord {
                 planned,
                 sent: ctx.now,
@@ -338,6 +374,7 @@ impl App for CallerApp {
                 talk,
                 outcome: None,
                 jitter_ms: None,
+                cross_node,
             };
             match ctx.client.call(ctx.now, callee) {
                 Ok(h) => {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use proto::wire::frame::{CallId, ClientId};
 
-pub use apps::{CallRecord, MediaTotals};
+pub use apps::{CallRecord, MediaTotals, NodeMap};
 pub use measure::{growth, intervals_after, IntervalSample, WindowStats, GROWTH_INTERVALS};
 
 use crate::error::Error;
@@ -158,7 +158,24 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     let sources = Sources::plan(options.bind_ip, clients, options.source_ips)?;
     let live = Arc::new(live::Live::new(output.json, output.live_csv.as_deref())?);
     let manager = target.connect()?;
-    let shared = Arc::new(Shared::new(calls.window().is_none(), calls.idle(), calls.interval().is_some()));
+    let nodes = (manager.managers().addrs().len() > 1).then(|| {
+        let kinds = members(load.callers, load.callees);
+        let mut map = NodeMap {
+            managers: manager.managers().addrs().len(),
+            caller_member: vec![0; load.callers],
+            callee_member: vec![0; load.callees],
+        };
+        for (n, &(caller, i)) in kinds.iter().enumerate() {
+            if caller {
+                map.caller_member[i] = n;
+            } else {
+                map.callee_member[i] = n;
+            }
+        }
+        map
+    });
+    let shared =
+        Arc::new(Shared::new(calls.window().is_none(), calls.idle(), calls.interval().is_some()).with_nodes(nodes));
     let _metrics = serve_metrics(output, &shared, &manager)?;
     let inboxes: Vec<Arc<Inbox>> =
         (0..load.callers).map(|_| Inbox::new(options.io).map(Arc::new)).collect::<Result<_, _>>()?;
@@ -260,6 +277,18 @@ fn serve_metrics(
     Ok(Some(m))
 }
 
+/// The fleet's members in order: (is a caller, index), interleaved caller 0, callee 0,
+/// caller 1, ...
+fn members(callers: usize, callees: usize) -> Vec<(bool, usize)> {
+    (0..callers.max(callees))
+        .flat_map(|i| {
+            let c = (i < callers).then_some((true, i));
+            let e = (i < callees).then_some((false, i));
+            c.into_iter().chain(e)
+        })
+        .collect()
+}
+
 /// Start the callers and callees. Caller `i` is client `i` of the source spread, callee
 /// `i` client `callers + i`; they are interleaved (caller 0, callee 0, caller 1, ...) and
 /// pairs go round-robin to the ring threads, so every thread carries both kinds.
@@ -273,13 +302,7 @@ fn start_fleet(
     inboxes: &[Arc<Inbox>],
 ) -> Result<Running<SimApp>, Error> {
     let (callers, callees) = (load.callers, load.callees);
-    let kinds: Vec<(bool, usize)> = (0..callers.max(callees))
-        .flat_map(|i| {
-            let c = (i < callers).then_some((true, i));
-            let e = (i < callees).then_some((false, i));
-            c.into_iter().chain(e)
-        })
-        .collect();
+    let kinds = members(callers, callees);
     // Seeds differ per run: equal seeds give equal STUN transaction ids, and a second run
     // against the same manager within the bindings' 30 s would find its ids taken.
     let salt = engine::entropy::seed();

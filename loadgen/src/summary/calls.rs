@@ -38,6 +38,9 @@ pub fn summarize(calls: Calls<'_>, options: &fleet::Options, output: &Output, m:
 struct Phases {
     /// Planned start to two-way media.
     setup: Histogram<u64>,
+    /// The same for calls within one manager and across managers (several managers only).
+    setup_same_node: Histogram<u64>,
+    setup_cross_node: Histogram<u64>,
     /// Planned start to START.
     to_start: Histogram<u64>,
     /// CALL to INCOMING at the callee.
@@ -68,10 +71,18 @@ impl Phases {
     }
 }
 
+/// What calls across managers add to setup at quantile `q`: the difference of the two
+/// histograms' values there (None unless both have calls).
+fn added(same: &Histogram<u64>, cross: &Histogram<u64>, q: f64) -> Option<f64> {
+    Some(hist::ms_at(cross, q)? - hist::ms_at(same, q)?)
+}
+
 /// Histograms, from each call's planned start.
 fn phases(m: &Measured) -> Phases {
     let mut p = Phases {
         setup: new_histogram(),
+        setup_same_node: new_histogram(),
+        setup_cross_node: new_histogram(),
         to_start: new_histogram(),
         call_incoming: new_histogram(),
         incoming_start: new_histogram(),
@@ -101,6 +112,11 @@ fn phases(m: &Measured) -> Phases {
                 p.ok += 1;
                 record(&mut p.to_start, start - r.planned);
                 record(&mut p.setup, flowing - r.planned);
+                match r.cross_node {
+                    Some(true) => record(&mut p.setup_cross_node, flowing - r.planned),
+                    Some(false) => record(&mut p.setup_same_node, flowing - r.planned),
+                    None => {}
+                }
                 record(&mut p.start_media, flowing - start);
                 if let Some(inc) = r.call_id.and_then(|id| m.incoming.get(&id)) {
                     record(&mut p.call_incoming, inc.saturating_duration_since(r.sent));
@@ -292,6 +308,10 @@ fn text(
     }
     let _ = writeln!(text, "{}", hist::header());
     let _ = writeln!(text, "{}", hist::line(SETUP.label, setup));
+    if p.setup_same_node.len() + p.setup_cross_node.len() > 0 {
+        let _ = writeln!(text, "{}", hist::line("  within one manager", &p.setup_same_node));
+        let _ = writeln!(text, "{}", hist::line("  across managers", &p.setup_cross_node));
+    }
     let _ = writeln!(text, "{}", hist::line(&format!("  {}", PLAN_TO_START.label), to_start));
     let _ = writeln!(text, "{}", hist::line(&format!("  {}", CALL_TO_INCOMING.label), call_incoming));
     let _ = writeln!(text, "{}", hist::line(&format!("  {}", INCOMING_TO_START.label), incoming_start));
@@ -450,6 +470,23 @@ fn json(
         "fd_growth": grown.map(|g| g.1),
         "growth_ok": grown.map(|g| g.2),
     });
+    if p.setup_same_node.len() + p.setup_cross_node.len() > 0 {
+        // Several managers (a cluster): calls within one manager and calls across managers,
+        // and what the hop between managers adds.
+        let more = serde_json::json!({
+            "setup_same_node_calls": p.setup_same_node.len(),
+            "setup_same_node_p50_ms": hist::num(hist::ms_at(&p.setup_same_node, 0.5)),
+            "setup_same_node_p99_ms": hist::num(hist::ms_at(&p.setup_same_node, 0.99)),
+            "setup_cross_node_calls": p.setup_cross_node.len(),
+            "setup_cross_node_p50_ms": hist::num(hist::ms_at(&p.setup_cross_node, 0.5)),
+            "setup_cross_node_p99_ms": hist::num(hist::ms_at(&p.setup_cross_node, 0.99)),
+            "cross_node_added_p50_ms": hist::num(added(&p.setup_same_node, &p.setup_cross_node, 0.5)),
+            "cross_node_added_p99_ms": hist::num(added(&p.setup_same_node, &p.setup_cross_node, 0.99)),
+        });
+        if let (Some(o), serde_json::Value::Object(m)) = (json.as_object_mut(), more) {
+            o.extend(m);
+        }
+    }
     if let Some(t) = m.tls {
         let per_s = t.handshakes as f64 / m.registered_in.as_secs_f64().max(1e-9);
         json["tls"] = serde_json::json!({
@@ -562,6 +599,7 @@ mod tests {
             talk: Duration::ZERO,
             outcome: None,
             jitter_ms: Some(0.25),
+            cross_node: None,
         };
         Measured {
             records: vec![call],
