@@ -142,6 +142,16 @@ struct Common {
     /// fingerprint of its DER (hex, colons allowed).
     #[arg(long, value_name = "SHA256", requires = "tls", value_parser = parse_pin)]
     pin: Option<[u8; 32]>,
+    /// Instead of one embedded manager, a cluster of N (2 to 16) on NATS in this process
+    /// (docs/cluster.md): a `nats-server` is started on a free loopback port (it must be
+    /// installed) and the clients spread over the managers as with several --manager.
+    #[arg(long, value_name = "N", conflicts_with = "manager", value_parser = clap::value_parser!(u8).range(2..=16))]
+    cluster_nodes: Option<u8>,
+    /// With --cluster-nodes: stop the last manager this many seconds after the calls
+    /// begin (its clients fail over to the next manager), and report how long until every
+    /// client was connected again (`cluster.failover_s`).
+    #[arg(long, value_name = "SECS", requires = "cluster_nodes", value_parser = secs_non_negative)]
+    kill_node_at: Option<f64>,
 }
 
 fn parse_suite(s: &str) -> Result<u8, String> {
@@ -549,7 +559,11 @@ impl Common {
         limits: Limits,
         secret: Secret,
     ) -> Result<Target, Error> {
-        let mut t = Target::new(external, Embedded { ip: self.bind_ip, shards, io, limits }, secret);
+        let cluster = self.cluster_nodes.map(|n| crate::target::ClusterPlan {
+            nodes: n as usize,
+            kill_at: self.kill_node_at.map(Duration::from_secs_f64),
+        });
+        let mut t = Target::new(external, Embedded { ip: self.bind_ip, shards, io, limits, cluster }, secret);
         if self.tls {
             let trust = match (&self.ca, self.pin) {
                 (Some(ca), _) => Some(engine::tls::Trust::Ca(ca.clone())),

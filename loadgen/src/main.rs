@@ -3,6 +3,7 @@
 mod audio;
 mod calls;
 mod cli;
+mod cluster;
 mod error;
 mod fleet;
 mod hostile;

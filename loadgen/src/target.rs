@@ -31,8 +31,9 @@ pub struct Target {
 /// Where the manager is.
 #[derive(Clone)]
 pub enum Manager {
-    /// Start one in this process, with this configuration.
-    Embedded(Box<manager::ManagerConfig>),
+    /// Start one in this process, with this configuration (with a cluster plan: that many,
+    /// on a `nats-server` started for the run).
+    Embedded(Box<manager::ManagerConfig>, Option<ClusterPlan>),
     /// One that runs elsewhere.
     External(External),
 }
@@ -73,6 +74,17 @@ pub struct Embedded {
     pub io: engine::driver::Io,
     /// Its limits.
     pub limits: Limits,
+    /// Several managers on NATS instead of one (`--cluster-nodes`).
+    pub cluster: Option<ClusterPlan>,
+}
+
+/// An embedded cluster (`--cluster-nodes`, `--kill-node-at`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterPlan {
+    /// Managers.
+    pub nodes: usize,
+    /// Stop the last one this long after the calls begin.
+    pub kill_at: Option<std::time::Duration>,
 }
 
 impl Target {
@@ -80,7 +92,7 @@ impl Target {
     pub fn new(external: Option<External>, embedded: Embedded, secret: Option<Arc<Secret>>) -> Target {
         let manager = match external {
             Some(e) => Manager::External(e),
-            None => Manager::Embedded(Box::new(embedded_config(embedded, secret.clone()))),
+            None => Manager::Embedded(Box::new(embedded_config(embedded, secret.clone())), embedded.cluster),
         };
         Target {
             manager,
@@ -97,7 +109,7 @@ impl Target {
     pub fn with_tls(mut self, trust: Option<engine::tls::Trust>) -> Result<Target, Error> {
         let tls_err = |e: engine::tls::TlsError| Error::Flags(format!("--tls: {e}"));
         match &mut self.manager {
-            Manager::Embedded(cfg) => {
+            Manager::Embedded(cfg, _) => {
                 let ip = cfg.listen.ip();
                 let ck = rcgen::generate_simple_self_signed(vec![ip.to_string(), "localhost".to_string()])
                     .map_err(|e| Error::Flags(format!("--tls: a throwaway certificate: {e}")))?;
@@ -136,7 +148,7 @@ impl Target {
     pub fn external(&self) -> Option<&External> {
         match &self.manager {
             Manager::External(e) => Some(e),
-            Manager::Embedded(_) => None,
+            Manager::Embedded(..) => None,
         }
     }
 
@@ -148,13 +160,24 @@ impl Target {
     /// Start the embedded manager, or take the external one's address.
     pub fn connect(&self) -> Result<Connected, Error> {
         match &self.manager {
-            Manager::Embedded(cfg) => {
+            Manager::Embedded(cfg, None) => {
                 let m = manager::start((**cfg).clone()).map_err(Error::ManagerStart)?;
-                Ok(Connected { addr: m.local_addr(), others: Vec::new(), embedded: Some(m), external: None })
+                Ok(Connected {
+                    addr: m.local_addr(),
+                    others: Vec::new(),
+                    embedded: Some(m),
+                    external: None,
+                    cluster: None,
+                })
             }
-            Manager::External(e) => {
-                Ok(Connected { addr: e.addr, others: e.others.clone(), embedded: None, external: Some(e.clone()) })
-            }
+            Manager::Embedded(cfg, Some(plan)) => crate::cluster::start(cfg, *plan),
+            Manager::External(e) => Ok(Connected {
+                addr: e.addr,
+                others: e.others.clone(),
+                embedded: None,
+                external: Some(e.clone()),
+                cluster: None,
+            }),
         }
     }
 }
@@ -186,10 +209,12 @@ fn embedded_config(e: Embedded, secret: Option<Arc<Secret>>) -> manager::Manager
 /// The manager of a run, reachable: the embedded one running in this process, or the
 /// external one's address. Dropping it stops an embedded manager.
 pub struct Connected {
-    addr: SocketAddr,
-    others: Vec<SocketAddr>,
-    embedded: Option<manager::ManagerHandle>,
-    external: Option<External>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) others: Vec<SocketAddr>,
+    pub(crate) embedded: Option<manager::ManagerHandle>,
+    pub(crate) external: Option<External>,
+    /// An embedded cluster: the other managers, the nats-server, the failover timer.
+    pub(crate) cluster: Option<crate::cluster::Embedded>,
 }
 
 impl Connected {
@@ -239,6 +264,11 @@ impl Connected {
                 "managers {}",
                 self.managers().addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
             ),
+            Some(io) if self.cluster.is_some() => format!(
+                "embedded cluster of {} managers on NATS ({io} io): {}",
+                1 + self.others.len(),
+                self.managers().addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+            ),
             Some(io) => format!("embedded manager on {} ({io} io)", self.addr),
         }
     }
@@ -273,6 +303,20 @@ impl Connected {
             Some(url) => manager_counters(url),
             None => Err(Error::NoManagerMetrics),
         }
+    }
+
+    /// With an embedded cluster: start the timer that stops one manager (`--kill-node-at`)
+    /// counting from `t0`, the calls' start.
+    pub fn arm_kill(&self, t0: std::time::Instant) {
+        if let Some(c) = &self.cluster {
+            c.arm_kill(t0);
+        }
+    }
+
+    /// With an embedded cluster: per node counters, and the failover if one was timed.
+    pub fn cluster_report(&self) -> Option<serde_json::Value> {
+        let c = self.cluster.as_ref()?;
+        Some(c.report(self.embedded.as_ref()))
     }
 
     /// Stop an embedded manager now (dropping does the same).

@@ -125,6 +125,8 @@ pub struct Measured {
     pub manager_media: Option<u64>,
     /// The embedded manager's IO (None for an external one).
     pub manager_io: Option<&'static str>,
+    /// An embedded cluster's per node counters and failover (`--cluster-nodes`).
+    pub cluster: Option<serde_json::Value>,
     /// With `--tls` against the embedded manager: its TLS handshakes (and of those resumed)
     /// once every client had registered, and the process's CPU seconds to that point.
     pub tls: Option<TlsFigures>,
@@ -199,6 +201,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     // The whole run's host noise for `setup`; `sessions` and `soak` measure inside their window.
     let run_sleeper = calls.window().is_none().then(sys::Sleeper::start);
     let t0 = Instant::now() + Duration::from_millis(100);
+    manager.arm_kill(t0);
     let scheduler = schedule(load, inboxes, shared.clone(), t0)?;
     let watchers = Watchers::start(calls, output, &shared, &live, t0);
     let finished = finish_calls(fleet, &shared, load.callers);
@@ -216,6 +219,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
     let cpu = engine::sys::cpu_seconds() - cpu0;
     let manager_media = manager.stats().map(|s| s.udp_media.load(Ordering::Relaxed));
     let (manager_desc, manager_io) = (manager.describe(), manager.io());
+    let cluster = manager.cluster_report();
     drop(manager);
     let measured = Measured {
         records: clients.records,
@@ -236,6 +240,7 @@ pub fn run(calls: Calls<'_>, target: &Target, options: &fleet::Options, output: 
         manager: manager_desc,
         manager_media,
         manager_io,
+        cluster,
         tls,
         port_waits: shared.port_waits.load(Ordering::Relaxed),
         source_ips: sources.len(),

@@ -306,6 +306,25 @@ fn text(
     for (why, n) in failures {
         let _ = writeln!(text, "  failed: {n} x {why}");
     }
+    if let Some(c) = &m.cluster {
+        let _ = writeln!(
+            text,
+            "cluster: {} managers on NATS; calls sent across managers per node {}",
+            c["nodes"],
+            c["per_node"].as_array().map_or(String::new(), |a| a
+                .iter()
+                .map(|n| n["cluster_calls_out"].to_string())
+                .collect::<Vec<_>>()
+                .join("/"))
+        );
+        if !c["killed_at_s"].is_null() {
+            let _ = writeln!(
+                text,
+                "failover: a manager holding {} clients stopped at {} s; every client connected again after {} s",
+                c["killed_node_clients"], c["killed_at_s"], c["failover_s"]
+            );
+        }
+    }
     let _ = writeln!(text, "{}", hist::header());
     let _ = writeln!(text, "{}", hist::line(SETUP.label, setup));
     if p.setup_same_node.len() + p.setup_cross_node.len() > 0 {
@@ -470,6 +489,9 @@ fn json(
         "fd_growth": grown.map(|g| g.1),
         "growth_ok": grown.map(|g| g.2),
     });
+    if let (Some(c), Some(o)) = (&m.cluster, json.as_object_mut()) {
+        o.insert("cluster".into(), c.clone());
+    }
     if p.setup_same_node.len() + p.setup_cross_node.len() > 0 {
         // Several managers (a cluster): calls within one manager and calls across managers,
         // and what the hop between managers adds.
@@ -621,6 +643,7 @@ mod tests {
             manager_media: None,
             tls: None,
             manager_io: None,
+            cluster: None,
             port_waits: 0,
             source_ips: 1,
             interrupted,
