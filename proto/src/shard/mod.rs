@@ -1478,6 +1478,12 @@ impl Shard {
     }
 
     fn route(&mut self, to: u16, msg: ShardMsg) {
+        if to >= self.n {
+            // Only a message from another node can name a shard this node does not have
+            // (every local route is to a shard index of this manager): dropped and counted.
+            self.stats.inc(&self.stats.cluster_malformed);
+            return;
+        }
         if to == self.index {
             // Local: handle at once (no queue hop), at the time of the input being handled.
             let now = self.now.expect("route is only called while handling an input");
