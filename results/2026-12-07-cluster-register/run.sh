@@ -29,8 +29,8 @@ echo "node,rss_rest_kb,rss_hold_kb,connections_open,cluster_entries" >"$here/rss
 declare -A mp
 for n in a b c; do
     mkdir -p "$here/node-$n"
-    port=$((17400 + $(printf '%d' "'$n") - 97))
-    "$mgr" --listen 127.0.0.1:$port --metrics 127.0.0.1:$((port + 100)) --cluster nats://127.0.0.1:$nport --node $n --alt-port off \
+    port=$((17440 + 10 * ($(printf "%d" "'$n") - 97)))
+    "$mgr" --listen 127.0.0.1:$port --metrics 127.0.0.1:$((port + 100)) --cluster nats://127.0.0.1:$nport --node $n --alt-port off --shards 2 \
         >"$here/node-$n/manager.stdout" 2>"$here/node-$n/manager.stderr" &
     mp[$n]=$!
     pids+=($!)
@@ -42,7 +42,7 @@ i=0
 lpids=()
 for n in a b c; do
     i=$((i + 1))
-    port=$((17400 + $(printf '%d' "'$n") - 97))
+    port=$((17440 + 10 * ($(printf "%d" "'$n") - 97)))
     "$lg" register --clients "$per" --rate 5000 --hold "$hold" --manager 127.0.0.1:$port \
         --manager-pid "${mp[$n]}" --id-prefix "$n-" --bind-ip 127.0.$i.1 --out "$here/node-$n" \
         >"$here/node-$n/stdout.txt" 2>"$here/node-$n/loadgen.stderr" &
@@ -52,10 +52,10 @@ done
 sleep $((per / 5000 + hold / 2 + 3))
 metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
 for n in a b c; do
-    port=$((17400 + $(printf '%d' "'$n") - 97))
+    port=$((17440 + 10 * ($(printf "%d" "'$n") - 97)))
     echo "$n,${rest[$n]},$(rss "${mp[$n]}"),$(metric $((port + 100)) nullpunch_manager_connections_open),$(metric $((port + 100)) nullpunch_manager_cluster_entries)" >>"$here/rss.csv"
 done
-for p in "${lpids[@]}"; do wait "$p"; done
+for p in "${lpids[@]}"; do wait "$p" || true; done
 for n in a b c; do
     kill -TERM "${mp[$n]}"
     wait "${mp[$n]}" || true
