@@ -3,7 +3,8 @@
 //!
 //! Properties:
 //! * decoding never panics; a decoded message encodes, and that encoding decodes to the same
-//!   message (canonical after one round);
+//!   message (canonical after one round); a payload splits into its batch's messages (or
+//!   fails) without panicking, and the parts re-batch to the same payload;
 //! * a node (a real bridge and two real shards with a registered client) takes the message
 //!   and everything it leads to without panicking, and stays quiet after a bounded number
 //!   of steps (no message loop between its bridge and shards).
@@ -11,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::cluster::{Bridge, BridgeOut, NodeMsg};
+use proto::cluster::{encode_batch, split_batch, Bridge, BridgeOut, NodeMsg};
 use proto::nat::NatClass;
 use proto::shard::stats::Stats;
 use proto::shard::{Output, Shard, ShardConfig, ShardInit};
@@ -55,7 +56,17 @@ pub fn run(data: &[u8]) {
         },
     );
     let mut now = t0;
-    bridge.on_node_msg(now, data);
+    match split_batch(data) {
+        Ok(parts) => {
+            if parts.len() != 1 || parts[0].len() != data.len() {
+                assert_eq!(encode_batch(parts.iter().copied()), data, "a batch re-batches differently");
+            }
+            for p in parts {
+                bridge.on_node_msg(now, p);
+            }
+        }
+        Err(_) => bridge.on_node_msg(now, &[]),
+    }
     for _ in 0..64 {
         let mut quiet = true;
         for s in 0..SHARDS as usize {

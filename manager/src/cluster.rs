@@ -120,6 +120,49 @@ async fn write(kv: Store, id: &ClientId, value: Bytes, prev: Option<Holder>) -> 
     None
 }
 
+/// Reply token of a batch sent as a request -> when, and the CALL tokens it carried.
+type Batches = std::collections::HashMap<u64, (Instant, Vec<u64>)>;
+
+/// Send the messages of one turn: one NATS message per destination node, a batch when it
+/// has several. A batch with CALLs is one request whose reply token is its first CALL's; its
+/// acknowledgement (or "no responders") stands for every CALL in it (`batches`).
+async fn send_grouped(
+    client: &async_nats::Client,
+    node: u64,
+    stats: &Stats,
+    batches: &mut Batches,
+    outgoing: Vec<(u64, Vec<u8>, Option<u64>)>,
+) {
+    /// One encoded message, and its CALL token if it is a request.
+    type Outgoing = (Vec<u8>, Option<u64>);
+    let mut groups: Vec<(u64, Vec<Outgoing>)> = Vec::new();
+    for (to, b, token) in outgoing {
+        match groups.iter_mut().find(|(n, _)| *n == to) {
+            Some((_, g)) => g.push((b, token)),
+            None => groups.push((to, vec![(b, token)])),
+        }
+    }
+    for (to, mut g) in groups {
+        stats.inc(&stats.cluster_publishes);
+        let subject = pc::inbox_subject(to);
+        let tokens: Vec<u64> = g.iter().filter_map(|(_, t)| *t).collect();
+        let payload: Bytes = if g.len() == 1 {
+            g.pop().expect("one").0.into()
+        } else {
+            pc::encode_batch(g.iter().map(|(b, _)| b.as_slice())).into()
+        };
+        let _ = match tokens.first() {
+            None => client.publish(subject, payload).await,
+            Some(&first) => {
+                if tokens.len() > 1 {
+                    batches.insert(first, (Instant::now(), tokens));
+                }
+                client.publish_with_reply(subject, pc::reply_subject(node, first), payload).await
+            }
+        };
+    }
+}
+
 async fn run(
     cfg: ClusterConfig,
     node: u64,
@@ -179,6 +222,7 @@ async fn run(
     let value = Bytes::from(pc::kv_value(node, &cfg.name));
     let mut store: Option<Store> = None;
     let mut watcher: Option<tokio::task::JoinHandle<()>> = None;
+    let mut batches = Batches::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if client.connection_state() == async_nats::connection::State::Connected {
@@ -205,16 +249,27 @@ async fn run(
                     // Acknowledge at once: the sender learns the node is there.
                     let _ = client.publish(reply, Bytes::new()).await;
                 }
-                bridge.on_node_msg(now, &m.payload);
+                match pc::split_batch(&m.payload) {
+                    Ok(parts) => {
+                        for p in parts {
+                            bridge.on_node_msg(now, p);
+                        }
+                    }
+                    // Counted as malformed by the bridge.
+                    Err(_) => bridge.on_node_msg(now, &[]),
+                }
             }
             m = replies.next() => {
                 let Some(m) = m else { break };
                 now = Instant::now();
                 if let Some(token) = pc::reply_token(node, &m.subject) {
-                    if m.status == Some(StatusCode::NO_RESPONDERS) {
-                        bridge.on_no_responders(now, token);
-                    } else {
-                        bridge.on_ack(now, token);
+                    let tokens = batches.remove(&token).map_or_else(|| vec![token], |(_, t)| t);
+                    for t in tokens {
+                        if m.status == Some(StatusCode::NO_RESPONDERS) {
+                            bridge.on_no_responders(now, t);
+                        } else {
+                            bridge.on_ack(now, t);
+                        }
                     }
                 }
             }
@@ -290,8 +345,13 @@ async fn run(
             _ = tick.tick() => {
                 now = Instant::now();
                 bridge.tick(now);
+                // A batch whose reply never came: the bridge has given up on its CALLs too.
+                batches.retain(|_, (at, _)| now.saturating_duration_since(*at) < 2 * pc::REQUEST_TIMEOUT);
             }
         }
+        // Messages to other nodes, in order, then sent one NATS message per node (a batch
+        // when there are several): under load a turn carries many.
+        let mut outgoing: Vec<(u64, Vec<u8>, Option<u64>)> = Vec::new();
         while let Some(out) = bridge.poll_output() {
             match out {
                 BridgeOut::Shard { shard, msg } => {
@@ -300,16 +360,11 @@ async fn run(
                     }
                 }
                 BridgeOut::Publish { node: to, msg } => match msg.encode() {
-                    Ok(b) => {
-                        let _ = client.publish(pc::inbox_subject(to), b.into()).await;
-                    }
+                    Ok(b) => outgoing.push((to, b, None)),
                     Err(e) => tracing::warn!("cluster: not sent: {e}"),
                 },
                 BridgeOut::Request { node: to, msg, token } => match msg.encode() {
-                    Ok(b) => {
-                        let reply = pc::reply_subject(node, token);
-                        let _ = client.publish_with_reply(pc::inbox_subject(to), reply, b.into()).await;
-                    }
+                    Ok(b) => outgoing.push((to, b, Some(token))),
                     Err(e) => tracing::warn!("cluster: not sent: {e}"),
                 },
                 BridgeOut::Heartbeat => {
@@ -359,6 +414,7 @@ async fn run(
                 }
             }
         }
+        send_grouped(&client, node, &stats, &mut batches, outgoing).await;
         stats.cluster_up.store(u64::from(bridge.is_up()), Relaxed);
         stats.cluster_nodes.store(bridge.live_nodes() as u64, Relaxed);
         stats.cluster_entries.store(bridge.cached_entries() as u64, Relaxed);

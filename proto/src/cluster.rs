@@ -200,6 +200,39 @@ pub enum NodeMsgError {
 }
 
 const VERSION: u8 = 1;
+/// The first byte of a batch: several node messages to one node in one NATS message.
+const BATCH: u8 = 0xB1;
+
+/// Several encoded node messages to one node as one payload: `0xB1`, then each message as a
+/// u16 length and its bytes. A node reads a payload with [`split_batch`].
+pub fn encode_batch<'a>(msgs: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![BATCH];
+    for m in msgs {
+        let n = u16::try_from(m.len()).expect("a node message is far below 64 KiB");
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(m);
+    }
+    out
+}
+
+/// The node messages in a payload: a batch ([`encode_batch`]) or one message. Never panics.
+pub fn split_batch(payload: &[u8]) -> Result<Vec<&[u8]>, NodeMsgError> {
+    if payload.first() != Some(&BATCH) {
+        return Ok(vec![payload]);
+    }
+    let mut out = Vec::new();
+    let mut rest = &payload[1..];
+    while !rest.is_empty() {
+        let n = match rest {
+            [a, b, ..] => u16::from_be_bytes([*a, *b]) as usize,
+            _ => return Err(NodeMsgError::Truncated),
+        };
+        let m = rest.get(2..2 + n).ok_or(NodeMsgError::Truncated)?;
+        out.push(m);
+        rest = &rest[2 + n..];
+    }
+    Ok(out)
+}
 const K_CALL: u8 = 1;
 const K_NOT_HERE: u8 = 2;
 const K_REPLACE: u8 = 3;
@@ -1056,6 +1089,21 @@ mod tests {
             longer.push(0);
             assert!(NodeMsg::decode(&longer).is_err());
         }
+    }
+
+    #[test]
+    fn batches_split_into_their_messages() {
+        let a = NodeMsg::Replace { id: id("bob"), gen: 9 }.encode().unwrap();
+        let b = NodeMsg::Call(req()).encode().unwrap();
+        let batch = encode_batch([a.as_slice(), b.as_slice()]);
+        assert_eq!(split_batch(&batch).unwrap(), vec![a.as_slice(), b.as_slice()]);
+        // One message alone is not a batch.
+        assert_eq!(split_batch(&a).unwrap(), vec![a.as_slice()]);
+        for n in 1..batch.len() {
+            let parts = split_batch(&batch[..n]);
+            assert!(parts.is_err() || parts.unwrap().iter().all(|p| p.len() < b.len()), "prefix {n}");
+        }
+        assert_eq!(split_batch(&[BATCH, 0]), Err(NodeMsgError::Truncated));
     }
 
     #[test]

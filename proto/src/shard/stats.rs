@@ -224,6 +224,9 @@ stats! {
     cluster_write_failures,
     /// Cluster: messages sent to other nodes.
     cluster_messages_out,
+    /// Cluster: NATS messages published to other nodes: the messages for one node in one
+    /// turn of the node's bridge go as one batch.
+    cluster_publishes,
     /// Cluster: messages received from other nodes.
     cluster_messages_in,
     /// Cluster: messages from other nodes that failed to decode (dropped).
