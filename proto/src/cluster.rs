@@ -43,6 +43,14 @@ pub const NODE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A CALL to another node not acknowledged within this time is given up on (counted; the
 /// caller's own START timer ends the call).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a CALL whose callee's entry names a node that is gone waits for the callee to
+/// register elsewhere (its client fails over within a second or so) before UNKNOWN
+/// `Offline`.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(2);
+/// CALLs waiting so at most; beyond, they are answered at once.
+pub const MAX_WAITING: usize = 10_000;
+/// How long a gone node is remembered as gone.
+const GONE_MEMORY: Duration = Duration::from_secs(60);
 /// How often entries whose write failed are written again.
 pub const REWRITE_EVERY: Duration = Duration::from_secs(1);
 /// The directory bucket's name.
@@ -567,6 +575,13 @@ pub struct Bridge {
     local: HashMap<ClientId, Local>,
     /// Other nodes and when each was last heard from.
     nodes: HashMap<u64, Instant>,
+    /// Nodes found gone, and when.
+    gone: HashMap<u64, Instant>,
+    /// CALLs whose callee's entry names a gone node, by callee, until it registers
+    /// elsewhere or [`FAILOVER_WAIT`] passes.
+    waiting: HashMap<ClientId, Vec<(Box<CallReq>, Instant)>>,
+    /// CALLs in `waiting`.
+    waiting_calls: usize,
     pending: HashMap<u64, Pending>,
     next_token: u64,
     next_heartbeat: Option<Instant>,
@@ -587,6 +602,9 @@ impl Bridge {
             cache: HashMap::new(),
             local: HashMap::new(),
             nodes: HashMap::new(),
+            gone: HashMap::new(),
+            waiting: HashMap::new(),
+            waiting_calls: 0,
             pending: HashMap::new(),
             next_token: 1,
             next_heartbeat: None,
@@ -664,8 +682,18 @@ impl Bridge {
         self.answer(req, Frame::Unknown { call_ref: req.call_ref, reason });
     }
 
-    /// Send `req` to the node the directory names, or answer.
+    /// Send `req` to the node the directory names, or answer. A node known gone is not
+    /// asked: the CALL waits for the callee to register elsewhere.
     fn route_call(&mut self, now: Instant, mut req: Box<CallReq>, holder: Holder) {
+        if self.gone.contains_key(&holder.node) {
+            if self.waiting_calls >= MAX_WAITING {
+                self.unknown(&req, UnknownReason::Offline);
+                return;
+            }
+            self.waiting_calls += 1;
+            self.waiting.entry(req.callee.clone()).or_default().push((req, now + FAILOVER_WAIT));
+            return;
+        }
         if holder.node == self.node {
             // The directory says here: the home shard decides (by that generation).
             req.gen = holder.gen;
@@ -870,7 +898,16 @@ impl Bridge {
     }
 
     /// The watch on the directory saw `id`'s entry change (None: removed).
-    pub fn on_watch(&mut self, _now: Instant, id: ClientId, holder: Option<Holder>) {
+    pub fn on_watch(&mut self, now: Instant, id: ClientId, holder: Option<Holder>) {
+        if let Some(h) = holder.filter(|h| !self.gone.contains_key(&h.node)) {
+            // CALLs waiting for this callee to move off a gone node go on now.
+            if let Some(calls) = self.waiting.remove(&id) {
+                self.waiting_calls -= calls.len();
+                for (req, _) in calls {
+                    self.route_call(now, req, h);
+                }
+            }
+        }
         match holder {
             Some(h) => {
                 if h.node != self.node {
@@ -896,6 +933,8 @@ impl Bridge {
     /// A heartbeat from `node`.
     pub fn on_heartbeat(&mut self, now: Instant, node: u64) {
         if node != self.node && node != 0 {
+            // A node found gone that is heard again (a partition from NATS healed) is back.
+            self.gone.remove(&node);
             self.nodes.insert(node, now);
         }
     }
@@ -930,6 +969,12 @@ impl Bridge {
             }
         } else {
             // Calls waiting on the engine are refused now, not left to time out.
+            let mut waiting: Vec<Box<CallReq>> = self.waiting.drain().flat_map(|(_, c)| c).map(|(r, _)| r).collect();
+            self.waiting_calls = 0;
+            waiting.sort_unstable_by_key(|r| (r.caller_conn.node, r.caller_conn.shard, r.caller_conn.id, r.call_ref));
+            for req in waiting {
+                self.refuse_down(&req);
+            }
             let mut tokens: Vec<u64> = self.pending.keys().copied().collect();
             tokens.sort_unstable();
             for t in tokens {
@@ -941,10 +986,12 @@ impl Bridge {
         }
     }
 
-    fn node_gone(&mut self, _now: Instant, node: u64) {
-        if self.nodes.remove(&node).is_none() && node == self.node {
+    fn node_gone(&mut self, now: Instant, node: u64) {
+        self.nodes.remove(&node);
+        if node == self.node || node == 0 || self.gone.contains_key(&node) {
             return;
         }
+        self.gone.insert(node, now);
         self.stats.inc(&self.stats.cluster_nodes_gone);
         tracing::info!(node = format_args!("{node:016x}"), "cluster node gone");
         for shard in 0..self.shards {
@@ -983,6 +1030,21 @@ impl Bridge {
         for t in late {
             // Unacknowledged: the caller's own START timer ends the call if it went nowhere.
             self.pending.remove(&t);
+        }
+        self.gone.retain(|_, at| now.saturating_duration_since(*at) < GONE_MEMORY);
+        if !self.waiting.is_empty() {
+            let mut late: Vec<Box<CallReq>> = Vec::new();
+            for calls in self.waiting.values_mut() {
+                let (keep, due): (Vec<_>, Vec<_>) = calls.drain(..).partition(|(_, d)| now < *d);
+                *calls = keep;
+                late.extend(due.into_iter().map(|(r, _)| r));
+            }
+            self.waiting.retain(|_, c| !c.is_empty());
+            self.waiting_calls -= late.len();
+            late.sort_unstable_by_key(|r| (r.caller_conn.node, r.caller_conn.shard, r.caller_conn.id, r.call_ref));
+            for req in late {
+                self.unknown(&req, UnknownReason::Offline);
+            }
         }
         if self.next_rewrite.is_none_or(|t| now >= t) {
             // Entries whose write failed (the engine was up but not ready: a JetStream

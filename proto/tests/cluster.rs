@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::cluster::{Bridge, BridgeOut, Holder, NodeMsg, HEARTBEAT_EVERY, NODE_TIMEOUT};
+use proto::cluster::{Bridge, BridgeOut, Holder, NodeMsg, FAILOVER_WAIT, HEARTBEAT_EVERY, NODE_TIMEOUT};
 use proto::nat::NatClass;
 use proto::shard::stats::Stats;
 use proto::shard::{Output, Shard, ShardConfig, ShardInit, ShardMsg};
@@ -414,17 +414,25 @@ fn a_node_that_dies_ends_its_calls_on_the_survivors_and_its_clients_are_offline_
     assert_eq!(w.counter(0, |s| &s.cluster_nodes_gone), 1, "node 0 saw node 1 go");
     assert_eq!(w.counter(2, |s| &s.cluster_nodes_gone), 1, "node 2 saw node 1 go");
 
-    // Node 1's clients are offline: no responders on its inbox.
+    // A CALL to a client of the gone node waits for it to register elsewhere (its client
+    // fails over), and is put through when it does.
     let mark = w.frames.len();
     w.call(alice, "bob");
-    assert_eq!(w.got(alice, mark), vec![Frame::Unknown { call_ref: 7, reason: UnknownReason::Offline }]);
-    assert!(w.counter(0, |s| &s.cluster_no_responders) >= 1);
-
-    // bob comes back on node 2 and is called there.
+    assert_eq!(w.got(alice, mark), vec![], "waiting, not refused");
+    w.advance(Duration::from_millis(300));
     let bob2 = w.register(2, "bob");
+    assert!(w.incoming(bob2, mark).is_some(), "put through once bob registered on node 2");
+
+    // One that does not come back within FAILOVER_WAIT is offline.
     let mark = w.frames.len();
-    w.call(alice, "bob");
-    assert!(w.incoming(bob2, mark).is_some());
+    w.call(alice, "dave");
+    assert_eq!(w.got(alice, mark), vec![]);
+    w.advance(FAILOVER_WAIT - Duration::from_millis(200));
+    assert_eq!(w.got(alice, mark), vec![], "still waiting");
+    w.advance(Duration::from_millis(400));
+    assert_eq!(w.got(alice, mark), vec![Frame::Unknown { call_ref: 7, reason: UnknownReason::Offline }]);
+    assert_eq!(w.counter(0, |s| &s.cluster_no_responders), 0, "a node known gone is not asked");
+    assert_eq!(w.counter(0, |s| &s.cluster_nodes_gone), 1, "a node is found gone once");
 }
 
 #[test]
