@@ -658,6 +658,11 @@ impl Bridge {
         let c = req.caller_conn;
         let msg = ShardMsg::Deliver { conn: c.id, frame: Some(frame), track: Track::None };
         if c.node == self.node {
+            if c.shard >= self.shards {
+                // A CALL from another node naming a caller here on a shard that does not exist.
+                self.stats.inc(&self.stats.cluster_malformed);
+                return;
+            }
             self.out.push_back(BridgeOut::Shard { shard: c.shard, msg });
         } else {
             self.stats.inc(&self.stats.cluster_messages_out);
