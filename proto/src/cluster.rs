@@ -938,9 +938,26 @@ impl Bridge {
     /// A heartbeat from `node`.
     pub fn on_heartbeat(&mut self, now: Instant, node: u64) {
         if node != self.node && node != 0 {
-            // A node found gone that is heard again (a partition from NATS healed) is back.
-            self.gone.remove(&node);
             self.nodes.insert(node, now);
+            // A node found gone that is heard again (it lost NATS for a while and is back)
+            // is alive: the CALLs waiting on its clients go to it.
+            if self.gone.remove(&node).is_some() {
+                let mut ids: Vec<ClientId> = self
+                    .waiting
+                    .keys()
+                    .filter(|id| self.cache.get(*id).is_some_and(|h| h.node == node))
+                    .cloned()
+                    .collect();
+                ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+                for id in ids {
+                    let h = self.cache[&id];
+                    let calls = self.waiting.remove(&id).unwrap_or_default();
+                    self.waiting_calls -= calls.len();
+                    for (req, _) in calls {
+                        self.route_call(now, req, h);
+                    }
+                }
+            }
         }
     }
 

@@ -436,6 +436,25 @@ fn a_node_that_dies_ends_its_calls_on_the_survivors_and_its_clients_are_offline_
 }
 
 #[test]
+fn a_node_heard_again_after_being_found_gone_gets_the_calls_that_waited_for_it() {
+    let mut w = World::new(2);
+    let alice = w.register(0, "alice");
+    let bob = w.register(1, "bob");
+    w.advance(HEARTBEAT_EVERY * 2);
+    // Node 1 is cut off (its heartbeats stop) but keeps bob.
+    w.nodes[1].alive = false;
+    w.advance(NODE_TIMEOUT + Duration::from_millis(300));
+    assert_eq!(w.counter(0, |s| &s.cluster_nodes_gone), 1);
+    let mark = w.frames.len();
+    w.call(alice, "bob");
+    assert_eq!(w.got(alice, mark), vec![], "waiting for bob to move");
+    // It comes back: its next heartbeat releases the call to it.
+    w.nodes[1].alive = true;
+    w.advance(HEARTBEAT_EVERY * 2);
+    assert!(w.incoming(bob, mark).is_some(), "the waiting call reached bob on the node that came back");
+}
+
+#[test]
 fn with_the_engine_down_calls_across_nodes_fail_at_once_calls_within_a_node_go_on_and_it_heals() {
     let mut w = World::new(2);
     let alice = w.register(0, "alice");
