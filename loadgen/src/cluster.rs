@@ -153,7 +153,7 @@ impl Embedded {
     }
 
     /// Per node counters, and the failover if one was timed.
-    pub fn report(&self, _first: Option<&manager::ManagerHandle>) -> serde_json::Value {
+    pub fn report(&self) -> serde_json::Value {
         let nodes: Vec<serde_json::Value> = self
             .stats
             .iter()

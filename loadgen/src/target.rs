@@ -316,7 +316,7 @@ impl Connected {
     /// With an embedded cluster: per node counters, and the failover if one was timed.
     pub fn cluster_report(&self) -> Option<serde_json::Value> {
         let c = self.cluster.as_ref()?;
-        Some(c.report(self.embedded.as_ref()))
+        Some(c.report())
     }
 
     /// Stop an embedded manager now (dropping does the same).

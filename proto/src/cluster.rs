@@ -983,11 +983,7 @@ impl Bridge {
                     l.dirty = true;
                     continue;
                 }
-                l.writing = true;
-                l.dirty = false;
-                let (conn, gen) = (l.conn, l.gen);
-                let prev = self.cache.get(&id).copied().or((gen != 0).then_some(Holder { node: self.node, gen }));
-                self.out.push_back(BridgeOut::Write { id, conn, prev });
+                self.write_again(id);
             }
         } else {
             // Calls waiting on the engine are refused now, not left to time out.
@@ -1006,6 +1002,16 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    /// Write the entry of `id` (held here) again, from the entry believed current.
+    fn write_again(&mut self, id: ClientId) {
+        let Some(l) = self.local.get_mut(&id) else { return };
+        l.writing = true;
+        l.dirty = false;
+        let (conn, gen) = (l.conn, l.gen);
+        let prev = self.cache.get(&id).copied().or((gen != 0).then_some(Holder { node: self.node, gen }));
+        self.out.push_back(BridgeOut::Write { id, conn, prev });
     }
 
     fn node_gone(&mut self, now: Instant, node: u64) {
@@ -1076,12 +1082,7 @@ impl Bridge {
                 self.local.iter().filter(|(_, l)| l.dirty && !l.writing).map(|(id, _)| id.clone()).collect();
             ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
             for id in ids {
-                let l = self.local.get_mut(&id).expect("listed above");
-                l.dirty = false;
-                l.writing = true;
-                let (conn, gen) = (l.conn, l.gen);
-                let prev = self.cache.get(&id).copied().or((gen != 0).then_some(Holder { node: self.node, gen }));
-                self.out.push_back(BridgeOut::Write { id, conn, prev });
+                self.write_again(id);
             }
         }
     }
